@@ -1,0 +1,242 @@
+"""The ``kestrel`` command line: the engine from a shell, with progress bars.
+
+Each command parses its options, calls one engine function and prints the result (tables with
+rich, or JSON with ``--json`` for scripts). Engine errors print their message and exit 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kestrel.core.errors import KestrelError
+
+app = typer.Typer(
+    name="kestrel",
+    help="Kestrel: capture activations, train SAEs, find concepts and steer language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+runs_app = typer.Typer(help="Stored activation runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", envvar="KESTREL_STORE_ROOT", help="store root directory [default: ./.kestrel]"),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+DtypeOpt = Annotated[str, typer.Option(help="model dtype: fp32, bf16 or fp16")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def friendly_errors(fn: F) -> F:
+    """Print engine errors as one line and exit 2: a user's mistake is not a crash."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KestrelError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.message}")
+            raise typer.Exit(2) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _store(root: Path | None):
+    from kestrel.core.models import default_store_root
+    from kestrel.core.store import LocalStore
+
+    return LocalStore(root or default_store_root())
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+@friendly_errors
+def models(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List the bundled models (any Hugging Face causal LM id or local directory works too)."""
+    from kestrel.core.models import available_models
+
+    rows = available_models(_store(store).root)
+    if as_json:
+        return _print_json(rows)
+    table = Table("name", "source", "installed", "cached", "description")
+    for row in rows:
+        table.add_row(
+            row["name"], row["source"], str(row["installed"]), str(row["cached"]), row["description"]
+        )
+    console.print(table)
+    console.print("Any Hugging Face hub id (in the local HF cache) or local checkpoint directory also works.")
+
+
+@app.command()
+@friendly_errors
+def layers(
+    model: Annotated[str, typer.Argument(help="bundled name, local directory or hub id")] = "smollm2-135m",
+    kind: Annotated[
+        str | None, typer.Option(help="only this kind (block, attention, mlp, norm, ...)")
+    ] = None,
+    store: StoreOpt = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a model's layer table: the names that hooks, captures and SAEs take."""
+    from dataclasses import asdict
+
+    from kestrel.core.models import load_model
+
+    lm = load_model(model, device=device, store_root=_store(store).root)
+    rows = [info for info in lm.layers if kind is None or info.kind == kind]
+    if as_json:
+        return _print_json([asdict(info) for info in rows])
+    table = Table("name", "kind", "block", "width", "module")
+    for info in rows:
+        table.add_row(
+            info.name,
+            info.kind,
+            "" if info.index is None else str(info.index),
+            str(info.width),
+            info.module_type,
+        )
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def capture(
+    layer: Annotated[list[str], typer.Option("--layer", "-l", help="layer to capture (repeatable)")],
+    model: Annotated[str, typer.Option(help="bundled name, local directory or hub id")] = "smollm2-135m",
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file (or a directory of .txt)")
+    ] = None,
+    text_field: Annotated[
+        str, typer.Option(help="text column/field of jsonl, csv, parquet, HF datasets")
+    ] = "text",
+    txt_mode: Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")] = "line",
+    hf: Annotated[str | None, typer.Option(help="a Hugging Face dataset name (needs network)")] = None,
+    hf_config: Annotated[str | None, typer.Option(help="the HF dataset's config")] = None,
+    split: Annotated[str, typer.Option(help="the HF dataset's split")] = "train",
+    limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
+    run_id: Annotated[str | None, typer.Option(help="id of the new run [default: generated]")] = None,
+    max_length: Annotated[int, typer.Option(help="tokens per document")] = 512,
+    token_budget: Annotated[int, typer.Option(help="padded tokens per forward batch")] = 8192,
+    dtype: Annotated[str, typer.Option(help="storage dtype: fp16, bf16 or fp32")] = "fp16",
+    drop_special: Annotated[bool, typer.Option(help="leave out special tokens")] = False,
+    model_dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Capture layers over a dataset into a new activation run."""
+    from kestrel.core.activations import CaptureOptions
+    from kestrel.core.activations import capture as run_capture
+    from kestrel.core.datasets import FileSource, HFSource, TextsSource
+    from kestrel.core.errors import InvalidInputError
+    from kestrel.core.models import load_model
+
+    sources = [s for s in (text, file, hf) if s]
+    if len(sources) != 1:
+        raise InvalidInputError("give exactly one dataset: --text (repeatable), --file or --hf")
+    if text:
+        spec: Any = TextsSource(texts=text, limit=limit)
+    elif file is not None:
+        spec = FileSource(path=str(file), text_field=text_field, txt_mode=_txt_mode(txt_mode), limit=limit)
+    else:
+        spec = HFSource(name=hf, config=hf_config, split=split, text_field=text_field, limit=limit)
+    options = CaptureOptions(
+        max_length=max_length,
+        token_budget=token_budget,
+        dtype=_storage_dtype(dtype),
+        drop_special=drop_special,
+    )
+    the_store = _store(store)
+    lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.root)
+    manifest = run_capture(lm, spec, layer, the_store, run_id=run_id, options=options, progress_bar=True)
+    if as_json:
+        return _print_json(manifest)
+    m = manifest
+    console.print(
+        f"[green]run {m['id']}[/]: {m['n_tokens']:,} tokens from {m['n_docs']:,} documents, "
+        f"{len(m['layers'])} layer(s), {len(m['shards'])} shard(s) in {m['capture_seconds']:.1f} s"
+    )
+
+
+def _txt_mode(value: str) -> Literal["line", "file"]:
+    from kestrel.core.errors import InvalidInputError
+
+    if value not in ("line", "file"):
+        raise InvalidInputError(f"--txt-mode must be 'line' or 'file', got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _storage_dtype(value: str) -> Literal["fp16", "bf16", "fp32"]:
+    from kestrel.core.errors import InvalidInputError
+
+    if value not in ("fp16", "bf16", "fp32"):
+        raise InvalidInputError(f"--dtype must be fp16, bf16 or fp32, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+@runs_app.command("list")
+@friendly_errors
+def runs_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List complete activation runs."""
+    from kestrel.core.activations import list_runs
+
+    manifests = list_runs(_store(store))
+    if as_json:
+        return _print_json(manifests)
+    table = Table("id", "model", "layers", "tokens", "docs", "dtype", "created")
+    for m in manifests:
+        table.add_row(
+            m["id"],
+            m["model"]["name"],
+            ", ".join(m["layers"]),
+            f"{m['n_tokens']:,}",
+            f"{m['n_docs']:,}",
+            m["dtype"],
+            m["created"],
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+@friendly_errors
+def runs_show(run_id: str, store: StoreOpt = None) -> None:
+    """Print a run's manifest."""
+    from kestrel.core.activations import get_manifest
+
+    _print_json(get_manifest(_store(store), run_id))
+
+
+@runs_app.command("delete")
+@friendly_errors
+def runs_delete(run_id: str, store: StoreOpt = None) -> None:
+    """Delete a run."""
+    from kestrel.core.activations import delete_run
+
+    delete_run(_store(store), run_id)
+    console.print(f"deleted run {run_id}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""The engine: importable on its own (torch, transformers), never imports fastapi or rq."""

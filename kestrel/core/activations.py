@@ -1,0 +1,569 @@
+"""Capture layer activations over a dataset into a store run, and read them back.
+
+A run is ``activations/<run_id>/`` (docs/store-format.md):
+
+- ``<layer>/<shard>.safetensors``: ``acts`` ``[n_rows, d]`` in fp16/bf16/fp32, padding rows left out;
+- ``tokens/<shard>.safetensors``: ``token_id``, ``doc_index``, ``position`` (int32) for the same rows,
+  so every row traces back to its text (12 bytes a row);
+- ``docs.jsonl``: the documents, one JSON object a line, in ``doc_index`` order;
+- ``manifest.json``: written last; the run is published by one rename, so it appears whole or not
+  at all.
+
+Capture does one forward per batch, with detectors on the requested layers and a stop right after
+the deepest of them, so layers past it cost nothing. Reading streams shard by shard through an
+optional shuffle buffer, so memory is bounded by (shard + buffer) whatever the run's size, and
+applies row filters. The filters matter: in SmolLM2 the first token is an attention sink whose
+residual norm is ~140x the others', so any statistic over all rows measures mostly that token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from kestrel.core.datasets import DatasetSpec, TextsSource, iter_texts, token_batches
+from kestrel.core.errors import CancelledError, InvalidInputError, not_found
+from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
+from kestrel.core.models import TORCH_DTYPES, LoadedModel
+from kestrel.core.store import LocalStore, new_id, validate_id
+
+FORMAT_VERSION = 1
+KIND = "activations"
+ROW_META_FIELDS = ("token_id", "doc_index", "position")
+NORM_SAMPLE_SIZE = 1 << 18
+
+
+class CaptureOptions(BaseModel):
+    """How to capture: one object for the CLI, the API request and the manifest."""
+
+    max_length: int = Field(512, description="tokens per document; longer documents are truncated")
+    token_budget: int = Field(8192, description="padded tokens per forward batch")
+    max_batch_size: int | None = Field(None, description="documents per batch at most")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="storage dtype of the activations")
+    drop_bos: bool = Field(False, description="leave out BOS tokens at position 0")
+    drop_special: bool = Field(False, description="leave out every special token (BOS, EOS, chat markers)")
+    shard_mb: float = Field(64.0, description="upper bound on one shard file's size (per layer)")
+
+    def check(self) -> None:
+        """Fail before any work, naming the argument."""
+        if self.max_length <= 0:
+            raise InvalidInputError(f"max_length must be > 0, got {self.max_length}")
+        if self.token_budget <= 0:
+            raise InvalidInputError(f"token_budget must be > 0, got {self.token_budget}")
+        if self.max_batch_size is not None and self.max_batch_size <= 0:
+            raise InvalidInputError(f"max_batch_size must be > 0, got {self.max_batch_size}")
+        if self.shard_mb <= 0:
+            raise InvalidInputError(f"shard_mb must be > 0, got {self.shard_mb}")
+
+
+@dataclass
+class CaptureProgress:
+    docs: int
+    tokens: int
+    batches: int
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture
+
+
+def execution_order(model: torch.nn.Module, layers: Sequence[str]) -> list[str]:
+    """Layers sorted by when their forward finishes: a parent finishes after its children.
+
+    The last one is where the forward can stop.
+    """
+    finish: dict[str, int] = {}
+
+    def visit(module: torch.nn.Module, name: str) -> None:
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+        finish[name] = len(finish)
+
+    visit(model, "")
+    return sorted(layers, key=lambda layer: finish[layer])
+
+
+class _BottomKSample:
+    """A uniform sample of at most ``size`` values from a stream (keep the smallest random keys)."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.keys = torch.empty(0)
+        self.values = torch.empty(0)
+
+    def add(self, values: torch.Tensor) -> None:
+        keys = torch.cat([self.keys, torch.rand(len(values), generator=self.generator)])
+        values = torch.cat([self.values, values.float()])
+        if len(keys) > self.size:
+            keep = torch.topk(keys, self.size, largest=False).indices
+            keys, values = keys[keep], values[keep]
+        self.keys, self.values = keys, values
+
+    def median(self) -> float | None:
+        return float(self.values.median()) if len(self.values) else None
+
+
+class _ShardWriter:
+    """Buffers rows per layer and writes shards of exactly ``shard_rows`` rows (the last one shorter).
+
+    Every shard index covers the same rows in every layer and in ``tokens/``, so a reader can pair
+    them by name.
+    """
+
+    def __init__(self, directory: Path, layers: Sequence[str], shard_rows: int) -> None:
+        self.directory = directory
+        self.layers = list(layers)
+        self.shard_rows = shard_rows
+        self.pending: dict[str, list[torch.Tensor]] = {name: [] for name in [*self.layers, *ROW_META_FIELDS]}
+        self.pending_rows = 0
+        self.shards: list[dict[str, Any]] = []
+        for name in [*self.layers, "tokens"]:
+            (directory / name).mkdir(parents=True, exist_ok=True)
+
+    def add(self, acts: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
+        for name, tensor in [*acts.items(), *meta.items()]:
+            self.pending[name].append(tensor)
+        self.pending_rows += len(meta["token_id"])
+        while self.pending_rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, n_rows: int) -> None:
+        shard = f"{len(self.shards):05d}"
+        heads = {name: self._take(name, n_rows) for name in [*self.layers, *ROW_META_FIELDS]}
+        for name in self.layers:
+            save_file({"acts": heads[name]}, str(self.directory / name / f"{shard}.safetensors"))
+        meta = {name: heads[name] for name in ROW_META_FIELDS}
+        save_file(meta, str(self.directory / "tokens" / f"{shard}.safetensors"))
+        self.pending_rows -= n_rows
+        self.shards.append({"name": shard, "n_tokens": n_rows})
+
+    def _take(self, name: str, n_rows: int) -> torch.Tensor:
+        """The first ``n_rows`` pending rows of ``name``; the rest stay pending."""
+        parts = self.pending[name]
+        joined = torch.cat(parts) if len(parts) > 1 else parts[0]
+        head, tail = joined[:n_rows], joined[n_rows:]
+        self.pending[name] = [tail] if len(tail) else []
+        return head.contiguous()
+
+
+def _as_spec(dataset: DatasetSpec | Sequence[str]) -> DatasetSpec:
+    if isinstance(dataset, BaseModel):
+        return dataset  # type: ignore[return-value]
+    if isinstance(dataset, str):
+        raise InvalidInputError("dataset must be a list of texts or a dataset spec, not a single string")
+    return TextsSource(texts=list(dataset))
+
+
+def capture(
+    lm: LoadedModel,
+    dataset: DatasetSpec | Sequence[str],
+    layers: Sequence[str],
+    store: LocalStore,
+    *,
+    run_id: str | None = None,
+    options: CaptureOptions | None = None,
+    on_progress: Callable[[CaptureProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress_bar: bool = False,
+) -> dict[str, Any]:
+    """Capture ``layers`` of ``lm`` over ``dataset`` into a new run; return its manifest.
+
+    Everything that can be checked is checked before the first forward: the id is free, the layers
+    exist, the options are sane, the dataset is not empty.
+    """
+    options = options or CaptureOptions()
+    options.check()
+    spec = _as_spec(dataset)
+    run_id = validate_id(run_id, "run id") if run_id else new_id("run")
+    layers = _check_layers(lm, layers)
+    texts = iter_texts(spec)
+    with store.writer(KIND, run_id) as writer:
+        docs_path = writer.directory / "docs.jsonl"
+        with docs_path.open("w", encoding="utf-8") as docs_file:
+            result = _capture_rows(
+                lm,
+                _tee_docs(texts, docs_file),
+                layers,
+                writer.directory,
+                options,
+                on_progress,
+                should_stop,
+                progress_bar,
+            )
+        manifest = _manifest(lm, spec, layers, run_id, options, result)
+        writer.commit(manifest)
+    return manifest
+
+
+def _check_layers(lm: LoadedModel, layers: Sequence[str]) -> list[str]:
+    if isinstance(layers, str):
+        layers = [layers]
+    if not layers:
+        raise InvalidInputError("no layers given; name at least one (see `kestrel layers MODEL`)")
+    if len(set(layers)) != len(layers):
+        raise InvalidInputError(
+            f"layers repeated: {sorted({x for x in layers if list(layers).count(x) > 1})}"
+        )
+    for name in layers:
+        lm.layer(name)  # raises NotFoundError with close matches
+    return execution_order(lm.model, layers)
+
+
+def _tee_docs(texts: Iterable[str], docs_file) -> Iterator[str]:
+    """Write each document to docs.jsonl as the batcher consumes it (doc_index = line number)."""
+    for i, text in enumerate(texts):
+        docs_file.write(json.dumps({"doc_index": i, "text": text}, ensure_ascii=False) + "\n")
+        yield text
+
+
+@dataclass
+class _CaptureResult:
+    n_tokens: int
+    n_docs: int
+    shards: list[dict[str, Any]]
+    widths: dict[str, int]
+    norm_medians: dict[str, float | None]
+    seconds: float
+
+
+def _capture_rows(
+    lm: LoadedModel,
+    texts: Iterator[str],
+    layers: list[str],
+    directory: Path,
+    options: CaptureOptions,
+    on_progress: Callable[[CaptureProgress], None] | None,
+    should_stop: Callable[[], bool] | None,
+    progress_bar: bool,
+) -> _CaptureResult:
+    storage_dtype = TORCH_DTYPES[options.dtype]
+    drop_ids = _dropped_token_ids(lm.tokenizer, options)
+    batches = token_batches(
+        texts,
+        lm.tokenizer,
+        max_length=options.max_length,
+        token_budget=options.token_budget,
+        max_batch_size=options.max_batch_size,
+    )
+    keep: dict[str, torch.Tensor] = {}  # the current batch's row mask, read by the detectors
+    rows: dict[str, torch.Tensor] = {}
+    widths: dict[str, int] = {}
+    samples = {name: _BottomKSample(NORM_SAMPLE_SIZE, seed=i) for i, name in enumerate(layers)}
+
+    def record(acts_BTD: torch.Tensor, ctx: HookContext) -> None:
+        acts_ND = acts_BTD.detach()[keep["mask_BT"]]
+        rows[ctx.layer] = acts_ND.to(device="cpu", dtype=storage_dtype, non_blocking=True)
+        widths.setdefault(ctx.layer, acts_ND.shape[-1])
+
+    writer: _ShardWriter | None = None
+    hooks = [Detector(name, record) for name in layers] + [stop_after(layers[-1])]
+    started, n_tokens, n_docs, n_batches = time.perf_counter(), 0, 0, 0
+    bar = tqdm(desc="capture", unit="tok", unit_scale=True, disable=not progress_bar)
+    with HookManager(lm.model, hooks), torch.inference_mode():
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                raise CancelledError("capture cancelled; nothing was stored")
+            ids_BT = batch.input_ids_BT.to(lm.device)
+            mask_BT = batch.attention_mask_BT.to(lm.device).bool()
+            positions_BT = torch.arange(ids_BT.shape[1], device=lm.device).expand_as(ids_BT)
+            if drop_ids is not None:
+                mask_BT &= ~torch.isin(ids_BT, drop_ids.to(lm.device))
+            keep["mask_BT"] = mask_BT
+            run_until_stopped(partial(lm.model, input_ids=ids_BT, attention_mask=mask_BT.long()))
+            meta = {
+                "token_id": ids_BT[mask_BT].to("cpu", torch.int32),
+                "doc_index": batch.doc_index_B.to(lm.device)[:, None]
+                .expand_as(ids_BT)[mask_BT]
+                .to("cpu", torch.int32),
+                "position": positions_BT[mask_BT].to("cpu", torch.int32),
+            }
+            if writer is None:
+                writer = _ShardWriter(directory, layers, _shard_rows(options, widths, storage_dtype))
+            not_first = meta["position"] > 0
+            for name in layers:
+                samples[name].add(rows[name][not_first].float().norm(dim=-1))
+            writer.add(dict(rows), meta)
+            n_batches += 1
+            n_tokens += len(meta["token_id"])
+            n_docs = max(n_docs, int(batch.doc_index_B.max()) + 1)
+            bar.update(len(meta["token_id"]))
+            if on_progress is not None:
+                on_progress(CaptureProgress(n_docs, n_tokens, n_batches, time.perf_counter() - started))
+    bar.close()
+    if writer is None or n_tokens == 0:
+        raise InvalidInputError(
+            "the dataset produced no tokens to capture (empty texts, or every token dropped)"
+        )
+    writer.close()
+    return _CaptureResult(
+        n_tokens,
+        n_docs,
+        writer.shards,
+        widths,
+        {n: s.median() for n, s in samples.items()},
+        time.perf_counter() - started,
+    )
+
+
+def _dropped_token_ids(tokenizer: Any, options: CaptureOptions) -> torch.Tensor | None:
+    if options.drop_special:
+        ids = set(tokenizer.all_special_ids)
+    elif options.drop_bos and tokenizer.bos_token_id is not None:
+        ids = {tokenizer.bos_token_id}
+    else:
+        return None
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def _shard_rows(options: CaptureOptions, widths: dict[str, int], dtype: torch.dtype) -> int:
+    bytes_per_row = max(widths.values()) * torch.finfo(dtype).bits // 8
+    return max(1, int(options.shard_mb * (1 << 20)) // bytes_per_row)
+
+
+def _manifest(
+    lm: LoadedModel,
+    spec: DatasetSpec,
+    layers: list[str],
+    run_id: str,
+    options: CaptureOptions,
+    result: _CaptureResult,
+) -> dict[str, Any]:
+    tokenizer = lm.tokenizer
+    return {
+        "format_version": FORMAT_VERSION,
+        "id": run_id,
+        "kind": KIND,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": lm.describe(),
+        "layers": {
+            name: {
+                "d": result.widths[name],
+                "kind": lm.layer(name).kind,
+                "norm_median": result.norm_medians[name],
+            }
+            for name in layers
+        },
+        "d_model": lm.d_model,
+        "dtype": options.dtype,
+        "n_tokens": result.n_tokens,
+        "n_docs": result.n_docs,
+        "shards": result.shards,
+        "row_fields": {name: "int32" for name in ROW_META_FIELDS},
+        "special_token_ids": sorted(int(i) for i in tokenizer.all_special_ids),
+        "bos_token_id": tokenizer.bos_token_id,
+        "dataset": _describe_dataset(spec),
+        "options": options.model_dump(),
+        "capture_seconds": round(result.seconds, 3),
+    }
+
+
+def _describe_dataset(spec: DatasetSpec) -> dict[str, Any]:
+    """The dataset as the manifest records it: inline texts are in docs.jsonl, not repeated here."""
+    described = spec.model_dump()
+    if "texts" in described:
+        described["texts"] = f"<{len(described['texts'])} inline texts, see docs.jsonl>"
+    return described
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs back
+
+
+class RowFilter(BaseModel):
+    """Which rows a reader yields. Training and statistics should use ``RowFilter.recommended()``."""
+
+    skip_position_0: bool = Field(False, description="leave out each document's first token")
+    skip_special: bool = Field(False, description="leave out special tokens (BOS, EOS, chat markers)")
+    max_norm_multiple: float | None = Field(
+        None, description="leave out rows whose norm exceeds this multiple of the layer's median norm"
+    )
+
+    @classmethod
+    def recommended(cls) -> RowFilter:
+        """Skip the attention-sink rows that otherwise dominate every statistic."""
+        return cls(skip_position_0=True, skip_special=True, max_norm_multiple=10.0)
+
+
+Split = Literal["all", "train", "heldout"]
+
+
+@dataclass
+class RowBatch:
+    """Rows of one layer with the metadata that traces each back to its document."""
+
+    acts_ND: torch.Tensor
+    token_id_N: torch.Tensor
+    doc_index_N: torch.Tensor
+    position_N: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.acts_ND)
+
+    def select(self, index: torch.Tensor) -> RowBatch:
+        return RowBatch(
+            self.acts_ND[index], self.token_id_N[index], self.doc_index_N[index], self.position_N[index]
+        )
+
+    @staticmethod
+    def cat(batches: Sequence[RowBatch]) -> RowBatch:
+        return RowBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in RowBatch.__dataclass_fields__))
+
+
+def list_runs(store: LocalStore) -> list[dict[str, Any]]:
+    """Manifests of every complete run, oldest id first."""
+    return [store.read_json(KIND, run_id) for run_id in store.list(KIND)]
+
+
+def get_manifest(store: LocalStore, run_id: str) -> dict[str, Any]:
+    return store.read_json(KIND, validate_id(run_id, "run id"))
+
+
+def delete_run(store: LocalStore, run_id: str) -> None:
+    store.delete(KIND, validate_id(run_id, "run id"))
+
+
+def heldout_mask(doc_index_N: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A fixed pseudo-random choice of documents, so train and held-out rows never share a text."""
+    hashed = (doc_index_N.to(torch.int64) * 2654435761) % 4294967296
+    return hashed < int(fraction * 4294967296)
+
+
+def iter_row_batches(
+    store: LocalStore,
+    run_id: str,
+    layer: str,
+    *,
+    batch_size: int = 4096,
+    filters: RowFilter | None = None,
+    split: Split = "all",
+    heldout_fraction: float = 0.1,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    drop_last: bool = False,
+) -> Iterator[RowBatch]:
+    """Stream a run's rows for ``layer`` in batches, shard by shard.
+
+    With ``shuffle_buffer`` > 0, shards are visited in a seeded random order and rows pass through a
+    buffer of that many rows, so memory stays at one shard plus the buffer. The same seed gives the
+    same order, which is what lets a trainer resume mid-epoch.
+    """
+    manifest = get_manifest(store, run_id)
+    if layer not in manifest["layers"]:
+        raise not_found("layer", layer, manifest["layers"])
+    if batch_size <= 0:
+        raise InvalidInputError(f"batch_size must be > 0, got {batch_size}")
+    if not 0.0 < heldout_fraction < 1.0 and split != "all":
+        raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    filters = filters or RowFilter()
+    generator = torch.Generator().manual_seed(seed)
+    shards = [s["name"] for s in manifest["shards"]]
+    if shuffle_buffer > 0:
+        shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
+    chunks = (
+        _filtered(
+            _read_shard(store, run_id, layer, name, dtype), manifest, layer, filters, split, heldout_fraction
+        )
+        for name in shards
+    )
+    if shuffle_buffer > 0:
+        chunks = _shuffled(chunks, shuffle_buffer, generator)
+    yield from _rebatch(chunks, batch_size, drop_last)
+
+
+def iter_batches(store: LocalStore, run_id: str, layer: str, **kwargs: Any) -> Iterator[torch.Tensor]:
+    """Activation rows only, ``[B, d]`` float tensors: what an SAE trainer consumes."""
+    for batch in iter_row_batches(store, run_id, layer, **kwargs):
+        yield batch.acts_ND
+
+
+def _read_shard(store: LocalStore, run_id: str, layer: str, shard: str, dtype: torch.dtype) -> RowBatch:
+    with safe_open(store.local_path(KIND, run_id, f"{layer}/{shard}.safetensors"), "pt") as f:
+        acts_ND = f.get_tensor("acts").to(dtype)
+    with safe_open(store.local_path(KIND, run_id, f"tokens/{shard}.safetensors"), "pt") as f:
+        meta = {name: f.get_tensor(name) for name in ROW_META_FIELDS}
+    return RowBatch(acts_ND, meta["token_id"], meta["doc_index"], meta["position"])
+
+
+def _filtered(
+    rows: RowBatch, manifest: dict[str, Any], layer: str, filters: RowFilter, split: Split, fraction: float
+) -> RowBatch:
+    keep_N = torch.ones(len(rows), dtype=torch.bool)
+    if filters.skip_position_0:
+        keep_N &= rows.position_N > 0
+    if filters.skip_special and manifest["special_token_ids"]:
+        keep_N &= ~torch.isin(rows.token_id_N, torch.tensor(manifest["special_token_ids"], dtype=torch.int32))
+    median = manifest["layers"][layer].get("norm_median")
+    if filters.max_norm_multiple is not None and median:
+        keep_N &= rows.acts_ND.norm(dim=-1) <= filters.max_norm_multiple * median
+    if split != "all":
+        held = heldout_mask(rows.doc_index_N, fraction)
+        keep_N &= held if split == "heldout" else ~held
+    return rows if bool(keep_N.all()) else rows.select(keep_N)
+
+
+def _shuffled(chunks: Iterable[RowBatch], buffer_rows: int, generator: torch.Generator) -> Iterator[RowBatch]:
+    """Mix rows across shards: fill a buffer, emit a random half, refill."""
+    buffer: list[RowBatch] = []
+    held = 0
+    for chunk in chunks:
+        buffer.append(chunk)
+        held += len(chunk)
+        if held >= buffer_rows:
+            joined = RowBatch.cat(buffer)
+            order = torch.randperm(len(joined), generator=generator)
+            n_out = len(joined) - buffer_rows // 2
+            yield joined.select(order[:n_out])
+            rest = joined.select(order[n_out:])
+            buffer, held = [rest], len(rest)
+    if held:
+        joined = RowBatch.cat(buffer)
+        yield joined.select(torch.randperm(len(joined), generator=generator))
+
+
+def _rebatch(chunks: Iterable[RowBatch], batch_size: int, drop_last: bool) -> Iterator[RowBatch]:
+    pending: list[RowBatch] = []
+    held = 0
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        pending.append(chunk)
+        held += len(chunk)
+        if held < batch_size:
+            continue
+        joined = RowBatch.cat(pending) if len(pending) > 1 else pending[0]
+        n_full = len(joined) // batch_size * batch_size
+        for start in range(0, n_full, batch_size):
+            yield joined.select(slice(start, start + batch_size))
+        rest = joined.select(slice(n_full, None))
+        pending, held = ([rest], len(rest)) if len(rest) else ([], 0)
+    if held and not drop_last:
+        yield RowBatch.cat(pending)
+
+
+def read_docs(store: LocalStore, run_id: str) -> list[str]:
+    """The run's documents, by doc_index. For large runs, prefer streaming ``docs.jsonl``."""
+    path = store.local_path(KIND, validate_id(run_id, "run id"), "docs.jsonl")
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh]
