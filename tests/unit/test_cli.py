@@ -1,0 +1,85 @@
+"""The kestrel CLI end to end: real model (from the shared cache), real store, real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kestrel.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def store_root(tmp_path, model_cache_root, smollm):
+    """A fresh store whose models/ points at the shared converted-weights cache."""
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "models").symlink_to(model_cache_root / "models", target_is_directory=True)
+    return root
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_models_and_layers(store_root) -> None:
+    result = invoke("models", "--store", str(store_root), "--json")
+    assert result.exit_code == 0
+    bundled = json.loads(result.stdout)[0]
+    assert bundled["name"] == "smollm2-135m" and bundled["cached"] is True and bundled["installed"] is True
+    result = invoke("layers", "smollm2-135m", "--kind", "block", "--store", str(store_root), "--json")
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == [f"model.layers.{i}" for i in range(30)]
+    assert {r["width"] for r in rows} == {576}
+
+
+def test_capture_list_show_delete(store_root, tmp_path) -> None:
+    data = tmp_path / "notes.csv"
+    data.write_text("id,body\n1,The first note is short.\n2,The second note is a little longer than that.\n")
+    result = invoke(
+        "capture",
+        "--layer",
+        "model.layers.2",
+        "--file",
+        str(data),
+        "--text-field",
+        "body",
+        "--run-id",
+        "notes",
+        "--device",
+        "cpu",
+        "--store",
+        str(store_root),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["id"] == "notes" and manifest["n_docs"] == 2 and manifest["n_tokens"] > 10
+    listed = json.loads(invoke("runs", "list", "--store", str(store_root), "--json").stdout)
+    assert [m["id"] for m in listed] == ["notes"]
+    assert (
+        json.loads(invoke("runs", "show", "notes", "--store", str(store_root)).stdout)["dataset"]["kind"]
+        == "file"
+    )
+    assert invoke("runs", "delete", "notes", "--store", str(store_root)).exit_code == 0
+    assert json.loads(invoke("runs", "list", "--store", str(store_root), "--json").stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "model.layer.15", "--text", "hi"], "did you mean 'model.layers.15'"),
+        (["--layer", "model.layers.1", "--text", "hi", "--max-length", "0"], "max_length must be > 0"),
+        (["--layer", "model.layers.1", "--file", "/no/such/file.jsonl"], "not found"),
+        (["--layer", "model.layers.1"], "give exactly one dataset"),
+        (["--layer", "model.layers.1", "--text", "hi", "--model", "nobody/nothing"], "unknown model"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(store_root, args, message) -> None:
+    result = invoke("capture", *args, "--device", "cpu", "--store", str(store_root))
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output

@@ -1,0 +1,106 @@
+"""Models: loading (bundled, local, unknown), the layer table of each family, forward and generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import FAMILIES, build
+
+from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.hooks import add_vector
+from kestrel.core.models import LoadedModel, forward, generate, layer_table, load_model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_layer_table_covers_every_family(family: str) -> None:
+    model = build(family)
+    table = layer_table(model)
+    modules = dict(model.named_modules())
+    kinds = [info.kind for info in table]
+    n_layers = model.config.num_hidden_layers
+    assert all(info.name in modules for info in table)
+    for kind in ("block", "attention", "mlp"):
+        rows = [info for info in table if info.kind == kind]
+        assert [info.index for info in rows] == list(range(n_layers)), (kind, rows)
+    assert kinds.count("head") == 1 and "embedding" in kinds and "norm" in kinds
+    blocks = [info for info in table if info.kind == "block"]
+    assert {info.width for info in blocks} == {model.config.hidden_size}
+    head = next(info for info in table if info.kind == "head")
+    assert head.width == model.config.vocab_size
+    mlp_widths = {info.width for info in table if info.kind == "mlp"}
+    # BERT's "intermediate" is the MLP's hidden layer; every other family's mlp returns to d_model.
+    expected = model.config.intermediate_size if family == "bert" else model.config.hidden_size
+    assert mlp_widths == {expected}
+
+
+def test_unknown_layer_suggests_close_names(smollm: LoadedModel) -> None:
+    with pytest.raises(NotFoundError) as info:
+        smollm.layer("model.layer.15")
+    assert "model.layers.15" in str(info.value)
+    # any module path can be hooked even if the table does not list it
+    assert smollm.layer("model.layers.15.mlp.down_proj").kind == "other"
+
+
+def test_unknown_model_is_a_clear_not_found(tmp_path) -> None:
+    with pytest.raises(NotFoundError, match="unknown model 'no-such-org/no-such-model'"):
+        load_model("no-such-org/no-such-model", device="cpu", store_root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"device": "tpu"}, "unknown device"), ({"dtype": "int3"}, "unknown dtype"), ({"name": " "}, "empty")],
+)
+def test_bad_load_arguments(tmp_path, kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        load_model(**{"name": "smollm2-135m", "store_root": tmp_path, **kwargs})
+
+
+def test_bundled_model_is_cached_as_safetensors(smollm: LoadedModel, model_cache_root) -> None:
+    cache = model_cache_root / "models" / "smollm2-135m"
+    marker = json.loads((cache / "kestrel-model.json").read_text())
+    assert marker["gguf_file"].endswith(".gguf")
+    assert (cache / "model.safetensors").is_file()
+    assert not list(cache.parent.glob(".smollm2-135m-*")), "no staging directory left behind"
+    assert smollm.source == "bundled" and smollm.d_model == 576 and smollm.n_blocks == 30
+    again = load_model("smollm2-135m", device="cpu", store_root=model_cache_root)
+    assert again.load_seconds < smollm.load_seconds + 5  # read from the cache, not converted again
+    assert torch.equal(again.model.model.embed_tokens.weight, smollm.model.model.embed_tokens.weight)
+
+
+def test_local_directory_checkpoint(tmp_path, smollm: LoadedModel) -> None:
+    model = build("llama")
+    model.resize_token_embeddings(len(smollm.tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    smollm.tokenizer.save_pretrained(tmp_path / "tiny")
+    lm = load_model(str(tmp_path / "tiny"), device="cpu", store_root=tmp_path)
+    assert lm.source == "local" and lm.n_blocks == 3
+    result = forward(lm, ["hello world", "a longer text than the first one"])
+    assert result.logits_BTV.shape[:2] == result.input_ids_BT.shape
+    assert result.tokens(lm.tokenizer)[0] == lm.tokenizer.tokenize("hello world")
+
+
+def test_forward_pads_right_and_matches_single_text(smollm: LoadedModel) -> None:
+    texts = ["The cat sat on the mat.", "Hi"]
+    batched = forward(smollm, texts)
+    single = forward(smollm, texts[1:])
+    n = int(single.attention_mask_BT.sum())
+    assert batched.attention_mask_BT[1, :n].all() and not batched.attention_mask_BT[1, n:].any()
+    torch.testing.assert_close(batched.logits_BTV[1, :n], single.logits_BTV[0, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_greedy_and_with_hooks(smollm: LoadedModel) -> None:
+    prompt = ["The capital of France is"]
+    plain = generate(smollm, prompt, max_new_tokens=4)
+    assert "Paris" in plain[0].text
+    push = torch.randn(576, generator=torch.Generator().manual_seed(0)) * 200
+    steered = generate(smollm, prompt, max_new_tokens=4, hooks=[add_vector("model.layers.10", push)])
+    assert steered[0].token_ids != plain[0].token_ids
+    assert generate(smollm, prompt, max_new_tokens=4)[0].token_ids == plain[0].token_ids  # hooks gone
+    sampled = [
+        generate(smollm, prompt, max_new_tokens=6, do_sample=True, seed=7)[0].token_ids for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        generate(smollm, prompt, max_new_tokens=0)
