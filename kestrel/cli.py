@@ -291,5 +291,63 @@ def demo(
     console.print("next: kestrel layers | kestrel capture --help | kestrel runs list")
 
 
+# ---------------------------------------------------------------------------------------------
+# The service
+
+
+@app.command()
+@friendly_errors
+def worker(
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-q", help="interactive or batch (repeatable) [default: batch]"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="worker name [default: random]")] = None,
+    burst: Annotated[bool, typer.Option(help="exit once the queues are empty")] = False,
+) -> None:
+    """Run a worker: takes jobs from the queues and keeps loaded models between them."""
+    from kestrel.core.errors import InvalidInputError
+    from kestrel.workers.queues import QUEUES
+    from kestrel.workers.worker import run_worker
+
+    queues = queue or ["batch"]
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown:
+        raise InvalidInputError(f"unknown queue(s) {unknown}; use {' or '.join(QUEUES)}")
+    run_worker(queues, name=name, burst=burst)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(envvar="KESTREL_HOST", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="KESTREL_PORT", help="port to listen on")] = 8000,
+) -> None:
+    """Run the HTTP API alone (Redis and workers must be running; see `kestrel up`)."""
+    import uvicorn
+
+    uvicorn.run("kestrel.server.app:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@app.command()
+@friendly_errors
+def up(
+    host: Annotated[
+        str, typer.Option(envvar="KESTREL_HOST", help="address the API listens on")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="KESTREL_PORT", help="port the API listens on")] = 8000,
+    store: StoreOpt = None,
+) -> None:
+    """Start the service: Redis (the one at REDIS_URL, else an embedded one), an interactive and a
+    batch worker, and the API; Ctrl-C stops everything."""
+    import os
+
+    from kestrel.settings import Settings
+    from kestrel.workers.runner import up as run_up
+
+    settings = Settings(host=host, port=port, **({"store_root": store} if store else {}))
+    redis_url = os.environ.get("REDIS_URL") or os.environ.get("KESTREL_REDIS_URL")
+    raise typer.Exit(run_up(settings, redis_url=redis_url, echo=console.print))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,370 @@
+"""The HTTP API's request and response models: the one module the server and the workers share.
+
+The server validates a request with these models before it enqueues anything; the worker parses
+the same model again from the job's arguments, so a job never sees a shape the API did not accept.
+The engine's own pydantic models are reused where they exist (`CaptureOptions`, `TextsSource`,
+`HFSource`, `TrainConfig`) so a field is defined once for the CLI, the API and the stored config.
+
+What a client may name is deliberately narrower than what the engine accepts: never a filesystem
+path. Datasets are inline texts, an upload id (the worker turns it into a file under the store)
+or a Hugging Face hub id; models are bundled names, hub ids or names of server-configured local
+directories.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic.json_schema import SkipJsonSchema
+
+from kestrel.core.activations import CaptureOptions
+from kestrel.core.datasets import HFSource, TextsSource
+from kestrel.core.models import DEFAULT_MODEL
+from kestrel.core.sae.config import TrainConfig
+
+T = TypeVar("T")
+
+JobState = Literal["queued", "started", "finished", "failed", "canceled"]
+JobKind = Literal["capture", "train", "evaluate", "encode", "load_model", "layers"]
+ModelDType = Literal["fp32", "bf16", "fp16"]
+TERMINAL_STATES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
+
+# Hub ids (`org/name` or a bare canonical name): letters, digits, '.', '_' and '-' in each part,
+# never '..' and never more than one '/'. Anything else could be read as a path by the worker.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# `datasets.load_dataset` builders that read local files: useless without data_files and unsafe with.
+PACKAGED_BUILDERS = frozenset(
+    {"json", "csv", "parquet", "text", "arrow", "pandas", "sql", "xml", "webdataset", "generator", "hdf5"}
+    | {"imagefolder", "audiofolder", "videofolder", "pdffolder", "niftifolder", "folder_based_builder"}
+)
+
+
+def check_hub_id(name: str, what: str) -> str:
+    """A hub id that cannot be mistaken for a path; raises ValueError (a 422) otherwise."""
+    if not HUB_ID.match(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not a Hugging Face hub id like 'org/name'")
+    return name
+
+
+class _Strict(BaseModel):
+    """Unknown fields are rejected, so a misspelt option is a 422 rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and pages
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable: not_found, invalid_input, limit_exceeded, ...")
+    message: str = Field(description="what was wrong and, where known, what would be right")
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every 4xx and 5xx answer."""
+
+    error: ErrorBody
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list: ``items[offset : offset + limit]`` of ``total``."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Health
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ReadyStatus(BaseModel):
+    status: Literal["ready"] = "ready"
+    redis: bool
+    workers: dict[str, int] = Field(description="live workers per queue")
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+class JobInfo(BaseModel):
+    """A queued or finished unit of work, as a client sees it."""
+
+    id: str
+    kind: str
+    queue: str
+    status: JobState
+    progress: float = Field(0.0, ge=0.0, le=1.0)
+    message: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict, description="latest metrics reported")
+    log: list[str] = Field(default_factory=list, description="the last lines of the job's log")
+    error: ErrorBody | None = None
+    artifacts: dict[str, str] = Field(
+        default_factory=dict, description="ids of what the job makes or made, e.g. run_id, sae_id"
+    )
+    result: dict[str, Any] | None = Field(None, description="the job's return value once finished")
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    location: str = Field(description="where to poll this job")
+
+
+class JobPage(Page[JobInfo]):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelLoadedBy(BaseModel):
+    worker: str
+    queue: str
+    device: str
+    dtype: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    source: Literal["bundled", "local", "hub"]
+    description: str = ""
+    installed: bool = Field(description="its weights are available without a download")
+    cached: bool = Field(description="bundled: converted to safetensors already")
+    loaded_by: list[ModelLoadedBy] = Field(default_factory=list, description="workers holding it in memory")
+
+
+class ModelPage(Page[ModelInfo]):
+    pass
+
+
+class ModelLoadRequest(_Strict):
+    device: str | None = Field(None, description="cpu, cuda or auto; default: the worker's setting")
+    dtype: ModelDType = "fp32"
+
+
+class ModelLoadResult(BaseModel):
+    name: str
+    worker: str
+    device: str
+    dtype: str
+    load_seconds: float
+    d_model: int
+    n_blocks: int
+
+
+class ModelUnloadResult(BaseModel):
+    name: str
+    requested_at: float = Field(description="unix time; workers drop the model within a heartbeat")
+
+
+class LayerRow(BaseModel):
+    name: str = Field(description="module path: the name captures and SAEs take")
+    kind: str
+    index: int | None
+    width: int
+    module_type: str
+
+
+class LayerTable(BaseModel):
+    model: str
+    layers: list[LayerRow]
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads
+
+
+UploadKind = Literal["dataset", "activations"]
+UploadFormat = Literal["txt", "jsonl", "csv", "parquet", "safetensors"]
+
+
+class UploadInfo(BaseModel):
+    id: str
+    kind: UploadKind
+    format: UploadFormat
+    filename: str = Field(description="the client's name for the file, recorded only; never used as a path")
+    size_bytes: int
+    sha256: str
+    created: str
+
+
+class UploadPage(Page[UploadInfo]):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+class UploadSource(_Strict):
+    """A dataset file uploaded earlier with ``POST /v1/uploads``, named by its id."""
+
+    kind: Literal["upload"] = "upload"
+    upload_id: str = Field(min_length=1, max_length=64)
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
+    text_field: str = Field(default="text", min_length=1)
+    txt_mode: Literal["line", "file"] = "line"
+    limit: PositiveInt | None = None
+
+
+class HubDatasetSource(HFSource):
+    """A Hugging Face hub dataset by id: ``HFSource`` without local builders or data files (paths)."""
+
+    data_files: SkipJsonSchema[None] = Field(default=None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _hub_id_only(cls, name: str) -> str:
+        check_hub_id(name, "dataset")
+        if name.lower() in PACKAGED_BUILDERS:
+            raise ValueError(f"dataset {name!r} is a local-file builder; upload the file instead")
+        return name
+
+
+CaptureDataset = Annotated[TextsSource | UploadSource | HubDatasetSource, Field(discriminator="kind")]
+
+
+class CaptureRequest(_Strict):
+    """Capture ``layers`` of ``model`` over a dataset into a new activation run.
+
+    Sample limit: ``dataset.limit``; batch size: ``options.max_batch_size`` (and the token budget);
+    storage dtype: ``options.dtype``.
+    """
+
+    model: str = Field(DEFAULT_MODEL, description="bundled name, hub id or configured local model name")
+    layers: list[str] = Field(min_length=1, max_length=64, description="module paths from the layer table")
+    dataset: CaptureDataset
+    options: CaptureOptions = Field(default_factory=CaptureOptions)
+    model_dtype: ModelDType = "fp32"
+
+
+class RunSummary(BaseModel):
+    id: str
+    model: str
+    layers: list[str]
+    d_model: int
+    dtype: str
+    n_tokens: int
+    n_docs: int
+    created: str
+
+
+class RunPage(Page[RunSummary]):
+    pass
+
+
+class RunManifest(BaseModel):
+    """A run's manifest.json (docs/store-format.md); fields beyond these are passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    created: str
+    model: dict[str, Any]
+    layers: dict[str, dict[str, Any]]
+    d_model: int
+    dtype: str
+    n_tokens: int
+    n_docs: int
+    shards: list[dict[str, Any]]
+    dataset: dict[str, Any]
+    options: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# SAEs
+
+
+class SAEHyperparameters(_Strict):
+    """What the SAE is; `d_in`, `model`, `layer` and `run_id` come from the run it trains on."""
+
+    architecture: str = Field("topk", description="topk, batchtopk or relu_l1")
+    n_latents: int = Field(gt=0, description="dictionary size")
+    k: int | None = Field(None, gt=0, description="active latents per token (topk, batchtopk)")
+    l1_coefficient: float | None = Field(None, gt=0, description="sparsity penalty (relu_l1)")
+    normalize_input: bool = True
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class TrainRequest(_Strict):
+    """Train an SAE on one layer of a run, or resume a cancelled training with ``resume_from``.
+
+    When resuming, omitted fields are taken from the original request.
+    """
+
+    run_id: str | None = Field(None, description="the activation run to train on")
+    layer: str | None = Field(None, description="a layer the run captured")
+    sae: SAEHyperparameters | None = None
+    train: TrainConfig | None = Field(None, description="training hyperparameters; defaults if omitted")
+    resume_from: str | None = Field(None, description="id of a cancelled SAE whose checkpoint to continue")
+
+
+class SAESummary(BaseModel):
+    """An SAE as the store lists it; fields beyond these are passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    status: str = "complete"
+    config: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class SAEPage(Page[SAESummary]):
+    pass
+
+
+class EvaluateRequest(_Strict):
+    texts: list[str] | None = Field(
+        None, description="texts to evaluate on; default: held-out documents of the SAE's run"
+    )
+
+
+class EncodeRequest(_Strict):
+    text: str = Field(min_length=1)
+    top_k: int = Field(8, gt=0, description="latents reported per token")
+
+
+class LatentValue(BaseModel):
+    index: int
+    value: float
+
+
+class TokenLatents(BaseModel):
+    position: int
+    token: str
+    token_id: int
+    latents: list[LatentValue]
+
+
+class EncodeResponse(BaseModel):
+    sae_id: str
+    model: str
+    layer: str
+    tokens: list[TokenLatents]
+    job_id: str
+
+
+SAEFormat = Literal["kestrel", "saelens"]
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    deleted: bool = True
+
+
+def train_defaults() -> TrainConfig:
+    """The training config used when a request gives none."""
+    return TrainConfig()

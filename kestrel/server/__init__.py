@@ -1,0 +1,1 @@
+"""The HTTP API: FastAPI app factory, settings as dependencies, one router per resource."""

@@ -1,0 +1,94 @@
+"""The app factory: ``create_app(settings)`` wires settings, Redis, the store, auth, errors and routers.
+
+Run it with ``kestrel serve`` (or ``kestrel up``, which also starts Redis and workers), or with any
+ASGI server: ``uvicorn --factory kestrel.server.app:create_app``. The API is stateless: jobs live
+in Redis and artifacts in the store, so restarting it (or running several) loses nothing. Its only
+background task is the reaper, which fails the jobs of workers that died.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
+from prometheus_fastapi_instrumentator import Instrumentator
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from kestrel import __version__
+from kestrel.core.store import LocalStore
+from kestrel.server.deps import require_api_key
+from kestrel.server.errors import error_json, install_error_handlers
+from kestrel.server.metrics import make_registry
+from kestrel.server.routers import activations, health, jobs, models, saes, uploads
+from kestrel.settings import Settings, get_settings
+from kestrel.workers import queues
+from kestrel.workers.reaper import Reaper
+
+DESCRIPTION = """\
+Kestrel: capture activations, train sparse autoencoders and read their latents, over HTTP.
+
+Long jobs (capture, training, evaluation) answer **202 Accepted** with `Location: /v1/jobs/{id}`;
+poll the job or stream `GET /v1/jobs/{id}/events`. Interactive calls (encode, layer tables, model
+loads) wait for their result. Errors always have the shape `{"error": {"code", "message", "details"}}`.
+When an API key is configured, send it as `X-API-Key` (health, ready and these docs need none).
+"""
+
+
+def operation_id(route: APIRoute) -> str:
+    """Operation ids are the endpoint function names (``start_capture``, ``get_job``): an SDK's
+    method names."""
+    return route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    redis = queues.connect(settings.redis_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = Reaper(redis, settings.reaper_interval_s).start()
+        try:
+            yield
+        finally:
+            reaper.stop()
+            redis.close()
+
+    app = FastAPI(
+        title="Kestrel",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+    )
+    app.state.settings = settings
+    app.state.redis = redis
+    app.state.store = LocalStore(settings.store_root)
+    app.state.metrics_registry = make_registry(redis)
+
+    install_error_handlers(app)
+    app.add_exception_handler(RedisConnectionError, _redis_down)  # type: ignore[arg-type]
+    app.add_exception_handler(RedisTimeoutError, _redis_down)  # type: ignore[arg-type]
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Location"],
+        )
+    Instrumentator(registry=app.state.metrics_registry, excluded_handlers=["/metrics"]).instrument(app)
+
+    protected = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(health.metrics_router, dependencies=protected)
+    for module in (models, activations, saes, jobs, uploads):
+        app.include_router(module.router, prefix="/v1", dependencies=protected)
+    return app
+
+
+async def _redis_down(request, exc: Exception):
+    return error_json(503, "unavailable", f"Redis is unavailable: {exc}", {"redis": False})

@@ -1,0 +1,161 @@
+"""Submitting work: batch jobs answered with 202, interactive jobs awaited, both over Redis.
+
+The API never runs a model. A long job is enqueued on ``batch`` and its description returned at
+once (202, ``Location: /v1/jobs/{id}``); an interactive one is enqueued on ``interactive`` and the
+request waits for its result, up to ``interactive_timeout_s`` (then 504 naming the job, which keeps
+running and can be polled). Redis calls are blocking, so they run in threads off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Response
+from redis import Redis
+from rq.job import JobStatus
+
+from kestrel.core.errors import NotFoundError
+from kestrel.schemas import JobInfo
+from kestrel.server.errors import ApiError
+from kestrel.settings import Settings
+from kestrel.workers import queues
+
+ERROR_STATUS = {
+    "not_found": 404,
+    "invalid_input": 422,
+    "conflict": 409,
+    "cancelled": 409,
+    "limit_exceeded": 413,
+    "worker_died": 503,
+}
+
+
+def submit_batch(
+    redis: Redis,
+    settings: Settings,
+    response: Response,
+    func: Callable[..., Any],
+    *,
+    kind: str,
+    kwargs: dict[str, Any],
+    artifacts: dict[str, str] | None = None,
+    idempotency_key: str | None = None,
+    request_body: Any = None,
+) -> JobInfo:
+    """Enqueue a long job on the batch queue; set 202 + Location; honour an Idempotency-Key.
+
+    ``request_body`` is what the client sent (for the idempotency fingerprint): ``kwargs`` hold
+    server-generated ids that differ between two submissions of the same request.
+    """
+    job_id: str | None = None
+    if idempotency_key:
+        fingerprint = queues.request_fingerprint({"kind": kind, "body": request_body})
+        job_id, is_new = queues.claim_idempotency_key(
+            redis, kind, idempotency_key, fingerprint, settings.idempotency_ttl_s
+        )
+        if not is_new:
+            info = _existing_job(redis, job_id)
+            _accepted(response, info)
+            return info
+    try:
+        job = queues.enqueue(
+            redis,
+            queues.BATCH,
+            func,
+            kind=kind,
+            kwargs=kwargs,
+            artifacts=artifacts,
+            timeout_s=settings.batch_job_timeout_s,
+            ttl_s=settings.job_ttl_s,
+            job_id=job_id,
+        )
+    except BaseException:
+        if idempotency_key:
+            queues.release_idempotency_key(redis, kind, idempotency_key)
+        raise
+    info = queues.describe(job)
+    _accepted(response, info)
+    return info
+
+
+def _existing_job(redis: Redis, job_id: str, wait_s: float = 2.0) -> JobInfo:
+    """The job bound to an idempotency key; the first request may still be enqueueing it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return queues.get_job(redis, job_id)
+        except NotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _accepted(response: Response, info: JobInfo) -> None:
+    response.status_code = 202
+    response.headers["Location"] = info.location
+
+
+async def run_interactive(
+    redis: Redis,
+    settings: Settings,
+    func: Callable[..., Any],
+    *,
+    kind: str,
+    kwargs: dict[str, Any],
+) -> tuple[str, dict[str, Any]]:
+    """Enqueue on the interactive queue and wait for the result: ``(job id, return value)``."""
+    await asyncio.to_thread(_require_worker, redis, queues.INTERACTIVE)
+    job = await asyncio.to_thread(
+        queues.enqueue,
+        redis,
+        queues.INTERACTIVE,
+        func,
+        kind=kind,
+        kwargs=kwargs,
+        timeout_s=settings.interactive_job_timeout_s,
+        ttl_s=settings.job_ttl_s,
+    )
+    deadline = time.monotonic() + settings.interactive_timeout_s
+    delay = 0.01
+    while True:
+        status = await asyncio.to_thread(job.get_status)
+        if status == JobStatus.FINISHED:
+            return job.id, await asyncio.to_thread(job.return_value, True)
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            info = await asyncio.to_thread(queues.get_job, redis, job.id)
+            raise _job_error(info)
+        if time.monotonic() > deadline:
+            raise ApiError(
+                504,
+                f"{kind} did not finish within {settings.interactive_timeout_s:g} s; "
+                f"it continues as job {job.id} (GET /v1/jobs/{job.id})",
+                details={"job_id": job.id},
+                headers={"Location": f"/v1/jobs/{job.id}"},
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
+
+
+def _require_worker(redis: Redis, queue_name: str) -> None:
+    """Fail fast (503) when no worker serves the queue, rather than time out."""
+    counts = queues.workers_per_queue(queues.live_workers(redis))
+    if not counts.get(queue_name):
+        raise ApiError(
+            503,
+            f"no worker is serving the {queue_name!r} queue; "
+            f"start one with `kestrel worker --queue {queue_name}`",
+            code="unavailable",
+            details={"queue": queue_name},
+        )
+
+
+def _job_error(info: JobInfo) -> ApiError:
+    """The failed job's own error, with the HTTP status its code implies."""
+    if info.error is None:
+        return ApiError(500, f"job {info.id} {info.status}", details={"job_id": info.id})
+    status = ERROR_STATUS.get(info.error.code, 500)
+    details = {**info.error.details, "job_id": info.id}
+    return ApiError(status, info.error.message, code=info.error.code, details=details)

@@ -1,0 +1,124 @@
+"""One error shape for every 4xx and 5xx: ``{"error": {"code", "message", "details"}}``.
+
+Engine errors map to statuses by class, so a route never needs its own try/except: a missing run
+is a 404 and a bad hyperparameter a 422 wherever it is raised. Anything unexpected is a 500 in the
+same shape, with the traceback in the server log and never in the response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kestrel.core.errors import CancelledError, ConflictError, InvalidInputError, KestrelError, NotFoundError
+from kestrel.schemas import ErrorResponse
+
+log = logging.getLogger("kestrel.server")
+
+STATUS_BY_ERROR: list[tuple[type[KestrelError], int]] = [
+    (NotFoundError, 404),
+    (InvalidInputError, 422),
+    (ConflictError, 409),
+    (CancelledError, 409),
+]
+CODE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "limit_exceeded",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(KestrelError):
+    """An error raised by the service itself, with its own HTTP status (413, 503, 504, ...)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        details: dict | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        self.status = status
+        self.code = code or CODE_BY_STATUS.get(status, "error")
+        self.headers = headers
+
+
+def limit_exceeded(limit: str, maximum: float, got: float, what: str, status: int = 413) -> ApiError:
+    """A request over one of the configured limits; the message and details name the limit."""
+    return ApiError(
+        status,
+        f"{what}: {got} exceeds the limit {limit}={maximum}",
+        code="limit_exceeded",
+        details={"limit": limit, "max": maximum, "got": got},
+    )
+
+
+def status_for(exc: KestrelError) -> int:
+    if isinstance(exc, ApiError):
+        return exc.status
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_json(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": jsonable_encoder(details or {})}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _kestrel_error(request: Request, exc: KestrelError) -> JSONResponse:
+    return error_json(status_for(exc), exc.code, exc.message, exc.details, getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"field": ".".join(str(p) for p in item.get("loc", ())), "reason": item.get("msg", "")}
+        for item in exc.errors()
+    ]
+    text = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
+    return error_json(422, "invalid_input", f"invalid request: {text}", {"errors": errors})
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = CODE_BY_STATUS.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_json(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_json(500, "internal", "internal server error; see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(KestrelError, _kestrel_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting the error shape for these statuses."""
+    return {
+        status: {"model": ErrorResponse, "description": CODE_BY_STATUS.get(status, "error")}
+        for status in statuses
+    }

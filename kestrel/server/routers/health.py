@@ -1,0 +1,60 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kestrel import __version__
+from kestrel.schemas import HealthStatus, ReadyStatus
+from kestrel.server.deps import RedisDep
+from kestrel.server.errors import ApiError, error_responses
+from kestrel.workers import queues
+
+router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthStatus)
+def health() -> HealthStatus:
+    """Liveness: the API process answers. Says nothing about Redis or workers (see /ready)."""
+    return HealthStatus(version=__version__)
+
+
+@router.get("/ready", response_model=ReadyStatus, responses=error_responses(503))
+async def ready(redis: RedisDep) -> ReadyStatus:
+    """Readiness: 200 once Redis answers and at least one worker is alive, else 503 saying which."""
+    return await asyncio.to_thread(_check_ready, redis)
+
+
+def _check_ready(redis) -> ReadyStatus:
+    try:
+        redis.ping()
+        workers = queues.workers_per_queue(queues.live_workers(redis))
+    except Exception as exc:
+        raise ApiError(
+            503, f"Redis is not answering: {exc}", code="not_ready", details={"redis": False}
+        ) from None
+    if not any(workers.values()):
+        raise ApiError(
+            503,
+            "no worker is alive; start one with `kestrel worker --queue batch` (or `kestrel up`)",
+            code="not_ready",
+            details={"redis": True, "workers": workers},
+        )
+    return ReadyStatus(redis=True, workers=workers)
+
+
+@metrics_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "metrics"}
+    },
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: HTTP metrics plus queue depth, workers and jobs by state."""
+    body = await asyncio.to_thread(generate_latest, request.app.state.metrics_registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

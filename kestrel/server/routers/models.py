@@ -1,0 +1,66 @@
+"""Models: what can be loaded, what workers hold, load and unload, and the layer table.
+
+Model names contain '/' (hub ids), so the name is the rest of the path before the action.
+A name is a bundled name, a hub id or a server-configured local model; never a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Body
+
+from kestrel.schemas import LayerTable, ModelLoadRequest, ModelLoadResult, ModelPage, ModelUnloadResult
+from kestrel.server import services
+from kestrel.server.deps import PageDep, RedisDep, SettingsDep
+from kestrel.server.dispatch import run_interactive
+from kestrel.server.errors import error_responses
+from kestrel.workers import jobs
+
+router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 422, 503))
+
+
+@router.get("", response_model=ModelPage)
+async def list_models(settings: SettingsDep, redis: RedisDep, page: PageDep) -> ModelPage:
+    """Bundled and configured models, and which workers have each loaded."""
+    rows = await asyncio.to_thread(services.list_models, settings, redis)
+    return ModelPage(**page.page(rows))
+
+
+@router.post("/{name:path}/load", response_model=ModelLoadResult, responses=error_responses(404, 504))
+async def load_model(
+    name: str, settings: SettingsDep, redis: RedisDep, body: ModelLoadRequest | None = Body(None)
+) -> ModelLoadResult:
+    """Load a model into the interactive worker's cache (batch workers load on first use)."""
+    body = body or ModelLoadRequest()
+    services.checked_model(name, settings)
+    _, result = await run_interactive(
+        redis,
+        settings,
+        jobs.load_model_job,
+        kind="load_model",
+        kwargs={"name": name, "device": body.device, "dtype": body.dtype},
+    )
+    return ModelLoadResult(**result)
+
+
+@router.post("/{name:path}/unload", response_model=ModelUnloadResult, status_code=202)
+async def unload_model(name: str, settings: SettingsDep, redis: RedisDep) -> ModelUnloadResult:
+    """Ask every worker to drop the model; they do within a heartbeat (a few seconds)."""
+    services.checked_model(name, settings)
+    now = time.time()
+    await asyncio.to_thread(services.request_unload, redis, name, now)
+    return ModelUnloadResult(name=name, requested_at=now)
+
+
+@router.get("/{name:path}/layers", response_model=LayerTable, responses=error_responses(404, 504))
+async def get_layers(name: str, settings: SettingsDep, redis: RedisDep) -> LayerTable:
+    """The layer table (names captures and SAEs take), computed once by a worker and cached."""
+    services.checked_model(name, settings)
+    table = await asyncio.to_thread(services.cached_layer_table, redis, name)
+    if table is None:
+        _, table = await run_interactive(
+            redis, settings, jobs.layers_job, kind="layers", kwargs={"name": name}
+        )
+    return LayerTable(**table)

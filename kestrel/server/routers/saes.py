@@ -1,0 +1,200 @@
+"""SAEs: train (202 + job), list, read, delete, download, import SAELens, evaluate, encode."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from kestrel.core.store import new_id
+from kestrel.schemas import (
+    DeletedResponse,
+    EncodeRequest,
+    EncodeResponse,
+    EvaluateRequest,
+    JobInfo,
+    SAEFormat,
+    SAEPage,
+    SAESummary,
+    TrainRequest,
+)
+from kestrel.server import services
+from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
+from kestrel.server.dispatch import run_interactive, submit_batch
+from kestrel.server.errors import error_responses, limit_exceeded
+from kestrel.settings import Settings
+from kestrel.workers import jobs
+
+router = APIRouter(prefix="/saes", tags=["saes"], responses=error_responses(401, 422))
+MAX_CFG_BYTES = 1 << 20
+
+
+def _pipeline():
+    """The SAE engine, imported when first used (it pulls in torch kernels)."""
+    from kestrel.core.sae import pipeline
+
+    return pipeline
+
+
+@router.post("", response_model=JobInfo, status_code=202, responses=error_responses(404, 409))
+def start_training(
+    request: TrainRequest,
+    response: Response,
+    settings: SettingsDep,
+    redis: RedisDep,
+    store: StoreDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobInfo:
+    """Train an SAE on one layer of a run (or resume a cancelled one); ``artifacts.sae_id`` names it."""
+    kwargs = services.prepare_training(request, redis, store)
+    return submit_batch(
+        redis,
+        settings,
+        response,
+        jobs.train_job,
+        kind="train",
+        kwargs=kwargs,
+        artifacts={"sae_id": kwargs["sae_id"], "run_id": kwargs["run_id"]},
+        idempotency_key=idempotency_key,
+        request_body=request.model_dump(mode="json"),
+    )
+
+
+@router.get("", response_model=SAEPage)
+async def list_saes(store: StoreDep, page: PageDep) -> SAEPage:
+    """Complete SAEs (a training in progress or cancelled is not listed)."""
+    rows = await asyncio.to_thread(_pipeline().list_saes, store)
+    return SAEPage(**page.page([SAESummary(**row) for row in rows]))
+
+
+@router.get("/{sae_id}", response_model=SAESummary, responses=error_responses(404))
+def get_sae(sae_id: SaeId, store: StoreDep) -> SAESummary:
+    """Config and metrics of one SAE."""
+    return SAESummary(**_pipeline().get_sae(store, sae_id))
+
+
+@router.delete("/{sae_id}", response_model=DeletedResponse, responses=error_responses(404))
+def delete_sae(sae_id: SaeId, store: StoreDep) -> DeletedResponse:
+    _pipeline().delete_sae(store, sae_id)
+    return DeletedResponse(id=sae_id)
+
+
+@router.get(
+    "/{sae_id}/download",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}},
+        **error_responses(404),
+    },
+)
+def download_sae(
+    sae_id: SaeId,
+    store: StoreDep,
+    format: Annotated[SAEFormat, Query(description="kestrel or saelens file layout")] = "kestrel",
+) -> Response:
+    """A zip of the SAE's files, in Kestrel's layout or SAELens's (cfg.json + sae_weights.safetensors)."""
+    data = _pipeline().export_sae_zip(store, sae_id, format)
+    headers = {"Content-Disposition": f'attachment; filename="{sae_id}-{format}.zip"'}
+    return Response(data, media_type="application/zip", headers=headers)
+
+
+@router.post("/import", response_model=SAESummary, status_code=201, responses=error_responses(413))
+async def import_saelens_sae(
+    settings: SettingsDep,
+    store: StoreDep,
+    cfg: Annotated[UploadFile, File(description="SAELens cfg.json")],
+    weights: Annotated[UploadFile, File(description="SAELens sae_weights.safetensors")],
+    model: Annotated[str | None, Form(description="model it reads, if cfg.json does not say")] = None,
+    layer: Annotated[str | None, Form(description="layer (module path) it reads")] = None,
+) -> SAESummary:
+    """Import an SAE saved by SAELens; it gets a new id and is listed like a trained one."""
+    if model is not None:
+        services.checked_model(model, settings)
+    cfg_bytes = await _read_limited(cfg, MAX_CFG_BYTES, "cfg.json", settings)
+    weight_bytes = await _read_limited(weights, settings.max_upload_bytes, "weights", settings)
+    _check_weights(weights.filename or "", weight_bytes)
+    summary = await asyncio.to_thread(
+        _pipeline().import_saelens,
+        store,
+        cfg_bytes,
+        weight_bytes,
+        sae_id=new_id("sae"),
+        model=model,
+        layer=layer,
+    )
+    return SAESummary(**summary)
+
+
+async def _read_limited(file: UploadFile, max_bytes: int, what: str, settings: Settings) -> bytes:
+    data = await file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise limit_exceeded(
+            "max_upload_mb", settings.max_upload_mb, round(len(data) / 2**20, 2), f"{what} too large"
+        )
+    return data
+
+
+def _check_weights(filename: str, data: bytes) -> None:
+    """Weights are safetensors only (no pickle): checked by name and by header before parsing."""
+    import tempfile
+    from pathlib import Path
+
+    from kestrel.workers.uploads import check_safetensors, upload_format
+
+    if upload_format(filename or "weights.safetensors") != "safetensors":
+        from kestrel.core.errors import InvalidInputError
+
+        raise InvalidInputError("SAE weights must be a .safetensors file (pickle is never read)")
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        check_safetensors(Path(tmp.name))
+
+
+@router.post(
+    "/{sae_id}/evaluate", response_model=JobInfo, status_code=202, responses=error_responses(404, 413)
+)
+def start_evaluation(
+    sae_id: SaeId,
+    response: Response,
+    settings: SettingsDep,
+    redis: RedisDep,
+    store: StoreDep,
+    request: EvaluateRequest | None = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JobInfo:
+    """Model-in-the-loop metrics (CE loss recovered, ...), stored with the SAE."""
+    request = request or EvaluateRequest()
+    _pipeline().get_sae(store, sae_id)
+    if request.texts is not None:
+        services.check_texts(request.texts, settings)
+    return submit_batch(
+        redis,
+        settings,
+        response,
+        jobs.evaluate_job,
+        kind="evaluate",
+        kwargs={"sae_id": sae_id, "texts": request.texts},
+        artifacts={"sae_id": sae_id},
+        idempotency_key=idempotency_key,
+        request_body={"sae_id": sae_id, **request.model_dump(mode="json")},
+    )
+
+
+@router.post("/{sae_id}/encode", response_model=EncodeResponse, responses=error_responses(404, 413, 504))
+async def encode_text(
+    sae_id: SaeId, request: EncodeRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
+) -> EncodeResponse:
+    """The top latents of each token of a prompt (interactive: answered in about a forward pass)."""
+    services.check_texts([request.text], settings)
+    services.check_top_k(request.top_k, settings)
+    await asyncio.to_thread(_pipeline().get_sae, store, sae_id)
+    job_id, result = await run_interactive(
+        redis,
+        settings,
+        jobs.encode_job,
+        kind="encode",
+        kwargs={"sae_id": sae_id, "text": request.text, "top_k": request.top_k},
+    )
+    return EncodeResponse(**result, job_id=job_id)

@@ -1,0 +1,215 @@
+"""What the routes do, one function per route, kept out of the routers so those stay thin.
+
+Everything cheap is checked here, before a job is enqueued: ids, request limits, that a run and
+its layer exist, that hyperparameters parse. What only a loaded model can tell (layer names of a
+capture) is checked by the worker, and the job fails with the engine's message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis import Redis
+
+from kestrel.core.activations import get_manifest, list_runs
+from kestrel.core.datasets import TextsSource
+from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
+from kestrel.core.models import available_models
+from kestrel.core.store import LocalStore, new_id, validate_id
+from kestrel.schemas import (
+    CaptureRequest,
+    ModelInfo,
+    ModelLoadedBy,
+    RunSummary,
+    SAEHyperparameters,
+    TrainRequest,
+    UploadSource,
+)
+from kestrel.server.errors import limit_exceeded
+from kestrel.settings import Settings
+from kestrel.workers import queues, uploads
+from kestrel.workers.model_cache import check_model_name
+
+TRAIN_REQUEST_TTL_S = 90 * 24 * 3600
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+def check_texts(texts: list[str], settings: Settings) -> None:
+    """Inline texts within ``max_texts_per_request`` and ``max_text_chars`` (413 naming the limit)."""
+    if len(texts) > settings.max_texts_per_request:
+        raise limit_exceeded(
+            "max_texts_per_request", settings.max_texts_per_request, len(texts), "too many texts"
+        )
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_text_chars:
+            raise limit_exceeded(
+                "max_text_chars", settings.max_text_chars, len(text), f"text {i} is too long"
+            )
+
+
+def check_top_k(top_k: int, settings: Settings) -> None:
+    if top_k > settings.max_top_k:
+        raise limit_exceeded("max_top_k", settings.max_top_k, top_k, "top_k too large", status=422)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def list_models(settings: Settings, redis: Redis) -> list[ModelInfo]:
+    """Bundled and configured local models, plus any hub model a live worker holds."""
+    loaded: dict[str, list[ModelLoadedBy]] = {}
+    for worker in queues.live_workers(redis):
+        for model in worker.get("models", []):
+            loaded.setdefault(model["name"], []).append(
+                ModelLoadedBy(
+                    worker=worker["name"],
+                    queue=",".join(worker.get("queues", [])),
+                    device=model["device"],
+                    dtype=model["dtype"],
+                )
+            )
+    rows = [
+        ModelInfo(
+            name=m["name"],
+            source="bundled",
+            description=m["description"],
+            installed=m["installed"],
+            cached=m["cached"],
+            loaded_by=loaded.pop(m["name"], []),
+        )
+        for m in available_models(settings.store_root)
+    ]
+    for name in settings.local_models():
+        if any(r.name == name for r in rows):
+            continue
+        rows.append(
+            ModelInfo(
+                name=name,
+                source="local",
+                description="local checkpoint",
+                installed=True,
+                cached=True,
+                loaded_by=loaded.pop(name, []),
+            )
+        )
+    rows += [
+        ModelInfo(name=name, source="hub", installed=True, cached=False, loaded_by=holders)
+        for name, holders in sorted(loaded.items())
+    ]
+    return rows
+
+
+def checked_model(name: str, settings: Settings) -> str:
+    return check_model_name(name, settings.local_models())
+
+
+def cached_layer_table(redis: Redis, name: str) -> dict[str, Any] | None:
+    raw = redis.get(queues.LAYERS_KEY.format(name))
+    return json.loads(raw) if raw else None
+
+
+def request_unload(redis: Redis, name: str, now: float) -> None:
+    """Workers drop the model at their next heartbeat (and before their next job)."""
+    redis.hset(queues.UNLOAD_HASH, name, now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def prepare_capture(request: CaptureRequest, settings: Settings, store: LocalStore) -> dict[str, Any]:
+    """Validate a capture request; return the job's kwargs with a fresh run id."""
+    checked_model(request.model, settings)
+    dataset = request.dataset
+    if isinstance(dataset, TextsSource):
+        check_texts(dataset.texts, settings)
+    elif isinstance(dataset, UploadSource):
+        manifest = uploads.get_upload(store, validate_id(dataset.upload_id, "upload id"))
+        if manifest["kind"] != "dataset":
+            raise InvalidInputError(f"upload {dataset.upload_id!r} is {manifest['format']}, not a dataset")
+    if request.options.max_length > settings.max_tokens_per_text:
+        raise limit_exceeded(
+            "max_tokens_per_text", settings.max_tokens_per_text, request.options.max_length,
+            "options.max_length too large", status=422,
+        )  # fmt: skip
+    request.options.check()
+    if any(not layer.strip() for layer in request.layers):
+        raise InvalidInputError("layer names must not be empty")
+    return {"request": request.model_dump(mode="json"), "run_id": new_id("run")}
+
+
+def run_summaries(store: LocalStore) -> list[RunSummary]:
+    return [
+        RunSummary(
+            id=m["id"],
+            model=m["model"]["name"],
+            layers=list(m["layers"]),
+            d_model=m["d_model"],
+            dtype=m["dtype"],
+            n_tokens=m["n_tokens"],
+            n_docs=m["n_docs"],
+            created=m["created"],
+        )
+        for m in sorted(list_runs(store), key=lambda m: m["created"], reverse=True)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# SAEs
+
+
+def prepare_training(request: TrainRequest, redis: Redis, store: LocalStore) -> dict[str, Any]:
+    """Validate a training request against its run; return the job's kwargs.
+
+    A resume (``resume_from``) continues a cancelled training under the same SAE id; fields the
+    request leaves out are taken from the original request.
+    """
+    from kestrel.core.sae.config import SAEConfig, TrainConfig
+
+    resume = request.resume_from is not None
+    if resume:
+        sae_id = validate_id(request.resume_from, "SAE id")
+        request = _merge_original(request, redis, sae_id)
+        _check_resumable(store, sae_id)
+    else:
+        sae_id = new_id("sae")
+    if request.run_id is None or request.layer is None or request.sae is None:
+        raise InvalidInputError("run_id, layer and sae are required (unless resuming a known SAE)")
+    manifest = get_manifest(store, validate_id(request.run_id, "run id"))
+    if request.layer not in manifest["layers"]:
+        raise not_found("layer", request.layer, manifest["layers"])
+    sae = request.sae.model_dump(exclude_none=True)
+    train = (request.train or TrainConfig()).model_dump(mode="json")
+    d_in = manifest["layers"][request.layer]["d"]
+    SAEConfig.from_dict({**sae, "d_in": d_in})  # InvalidInputError (422) before anything is queued
+    TrainConfig.from_dict(train)
+    kwargs = {"run_id": request.run_id, "layer": request.layer, "sae": sae, "train": train, "sae_id": sae_id}
+    original = {k: v for k, v in kwargs.items() if k != "sae_id"}
+    redis.set(queues.TRAIN_REQUEST_KEY.format(sae_id), json.dumps(original), ex=TRAIN_REQUEST_TTL_S)
+    return {**kwargs, "resume": resume}
+
+
+def _merge_original(request: TrainRequest, redis: Redis, sae_id: str) -> TrainRequest:
+    raw = redis.get(queues.TRAIN_REQUEST_KEY.format(sae_id))
+    if raw is None:
+        return request
+    original = json.loads(raw)
+    return TrainRequest(
+        run_id=request.run_id or original["run_id"],
+        layer=request.layer or original["layer"],
+        sae=request.sae or SAEHyperparameters.model_validate(original["sae"]),
+        train=request.train or original["train"],
+        resume_from=sae_id,
+    )
+
+
+def _check_resumable(store: LocalStore, sae_id: str) -> None:
+    if store.exists("saes", sae_id):
+        raise InvalidInputError(f"SAE {sae_id!r} finished training already; nothing to resume")
+    if not (store.root / "checkpoints" / sae_id).is_dir():
+        raise NotFoundError(f"no checkpoint for SAE {sae_id!r} to resume from", details={"id": sae_id})

@@ -1,0 +1,99 @@
+"""Service settings, read once from the environment (``KESTREL_*``, plus the conventional ``REDIS_URL``).
+
+One object configures the API, the workers and ``kestrel up``, so a limit or a store root can never
+differ between the process that validates a request and the one that runs it.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+WEEK_S = 7 * 24 * 3600
+_LOCAL_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Env names are the field names upper-cased with ``KESTREL_``."""
+
+    model_config = SettingsConfigDict(env_prefix="KESTREL_", extra="ignore", populate_by_name=True)
+
+    store_root: Path = Field(Path(".kestrel"), description="artifact store directory (runs, SAEs, uploads)")
+    redis_url: str = Field(
+        DEFAULT_REDIS_URL,
+        validation_alias=AliasChoices("REDIS_URL", "KESTREL_REDIS_URL", "redis_url"),
+        description="Redis holding the queues and jobs (env REDIS_URL)",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="when set, every route but health/ready/docs needs it"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS; empty: CORS off"
+    )
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated directories whose subdirectories are local models, named by directory",
+    )
+
+    # Request limits: each is named in the 413/422 that enforces it.
+    max_texts_per_request: int = Field(256, gt=0, description="texts in one inline dataset or encode call")
+    max_text_chars: int = Field(20_000, gt=0, description="characters in one inline text")
+    max_tokens_per_text: int = Field(2048, gt=0, description="tokens kept per document (capture max_length)")
+    max_new_tokens: int = Field(256, gt=0, description="tokens one generate call may produce")
+    max_upload_mb: float = Field(200.0, gt=0, description="size of one uploaded file")
+    max_top_k: int = Field(64, gt=0, description="latents per token an encode call may ask for")
+
+    # Jobs and workers.
+    interactive_timeout_s: float = Field(30.0, gt=0, description="how long an interactive call waits")
+    job_ttl_s: int = Field(WEEK_S, gt=0, description="how long finished and failed jobs are kept")
+    batch_job_timeout_s: int = Field(3 * 24 * 3600, gt=0, description="hard limit on one batch job")
+    interactive_job_timeout_s: int = Field(600, gt=0, description="hard limit on one interactive job")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="worker heartbeat period")
+    heartbeat_ttl_s: int = Field(30, gt=0, description="a job whose worker is silent this long has died")
+    reaper_interval_s: float = Field(5.0, gt=0, description="how often dead workers' jobs are failed")
+    worker_max_models: int = Field(2, gt=0, description="models one worker keeps loaded (LRU)")
+    device: str = Field("auto", description="device workers load models on: cpu, cuda or auto")
+    idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="how long an Idempotency-Key is remembered")
+
+    # `kestrel up`.
+    host: str = Field("127.0.0.1", description="address the API listens on")
+    port: int = Field(8000, gt=0, lt=65536, description="port the API listens on")
+
+    @field_validator("cors_origins", "model_dirs", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def local_models(self) -> dict[str, Path]:
+        """Server-configured local checkpoints: ``{name: directory}``; clients only ever name them."""
+        found: dict[str, Path] = {}
+        for root in self.model_dirs:
+            root = root.expanduser().resolve()
+            if not root.is_dir():
+                continue
+            for child in sorted(root.iterdir()):
+                if (
+                    child.is_dir()
+                    and (child / "config.json").is_file()
+                    and _LOCAL_MODEL_NAME.match(child.name)
+                ):
+                    found.setdefault(child.name, child)
+        return found
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

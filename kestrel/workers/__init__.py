@@ -1,0 +1,1 @@
+"""RQ workers: queues, job functions, the worker process with its model cache, progress and cancel."""

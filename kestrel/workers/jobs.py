@@ -1,0 +1,241 @@
+"""Job functions: parse the arguments, call the engine, report progress, return artifact ids.
+
+Each runs inside a worker (``kestrel worker``) through ``job_function``, which supplies the
+``JobContext`` (store, model cache, progress, stop flag) and turns exceptions into the job's
+public error. Arguments are plain JSON-able dicts validated again with the API's schemas, so a job
+enqueued by an older API or by hand fails with a clear message instead of half-running.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from kestrel.core.datasets import HFSource, TextsSource
+from kestrel.core.errors import InvalidInputError
+from kestrel.schemas import CaptureRequest, HubDatasetSource, SAEHyperparameters, UploadSource
+from kestrel.workers import uploads
+from kestrel.workers.context import JobContext, job_function
+from kestrel.workers.queues import LAYERS_KEY
+
+PROGRESS_METRICS = ("step", "tokens", "epoch", "loss", "fvu", "l0", "dead_fraction", "tokens_per_s", "lr")
+LOG_EVERY_S = 5.0
+LAYERS_CACHE_TTL_S = 30 * 24 * 3600
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@job_function("load_model")
+def load_model_job(
+    ctx: JobContext, name: str, device: str | None = None, dtype: str = "fp32"
+) -> dict[str, Any]:
+    lm = ctx.models.get(name, device=device, dtype=dtype)
+    worker = ctx.job.worker_name if ctx.job is not None else ""
+    return {
+        "name": name,
+        "worker": worker or "",
+        "device": str(lm.device),
+        "dtype": dtype,
+        "load_seconds": round(lm.load_seconds, 3),
+        "d_model": lm.d_model,
+        "n_blocks": lm.n_blocks,
+    }
+
+
+@job_function("layers")
+def layers_job(ctx: JobContext, name: str) -> dict[str, Any]:
+    """The layer table, cached in Redis: it never changes for a given model name."""
+    lm = ctx.models.get(name)
+    table = {"model": name, "layers": [asdict(info) for info in lm.layers]}
+    if ctx.job is not None:
+        ctx.job.connection.set(LAYERS_KEY.format(name), json.dumps(table), ex=LAYERS_CACHE_TTL_S)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture
+
+
+def dataset_source(ctx: JobContext, dataset: TextsSource | UploadSource | HubDatasetSource):
+    """The engine's source for a request's dataset; only here does an upload id become a path."""
+    if isinstance(dataset, UploadSource):
+        return uploads.dataset_source(
+            ctx.store,
+            dataset.upload_id,
+            format=dataset.format,
+            text_field=dataset.text_field,
+            txt_mode=dataset.txt_mode,
+            limit=dataset.limit,
+        )
+    if isinstance(dataset, HubDatasetSource):
+        if Path(dataset.name).expanduser().exists():
+            raise InvalidInputError(
+                f"dataset {dataset.name!r} names a path on the worker; refusing to read it"
+            )
+        return HFSource(**dataset.model_dump(exclude={"data_files"}))
+    return dataset
+
+
+def _planned_docs(dataset: Any) -> int | None:
+    """How many documents a capture will read, when that is known up front (for progress)."""
+    if isinstance(dataset, TextsSource):
+        return min(len(dataset.texts), dataset.limit or len(dataset.texts))
+    return getattr(dataset, "limit", None)
+
+
+@job_function("capture")
+def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[str, Any]:
+    from kestrel.core.activations import capture
+
+    req = CaptureRequest.model_validate(request)
+    source = dataset_source(ctx, req.dataset)
+    planned = _planned_docs(req.dataset)
+    ctx.log(f"loading {req.model}")
+    lm = ctx.models.get(req.model, dtype=req.model_dtype)
+    ctx.log(f"capturing {', '.join(req.layers)} into {run_id}")
+
+    def on_progress(p) -> None:
+        ctx.update(
+            progress=min(p.docs / planned, 0.99) if planned else None,
+            message=f"{p.docs} documents, {p.tokens} tokens",
+            metrics={
+                "docs": p.docs,
+                "tokens": p.tokens,
+                "batches": p.batches,
+                "tokens_per_s": p.tokens_per_s,
+            },
+        )
+
+    manifest = capture(
+        lm,
+        source,
+        req.layers,
+        ctx.store,
+        run_id=run_id,
+        options=req.options,
+        on_progress=on_progress,
+        should_stop=ctx.should_stop,
+    )
+    ctx.log(f"stored {manifest['n_tokens']} tokens from {manifest['n_docs']} documents", force=True)
+    return {"run_id": run_id, "n_tokens": manifest["n_tokens"], "n_docs": manifest["n_docs"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# SAEs
+
+
+def _progress_fraction(p: Any) -> float | None:
+    fraction = getattr(p, "fraction", None)
+    if fraction is None and getattr(p, "total_steps", 0):
+        fraction = p.step / p.total_steps
+    return fraction
+
+
+def checkpoint_dir(ctx: JobContext, sae_id: str) -> Path:
+    return ctx.store.root / "checkpoints" / sae_id
+
+
+@job_function("train")
+def train_job(
+    ctx: JobContext,
+    run_id: str,
+    layer: str,
+    sae: dict[str, Any],
+    train: dict[str, Any],
+    sae_id: str,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) an SAE; a cancel keeps the checkpoint and publishes nothing."""
+    from kestrel.core.sae.pipeline import train_from_run
+
+    SAEHyperparameters.model_validate(sae)
+    # After a shutdown requeue the same job runs again: continue from its checkpoint if one exists.
+    retried = bool(ctx.job is not None and ctx.job.number_of_retries)
+    resume = resume or (retried and checkpoint_dir(ctx, sae_id).is_dir())
+    ctx.log(f"{'resuming' if resume else 'training'} {sae_id} on {run_id} {layer}")
+    last_log = [0.0]
+
+    def on_progress(p: Any) -> None:
+        metrics = {name: getattr(p, name) for name in PROGRESS_METRICS if hasattr(p, name)}
+        message = f"step {p.step}: loss {p.loss:.4g}, fvu {p.fvu:.3f}, l0 {p.l0:.1f}"
+        ctx.update(progress=_progress_fraction(p), message=message, metrics=metrics)
+        import time
+
+        if time.monotonic() - last_log[0] >= LOG_EVERY_S:
+            last_log[0] = time.monotonic()
+            ctx.log(message)
+
+    result = train_from_run(
+        ctx.store,
+        run_id,
+        layer,
+        sae,
+        train,
+        sae_id=sae_id,
+        on_progress=on_progress,
+        should_stop=ctx.should_stop,
+        resume=resume,
+    )
+    if result.get("status") == "stopped":
+        return ctx.stopped(
+            f"checkpoint kept; resume with resume_from={sae_id!r}",
+            {"sae_id": sae_id, "checkpoint": str(result.get("checkpoint") or ""), "resumable": True},
+        )
+    ctx.update(metrics=dict(result.get("metrics") or {}), force=True)
+    return {"sae_id": result.get("id", sae_id), "status": "complete", "metrics": result.get("metrics", {})}
+
+
+@job_function("evaluate")
+def evaluate_job(ctx: JobContext, sae_id: str, texts: list[str] | None = None) -> dict[str, Any]:
+    from kestrel.core.sae.pipeline import evaluate_sae, get_sae
+
+    summary = get_sae(ctx.store, sae_id)
+    lm = ctx.models.get(summary["config"]["model"])
+    ctx.log(f"evaluating {sae_id} with {lm.name}")
+
+    def on_progress(p: Any) -> None:
+        fraction = p if isinstance(p, float) else getattr(p, "fraction", None)
+        ctx.update(progress=fraction, message="evaluating")
+
+    metrics = evaluate_sae(ctx.store, sae_id, lm, texts, on_progress=on_progress)
+    ctx.update(metrics=dict(metrics), force=True)
+    return {"sae_id": sae_id, "metrics": metrics}
+
+
+@job_function("encode")
+def encode_job(ctx: JobContext, sae_id: str, text: str, top_k: int = 8) -> dict[str, Any]:
+    from kestrel.core.sae.pipeline import encode_prompt
+
+    sae, summary = sae_cache.get(ctx, sae_id)
+    config = summary["config"]
+    lm = ctx.models.get(config["model"])
+    tokens = encode_prompt(lm, sae, config["layer"], text, top_k=top_k)
+    return {"sae_id": sae_id, "model": config["model"], "layer": config["layer"], "tokens": tokens}
+
+
+class _SAECache:
+    """Loaded SAEs of this worker by id (few, small), reloaded if the stored one changed."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: dict[str, tuple[float, Any, dict[str, Any]]] = {}
+
+    def get(self, ctx: JobContext, sae_id: str) -> tuple[Any, dict[str, Any]]:
+        from kestrel.core.sae.pipeline import load_sae
+
+        stamp = ctx.store.require("saes", sae_id).stat().st_mtime
+        cached = self._items.get(sae_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        sae, summary = load_sae(ctx.store, sae_id)
+        self._items[sae_id] = (stamp, sae, summary)
+        while len(self._items) > self.size:
+            self._items.pop(next(iter(self._items)))
+        return sae, summary
+
+
+sae_cache = _SAECache()

@@ -1,0 +1,120 @@
+"""Which models a client may name, and the per-worker cache that keeps them loaded between jobs.
+
+A client names a model three ways: a bundled name (``smollm2-135m``), a Hugging Face hub id
+(``org/name``), or the name of a local checkpoint the operator listed in ``KESTREL_MODEL_DIRS``.
+A filesystem path is never accepted over HTTP: the engine's ``load_model`` would happily read
+any directory, so the name is checked here before it ever reaches it.
+
+The cache is why the worker runs jobs in its own process: an encode after a load answers in one
+forward pass instead of a second of loading.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kestrel.core.errors import InvalidInputError
+from kestrel.core.models import BUNDLED, LoadedModel, load_model, resolve_device
+from kestrel.schemas import check_hub_id
+
+
+def check_model_name(name: str, local_models: dict[str, Path]) -> str:
+    """Accept bundled names, configured local names and hub ids; InvalidInputError otherwise."""
+    if name in BUNDLED or name in local_models:
+        return name
+    try:
+        return check_hub_id(name, "model")
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"{exc}; use a bundled name ({', '.join(BUNDLED)}), a hub id, or a local model the server "
+            "lists in KESTREL_MODEL_DIRS",
+            details={"model": name},
+        ) from None
+
+
+def load_target(name: str, local_models: dict[str, Path]) -> str:
+    """What ``load_model`` should be given for a checked name: the local directory or the name."""
+    check_model_name(name, local_models)
+    if name in BUNDLED:
+        return name
+    if name in local_models:
+        return str(local_models[name])
+    if Path(name).expanduser().exists():
+        # load_model prefers a local directory over the hub: a hub id that is also a path relative
+        # to the worker's directory would read that directory instead.
+        raise InvalidInputError(f"model {name!r} names a path on the worker; refusing to read it")
+    return name
+
+
+@dataclass
+class CachedModel:
+    lm: LoadedModel
+    device: str
+    dtype: str
+    loaded_at: float
+
+
+class ModelCache:
+    """Loaded models keyed by (name, device, dtype), least recently used evicted past ``max_models``."""
+
+    def __init__(
+        self,
+        store_root: Path,
+        *,
+        max_models: int = 2,
+        default_device: str = "auto",
+        local_models: Callable[[], dict[str, Path]] = dict,
+    ) -> None:
+        self.store_root = store_root
+        self.max_models = max_models
+        self.default_device = default_device
+        self.local_models = local_models
+        self._models: OrderedDict[tuple[str, str, str], CachedModel] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def get(self, name: str, *, device: str | None = None, dtype: str = "fp32") -> LoadedModel:
+        """The model, loaded now if this worker does not hold it yet."""
+        concrete = str(resolve_device(device or self.default_device))
+        key = (name, concrete, dtype)
+        with self._lock:
+            cached = self._models.get(key)
+            if cached is not None:
+                self._models.move_to_end(key)
+                return cached.lm
+            target = load_target(name, self.local_models())
+            lm = load_model(target, device=concrete, dtype=dtype, store_root=self.store_root)
+            lm.name = name  # manifests and SAE configs record the public name, never a local path
+            self._models[key] = CachedModel(lm, concrete, dtype, time.time())
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return lm
+
+    def drop(self, name: str, *, loaded_before: float | None = None) -> int:
+        """Forget every copy of ``name`` (loaded before ``loaded_before``, if given); how many."""
+        with self._lock:
+            keys = [
+                k
+                for k, v in self._models.items()
+                if k[0] == name and (loaded_before is None or v.loaded_at < loaded_before)
+            ]
+            for key in keys:
+                del self._models[key]
+            return len(keys)
+
+    def apply_unload_requests(self, requests: dict[str, float]) -> None:
+        """Drop models whose unload was requested after they were loaded."""
+        for name, requested_at in requests.items():
+            self.drop(name, loaded_before=requested_at)
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {"name": k[0], "device": v.device, "dtype": v.dtype, "loaded_at": v.loaded_at}
+                for k, v in self._models.items()
+            ]

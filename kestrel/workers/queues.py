@@ -1,0 +1,312 @@
+"""Queues, Redis keys and the job lifecycle as the API sees it: enqueue, describe, cancel, wait.
+
+Two queues: ``interactive`` (encode, layer tables, model loads: answers within a forward pass,
+awaited by the request) and ``batch`` (capture, training, evaluation: minutes to hours, answered
+with 202 and polled). Each has its own worker, so an hour of training never delays an encode.
+
+Everything a client reads about a job comes from rq's job hash plus our fields in its ``meta``
+(kind, progress, message, metrics, log, error, artifacts), mapped to a small public vocabulary:
+queued, started, finished, failed, canceled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from kestrel.core.errors import ConflictError, NotFoundError
+from kestrel.core.store import new_id, validate_id
+from kestrel.schemas import TERMINAL_STATES, ErrorBody, JobInfo
+
+INTERACTIVE = "interactive"
+BATCH = "batch"
+QUEUES = (INTERACTIVE, BATCH)
+
+PREFIX = "kestrel"
+JOBS_INDEX = f"{PREFIX}:jobs"  # zset: job id → created (unix time), newest last
+CANCEL_KEY = PREFIX + ":cancel:{}"
+IDEMPOTENCY_KEY = PREFIX + ":idempotency:{}"
+WORKER_KEY = PREFIX + ":worker:{}"
+WORKERS_SET = f"{PREFIX}:workers"
+UNLOAD_HASH = f"{PREFIX}:unload"
+LAYERS_KEY = PREFIX + ":layers:{}"
+TRAIN_REQUEST_KEY = PREFIX + ":train-request:{}"
+CANCEL_TTL_S = 7 * 24 * 3600
+LOG_LINES = 50
+
+_QUEUED_STATES = {
+    JobStatus.QUEUED,
+    JobStatus.DEFERRED,
+    JobStatus.SCHEDULED,
+    JobStatus.CREATED,
+    JobStatus.READY_TO_ENQUEUE,
+    JobStatus.RATE_LIMITED,
+}
+
+
+def connect(url: str) -> Redis:
+    """A Redis client for the URL; rq stores pickled bytes, so responses are not decoded."""
+    return Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5)
+
+
+def queue(redis: Redis, name: str) -> Queue:
+    return Queue(name, connection=redis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Enqueue
+
+
+def new_job_id() -> str:
+    return new_id("job")
+
+
+def enqueue(
+    redis: Redis,
+    queue_name: str,
+    func: Callable[..., Any] | str,
+    *,
+    kind: str,
+    kwargs: dict[str, Any],
+    artifacts: dict[str, str] | None = None,
+    timeout_s: int,
+    ttl_s: int,
+    job_id: str | None = None,
+    description: str | None = None,
+) -> Job:
+    """Put one job on a queue with our meta fields, and index it for listing."""
+    job_id = job_id or new_job_id()
+    meta = {
+        "kind": kind,
+        "progress": 0.0,
+        "message": "queued",
+        "metrics": {},
+        "log": [],
+        "artifacts": dict(artifacts or {}),
+    }
+    job = queue(redis, queue_name).enqueue_call(
+        func,
+        kwargs=kwargs,
+        job_id=job_id,
+        timeout=timeout_s,
+        result_ttl=ttl_s,
+        failure_ttl=ttl_s,
+        ttl=ttl_s,
+        meta=meta,
+        description=description or kind,
+    )
+    redis.zadd(JOBS_INDEX, {job.id: time.time()})
+    return job
+
+
+def request_fingerprint(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _idempotency_redis_key(scope: str, key: str) -> str:
+    return IDEMPOTENCY_KEY.format(hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest())
+
+
+def claim_idempotency_key(
+    redis: Redis, scope: str, key: str, fingerprint: str, ttl_s: int
+) -> tuple[str, bool]:
+    """Bind ``key`` to a job id: ``(new id, True)`` for a first request, ``(bound id, False)`` after.
+
+    The first request with a key wins (SET NX); a resubmission gets the same job. The same key with
+    a different request body is a client bug, answered with 409 rather than silently ignored.
+    """
+    redis_key = _idempotency_redis_key(scope, key)
+    job_id = new_job_id()
+    if redis.set(redis_key, json.dumps({"job_id": job_id, "fingerprint": fingerprint}), nx=True, ex=ttl_s):
+        return job_id, True
+    existing = json.loads(redis.get(redis_key) or b"{}")
+    if existing.get("fingerprint") != fingerprint:
+        raise ConflictError(
+            "Idempotency-Key was already used for a different request; use a new key",
+            details={"job_id": existing.get("job_id")},
+        )
+    return existing["job_id"], False
+
+
+def release_idempotency_key(redis: Redis, scope: str, key: str) -> None:
+    """Forget a key whose job could not be enqueued, so a retry is not bound to nothing."""
+    redis.delete(_idempotency_redis_key(scope, key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Describe
+
+
+def fetch(redis: Redis, job_id: str) -> Job:
+    validate_id(job_id, "job id")
+    try:
+        return Job.fetch(job_id, connection=redis)
+    except NoSuchJobError:
+        raise NotFoundError(
+            f"no job with id {job_id!r} (jobs are kept for a week)", details={"id": job_id}
+        ) from None
+
+
+def public_status(job: Job) -> str:
+    status = job.get_status(refresh=False)
+    if status in _QUEUED_STATES:
+        return "queued"
+    if status == JobStatus.STARTED:
+        return "started"
+    if status == JobStatus.FINISHED:
+        return "canceled" if job.meta.get("outcome") == "canceled" else "finished"
+    if status in (JobStatus.CANCELED, JobStatus.STOPPED):
+        return "canceled"
+    return "failed"
+
+
+def _error(job: Job, status: str) -> ErrorBody | None:
+    error = job.meta.get("error")
+    if error:
+        return ErrorBody(**{k: error[k] for k in ("code", "message", "details") if k in error})
+    if status != "failed":
+        return None
+    result = job.latest_result()
+    text = (result.exc_string or "").strip() if result is not None else ""
+    last_line = text.splitlines()[-1] if text else "the job failed without a message"
+    return ErrorBody(code="job_failed", message=last_line)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def describe(job: Job) -> JobInfo:
+    """The public view of a job (see the module docstring for the status mapping)."""
+    meta = job.meta or {}
+    status = public_status(job)
+    result = job.return_value() if status in ("finished", "canceled") else None
+    progress = float(meta.get("progress") or 0.0)
+    if status == "finished":
+        progress = 1.0
+    return JobInfo(
+        id=job.id,
+        kind=str(meta.get("kind") or job.func_name or "job"),
+        queue=job.origin,
+        status=status,  # type: ignore[arg-type]
+        progress=min(max(progress, 0.0), 1.0),
+        message=str(meta.get("message") or status),
+        metrics=dict(meta.get("metrics") or {}),
+        log=list(meta.get("log") or [])[-LOG_LINES:],
+        error=_error(job, status),
+        artifacts=dict(meta.get("artifacts") or {}),
+        result=result if isinstance(result, dict) else None,
+        created_at=_aware(job.created_at),
+        started_at=_aware(job.started_at),
+        ended_at=_aware(job.ended_at),
+        location=f"/v1/jobs/{job.id}",
+    )
+
+
+def get_job(redis: Redis, job_id: str) -> JobInfo:
+    job = fetch(redis, job_id)
+    job.get_status()
+    return describe(job)
+
+
+def list_jobs(
+    redis: Redis,
+    *,
+    status: str | None = None,
+    kind: str | None = None,
+    queue_name: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[JobInfo], int]:
+    """Jobs newest first, filtered; ids whose job has expired are dropped from the index."""
+    ids = [i.decode() for i in redis.zrevrange(JOBS_INDEX, 0, -1)]
+    matching: list[JobInfo] = []
+    expired: list[str] = []
+    for chunk in _chunks(ids, 200):
+        for job_id, job in zip(chunk, Job.fetch_many(chunk, connection=redis), strict=True):
+            if job is None:
+                expired.append(job_id)
+                continue
+            info = describe(job)
+            if status and info.status != status:
+                continue
+            if kind and info.kind != kind:
+                continue
+            if queue_name and info.queue != queue_name:
+                continue
+            matching.append(info)
+    if expired:
+        redis.zrem(JOBS_INDEX, *expired)
+    return matching[offset : offset + limit], len(matching)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancel
+
+
+def cancel(redis: Redis, job_id: str) -> JobInfo:
+    """Cancel a job: a queued one never runs; a running one stops at its next check.
+
+    A running job is told through a Redis key its job function polls between steps, so it can
+    stop cleanly (training saves a checkpoint) instead of being killed mid-write.
+    """
+    job = fetch(redis, job_id)
+    status = public_status(job) if job.get_status() else "failed"
+    if status in TERMINAL_STATES:
+        raise ConflictError(f"job {job_id!r} is already {status}", details={"id": job_id, "status": status})
+    redis.set(CANCEL_KEY.format(job_id), "1", ex=CANCEL_TTL_S)
+    if status == "queued":
+        with contextlib.suppress(InvalidJobOperation):  # picked up meanwhile: the key stops it
+            job.cancel()
+    job.get_status()
+    return describe(job)
+
+
+def cancel_requested(redis: Redis, job_id: str) -> bool:
+    return bool(redis.exists(CANCEL_KEY.format(job_id)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+
+
+def live_workers(redis: Redis) -> list[dict[str, Any]]:
+    """Workers whose heartbeat record has not expired; stale members are removed from the set."""
+    names = [n.decode() for n in redis.smembers(WORKERS_SET)]
+    if not names:
+        return []
+    records = redis.mget([WORKER_KEY.format(n) for n in names])
+    alive, dead = [], []
+    for name, raw in zip(names, records, strict=True):
+        if raw is None:
+            dead.append(name)
+        else:
+            alive.append(json.loads(raw))
+    if dead:
+        redis.srem(WORKERS_SET, *dead)
+    return alive
+
+
+def workers_per_queue(workers: list[dict[str, Any]]) -> dict[str, int]:
+    counts = dict.fromkeys(QUEUES, 0)
+    for worker in workers:
+        for name in worker.get("queues", []):
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,177 @@
+"""Uploaded files: written by the API under ``<store>/uploads/<id>/``, read by workers by id.
+
+A client's file name is recorded and never used as a path: the file is stored as ``data.<format>``
+inside a directory named by a server-generated id, staged and published atomically like every
+other artifact. The format comes from the name's suffix and is checked against the content
+(safetensors header, parquet footer, UTF-8 text) before anything is published, so a worker never
+opens a file that merely claims to be a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from kestrel.core.datasets import FileSource
+from kestrel.core.errors import InvalidInputError
+from kestrel.core.store import LocalStore, new_id, validate_id
+
+KIND = "uploads"
+SUFFIXES = {
+    ".txt": "txt",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".safetensors": "safetensors",
+}
+TEXT_FORMATS = {"txt", "jsonl", "csv"}
+CHUNK = 1 << 20
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+class UploadTooLargeError(InvalidInputError):
+    """The upload passed the configured size limit (the API answers 413)."""
+
+
+def upload_format(filename: str) -> str:
+    """The format a file name's suffix declares; InvalidInputError for anything else."""
+    suffix = Path(filename or "").suffix.lower()
+    if suffix not in SUFFIXES:
+        raise InvalidInputError(
+            f"unsupported upload {filename!r}: use one of {', '.join(SUFFIXES)} "
+            "(datasets as text, jsonl, csv or parquet; tensors as safetensors only)",
+            details={"filename": filename, "supported": list(SUFFIXES)},
+        )
+    return SUFFIXES[suffix]
+
+
+def save_upload(store: LocalStore, source: IO[bytes], filename: str, *, max_bytes: int) -> dict[str, Any]:
+    """Copy ``source`` into a new upload, checking size and content; return its manifest."""
+    fmt = upload_format(filename)
+    upload_id = new_id("upload")
+    with store.writer(KIND, upload_id) as writer:
+        target = writer.directory / f"data.{fmt}"
+        size, digest = _copy_limited(source, target, max_bytes)
+        _check_content(target, fmt)
+        manifest = {
+            "id": upload_id,
+            "kind": "activations" if fmt == "safetensors" else "dataset",
+            "format": fmt,
+            "filename": Path(filename).name[:255],
+            "file": target.name,
+            "size_bytes": size,
+            "sha256": digest,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        writer.commit(manifest)
+    return manifest
+
+
+def _copy_limited(source: IO[bytes], target: Path, max_bytes: int) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with target.open("wb") as out:
+        while chunk := source.read(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise UploadTooLargeError(
+                    f"upload exceeds the limit max_upload_mb={max_bytes / 1024 / 1024:g}",
+                    details={"limit": "max_upload_mb", "max": max_bytes / 1024 / 1024},
+                )
+            digest.update(chunk)
+            out.write(chunk)
+    if size == 0:
+        raise InvalidInputError("the uploaded file is empty")
+    return size, digest.hexdigest()
+
+
+def _check_content(path: Path, fmt: str) -> None:
+    if fmt == "safetensors":
+        check_safetensors(path)
+    elif fmt == "parquet":
+        _check_parquet(path)
+    else:
+        _check_utf8(path)
+
+
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header without loading tensors; InvalidInputError if it is not one."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InvalidInputError("not a safetensors file: shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length <= 1 or length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise InvalidInputError("not a safetensors file: implausible header length")
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidInputError("not a safetensors file: the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidInputError("not a safetensors file: the header is not a JSON object")
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise InvalidInputError(f"not a valid safetensors file: tensor {name!r} lies outside the file")
+    return header
+
+
+def _check_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetFile(path).close()
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidInputError(f"not a readable parquet file: {exc}") from None
+
+
+def _check_utf8(path: Path) -> None:
+    with path.open("rb") as fh:
+        head = fh.read(CHUNK)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # a multi-byte character cut at the chunk end is fine
+            raise InvalidInputError(f"not UTF-8 text (byte offset {exc.start})") from None
+
+
+def list_uploads(store: LocalStore) -> list[dict[str, Any]]:
+    return [store.read_json(KIND, upload_id) for upload_id in store.list(KIND)]
+
+
+def get_upload(store: LocalStore, upload_id: str) -> dict[str, Any]:
+    return store.read_json(KIND, validate_id(upload_id, "upload id"))
+
+
+def delete_upload(store: LocalStore, upload_id: str) -> None:
+    store.delete(KIND, validate_id(upload_id, "upload id"))
+
+
+def dataset_source(
+    store: LocalStore, upload_id: str, *, format: str, text_field: str, txt_mode: str, limit: int | None
+) -> FileSource:
+    """The FileSource a worker reads for an uploaded dataset (a path made here, not by a client)."""
+    manifest = get_upload(store, upload_id)
+    if manifest["kind"] != "dataset":
+        raise InvalidInputError(
+            f"upload {upload_id!r} is {manifest['format']}, not a dataset (txt, jsonl, csv, parquet)"
+        )
+    path = store.local_path(KIND, upload_id, manifest["file"])
+    return FileSource(
+        path=str(path),
+        format=manifest["format"] if format == "auto" else format,  # type: ignore[arg-type]
+        text_field=text_field,
+        txt_mode=txt_mode,  # type: ignore[arg-type]
+        limit=limit,
+    )
