@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kestrel-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
+	$(BIN)/kestrel up
+
+demo: install
 	$(BIN)/kestrel demo
 
 test: install

@@ -65,7 +65,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def redis_config(directory: Path, port: int) -> str:
+def redis_config(directory: Path, port: int, extra: tuple[str, ...] = ()) -> str:
     """A redis.conf with append-only persistence in ``directory``, listening on localhost only."""
     return "\n".join(
         [
@@ -78,6 +78,7 @@ def redis_config(directory: Path, port: int) -> str:
             "daemonize no",
             "protected-mode yes",
             f'logfile "{directory / "redis.log"}"',
+            *extra,
             "",
         ]
     )
@@ -89,6 +90,7 @@ class EmbeddedRedis:
 
     directory: Path
     port: int
+    extra_config: tuple[str, ...] = ()
     process: subprocess.Popen | None = None
 
     @property
@@ -98,7 +100,7 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 15.0) -> EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "redis.conf"
-        config.write_text(redis_config(self.directory, self.port))
+        config.write_text(redis_config(self.directory, self.port, self.extra_config))
         self.process = subprocess.Popen([redis_server_binary(), str(config)], start_new_session=True)
         wait_for_redis(self.url, timeout_s, self.process)
         return self

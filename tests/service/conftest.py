@@ -1,0 +1,106 @@
+"""Service fixtures: a real redis-server, real `kestrel worker` processes and the API under uvicorn.
+
+Nothing is mocked. A *stack* (service_stack.py) is one Redis database, one store and the
+processes serving them; the session shares one full stack (an interactive and a batch worker, the
+API) and tests that kill or restart something build their own. The store's ``models/`` links to
+the shared converted-weights cache (``tests/conftest.py``), so no process converts the bundled
+model again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from service_stack import Stack, make_store
+
+from kestrel.workers.runner import EmbeddedRedis, free_port
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """One redis-server (append-only) for the session; stacks use separate databases of it."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port(), ("databases 256",)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def warm_model_cache(model_cache_root: Path) -> Path:
+    """Convert the bundled model once (a no-op when the cache is warm) before workers start."""
+    from kestrel.core.models import BUNDLED, ensure_bundled_cache
+
+    ensure_bundled_cache(BUNDLED["smollm2-135m"], model_cache_root)
+    return model_cache_root
+
+
+@pytest.fixture
+def make_stack(
+    redis_server: EmbeddedRedis, warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Stack]]:
+    """Build stacks on fresh Redis databases and stores; all their processes stop at teardown."""
+    stacks: list[Stack] = []
+
+    def build(redis_url: str | None = None, **extra_env: str) -> Stack:
+        base = tmp_path_factory.mktemp("stack")
+        url = redis_url or f"redis://127.0.0.1:{redis_server.port}/{next(_databases)}"
+        stack = Stack(url, make_store(base / "store", warm_model_cache), base, dict(extra_env))
+        stacks.append(stack)
+        return stack
+
+    yield build
+    for stack in stacks:
+        stack.stop_all()
+
+
+@pytest.fixture(scope="session")
+def service(
+    redis_server: EmbeddedRedis, warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The shared stack: Redis db 0, an interactive and a batch worker, the API."""
+    base = tmp_path_factory.mktemp("service")
+    stack = Stack(
+        f"redis://127.0.0.1:{redis_server.port}/0", make_store(base / "store", warm_model_cache), base
+    )
+    stack.start_worker("interactive")
+    stack.start_worker("batch")
+    stack.start_api()
+    stack.wait_ready({"interactive": 1, "batch": 1})
+    yield stack
+    stack.stop_all()
+
+
+@pytest.fixture
+def client(service: Stack) -> Iterator[httpx.Client]:
+    with service.client() as http:
+        yield http
+
+
+@pytest.fixture
+def make_client(
+    redis_server: EmbeddedRedis, warm_model_cache: Path, tmp_path: Path
+) -> Iterator[Callable[..., TestClient]]:
+    """In-process apps (no workers) on fresh Redis databases and stores, for request-level tests."""
+    from kestrel.server.app import create_app
+    from kestrel.settings import Settings
+
+    clients: list[TestClient] = []
+
+    def build(**overrides: object) -> TestClient:
+        store = make_store(tmp_path / f"store-{len(clients)}", warm_model_cache)
+        url = f"redis://127.0.0.1:{redis_server.port}/{next(_databases)}"
+        settings = Settings(store_root=store, redis_url=url, **overrides)
+        client = TestClient(create_app(settings), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)
