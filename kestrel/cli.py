@@ -336,6 +336,10 @@ def up(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="KESTREL_PORT", help="port the API listens on")] = 8000,
     store: StoreOpt = None,
+    redis_port: Annotated[
+        int,
+        typer.Option(envvar="KESTREL_REDIS_PORT", help="port of the embedded Redis (if REDIS_URL is unset)"),
+    ] = 6379,
 ) -> None:
     """Start the service: Redis (the one at REDIS_URL, else an embedded one), an interactive and a
     batch worker, and the API; Ctrl-C stops everything."""
@@ -346,7 +350,7 @@ def up(
 
     settings = Settings(host=host, port=port, **({"store_root": store} if store else {}))
     redis_url = os.environ.get("REDIS_URL") or os.environ.get("KESTREL_REDIS_URL")
-    raise typer.Exit(run_up(settings, redis_url=redis_url, echo=console.print))
+    raise typer.Exit(run_up(settings, redis_url=redis_url, redis_port=redis_port, echo=console.print))
 
 
 if __name__ == "__main__":

@@ -152,8 +152,8 @@ class JobContext:
             error = {"code": exc.code, "message": exc.message, "details": _jsonable(exc.details)}
         else:
             error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}}
-        for line in traceback.format_exception(exc)[-12:]:
-            self._log.append(line.rstrip())
+        for chunk in traceback.format_exception(exc)[-12:]:
+            self._log.extend(chunk.rstrip().splitlines())
         self._meta["log"] = list(self._log)
         self.record(error=error, message=f"failed: {error['message']}")
 

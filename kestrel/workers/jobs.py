@@ -9,6 +9,7 @@ enqueued by an older API or by hand fails with a clear message instead of half-r
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,6 @@ def train_job(
         metrics = {name: getattr(p, name) for name in PROGRESS_METRICS if hasattr(p, name)}
         message = f"step {p.step}: loss {p.loss:.4g}, fvu {p.fvu:.3f}, l0 {p.l0:.1f}"
         ctx.update(progress=_progress_fraction(p), message=message, metrics=metrics)
-        import time
-
         if time.monotonic() - last_log[0] >= LOG_EVERY_S:
             last_log[0] = time.monotonic()
             ctx.log(message)

@@ -43,6 +43,7 @@ LAYERS_KEY = PREFIX + ":layers:{}"
 TRAIN_REQUEST_KEY = PREFIX + ":train-request:{}"
 CANCEL_TTL_S = 7 * 24 * 3600
 LOG_LINES = 50
+WORKER_DIED = "worker died (heartbeat lost): the process running this job stopped answering"
 
 _QUEUED_STATES = {
     JobStatus.QUEUED,
@@ -178,6 +179,8 @@ def _error(job: Job, status: str) -> ErrorBody | None:
         return None
     result = job.latest_result()
     text = (result.exc_string or "").strip() if result is not None else ""
+    if "AbandonedJobError" in text:  # rq's own maintenance reaped it before our reaper could say why
+        return ErrorBody(code="worker_died", message=WORKER_DIED)
     last_line = text.splitlines()[-1] if text else "the job failed without a message"
     return ErrorBody(code="job_failed", message=last_line)
 

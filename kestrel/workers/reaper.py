@@ -19,11 +19,10 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from kestrel.workers.queues import PREFIX, QUEUES
+from kestrel.workers.queues import PREFIX, QUEUES, WORKER_DIED
 
 log = logging.getLogger("kestrel.reaper")
 LOCK_KEY = f"{PREFIX}:reaper-lock"
-WORKER_DIED = "worker died (heartbeat lost): the process running this job stopped answering"
 
 
 def reap(redis: Redis, queue_names: tuple[str, ...] = QUEUES, *, lock_ms: int = 2000) -> list[str]:

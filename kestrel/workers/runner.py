@@ -187,13 +187,17 @@ def wait_for_http(url: str, timeout_s: float, supervisor: Supervisor) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
 
 
-def up(settings: Settings, *, redis_url: str | None, echo=print) -> int:
-    """Start everything, print where the docs are, and supervise until Ctrl-C or a child dies."""
+def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_REDIS_PORT, echo=print) -> int:
+    """Start everything, print where the docs are, and supervise until Ctrl-C or a child dies.
+
+    Without ``redis_url`` an embedded Redis listens on ``redis_port``, or on a free port when that
+    one is taken (by a Redis of another project, say: never share its data).
+    """
     store_root = Path(settings.store_root).resolve()
     store_root.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedRedis | None = None
     if redis_url is None:
-        port = DEFAULT_REDIS_PORT if port_is_free(DEFAULT_REDIS_PORT) else free_port()
+        port = redis_port if port_is_free(redis_port) else free_port()
         embedded = EmbeddedRedis(store_root / "redis", port).start()
         redis_url = embedded.url
         echo(f"redis: embedded redis-server on {redis_url} (append-only file in {embedded.directory})")

@@ -129,3 +129,30 @@ def test_restarting_redis_with_persistence_loses_no_queued_job(make_stack, tmp_p
                 wait_for_job(http, job["id"], timeout_s=120)
     finally:
         redis.stop()
+
+
+@needs_sae_pipeline
+def test_a_worker_shut_down_mid_training_requeues_it_for_another(make_stack) -> None:
+    """SIGTERM (a deploy, Ctrl-C): the training checkpoints and is requeued; the next worker resumes."""
+    stack = make_stack()
+    stack.start_worker("batch", name="first")
+    stack.start_api()
+    stack.wait_ready({"batch": 1})
+    with stack.client() as http:
+        run_id = capture_run(http, LAYER, TEXTS)
+        train = {"batch_size": 64, "token_budget": 300_000, "log_every": 5, "checkpoint_every": 100}
+        body = {"run_id": run_id, "layer": LAYER, "sae": {"n_latents": 256, "k": 8}, "train": train}
+        submitted = http.post("/v1/saes", json=body).json()
+        job_id, sae_id = submitted["id"], submitted["artifacts"]["sae_id"]
+        before = wait_for_progress(http, job_id, minimum=0.02)
+
+        assert stack.stop("first", timeout_s=30) == 0  # warm shutdown: the worker exits by itself
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "queued" and "requeued" in job["message"], job
+
+        stack.start_worker("batch", name="second")
+        resumed = wait_for_progress(http, job_id)
+        assert resumed["progress"] >= before["progress"] * 0.9, (resumed["progress"], before["progress"])
+        done = wait_for_job(http, job_id, timeout_s=240)
+        assert done["result"]["sae_id"] == sae_id
+        assert sae_id in [s["id"] for s in http.get("/v1/saes").json()["items"]]

@@ -1,0 +1,62 @@
+"""`kestrel up` (what `make run` runs): embedded Redis with an append-only file, two workers, the
+API; a capture through it; Ctrl-C stops every process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+from service_stack import REPO, make_store, wait_for_job, wait_until
+
+from kestrel.workers.runner import free_port
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> None:
+    store = make_store(tmp_path / "store", warm_model_cache)
+    api_port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KESTREL_REDIS_URL")}
+    env.update(HF_HUB_OFFLINE="1", KESTREL_DEVICE="cpu", OMP_NUM_THREADS="1")
+    log_path = tmp_path / "up.log"
+    argv = [sys.executable, "-m", "kestrel.cli", "up", "--store", str(store)]
+    argv += ["--port", str(api_port), "--redis-port", str(redis_port)]
+    with log_path.open("wb") as log:
+        up = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+
+        def ready() -> bool:
+            response = httpx.get(f"{base}/ready", timeout=5)
+            return response.status_code == 200 and response.json()["workers"] == {
+                "interactive": 1,
+                "batch": 1,
+            }
+
+        wait_until(ready, 120, "kestrel up to be ready")
+        assert f"docs {base}/docs" in log_path.read_text()
+        with httpx.Client(base_url=base, timeout=60) as http:
+            body = {"layers": ["model.layers.1"], "dataset": {"kind": "texts", "texts": ["Hello there."]}}
+            job = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])
+            assert (store / "activations" / job["artifacts"]["run_id"] / "manifest.json").is_file()
+        redis_dir = store / "redis"
+        assert (redis_dir / "appendonly.aof").exists() or (redis_dir / "appendonlydir").is_dir()
+    finally:
+        up.send_signal(signal.SIGINT)  # Ctrl-C
+        code = up.wait(90)
+    assert code == 0, log_path.read_text()[-3000:]
+    assert not listening(api_port) and not listening(redis_port), log_path.read_text()[-3000:]
