@@ -62,7 +62,7 @@ def test_worker_killed_mid_training_fails_its_job_within_60_s(make_stack) -> Non
 @needs_sae_pipeline
 def test_cancel_stops_training_within_5_s_and_it_resumes(client, service) -> None:
     run_id = capture_run(client, LAYER, TEXTS)
-    train = {"batch_size": 64, "token_budget": 400_000, "log_every": 5, "checkpoint_every": 100}
+    train = {"batch_size": 64, "token_budget": 200_000, "log_every": 5, "checkpoint_every": 100}
     body = {"run_id": run_id, "layer": LAYER, "sae": {"n_latents": 256, "k": 8}, "train": train}
     submitted = client.post("/v1/saes", json=body).json()
     job_id, sae_id = submitted["id"], submitted["artifacts"]["sae_id"]
@@ -140,7 +140,7 @@ def test_a_worker_shut_down_mid_training_requeues_it_for_another(make_stack) -> 
     stack.wait_ready({"batch": 1})
     with stack.client() as http:
         run_id = capture_run(http, LAYER, TEXTS)
-        train = {"batch_size": 64, "token_budget": 300_000, "log_every": 5, "checkpoint_every": 100}
+        train = {"batch_size": 64, "token_budget": 200_000, "log_every": 5, "checkpoint_every": 100}
         body = {"run_id": run_id, "layer": LAYER, "sae": {"n_latents": 256, "k": 8}, "train": train}
         submitted = http.post("/v1/saes", json=body).json()
         job_id, sae_id = submitted["id"], submitted["artifacts"]["sae_id"]
