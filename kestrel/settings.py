@@ -51,7 +51,8 @@ class Settings(BaseSettings):
 
     # Jobs and workers.
     interactive_timeout_s: float = Field(30.0, gt=0, description="how long an interactive call waits")
-    job_ttl_s: int = Field(WEEK_S, gt=0, description="how long finished and failed jobs are kept")
+    job_ttl_s: int = Field(WEEK_S, gt=0, description="how long finished and failed batch jobs are kept")
+    interactive_job_ttl_s: int = Field(3600, gt=0, description="how long interactive jobs (encode) are kept")
     batch_job_timeout_s: int = Field(3 * 24 * 3600, gt=0, description="hard limit on one batch job")
     interactive_job_timeout_s: int = Field(600, gt=0, description="hard limit on one interactive job")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="worker heartbeat period")

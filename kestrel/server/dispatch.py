@@ -116,7 +116,7 @@ async def run_interactive(
         kind=kind,
         kwargs=kwargs,
         timeout_s=settings.interactive_job_timeout_s,
-        ttl_s=settings.job_ttl_s,
+        ttl_s=settings.interactive_job_ttl_s,
     )
     deadline = time.monotonic() + settings.interactive_timeout_s
     delay = 0.01

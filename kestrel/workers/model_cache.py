@@ -78,8 +78,25 @@ class ModelCache:
         self._models: OrderedDict[tuple[str, str, str], CachedModel] = OrderedDict()
         self._lock = threading.RLock()
 
-    def get(self, name: str, *, device: str | None = None, dtype: str = "fp32") -> LoadedModel:
-        """The model, loaded now if this worker does not hold it yet."""
+    def get(self, name: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+        """The model, loaded now if this worker does not hold it yet.
+
+        ``device``/``dtype`` of None mean "whichever copy is loaded" (so an encode uses the copy a
+        load request made), else the worker's default device and fp32.
+        """
+        with self._lock:
+            if device is None or dtype is None:
+                for (cached_name, cached_device, cached_dtype), cached in reversed(self._models.items()):
+                    if (
+                        cached_name == name
+                        and device in (None, cached_device)
+                        and dtype in (None, cached_dtype)
+                    ):
+                        self._models.move_to_end((cached_name, cached_device, cached_dtype))
+                        return cached.lm
+            return self._load(name, device, dtype or "fp32")
+
+    def _load(self, name: str, device: str | None, dtype: str) -> LoadedModel:
         concrete = str(resolve_device(device or self.default_device))
         key = (name, concrete, dtype)
         with self._lock:

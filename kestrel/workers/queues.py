@@ -233,7 +233,13 @@ def list_jobs(
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[JobInfo], int]:
-    """Jobs newest first, filtered; ids whose job has expired are dropped from the index."""
+    """Jobs newest first, filtered; ids whose job has expired are dropped from the index.
+
+    Without filters only the page is read; with filters every indexed job is (jobs expire after
+    ``job_ttl_s``, which bounds the index).
+    """
+    if not (status or kind or queue_name):
+        return _page_unfiltered(redis, limit, offset)
     ids = [i.decode() for i in redis.zrevrange(JOBS_INDEX, 0, -1)]
     matching: list[JobInfo] = []
     expired: list[str] = []
@@ -253,6 +259,16 @@ def list_jobs(
     if expired:
         redis.zrem(JOBS_INDEX, *expired)
     return matching[offset : offset + limit], len(matching)
+
+
+def _page_unfiltered(redis: Redis, limit: int, offset: int) -> tuple[list[JobInfo], int]:
+    while True:
+        ids = [i.decode() for i in redis.zrevrange(JOBS_INDEX, offset, offset + limit - 1)]
+        jobs = Job.fetch_many(ids, connection=redis) if ids else []
+        expired = [job_id for job_id, job in zip(ids, jobs, strict=True) if job is None]
+        if not expired:
+            return [describe(job) for job in jobs if job is not None], int(redis.zcard(JOBS_INDEX))
+        redis.zrem(JOBS_INDEX, *expired)  # then read the page again, now without them
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
