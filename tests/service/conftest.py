@@ -60,13 +60,45 @@ def make_stack(
 
 
 @pytest.fixture(scope="session")
+def local_models(warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory the operator would list in KESTREL_MODEL_DIRS, holding a tiny random Llama
+    (SmolLM2's tokenizer): the fast model of the service tests, and a local model by name."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("local-models")
+    target = root / "tiny-llama"
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+    )
+    tf.LlamaForCausalLM(config).save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(warm_model_cache / "models" / "smollm2-135m" / name, target / name)
+    return root
+
+
+@pytest.fixture(scope="session")
 def service(
-    redis_server: EmbeddedRedis, warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+    redis_server: EmbeddedRedis,
+    warm_model_cache: Path,
+    local_models: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """The shared stack: Redis db 0, an interactive and a batch worker, the API."""
     base = tmp_path_factory.mktemp("service")
     stack = Stack(
-        f"redis://127.0.0.1:{redis_server.port}/0", make_store(base / "store", warm_model_cache), base
+        f"redis://127.0.0.1:{redis_server.port}/0",
+        make_store(base / "store", warm_model_cache),
+        base,
+        {"KESTREL_MODEL_DIRS": str(local_models)},
     )
     stack.start_worker("interactive")
     stack.start_worker("batch")

@@ -117,6 +117,12 @@ def test_capture_train_encode_download_delete(client: httpx.Client, service) -> 
         assert any(n.endswith(expected) for n in names), names
         assert any(n.endswith(".safetensors") for n in names), names
 
+    # model-in-the-loop evaluation, stored with the SAE
+    evaluation = client.post(f"/v1/saes/{sae_id}/evaluate", json={"texts": TEXTS[:4]})
+    assert evaluation.status_code == 202, evaluation.text
+    evaluated = wait_for_job(client, evaluation.json()["id"])
+    assert evaluated["result"]["metrics"] and evaluated["artifacts"]["sae_id"] == sae_id
+
     # delete what was made
     assert client.delete(f"/v1/saes/{sae_id}").status_code == 200
     assert client.delete(f"/v1/activations/{run_id}").status_code == 200
@@ -199,3 +205,16 @@ def test_an_uploaded_dataset_can_be_captured(client: httpx.Client) -> None:
     assert manifest["n_docs"] == 4 and manifest["dataset"]["text_field"] == "body"
     client.delete(f"/v1/activations/{manifest['id']}")
     client.delete(f"/v1/uploads/{upload.json()['id']}")
+
+
+def test_a_local_model_is_named_never_pathed(client: httpx.Client, local_models) -> None:
+    """A server-configured local checkpoint: listed, captured by name; its path never leaks."""
+    listed = {m["name"]: m for m in client.get("/v1/models").json()["items"]}
+    assert listed["tiny-llama"]["source"] == "local"
+    body = {"model": "tiny-llama", "layers": ["model.layers.1"], "dataset": {"kind": "texts", "texts": TEXTS}}
+    job = wait_for_job(client, client.post("/v1/activations", json=body).json()["id"])
+    manifest = client.get(f"/v1/activations/{job['artifacts']['run_id']}").json()
+    assert manifest["model"]["name"] == "tiny-llama" and manifest["layers"]["model.layers.1"]["d"] == 32
+    assert str(local_models) not in json.dumps(manifest)
+    assert_error(client.post("/v1/models/" + str(local_models / "tiny-llama").lstrip("/") + "/load"), 422)
+    client.delete(f"/v1/activations/{manifest['id']}")
