@@ -28,7 +28,6 @@ from kestrel.core.sae.config import TrainConfig
 T = TypeVar("T")
 
 JobState = Literal["queued", "started", "finished", "failed", "canceled"]
-JobKind = Literal["capture", "train", "evaluate", "encode", "load_model", "layers"]
 ModelDType = Literal["fp32", "bf16", "fp16"]
 TERMINAL_STATES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
 
@@ -363,8 +362,3 @@ SAEFormat = Literal["kestrel", "saelens"]
 class DeletedResponse(BaseModel):
     id: str
     deleted: bool = True
-
-
-def train_defaults() -> TrainConfig:
-    """The training config used when a request gives none."""
-    return TrainConfig()

@@ -132,11 +132,10 @@ def prepare_capture(request: CaptureRequest, settings: Settings, store: LocalSto
         manifest = uploads.get_upload(store, validate_id(dataset.upload_id, "upload id"))
         if manifest["kind"] != "dataset":
             raise InvalidInputError(f"upload {dataset.upload_id!r} is {manifest['format']}, not a dataset")
-    if request.options.max_length > settings.max_tokens_per_text:
-        raise limit_exceeded(
-            "max_tokens_per_text", settings.max_tokens_per_text, request.options.max_length,
-            "options.max_length too large", status=422,
-        )  # fmt: skip
+    max_length = request.options.max_length
+    if max_length > settings.max_tokens_per_text:
+        limit = settings.max_tokens_per_text
+        raise limit_exceeded("max_tokens_per_text", limit, max_length, "options.max_length too large", 422)
     request.options.check()
     if any(not layer.strip() for layer in request.layers):
         raise InvalidInputError("layer names must not be empty")

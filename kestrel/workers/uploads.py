@@ -10,6 +10,7 @@ opens a file that merely claims to be a dataset.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 import time
@@ -98,10 +99,14 @@ def _check_content(path: Path, fmt: str) -> None:
         _check_utf8(path)
 
 
-def check_safetensors(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header without loading tensors; InvalidInputError if it is not one."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
+def check_safetensors(source: Path | bytes) -> dict[str, Any]:
+    """Parse a safetensors header (of a file or bytes) without loading tensors; InvalidInputError
+    if it is not one. Nothing else is ever parsed from client tensors: no pickle."""
+    if isinstance(source, bytes):
+        size, opened = len(source), io.BytesIO(source)
+    else:
+        size, opened = source.stat().st_size, source.open("rb")
+    with opened as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise InvalidInputError("not a safetensors file: shorter than its 8-byte header length")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
+from kestrel.core.errors import InvalidInputError
 from kestrel.core.store import new_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -24,7 +25,7 @@ from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, Settin
 from kestrel.server.dispatch import run_interactive, submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
 from kestrel.settings import Settings
-from kestrel.workers import jobs
+from kestrel.workers import jobs, uploads
 
 router = APIRouter(prefix="/saes", tags=["saes"], responses=error_responses(401, 422))
 MAX_CFG_BYTES = 1 << 20
@@ -137,19 +138,9 @@ async def _read_limited(file: UploadFile, max_bytes: int, what: str, settings: S
 
 def _check_weights(filename: str, data: bytes) -> None:
     """Weights are safetensors only (no pickle): checked by name and by header before parsing."""
-    import tempfile
-    from pathlib import Path
-
-    from kestrel.workers.uploads import check_safetensors, upload_format
-
-    if upload_format(filename or "weights.safetensors") != "safetensors":
-        from kestrel.core.errors import InvalidInputError
-
+    if uploads.upload_format(filename or "weights.safetensors") != "safetensors":
         raise InvalidInputError("SAE weights must be a .safetensors file (pickle is never read)")
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
-        tmp.write(data)
-        tmp.flush()
-        check_safetensors(Path(tmp.name))
+    uploads.check_safetensors(data)
 
 
 @router.post(
