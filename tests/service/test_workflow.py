@@ -12,7 +12,7 @@ import zipfile
 
 import httpx
 import pytest
-from service_stack import TEXTS, assert_error, capture_run, wait_for_job
+from service_stack import TEXTS, assert_error, capture_run, wait_for_job, wait_until
 
 # The SAE engine's pipeline (kestrel/core/sae/pipeline.py) lands separately; until it does, the
 # tests that train skip instead of failing on an import inside the worker.
@@ -218,3 +218,15 @@ def test_a_local_model_is_named_never_pathed(client: httpx.Client, local_models)
     assert str(local_models) not in json.dumps(manifest)
     assert_error(client.post("/v1/models/" + str(local_models / "tiny-llama").lstrip("/") + "/load"), 422)
     client.delete(f"/v1/activations/{manifest['id']}")
+
+
+def test_load_then_unload_a_model(client: httpx.Client) -> None:
+    def holders() -> list[dict]:
+        models = {m["name"]: m for m in client.get("/v1/models").json()["items"]}
+        return models["tiny-llama"]["loaded_by"]
+
+    assert client.post("/v1/models/tiny-llama/load").status_code == 200
+    assert "interactive" in [h["queue"] for h in holders()]  # the batch worker may hold it too
+    unloaded = client.post("/v1/models/tiny-llama/unload")
+    assert unloaded.status_code == 202 and unloaded.json()["name"] == "tiny-llama"
+    wait_until(lambda: holders() == [], 20, "the worker to drop tiny-llama")
