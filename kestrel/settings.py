@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     max_tokens_per_text: int = Field(2048, gt=0, description="tokens kept per document (capture max_length)")
     max_new_tokens: int = Field(256, gt=0, description="tokens one generate call may produce")
     max_upload_mb: float = Field(200.0, gt=0, description="size of one uploaded file")
+    max_request_mb: float = Field(16.0, gt=0, description="size of any other request body")
     max_top_k: int = Field(64, gt=0, description="latents per token an encode call may ask for")
 
     # Jobs and workers.
@@ -76,6 +77,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
 
     def local_models(self) -> dict[str, Path]:
         """Server-configured local checkpoints: ``{name: directory}``; clients only ever name them."""

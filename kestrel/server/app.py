@@ -22,12 +22,14 @@ from kestrel import __version__
 from kestrel.core.store import LocalStore
 from kestrel.server.deps import require_api_key
 from kestrel.server.errors import error_json, install_error_handlers
+from kestrel.server.limits import BodyLimitMiddleware
 from kestrel.server.metrics import make_registry
 from kestrel.server.routers import activations, health, jobs, models, saes, uploads
 from kestrel.settings import Settings, get_settings
 from kestrel.workers import queues
 from kestrel.workers.reaper import Reaper
 
+MULTIPART_OVERHEAD = 1 << 20  # multipart headers and boundaries around an upload at its size limit
 DESCRIPTION = """\
 Kestrel: capture activations, train sparse autoencoders and read their latents, over HTTP.
 
@@ -87,6 +89,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.metrics_router, dependencies=protected)
     for module in (models, activations, saes, jobs, uploads):
         app.include_router(module.router, prefix="/v1", dependencies=protected)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        file_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+    )
     return app
 
 

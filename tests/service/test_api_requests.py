@@ -256,3 +256,20 @@ def test_upload_body_is_streamed_not_trusted(make_client) -> None:
         headers={"content-length": str(50 * 1024 * 1024)},
     )
     assert response.status_code in (400, 413)
+
+
+def test_request_bodies_are_size_limited(make_client) -> None:
+    http = make_client(max_request_mb=0.001, max_text_chars=100_000)  # ~1 KB of JSON
+    body = {**CAPTURE, "dataset": {"kind": "texts", "texts": ["x" * 2000]}}
+    error = assert_error(http.post("/v1/activations", json=body), 413, "limit_exceeded")
+    assert error["details"]["limit"] == "max_request_mb" and "max_request_mb" in error["message"]
+    small = http.post("/v1/uploads", files={"file": ("a.txt", b"y" * 2000, "text/plain")})
+    assert small.status_code == 201, small.text  # uploads have their own, larger limit
+
+    def chunked():  # no Content-Length: counted as it streams
+        yield b'{"layers": ["model.layers.3"], "dataset": {"kind": "texts", "texts": ["'
+        yield from [b"x" * 500] * 10
+        yield b'"]}}'
+
+    streamed = http.post("/v1/activations", content=chunked(), headers={"content-type": "application/json"})
+    assert assert_error(streamed, 413, "limit_exceeded")["details"]["limit"] == "max_request_mb"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, UploadFile
 
 from kestrel.schemas import DeletedResponse, UploadInfo, UploadPage
 from kestrel.server.deps import PageDep, SettingsDep, StoreDep, UploadId
@@ -13,18 +13,15 @@ from kestrel.server.errors import error_responses, limit_exceeded
 from kestrel.workers import uploads
 
 router = APIRouter(prefix="/uploads", tags=["uploads"], responses=error_responses(401, 422))
-MULTIPART_OVERHEAD = 64 * 1024
 
 
 @router.post("", response_model=UploadInfo, status_code=201, responses=error_responses(413))
 async def create_upload(
-    request: Request,
     settings: SettingsDep,
     store: StoreDep,
     file: Annotated[UploadFile, File(description=".txt .jsonl .csv .parquet datasets or .safetensors")],
 ) -> UploadInfo:
     """Store a file under a new id; a capture names it with ``{"kind": "upload", "upload_id": ...}``."""
-    _check_declared_size(request, settings)
     try:
         manifest = await asyncio.to_thread(
             uploads.save_upload, store, file.file, file.filename or "", max_bytes=settings.max_upload_bytes
@@ -34,15 +31,6 @@ async def create_upload(
             "max_upload_mb", settings.max_upload_mb, round((file.size or 0) / 2**20, 3), "upload too large"
         ) from None
     return UploadInfo(**manifest)
-
-
-def _check_declared_size(request: Request, settings: SettingsDep) -> None:
-    """Refuse a body that says it is too large before reading it (the copy also counts bytes)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-        raise limit_exceeded(
-            "max_upload_mb", settings.max_upload_mb, round(int(declared) / 2**20, 3), "upload too large"
-        )
 
 
 @router.get("", response_model=UploadPage)
