@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from kestrel.core.errors import InvalidInputError
+from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.store import new_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -115,15 +115,20 @@ async def import_saelens_sae(
     cfg_bytes = await _read_limited(cfg, MAX_CFG_BYTES, "cfg.json", settings)
     weight_bytes = await _read_limited(weights, settings.max_upload_bytes, "weights", settings)
     _check_weights(weights.filename or "", weight_bytes)
-    summary = await asyncio.to_thread(
-        _pipeline().import_saelens,
-        store,
-        cfg_bytes,
-        weight_bytes,
-        sae_id=new_id("sae"),
-        model=model,
-        layer=layer,
-    )
+    try:
+        summary = await asyncio.to_thread(
+            _pipeline().import_saelens,
+            store,
+            cfg_bytes,
+            weight_bytes,
+            sae_id=new_id("sae"),
+            model=model,
+            layer=layer,
+        )
+    except KestrelError:
+        raise
+    except Exception as exc:  # client files that parse but do not make an SAE: the client's 422
+        raise InvalidInputError(f"could not import the SAELens files: {type(exc).__name__}: {exc}") from exc
     return SAESummary(**summary)
 
 
