@@ -47,7 +47,10 @@ def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> 
                 "batch": 1,
             }
 
-        wait_until(ready, 120, "kestrel up to be ready")
+        try:
+            wait_until(ready, 120, "kestrel up to be ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- up.log ---\n{log_path.read_text()[-5000:]}") from None
         assert f"docs {base}/docs" in log_path.read_text()
         with httpx.Client(base_url=base, timeout=60) as http:
             body = {"layers": ["model.layers.1"], "dataset": {"kind": "texts", "texts": ["Hello there."]}}
