@@ -1,0 +1,177 @@
+"""Hyperparameters of an SAE (what it is) and of its training run (how it was made).
+
+Both are pydantic models so that one definition serves the Python API, the HTTP schema and the
+saved `config.json`. Constructing either with a bad value raises `InvalidInputError` naming the
+field and the reason, so a job fails before it reads any data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kestrel.core.errors import InvalidInputError
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+#: A latent that has not fired for this many tokens is dead, unless the run is too short for
+#: that to mean anything (see `TrainConfig.dead_tokens_threshold`). The figure follows sparsify.
+DEAD_TOKENS_CAP = 10_000_000
+
+
+def invalid_config(error: ValidationError, kind: str) -> InvalidInputError:
+    """Turn pydantic's report into the engine's error, one `field: reason (got value)` per line."""
+    problems: list[dict[str, str | None]] = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"]) or None
+        reason = str(item["msg"]).removeprefix("Value error, ")
+        if item.get("type") != "value_error" and "input" in item:
+            reason += f" (got {item['input']!r})"
+        problems.append({"field": field, "reason": reason})
+    text = "; ".join(f"{p['field']}: {p['reason']}" if p["field"] else str(p["reason"]) for p in problems)
+    return InvalidInputError(f"invalid {kind}: {text}", details={"errors": problems})
+
+
+class _Config(BaseModel):
+    """Shared behaviour: unknown fields are errors and every failure is an `InvalidInputError`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise invalid_config(error, type(self).__name__) from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Parse a stored or requested config, with the same errors as the constructor."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+        return cls(**data)
+
+
+class SAEConfig(_Config):
+    """What the autoencoder is: shape, sparsity mechanism and where its training data came from.
+
+    `k` applies to the k-sparse architectures (topk, batchtopk) and `l1_coefficient` to relu_l1;
+    each architecture fills its own default and rejects the other's field, so a saved config never
+    carries a knob that had no effect.
+    """
+
+    architecture: str = "topk"
+    d_in: int = Field(gt=0, description="width of the activations the SAE reads")
+    n_latents: int = Field(gt=0, description="dictionary size")
+    k: int | None = Field(default=None, description="active latents per row (topk) or on average (batchtopk)")
+    l1_coefficient: float | None = Field(default=None, description="sparsity penalty weight (relu_l1)")
+    normalize_input: bool = Field(
+        default=True,
+        description=(
+            "train on inputs scaled so their mean norm is sqrt(d_in), which makes the default learning "
+            "rate and L1 coefficient work across layers; the factor is folded into the saved weights"
+        ),
+    )
+    input_scale: float | None = Field(
+        default=None,
+        gt=0,
+        description="the factor applied to inputs during training, already folded into the weights (record)",
+    )
+    dtype: DType = "float32"
+    model: str | None = None
+    layer: str | None = None
+    run_id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict, description="which rows trained it (filters, splits)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_architecture_defaults(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        from kestrel.core.sae.base import lookup_architecture  # the registry imports this module
+
+        name = values.get("architecture", "topk")
+        sae_class = lookup_architecture(name)
+        filled = dict(values)
+        for key, default in sae_class.config_defaults.items():
+            if filled.get(key) is None:
+                filled[key] = default
+        return filled
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> SAEConfig:
+        from kestrel.core.sae.base import lookup_architecture
+
+        lookup_architecture(self.architecture).check_config(self)
+        return self
+
+    def validate_against(self, d_in: int, *, source: str = "the data") -> None:
+        """Fail early when the activations to be read have a different width from this SAE."""
+        if d_in != self.d_in:
+            raise InvalidInputError(
+                f"d_in mismatch: the SAE reads vectors of width {self.d_in} but {source} has width {d_in}",
+                details={"sae_d_in": self.d_in, "data_d_in": d_in},
+            )
+
+
+def default_lr(n_latents: int, d_in: int) -> float:
+    """Adam learning rate for a width and input size: 2e-4 at 16k latents and d_in=768.
+
+    ∝ 1/sqrt(n_latents) is the fit of Gao et al. (2024), made at GPT-2 small's d_in=768. The extra
+    ∝ 1/sqrt(d_in) keeps the angle a unit decoder row turns per step the same across input sizes:
+    Adam moves each coordinate by about lr, and a unit row's coordinates are about 1/sqrt(d_in).
+    At d_in=576 and 4608 latents this gives 4.4e-4; at d_in=64 and 1024 latents 2.8e-3.
+    """
+    return 2e-4 * math.sqrt(2**14 / n_latents) * math.sqrt(768 / d_in)
+
+
+class TrainConfig(_Config):
+    """How the SAE is trained. `None` means "derive from the run" (see `resolve_plan`)."""
+
+    lr: float | None = Field(default=None, gt=0, description="Adam learning rate; default scales with width")
+    batch_size: int = Field(default=4096, gt=0)
+    epochs: int = Field(default=1, gt=0, description="passes over the data, unless token_budget is set")
+    token_budget: int | None = Field(
+        default=None, gt=0, description="train on this many rows, cycling epochs as needed; overrides epochs"
+    )
+    warmup_steps: int | None = Field(
+        default=None, ge=0, description="linear learning-rate warm-up; default 5% of steps, at most 1000"
+    )
+    lr_decay_fraction: float = Field(
+        default=0.2, ge=0, le=1, description="the learning rate falls linearly to 0 over this final part"
+    )
+    aux_k_coefficient: float = Field(default=1 / 32, ge=0, description="weight of the AuxK dead-latent loss")
+    aux_k: int | None = Field(default=None, gt=0, description="dead latents used by AuxK; default d_in // 2")
+    dead_tokens_threshold: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "a latent is dead after this many tokens without firing; default min(10M, a tenth of the run), "
+            "so that a short run still sees (and revives) dead latents"
+        ),
+    )
+    l1_warmup_steps: int | None = Field(
+        default=None, ge=0, description="relu_l1: the L1 weight ramps up linearly; default 5% of steps"
+    )
+    grad_clip: float | None = Field(default=1.0, gt=0, description="max global gradient norm (None: off)")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=6.25e-10, gt=0)
+    seed: int = 0
+    b_dec_init: Literal["mean", "geometric_median"] = "mean"
+    checkpoint_every: int | None = Field(default=None, gt=0, description="steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, gt=0)
+    log_every: int = Field(default=10, gt=0, description="steps per history line and progress report")
+    device: str | None = Field(default=None, description="'cpu', 'cuda', 'cuda:1'; default cuda when present")
+    autocast: bool = Field(default=True, description="bf16 autocast for the encoder matmul (CUDA only)")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> TrainConfig:
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
+        return self
+
+    def same_trajectory(self, other: TrainConfig) -> bool:
+        """Whether resuming under `other` continues this run (bookkeeping fields may differ)."""
+        ignored = {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+        return self.model_dump(exclude=ignored) == other.model_dump(exclude=ignored)

@@ -1,0 +1,314 @@
+"""SAE files: Kestrel's own layout, and SAELens's for exchange.
+
+Kestrel (`<root>/saes/<sae_id>/`):
+
+    config.json         SAEConfig (the manifest: a directory without it is incomplete)
+    weights.safetensors W_enc [n, d], b_enc [n], W_dec [n, d], b_dec [d] (+ architecture buffers)
+    metrics.json        final evaluation and training summary (optional)
+    history.jsonl       one progress line per log step (optional)
+
+The weights read raw activations: an input scale used in training is already folded in (see
+`SAE.fold_input_scale`; `config.input_scale` records the factor). Every file is written under a
+temporary name and renamed; config.json is removed first when overwriting and written last, so a
+reader that requires it never sees a half-written SAE, and the directory may hold other things
+(a `checkpoints/` folder from training).
+
+SAELens (`cfg.json` + `sae_weights.safetensors`): W_enc is [d_in, d_sae] there. topk exports as
+"topk", relu_l1 as "standard", batchtopk as "jumprelu" with its single threshold repeated per
+latent (which is how SAELens runs a BatchTopK SAE at inference). The full Kestrel config rides
+along under a "kestrel" key that SAELens ignores, so export then import gives back the same
+config and bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
+from kestrel.core.sae.base import SAE, create
+from kestrel.core.sae.config import SAEConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.jsonl"
+SAELENS_CONFIG_FILE = "cfg.json"
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+
+_TO_SAELENS = {"topk": "topk", "relu_l1": "standard", "batchtopk": "jumprelu"}
+
+
+# -- Kestrel layout ------------------------------------------------------------------------------
+
+
+def save_sae(
+    sae: SAE,
+    directory: Path,
+    *,
+    metrics: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `sae` (its config travels on `sae.config`) with optional metrics and history."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if config_path.exists() and not overwrite:
+        raise ConflictError(f"an SAE is already saved at {directory}", details={"directory": str(directory)})
+    header = {"format": "kestrel-sae", "architecture": sae.architecture}
+    files: dict[str, bytes] = {WEIGHTS_FILE: _safetensors_bytes(_weights(sae), header)}
+    if metrics is not None:
+        files[METRICS_FILE] = json.dumps(metrics, indent=2, allow_nan=True).encode()
+    if history is not None:
+        files[HISTORY_FILE] = "".join(json.dumps(line) + "\n" for line in history).encode()
+    files[CONFIG_FILE] = json.dumps(sae.config.model_dump(mode="json"), indent=2).encode()
+    _write_files(directory, files, manifest=CONFIG_FILE)
+    return directory
+
+
+def load_sae(directory: Path, *, device: str | torch.device = "cpu") -> SAE:
+    """Read an SAE saved by `save_sae`, in eval mode with gradients off."""
+    directory = Path(directory)
+    config = SAEConfig.from_dict(_read_json(directory / CONFIG_FILE))
+    weights = _read_weights(directory / WEIGHTS_FILE)
+    return _build(config, weights, device, source=str(directory))
+
+
+def read_metrics(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_history(directory: Path) -> list[dict[str, Any]]:
+    path = Path(directory) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- SAELens layout ------------------------------------------------------------------------------
+
+
+def export_saelens(sae: SAE, directory: Path, *, overwrite: bool = False) -> Path:
+    """Write `cfg.json` + `sae_weights.safetensors` that SAELens's `SAE.load_from_disk` reads."""
+    directory = Path(directory)
+    if (directory / SAELENS_CONFIG_FILE).exists() and not overwrite:
+        raise ConflictError(
+            f"an SAE is already exported at {directory}", details={"directory": str(directory)}
+        )
+    config = sae.config
+    if config.architecture not in _TO_SAELENS:
+        raise InvalidInputError(
+            f"architecture {config.architecture!r} has no SAELens equivalent",
+            details={"exportable": sorted(_TO_SAELENS)},
+        )
+    with torch.no_grad():
+        weights = {
+            "W_enc": sae.W_enc.detach().t().contiguous(),
+            "b_enc": sae.b_enc.detach(),
+            "W_dec": sae.W_dec.detach(),
+            "b_dec": sae.b_dec.detach(),
+        }
+        if config.architecture == "batchtopk":
+            weights["threshold"] = sae.threshold.detach().expand(config.n_latents).to(sae.W_dec.dtype)
+    files = {
+        SAELENS_WEIGHTS_FILE: _safetensors_bytes({k: v.cpu().contiguous() for k, v in weights.items()}, None),
+        SAELENS_CONFIG_FILE: json.dumps(_saelens_config(config), indent=2).encode(),
+    }
+    _write_files(directory, files, manifest=SAELENS_CONFIG_FILE)
+    return directory
+
+
+def import_saelens(directory: Path, *, device: str | torch.device = "cpu", d_in: int | None = None) -> SAE:
+    """Read an SAELens SAE (topk, standard, or jumprelu with one shared threshold).
+
+    Pass `d_in` (the width of the activations it will read) to fail here on a mismatch.
+    """
+    directory = Path(directory)
+    cfg = _read_json(directory / SAELENS_CONFIG_FILE)
+    weights = _read_weights(directory / SAELENS_WEIGHTS_FILE)
+    config = _config_from_saelens(cfg, weights)
+    if d_in is not None:
+        config.validate_against(d_in)
+    ours = _weights_from_saelens(cfg, weights, config)
+    return _build(config, ours, device, source=str(directory))
+
+
+def _saelens_config(config: SAEConfig) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "architecture": _TO_SAELENS[config.architecture],
+        "d_in": config.d_in,
+        "d_sae": config.n_latents,
+        "dtype": config.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",  # any training-time scale is folded into the weights
+        "reshape_activations": "none",
+        "metadata": {"model_name": config.model, "hook_name": config.layer},
+        # Older SAELens (< 6) read these top-level fields instead.
+        "model_name": config.model,
+        "hook_name": config.layer,
+        "activation_fn_str": "topk" if config.architecture == "topk" else "relu",
+        "kestrel": config.model_dump(mode="json"),
+    }
+    if config.architecture == "topk":
+        cfg["k"] = config.k
+        cfg["activation_fn_kwargs"] = {"k": config.k}
+    return cfg
+
+
+def _config_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAEConfig:
+    if isinstance(cfg.get("kestrel"), dict):
+        return SAEConfig.from_dict(cfg["kestrel"])
+    for key, allowed in (("normalize_activations", "none"), ("reshape_activations", "none")):
+        if cfg.get(key, allowed) not in (allowed, None):
+            raise InvalidInputError(
+                f"SAELens {key}={cfg[key]!r} is not supported; fold it into the weights first",
+                details={key: cfg[key]},
+            )
+    architecture = cfg.get("architecture", "standard")
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    k = cfg.get("k", kwargs.get("k"))
+    if architecture == "standard" and cfg.get("activation_fn_str") == "topk":
+        architecture = "topk"  # SAELens < 6 wrote TopK SAEs as "standard" with a topk activation
+    if architecture == "topk":
+        fields: dict[str, Any] = {"architecture": "topk", "k": k}
+    elif architecture == "standard":
+        fields = {"architecture": "relu_l1"}
+    elif architecture == "jumprelu":
+        threshold = weights.get("threshold")
+        if threshold is None or not bool((threshold == threshold.reshape(-1)[0]).all()):
+            raise InvalidInputError(
+                "only JumpReLU SAEs with one shared threshold (that is, BatchTopK) can be imported"
+            )
+        fields = {"architecture": "batchtopk", "k": k}
+    else:
+        raise InvalidInputError(
+            f"SAELens architecture {architecture!r} is not supported",
+            details={"supported": ["topk", "standard", "jumprelu"]},
+        )
+    metadata = cfg.get("metadata") or {}
+    dtype = str(cfg.get("dtype", "float32")).removeprefix("torch.")
+    return SAEConfig(
+        **fields,
+        d_in=int(cfg["d_in"]),
+        n_latents=int(cfg["d_sae"]),
+        dtype=dtype if dtype in ("float32", "float16", "bfloat16") else "float32",
+        model=metadata.get("model_name", cfg.get("model_name")),
+        layer=metadata.get("hook_name", cfg.get("hook_name")),
+        data={"imported_from": "saelens"},
+    )
+
+
+def _weights_from_saelens(
+    cfg: dict[str, Any], weights: dict[str, Tensor], config: SAEConfig
+) -> dict[str, Tensor]:
+    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(weights)
+    if missing:
+        raise InvalidInputError(f"SAELens weights lack {sorted(missing)}")
+    ours = {
+        "W_enc": weights["W_enc"].t().contiguous(),
+        "b_enc": weights["b_enc"],
+        "W_dec": weights["W_dec"],
+        "b_dec": weights["b_dec"],
+    }
+    if not cfg.get("apply_b_dec_to_input", True):
+        # Kestrel encoders read x − b_dec; move b_dec's share into the encoder bias instead.
+        ours["b_enc"] = ours["b_enc"] + ours["W_enc"] @ ours["b_dec"]
+    if config.architecture == "batchtopk":
+        ours["threshold"] = weights["threshold"].reshape(-1)[0].to(torch.float32)
+    return ours
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+
+
+def _weights(sae: SAE) -> dict[str, Tensor]:
+    return {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+
+
+def _build(
+    config: SAEConfig, weights: dict[str, Tensor], device: str | torch.device, *, source: str
+) -> SAE:
+    """An SAE of `config` holding `weights`, after checking names and shapes match."""
+    sae = create(config)
+    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if expected != found:
+        problems = {
+            name: {"expected": expected.get(name), "found": found.get(name)}
+            for name in sorted(set(expected) | set(found))
+            if expected.get(name) != found.get(name)
+        }
+        raise InvalidInputError(f"weights at {source} do not fit the config: {problems}", details=problems)
+    dtype = getattr(torch, config.dtype)
+    sae = sae.to(dtype)
+    with torch.no_grad():
+        for name, tensor in sae.state_dict().items():
+            tensor.copy_(weights[name])
+    for param in sae.parameters():
+        param.requires_grad_(False)
+    return sae.to(device).eval()
+
+
+def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> bytes:
+    return safetensors_save(tensors, metadata=metadata)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise NotFoundError(f"{path.name} not found in {path.parent}", details={"path": str(path)})
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"{path.name} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path.name} must hold a JSON object")
+    return data
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise NotFoundError(f"{path.name} not found in {path.parent}", details={"path": str(path)})
+    with safe_open(str(path), framework="pt"):
+        pass  # raises a clear error for a file that is not safetensors
+    return load_file(str(path))
+
+
+def _write_files(directory: Path, files: dict[str, bytes], *, manifest: str) -> None:
+    """Write `files` so that `manifest` appears only once every other file is complete.
+
+    A new directory is assembled beside its final name and renamed into place in one step; an
+    existing one (holding checkpoints, say) gets its manifest removed first, then each file
+    replaced atomically, the manifest last.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if not directory.exists():
+        staging = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            for name, payload in files.items():
+                (staging / name).write_bytes(payload)
+            os.rename(staging, directory)
+            return
+        except FileExistsError:
+            shutil.rmtree(staging, ignore_errors=True)  # someone created it meanwhile: fall through
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    (directory / manifest).unlink(missing_ok=True)
+    ordered = [name for name in files if name != manifest] + [manifest]
+    for name in ordered:
+        temporary = directory / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        temporary.write_bytes(files[name])
+        os.replace(temporary, directory / name)

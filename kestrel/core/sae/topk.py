@@ -1,0 +1,41 @@
+"""TopK SAE (Gao et al. 2024): each row keeps exactly its k largest pre-activations.
+
+The default architecture: sparsity is set directly by k instead of tuned through a penalty, no
+activation shrinkage, and the k-sparse structure makes both decoding and the backward cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from kestrel.core.sae.base import SAE, EncoderOutput, register
+from kestrel.core.sae.config import SAEConfig
+
+
+@register("topk")
+class TopKSAE(SAE):
+    """ReLU of the k largest pre-activations per row; the rest are zero."""
+
+    config_defaults: ClassVar[dict[str, Any]] = {"k": 32}
+
+    @classmethod
+    def check_config(cls, config: SAEConfig) -> None:
+        super().check_config(config)
+        check_k(config)
+
+    def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
+        x_centred_BD = x_BD - self.b_dec
+        pre_BN = self._dense_pre_acts(x_centred_BD)
+        _, top_indices_BK = pre_BN.topk(self.config.k, dim=1, sorted=False)
+        top_acts_BK = self._chosen_values(x_centred_BD, top_indices_BK, pre_BN).relu()
+        return EncoderOutput(top_acts_BK, top_indices_BK, pre_BN), x_centred_BD
+
+
+def check_k(config: SAEConfig) -> None:
+    """k must select at least one latent and no more than exist."""
+    if config.k is None or config.k <= 0:
+        raise ValueError(f"k must be a positive number of active latents, got {config.k}")
+    if config.k > config.n_latents:
+        raise ValueError(f"k ({config.k}) cannot exceed n_latents ({config.n_latents})")
