@@ -1,0 +1,350 @@
+"""SAEs as store artifacts: train from a capture run, evaluate, list, export, import, encode.
+
+This is where the trainer meets the store. Capture and training stay separate stages: the trainer
+reads a run through the activation reader (row filters, train/held-out split by document, seeded
+shuffle buffer, bounded memory) and knows nothing of models. An SAE is published as
+``saes/<sae_id>/`` (config.json, weights.safetensors, metrics.json, history.jsonl, checkpoints/,
+manifest.json) in one rename when training finishes; a stopped run publishes nothing and keeps its
+checkpoints under ``checkpoints/<sae_id>/`` so ``resume=True`` can finish it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from kestrel.core.activations import RowFilter, get_manifest, iter_batches, read_docs
+from kestrel.core.activations import heldout_mask as _heldout_mask
+from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError, not_found
+from kestrel.core.hooks import Detector, HookManager, run_until_stopped, stop_after
+from kestrel.core.models import LoadedModel
+from kestrel.core.sae import io as sae_io
+from kestrel.core.sae.base import SAE
+from kestrel.core.sae.checkpoint import latest_checkpoint
+from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.sae.metrics import evaluate
+from kestrel.core.sae.model_eval import ce_loss_metrics
+from kestrel.core.sae.trainer import Progress, train_sae
+from kestrel.core.store import LocalStore, new_id, validate_id, write_json_atomic
+
+KIND = "saes"
+HELDOUT_FRACTION = 0.1
+SHUFFLE_BUFFER_ROWS = 1 << 16
+READ_CHUNK_ROWS = 8192
+EVAL_MAX_ROWS = 200_000
+EVAL_MAX_TEXTS = 200
+
+
+def _checkpoint_dir(store: LocalStore, sae_id: str) -> Path:
+    return store.root / "checkpoints" / sae_id
+
+
+def _train_data(store: LocalStore, run_id: str, layer: str, filters: RowFilter, seed: int):
+    """``data(epoch)`` for the trainer: the same rows in the same order for the same epoch."""
+
+    def data(epoch: int) -> Iterator[torch.Tensor]:
+        return iter_batches(
+            store,
+            run_id,
+            layer,
+            batch_size=READ_CHUNK_ROWS,
+            filters=filters,
+            split="train",
+            heldout_fraction=HELDOUT_FRACTION,
+            shuffle_buffer=SHUFFLE_BUFFER_ROWS,
+            seed=seed * 1000 + epoch,
+        )
+
+    return data
+
+
+def _heldout_data(store: LocalStore, run_id: str, layer: str, filters: RowFilter | None, split: str):
+    def data() -> Iterator[torch.Tensor]:
+        return iter_batches(
+            store,
+            run_id,
+            layer,
+            batch_size=READ_CHUNK_ROWS,
+            filters=filters,
+            split=split,  # type: ignore[arg-type]
+            heldout_fraction=HELDOUT_FRACTION,
+        )
+
+    return data
+
+
+def prepare_training(
+    store: LocalStore,
+    run_id: str,
+    layer: str,
+    sae_config: dict[str, Any] | SAEConfig,
+    train_config: dict[str, Any] | TrainConfig,
+    filters: RowFilter,
+) -> tuple[SAEConfig, TrainConfig, dict[str, Any]]:
+    """Every check that needs no training: the run and layer exist, the configs are valid, d matches."""
+    manifest = get_manifest(store, run_id)
+    if layer not in manifest["layers"]:
+        raise not_found("layer", layer, manifest["layers"])
+    d_in = int(manifest["layers"][layer]["d"])
+    raw = sae_config.model_dump() if isinstance(sae_config, SAEConfig) else dict(sae_config)
+    if raw.get("d_in") not in (None, d_in):
+        raise InvalidInputError(
+            f"d_in {raw['d_in']} does not match the run: layer {layer!r} of run {run_id!r} has width {d_in}",
+            details={"d_in": raw["d_in"], "run_width": d_in},
+        )
+    data_record = {
+        "filters": filters.model_dump(),
+        "split": "train",
+        "heldout_fraction": HELDOUT_FRACTION,
+        "heldout_by": "document",
+    }
+    sae_cfg = SAEConfig.from_dict(
+        {
+            **raw,
+            "d_in": d_in,
+            "model": manifest["model"]["name"],
+            "layer": layer,
+            "run_id": run_id,
+            "data": data_record,
+        }
+    )
+    train_cfg = (
+        train_config if isinstance(train_config, TrainConfig) else TrainConfig.from_dict(dict(train_config))
+    )
+    return sae_cfg, train_cfg, manifest
+
+
+def train_from_run(
+    store: LocalStore,
+    run_id: str,
+    layer: str,
+    sae_config: dict[str, Any] | SAEConfig,
+    train_config: dict[str, Any] | TrainConfig,
+    *,
+    sae_id: str | None = None,
+    filters: RowFilter | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train an SAE on ``layer`` of a stored run; publish it, or keep a checkpoint if stopped."""
+    filters = filters or RowFilter.recommended()
+    sae_cfg, train_cfg, manifest = prepare_training(store, run_id, layer, sae_config, train_config, filters)
+    sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
+    if store.exists(KIND, sae_id):
+        raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
+    checkpoints = _checkpoint_dir(store, sae_id)
+    resume_from = None
+    if resume:
+        resume_from = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        if resume_from is None:
+            raise NotFoundError(f"no checkpoint to resume for sae {sae_id!r}", details={"id": sae_id})
+    elif checkpoints.exists():
+        shutil.rmtree(checkpoints)  # an abandoned earlier attempt under this id
+    started = time.perf_counter()
+    result = train_sae(
+        sae_cfg,
+        train_cfg,
+        _train_data(store, run_id, layer, filters, train_cfg.seed),
+        on_progress=on_progress,
+        should_stop=should_stop,
+        checkpoint_dir=checkpoints,
+        resume_from=resume_from,
+        eval_data=_heldout_data(store, run_id, layer, filters, "heldout"),
+    )
+    if result.stopped:
+        return {
+            "id": sae_id,
+            "status": "stopped",
+            "step": result.step,
+            "tokens": result.tokens,
+            "checkpoint": str(result.checkpoint.relative_to(store.root)) if result.checkpoint else None,
+        }
+    metrics = dict(result.metrics)
+    metrics["all_rows"] = evaluate(
+        result.sae, _heldout_data(store, run_id, layer, None, "all")(), max_rows=EVAL_MAX_ROWS
+    )
+    metrics["all_rows"]["note"] = (
+        "every row of the run, attention sinks included: not what the SAE was trained on"
+    )
+    summary = {
+        "id": sae_id,
+        "status": "complete",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": manifest["model"]["name"],
+        "run_id": run_id,
+        "layer": layer,
+        "config": result.sae.config.model_dump(mode="json"),
+        "train_config": train_cfg.model_dump(mode="json"),
+        "metrics": metrics,
+        "steps": result.step,
+        "tokens": result.tokens,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    with store.writer(KIND, sae_id) as writer:
+        sae_io.save_sae(result.sae, writer.directory, metrics=metrics, history=result.history)
+        if checkpoints.is_dir():
+            os.rename(checkpoints, writer.directory / "checkpoints")
+        writer.commit(summary)
+    return summary
+
+
+def list_saes(store: LocalStore) -> list[dict[str, Any]]:
+    return [store.read_json(KIND, sae_id) for sae_id in store.list(KIND)]
+
+
+def get_sae(store: LocalStore, sae_id: str) -> dict[str, Any]:
+    return store.read_json(KIND, validate_id(sae_id, "sae id"))
+
+
+def delete_sae(store: LocalStore, sae_id: str) -> None:
+    store.delete(KIND, validate_id(sae_id, "sae id"))
+    shutil.rmtree(_checkpoint_dir(store, sae_id), ignore_errors=True)
+
+
+def load_sae(
+    store: LocalStore, sae_id: str, *, device: str | torch.device = "cpu"
+) -> tuple[SAE, dict[str, Any]]:
+    summary = get_sae(store, sae_id)
+    return sae_io.load_sae(store.require(KIND, sae_id), device=device), summary
+
+
+def heldout_texts(store: LocalStore, run_id: str, limit: int = EVAL_MAX_TEXTS) -> list[str]:
+    """The run's held-out documents: texts no training row came from."""
+    docs = read_docs(store, run_id)
+    held = _heldout_mask(torch.arange(len(docs)), HELDOUT_FRACTION)
+    return [docs[i] for i in torch.nonzero(held).flatten().tolist()[:limit]]
+
+
+def evaluate_sae(
+    store: LocalStore,
+    sae_id: str,
+    lm: LoadedModel,
+    texts: list[str] | None = None,
+    *,
+    on_progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Model-in-the-loop metrics (CE-loss recovered, KL) on held-out texts, stored with the SAE."""
+    sae, summary = load_sae(store, sae_id, device=lm.device)
+    run = get_manifest(store, summary["run_id"]) if summary.get("run_id") else None
+    layer = summary["layer"]
+    lm.layer(layer)
+    if texts is None:
+        if run is None:
+            raise InvalidInputError(f"sae {sae_id!r} has no capture run; give texts to evaluate on")
+        texts = heldout_texts(store, summary["run_id"])
+    if not texts:
+        raise InvalidInputError("no texts to evaluate on")
+    filters = RowFilter(
+        **summary["config"].get("data", {}).get("filters", RowFilter.recommended().model_dump())
+    )
+    norm_median = run["layers"][layer].get("norm_median") if run else None
+    metrics = ce_loss_metrics(
+        lm, sae, layer, texts, filters=filters, norm_median=norm_median, on_progress=on_progress
+    )
+    directory = store.require(KIND, sae_id)
+    stored = sae_io.read_metrics(directory) or {}
+    stored["model_in_the_loop"] = metrics
+    write_json_atomic(directory / sae_io.METRICS_FILE, stored)
+    summary.setdefault("metrics", {})["model_in_the_loop"] = metrics
+    write_json_atomic(directory / "manifest.json", summary)
+    return metrics
+
+
+def export_sae_zip(store: LocalStore, sae_id: str, fmt: Literal["kestrel", "saelens"]) -> bytes:
+    """The SAE's files as a zip: Kestrel's own layout, or SAELens's ``cfg.json`` + weights."""
+    directory = store.require(KIND, validate_id(sae_id, "sae id"))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        if fmt == "kestrel":
+            for path in sorted(directory.iterdir()):
+                if path.is_file():
+                    archive.write(path, path.name)
+        elif fmt == "saelens":
+            with tempfile.TemporaryDirectory() as tmp:
+                out = sae_io.export_saelens(sae_io.load_sae(directory), Path(tmp) / "sae")
+                for path in sorted(out.iterdir()):
+                    archive.write(path, path.name)
+        else:
+            raise InvalidInputError(f"unknown export format {fmt!r}; use 'kestrel' or 'saelens'")
+    return buffer.getvalue()
+
+
+def import_saelens(
+    store: LocalStore,
+    cfg_json: bytes,
+    weights: bytes,
+    *,
+    sae_id: str | None = None,
+    model: str | None = None,
+    layer: str | None = None,
+) -> dict[str, Any]:
+    """Publish an SAE from SAELens files (``cfg.json`` + ``sae_weights.safetensors``)."""
+    sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
+    if store.exists(KIND, sae_id):
+        raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "cfg.json").write_bytes(cfg_json)
+        (Path(tmp) / "sae_weights.safetensors").write_bytes(weights)
+        sae = sae_io.import_saelens(Path(tmp))
+    updates = {key: value for key, value in (("model", model), ("layer", layer)) if value}
+    if updates:
+        sae.config = sae.config.model_copy(update=updates)
+    summary = {
+        "id": sae_id,
+        "status": "imported",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": sae.config.model,
+        "run_id": sae.config.run_id,
+        "layer": sae.config.layer,
+        "config": sae.config.model_dump(mode="json"),
+        "metrics": {},
+    }
+    with store.writer(KIND, sae_id) as writer:
+        sae_io.save_sae(sae, writer.directory, metrics={})
+        writer.commit(summary)
+    return summary
+
+
+def encode_prompt(
+    lm: LoadedModel, sae: SAE, layer: str, text: str, *, top_k: int = 8
+) -> list[dict[str, Any]]:
+    """The strongest latents at each token of ``text``."""
+    if top_k <= 0:
+        raise InvalidInputError(f"top_k must be > 0, got {top_k}")
+    lm.layer(layer)
+    encoded = lm.tokenizer([text], return_tensors="pt").to(lm.device)
+    if encoded["input_ids"].shape[1] == 0:
+        raise InvalidInputError("the text has no tokens")
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [Detector(layer, lambda h, ctx: seen.__setitem__("h", h.detach())), stop_after(layer)]
+    with HookManager(lm.model, hooks), torch.inference_mode():
+        run_until_stopped(lambda: lm.model(**encoded, use_cache=False))
+        h_TD = seen["h"][0].float()
+        out = sae.to(lm.device)(h_TD)
+    values_TK, order_TK = out.latent_acts.topk(min(top_k, out.latent_acts.shape[-1]), dim=-1)
+    indices_TK = out.latent_indices.gather(-1, order_TK)
+    ids = encoded["input_ids"][0].tolist()
+    tokens = lm.tokenizer.convert_ids_to_tokens(ids)
+    return [
+        {
+            "position": t,
+            "token": tokens[t],
+            "token_id": ids[t],
+            "latents": [
+                {"index": int(i), "value": float(v)}
+                for v, i in zip(values_TK[t].tolist(), indices_TK[t].tolist(), strict=True)
+                if v > 0
+            ],
+        }
+        for t in range(len(ids))
+    ]
