@@ -3,20 +3,11 @@ training cancelled mid-way, which stops within 5 s and resumes from its checkpoi
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
-import pytest
 from service_stack import TEXTS, capture_run, wait_for_job, wait_until
 
 from kestrel.workers.runner import EmbeddedRedis, free_port
-
-# The SAE engine's pipeline (kestrel/core/sae/pipeline.py) lands separately; until it does, the
-# tests that train skip instead of failing on an import inside the worker.
-needs_sae_pipeline = pytest.mark.skipif(
-    importlib.util.find_spec("kestrel.core.sae.pipeline") is None,
-    reason="kestrel.core.sae.pipeline not there yet",
-)
 
 LAYER = "model.layers.3"
 LONG_TRAINING = {"batch_size": 64, "token_budget": 50_000_000, "log_every": 5, "checkpoint_every": 50}
@@ -33,7 +24,6 @@ def wait_for_progress(http, job_id: str, minimum: float = 0.0, timeout_s: float 
     return wait_until(progressed, timeout_s, f"job {job_id} to progress past {minimum}")
 
 
-@needs_sae_pipeline
 def test_worker_killed_mid_training_fails_its_job_within_60_s(make_stack) -> None:
     stack = make_stack()
     stack.start_worker("batch")
@@ -59,7 +49,6 @@ def test_worker_killed_mid_training_fails_its_job_within_60_s(make_stack) -> Non
         assert http.get("/metrics").text.count('kestrel_jobs{queue="batch",state="started"} 0.0') == 1
 
 
-@needs_sae_pipeline
 def test_cancel_stops_training_within_5_s_and_it_resumes(client, service) -> None:
     run_id = capture_run(client, LAYER, TEXTS)
     train = {"batch_size": 64, "token_budget": 200_000, "log_every": 5, "checkpoint_every": 100}
@@ -131,7 +120,6 @@ def test_restarting_redis_with_persistence_loses_no_queued_job(make_stack, tmp_p
         redis.stop()
 
 
-@needs_sae_pipeline
 def test_a_worker_shut_down_mid_training_requeues_it_for_another(make_stack) -> None:
     """SIGTERM (a deploy, Ctrl-C): the training checkpoints and is requeued; the next worker resumes."""
     stack = make_stack()
