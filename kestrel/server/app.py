@@ -41,8 +41,8 @@ When an API key is configured, send it as `X-API-Key` (health, ready and these d
 
 
 def operation_id(route: APIRoute) -> str:
-    """Operation ids are the endpoint function names (``start_capture``, ``get_job``): an SDK's
-    method names."""
+    """Operation ids are the endpoint function names (``start_capture``, ``get_job``), unless a
+    route sets ``operation_id=`` (``list_runs``): an SDK's method names, so each reads as a verb."""
     return route.name
 
 

@@ -41,19 +41,21 @@ def start_capture(
     )
 
 
-@router.get("", response_model=RunPage)
+@router.get("", response_model=RunPage, operation_id="list_runs")
 async def list_activation_runs(store: StoreDep, page: PageDep) -> RunPage:
     """Complete runs, newest first."""
     return RunPage(**page.page(await asyncio.to_thread(services.run_summaries, store)))
 
 
-@router.get("/{run_id}", response_model=RunManifest, responses=error_responses(404))
+@router.get("/{run_id}", response_model=RunManifest, responses=error_responses(404), operation_id="get_run")
 def get_activation_run(run_id: RunId, store: StoreDep) -> RunManifest:
     """A run's manifest: model, layers, widths, token counts, shards, dataset, options."""
     return RunManifest(**get_manifest(store, run_id))
 
 
-@router.delete("/{run_id}", response_model=DeletedResponse, responses=error_responses(404))
+@router.delete(
+    "/{run_id}", response_model=DeletedResponse, responses=error_responses(404), operation_id="delete_run"
+)
 def delete_activation_run(run_id: RunId, store: StoreDep) -> DeletedResponse:
     delete_run(store, run_id)
     return DeletedResponse(id=run_id)

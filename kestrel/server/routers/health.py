@@ -14,16 +14,18 @@ from kestrel.server.errors import ApiError, error_responses
 from kestrel.workers import queues
 
 router = APIRouter(tags=["health"])
-metrics_router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"], responses=error_responses(401, 422))
 
 
-@router.get("/health", response_model=HealthStatus)
+@router.get("/health", response_model=HealthStatus, operation_id="get_health")
 def health() -> HealthStatus:
     """Liveness: the API process answers. Says nothing about Redis or workers (see /ready)."""
     return HealthStatus(version=__version__)
 
 
-@router.get("/ready", response_model=ReadyStatus, responses=error_responses(503))
+@router.get(
+    "/ready", response_model=ReadyStatus, responses=error_responses(503), operation_id="get_readiness"
+)
 async def ready(redis: RedisDep) -> ReadyStatus:
     """Readiness: 200 once Redis answers and at least one worker is alive, else 503 saying which."""
     return await asyncio.to_thread(_check_ready, redis)
@@ -49,6 +51,7 @@ def _check_ready(redis) -> ReadyStatus:
 
 @metrics_router.get(
     "/metrics",
+    operation_id="get_metrics",
     response_class=Response,
     responses={
         200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "metrics"}

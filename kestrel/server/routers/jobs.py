@@ -53,6 +53,7 @@ def cancel_job(job_id: JobId, redis: RedisDep) -> JobInfo:
 
 @router.get(
     "/{job_id}/events",
+    operation_id="stream_job_events",
     response_class=StreamingResponse,
     responses={
         200: {

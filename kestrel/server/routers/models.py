@@ -54,7 +54,12 @@ async def unload_model(name: str, settings: SettingsDep, redis: RedisDep) -> Mod
     return ModelUnloadResult(name=name, requested_at=now)
 
 
-@router.get("/{name:path}/layers", response_model=LayerTable, responses=error_responses(404, 504))
+@router.get(
+    "/{name:path}/layers",
+    response_model=LayerTable,
+    responses=error_responses(404, 504),
+    operation_id="get_model_layers",
+)
 async def get_layers(name: str, settings: SettingsDep, redis: RedisDep) -> LayerTable:
     """The layer table (names captures and SAEs take), computed once by a worker and cached."""
     services.checked_model(name, settings)
