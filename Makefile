@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kestrel-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run demo test lint format bench clean
+.PHONY: install run demo test lint format bench openapi sdk clean
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ format: install
 
 bench: install
 	$(BIN)/python bench/capture.py
+
+# The OpenAPI document SDKs are generated from; a unit test fails when it drifts from the app.
+openapi: install
+	$(BIN)/kestrel openapi
+
+# A Python SDK (openapi-python-client) in openapi/client/, not committed: regenerate it from the spec.
+sdk: openapi
+	$(BIN)/openapi-python-client generate --path openapi/openapi.json --output-path openapi/client \
+	  --config openapi/sdk-config.yaml --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output

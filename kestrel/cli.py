@@ -353,5 +353,17 @@ def up(
     raise typer.Exit(run_up(settings, redis_url=redis_url, redis_port=redis_port, echo=console.print))
 
 
+@app.command()
+def openapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="where to write [default: openapi/openapi.json]")
+    ] = None,
+) -> None:
+    """Export the API's OpenAPI document (sorted keys, stable), what SDKs are generated from."""
+    from kestrel.server import openapi as spec
+
+    console.print(f"wrote {spec.write(output or spec.SPEC_PATH)}")
+
+
 if __name__ == "__main__":
     app()
