@@ -344,13 +344,15 @@ def up(
     """Start the service: Redis (the one at REDIS_URL, else an embedded one), an interactive and a
     batch worker, and the API; Ctrl-C stops everything."""
     import os
+    from functools import partial
 
     from kestrel.settings import Settings
     from kestrel.workers.runner import up as run_up
 
     settings = Settings(host=host, port=port, **({"store_root": store} if store else {}))
     redis_url = os.environ.get("REDIS_URL") or os.environ.get("KESTREL_REDIS_URL")
-    raise typer.Exit(run_up(settings, redis_url=redis_url, redis_port=redis_port, echo=console.print))
+    echo = partial(console.print, soft_wrap=True, highlight=False)  # URLs and paths stay on one line
+    raise typer.Exit(run_up(settings, redis_url=redis_url, redis_port=redis_port, echo=echo))
 
 
 @app.command()

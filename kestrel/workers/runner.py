@@ -214,7 +214,7 @@ def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_R
         supervisor.start("api", kestrel_command("serve", "--host", settings.host, "--port", port), env)
         base = f"http://{settings.host}:{settings.port}"
         wait_for_http(f"{base}/health", 60.0, supervisor)
-        echo(f"Kestrel is up: API {base}  docs {base}/docs  store {store_root}")
+        echo(f"Kestrel is up.\n  API   {base}\n  docs  {base}/docs\n  store {store_root}")
         echo("Press Ctrl-C to stop.")
         while not stop.is_set():
             exited = supervisor.first_exited()
