@@ -94,7 +94,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_limit=settings.max_request_bytes,
         file_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
     )
+    _document_bad_request(app)
     return app
+
+
+def _document_bad_request(app: FastAPI) -> None:
+    """Every operation with a body can answer 400 (a body that does not parse: bad JSON, bad
+    multipart) in the error shape; FastAPI raises it but does not document it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            for operations in build()["paths"].values():
+                for operation in operations.values():
+                    if "requestBody" in operation:
+                        operation["responses"].setdefault("400", _BAD_REQUEST)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+_BAD_REQUEST = {
+    "description": "bad_request",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+}
 
 
 async def _redis_down(request, exc: Exception):
