@@ -55,13 +55,16 @@ def require_api_key(
         )
 
 
+MAX_OFFSET = 1_000_000_000  # Redis range arguments are int64; an offset past this lists nothing anyway
+
+
 class Pagination:
     """``?limit=&offset=`` on every list."""
 
     def __init__(
         self,
         limit: Annotated[int, Query(ge=1, le=500, description="items per page")] = 50,
-        offset: Annotated[int, Query(ge=0, description="items to skip")] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="items to skip")] = 0,
     ) -> None:
         self.limit = limit
         self.offset = offset

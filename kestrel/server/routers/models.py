@@ -45,7 +45,9 @@ async def load_model(
     return ModelLoadResult(**result)
 
 
-@router.post("/{name:path}/unload", response_model=ModelUnloadResult, status_code=202)
+@router.post(
+    "/{name:path}/unload", response_model=ModelUnloadResult, status_code=202, responses=error_responses(404)
+)
 async def unload_model(name: str, settings: SettingsDep, redis: RedisDep) -> ModelUnloadResult:
     """Ask every worker to drop the model; they do within a heartbeat (a few seconds)."""
     services.checked_model(name, settings)
