@@ -19,6 +19,15 @@ from kestrel.workers import queues
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 422))
 EVENT_POLL_S = 0.25
 KEEPALIVE_S = 15.0
+# OpenAPI 3.1: the schema of a text/event-stream response describes each event.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["progress", "end"]},
+        "data": {"type": "string", "contentMediaType": "application/json", "description": "a JobInfo"},
+    },
+    "required": ["event", "data"],
+}
 
 
 @router.get("", response_model=JobPage)
@@ -57,7 +66,7 @@ def cancel_job(job_id: JobId, redis: RedisDep) -> JobInfo:
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
             "description": "`event: progress` with a JobInfo as `data` whenever the job changes, "
             "then one `event: end` with the final JobInfo",
         },
