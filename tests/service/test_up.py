@@ -51,7 +51,8 @@ def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> 
             wait_until(ready, 120, "kestrel up to be ready")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- up.log ---\n{log_path.read_text()[-5000:]}") from None
-        assert f"docs  {base}/docs\n" in log_path.read_text()
+        # `up` prints once its own health check passes, which may trail ours by a poll
+        wait_until(lambda: f"docs  {base}/docs\n" in log_path.read_text(), 15, "the docs line")
         with httpx.Client(base_url=base, timeout=60) as http:
             body = {"layers": ["model.layers.1"], "dataset": {"kind": "texts", "texts": ["Hello there."]}}
             job = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])
