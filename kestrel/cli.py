@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="Stored activation runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+saes_app = typer.Typer(help="Trained sparse autoencoders.", no_args_is_help=True)
+app.add_typer(saes_app, name="saes")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -245,6 +247,140 @@ def runs_delete(run_id: str, store: StoreOpt = None) -> None:
 
     delete_run(_store(store), run_id)
     console.print(f"deleted run {run_id}")
+
+
+@app.command()
+@friendly_errors
+def train(
+    run_id: Annotated[str, typer.Argument(help="the capture run to train on")],
+    layer: Annotated[str, typer.Option("--layer", "-l", help="a layer of the run")],
+    architecture: Annotated[str, typer.Option(help="topk, batchtopk or relu_l1")] = "topk",
+    n_latents: Annotated[int, typer.Option(help="dictionary size")] = 4608,
+    k: Annotated[int | None, typer.Option(help="active latents per token (topk, batchtopk)")] = None,
+    l1_coefficient: Annotated[float | None, typer.Option(help="sparsity penalty (relu_l1)")] = None,
+    epochs: Annotated[int, typer.Option(help="passes over the run")] = 1,
+    token_budget: Annotated[
+        int | None, typer.Option(help="train on this many tokens instead of epochs")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="rows per step")] = 4096,
+    lr: Annotated[float | None, typer.Option(help="learning rate [default: scaled with width]")] = None,
+    seed: Annotated[int, typer.Option(help="seed of initialisation and data order")] = 0,
+    checkpoint_every: Annotated[int | None, typer.Option(help="write a checkpoint every N steps")] = None,
+    sae_id: Annotated[str | None, typer.Option(help="id of the new SAE [default: generated]")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue a stopped run of --sae-id from its checkpoint")
+    ] = False,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an SAE on one layer of a capture run (attention-sink rows skipped)."""
+    from tqdm.auto import tqdm
+
+    from kestrel.core.sae import pipeline
+
+    sae = {"architecture": architecture, "n_latents": n_latents}
+    sae.update(
+        {key: value for key, value in (("k", k), ("l1_coefficient", l1_coefficient)) if value is not None}
+    )
+    train_cfg = {
+        "epochs": epochs,
+        "token_budget": token_budget,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+    }
+    train_cfg = {key: value for key, value in train_cfg.items() if value is not None}
+    bar = tqdm(desc="train", unit="step")
+
+    def show(progress) -> None:
+        bar.total = progress.total_steps
+        bar.n = progress.step
+        bar.set_postfix(
+            fvu=f"{progress.fvu:.3f}", l0=f"{progress.l0:.1f}", dead=f"{progress.dead_fraction:.1%}"
+        )
+        bar.refresh()
+
+    try:
+        summary = pipeline.train_from_run(
+            _store(store), run_id, layer, sae, train_cfg, sae_id=sae_id, on_progress=show, resume=resume
+        )
+    finally:
+        bar.close()
+    if as_json:
+        return _print_json(summary)
+    if summary["status"] != "complete":
+        console.print(
+            f"[yellow]sae {summary['id']} stopped[/] at step {summary['step']}; resume with --resume"
+        )
+        return None
+    m = summary["metrics"]
+    console.print(
+        f"[green]sae {summary['id']}[/]: held-out FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, "
+        f"dead {m['dead_fraction']:.1%}"
+    )
+
+
+@app.command("eval")
+@friendly_errors
+def evaluate(
+    sae_id: Annotated[str, typer.Argument(help="the SAE to evaluate")],
+    model: Annotated[str | None, typer.Option(help="model [default: the one the SAE was trained on]")] = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """CE-loss recovered and KL with the model in the loop, on the run's held-out texts."""
+    from kestrel.core.models import load_model
+    from kestrel.core.sae import pipeline
+
+    the_store = _store(store)
+    summary = pipeline.get_sae(the_store, sae_id)
+    lm = load_model(model or summary["model"], device=device, store_root=the_store.root)
+    metrics = pipeline.evaluate_sae(the_store, sae_id, lm)
+    if as_json:
+        return _print_json(metrics)
+    console.print(
+        f"CE loss clean {metrics['ce_loss_clean']:.3f}, with SAE {metrics['ce_loss_sae']:.3f}, "
+        f"zero-ablated {metrics['ce_loss_zero_ablated']:.3f}: "
+        f"[green]recovered {metrics['ce_loss_recovered']:.3f}[/], "
+        f"KL {metrics['kl_sae']:.4f} over {metrics['n_predicted_tokens']} tokens"
+    )
+
+
+@saes_app.command("list")
+@friendly_errors
+def saes_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List trained and imported SAEs."""
+    from kestrel.core.sae import pipeline
+
+    rows = pipeline.list_saes(_store(store))
+    if as_json:
+        return _print_json(rows)
+    table = Table("id", "status", "layer", "latents", "k", "fvu", "dead", "created")
+    for r in rows:
+        c, m = r["config"], r.get("metrics", {})
+        table.add_row(
+            r["id"],
+            r["status"],
+            str(r.get("layer")),
+            str(c["n_latents"]),
+            str(c.get("k")),
+            f"{m['fvu']:.3f}" if "fvu" in m else "",
+            f"{m['dead_fraction']:.1%}" if "dead_fraction" in m else "",
+            r["created"],
+        )
+    console.print(table)
+
+
+@saes_app.command("delete")
+@friendly_errors
+def saes_delete(sae_id: str, store: StoreOpt = None) -> None:
+    """Delete an SAE and its checkpoints."""
+    from kestrel.core.sae import pipeline
+
+    pipeline.delete_sae(_store(store), sae_id)
+    console.print(f"deleted sae {sae_id}")
 
 
 DEMO_TEXTS = [

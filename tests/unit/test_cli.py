@@ -83,3 +83,49 @@ def test_errors_are_one_line_and_exit_2(store_root, args, message) -> None:
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_train_eval_list_delete(store_root) -> None:
+    texts = [f"Sentence number {i} about rivers, mountains and weather." for i in range(40)]
+    args = [a for t in texts for a in ("--text", t)]
+    result = invoke(
+        "capture",
+        "--layer",
+        "model.layers.2",
+        *args,
+        "--run-id",
+        "small",
+        "--device",
+        "cpu",
+        "--store",
+        str(store_root),
+    )
+    assert result.exit_code == 0, result.output
+    result = invoke(
+        "train",
+        "small",
+        "--layer",
+        "model.layers.2",
+        "--n-latents",
+        "64",
+        "--k",
+        "4",
+        "--batch-size",
+        "128",
+        "--sae-id",
+        "tiny-sae",
+        "--store",
+        str(store_root),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["status"] == "complete" and summary["config"]["n_latents"] == 64
+    result = invoke("eval", "tiny-sae", "--device", "cpu", "--store", str(store_root), "--json")
+    assert result.exit_code == 0, result.output
+    assert "ce_loss_recovered" in json.loads(result.stdout[result.stdout.index("{") :])
+    listed = json.loads(invoke("saes", "list", "--store", str(store_root), "--json").stdout)
+    assert [s["id"] for s in listed] == ["tiny-sae"]
+    bad = invoke("train", "small", "--layer", "model.layers.2", "--k", "0", "--store", str(store_root))
+    assert bad.exit_code == 2 and "k" in bad.output
+    assert invoke("saes", "delete", "tiny-sae", "--store", str(store_root)).exit_code == 0

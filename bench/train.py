@@ -1,0 +1,177 @@
+"""SAE training on SmolLM2 `model.layers.15`: quality, throughput against a plain loop, memory.
+
+1. Capture `model.layers.15` over the docstring corpus (bench/corpus.py) into a bench store, once
+   (the run is reused by later invocations): a large run and a small one (a quarter of the texts).
+2. Train a TopK SAE (4,608 latents, k = 32, default settings, `--epochs` epochs) on the large run,
+   attention-sink rows skipped; report held-out FVU, L0, dead fraction, and CE-loss recovered on
+   held-out texts with the model in the loop.
+3. Throughput: Kestrel's `tokens_per_s` (whole training, data reading included) against a plain
+   dense PyTorch TopK loop (dense latents, dense decode, autograd, fused Adam) on the same shapes,
+   batch size and thread count, timed in this run on rows of the same run.
+4. Peak RSS of one epoch of training in a fresh process, on the small and on the large run.
+
+    python bench/train.py        # prints JSON; figures in bench/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import docstring_corpus
+
+from kestrel.core.activations import CaptureOptions, RowFilter, capture, iter_batches
+from kestrel.core.models import default_store_root, load_model
+from kestrel.core.sae import pipeline
+from kestrel.core.store import LocalStore
+
+LAYER = "model.layers.15"
+LARGE, SMALL = "bench-smollm2-l15-large", "bench-smollm2-l15-small"
+
+
+def ensure_runs(store: LocalStore, lm, n_docs: int) -> dict[str, int]:
+    texts = docstring_corpus(max_docs=n_docs)
+    sizes = {}
+    for run_id, subset in ((LARGE, texts), (SMALL, texts[: len(texts) // 4])):
+        if not store.exists("activations", run_id):
+            capture(
+                lm,
+                subset,
+                [LAYER],
+                store,
+                run_id=run_id,
+                options=CaptureOptions(max_length=256),
+                progress_bar=True,
+            )
+        sizes[run_id] = store.read_json("activations", run_id)["n_tokens"]
+    return sizes
+
+
+def dense_reference_tokens_per_s(store: LocalStore, n_latents: int, k: int, batch: int, steps: int) -> float:
+    """The textbook TopK loop on real rows of the run: what Kestrel's trainer is compared with."""
+    rows = []
+    for x in iter_batches(
+        store, LARGE, LAYER, batch_size=batch, filters=RowFilter.recommended(), drop_last=True
+    ):
+        rows.append(x)
+        if len(rows) > steps:
+            break
+    x_SBD = torch.stack(rows)
+    d_in = x_SBD.shape[-1]
+    directions = torch.randn(n_latents, d_in)
+    directions /= directions.norm(dim=1, keepdim=True)
+    W_dec = torch.nn.Parameter(directions.clone())
+    W_enc = torch.nn.Parameter(directions.T.clone())
+    b_enc = torch.nn.Parameter(torch.zeros(n_latents))
+    b_dec = torch.nn.Parameter(x_SBD[0].mean(dim=0))
+    params = [W_enc, b_enc, W_dec, b_dec]
+    optimizer = torch.optim.Adam(params, lr=4e-4, fused=True)
+
+    def step(x_BD: torch.Tensor) -> None:
+        pre_BN = (x_BD - b_dec) @ W_enc + b_enc
+        top = pre_BN.topk(k, dim=1)
+        latents_BN = torch.zeros_like(pre_BN).scatter(1, top.indices, top.values.relu())
+        recon_BD = latents_BN @ W_dec + b_dec
+        loss = (recon_BD - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+    step(x_SBD[0])
+    started = time.perf_counter()
+    for x_BD in x_SBD[1:]:
+        step(x_BD)
+    return (len(x_SBD) - 1) * batch / (time.perf_counter() - started)
+
+
+def peak_rss_mb(store_root: Path, run_id: str, sae: dict, batch: int, threads: int) -> float:
+    """Peak RSS of one epoch of training on ``run_id``, in a fresh process."""
+    code = (
+        f"import resource, torch; torch.set_num_threads({threads})\n"
+        "from kestrel.core.store import LocalStore\n"
+        "from kestrel.core.sae import pipeline\n"
+        f"store = LocalStore({str(store_root)!r})\n"
+        f"train = {{'batch_size': {batch}, 'epochs': 1}}\n"
+        f"s = pipeline.train_from_run(store, {run_id!r}, {LAYER!r}, {sae!r}, train)\n"
+        "pipeline.delete_sae(store, s['id'])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return round(float(out.stdout.strip().splitlines()[-1]), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--n-latents", type=int, default=4608)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--store", type=Path, default=default_store_root() / "bench")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    store = LocalStore(args.store)
+    lm = load_model("smollm2-135m", device="cpu", store_root=default_store_root())
+    sizes = ensure_runs(store, lm, args.docs)
+    sae = {"architecture": "topk", "n_latents": args.n_latents, "k": args.k}
+    train = {"batch_size": args.batch, "epochs": args.epochs, "seed": 0}
+    started = time.perf_counter()
+    summary = pipeline.train_from_run(store, LARGE, LAYER, sae, train)
+    seconds = time.perf_counter() - started
+    ce = pipeline.evaluate_sae(store, summary["id"], lm)
+    reference = dense_reference_tokens_per_s(store, args.n_latents, args.k, args.batch, steps=8)
+    tokens_per_s = summary["tokens"] / summary["train_seconds"]
+    metrics = summary["metrics"]
+    result = {
+        "machine": {"threads": args.threads, "torch": torch.__version__},
+        "run_tokens": sizes,
+        "sae": {**sae, "epochs": args.epochs, "batch_size": args.batch, "id": summary["id"]},
+        "train_tokens": summary["tokens"],
+        "train_seconds": round(seconds, 1),
+        "tokens_per_s": round(tokens_per_s),
+        "reference_tokens_per_s": round(reference),
+        "speedup": round(tokens_per_s / reference, 2),
+        "fvu": round(metrics["fvu"], 4),
+        "explained_variance": round(metrics["explained_variance"], 4),
+        "l0": round(metrics["l0"], 2),
+        "dead_fraction": round(metrics["dead_fraction"], 4),
+        "dead_definition": metrics.get("dead_definition"),
+        "fvu_all_rows": round(metrics["all_rows"]["fvu"], 4),
+        "ce_loss_clean": round(ce["ce_loss_clean"], 4),
+        "ce_loss_sae": round(ce["ce_loss_sae"], 4),
+        "ce_loss_zero_ablated": round(ce["ce_loss_zero_ablated"], 4),
+        "ce_loss_recovered": round(ce["ce_loss_recovered"], 4),
+        "kl_sae": round(ce["kl_sae"], 4),
+        "peak_rss_mb": {
+            "small_run": peak_rss_mb(args.store, SMALL, sae, args.batch, args.threads),
+            "large_run": peak_rss_mb(args.store, LARGE, sae, args.batch, args.threads),
+        },
+        "bench_process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "targets": {
+            "fvu": "<= 0.25",
+            "dead_fraction": "<= 0.05",
+            "ce_loss_recovered": ">= 0.8",
+            "speedup": ">= 1.5",
+        },
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
