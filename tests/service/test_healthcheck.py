@@ -1,0 +1,39 @@
+"""The container probes (`python -m kestrel.healthcheck api|worker`) against the live stack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from service_stack import REPO, Stack
+
+from kestrel import healthcheck
+
+
+def probe(what: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kestrel.healthcheck", what],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_probes_pass_on_a_live_stack(service: Stack) -> None:
+    api = probe("api", KESTREL_PORT=str(service.api_port))
+    assert api.returncode == 0, api.stderr
+    worker = probe("worker", REDIS_URL=service.redis_url)
+    assert worker.returncode == 0 and "interactive" in worker.stdout and "batch" in worker.stdout, worker
+
+
+def test_probes_fail_without_a_live_process(service: Stack) -> None:
+    with pytest.raises(RuntimeError, match="no live worker on host"):
+        healthcheck.check_worker(service.redis_url, host="another-container")
+    from kestrel.workers.runner import free_port
+
+    assert probe("api", KESTREL_PORT=str(free_port())).returncode == 1
+    assert healthcheck.main(["nonsense"]) == 2

