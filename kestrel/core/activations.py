@@ -186,8 +186,12 @@ def capture(
     on_progress: Callable[[CaptureProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress_bar: bool = False,
+    dataset_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Capture ``layers`` of ``lm`` over ``dataset`` into a new run; return its manifest.
+
+    ``dataset_record`` replaces the dataset's description in the manifest: the service records
+    the request (an upload id) rather than the server-side path the worker resolved it to.
 
     Everything that can be checked is checked before the first forward: the id is free, the layers
     exist, the options are sane, the dataset is not empty.
@@ -212,6 +216,8 @@ def capture(
                 progress_bar,
             )
         manifest = _manifest(lm, spec, layers, run_id, options, result)
+        if dataset_record is not None:
+            manifest["dataset"] = dataset_record
         writer.commit(manifest)
     return manifest
 

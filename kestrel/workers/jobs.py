@@ -81,6 +81,13 @@ def dataset_source(ctx: JobContext, dataset: TextsSource | UploadSource | HubDat
     return dataset
 
 
+def _inline_summary(dataset: Any) -> dict[str, Any]:
+    """Inline texts are in docs.jsonl; the manifest only says how many there were."""
+    if isinstance(dataset, TextsSource):
+        return {"texts": f"<{len(dataset.texts)} inline texts, see docs.jsonl>"}
+    return {}
+
+
 def _planned_docs(dataset: Any) -> int | None:
     """How many documents a capture will read, when that is known up front (for progress)."""
     if isinstance(dataset, TextsSource):
@@ -120,6 +127,7 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
         options=req.options,
         on_progress=on_progress,
         should_stop=ctx.should_stop,
+        dataset_record=req.dataset.model_dump(exclude={"texts"}) | _inline_summary(req.dataset),
     )
     ctx.log(f"stored {manifest['n_tokens']} tokens from {manifest['n_docs']} documents", force=True)
     return {"run_id": run_id, "n_tokens": manifest["n_tokens"], "n_docs": manifest["n_docs"]}

@@ -195,6 +195,9 @@ def test_an_uploaded_dataset_can_be_captured(client: httpx.Client) -> None:
     job = wait_for_job(client, client.post("/v1/activations", json=body).json()["id"])
     manifest = client.get(f"/v1/activations/{job['artifacts']['run_id']}").json()
     assert manifest["n_docs"] == 4 and manifest["dataset"]["text_field"] == "body"
+    # the manifest records the request (an upload id), never the worker's path to the file
+    assert manifest["dataset"]["upload_id"] == upload.json()["id"]
+    assert "/" not in json.dumps(manifest["dataset"]).replace("\\/", "")
     client.delete(f"/v1/activations/{manifest['id']}")
     client.delete(f"/v1/uploads/{upload.json()['id']}")
 
