@@ -89,7 +89,7 @@ def ce_loss_metrics(
     filters: RowFilter | None = None,
     norm_median: float | None = None,
     max_length: int = 256,
-    token_budget: int = 4096,
+    token_budget: int = 1024,  # three [tokens, vocab] logit tensors live at once: keep them small
     on_progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Clean, SAE-spliced and zero-ablated next-token loss over ``texts``, and CE-loss recovered."""
