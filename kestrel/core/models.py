@@ -289,9 +289,14 @@ def ensure_bundled_cache(bundled: BundledModel, store_root: Path) -> Path:
         }
         (tmp / "kestrel-model.json").write_text(json.dumps(marker, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by workers and tests
-        if directory.exists():  # an incomplete cache from an older format
+        if directory.exists() and not _cache_complete(directory):  # incomplete, or an older format
             shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not _cache_complete(directory):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process (a second worker) finished first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

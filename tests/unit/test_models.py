@@ -69,6 +69,38 @@ def test_bundled_model_is_cached_as_safetensors(smollm: LoadedModel, model_cache
     assert torch.equal(again.model.model.embed_tokens.weight, smollm.model.model.embed_tokens.weight)
 
 
+def test_bundled_cache_survives_a_concurrent_conversion(tmp_path, monkeypatch) -> None:
+    """Two workers converting the bundled model at once (a fresh store): the one finishing second
+    keeps the first one's cache instead of failing on the rename or deleting it."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from kestrel.core import models
+
+    bundled = models.BUNDLED["smollm2-135m"]
+    target = tmp_path / "models" / bundled.name
+
+    class Converted:
+        hf_quantizer = None
+        config = SimpleNamespace()
+
+        def save_pretrained(self, path, **kwargs) -> None:
+            (tmp_path / "models" / path.name / "mine").write_text("this process's conversion")
+
+    def converted_meanwhile_by_another(*args, **kwargs) -> Converted:
+        target.mkdir(parents=True)
+        marker = {"format_version": models.CACHE_FORMAT_VERSION}
+        (target / "kestrel-model.json").write_text(json.dumps(marker))
+        return Converted()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Converted())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", converted_meanwhile_by_another)
+    assert models.ensure_bundled_cache(bundled, tmp_path) == target
+    assert not (target / "mine").exists()  # the first complete cache is kept
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [bundled.name]  # no staging dir left
+
+
 def test_local_directory_checkpoint(tmp_path, smollm: LoadedModel) -> None:
     model = build("llama")
     model.resize_token_embeddings(len(smollm.tokenizer))
