@@ -37,6 +37,7 @@ __all__ = [
     "TokenBatch",
     "check_nonempty",
     "describe_source",
+    "encode_texts",
     "iter_texts",
     "prepare_tokenizer",
     "token_batches",
@@ -475,6 +476,16 @@ def token_batches(
         sort_window=sort_window,
         add_special_tokens=add_special_tokens,
     )
+
+
+def encode_texts(tokenizer: Any, texts: list[str], *, max_length: int = 512) -> list[list[int]]:
+    """Each text's token ids exactly as `token_batches` makes them (same truncation, specials).
+
+    What lets a reader rebuild a stored row's context from `docs.jsonl`: a row's `position` is
+    an index into this list for its document.
+    """
+    _require_positive("max_length", max_length)
+    return _encode_window(tokenizer, texts, max_length, True) if texts else []
 
 
 def _require_positive(name: str, value: Any) -> None:

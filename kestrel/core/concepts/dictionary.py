@@ -1,0 +1,347 @@
+"""The concept dictionary of an SAE: a name, description and tags per latent, with their source.
+
+Stored as ``saes/<sae_id>/features/dictionary.json`` beside (not inside) the discovery versions,
+so naming survives a re-run of discovery and can start before any. Every write is a locked
+read-modify-write published with an atomic rename, so two concurrent edits both land and a
+reader never sees half a file.
+
+Import accepts JSON (``{"n_latents": N, "concepts": [...]}`` or a bare list of concepts) and CSV
+(a header naming ``latent`` and ``name``, optionally ``description``, ``tags`` separated by ``;``
+and ``source``). A file is validated whole before anything is written, against the SAE's latent
+count; every problem names the line (CSV) or the key (JSON), so the fix is obvious.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import Field, field_validator
+
+from kestrel.core.concepts.store import FEATURES_DIR, SAE_KIND
+from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.sae.config import _Config
+from kestrel.core.store import LocalStore, validate_id, write_json_atomic
+
+DICTIONARY_FILE = "dictionary.json"
+LOCK_FILE = ".dictionary.lock"
+LabelSource = Literal["manual", "heuristic", "model"]
+LABEL_SOURCES: tuple[str, ...] = get_args(LabelSource)
+CSV_COLUMNS = ("latent", "name", "description", "tags", "source")
+TAG_SEPARATOR = ";"
+MAX_NAME_CHARS = 200
+MAX_DESCRIPTION_CHARS = 4000
+
+
+class Concept(_Config):
+    """What one latent means, and who said so."""
+
+    latent: int = Field(ge=0, description="latent index")
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="a short name")
+    description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
+    tags: list[str] = Field(default_factory=list, max_length=32)
+    source: LabelSource = Field("manual", description="manual, heuristic (top tokens) or model (the LM)")
+    updated: str | None = Field(None, description="when it was last written (UTC)")
+
+    @field_validator("name")
+    @classmethod
+    def _strip_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("name is blank")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _clean_tags(cls, tags: list[str]) -> list[str]:
+        return list(dict.fromkeys(tag.strip() for tag in tags if tag.strip()))
+
+
+def _dictionary_path(store: LocalStore, sae_id: str) -> Path:
+    return store.require(SAE_KIND, validate_id(sae_id, "sae id")) / FEATURES_DIR / DICTIONARY_FILE
+
+
+def sae_latent_count(store: LocalStore, sae_id: str) -> int:
+    """The SAE's latent count, from its summary (no weights loaded)."""
+    summary = store.read_json(SAE_KIND, validate_id(sae_id, "sae id"))
+    return int(summary["config"]["n_latents"])
+
+
+def read_dictionary(store: LocalStore, sae_id: str) -> dict[int, Concept]:
+    """Every named latent of the SAE, by index (empty when nothing is named yet)."""
+    path = _dictionary_path(store, sae_id)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {int(c["latent"]): Concept(**c) for c in data.get("concepts", [])}
+
+
+def get_concept(store: LocalStore, sae_id: str, latent: int) -> Concept:
+    concept = read_dictionary(store, sae_id).get(latent)
+    if concept is None:
+        raise NotFoundError(
+            f"latent {latent} of sae {sae_id!r} has no concept yet", details={"latent": latent}
+        )
+    return concept
+
+
+@contextmanager
+def _locked(store: LocalStore, sae_id: str) -> Iterator[Path]:
+    path = _dictionary_path(store, sae_id)
+    path.parent.mkdir(exist_ok=True)
+    with (path.parent / LOCK_FILE).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write(path: Path, sae_id: str, n_latents: int, concepts: dict[int, Concept]) -> None:
+    write_json_atomic(
+        path,
+        {
+            "sae_id": sae_id,
+            "n_latents": n_latents,
+            "concepts": [concepts[i].model_dump(mode="json") for i in sorted(concepts)],
+        },
+    )
+
+
+def update_concepts(
+    store: LocalStore,
+    sae_id: str,
+    concepts: Sequence[Concept],
+    *,
+    replace: bool = False,
+    keep_manual: bool = False,
+) -> dict[int, Concept]:
+    """Write ``concepts`` (validated against the SAE first); return the whole dictionary.
+
+    ``replace`` drops every entry not in ``concepts``; ``keep_manual`` leaves manual entries as
+    they are (what automatic labelling uses, so it never overwrites a person's name).
+    """
+    n_latents = sae_latent_count(store, sae_id)
+    check_concepts(concepts, n_latents)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with _locked(store, sae_id) as path:
+        current = {} if replace else read_dictionary(store, sae_id)
+        for concept in concepts:
+            existing = current.get(concept.latent)
+            if keep_manual and existing is not None and existing.source == "manual":
+                continue
+            current[concept.latent] = concept.model_copy(update={"updated": stamp})
+        _write(path, sae_id, n_latents, current)
+    return current
+
+
+def delete_concept(store: LocalStore, sae_id: str, latent: int) -> None:
+    with _locked(store, sae_id) as path:
+        current = read_dictionary(store, sae_id)
+        if latent not in current:
+            raise NotFoundError(
+                f"latent {latent} of sae {sae_id!r} has no concept", details={"latent": latent}
+            )
+        del current[latent]
+        _write(path, sae_id, sae_latent_count(store, sae_id), current)
+
+
+def check_concepts(concepts: Sequence[Concept], n_latents: int, where: Sequence[str] | None = None) -> None:
+    """Indices in range and not repeated; ``where`` names each entry's place in its file."""
+    places = list(where) if where is not None else [f"concepts[{i}]" for i in range(len(concepts))]
+    first_place: dict[int, str] = {}
+    for concept, place in zip(concepts, places, strict=True):
+        if concept.latent >= n_latents:
+            raise InvalidInputError(
+                f"{place}: latent {concept.latent} is out of range; this SAE has {n_latents} latents "
+                f"(0..{n_latents - 1})",
+                details={"where": place, "latent": concept.latent, "n_latents": n_latents},
+            )
+        if concept.latent in first_place:
+            raise InvalidInputError(
+                f"{place}: latent {concept.latent} appears twice (also {first_place[concept.latent]})",
+                details={"where": place, "latent": concept.latent},
+            )
+        first_place[concept.latent] = place
+
+
+# ---------------------------------------------------------------------------------------------
+# Import and export
+
+DictionaryFormat = Literal["json", "csv"]
+
+
+def import_dictionary(
+    store: LocalStore, sae_id: str, data: bytes | str, fmt: DictionaryFormat, *, replace: bool = False
+) -> dict[str, Any]:
+    """Validate a whole file against the SAE, then merge it in (or replace the dictionary)."""
+    n_latents = sae_latent_count(store, sae_id)
+    concepts = parse_dictionary(data, fmt, n_latents)
+    update_concepts(store, sae_id, concepts, replace=replace)
+    return {"sae_id": sae_id, "imported": len(concepts), "replaced": replace}
+
+
+def parse_dictionary(data: bytes | str, fmt: DictionaryFormat, n_latents: int) -> list[Concept]:
+    text = _as_text(data)
+    if fmt == "json":
+        return _parse_json(text, n_latents)
+    if fmt == "csv":
+        return _parse_csv(text, n_latents)
+    raise InvalidInputError(f"unknown dictionary format {fmt!r}; use 'json' or 'csv'")
+
+
+def export_dictionary(store: LocalStore, sae_id: str, fmt: DictionaryFormat) -> str:
+    concepts = read_dictionary(store, sae_id)
+    n_latents = sae_latent_count(store, sae_id)
+    rows = [concepts[i] for i in sorted(concepts)]
+    if fmt == "json":
+        payload = {
+            "sae_id": sae_id,
+            "n_latents": n_latents,
+            "concepts": [c.model_dump(mode="json") for c in rows],
+        }
+        return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for c in rows:
+            writer.writerow([c.latent, c.name, c.description, TAG_SEPARATOR.join(c.tags), c.source])
+        return buffer.getvalue()
+    raise InvalidInputError(f"unknown dictionary format {fmt!r}; use 'json' or 'csv'")
+
+
+def _as_text(data: bytes | str) -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"the file is not UTF-8 text (byte {exc.start} is invalid)") from None
+
+
+def _parse_json(text: str, n_latents: int) -> list[Concept]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(
+            f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+            details={"line": exc.lineno, "column": exc.colno},
+        ) from None
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - {"sae_id", "n_latents", "concepts"})
+        if unknown:
+            raise InvalidInputError(
+                f"unknown top-level key(s) {unknown}; expected n_latents, concepts (and sae_id)"
+            )
+        declared = data.get("n_latents")
+        if declared is not None and declared != n_latents:
+            raise InvalidInputError(
+                f"n_latents: the file is for an SAE with {declared!r} latents, this SAE has {n_latents}",
+                details={"key": "n_latents", "file": declared, "sae": n_latents},
+            )
+        if "concepts" not in data:
+            raise InvalidInputError("concepts: key missing; expected a list of {latent, name, ...}")
+        entries, prefix = data["concepts"], "concepts"
+    else:
+        entries, prefix = data, ""
+    if not isinstance(entries, list):
+        raise InvalidInputError(
+            f"{prefix or 'the file'}: expected a list of concepts, got {type(entries).__name__}"
+        )
+    places = [f"{prefix}[{i}]" for i in range(len(entries))]
+    concepts = [_concept(entry, place) for entry, place in zip(entries, places, strict=True)]
+    check_concepts(concepts, n_latents, places)
+    return concepts
+
+
+def _concept(entry: Any, place: str) -> Concept:
+    if not isinstance(entry, dict):
+        raise InvalidInputError(
+            f"{place}: expected an object with latent and name, got {type(entry).__name__}"
+        )
+    fields = {key: value for key, value in entry.items() if key != "updated"}
+    try:
+        return Concept(**fields)
+    except InvalidInputError as exc:
+        problems = exc.details.get("errors", [])
+        text = (
+            "; ".join(
+                f"{place}.{p['field']}: {p['reason']}" if p["field"] else f"{place}: {p['reason']}"
+                for p in problems
+            )
+            or f"{place}: {exc.message}"
+        )
+        raise InvalidInputError(text, details={"where": place, "errors": problems}) from None
+
+
+def _parse_csv(text: str, n_latents: int) -> list[Concept]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise InvalidInputError(f"line 1: malformed CSV: {exc}") from None
+    if header is None:
+        raise InvalidInputError("the file is empty; expected a header row naming latent,name,...")
+    columns = [h.strip().lower() for h in header]
+    missing = [c for c in ("latent", "name") if c not in columns]
+    unknown = [c for c in columns if c not in CSV_COLUMNS]
+    if missing or unknown or len(set(columns)) != len(columns):
+        raise InvalidInputError(
+            f"line 1: the header must name the columns latent and name (optional: description, tags, "
+            f"source), each once; found {header}",
+            details={"line": 1, "missing": missing, "unknown": unknown},
+        )
+    concepts: list[Concept] = []
+    places: list[str] = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(columns):
+                raise InvalidInputError(
+                    f"line {line}: expected {len(columns)} fields ({', '.join(columns)}), found {len(row)}",
+                    details={"line": line},
+                )
+            concepts.append(_csv_concept(dict(zip(columns, row, strict=True)), line))
+            places.append(f"line {line}")
+    except csv.Error as exc:
+        raise InvalidInputError(f"line {reader.line_num}: malformed CSV: {exc}") from None
+    check_concepts(concepts, n_latents, places)
+    return concepts
+
+
+def _csv_concept(cells: dict[str, str], line: int) -> Concept:
+    raw_latent = cells["latent"].strip()
+    try:
+        latent = int(raw_latent)
+    except ValueError:
+        raise InvalidInputError(
+            f"line {line}: latent {raw_latent!r} is not an integer", details={"line": line}
+        ) from None
+    if latent < 0:
+        raise InvalidInputError(f"line {line}: latent {latent} is negative", details={"line": line})
+    source = cells.get("source", "").strip() or "manual"
+    if source not in LABEL_SOURCES:
+        raise InvalidInputError(
+            f"line {line}: source {source!r} is not one of {', '.join(LABEL_SOURCES)}", details={"line": line}
+        )
+    tags = [t for t in cells.get("tags", "").split(TAG_SEPARATOR) if t.strip()]
+    return _concept(
+        {
+            "latent": latent,
+            "name": cells["name"],
+            "description": cells.get("description", ""),
+            "tags": tags,
+            "source": source,
+        },
+        f"line {line}",
+    )

@@ -1,0 +1,446 @@
+"""Discovery: for every latent of an SAE, what makes it fire and what it does.
+
+Over a dataset (a forward to the SAE's layer, stopped there, as capture does) or over a stored
+run (rows read from the store: no forward), each batch of rows is encoded by the SAE and folded
+into a `FeatureAccumulator` (top-N rows, per-bin samples, counts, histogram), vectorised over
+latents and rows. Contexts are rebuilt from the documents at the end, logit effects come from the
+decoder and the unembedding, and the result is published under ``saes/<sae_id>/features/``.
+
+Attention-sink rows are left out by default (``RowFilter.recommended()``: position 0, special
+tokens, rows with a norm over 10x the layer's median), or every latent's top context would be the
+first token. Memory is bounded by the SAE's size (n_latents × (top_n + log bins × samples)) and
+one batch, whatever the dataset's length; documents are kept on disk (the run's ``docs.jsonl``,
+or a temporary one written while a dataset streams).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from kestrel.core.activations import RowFilter, get_manifest, iter_row_batches
+from kestrel.core.activations import _as_spec as as_dataset_spec
+from kestrel.core.concepts import contexts
+from kestrel.core.concepts import store as features_store
+from kestrel.core.concepts.accumulate import FeatureAccumulator, FeatureTables, LogBins, pack_rows
+from kestrel.core.datasets import DatasetSpec, iter_texts, token_batches
+from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
+from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
+from kestrel.core.models import LoadedModel
+from kestrel.core.sae.base import SAE
+from kestrel.core.sae.config import _Config
+from kestrel.core.sae.pipeline import load_sae
+from kestrel.core.store import LocalStore
+
+ENCODE_CHUNK_ROWS = 4096
+TOP_TOKENS = 3
+
+
+class DiscoveryConfig(_Config):
+    """How discovery runs; one object for the CLI, the API request and the stored summary."""
+
+    top_n: int = Field(20, ge=1, le=256, description="top-activating contexts kept per latent")
+    n_bins: int = Field(10, ge=1, le=64, description="equal-width activation bins below the top value")
+    samples_per_bin: int = Field(5, ge=0, le=64, description="contexts sampled from each bin")
+    window: int = Field(8, ge=0, le=64, description="tokens shown either side of a context's token")
+    hist_per_decade: int = Field(10, ge=1, le=50, description="log-spaced histogram bins per decade")
+    hist_min: float = Field(1e-3, gt=0, description="lower edge of the histogram (open below)")
+    hist_max: float = Field(1e3, gt=0, description="upper edge of the histogram (open above)")
+    logit_k: int = Field(10, ge=1, le=100, description="promoted and suppressed tokens per latent")
+    filters: RowFilter = Field(
+        default_factory=RowFilter.recommended, description="rows left out (attention sinks by default)"
+    )
+    max_length: int = Field(512, gt=0, description="dataset: tokens per document")
+    token_budget: int = Field(8192, gt=0, description="dataset: padded tokens per forward batch")
+    batch_rows: int = Field(8192, gt=0, description="run: rows read per batch")
+    seed: int = 0
+
+    def log_bins(self) -> LogBins:
+        if self.hist_max <= self.hist_min:
+            raise InvalidInputError(f"hist_max ({self.hist_max}) must exceed hist_min ({self.hist_min})")
+        return LogBins(self.hist_min, self.hist_max, self.hist_per_decade)
+
+
+@dataclass
+class DiscoveryProgress:
+    rows: int
+    """Rows folded into the statistics (after filters)."""
+    tokens: int
+    """Tokens read (before filters): what capture throughput counts."""
+    batches: int
+    elapsed_s: float
+    stage: str = "streaming"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class _Batch:
+    acts_ND: Tensor
+    rows_N: Tensor
+    n_tokens: int
+
+
+ProgressFn = Callable[[DiscoveryProgress], None]
+
+
+def discover(
+    store: LocalStore,
+    sae_id: str,
+    lm: LoadedModel,
+    *,
+    run_id: str | None = None,
+    dataset: DatasetSpec | Sequence[str] | None = None,
+    config: DiscoveryConfig | dict[str, Any] | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Discover the features of ``sae_id`` over a dataset or a stored run; return the new manifest.
+
+    Without either, the SAE's own training run is used. ``lm`` supplies the tokenizer (contexts),
+    the unembedding (logit effects) and, for a dataset, the forward.
+    """
+    config = _as_config(config)
+    log_bins = config.log_bins()
+    sae, summary = load_sae(store, sae_id, device=lm.device)
+    layer = summary.get("layer") or sae.config.layer
+    if not layer:
+        raise InvalidInputError(f"sae {sae_id!r} does not record the layer it reads")
+    if dataset is not None and run_id is not None:
+        raise InvalidInputError("give a dataset or a run, not both")
+    source = _source(store, summary, lm, layer, sae, run_id, dataset)
+    started = time.perf_counter()
+    staging = features_store.staging_dir(store, sae_id)
+    try:
+        accumulator = FeatureAccumulator(
+            sae.n_latents,
+            top_n=config.top_n,
+            n_bins=config.n_bins,
+            samples_per_bin=config.samples_per_bin,
+            log_bins=log_bins,
+            seed=config.seed,
+        )
+        docs_path = source["docs_path"] or staging / "docs.jsonl"
+        batches = _stream(source, lm, sae, layer, config, docs_path)
+        n_tokens = _accumulate(accumulator, sae, batches, started, on_progress, should_stop)
+        n_tokens = source.get("n_tokens", n_tokens)  # a run's reader yields rows after its filters
+        streaming_s = time.perf_counter() - started
+        if on_progress is not None:
+            on_progress(DiscoveryProgress(accumulator.n_rows, n_tokens, 0, streaming_s, "contexts"))
+        tables = accumulator.finish()
+        max_length = source["max_length"] or config.max_length
+        tensors = _tables_with_contexts(tables, docs_path, lm, max_length, config.window)
+        tensors.update(_logit_effects(store, sae_id, sae, lm, config.logit_k))
+        if source["docs_path"] is None:
+            docs_path.unlink(missing_ok=True)
+        vocab = _vocab(lm, tensors)
+        total_s = time.perf_counter() - started
+        summary_out = {
+            "sae_id": sae_id,
+            "model": lm.name,
+            "layer": layer,
+            "n_latents": sae.n_latents,
+            "source": source["describe"],
+            "n_tokens": n_tokens,
+            "n_rows": tables.n_rows,
+            "alive_latents": int((tables.fire_count_L > 0).sum()),
+            "config": config.model_dump(mode="json"),
+            "window_center": config.window,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "streaming_seconds": round(streaming_s, 3),
+            "seconds": round(total_s, 3),
+            "tokens_per_s": round(n_tokens / total_s, 1) if total_s > 0 else None,
+            "logit_effects_key": _logit_key(store, sae_id, lm),
+        }
+        manifest = features_store.publish(store, sae_id, staging, tensors, vocab, summary_out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if on_progress is not None:
+        on_progress(DiscoveryProgress(tables.n_rows, n_tokens, 0, total_s, "done"))
+    return manifest
+
+
+def _as_config(config: DiscoveryConfig | dict[str, Any] | None) -> DiscoveryConfig:
+    if config is None:
+        return DiscoveryConfig()
+    if isinstance(config, DiscoveryConfig):
+        return config
+    return DiscoveryConfig.from_dict(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: a stored run, or a dataset through the model
+
+
+def _source(
+    store: LocalStore,
+    summary: dict[str, Any],
+    lm: LoadedModel,
+    layer: str,
+    sae: SAE,
+    run_id: str | None,
+    dataset: DatasetSpec | Sequence[str] | None,
+) -> dict[str, Any]:
+    """Check the source against the SAE and the model before any work; describe it."""
+    if dataset is not None:
+        info = lm.layer(layer)
+        if info.width not in (-1, sae.d_in):
+            raise InvalidInputError(
+                f"layer {layer!r} of {lm.name!r} has width {info.width}, the SAE reads {sae.d_in}"
+            )
+        spec = as_dataset_spec(dataset)
+        return {
+            "kind": "dataset",
+            "spec": spec,
+            "docs_path": None,
+            "max_length": None,
+            "norm_median": _training_norm_median(store, summary, layer, lm.name),
+            "describe": {"kind": "dataset", "dataset": _describe(spec)},
+        }
+    run_id = run_id or summary.get("run_id")
+    if not run_id:
+        raise InvalidInputError(
+            f"sae {summary.get('id')!r} has no capture run of its own; give a run id or a dataset"
+        )
+    manifest = get_manifest(store, run_id)
+    if layer not in manifest["layers"]:
+        raise InvalidInputError(
+            f"run {run_id!r} has no layer {layer!r} (it has {', '.join(manifest['layers'])})"
+        )
+    if int(manifest["layers"][layer]["d"]) != sae.d_in:
+        raise InvalidInputError(
+            f"layer {layer!r} of run {run_id!r} has width {manifest['layers'][layer]['d']}, "
+            f"the SAE reads {sae.d_in}"
+        )
+    if manifest["model"]["name"] != lm.name:
+        raise InvalidInputError(
+            f"run {run_id!r} was captured with {manifest['model']['name']!r} but the model given is "
+            f"{lm.name!r}: contexts need the same tokenizer"
+        )
+    return {
+        "kind": "run",
+        "store": store,
+        "run_id": run_id,
+        "docs_path": store.local_path("activations", run_id, "docs.jsonl"),
+        "max_length": int(manifest["options"]["max_length"]),
+        "n_tokens": int(manifest["n_tokens"]),
+        "describe": {"kind": "run", "run_id": run_id},
+    }
+
+
+def _describe(spec: Any) -> dict[str, Any]:
+    described = spec.model_dump()
+    if "texts" in described:
+        described["texts"] = f"<{len(described['texts'])} inline texts>"
+    return described
+
+
+def _training_norm_median(store: LocalStore, summary: dict[str, Any], layer: str, model: str) -> float | None:
+    """The layer's median row norm from the SAE's training run, if it is the same model and layer."""
+    run_id = summary.get("run_id")
+    if not run_id or not store.exists("activations", run_id):
+        return None
+    manifest = get_manifest(store, run_id)
+    if manifest["model"]["name"] != model or layer not in manifest["layers"]:
+        return None
+    return manifest["layers"][layer].get("norm_median")
+
+
+def _stream(
+    source: dict[str, Any], lm: LoadedModel, sae: SAE, layer: str, config: DiscoveryConfig, docs_path: Path
+) -> Iterator[_Batch]:
+    if source["kind"] == "run":
+        return _run_batches(source, layer, config)
+    return _dataset_batches(source, lm, layer, config, docs_path)
+
+
+def _run_batches(source: dict[str, Any], layer: str, config: DiscoveryConfig) -> Iterator[_Batch]:
+    """Rows read from the store; the filters see the run's recorded norm median."""
+    for batch in iter_row_batches(
+        source["store"],
+        source["run_id"],
+        layer,
+        batch_size=config.batch_rows,
+        filters=config.filters,
+    ):
+        yield _Batch(batch.acts_ND, pack_rows(batch.doc_index_N, batch.position_N), len(batch))
+
+
+def _dataset_batches(
+    source: dict[str, Any], lm: LoadedModel, layer: str, config: DiscoveryConfig, docs_path: Path
+) -> Iterator[_Batch]:
+    """Forward each token batch to ``layer`` (stopped there) and keep the rows the filters allow.
+
+    The documents are written to ``docs_path`` as they are read, so contexts can be rebuilt at
+    the end without holding the dataset in memory.
+    """
+    seen: dict[str, Tensor] = {}
+
+    def record(acts_BTD: Tensor, _: HookContext) -> None:
+        seen["acts_BTD"] = acts_BTD.detach()
+
+    special_ids = torch.tensor(sorted(lm.tokenizer.all_special_ids), dtype=torch.long, device=lm.device)
+    norm_median = source["norm_median"]
+    with docs_path.open("w", encoding="utf-8") as docs_file:
+        batches = token_batches(
+            _tee_docs(iter_texts(source["spec"]), docs_file),
+            lm.tokenizer,
+            max_length=config.max_length,
+            token_budget=config.token_budget,
+        )
+        hooks = [Detector(layer, record), stop_after(layer)]
+        with HookManager(lm.model, hooks), torch.inference_mode():
+            for batch in batches:
+                ids_BT = batch.input_ids_BT.to(lm.device)
+                attn_BT = batch.attention_mask_BT.to(lm.device)
+                run_until_stopped(
+                    partial(lm.model, input_ids=ids_BT, attention_mask=attn_BT, use_cache=False)
+                )
+                positions_BT = torch.arange(ids_BT.shape[1], device=lm.device).expand_as(ids_BT)
+                keep_BT = attn_BT.bool()
+                if config.filters.skip_position_0:
+                    keep_BT &= positions_BT > 0
+                if config.filters.skip_special:
+                    keep_BT &= ~torch.isin(ids_BT, special_ids)
+                acts_ND = seen.pop("acts_BTD")[keep_BT].float()
+                if config.filters.max_norm_multiple is not None and len(acts_ND):
+                    norms_N = acts_ND.norm(dim=-1)
+                    if norm_median is None:  # no training run to ask: the first batch's median
+                        norm_median = float(norms_N.median())
+                    small_N = norms_N <= config.filters.max_norm_multiple * norm_median
+                    keep_BT[keep_BT.clone()] = small_N
+                    acts_ND = acts_ND[small_N]
+                doc_BT = batch.doc_index_B.to(lm.device)[:, None].expand_as(ids_BT)
+                rows_N = pack_rows(doc_BT[keep_BT], positions_BT[keep_BT])
+                docs_file.flush()
+                yield _Batch(acts_ND, rows_N, batch.n_tokens)
+
+
+def _tee_docs(texts: Iterator[str], docs_file: IO[str]) -> Iterator[str]:
+    for i, text in enumerate(texts):
+        docs_file.write(json.dumps({"doc_index": i, "text": text}, ensure_ascii=False) + "\n")
+        yield text
+
+
+def _accumulate(
+    accumulator: FeatureAccumulator,
+    sae: SAE,
+    batches: Iterator[_Batch],
+    started: float,
+    on_progress: ProgressFn | None,
+    should_stop: Callable[[], bool] | None,
+) -> int:
+    """Encode each batch (in chunks, so a dense-code SAE never makes a huge matrix) and fold it in."""
+    n_tokens = n_batches = 0
+    with torch.inference_mode():
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                raise CancelledError("discovery cancelled; the previous features (if any) are kept")
+            for start in range(0, len(batch.acts_ND), ENCODE_CHUNK_ROWS):
+                chunk = slice(start, start + ENCODE_CHUNK_ROWS)
+                encoded = sae.encode(batch.acts_ND[chunk].to(sae.W_enc.device))
+                accumulator.add(encoded.acts, encoded.indices, batch.rows_N[chunk])
+            n_tokens += batch.n_tokens
+            n_batches += 1
+            if on_progress is not None:
+                elapsed = time.perf_counter() - started
+                on_progress(DiscoveryProgress(accumulator.n_rows, n_tokens, n_batches, elapsed))
+    if accumulator.n_rows == 0:
+        raise InvalidInputError("no rows to discover on: the source is empty or every row was filtered out")
+    return n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Finishing: contexts, logit effects, token strings
+
+
+def _tables_with_contexts(
+    tables: FeatureTables, docs_path: Path, lm: LoadedModel, max_length: int, window: int
+) -> dict[str, Tensor]:
+    """The tables as named tensors, with token windows for every top row and bin sample."""
+    refs = torch.cat([tables.top_rows_LN.reshape(-1), tables.bin_rows_LBM.reshape(-1)])
+    unique_R = torch.unique(refs[refs >= 0])  # sorted
+    windows_RW = contexts.token_windows(
+        unique_R, contexts.iter_docs_jsonl(docs_path), lm.tokenizer, max_length=max_length, window=window
+    )
+    top_windows = _windows_for(tables.top_rows_LN, unique_R, windows_RW)
+    bin_windows = _windows_for(tables.bin_rows_LBM, unique_R, windows_RW)
+    top_token_ids, top_token_counts = contexts.most_common_per_row(top_windows[..., window], TOP_TOKENS)
+    density = tables.fire_count_L.double() / max(tables.n_rows, 1)
+    return {
+        "top_values": tables.top_values_LN,
+        "top_rows": tables.top_rows_LN,
+        "top_windows": top_windows,
+        "bin_values": tables.bin_values_LBM,
+        "bin_rows": tables.bin_rows_LBM,
+        "bin_windows": bin_windows,
+        "fire_count": tables.fire_count_L,
+        "density": density.to(torch.float32),
+        "max_activation": tables.max_activation_L,
+        "mean_activation": tables.mean_activation_L,
+        "hist_counts": tables.hist_counts_LF,
+        "hist_edges": tables.hist_edges_F1,
+        "top_token_ids": top_token_ids,
+        "top_token_counts": top_token_counts,
+    }
+
+
+def _windows_for(rows: Tensor, unique_R: Tensor, windows_RW: Tensor) -> Tensor:
+    """Windows laid out like ``rows`` (any shape); unused slots are all -1."""
+    flat = rows.reshape(-1)
+    width = windows_RW.shape[1]
+    out = torch.full((len(flat), width), contexts.PAD_TOKEN, dtype=torch.int32)
+    used = flat >= 0
+    if len(unique_R):
+        out[used] = windows_RW[torch.searchsorted(unique_R, flat[used])]
+    return out.reshape(*rows.shape, width)
+
+
+def _logit_key(store: LocalStore, sae_id: str, lm: LoadedModel) -> str:
+    """Logit effects depend only on the SAE's weights and the model: this names that pair."""
+    weights = store.local_path("saes", sae_id, "weights.safetensors").stat()
+    return f"{lm.name}:{weights.st_size}:{weights.st_mtime_ns}"
+
+
+def _logit_effects(store: LocalStore, sae_id: str, sae: SAE, lm: LoadedModel, k: int) -> dict[str, Tensor]:
+    """Reuse the current version's logit effects when they were made for the same SAE, model and k."""
+    key = _logit_key(store, sae_id, lm)
+    try:
+        reader = features_store.FeatureReader(store, sae_id)
+        if reader.manifest.get("logit_effects_key") == key and reader.manifest["config"]["logit_k"] == k:
+            return reader.full("logit_pos_ids", "logit_pos_values", "logit_neg_ids", "logit_neg_values")
+    except (KeyError, OSError, NotFoundError):
+        pass
+    unembed = lm.model.get_output_embeddings()
+    if unembed is None or not hasattr(unembed, "weight"):
+        raise InvalidInputError(f"model {lm.name!r} has no output embedding to read logit effects through")
+    with torch.inference_mode():
+        return contexts.logit_effects(
+            sae.W_dec.detach(), unembed.weight.detach(), contexts.final_norm_scale(lm.model, sae.d_in), k
+        )
+
+
+def _vocab(lm: LoadedModel, tensors: dict[str, Tensor]) -> dict[str, str]:
+    ids = torch.cat(
+        [
+            tensors["top_windows"].reshape(-1).long(),
+            tensors["bin_windows"].reshape(-1).long(),
+            tensors["top_token_ids"].reshape(-1),
+            tensors["logit_pos_ids"].reshape(-1),
+            tensors["logit_neg_ids"].reshape(-1),
+        ]
+    )
+    return contexts.token_strings(lm.tokenizer, ids)
