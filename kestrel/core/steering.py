@@ -1,0 +1,560 @@
+"""Steering: change what a model computes at a layer through SAE latents or raw directions.
+
+A `SteeringConfig` lists **latent edits** at an SAE's layer (``{latent, op, value}`` with op
+``scale`` f·v, ``clamp`` f := v, ``add`` f + v) and **direction edits** at any layer (add
+``alpha`` times a given vector, or times an SAE latent's decoder row, without running the SAE),
+and says which positions they act on: ``all``, ``prompt`` (the prompt pass, ``HookContext.call
+== 0``) or ``generated`` (each new token's pass, ``call > 0``).
+
+The SAE path keeps the reconstruction error: h' = decode(edit(encode(h))) + (h − decode(encode(h))).
+Decoding is linear, so that equals h + Σ_e (f'_e − f_e)·W_dec[e]: only the edited latents'
+change is added to h. The controller computes it in that form (one encode, a [E, d] product) and
+an empty edit is exactly the identity; `reference_edit` is the formula written out densely, and
+the tests hold the two equal. ``keep_error=False`` replaces h by the edited reconstruction
+instead, which shows how much the SAE alone changes the model.
+
+Configs are validated when built (ops, finite values, each problem named by its edit index),
+against the SAE when compiled (latent range, layer, widths), and saved under
+``<root>/steering/<config_id>/`` like any artifact.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
+
+from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.hooks import Controller, Detector, HookContext
+from kestrel.core.models import ForwardResult, LoadedModel, forward, generate
+from kestrel.core.sae.base import SAE
+from kestrel.core.sae.config import _Config
+from kestrel.core.store import LocalStore, new_id, validate_id
+
+KIND = "steering"
+EditOp = Literal["scale", "clamp", "add"]
+Positions = Literal["all", "prompt", "generated"]
+_OP_CODES = {"scale": 0, "clamp": 1, "add": 2}
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+class _Item(BaseModel):
+    """A part of a config: plain pydantic, so the config's error names the field as edits.2.value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LatentEdit(_Item):
+    """One edit of one SAE latent's activation f."""
+
+    latent: int = Field(ge=0, description="latent index in the config's SAE")
+    op: EditOp = Field(description="scale: f·value; clamp: f := value; add: f + value")
+    value: float
+
+    _check_value = field_validator("value")(_finite)
+
+
+class DirectionEdit(_Item):
+    """Add ``alpha`` times a direction at a layer's output, without any SAE in the loop."""
+
+    layer: str = Field(min_length=1, description="module path, e.g. model.layers.10")
+    alpha: float
+    vector: list[float] | None = Field(None, description="the direction (width of the layer)")
+    latent: int | None = Field(None, ge=0, description="or this SAE latent's decoder row")
+    sae_id: str | None = Field(None, description="the SAE of `latent` [default: the config's SAE]")
+    normalize: bool = Field(False, description="scale the direction to unit norm first")
+
+    _check_alpha = field_validator("alpha")(_finite)
+
+    @field_validator("vector")
+    @classmethod
+    def _finite_vector(cls, vector: list[float] | None) -> list[float] | None:
+        if vector is not None:
+            if not vector:
+                raise ValueError("vector is empty")
+            bad = next((i for i, v in enumerate(vector) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise ValueError(f"vector[{bad}] is not a finite number")
+        return vector
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> DirectionEdit:
+        if (self.vector is None) == (self.latent is None):
+            raise ValueError("give exactly one of vector or latent")
+        return self
+
+
+class SteeringConfig(_Config):
+    """Edits at an SAE's layer, direction edits anywhere, and where in the sequence they act."""
+
+    name: str | None = Field(None, max_length=200)
+    description: str = Field("", max_length=4000)
+    sae_id: str | None = Field(None, description="the SAE whose latents `edits` name")
+    layer: str | None = Field(None, description="the SAE's layer; filled in from the SAE when omitted")
+    edits: list[LatentEdit] = Field(default_factory=list)
+    directions: list[DirectionEdit] = Field(default_factory=list)
+    positions: Positions = Field("all", description="all, prompt (prompt pass) or generated (new tokens)")
+    keep_error: bool = Field(True, description="add back the SAE's reconstruction error (leave on)")
+
+    @model_validator(mode="after")
+    def _check_edits(self) -> SteeringConfig:
+        if self.edits and not self.sae_id:
+            raise ValueError("edits name SAE latents: give sae_id")
+        seen: dict[int, int] = {}
+        for i, edit in enumerate(self.edits):
+            if edit.latent in seen:
+                raise ValueError(
+                    f"edits[{i}]: latent {edit.latent} is already edited by edits[{seen[edit.latent]}]"
+                )
+            seen[edit.latent] = i
+        for i, direction in enumerate(self.directions):
+            if direction.latent is not None and not (direction.sae_id or self.sae_id):
+                raise ValueError(f"directions[{i}]: a latent direction needs sae_id (here or on the config)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a config against its SAEs, without loading weights
+
+
+def _sae_summary(store: LocalStore, sae_id: str) -> dict[str, Any]:
+    return store.read_json("saes", validate_id(sae_id, "sae id"))
+
+
+def check_config(store: LocalStore, config: SteeringConfig) -> SteeringConfig:
+    """Validate latent ranges, layers and widths from the SAEs' summaries; fill in ``layer``."""
+    if config.sae_id:
+        summary = _sae_summary(store, config.sae_id)
+        n_latents, sae_layer = int(summary["config"]["n_latents"]), summary.get("layer")
+        if config.layer and sae_layer and config.layer != sae_layer:
+            raise InvalidInputError(
+                f"layer: sae {config.sae_id!r} reads {sae_layer!r}, not {config.layer!r}",
+                details={"field": "layer"},
+            )
+        for i, edit in enumerate(config.edits):
+            _check_latent(f"edits[{i}]", edit.latent, n_latents, config.sae_id)
+        config = config.model_copy(update={"layer": config.layer or sae_layer})
+    for i, direction in enumerate(config.directions):
+        if direction.latent is None:
+            continue  # a raw vector's width is checked against the model's layer when compiled
+        sae_id = direction.sae_id or config.sae_id
+        summary = _sae_summary(store, sae_id)
+        _check_latent(f"directions[{i}]", direction.latent, int(summary["config"]["n_latents"]), sae_id)
+    return config
+
+
+def _check_latent(where: str, latent: int, n_latents: int, sae_id: str | None) -> None:
+    if latent >= n_latents:
+        raise InvalidInputError(
+            f"{where}: latent {latent} is out of range; sae {sae_id!r} has {n_latents} latents "
+            f"(0..{n_latents - 1})",
+            details={"where": where, "latent": latent, "n_latents": n_latents},
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Controllers
+
+
+def acts_on(positions: Positions, call: int) -> bool:
+    """Whether a hook call is one the config edits: call 0 is the prompt pass under generate."""
+    return positions == "all" or (positions == "prompt") == (call == 0)
+
+
+def _latent_values(acts: Tensor, indices: Tensor, latents_E: Tensor) -> Tensor:
+    """[..., E] activation of each edited latent (0 when it is not among the active ones)."""
+    hits = indices.unsqueeze(-2) == latents_E.unsqueeze(-1)  # [..., E, K]
+    return (acts.unsqueeze(-2) * hits).sum(-1)
+
+
+def _apply_ops(current_E: Tensor, ops_E: Tensor, values_E: Tensor) -> Tensor:
+    scaled = current_E * values_E
+    added = current_E + values_E
+    clamped = values_E.expand_as(current_E)
+    return torch.where(ops_E == 0, scaled, torch.where(ops_E == 1, clamped, added))
+
+
+def sae_edit_controller(
+    layer: str,
+    sae: SAE,
+    edits: Sequence[LatentEdit],
+    *,
+    positions: Positions = "all",
+    keep_error: bool = True,
+) -> Controller:
+    """The SAE path as a controller: h' = h + Σ_e (f'_e − f_e)·W_dec[e] (see module docstring)."""
+    device = sae.W_dec.device
+    latents_E = torch.tensor([e.latent for e in edits], dtype=torch.int64, device=device)
+    ops_E = torch.tensor([_OP_CODES[e.op] for e in edits], dtype=torch.int64, device=device)
+    values_E = torch.tensor([e.value for e in edits], dtype=sae.W_dec.dtype, device=device)
+    directions_ED = sae.W_dec.detach()[latents_E]
+
+    def edit(x: Tensor, ctx: HookContext) -> Tensor | None:
+        if not acts_on(positions, ctx.call):
+            return None
+        x_f = x.to(sae.W_dec.dtype)
+        encoded = sae.encode(x_f)
+        current_E = _latent_values(encoded.acts, encoded.indices, latents_E)
+        delta_D = (_apply_ops(current_E, ops_E, values_E) - current_E) @ directions_ED
+        base = x_f if keep_error else sae.decode(encoded.acts, encoded.indices)
+        return base + delta_D
+
+    return Controller(layer, edit)
+
+
+def reference_edit(sae: SAE, h: Tensor, edits: Sequence[LatentEdit], keep_error: bool = True) -> Tensor:
+    """The formula written out: dense latents, edited, decoded, plus the reconstruction error."""
+    encoded = sae.encode(h)
+    latents = torch.zeros(*h.shape[:-1], sae.n_latents, dtype=sae.W_dec.dtype)
+    latents.scatter_add_(-1, encoded.indices, encoded.acts)
+    edited = latents.clone()
+    for e in edits:
+        f = edited[..., e.latent]
+        edited[..., e.latent] = {
+            "scale": f * e.value,
+            "clamp": torch.full_like(f, e.value),
+            "add": f + e.value,
+        }[e.op]
+    out = sae.decode_latents(edited)
+    return out + (h - sae.decode_latents(latents)) if keep_error else out
+
+
+def direction_controller(
+    layer: str, vector_D: Tensor, alpha: float, positions: Positions = "all"
+) -> Controller:
+    """Add ``alpha · vector`` at every position the config acts on."""
+
+    def add(x: Tensor, ctx: HookContext) -> Tensor | None:
+        if not acts_on(positions, ctx.call):
+            return None
+        if vector_D.shape[-1] != x.shape[-1]:
+            raise InvalidInputError(
+                f"direction for layer {layer!r} has width {vector_D.shape[-1]}, the layer {x.shape[-1]}"
+            )
+        return x + alpha * vector_D.to(device=x.device, dtype=x.dtype)
+
+    return Controller(layer, add)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: a config resolved against a model and its SAEs
+
+
+@dataclass
+class SteeringPlan:
+    """A checked config with its SAE loaded and its controllers built, ready to hook."""
+
+    config: SteeringConfig
+    sae: SAE | None
+    hooks: list[Controller] = field(default_factory=list)
+
+    @property
+    def layer(self) -> str | None:
+        return self.config.layer
+
+
+SAELoader = Callable[[str], tuple[SAE, dict[str, Any]]]
+
+
+def compile_plan(
+    config: SteeringConfig, lm: LoadedModel, *, load_sae: SAELoader, sae: SAE | None = None
+) -> SteeringPlan:
+    """Resolve ``config`` against the model and its SAEs (``load_sae(id) -> (sae, summary)``)."""
+    summaries: dict[str, dict[str, Any]] = {}
+    loaded: dict[str, SAE] = {}
+
+    def get(sae_id: str) -> SAE:
+        if sae_id not in loaded:
+            loaded[sae_id], summaries[sae_id] = load_sae(sae_id)
+        return loaded[sae_id]
+
+    if config.sae_id and sae is not None:
+        loaded[config.sae_id], summaries[config.sae_id] = sae, {"layer": sae.config.layer}
+    main = get(config.sae_id) if config.sae_id else None
+    layer = config.layer
+    if main is not None:
+        layer = layer or summaries[config.sae_id].get("layer") or main.config.layer
+        if not layer:
+            raise InvalidInputError(f"sae {config.sae_id!r} does not record its layer; give layer")
+        _check_width(lm, layer, main.d_in, f"sae {config.sae_id!r}")
+        for i, edit in enumerate(config.edits):
+            _check_latent(f"edits[{i}]", edit.latent, main.n_latents, config.sae_id)
+        config = config.model_copy(update={"layer": layer})
+    hooks: list[Controller] = []
+    if main is not None:
+        hooks.append(
+            sae_edit_controller(
+                layer, main, config.edits, positions=config.positions, keep_error=config.keep_error
+            )
+        )
+    for i, direction in enumerate(config.directions):
+        vector = _direction_vector(direction, i, lm, get, config.sae_id)
+        hooks.append(direction_controller(direction.layer, vector, direction.alpha, config.positions))
+    return SteeringPlan(config, main, hooks)
+
+
+def _check_width(lm: LoadedModel, layer: str, width: int, what: str) -> None:
+    info = lm.layer(layer)  # NotFoundError with close names
+    if info.width not in (-1, width):
+        raise InvalidInputError(
+            f"{what} reads width {width}, but layer {layer!r} of {lm.name!r} has width {info.width}"
+        )
+
+
+def _direction_vector(
+    direction: DirectionEdit, index: int, lm: LoadedModel, get: Callable[[str], SAE], default_sae: str | None
+) -> Tensor:
+    where = f"directions[{index}]"
+    info = lm.layer(direction.layer)
+    if direction.vector is not None:
+        vector = torch.tensor(direction.vector, dtype=torch.float32)
+    else:
+        sae_id = direction.sae_id or default_sae
+        sae = get(sae_id)
+        _check_latent(where, direction.latent, sae.n_latents, sae_id)
+        vector = sae.W_dec.detach()[direction.latent].float().cpu()
+    if info.width not in (-1, len(vector)):
+        raise InvalidInputError(
+            f"{where}: the direction has width {len(vector)}, layer {direction.layer!r} has {info.width}",
+            details={"where": where},
+        )
+    if direction.normalize:
+        vector = vector / vector.norm().clamp_min(1e-12)
+    return vector.to(lm.device)
+
+
+def plan_from_store(
+    store: LocalStore, lm: LoadedModel, config: SteeringConfig, sae: SAE | None = None
+) -> SteeringPlan:
+    """`compile_plan` with SAEs loaded from the store onto the model's device."""
+    from kestrel.core.sae.pipeline import load_sae
+
+    return compile_plan(
+        config, lm, load_sae=lambda sae_id: load_sae(store, sae_id, device=lm.device), sae=sae
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and generate with a plan
+
+
+def steered_forward(
+    lm: LoadedModel, texts: Sequence[str], plan: SteeringPlan, **kwargs: Any
+) -> ForwardResult:
+    """A forward pass with the plan's edits (a forward is one prompt pass: call 0)."""
+    return forward(lm, texts, hooks=plan.hooks, **kwargs)
+
+
+def next_token_probs(lm: LoadedModel, texts: Sequence[str], plan: SteeringPlan | None = None) -> Tensor:
+    """[B, vocab] next-token probabilities after each text, with or without the plan."""
+    result = forward(lm, texts, hooks=plan.hooks if plan is not None else ())
+    last_B = result.attention_mask_BT.sum(dim=1) - 1
+    logits_BV = result.logits_BTV[torch.arange(len(texts)), last_B]
+    return logits_BV.float().softmax(dim=-1)
+
+
+class _LatentTrace:
+    """Top latents at the last position of every pass: pass j is where generated token j was chosen."""
+
+    def __init__(self, sae: SAE, layer: str, top_k: int) -> None:
+        self.sae, self.layer, self.top_k = sae, layer, top_k
+        self.steps: list[tuple[Tensor, Tensor]] = []
+
+    def detector(self) -> Detector:
+        def record(x: Tensor, _: HookContext) -> None:
+            encoded = self.sae.encode(x[:, -1].to(self.sae.W_dec.dtype))
+            k = min(self.top_k, encoded.acts.shape[-1])
+            values_BK, order_BK = encoded.acts.topk(k, dim=-1)
+            self.steps.append((values_BK.cpu(), encoded.indices.gather(-1, order_BK).cpu()))
+
+        return Detector(self.layer, record)
+
+    def per_token(self, row: int, n_tokens: int, names: dict[int, str]) -> list[list[dict[str, Any]]]:
+        out = []
+        for values_BK, indices_BK in self.steps[:n_tokens]:
+            out.append(
+                [
+                    {"latent": int(i), "value": round(float(v), 4), "name": names.get(int(i))}
+                    for v, i in zip(values_BK[row].tolist(), indices_BK[row].tolist(), strict=True)
+                    if v > 0
+                ]
+            )
+        return out
+
+
+def generate_side_by_side(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    plan: SteeringPlan,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    top_latents: int = 0,
+    names: dict[int, str] | None = None,
+) -> dict[str, Any]:
+    """Default and steered continuations of each prompt, with the same seed; and each run's time.
+
+    With ``top_latents`` > 0 (and an SAE in the plan), each generated token comes with the SAE's
+    strongest latents at the position that chose it, in both runs: the steered ones show the edit.
+    """
+    if top_latents and plan.sae is None:
+        raise InvalidInputError("top_latents needs an SAE in the steering config (sae_id)")
+    common = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+    }
+    traces = {}
+    outputs = {}
+    timings = {}
+    for run, hooks in (("default", []), ("steered", list(plan.hooks))):
+        extra: list[Controller | Detector] = []
+        if top_latents:
+            traces[run] = _LatentTrace(plan.sae, plan.layer, top_latents)
+            extra.append(traces[run].detector())
+        started = time.perf_counter()
+        outputs[run] = generate(lm, prompts, hooks=[*hooks, *extra], **common)
+        timings[run] = time.perf_counter() - started
+    results = []
+    for row, prompt in enumerate(prompts):
+        item: dict[str, Any] = {"prompt": prompt}
+        for run in ("default", "steered"):
+            generation = outputs[run][row]
+            side: dict[str, Any] = {"text": generation.text, "token_ids": generation.token_ids}
+            if top_latents:
+                tokens = lm.tokenizer.convert_ids_to_tokens(generation.token_ids)
+                latents = traces[run].per_token(row, len(tokens), names or {})
+                side["tokens"] = [
+                    {"token": tok, "token_id": tid, "latents": lat}
+                    for tok, tid, lat in zip(tokens, generation.token_ids, latents, strict=True)
+                ]
+            item[run] = side
+        results.append(item)
+    return {"items": results, "seconds": {run: round(t, 4) for run, t in timings.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved configs and preview
+
+
+def save_config(store: LocalStore, config: SteeringConfig, *, config_id: str | None = None) -> dict[str, Any]:
+    """Check ``config`` against its SAEs and save it; the record returned carries its new id."""
+    config = check_config(store, config)
+    config_id = validate_id(config_id, "steering id") if config_id else new_id("steer")
+    record = {
+        "id": config_id,
+        "kind": KIND,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config.model_dump(mode="json"),
+    }
+    with store.writer(KIND, config_id) as writer:
+        writer.commit(record)
+    return record
+
+
+def get_config_record(store: LocalStore, config_id: str) -> dict[str, Any]:
+    validate_id(config_id, "steering id")
+    if not store.exists(KIND, config_id):
+        raise NotFoundError(f"no steering config {config_id!r}", details={"id": config_id})
+    return store.read_json(KIND, config_id)
+
+
+def load_config(store: LocalStore, config_id: str) -> SteeringConfig:
+    return SteeringConfig.from_dict(get_config_record(store, config_id)["config"])
+
+
+def list_configs(store: LocalStore) -> list[dict[str, Any]]:
+    return [store.read_json(KIND, config_id) for config_id in store.list(KIND)]
+
+
+def delete_config(store: LocalStore, config_id: str) -> None:
+    get_config_record(store, config_id)
+    store.delete(KIND, config_id)
+
+
+def preview(store: LocalStore, config: SteeringConfig) -> dict[str, Any]:
+    """Validate ``config`` and list what it touches, with the latents' names and statistics."""
+    from kestrel.core.concepts.dictionary import read_dictionary
+
+    config = check_config(store, config)
+    touches = []
+    if config.sae_id:
+        concepts = read_dictionary(store, config.sae_id)
+        stats = _latent_stats(store, config.sae_id, [e.latent for e in config.edits])
+        for i, edit in enumerate(config.edits):
+            concept = concepts.get(edit.latent)
+            touches.append(
+                {
+                    "edit": i,
+                    "latent": edit.latent,
+                    "op": edit.op,
+                    "value": edit.value,
+                    "name": concept.name if concept else None,
+                    "source": concept.source if concept else None,
+                    **stats.get(edit.latent, {}),
+                }
+            )
+    directions = []
+    for i, direction in enumerate(config.directions):
+        sae_id = direction.sae_id or config.sae_id if direction.latent is not None else None
+        name = None
+        if sae_id is not None:
+            concept = read_dictionary(store, sae_id).get(direction.latent)
+            name = concept.name if concept else None
+        directions.append(
+            {
+                "direction": i,
+                "layer": direction.layer,
+                "alpha": direction.alpha,
+                "kind": "vector" if direction.vector is not None else "latent",
+                "latent": direction.latent,
+                "sae_id": sae_id,
+                "name": name,
+                "normalize": direction.normalize,
+            }
+        )
+    return {
+        "valid": True,
+        "sae_id": config.sae_id,
+        "layer": config.layer,
+        "positions": config.positions,
+        "keep_error": config.keep_error,
+        "touches": touches,
+        "directions": directions,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def _latent_stats(store: LocalStore, sae_id: str, latents: list[int]) -> dict[int, dict[str, float]]:
+    """Density and max activation from discovery, when it has run."""
+    from kestrel.core.concepts.store import FeatureReader
+
+    try:
+        reader = FeatureReader(store, sae_id)
+    except NotFoundError:
+        return {}
+    stats = reader.full("density", "max_activation")
+    return {
+        latent: {
+            "density": float(stats["density"][latent]),
+            "max_activation": float(stats["max_activation"][latent]),
+        }
+        for latent in latents
+        if latent < reader.n_latents
+    }
