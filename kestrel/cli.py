@@ -30,6 +30,10 @@ runs_app = typer.Typer(help="Stored activation runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 saes_app = typer.Typer(help="Trained sparse autoencoders.", no_args_is_help=True)
 app.add_typer(saes_app, name="saes")
+concepts_app = typer.Typer(help="The concept dictionary of an SAE: names per latent.", no_args_is_help=True)
+app.add_typer(concepts_app, name="concepts")
+steering_app = typer.Typer(help="Saved steering configs.", no_args_is_help=True)
+app.add_typer(steering_app, name="steering")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -381,6 +385,381 @@ def saes_delete(sae_id: str, store: StoreOpt = None) -> None:
 
     pipeline.delete_sae(_store(store), sae_id)
     console.print(f"deleted sae {sae_id}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts and steering
+
+
+def _dataset_spec(
+    text: list[str] | None, file: Path | None, text_field: str, txt_mode: str, limit: int | None
+):
+    """An inline or file dataset from the shared options, or None when neither is given."""
+    from kestrel.core.datasets import FileSource, TextsSource
+    from kestrel.core.errors import InvalidInputError
+
+    if text and file is not None:
+        raise InvalidInputError("give --text or --file, not both")
+    if text:
+        return TextsSource(texts=text, limit=limit)
+    if file is not None:
+        return FileSource(path=str(file), text_field=text_field, txt_mode=_txt_mode(txt_mode), limit=limit)
+    return None
+
+
+def _sae_model(the_store, sae_id: str, model: str | None, device: str):
+    from kestrel.core.models import load_model
+    from kestrel.core.sae import pipeline
+
+    summary = pipeline.get_sae(the_store, sae_id)
+    name = model or summary.get("model") or summary["config"].get("model")
+    return load_model(name, device=device, store_root=the_store.root)
+
+
+@app.command()
+@friendly_errors
+def discover(
+    sae_id: Annotated[str, typer.Argument(help="the SAE whose latents to explain")],
+    run: Annotated[str | None, typer.Option(help="a stored run [default: the SAE's training run]")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")
+    ] = None,
+    file: Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")] = None,
+    text_field: Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet")] = "text",
+    txt_mode: Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")] = "line",
+    limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
+    top_n: Annotated[int, typer.Option(help="top contexts kept per latent")] = 20,
+    window: Annotated[int, typer.Option(help="tokens shown either side of a context's token")] = 8,
+    keep_sinks: Annotated[bool, typer.Option(help="include attention-sink rows (position 0, ...)")] = False,
+    model: Annotated[str | None, typer.Option(help="model [default: the SAE's]")] = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find each latent's top contexts, binned samples, density, histogram and logit effects."""
+    from tqdm.auto import tqdm
+
+    from kestrel.core.activations import RowFilter
+    from kestrel.core.concepts import DiscoveryConfig
+    from kestrel.core.concepts import discover as run_discovery
+
+    the_store = _store(store)
+    dataset = _dataset_spec(text, file, text_field, txt_mode, limit)
+    config = DiscoveryConfig(top_n=top_n, window=window, **({"filters": RowFilter()} if keep_sinks else {}))
+    lm = _sae_model(the_store, sae_id, model, device)
+    bar = tqdm(desc="discover", unit="tok", unit_scale=True)
+
+    def show(progress) -> None:
+        bar.n = progress.tokens
+        bar.set_postfix(stage=progress.stage, rows=progress.rows)
+        bar.refresh()
+
+    try:
+        manifest = run_discovery(
+            the_store, sae_id, lm, run_id=run, dataset=dataset, config=config, on_progress=show
+        )
+    finally:
+        bar.close()
+    if as_json:
+        return _print_json(manifest)
+    console.print(
+        f"[green]features of {sae_id}[/] ({manifest['version']}): {manifest['alive_latents']:,} of "
+        f"{manifest['n_latents']:,} latents fired on {manifest['n_rows']:,} rows "
+        f"({manifest['n_tokens']:,} tokens, {manifest['tokens_per_s']:,.0f} tokens/s)"
+    )
+
+
+@app.command()
+@friendly_errors
+def features(
+    sae_id: Annotated[str, typer.Argument(help="an SAE with discovered features")],
+    search: Annotated[str | None, typer.Option(help="match names, tags, top and promoted tokens")] = None,
+    latent: Annotated[int | None, typer.Option(help="show this latent's page instead of a list")] = None,
+    sort: Annotated[str, typer.Option(help="latent, density or max_activation")] = "latent",
+    limit: Annotated[int, typer.Option(help="rows to show")] = 30,
+    offset: Annotated[int, typer.Option(help="rows to skip")] = 0,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List discovered features (searchable), or show one latent's contexts and logit effects."""
+    from kestrel.core.concepts import feature_page, list_features
+
+    the_store = _store(store)
+    if latent is not None:
+        page = feature_page(the_store, sae_id, latent)
+        if as_json:
+            return _print_json(page)
+        return _print_feature_page(page)
+    listing = list_features(the_store, sae_id, search=search, sort=sort, offset=offset, limit=limit)  # type: ignore[arg-type]
+    if as_json:
+        return _print_json(listing)
+    table = Table("latent", "density", "max", "top tokens", "promotes", "name", "source")
+    for item in listing["items"]:
+        concept = item["concept"] or {}
+        table.add_row(
+            str(item["latent"]),
+            f"{item['density']:.2%}",
+            f"{item['max_activation']:.2f}",
+            " ".join(repr(t) for t in item["top_tokens"]),
+            " ".join(repr(t) for t in item["promoted_tokens"][:3]),
+            concept.get("name", ""),
+            concept.get("source", ""),
+        )
+    console.print(table)
+    console.print(f"{listing['total']:,} matching of {listing['n_latents']:,} latents")
+
+
+def _print_feature_page(page: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    concept = page["concept"] or {}
+    console.print(
+        f"[bold]latent {page['latent']}[/] {escape(concept.get('name', ''))} "
+        f"density {page['density']:.3%}, max {page['max_activation']:.3f}, mean {page['mean_activation']:.3f}"
+    )
+    for ctx in page["top_contexts"]:
+        tokens = [escape(t) for t in ctx["tokens"]]
+        tokens[ctx["target"]] = f"[bold reverse]{tokens[ctx['target']]}[/]"
+        console.print(f"{ctx['activation']:8.3f}  {''.join(tokens)}".replace("\n", " "))
+    promoted = ", ".join(repr(x["token"]) for x in page["logits"]["positive"])
+    suppressed = ", ".join(repr(x["token"]) for x in page["logits"]["negative"])
+    console.print(f"promotes: {escape(promoted)}\nsuppresses: {escape(suppressed)}")
+
+
+@app.command()
+@friendly_errors
+def label(
+    sae_id: Annotated[str, typer.Argument(help="an SAE with discovered features")],
+    method: Annotated[
+        str, typer.Option(help="heuristic (tokens) or model (the LM names them)")
+    ] = "heuristic",
+    latent: Annotated[
+        list[int] | None, typer.Option("--latent", help="only these latents (repeatable)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace manual names too")] = False,
+    model: Annotated[str | None, typer.Option(help="model [default: the SAE's]")] = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name latents automatically; each name records its source (heuristic or model)."""
+    from kestrel.core.concepts import label_features
+    from kestrel.core.errors import InvalidInputError
+
+    if method not in ("heuristic", "model"):
+        raise InvalidInputError(f"--method must be heuristic or model, got {method!r}")
+    the_store = _store(store)
+    lm = _sae_model(the_store, sae_id, model, device) if method == "model" else None
+    result = label_features(the_store, sae_id, method, lm=lm, latents=latent, overwrite=overwrite)  # type: ignore[arg-type]
+    if as_json:
+        return _print_json(result)
+    console.print(f"labelled {result['labelled']} latent(s) of {sae_id} ({method})")
+
+
+def _dictionary_format(value: str | None, path: Path | None) -> Literal["json", "csv"]:
+    from kestrel.core.errors import InvalidInputError
+
+    fmt = value or (path.suffix.lstrip(".").lower() if path is not None else "json")
+    if fmt not in ("json", "csv"):
+        raise InvalidInputError(f"dictionary format must be json or csv, got {fmt!r}")
+    return fmt  # type: ignore[return-value]
+
+
+@concepts_app.command("import")
+@friendly_errors
+def concepts_import(
+    sae_id: Annotated[str, typer.Argument(help="the SAE the names are for")],
+    path: Annotated[Path, typer.Argument(help="a .json or .csv dictionary file")],
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="json or csv [default: from the suffix]")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="drop names not in the file")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Import names from JSON or CSV, checked whole against the SAE before anything is written."""
+    from kestrel.core.concepts import import_dictionary
+    from kestrel.core.errors import NotFoundError
+
+    if not path.is_file():
+        raise NotFoundError(f"no file {str(path)!r}")
+    result = import_dictionary(
+        _store(store), sae_id, path.read_bytes(), _dictionary_format(fmt, path), replace=replace
+    )
+    console.print(f"imported {result['imported']} concept(s) into {sae_id}")
+
+
+@concepts_app.command("export")
+@friendly_errors
+def concepts_export(
+    sae_id: Annotated[str, typer.Argument(help="the SAE whose names to export")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="file [default: stdout]")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="json or csv [default: from the suffix]")
+    ] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Export the dictionary as JSON or CSV."""
+    from kestrel.core.concepts import export_dictionary
+
+    text = export_dictionary(_store(store), sae_id, _dictionary_format(fmt, output))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        console.print(f"wrote {output}")
+
+
+@concepts_app.command("set")
+@friendly_errors
+def concepts_set(
+    sae_id: Annotated[str, typer.Argument(help="the SAE")],
+    latent: Annotated[int, typer.Argument(help="latent index")],
+    name: Annotated[str, typer.Argument(help="its name")],
+    description: Annotated[str, typer.Option(help="what it means")] = "",
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="a tag (repeatable)")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Name one latent by hand (source: manual)."""
+    from kestrel.core.concepts import Concept, update_concepts
+
+    update_concepts(
+        _store(store), sae_id, [Concept(latent=latent, name=name, description=description, tags=tag or [])]
+    )
+    console.print(f"latent {latent} of {sae_id}: {name}")
+
+
+def _parse_edit(value: str, index: int) -> dict[str, Any]:
+    """``LATENT:OP:VALUE`` (op scale, clamp or add), e.g. ``12:clamp:8``."""
+    from kestrel.core.errors import InvalidInputError
+
+    parts = value.split(":")
+    if len(parts) != 3:
+        raise InvalidInputError(f"--edit {index + 1} {value!r}: expected LATENT:OP:VALUE, e.g. 12:clamp:8")
+    try:
+        return {"latent": int(parts[0]), "op": parts[1], "value": float(parts[2])}
+    except ValueError:
+        raise InvalidInputError(
+            f"--edit {index + 1} {value!r}: LATENT is an integer, VALUE a number"
+        ) from None
+
+
+@app.command()
+@friendly_errors
+def steer(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt (repeatable)")],
+    sae: Annotated[str | None, typer.Option("--sae", help="the SAE whose latents --edit names")] = None,
+    edit: Annotated[
+        list[str] | None,
+        typer.Option("--edit", "-e", help="LATENT:OP:VALUE, op scale|clamp|add (repeatable)"),
+    ] = None,
+    config_id: Annotated[str | None, typer.Option("--config", help="a saved steering config")] = None,
+    positions: Annotated[str, typer.Option(help="all, prompt or generated")] = "all",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 20,
+    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of sampling (the same for both runs)")] = 0,
+    top_latents: Annotated[int, typer.Option(help="show this many SAE latents per generated token")] = 0,
+    save: Annotated[bool, typer.Option(help="save the config and print its id")] = False,
+    model: Annotated[str | None, typer.Option(help="model [default: the SAE's]")] = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate default and steered continuations side by side."""
+    from kestrel.core import steering
+    from kestrel.core.concepts import read_dictionary
+    from kestrel.core.errors import InvalidInputError
+    from kestrel.core.models import load_model
+
+    the_store = _store(store)
+    if config_id is not None:
+        if sae or edit:
+            raise InvalidInputError("give --config, or --sae with --edit, not both")
+        config = steering.load_config(the_store, config_id)
+    else:
+        edits = [_parse_edit(value, i) for i, value in enumerate(edit or [])]
+        config = steering.SteeringConfig(sae_id=sae, edits=edits, positions=positions)  # type: ignore[arg-type]
+    config = steering.check_config(the_store, config)
+    if config.sae_id:
+        lm = _sae_model(the_store, config.sae_id, model, device)
+    else:
+        lm = load_model(model or "smollm2-135m", device=device, store_root=the_store.root)
+    plan = steering.plan_from_store(the_store, lm, config)
+    names = {i: c.name for i, c in read_dictionary(the_store, config.sae_id).items()} if config.sae_id else {}
+    result = steering.generate_side_by_side(
+        lm,
+        prompt,
+        plan,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature,
+        seed=seed,
+        top_latents=top_latents,
+        names=names,
+    )
+    if save:
+        result["config_id"] = steering.save_config(the_store, config)["id"]
+    if as_json:
+        return _print_json(result)
+    from rich.markup import escape
+
+    for item in result["items"]:
+        console.print(f"[bold]{escape(item['prompt'])}[/]")
+        console.print(f"  default: {escape(item['default']['text'])}")
+        console.print(f"  [green]steered[/]: {escape(item['steered']['text'])}")
+        for token in item["steered"].get("tokens", []):
+            latents = ", ".join(
+                f"{x['latent']}{'=' + x['name'] if x['name'] else ''} {x['value']:.2f}"
+                for x in token["latents"]
+            )
+            console.print(f"    {escape(repr(token['token']))}: {escape(latents)}")
+    if save:
+        console.print(f"saved steering config {result['config_id']}")
+
+
+@steering_app.command("list")
+@friendly_errors
+def steering_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List saved steering configs."""
+    from kestrel.core import steering
+
+    records = steering.list_configs(_store(store))
+    if as_json:
+        return _print_json(records)
+    table = Table("id", "name", "sae", "layer", "edits", "directions", "positions", "created")
+    for r in records:
+        c = r["config"]
+        table.add_row(
+            r["id"],
+            c.get("name") or "",
+            str(c.get("sae_id")),
+            str(c.get("layer")),
+            str(len(c["edits"])),
+            str(len(c["directions"])),
+            c["positions"],
+            r["created"],
+        )
+    console.print(table)
+
+
+@steering_app.command("show")
+@friendly_errors
+def steering_show(config_id: str, store: StoreOpt = None) -> None:
+    """Preview a saved config: what it touches, with the latents' names."""
+    from kestrel.core import steering
+
+    the_store = _store(store)
+    _print_json(steering.preview(the_store, steering.load_config(the_store, config_id)))
+
+
+@steering_app.command("delete")
+@friendly_errors
+def steering_delete(config_id: str, store: StoreOpt = None) -> None:
+    """Delete a saved steering config."""
+    from kestrel.core import steering
+
+    steering.delete_config(_store(store), config_id)
+    console.print(f"deleted steering config {config_id}")
 
 
 DEMO_TEXTS = [

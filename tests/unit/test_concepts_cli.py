@@ -1,0 +1,101 @@
+"""The concept and steering commands end to end: capture, train, discover, features, label,
+concepts import/export/set, steer, steering list/show/delete (SmolLM2 from the shared cache)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kestrel.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def json_out(result) -> object:
+    text = result.stdout
+    start = min(i for i in (text.find("{"), text.find("[")) if i >= 0)
+    return json.loads(text[start:])
+
+
+@pytest.fixture(scope="module")
+def sae_store(tmp_path_factory, model_cache_root, smollm):
+    """A store with a small SAE on SmolLM2's layer 2 (made through the CLI)."""
+    root = tmp_path_factory.mktemp("cli") / "store"
+    root.mkdir()
+    (root / "models").symlink_to(model_cache_root / "models", target_is_directory=True)
+    texts = [f"Sentence {i} is about {('pasta', 'goals', 'stars')[i % 3]} and more." for i in range(45)]
+    args = [a for t in texts for a in ("--text", t)]
+    store = ("--store", str(root))
+    assert (
+        invoke("capture", "-l", "model.layers.2", *args, "--run-id", "r", "--device", "cpu", *store).exit_code
+        == 0
+    )
+    result = invoke(
+        "train", "r", "-l", "model.layers.2", "--n-latents", "64", "--k", "4", "--batch-size", "128",
+        "--sae-id", "cli-sae", *store,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_discover_features_label_and_dictionary(sae_store, tmp_path) -> None:
+    store = ("--store", str(sae_store))
+    result = invoke(
+        "discover", "cli-sae", "--device", "cpu", "--top-n", "5", "--window", "3", *store, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json_out(result)
+    assert manifest["source"] == {"kind": "run", "run_id": "r"} and manifest["config"]["top_n"] == 5
+    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "3", *store, "--json"))
+    assert listing["total"] == 64 and len(listing["items"]) == 3
+    latent = listing["items"][0]["latent"]
+    page = invoke("features", "cli-sae", "--latent", str(latent), *store)
+    assert page.exit_code == 0 and f"latent {latent}" in page.stdout and "promotes:" in page.stdout
+    assert invoke("concepts", "set", "cli-sae", str(latent), "Pasta", "--tag", "food", *store).exit_code == 0
+    labelled = json_out(invoke("label", "cli-sae", *store, "--json"))
+    assert labelled["labelled"] > 1
+    found = json_out(invoke("features", "cli-sae", "--search", "pasta", *store, "--json"))
+    assert latent in [item["latent"] for item in found["items"]]
+    out = tmp_path / "names.csv"
+    assert invoke("concepts", "export", "cli-sae", "-o", str(out), *store).exit_code == 0
+    assert out.read_text().splitlines()[0] == "latent,name,description,tags,source"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("latent,name\n3,ok\n64,too far\n")
+    result = invoke("concepts", "import", "cli-sae", str(bad), *store)
+    assert result.exit_code == 2 and "line 3: latent 64 is out of range" in " ".join(result.output.split())
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"n_latents": 64, "concepts": [{"latent": 1, "name": "One"}]}))
+    assert invoke("concepts", "import", "cli-sae", str(good), "--replace", *store).exit_code == 0
+    exported = json.loads(invoke("concepts", "export", "cli-sae", *store).stdout)
+    assert [c["latent"] for c in exported["concepts"]] == [1]
+
+
+def test_steer_side_by_side_save_list_show_delete(sae_store) -> None:
+    store = ("--store", str(sae_store))
+    result = invoke(
+        "steer", "-p", "The weather today", "--sae", "cli-sae", "-e", "3:clamp:40", "-e", "5:scale:0",
+        "--max-new-tokens", "5", "--top-latents", "2", "--save", "--device", "cpu", *store, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json_out(result)
+    item = out["items"][0]
+    assert len(item["steered"]["tokens"]) == 5 and out["config_id"].startswith("steer-")
+    listed = json_out(invoke("steering", "list", *store, "--json"))
+    assert [r["id"] for r in listed] == [out["config_id"]]
+    shown = json_out(invoke("steering", "show", out["config_id"], *store))
+    assert [t["latent"] for t in shown["touches"]] == [3, 5]
+    again = invoke("steer", "-p", "The weather today", "--config", out["config_id"], "--max-new-tokens", "5",
+                   "--device", "cpu", *store, "--json")  # fmt: skip
+    assert json_out(again)["items"][0]["steered"]["text"] == item["steered"]["text"]
+    bad = invoke("steer", "-p", "x", "--sae", "cli-sae", "-e", "99:clamp:1", *store)
+    assert bad.exit_code == 2 and "edits[0]: latent 99 is out of range" in " ".join(bad.output.split())
+    bad = invoke("steer", "-p", "x", "--sae", "cli-sae", "-e", "3:boost:1", *store)
+    assert bad.exit_code == 2 and "edits.0.op" in bad.output
+    assert invoke("steering", "delete", out["config_id"], *store).exit_code == 0
+    assert json_out(invoke("steering", "list", *store, "--json")) == []
