@@ -57,6 +57,13 @@ def layers_job(ctx: JobContext, name: str) -> dict[str, Any]:
     return table
 
 
+@job_function("ping")
+def ping_job(ctx: JobContext, payload: str = "") -> dict[str, Any]:
+    """A job that does nothing but the bookkeeping every job does: measures the queue itself
+    (bench/api.py) and checks that a worker takes jobs."""
+    return {"pong": payload}
+
+
 # ---------------------------------------------------------------------------------------------
 # Capture
 

@@ -37,3 +37,22 @@ def test_probes_fail_without_a_live_process(service: Stack) -> None:
 
     assert probe("api", KESTREL_PORT=str(free_port())).returncode == 1
     assert healthcheck.main(["nonsense"]) == 2
+
+
+def test_a_ping_job_runs_on_a_worker(service: Stack) -> None:
+    """The trivial job bench/api.py times: through the queue and a worker, bookkeeping included."""
+    from service_stack import wait_until
+
+    from kestrel.workers import jobs, queues
+
+    redis = queues.connect(service.redis_url)
+    try:
+        job = queues.enqueue(
+            redis, queues.BATCH, jobs.ping_job, kind="ping", kwargs={"payload": "x"}, timeout_s=30, ttl_s=60
+        )
+        info = wait_until(
+            lambda: (i := queues.get_job(redis, job.id)).status == "finished" and i, 30, "the ping job"
+        )
+    finally:
+        redis.close()
+    assert info.kind == "ping" and info.result == {"pong": "x"} and info.progress == 1.0
