@@ -43,9 +43,12 @@ Positions = Literal["all", "prompt", "generated"]
 _OP_CODES = {"scale": 0, "clamp": 1, "add": 2}
 
 
+MAX_MAGNITUDE = 1e6  # far beyond any useful edit; keeps activations, and so logits, finite
+
+
 def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value}")
+    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        raise ValueError(f"must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, got {value}")
     return value
 
 
@@ -83,9 +86,13 @@ class DirectionEdit(_Item):
         if vector is not None:
             if not vector:
                 raise ValueError("vector is empty")
-            bad = next((i for i, v in enumerate(vector) if not math.isfinite(v)), None)
+            bad = next(
+                (i for i, v in enumerate(vector) if not math.isfinite(v) or abs(v) > MAX_MAGNITUDE), None
+            )
             if bad is not None:
-                raise ValueError(f"vector[{bad}] is not a finite number")
+                raise ValueError(
+                    f"vector[{bad}] is not a finite number of magnitude at most {MAX_MAGNITUDE:g}"
+                )
         return vector
 
     @model_validator(mode="after")

@@ -24,7 +24,17 @@ from kestrel.server.deps import require_api_key
 from kestrel.server.errors import error_json, install_error_handlers
 from kestrel.server.limits import BodyLimitMiddleware
 from kestrel.server.metrics import make_registry
-from kestrel.server.routers import activations, health, jobs, models, saes, uploads
+from kestrel.server.routers import (
+    activations,
+    concepts,
+    features,
+    health,
+    jobs,
+    models,
+    saes,
+    steering,
+    uploads,
+)
 from kestrel.settings import Settings, get_settings
 from kestrel.workers import queues
 from kestrel.workers.reaper import Reaper
@@ -33,9 +43,10 @@ MULTIPART_OVERHEAD = 1 << 20  # multipart headers and boundaries around an uploa
 DESCRIPTION = """\
 Kestrel: capture activations, train sparse autoencoders and read their latents, over HTTP.
 
-Long jobs (capture, training, evaluation) answer **202 Accepted** with `Location: /v1/jobs/{id}`;
-poll the job or stream `GET /v1/jobs/{id}/events`. Interactive calls (encode, layer tables, model
-loads) wait for their result. Errors always have the shape `{"error": {"code", "message", "details"}}`.
+Long jobs (capture, training, evaluation, discovery, labelling) answer **202 Accepted** with
+`Location: /v1/jobs/{id}`; poll the job or stream `GET /v1/jobs/{id}/events`. Interactive calls
+(encode, generate, steering preview, layer tables, model loads) wait for their result. Errors
+always have the shape `{"error": {"code", "message", "details"}}`.
 When an API key is configured, send it as `X-API-Key` (health, ready and these docs need none).
 """
 
@@ -87,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(health.metrics_router, dependencies=protected)
-    for module in (models, activations, saes, jobs, uploads):
+    for module in (models, activations, saes, features, concepts, steering, jobs, uploads):
         app.include_router(module.router, prefix="/v1", dependencies=protected)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -16,9 +16,12 @@ from kestrel.core.activations import get_manifest, list_runs
 from kestrel.core.datasets import TextsSource
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.models import available_models
+from kestrel.core.steering import SteeringConfig
 from kestrel.core.store import LocalStore, new_id, validate_id
 from kestrel.schemas import (
     CaptureRequest,
+    DiscoverRequest,
+    GenerateRequest,
     ModelInfo,
     ModelLoadedBy,
     RunSummary,
@@ -212,3 +215,88 @@ def _check_resumable(store: LocalStore, sae_id: str) -> None:
         raise InvalidInputError(f"SAE {sae_id!r} finished training already; nothing to resume")
     if not (store.root / "checkpoints" / sae_id).is_dir():
         raise NotFoundError(f"no checkpoint for SAE {sae_id!r} to resume from", details={"id": sae_id})
+
+
+# ---------------------------------------------------------------------------------------------
+# Features, concepts and steering
+
+
+def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings, store: LocalStore) -> dict:
+    """Check the SAE, the source and the limits before a discovery is queued; the job's kwargs."""
+    from kestrel.core.sae.pipeline import get_sae
+
+    summary = get_sae(store, sae_id)
+    if request.run_id is not None and request.dataset is not None:
+        raise InvalidInputError("give run_id or dataset, not both")
+    dataset = request.dataset
+    if isinstance(dataset, TextsSource):
+        check_texts(dataset.texts, settings)
+    elif isinstance(dataset, UploadSource):
+        manifest = uploads.get_upload(store, validate_id(dataset.upload_id, "upload id"))
+        if manifest["kind"] != "dataset":
+            raise InvalidInputError(f"upload {dataset.upload_id!r} is {manifest['format']}, not a dataset")
+    if request.config.max_length > settings.max_tokens_per_text:
+        limit = settings.max_tokens_per_text
+        raise limit_exceeded(
+            "max_tokens_per_text", limit, request.config.max_length, "config.max_length too large", 422
+        )
+    run_id = request.run_id if dataset is None else None
+    run_id = run_id or (summary.get("run_id") if dataset is None else None)
+    if dataset is None:
+        if not run_id:
+            raise InvalidInputError(f"sae {sae_id!r} has no training run; give run_id or a dataset")
+        manifest = get_manifest(store, validate_id(run_id, "run id"))
+        if summary.get("layer") not in manifest["layers"]:
+            raise InvalidInputError(
+                f"run {run_id!r} did not capture the SAE's layer {summary.get('layer')!r}"
+            )
+    request.config.check_size(int(summary["config"]["n_latents"]))  # histogram and state bounds
+    return {"sae_id": sae_id, "request": request.model_dump(mode="json")}
+
+
+def checked_steering(
+    store: LocalStore, config_id: str | None, config: SteeringConfig | None
+) -> SteeringConfig:
+    """A saved or inline config (exactly one), checked against its SAEs' summaries."""
+    from kestrel.core import steering
+
+    if (config_id is None) == (config is None):
+        raise InvalidInputError("give a saved steering config id or an inline config (exactly one)")
+    if config_id is not None:
+        config = steering.load_config(store, validate_id(config_id, "steering id"))
+    return steering.check_config(store, config)
+
+
+def prepare_generate(name: str, request: GenerateRequest, settings: Settings, store: LocalStore) -> dict:
+    """Limits, the model name and the steering config, checked before the job is queued."""
+    from kestrel.core.sae.pipeline import get_sae
+
+    checked_model(name, settings)
+    check_texts(request.prompts, settings)
+    if request.max_new_tokens > settings.max_new_tokens:
+        raise limit_exceeded(
+            "max_new_tokens", settings.max_new_tokens, request.max_new_tokens, "max_new_tokens too large", 422
+        )
+    check_top_k(request.top_latents, settings)
+    config = None
+    if request.steering_id is not None or request.steering is not None:
+        config = checked_steering(store, request.steering_id, request.steering)
+        if config.sae_id is not None:
+            sae_model = get_sae(store, config.sae_id).get("model")
+            if sae_model and sae_model != name:
+                raise InvalidInputError(
+                    f"sae {config.sae_id!r} reads {sae_model!r}; it cannot steer {name!r}",
+                    details={"model": name, "sae_model": sae_model},
+                )
+    elif request.top_latents:
+        raise InvalidInputError("top_latents needs a steering config with an SAE")
+    options = request.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_p", "seed"})
+    if config is not None:
+        options["top_latents"] = request.top_latents
+    return {
+        "model": name,
+        "prompts": request.prompts,
+        "options": options,
+        "steering_config": config.model_dump(mode="json") if config is not None else None,
+        "steering_id": request.steering_id,
+    }

@@ -16,7 +16,13 @@ from typing import Any
 
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError
-from kestrel.schemas import CaptureRequest, HubDatasetSource, SAEHyperparameters, UploadSource
+from kestrel.schemas import (
+    CaptureRequest,
+    DiscoverRequest,
+    HubDatasetSource,
+    SAEHyperparameters,
+    UploadSource,
+)
 from kestrel.workers import uploads
 from kestrel.workers.context import JobContext, job_function
 from kestrel.workers.queues import LAYERS_KEY
@@ -253,3 +259,139 @@ class _SAECache:
 
 
 sae_cache = _SAECache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts and steering
+
+
+# The streaming pass's length is not known up front for every source: progress moves by stage.
+DISCOVERY_STAGE_PROGRESS = {"streaming": None, "contexts": 0.9, "done": 0.99}
+
+
+def _sae_model_name(summary: dict[str, Any]) -> str:
+    name = summary.get("model") or summary["config"].get("model")
+    if not name:
+        raise InvalidInputError(f"sae {summary.get('id')!r} does not record the model it reads")
+    return name
+
+
+@job_function("discover")
+def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Top contexts, bins, density, histogram and logit effects of every latent of an SAE."""
+    from kestrel.core.concepts import discover
+    from kestrel.core.sae.pipeline import get_sae
+
+    req = DiscoverRequest.model_validate(request)
+    summary = get_sae(ctx.store, sae_id)
+    source = dataset_source(ctx, req.dataset) if req.dataset is not None else None
+    lm = ctx.models.get(_sae_model_name(summary))
+    ctx.log(f"discovering the features of {sae_id} with {lm.name}")
+
+    def on_progress(p) -> None:
+        ctx.update(
+            progress=DISCOVERY_STAGE_PROGRESS.get(p.stage),
+            message=f"{p.stage}: {p.tokens} tokens, {p.rows} rows",
+            metrics={"tokens": p.tokens, "rows": p.rows, "tokens_per_s": p.tokens_per_s},
+        )
+
+    manifest = discover(
+        ctx.store,
+        sae_id,
+        lm,
+        run_id=req.run_id,
+        dataset=source,
+        config=req.config,
+        on_progress=on_progress,
+        should_stop=ctx.should_stop,
+    )
+    ctx.log(f"{manifest['alive_latents']} of {manifest['n_latents']} latents fired", force=True)
+    keys = ("version", "n_tokens", "n_rows", "alive_latents", "n_latents", "tokens_per_s", "seconds")
+    return {"sae_id": sae_id, **{key: manifest[key] for key in keys}}
+
+
+@job_function("label")
+def label_job(
+    ctx: JobContext, sae_id: str, method: str, latents: list[int] | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Automatic names for latents: heuristic (tokens) or model (the SAE's model names them)."""
+    from kestrel.core.concepts import label_features
+    from kestrel.core.sae.pipeline import get_sae
+
+    lm = ctx.models.get(_sae_model_name(get_sae(ctx.store, sae_id))) if method == "model" else None
+    result = label_features(
+        ctx.store,
+        sae_id,
+        method,  # type: ignore[arg-type]
+        lm=lm,
+        latents=latents,
+        overwrite=overwrite,
+        on_progress=lambda f: ctx.update(progress=min(f, 0.99), message="labelling"),
+    )
+    return {key: result[key] for key in ("sae_id", "method", "labelled")}
+
+
+def _steering_plan(ctx: JobContext, config: Any, lm: Any):
+    """The config compiled against the loaded model, SAEs from this worker's cache on its device."""
+    from kestrel.core import steering
+
+    def load(sae_id: str):
+        sae, summary = sae_cache.get(ctx, sae_id)
+        return sae.to(lm.device), summary
+
+    return steering.compile_plan(config, lm, load_sae=load)
+
+
+def _steering_model(ctx: JobContext, config: Any, model: str | None) -> str:
+    from kestrel.core.models import DEFAULT_MODEL
+    from kestrel.core.sae.pipeline import get_sae
+
+    if config.sae_id is None:
+        return model or DEFAULT_MODEL
+    sae_model = _sae_model_name(get_sae(ctx.store, config.sae_id))
+    if model is not None and model != sae_model:
+        raise InvalidInputError(
+            f"sae {config.sae_id!r} reads {sae_model!r}; it cannot steer {model!r}",
+            details={"model": model, "sae_model": sae_model},
+        )
+    return sae_model
+
+
+@job_function("steering_preview")
+def steering_preview_job(ctx: JobContext, config: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+    """Validate a steering config against its SAEs and the loaded model; list what it touches."""
+    from kestrel.core import steering
+
+    cfg = steering.check_config(ctx.store, steering.SteeringConfig.from_dict(config))
+    lm = ctx.models.get(_steering_model(ctx, cfg, model))
+    plan = _steering_plan(ctx, cfg, lm)
+    return {**steering.preview(ctx.store, plan.config), "model": lm.name}
+
+
+@job_function("generate")
+def generate_job(
+    ctx: JobContext,
+    model: str,
+    prompts: list[str],
+    options: dict[str, Any],
+    steering_config: dict[str, Any] | None = None,
+    steering_id: str | None = None,
+) -> dict[str, Any]:
+    """Default and steered continuations side by side (or only the default without a config)."""
+    from kestrel.core import steering
+    from kestrel.core.concepts import read_dictionary
+    from kestrel.core.models import generate
+
+    lm = ctx.models.get(model)
+    if steering_config is None:
+        started = time.perf_counter()
+        outputs = generate(lm, prompts, **{k: v for k, v in options.items() if k != "top_latents"})
+        seconds = time.perf_counter() - started
+        items = [{"prompt": g.prompt, "default": {"text": g.text, "token_ids": g.token_ids}} for g in outputs]
+        return {"model": model, "items": items, "seconds": {"default": round(seconds, 4)}}
+    cfg = steering.SteeringConfig.from_dict(steering_config)
+    _steering_model(ctx, cfg, model)
+    plan = _steering_plan(ctx, cfg, lm)
+    names = {i: c.name for i, c in read_dictionary(ctx.store, cfg.sae_id).items()} if cfg.sae_id else {}
+    result = steering.generate_side_by_side(lm, prompts, plan, names=names, **options)
+    return {"model": model, "steering_id": steering_id, **result}

@@ -44,6 +44,8 @@ from kestrel.core.store import LocalStore
 
 ENCODE_CHUNK_ROWS = 4096
 TOP_TOKENS = 3
+MAX_HIST_BINS = 240
+MAX_STATE_ENTRIES = 200_000_000  # about 3 GiB at 16 bytes an entry
 
 
 class DiscoveryConfig(_Config):
@@ -68,7 +70,22 @@ class DiscoveryConfig(_Config):
     def log_bins(self) -> LogBins:
         if self.hist_max <= self.hist_min:
             raise InvalidInputError(f"hist_max ({self.hist_max}) must exceed hist_min ({self.hist_min})")
-        return LogBins(self.hist_min, self.hist_max, self.hist_per_decade)
+        bins = LogBins(self.hist_min, self.hist_max, self.hist_per_decade)
+        if bins.n_bins > MAX_HIST_BINS:
+            raise InvalidInputError(
+                f"the histogram would have {bins.n_bins} bins (hist_min..hist_max at hist_per_decade); "
+                f"at most {MAX_HIST_BINS}"
+            )
+        return bins
+
+    def check_size(self, n_latents: int) -> None:
+        """The kept state is n_latents × (top_n + histogram bins × samples_per_bin) entries: bound it."""
+        entries = n_latents * (self.top_n + self.log_bins().n_bins * max(self.samples_per_bin, 1))
+        if entries > MAX_STATE_ENTRIES:
+            raise InvalidInputError(
+                f"discovery would keep {entries:,} entries for {n_latents:,} latents (at most "
+                f"{MAX_STATE_ENTRIES:,}); lower top_n, samples_per_bin or the histogram's bins per decade"
+            )
 
 
 @dataclass
@@ -115,6 +132,7 @@ def discover(
     config = _as_config(config)
     log_bins = config.log_bins()
     sae, summary = load_sae(store, sae_id, device=lm.device)
+    config.check_size(sae.n_latents)
     layer = summary.get("layer") or sae.config.layer
     if not layer:
         raise InvalidInputError(f"sae {sae_id!r} does not record the layer it reads")

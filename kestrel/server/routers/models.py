@@ -11,9 +11,17 @@ import time
 
 from fastapi import APIRouter, Body
 
-from kestrel.schemas import LayerTable, ModelLoadRequest, ModelLoadResult, ModelPage, ModelUnloadResult
+from kestrel.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    LayerTable,
+    ModelLoadRequest,
+    ModelLoadResult,
+    ModelPage,
+    ModelUnloadResult,
+)
 from kestrel.server import services
-from kestrel.server.deps import PageDep, RedisDep, SettingsDep
+from kestrel.server.deps import PageDep, RedisDep, SettingsDep, StoreDep
 from kestrel.server.dispatch import run_interactive
 from kestrel.server.errors import error_responses
 from kestrel.workers import jobs
@@ -71,3 +79,17 @@ async def get_layers(name: str, settings: SettingsDep, redis: RedisDep) -> Layer
             redis, settings, jobs.layers_job, kind="layers", kwargs={"name": name}
         )
     return LayerTable(**table)
+
+
+@router.post(
+    "/{name:path}/generate", response_model=GenerateResponse, responses=error_responses(404, 413, 504)
+)
+async def generate_text(
+    name: str, request: GenerateRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
+) -> GenerateResponse:
+    """Continue the prompts; with a steering config (``steering_id`` or inline ``steering``) the default
+    and the steered continuations come side by side, same seed, optionally with the SAE's top
+    latents at each generated token (interactive: answered in about two generations)."""
+    kwargs = await asyncio.to_thread(services.prepare_generate, name, request, settings, store)
+    job_id, result = await run_interactive(redis, settings, jobs.generate_job, kind="generate", kwargs=kwargs)
+    return GenerateResponse(**result, job_id=job_id)

@@ -1,0 +1,147 @@
+"""Features, concepts, steering and generation over HTTP: real Redis, real workers, the API under
+uvicorn, on the tiny local Llama (SmolLM2's tokenizer) so the whole flow takes seconds."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from service_stack import TEXTS, assert_error, wait_for_job
+
+MODEL = "tiny-llama"
+LAYER = "model.layers.1"
+
+
+@pytest.fixture(scope="module")
+def sae_id(service) -> str:
+    """A run and a 64-latent SAE on the tiny model, made through the API."""
+    with service.client() as http:
+        body = {"model": MODEL, "layers": [LAYER], "dataset": {"kind": "texts", "texts": TEXTS * 2}}
+        run_id = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])["artifacts"][
+            "run_id"
+        ]
+        train = {"run_id": run_id, "layer": LAYER, "sae": {"n_latents": 64, "k": 4}}
+        train["train"] = {"batch_size": 64, "token_budget": 4_000}
+        return wait_for_job(http, http.post("/v1/saes", json=train).json()["id"])["artifacts"]["sae_id"]
+
+
+def test_discover_list_search_and_feature_page(client: httpx.Client, sae_id: str) -> None:
+    assert_error(client.get(f"/v1/saes/{sae_id}/features"), 404, "not_found")  # nothing discovered yet
+    submitted = client.post(
+        f"/v1/saes/{sae_id}/features/discover", json={"config": {"top_n": 8, "window": 4}}
+    )
+    assert submitted.status_code == 202 and submitted.headers["Location"].startswith("/v1/jobs/")
+    assert submitted.json()["artifacts"] == {"sae_id": sae_id}
+    job = wait_for_job(client, submitted.json()["id"])
+    assert job["result"]["n_latents"] == 64 and job["result"]["alive_latents"] > 0
+    listing = client.get(f"/v1/saes/{sae_id}/features", params={"sort": "density", "limit": 5}).json()
+    assert (
+        listing["total"] == 64
+        and len(listing["items"]) == 5
+        and listing["version"] == job["result"]["version"]
+    )
+    top = listing["items"][0]
+    page = client.get(f"/v1/saes/{sae_id}/features/{top['latent']}").json()
+    assert page["density"] == pytest.approx(top["density"]) and 0 < len(page["top_contexts"]) <= 8
+    assert all(0 <= c["target"] < len(c["tokens"]) for c in page["top_contexts"])
+    assert len(page["logits"]["positive"]) == 10 and len(page["bins"]) == 10
+    assert_error(client.get(f"/v1/saes/{sae_id}/features/64"), 404, "not_found")
+    token = top["top_tokens"][0].strip()
+    found = client.get(f"/v1/saes/{sae_id}/features", params={"search": token}).json()
+    assert top["latent"] in [item["latent"] for item in found["items"]]
+    bad = client.post(f"/v1/saes/{sae_id}/features/discover", json={"config": {"hist_min": 1e-30}})
+    assert "histogram" in assert_error(bad, 422, "invalid_input")["message"]
+    both = {"run_id": "run-x", "dataset": {"kind": "texts", "texts": ["a"]}}
+    assert_error(client.post(f"/v1/saes/{sae_id}/features/discover", json=both), 422)
+
+
+def test_dictionary_read_write_import_export_label(client: httpx.Client, sae_id: str) -> None:
+    base = f"/v1/saes/{sae_id}/concepts"
+    written = client.put(f"{base}/3", json={"name": "Pasta", "description": "cooking", "tags": ["food"]})
+    assert written.status_code == 200 and written.json()["source"] == "manual"
+    assert client.get(f"{base}/3").json()["name"] == "Pasta"
+    assert_error(client.put(f"{base}/64", json={"name": "x"}), 422, "invalid_input")
+    assert_error(client.get(f"{base}/9"), 404, "not_found")
+    bad_csv = b"latent,name\n1,a\n70,b\n"
+    error = assert_error(client.post(f"{base}/import", files={"file": ("names.csv", bad_csv)}), 422)
+    assert "line 3: latent 70 is out of range" in error["message"]
+    wrong_count = json.dumps({"n_latents": 4096, "concepts": []}).encode()
+    error = assert_error(client.post(f"{base}/import", files={"file": ("names.json", wrong_count)}), 422)
+    assert error["message"].startswith("n_latents:")
+    error = assert_error(client.post(f"{base}/import", files={"file": ("names.json", b"{oops")}), 422)
+    assert "malformed JSON at line 1" in error["message"]
+    good = b"latent,name,tags\n5,Goals,sport;football\n"
+    imported = client.post(f"{base}/import", files={"file": ("names.csv", good)})
+    assert imported.status_code == 200 and imported.json()["imported"] == 1
+    exported = client.get(f"{base}/export", params={"format": "csv"})
+    assert exported.headers["content-type"].startswith("text/csv")
+    assert exported.text.splitlines()[1:] == ["3,Pasta,cooking,food,manual", "5,Goals,,sport;football,manual"]
+    labelled = wait_for_job(client, client.post(f"{base}/label", json={"method": "heuristic"}).json()["id"])
+    assert labelled["result"]["labelled"] > 2
+    concepts = client.get(base, params={"limit": 500}).json()
+    by_latent = {c["latent"]: c for c in concepts["items"]}
+    assert by_latent[3]["name"] == "Pasta" and by_latent[3]["source"] == "manual"
+    assert {c["source"] for c in concepts["items"]} == {"manual", "heuristic"}
+    assert client.delete(f"{base}/5").status_code == 200
+    assert_error(client.get(f"{base}/5"), 404)
+
+
+def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str) -> None:
+    bad = {
+        "sae_id": sae_id,
+        "edits": [{"latent": 1, "op": "add", "value": 1}, {"latent": 99, "op": "add", "value": 1}],
+    }
+    assert (
+        "edits[1]: latent 99 is out of range"
+        in assert_error(client.post("/v1/steering", json=bad), 422)["message"]
+    )
+    bad_op = {"sae_id": sae_id, "edits": [{"latent": 1, "op": "boost", "value": 1}]}
+    assert_error(client.post("/v1/steering", json=bad_op), 422)
+    config = {"name": "pasta up", "sae_id": sae_id, "edits": [{"latent": 3, "op": "clamp", "value": 30}]}
+    created = client.post("/v1/steering", json=config)
+    assert created.status_code == 201, created.text
+    steering_id = created.json()["id"]
+    assert created.json()["config"]["layer"] == LAYER
+    assert steering_id in [r["id"] for r in client.get("/v1/steering").json()["items"]]
+    preview = client.post("/v1/steering/preview", json={"config_id": steering_id})
+    assert preview.status_code == 200, preview.text
+    assert preview.json()["model"] == MODEL and preview.json()["touches"][0]["latent"] == 3
+
+    prompts = ["The chef", "A goal"]
+    steered = client.post(
+        f"/v1/models/{MODEL}/generate",
+        json={"prompts": prompts, "steering_id": steering_id, "max_new_tokens": 8},
+    )
+    assert steered.status_code == 200, steered.text
+    body = steered.json()
+    assert body["steering_id"] == steering_id and len(body["items"]) == 2
+    assert any(item["default"]["token_ids"] != item["steered"]["token_ids"] for item in body["items"])
+    inline = {
+        "prompts": ["The chef"],
+        "steering": {"sae_id": sae_id, "edits": [{"latent": 3, "op": "add", "value": 5}]},
+        "max_new_tokens": 4,
+        "do_sample": True,
+        "seed": 11,
+        "top_latents": 2,
+    }
+    first = client.post(f"/v1/models/{MODEL}/generate", json=inline).json()
+    second = client.post(f"/v1/models/{MODEL}/generate", json=inline).json()
+    assert first["items"] == second["items"], "the same seed gives the same sampled continuations"
+    tokens = first["items"][0]["steered"]["tokens"]
+    assert len(tokens) == 4 and all(len(t["latents"]) <= 2 for t in tokens)
+    plain = client.post(
+        f"/v1/models/{MODEL}/generate", json={"prompts": ["Hello"], "max_new_tokens": 3}
+    ).json()
+    assert plain["items"][0]["steered"] is None and len(plain["items"][0]["default"]["token_ids"]) == 3
+    wrong_model = client.post(
+        "/v1/models/smollm2-135m/generate", json={"prompts": ["x"], "steering_id": steering_id}
+    )
+    assert "cannot steer" in assert_error(wrong_model, 422)["message"]
+    too_long = client.post(f"/v1/models/{MODEL}/generate", json={"prompts": ["x"], "max_new_tokens": 100_000})
+    assert_error(too_long, 422)
+    assert_error(
+        client.post(f"/v1/models/{MODEL}/generate", json={"prompts": ["x"], "steering_id": "nope"}), 404
+    )
+    assert client.delete(f"/v1/steering/{steering_id}").status_code == 200
+    assert_error(client.get(f"/v1/steering/{steering_id}"), 404, "not_found")
