@@ -553,6 +553,7 @@ class GenerateRequest(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(0, ge=0, le=2**32 - 1, description="the same seed for both runs")
     top_latents: int = Field(0, ge=0, description="SAE latents reported per generated token")
+    compare: bool = Field(True, description="with steering: also generate without it, side by side")
 
 
 class GeneratedToken(BaseModel):
@@ -569,8 +570,8 @@ class GeneratedText(BaseModel):
 
 class GenerationPair(BaseModel):
     prompt: str
-    default: GeneratedText
-    steered: GeneratedText | None = None
+    default: GeneratedText | None = Field(None, description="without steering (unless compare is false)")
+    steered: GeneratedText | None = Field(None, description="with the steering config, if one was given")
 
 
 class GenerateResponse(BaseModel):

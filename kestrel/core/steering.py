@@ -412,11 +412,13 @@ def generate_side_by_side(
     seed: int | None = 0,
     top_latents: int = 0,
     names: dict[int, str] | None = None,
+    compare: bool = True,
 ) -> dict[str, Any]:
     """Default and steered continuations of each prompt, with the same seed; and each run's time.
 
     With ``top_latents`` > 0 (and an SAE in the plan), each generated token comes with the SAE's
     strongest latents at the position that chose it, in both runs: the steered ones show the edit.
+    ``compare=False`` makes the steered run only (``default`` is then None).
     """
     if top_latents and plan.sae is None:
         raise InvalidInputError("top_latents needs an SAE in the steering config (sae_id)")
@@ -430,7 +432,8 @@ def generate_side_by_side(
     traces = {}
     outputs = {}
     timings = {}
-    for run, hooks in (("default", []), ("steered", list(plan.hooks))):
+    runs = [("default", []), ("steered", list(plan.hooks))] if compare else [("steered", list(plan.hooks))]
+    for run, hooks in runs:
         extra: list[Controller | Detector] = []
         if top_latents:
             traces[run] = _LatentTrace(plan.sae, plan.layer, top_latents)
@@ -441,7 +444,8 @@ def generate_side_by_side(
     results = []
     for row, prompt in enumerate(prompts):
         item: dict[str, Any] = {"prompt": prompt}
-        for run in ("default", "steered"):
+        item["default"] = None
+        for run in outputs:
             generation = outputs[run][row]
             side: dict[str, Any] = {"text": generation.text, "token_ids": generation.token_ids}
             if top_latents:

@@ -292,7 +292,7 @@ def prepare_generate(name: str, request: GenerateRequest, settings: Settings, st
         raise InvalidInputError("top_latents needs a steering config with an SAE")
     options = request.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_p", "seed"})
     if config is not None:
-        options["top_latents"] = request.top_latents
+        options.update(top_latents=request.top_latents, compare=request.compare)
     return {
         "model": name,
         "prompts": request.prompts,

@@ -385,7 +385,7 @@ def generate_job(
     lm = ctx.models.get(model)
     if steering_config is None:
         started = time.perf_counter()
-        outputs = generate(lm, prompts, **{k: v for k, v in options.items() if k != "top_latents"})
+        outputs = generate(lm, prompts, **options)
         seconds = time.perf_counter() - started
         items = [{"prompt": g.prompt, "default": {"text": g.text, "token_ids": g.token_ids}} for g in outputs]
         return {"model": model, "items": items, "seconds": {"default": round(seconds, 4)}}

@@ -128,6 +128,9 @@ def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str
     first = client.post(f"/v1/models/{MODEL}/generate", json=inline).json()
     second = client.post(f"/v1/models/{MODEL}/generate", json=inline).json()
     assert first["items"] == second["items"], "the same seed gives the same sampled continuations"
+    alone = client.post(f"/v1/models/{MODEL}/generate", json={**inline, "compare": False}).json()
+    assert alone["items"][0]["default"] is None and set(alone["seconds"]) == {"steered"}
+    assert alone["items"][0]["steered"]["token_ids"] == first["items"][0]["steered"]["token_ids"]
     tokens = first["items"][0]["steered"]["tokens"]
     assert len(tokens) == 4 and all(len(t["latents"]) <= 2 for t in tokens)
     plain = client.post(

@@ -293,6 +293,11 @@ def test_generate_side_by_side_greedy_sampled_and_top_latents(tiny_lm) -> None:
         "name": "three",
     }
     assert set(greedy["seconds"]) == {"default", "steered"}
+    alone = steering.generate_side_by_side(
+        tiny_lm, ["hello", "the cat"], strong, max_new_tokens=6, compare=False
+    )
+    assert alone["items"][0]["default"] is None and set(alone["seconds"]) == {"steered"}
+    assert alone["items"][0]["steered"]["token_ids"] == item["steered"]["token_ids"]
     sampled = [
         steering.generate_side_by_side(tiny_lm, ["hello"], strong, max_new_tokens=6, do_sample=True, seed=7)[
             "items"
