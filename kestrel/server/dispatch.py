@@ -23,6 +23,11 @@ from kestrel.server.errors import ApiError
 from kestrel.settings import Settings
 from kestrel.workers import queues
 
+# An interactive job takes about a forward pass: poll finely at first, so the answer is not late by
+# a backoff step (a growing delay added up to half the job's time), then settle to a slow poll.
+POLL_FAST_S = 0.005
+POLL_FAST_FOR_S = 2.0
+POLL_SLOW_S = 0.1
 ERROR_STATUS = {
     "not_found": 404,
     "invalid_input": 422,
@@ -118,8 +123,8 @@ async def run_interactive(
         timeout_s=settings.interactive_job_timeout_s,
         ttl_s=settings.interactive_job_ttl_s,
     )
-    deadline = time.monotonic() + settings.interactive_timeout_s
-    delay = 0.01
+    started = time.monotonic()
+    deadline = started + settings.interactive_timeout_s
     while True:
         status = await asyncio.to_thread(job.get_status)
         if status == JobStatus.FINISHED:
@@ -135,8 +140,8 @@ async def run_interactive(
                 details={"job_id": job.id},
                 headers={"Location": f"/v1/jobs/{job.id}"},
             )
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.1)
+        fast = time.monotonic() - started < POLL_FAST_FOR_S
+        await asyncio.sleep(POLL_FAST_S if fast else POLL_SLOW_S)
 
 
 def _require_worker(redis: Redis, queue_name: str) -> None:
