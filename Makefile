@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kestrel-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run demo test lint format bench openapi sdk clean
+.PHONY: install run demo test lint format bench bench-api openapi sdk clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ format: install
 
 bench: install
 	$(BIN)/python bench/capture.py
+
+# The service's overhead: encode over HTTP against a direct call, 100 trivial jobs through the queue.
+bench-api: install
+	$(BIN)/python bench/api.py
 
 # The OpenAPI document SDKs are generated from; a unit test fails when it drifts from the app.
 openapi: install
