@@ -87,10 +87,7 @@ HOOK_DICTS = (
 def hooked_modules(model: torch.nn.Module) -> list[tuple[str, str]]:
     """Every (module, hook dict) pair that still holds anything."""
     return [
-        (name, attr)
-        for name, module in model.named_modules()
-        for attr in HOOK_DICTS
-        if getattr(module, attr)
+        (name, attr) for name, module in model.named_modules() for attr in HOOK_DICTS if getattr(module, attr)
     ]
 
 

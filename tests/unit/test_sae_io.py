@@ -29,8 +29,15 @@ def _trained_looking(architecture: str, seed: int = 0, **fields) -> SAE:
     if architecture != "relu_l1":
         fields.setdefault("k", 4)
     config = SAEConfig(
-        architecture=architecture, d_in=12, n_latents=40, model="HuggingFaceTB/SmolLM2-135M",
-        layer="model.layers.3", run_id="run-1", data={"skip_bos": True}, input_scale=0.25, **fields,
+        architecture=architecture,
+        d_in=12,
+        n_latents=40,
+        model="HuggingFaceTB/SmolLM2-135M",
+        layer="model.layers.3",
+        run_id="run-1",
+        data={"skip_bos": True},
+        input_scale=0.25,
+        **fields,
     )
     sae = create(config, generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed + 1)
@@ -71,7 +78,10 @@ def test_saelens_files_use_saelens_names_shapes_and_semantics(tmp_path: Path):
     assert cfg["metadata"]["hook_name"] == "model.layers.3"
     weights = load_file(tmp_path / "sae_weights.safetensors")
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
-        "W_enc": (12, 40), "b_enc": (40,), "W_dec": (40, 12), "b_dec": (12,)
+        "W_enc": (12, 40),
+        "b_enc": (40,),
+        "W_dec": (40, 12),
+        "b_dec": (12,),
     }
     x_BD = torch.randn(6, 12)
     hidden_pre = (x_BD - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]  # SAELens's TopK SAE
@@ -85,14 +95,22 @@ def test_saelens_files_use_saelens_names_shapes_and_semantics(tmp_path: Path):
 def test_importing_a_foreign_saelens_sae(tmp_path: Path):
     g = torch.Generator().manual_seed(9)
     weights = {
-        "W_enc": torch.randn(8, 24, generator=g), "b_enc": torch.randn(24, generator=g),
-        "W_dec": torch.randn(24, 8, generator=g), "b_dec": torch.randn(8, generator=g),
+        "W_enc": torch.randn(8, 24, generator=g),
+        "b_enc": torch.randn(24, generator=g),
+        "W_dec": torch.randn(24, 8, generator=g),
+        "b_dec": torch.randn(8, generator=g),
     }
     save_file(weights, tmp_path / "sae_weights.safetensors")
     cfg = {  # SAELens < 6 style: a "standard" SAE with a ReLU, bias not subtracted at the input
-        "architecture": "standard", "d_in": 8, "d_sae": 24, "dtype": "torch.float32",
-        "activation_fn_str": "relu", "apply_b_dec_to_input": False, "model_name": "gpt2",
-        "hook_name": "blocks.3.hook_resid_pre", "normalize_activations": "none",
+        "architecture": "standard",
+        "d_in": 8,
+        "d_sae": 24,
+        "dtype": "torch.float32",
+        "activation_fn_str": "relu",
+        "apply_b_dec_to_input": False,
+        "model_name": "gpt2",
+        "hook_name": "blocks.3.hook_resid_pre",
+        "normalize_activations": "none",
     }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     sae = import_saelens(tmp_path)
@@ -128,7 +146,10 @@ def test_save_then_load_is_exact_with_metrics_and_history(tmp_path: Path, archit
     target = tmp_path / "saes" / "sae-1"
     save_sae(sae, target, metrics={"fvu": 0.2, "l0": 4.0}, history=[{"step": 10, "loss": 0.5}])
     assert sorted(p.name for p in target.iterdir()) == [
-        "config.json", "history.jsonl", "metrics.json", "weights.safetensors"
+        "config.json",
+        "history.jsonl",
+        "metrics.json",
+        "weights.safetensors",
     ]
     assert [p.name for p in target.parent.iterdir()] == ["sae-1"]  # no temporary leftovers
     back = load_sae(target)

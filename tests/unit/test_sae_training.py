@@ -123,7 +123,9 @@ def test_geometric_median_init_is_robust_to_outliers():
     assert (median - rows[20:].mean(dim=0)).norm() < 0.2
     config = SAEConfig(d_in=8, n_latents=32, k=2, normalize_input=False)
     result = train_sae(
-        config, TrainConfig(batch_size=2048, lr=1e-12, b_dec_init="geometric_median"), chunks_of(rows, 2048),
+        config,
+        TrainConfig(batch_size=2048, lr=1e-12, b_dec_init="geometric_median"),
+        chunks_of(rows, 2048),
         rows_per_epoch=2048,
     )
     torch.testing.assert_close(result.sae.b_dec, median, atol=1e-4, rtol=0)
@@ -197,7 +199,11 @@ def test_checkpoints_are_written_every_n_steps_and_pruned(tmp_path: Path):
     assert names == ["step-00000003", "step-00000006"]
     files = sorted(p.name for p in (tmp_path / "step-00000006").iterdir())
     assert files == [
-        "history.jsonl", "optimizer.safetensors", "sae.safetensors", "state.json", "tracker.safetensors"
+        "history.jsonl",
+        "optimizer.safetensors",
+        "sae.safetensors",
+        "state.json",
+        "tracker.safetensors",
     ]
 
 
