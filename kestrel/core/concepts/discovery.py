@@ -142,6 +142,7 @@ def discover(
     started = time.perf_counter()
     staging = features_store.staging_dir(store, sae_id)
     try:
+        docs_path = source["docs_path"] or staging / "docs.jsonl"
         accumulator = FeatureAccumulator(
             sae.n_latents,
             top_n=config.top_n,
@@ -150,45 +151,61 @@ def discover(
             log_bins=log_bins,
             seed=config.seed,
         )
-        docs_path = source["docs_path"] or staging / "docs.jsonl"
-        batches = _stream(source, lm, sae, layer, config, docs_path)
+        batches = _stream(source, lm, layer, config, docs_path)
         n_tokens = _accumulate(accumulator, sae, batches, started, on_progress, should_stop)
         n_tokens = source.get("n_tokens", n_tokens)  # a run's reader yields rows after its filters
         streaming_s = time.perf_counter() - started
         if on_progress is not None:
             on_progress(DiscoveryProgress(accumulator.n_rows, n_tokens, 0, streaming_s, "contexts"))
         tables = accumulator.finish()
-        max_length = source["max_length"] or config.max_length
-        tensors = _tables_with_contexts(tables, docs_path, lm, max_length, config.window)
+        del accumulator  # the kept sets are in the tables now; free them before the contexts
+        tensors = _tables_with_contexts(
+            tables, docs_path, lm, source["max_length"] or config.max_length, config.window
+        )
         tensors.update(_logit_effects(store, sae_id, sae, lm, config.logit_k))
         if source["docs_path"] is None:
             docs_path.unlink(missing_ok=True)
-        vocab = _vocab(lm, tensors)
         total_s = time.perf_counter() - started
-        summary_out = {
-            "sae_id": sae_id,
-            "model": lm.name,
-            "layer": layer,
-            "n_latents": sae.n_latents,
-            "source": source["describe"],
-            "n_tokens": n_tokens,
-            "n_rows": tables.n_rows,
-            "alive_latents": int((tables.fire_count_L > 0).sum()),
-            "config": config.model_dump(mode="json"),
-            "window_center": config.window,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "streaming_seconds": round(streaming_s, 3),
-            "seconds": round(total_s, 3),
-            "tokens_per_s": round(n_tokens / total_s, 1) if total_s > 0 else None,
-            "logit_effects_key": _logit_key(store, sae_id, lm),
-        }
-        manifest = features_store.publish(store, sae_id, staging, tensors, vocab, summary_out)
+        timings = {"streaming_seconds": round(streaming_s, 3), "seconds": round(total_s, 3)}
+        summary_out = _summary(store, sae_id, sae, lm, layer, source, config, tables, n_tokens, timings)
+        manifest = features_store.publish(store, sae_id, staging, tensors, _vocab(lm, tensors), summary_out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if on_progress is not None:
         on_progress(DiscoveryProgress(tables.n_rows, n_tokens, 0, total_s, "done"))
     return manifest
+
+
+def _summary(
+    store: LocalStore,
+    sae_id: str,
+    sae: SAE,
+    lm: LoadedModel,
+    layer: str,
+    source: dict[str, Any],
+    config: DiscoveryConfig,
+    tables: FeatureTables,
+    n_tokens: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """What the features manifest says about the run that made them."""
+    return {
+        "sae_id": sae_id,
+        "model": lm.name,
+        "layer": layer,
+        "n_latents": sae.n_latents,
+        "source": source["describe"],
+        "n_tokens": n_tokens,
+        "n_rows": tables.n_rows,
+        "alive_latents": int((tables.fire_count_L > 0).sum()),
+        "config": config.model_dump(mode="json"),
+        "window_center": config.window,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **timings,
+        "tokens_per_s": round(n_tokens / timings["seconds"], 1) if timings["seconds"] > 0 else None,
+        "logit_effects_key": _logit_key(store, sae_id, lm),
+    }
 
 
 def _as_config(config: DiscoveryConfig | dict[str, Any] | None) -> DiscoveryConfig:
@@ -278,7 +295,7 @@ def _training_norm_median(store: LocalStore, summary: dict[str, Any], layer: str
 
 
 def _stream(
-    source: dict[str, Any], lm: LoadedModel, sae: SAE, layer: str, config: DiscoveryConfig, docs_path: Path
+    source: dict[str, Any], lm: LoadedModel, layer: str, config: DiscoveryConfig, docs_path: Path
 ) -> Iterator[_Batch]:
     if source["kind"] == "run":
         return _run_batches(source, layer, config)
