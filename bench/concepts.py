@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=400, help="documents (docstring paragraphs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gen-repeats", type=int, default=7)
-    parser.add_argument("--rss-docs", type=int, default=200, help="documents of the small RSS run")
+    parser.add_argument("--rss-docs", type=int, default=400, help="documents of the small RSS run")
     parser.add_argument("--rss-factor", type=int, default=4, help="large RSS run / small")
     parser.add_argument("--n-latents", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)

@@ -643,6 +643,21 @@ def _parse_edit(value: str, index: int) -> dict[str, Any]:
         ) from None
 
 
+def _parse_direction(value: str, index: int) -> dict[str, Any]:
+    """``LAYER:ALPHA:LATENT``, e.g. ``model.layers.10:4:1234`` (the latent of ``--sae``)."""
+    from kestrel.core.errors import InvalidInputError
+
+    parts = value.rsplit(":", 2)
+    if len(parts) != 3:
+        raise InvalidInputError(f"--direction {index + 1} {value!r}: expected LAYER:ALPHA:LATENT")
+    try:
+        return {"layer": parts[0], "alpha": float(parts[1]), "latent": int(parts[2])}
+    except ValueError:
+        raise InvalidInputError(
+            f"--direction {index + 1} {value!r}: ALPHA is a number, LATENT an integer"
+        ) from None
+
+
 @app.command()
 @friendly_errors
 def steer(
@@ -651,6 +666,12 @@ def steer(
     edit: Annotated[
         list[str] | None,
         typer.Option("--edit", "-e", help="LATENT:OP:VALUE, op scale|clamp|add (repeatable)"),
+    ] = None,
+    direction: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--direction", "-d", help="LAYER:ALPHA:LATENT, add ALPHA × the --sae latent's decoder row"
+        ),
     ] = None,
     config_id: Annotated[str | None, typer.Option("--config", help="a saved steering config")] = None,
     positions: Annotated[str, typer.Option(help="all, prompt or generated")] = "all",
@@ -673,12 +694,18 @@ def steer(
 
     the_store = _store(store)
     if config_id is not None:
-        if sae or edit:
-            raise InvalidInputError("give --config, or --sae with --edit, not both")
+        if sae or edit or direction:
+            raise InvalidInputError("give --config, or --sae with --edit/--direction, not both")
         config = steering.load_config(the_store, config_id)
     else:
         edits = [_parse_edit(value, i) for i, value in enumerate(edit or [])]
-        config = steering.SteeringConfig(sae_id=sae, edits=edits, positions=positions)  # type: ignore[arg-type]
+        directions = [_parse_direction(value, i) for i, value in enumerate(direction or [])]
+        config = steering.SteeringConfig(
+            sae_id=sae,
+            edits=edits,
+            directions=directions,
+            positions=positions,  # type: ignore[arg-type]
+        )
     config = steering.check_config(the_store, config)
     if config.sae_id:
         lm = _sae_model(the_store, config.sae_id, model, device)

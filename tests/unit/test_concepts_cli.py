@@ -97,5 +97,11 @@ def test_steer_side_by_side_save_list_show_delete(sae_store) -> None:
     assert bad.exit_code == 2 and "edits[0]: latent 99 is out of range" in " ".join(bad.output.split())
     bad = invoke("steer", "-p", "x", "--sae", "cli-sae", "-e", "3:boost:1", *store)
     assert bad.exit_code == 2 and "edits.0.op" in bad.output
+    by_direction = invoke(
+        "steer", "-p", "The weather today", "--sae", "cli-sae", "-d", "model.layers.1:6:3",
+        "--max-new-tokens", "3", "--device", "cpu", *store, "--json",
+    )  # fmt: skip
+    assert by_direction.exit_code == 0, by_direction.output
+    assert len(json_out(by_direction)["items"][0]["steered"]["token_ids"]) == 3
     assert invoke("steering", "delete", out["config_id"], *store).exit_code == 0
     assert json_out(invoke("steering", "list", *store, "--json")) == []

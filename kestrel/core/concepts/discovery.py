@@ -469,13 +469,7 @@ def _logit_effects(store: LocalStore, sae_id: str, sae: SAE, lm: LoadedModel, k:
 
 
 def _vocab(lm: LoadedModel, tensors: dict[str, Tensor]) -> dict[str, str]:
-    ids = torch.cat(
-        [
-            tensors["top_windows"].reshape(-1).long(),
-            tensors["bin_windows"].reshape(-1).long(),
-            tensors["top_token_ids"].reshape(-1),
-            tensors["logit_pos_ids"].reshape(-1),
-            tensors["logit_neg_ids"].reshape(-1),
-        ]
-    )
+    """Token strings for every id stored; unique ids per tensor first, so no big concatenation."""
+    names = ("top_windows", "bin_windows", "top_token_ids", "logit_pos_ids", "logit_neg_ids")
+    ids = torch.unique(torch.cat([torch.unique(tensors[name]).to(torch.int64) for name in names]))
     return contexts.token_strings(lm.tokenizer, ids)
