@@ -7,10 +7,11 @@
    SAE of 4,608 latents (k = 32) trained on a capture of those texts. Capture and discovery
    alternate and the best of ``--repeats`` is kept for each, as bench/capture.py does. Logit
    effects depend only on the SAE and the model, so a re-run reuses them; the first discovery
-   (which computes them) is reported on its own too.
+   (which computes them: the bench starts from an SAE without features) is reported on its own.
 3. Peak RSS (VmHWM) of a discovery over a dataset in a fresh process, at two sizes (the larger
    ``--rss-factor`` times the smaller), with a 2,048-token forward budget so that even the
-   smaller spans several full batches: bounded memory means the two are about equal.
+   smaller spans many full batches (the allocator's high-water mark settles within the first
+   ~25k tokens): bounded memory means the two are about equal.
 4. Steering: a 20-token greedy generation with an SAE steering config (two latent edits at all
    positions, error term kept) against the same generation without it, alternating, best of
    ``--gen-repeats`` each (the median ratio of the pairs is reported too), with ``--gen-threads``
@@ -232,7 +233,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=400, help="documents (docstring paragraphs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gen-repeats", type=int, default=7)
-    parser.add_argument("--rss-docs", type=int, default=400, help="documents of the small RSS run")
+    parser.add_argument("--rss-docs", type=int, default=800, help="documents of the small RSS run")
     parser.add_argument("--rss-factor", type=int, default=4, help="large RSS run / small")
     parser.add_argument("--n-latents", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
@@ -253,6 +254,8 @@ def main() -> None:
     lm = load_model("smollm2-135m", device="cpu", dtype="fp32", store_root=default_store_root())
     texts = docstring_corpus(max_docs=args.docs)
     ensure_sae(store, lm, texts, args.n_latents, args.k)
+    # Start without features, so the first discovery pays for the logit effects (later ones reuse them).
+    shutil.rmtree(store.artifact_dir("saes", SAE_ID) / "features", ignore_errors=True)
     result: dict = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
