@@ -9,8 +9,10 @@ A run is ``activations/<run_id>/`` (docs/store-format.md):
 - ``manifest.json``: written last; the run is published by one rename, so it appears whole or not
   at all.
 
-Capture does one forward per batch, with detectors on the requested layers and a stop right after
-the deepest of them, so layers past it cost nothing. Reading streams shard by shard through an
+``RunWriter`` writes that layout for any producer of rows: ``capture`` below, and the capture during
+a user's own training (``kestrel.core.callbacks``). Capture does one forward per batch, with
+detectors on the requested layers and a stop right after the deepest of them, so layers past it
+cost nothing. Reading streams shard by shard through an
 optional shuffle buffer, so memory is bounded by (shard + buffer) whatever the run's size, and
 applies row filters. The filters matter: in SmolLM2 the first token is an attention sink whose
 residual norm is ~140x the others', so any statistic over all rows measures mostly that token.
@@ -36,7 +38,7 @@ from kestrel.core.datasets import DatasetSpec, TextsSource, iter_texts, token_ba
 from kestrel.core.errors import CancelledError, InvalidInputError, not_found
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import TORCH_DTYPES, LoadedModel
-from kestrel.core.store import LocalStore, new_id, validate_id
+from kestrel.core.store import LocalStore, Store, new_id, validate_id
 
 FORMAT_VERSION = 1
 KIND = "activations"
@@ -167,6 +169,143 @@ class _ShardWriter:
         return head.contiguous()
 
 
+class RunWriter:
+    """Writes one run in the run format, whoever produces the rows (a capture, a training loop).
+
+    Stages the run through ``store.writer`` (so any Store backend works), appends row batches per
+    layer with their token metadata, rolls shards every ``shard_rows`` rows (derived from
+    ``shard_mb`` and the widest layer when not given), keeps a uniform sample of row norms per
+    layer for ``norm_median``, writes ``docs.jsonl`` as documents arrive and the manifest last.
+    Leaving the ``with`` block by an exception (or calling ``abort``) publishes nothing.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        layers: Sequence[str],
+        *,
+        dtype: str = "fp16",
+        shard_mb: float = 64.0,
+        shard_rows: int | None = None,
+    ) -> None:
+        if dtype not in TORCH_DTYPES:
+            raise InvalidInputError(f"unknown storage dtype {dtype!r}; use one of {', '.join(TORCH_DTYPES)}")
+        if shard_rows is not None and shard_rows <= 0:
+            raise InvalidInputError(f"shard_rows must be > 0, got {shard_rows}")
+        self.run_id = run_id
+        self.layers = list(layers)
+        self.dtype = dtype
+        self.storage_dtype = TORCH_DTYPES[dtype]
+        self.shard_mb = shard_mb
+        self.shard_rows = shard_rows
+        self.widths: dict[str, int] = {}
+        self.n_tokens = 0
+        self._samples = {name: _BottomKSample(NORM_SAMPLE_SIZE, seed=i) for i, name in enumerate(self.layers)}
+        self._staged = store.writer(KIND, run_id)
+        self.directory = self._staged.directory
+        self._docs = (self.directory / "docs.jsonl").open("w", encoding="utf-8")
+        self._shards: _ShardWriter | None = None
+        self._untagged = 0  # shards written since the last end_shard
+        self._committed = False
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self._shards.shards if self._shards is not None else []
+
+    def write_doc(self, doc_index: int, text: str, **extra: Any) -> None:
+        """One line of docs.jsonl; documents must arrive in ``doc_index`` order."""
+        record = {"doc_index": doc_index, "text": text, **extra}
+        self._docs.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def tee_docs(self, texts: Iterable[str]) -> Iterator[str]:
+        """Write each document as a consumer reads it, so ``doc_index`` is its line number."""
+        for i, text in enumerate(texts):
+            self.write_doc(i, text)
+            yield text
+
+    def add(self, rows: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
+        """Append rows (``[n, d]`` per layer, in the storage dtype) and their int32 metadata."""
+        missing = [name for name in self.layers if name not in rows]
+        if missing:
+            raise InvalidInputError(f"rows missing for layers {missing}")
+        for name in self.layers:
+            self.widths.setdefault(name, int(rows[name].shape[-1]))
+        if self._shards is None:
+            self._shards = _ShardWriter(self.directory, self.layers, self._rows_per_shard())
+        not_first_N = meta["position"] > 0
+        for name in self.layers:
+            self._samples[name].add(rows[name][not_first_N].float().norm(dim=-1))
+        self._shards.add({name: rows[name] for name in self.layers}, meta)
+        self.n_tokens += len(meta["token_id"])
+
+    def end_shard(self, **fields: Any) -> list[dict[str, Any]]:
+        """Close the current shard early and tag every shard since the last call with ``fields``.
+
+        A training capture ends a shard at each captured step, so a shard never mixes steps.
+        """
+        if self._shards is None:
+            return []
+        self._shards.close()
+        new = self.shards[self._untagged :]
+        for shard in new:
+            shard.update(fields)
+        self._untagged = len(self.shards)
+        return new
+
+    def norm_medians(self) -> dict[str, float | None]:
+        return {name: sample.median() for name, sample in self._samples.items()}
+
+    def identity(self) -> dict[str, Any]:
+        """The manifest's first fields."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "id": self.run_id,
+            "kind": KIND,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def layer_records(self, kinds: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """The manifest's ``layers``: width, kind and median row norm of each layer, in order."""
+        medians = self.norm_medians()
+        return {
+            name: {"d": self.widths[name], "kind": kinds.get(name, "other"), "norm_median": medians[name]}
+            for name in self.layers
+        }
+
+    def close_rows(self) -> None:
+        """Write the last partial shard and close docs.jsonl (before the manifest is built)."""
+        if self._shards is not None:
+            self._shards.close()
+        if not self._docs.closed:
+            self._docs.close()
+
+    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Publish the run, manifest last; nothing is visible to readers before this."""
+        self.close_rows()
+        self._staged.commit(manifest)
+        self._committed = True
+        return manifest
+
+    def abort(self) -> None:
+        if not self._docs.closed:
+            self._docs.close()
+        self._staged.abort()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            self.abort()
+
+    def _rows_per_shard(self) -> int:
+        if self.shard_rows is not None:
+            return self.shard_rows
+        bytes_per_row = max(self.widths.values()) * torch.finfo(self.storage_dtype).bits // 8
+        return max(1, int(self.shard_mb * (1 << 20)) // bytes_per_row)
+
+
 def _as_spec(dataset: DatasetSpec | Sequence[str]) -> DatasetSpec:
     if isinstance(dataset, BaseModel):
         return dataset  # type: ignore[return-value]
@@ -202,23 +341,15 @@ def capture(
     run_id = validate_id(run_id, "run id") if run_id else new_id("run")
     layers = _check_layers(lm, layers)
     texts = iter_texts(spec)
-    with store.writer(KIND, run_id) as writer:
-        docs_path = writer.directory / "docs.jsonl"
-        with docs_path.open("w", encoding="utf-8") as docs_file:
-            result = _capture_rows(
-                lm,
-                _tee_docs(texts, docs_file),
-                layers,
-                writer.directory,
-                options,
-                on_progress,
-                should_stop,
-                progress_bar,
-            )
-        manifest = _manifest(lm, spec, layers, run_id, options, result)
+    with RunWriter(store, run_id, layers, dtype=options.dtype, shard_mb=options.shard_mb) as run:
+        result = _capture_rows(
+            lm, run.tee_docs(texts), layers, run, options, on_progress, should_stop, progress_bar
+        )
+        run.close_rows()
+        manifest = _manifest(lm, spec, run, options, result)
         if dataset_record is not None:
             manifest["dataset"] = dataset_record
-        writer.commit(manifest)
+        run.commit(manifest)
     return manifest
 
 
@@ -236,20 +367,9 @@ def _check_layers(lm: LoadedModel, layers: Sequence[str]) -> list[str]:
     return execution_order(lm.model, layers)
 
 
-def _tee_docs(texts: Iterable[str], docs_file) -> Iterator[str]:
-    """Write each document to docs.jsonl as the batcher consumes it (doc_index = line number)."""
-    for i, text in enumerate(texts):
-        docs_file.write(json.dumps({"doc_index": i, "text": text}, ensure_ascii=False) + "\n")
-        yield text
-
-
 @dataclass
 class _CaptureResult:
-    n_tokens: int
     n_docs: int
-    shards: list[dict[str, Any]]
-    widths: dict[str, int]
-    norm_medians: dict[str, float | None]
     seconds: float
 
 
@@ -257,7 +377,7 @@ def _capture_rows(
     lm: LoadedModel,
     texts: Iterator[str],
     layers: list[str],
-    directory: Path,
+    run: RunWriter,
     options: CaptureOptions,
     on_progress: Callable[[CaptureProgress], None] | None,
     should_stop: Callable[[], bool] | None,
@@ -274,17 +394,13 @@ def _capture_rows(
     )
     keep: dict[str, torch.Tensor] = {}  # the current batch's row mask, read by the detectors
     rows: dict[str, torch.Tensor] = {}
-    widths: dict[str, int] = {}
-    samples = {name: _BottomKSample(NORM_SAMPLE_SIZE, seed=i) for i, name in enumerate(layers)}
 
     def record(acts_BTD: torch.Tensor, ctx: HookContext) -> None:
         acts_ND = acts_BTD.detach()[keep["mask_BT"]]
         rows[ctx.layer] = acts_ND.to(device="cpu", dtype=storage_dtype, non_blocking=True)
-        widths.setdefault(ctx.layer, acts_ND.shape[-1])
 
-    writer: _ShardWriter | None = None
     hooks = [Detector(name, record) for name in layers] + [stop_after(layers[-1])]
-    started, n_tokens, n_docs, n_batches = time.perf_counter(), 0, 0, 0
+    started, n_docs, n_batches = time.perf_counter(), 0, 0
     bar = tqdm(desc="capture", unit="tok", unit_scale=True, disable=not progress_bar)
     with HookManager(lm.model, hooks), torch.inference_mode():
         for batch in batches:
@@ -305,32 +421,19 @@ def _capture_rows(
                 .to("cpu", torch.int32),
                 "position": positions_BT[mask_BT].to("cpu", torch.int32),
             }
-            if writer is None:
-                writer = _ShardWriter(directory, layers, _shard_rows(options, widths, storage_dtype))
-            not_first = meta["position"] > 0
-            for name in layers:
-                samples[name].add(rows[name][not_first].float().norm(dim=-1))
-            writer.add(dict(rows), meta)
+            run.add(dict(rows), meta)
             n_batches += 1
-            n_tokens += len(meta["token_id"])
             n_docs = max(n_docs, int(batch.doc_index_B.max()) + 1)
             bar.update(len(meta["token_id"]))
             if on_progress is not None:
-                on_progress(CaptureProgress(n_docs, n_tokens, n_batches, time.perf_counter() - started))
+                elapsed = time.perf_counter() - started
+                on_progress(CaptureProgress(n_docs, run.n_tokens, n_batches, elapsed))
     bar.close()
-    if writer is None or n_tokens == 0:
+    if run.n_tokens == 0:
         raise InvalidInputError(
             "the dataset produced no tokens to capture (empty texts, or every token dropped)"
         )
-    writer.close()
-    return _CaptureResult(
-        n_tokens,
-        n_docs,
-        writer.shards,
-        widths,
-        {n: s.median() for n, s in samples.items()},
-        time.perf_counter() - started,
-    )
+    return _CaptureResult(n_docs, time.perf_counter() - started)
 
 
 def _dropped_token_ids(tokenizer: Any, options: CaptureOptions) -> torch.Tensor | None:
@@ -343,39 +446,23 @@ def _dropped_token_ids(tokenizer: Any, options: CaptureOptions) -> torch.Tensor 
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-def _shard_rows(options: CaptureOptions, widths: dict[str, int], dtype: torch.dtype) -> int:
-    bytes_per_row = max(widths.values()) * torch.finfo(dtype).bits // 8
-    return max(1, int(options.shard_mb * (1 << 20)) // bytes_per_row)
-
-
 def _manifest(
     lm: LoadedModel,
     spec: DatasetSpec,
-    layers: list[str],
-    run_id: str,
+    run: RunWriter,
     options: CaptureOptions,
     result: _CaptureResult,
 ) -> dict[str, Any]:
     tokenizer = lm.tokenizer
     return {
-        "format_version": FORMAT_VERSION,
-        "id": run_id,
-        "kind": KIND,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run.identity(),
         "model": lm.describe(),
-        "layers": {
-            name: {
-                "d": result.widths[name],
-                "kind": lm.layer(name).kind,
-                "norm_median": result.norm_medians[name],
-            }
-            for name in layers
-        },
+        "layers": run.layer_records({name: lm.layer(name).kind for name in run.layers}),
         "d_model": lm.d_model,
         "dtype": options.dtype,
-        "n_tokens": result.n_tokens,
+        "n_tokens": run.n_tokens,
         "n_docs": result.n_docs,
-        "shards": result.shards,
+        "shards": run.shards,
         "row_fields": {name: "int32" for name in ROW_META_FIELDS},
         "special_token_ids": sorted(int(i) for i in tokenizer.all_special_ids),
         "bos_token_id": tokenizer.bos_token_id,
