@@ -9,10 +9,13 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from kestrel.core.store import Store
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 WEEK_S = 7 * 24 * 3600
@@ -25,6 +28,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KESTREL_", extra="ignore", populate_by_name=True)
 
     store_root: Path = Field(Path(".kestrel"), description="artifact store directory (runs, SAEs, uploads)")
+    store_backend: Literal["local", "s3", "both"] = Field(
+        "local",
+        description="where artifacts live: local (store_root), s3 (s3_url; store_root keeps only "
+        "caches), both (written to both, read locally first)",
+    )
+    s3_url: str | None = Field(None, description="S3 location of the store, s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto); empty: AWS. Credentials: the boto3 chain"
+    )
+    s3_cache_dir: Path | None = Field(
+        None, description="where files read from S3 are cached; empty: <store_root>/s3-cache"
+    )
     redis_url: str = Field(
         DEFAULT_REDIS_URL,
         validation_alias=AliasChoices("REDIS_URL", "KESTREL_REDIS_URL", "redis_url"),
@@ -81,6 +96,12 @@ class Settings(BaseSettings):
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
+
+    def open_store(self) -> Store:
+        """The artifact store these settings choose (``store_backend``); see ``core.store.open_store``."""
+        from kestrel.core.store import open_store
+
+        return open_store(self)
 
     def local_models(self) -> dict[str, Path]:
         """Server-configured local checkpoints: ``{name: directory}``; clients only ever name them."""

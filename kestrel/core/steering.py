@@ -35,7 +35,7 @@ from kestrel.core.hooks import Controller, Detector, HookContext
 from kestrel.core.models import ForwardResult, LoadedModel, forward, generate
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.config import _Config
-from kestrel.core.store import LocalStore, new_id, validate_id
+from kestrel.core.store import Store, new_id, validate_id
 
 KIND = "steering"
 EditOp = Literal["scale", "clamp", "add"]
@@ -135,11 +135,11 @@ class SteeringConfig(_Config):
 # Checking a config against its SAEs, without loading weights
 
 
-def _sae_summary(store: LocalStore, sae_id: str) -> dict[str, Any]:
+def _sae_summary(store: Store, sae_id: str) -> dict[str, Any]:
     return store.read_json("saes", validate_id(sae_id, "sae id"))
 
 
-def check_config(store: LocalStore, config: SteeringConfig) -> SteeringConfig:
+def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
     """Validate latent ranges, layers and widths from the SAEs' summaries; fill in ``layer``."""
     if config.sae_id:
         summary = _sae_summary(store, config.sae_id)
@@ -342,7 +342,7 @@ def _direction_vector(
 
 
 def plan_from_store(
-    store: LocalStore, lm: LoadedModel, config: SteeringConfig, sae: SAE | None = None
+    store: Store, lm: LoadedModel, config: SteeringConfig, sae: SAE | None = None
 ) -> SteeringPlan:
     """`compile_plan` with SAEs loaded from the store onto the model's device."""
     from kestrel.core.sae.pipeline import load_sae
@@ -464,7 +464,7 @@ def generate_side_by_side(
 # Saved configs and preview
 
 
-def save_config(store: LocalStore, config: SteeringConfig, *, config_id: str | None = None) -> dict[str, Any]:
+def save_config(store: Store, config: SteeringConfig, *, config_id: str | None = None) -> dict[str, Any]:
     """Check ``config`` against its SAEs and save it; the record returned carries its new id."""
     config = check_config(store, config)
     config_id = validate_id(config_id, "steering id") if config_id else new_id("steer")
@@ -479,27 +479,27 @@ def save_config(store: LocalStore, config: SteeringConfig, *, config_id: str | N
     return record
 
 
-def get_config_record(store: LocalStore, config_id: str) -> dict[str, Any]:
+def get_config_record(store: Store, config_id: str) -> dict[str, Any]:
     validate_id(config_id, "steering id")
     if not store.exists(KIND, config_id):
         raise NotFoundError(f"no steering config {config_id!r}", details={"id": config_id})
     return store.read_json(KIND, config_id)
 
 
-def load_config(store: LocalStore, config_id: str) -> SteeringConfig:
+def load_config(store: Store, config_id: str) -> SteeringConfig:
     return SteeringConfig.from_dict(get_config_record(store, config_id)["config"])
 
 
-def list_configs(store: LocalStore) -> list[dict[str, Any]]:
+def list_configs(store: Store) -> list[dict[str, Any]]:
     return [store.read_json(KIND, config_id) for config_id in store.list(KIND)]
 
 
-def delete_config(store: LocalStore, config_id: str) -> None:
+def delete_config(store: Store, config_id: str) -> None:
     get_config_record(store, config_id)
     store.delete(KIND, config_id)
 
 
-def preview(store: LocalStore, config: SteeringConfig) -> dict[str, Any]:
+def preview(store: Store, config: SteeringConfig) -> dict[str, Any]:
     """Validate ``config`` and list what it touches, with the latents' names and statistics."""
     from kestrel.core.concepts.dictionary import read_dictionary
 
@@ -552,7 +552,7 @@ def preview(store: LocalStore, config: SteeringConfig) -> dict[str, Any]:
     }
 
 
-def _latent_stats(store: LocalStore, sae_id: str, latents: list[int]) -> dict[int, dict[str, float]]:
+def _latent_stats(store: Store, sae_id: str, latents: list[int]) -> dict[int, dict[str, float]]:
     """Density and max activation from discovery, when it has run."""
     from kestrel.core.concepts.store import FeatureReader
 

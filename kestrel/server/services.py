@@ -17,7 +17,7 @@ from kestrel.core.datasets import TextsSource
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.models import available_models
 from kestrel.core.steering import SteeringConfig
-from kestrel.core.store import LocalStore, new_id, validate_id
+from kestrel.core.store import Store, new_id, validate_id
 from kestrel.schemas import (
     CaptureRequest,
     DiscoverRequest,
@@ -125,7 +125,7 @@ def request_unload(redis: Redis, name: str, now: float) -> None:
 # Activations
 
 
-def prepare_capture(request: CaptureRequest, settings: Settings, store: LocalStore) -> dict[str, Any]:
+def prepare_capture(request: CaptureRequest, settings: Settings, store: Store) -> dict[str, Any]:
     """Validate a capture request; return the job's kwargs with a fresh run id."""
     checked_model(request.model, settings)
     dataset = request.dataset
@@ -145,7 +145,7 @@ def prepare_capture(request: CaptureRequest, settings: Settings, store: LocalSto
     return {"request": request.model_dump(mode="json"), "run_id": new_id("run")}
 
 
-def run_summaries(store: LocalStore) -> list[RunSummary]:
+def run_summaries(store: Store) -> list[RunSummary]:
     return [
         RunSummary(
             id=m["id"],
@@ -165,7 +165,7 @@ def run_summaries(store: LocalStore) -> list[RunSummary]:
 # SAEs
 
 
-def prepare_training(request: TrainRequest, redis: Redis, store: LocalStore) -> dict[str, Any]:
+def prepare_training(request: TrainRequest, redis: Redis, store: Store) -> dict[str, Any]:
     """Validate a training request against its run; return the job's kwargs.
 
     A resume (``resume_from``) continues a cancelled training under the same SAE id; fields the
@@ -210,10 +210,10 @@ def _merge_original(request: TrainRequest, redis: Redis, sae_id: str) -> TrainRe
     )
 
 
-def _check_resumable(store: LocalStore, sae_id: str) -> None:
+def _check_resumable(store: Store, sae_id: str) -> None:
     if store.exists("saes", sae_id):
         raise InvalidInputError(f"SAE {sae_id!r} finished training already; nothing to resume")
-    if not (store.root / "checkpoints" / sae_id).is_dir():
+    if not (store.local_root / "checkpoints" / sae_id).is_dir():
         raise NotFoundError(f"no checkpoint for SAE {sae_id!r} to resume from", details={"id": sae_id})
 
 
@@ -221,7 +221,7 @@ def _check_resumable(store: LocalStore, sae_id: str) -> None:
 # Features, concepts and steering
 
 
-def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings, store: LocalStore) -> dict:
+def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings, store: Store) -> dict:
     """Check the SAE, the source and the limits before a discovery is queued; the job's kwargs."""
     from kestrel.core.sae.pipeline import get_sae
 
@@ -254,9 +254,7 @@ def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings,
     return {"sae_id": sae_id, "request": request.model_dump(mode="json")}
 
 
-def checked_steering(
-    store: LocalStore, config_id: str | None, config: SteeringConfig | None
-) -> SteeringConfig:
+def checked_steering(store: Store, config_id: str | None, config: SteeringConfig | None) -> SteeringConfig:
     """A saved or inline config (exactly one), checked against its SAEs' summaries."""
     from kestrel.core import steering
 
@@ -267,7 +265,7 @@ def checked_steering(
     return steering.check_config(store, config)
 
 
-def prepare_generate(name: str, request: GenerateRequest, settings: Settings, store: LocalStore) -> dict:
+def prepare_generate(name: str, request: GenerateRequest, settings: Settings, store: Store) -> dict:
     """Limits, the model name and the steering config, checked before the job is queued."""
     from kestrel.core.sae.pipeline import get_sae
 

@@ -22,7 +22,6 @@ from rq import get_current_job
 from rq.job import Job, Retry
 
 from kestrel.core.errors import CancelledError, KestrelError
-from kestrel.core.store import LocalStore
 from kestrel.settings import Settings, get_settings
 from kestrel.workers.model_cache import ModelCache
 from kestrel.workers.queues import CANCEL_KEY, LOG_LINES
@@ -68,7 +67,7 @@ class JobContext:
         self.kind = kind
         self.job = job
         self.settings = settings
-        self.store = LocalStore(settings.store_root)
+        self.store = settings.open_store()
         self.models = model_cache(settings)
         self.stop_reason: str | None = None
         self._meta: dict[str, Any] = job.meta if job is not None else {}

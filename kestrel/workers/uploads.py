@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from kestrel.core.datasets import FileSource
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.store import LocalStore, new_id, validate_id
+from kestrel.core.store import Store, new_id, validate_id
 
 KIND = "uploads"
 SUFFIXES = {
@@ -51,7 +51,7 @@ def upload_format(filename: str) -> str:
     return SUFFIXES[suffix]
 
 
-def save_upload(store: LocalStore, source: IO[bytes], filename: str, *, max_bytes: int) -> dict[str, Any]:
+def save_upload(store: Store, source: IO[bytes], filename: str, *, max_bytes: int) -> dict[str, Any]:
     """Copy ``source`` into a new upload, checking size and content; return its manifest."""
     fmt = upload_format(filename)
     upload_id = new_id("upload")
@@ -151,20 +151,20 @@ def _check_utf8(path: Path) -> None:
             raise InvalidInputError(f"not UTF-8 text (byte offset {exc.start})") from None
 
 
-def list_uploads(store: LocalStore) -> list[dict[str, Any]]:
+def list_uploads(store: Store) -> list[dict[str, Any]]:
     return [store.read_json(KIND, upload_id) for upload_id in store.list(KIND)]
 
 
-def get_upload(store: LocalStore, upload_id: str) -> dict[str, Any]:
+def get_upload(store: Store, upload_id: str) -> dict[str, Any]:
     return store.read_json(KIND, validate_id(upload_id, "upload id"))
 
 
-def delete_upload(store: LocalStore, upload_id: str) -> None:
+def delete_upload(store: Store, upload_id: str) -> None:
     store.delete(KIND, validate_id(upload_id, "upload id"))
 
 
 def dataset_source(
-    store: LocalStore, upload_id: str, *, format: str, text_field: str, txt_mode: str, limit: int | None
+    store: Store, upload_id: str, *, format: str, text_field: str, txt_mode: str, limit: int | None
 ) -> FileSource:
     """The FileSource a worker reads for an uploaded dataset (a path made here, not by a client)."""
     manifest = get_upload(store, upload_id)

@@ -20,7 +20,6 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
@@ -28,7 +27,7 @@ from pydantic import Field, field_validator
 from kestrel.core.concepts.store import FEATURES_DIR, SAE_KIND
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.sae.config import _Config
-from kestrel.core.store import LocalStore, validate_id, write_json_atomic
+from kestrel.core.store import Store, validate_id
 
 DICTIONARY_FILE = "dictionary.json"
 LOCK_FILE = ".dictionary.lock"
@@ -64,26 +63,28 @@ class Concept(_Config):
         return list(dict.fromkeys(tag.strip() for tag in tags if tag.strip()))
 
 
-def _dictionary_path(store: LocalStore, sae_id: str) -> Path:
-    return store.require(SAE_KIND, validate_id(sae_id, "sae id")) / FEATURES_DIR / DICTIONARY_FILE
+DICTIONARY_REL = f"{FEATURES_DIR}/{DICTIONARY_FILE}"
 
 
-def sae_latent_count(store: LocalStore, sae_id: str) -> int:
+def sae_latent_count(store: Store, sae_id: str) -> int:
     """The SAE's latent count, from its summary (no weights loaded)."""
     summary = store.read_json(SAE_KIND, validate_id(sae_id, "sae id"))
     return int(summary["config"]["n_latents"])
 
 
-def read_dictionary(store: LocalStore, sae_id: str) -> dict[int, Concept]:
+def read_dictionary(store: Store, sae_id: str) -> dict[int, Concept]:
     """Every named latent of the SAE, by index (empty when nothing is named yet)."""
-    path = _dictionary_path(store, sae_id)
-    if not path.is_file():
+    sae_id = validate_id(sae_id, "sae id")
+    try:
+        data = store.read_json(SAE_KIND, sae_id, DICTIONARY_REL)
+    except NotFoundError:
+        if not store.exists(SAE_KIND, sae_id):
+            raise
         return {}
-    data = json.loads(path.read_text())
     return {int(c["latent"]): Concept(**c) for c in data.get("concepts", [])}
 
 
-def get_concept(store: LocalStore, sae_id: str, latent: int) -> Concept:
+def get_concept(store: Store, sae_id: str, latent: int) -> Concept:
     concept = read_dictionary(store, sae_id).get(latent)
     if concept is None:
         raise NotFoundError(
@@ -93,20 +94,24 @@ def get_concept(store: LocalStore, sae_id: str, latent: int) -> Concept:
 
 
 @contextmanager
-def _locked(store: LocalStore, sae_id: str) -> Iterator[Path]:
-    path = _dictionary_path(store, sae_id)
-    path.parent.mkdir(exist_ok=True)
-    with (path.parent / LOCK_FILE).open("a") as lock:
+def _locked(store: Store, sae_id: str) -> Iterator[None]:
+    """Serialise read-modify-writes on this machine (a lock file in the SAE's scratch directory:
+    ``features/`` itself for a local store). Writers on different machines sharing an S3 store
+    are not serialised: the last write wins."""
+    scratch = store.scratch_dir(SAE_KIND, validate_id(sae_id, "sae id"), FEATURES_DIR)
+    with (scratch / LOCK_FILE).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield path
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write(path: Path, sae_id: str, n_latents: int, concepts: dict[int, Concept]) -> None:
-    write_json_atomic(
-        path,
+def _write(store: Store, sae_id: str, n_latents: int, concepts: dict[int, Concept]) -> None:
+    store.put_json(
+        SAE_KIND,
+        sae_id,
+        DICTIONARY_REL,
         {
             "sae_id": sae_id,
             "n_latents": n_latents,
@@ -116,7 +121,7 @@ def _write(path: Path, sae_id: str, n_latents: int, concepts: dict[int, Concept]
 
 
 def update_concepts(
-    store: LocalStore,
+    store: Store,
     sae_id: str,
     concepts: Sequence[Concept],
     *,
@@ -131,26 +136,26 @@ def update_concepts(
     n_latents = sae_latent_count(store, sae_id)
     check_concepts(concepts, n_latents)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with _locked(store, sae_id) as path:
+    with _locked(store, sae_id):
         current = {} if replace else read_dictionary(store, sae_id)
         for concept in concepts:
             existing = current.get(concept.latent)
             if keep_manual and existing is not None and existing.source == "manual":
                 continue
             current[concept.latent] = concept.model_copy(update={"updated": stamp})
-        _write(path, sae_id, n_latents, current)
+        _write(store, sae_id, n_latents, current)
     return current
 
 
-def delete_concept(store: LocalStore, sae_id: str, latent: int) -> None:
-    with _locked(store, sae_id) as path:
+def delete_concept(store: Store, sae_id: str, latent: int) -> None:
+    with _locked(store, sae_id):
         current = read_dictionary(store, sae_id)
         if latent not in current:
             raise NotFoundError(
                 f"latent {latent} of sae {sae_id!r} has no concept", details={"latent": latent}
             )
         del current[latent]
-        _write(path, sae_id, sae_latent_count(store, sae_id), current)
+        _write(store, sae_id, sae_latent_count(store, sae_id), current)
 
 
 def check_concepts(concepts: Sequence[Concept], n_latents: int, where: Sequence[str] | None = None) -> None:
@@ -179,7 +184,7 @@ DictionaryFormat = Literal["json", "csv"]
 
 
 def import_dictionary(
-    store: LocalStore, sae_id: str, data: bytes | str, fmt: DictionaryFormat, *, replace: bool = False
+    store: Store, sae_id: str, data: bytes | str, fmt: DictionaryFormat, *, replace: bool = False
 ) -> dict[str, Any]:
     """Validate a whole file against the SAE, then merge it in (or replace the dictionary)."""
     n_latents = sae_latent_count(store, sae_id)
@@ -197,7 +202,7 @@ def parse_dictionary(data: bytes | str, fmt: DictionaryFormat, n_latents: int) -
     raise InvalidInputError(f"unknown dictionary format {fmt!r}; use 'json' or 'csv'")
 
 
-def export_dictionary(store: LocalStore, sae_id: str, fmt: DictionaryFormat) -> str:
+def export_dictionary(store: Store, sae_id: str, fmt: DictionaryFormat) -> str:
     concepts = read_dictionary(store, sae_id)
     n_latents = sae_latent_count(store, sae_id)
     rows = [concepts[i] for i in sorted(concepts)]

@@ -40,7 +40,7 @@ from kestrel.core.models import LoadedModel
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.config import _Config
 from kestrel.core.sae.pipeline import load_sae
-from kestrel.core.store import LocalStore
+from kestrel.core.store import Store
 
 ENCODE_CHUNK_ROWS = 4096
 TOP_TOKENS = 3
@@ -114,7 +114,7 @@ ProgressFn = Callable[[DiscoveryProgress], None]
 
 
 def discover(
-    store: LocalStore,
+    store: Store,
     sae_id: str,
     lm: LoadedModel,
     *,
@@ -178,7 +178,7 @@ def discover(
 
 
 def _summary(
-    store: LocalStore,
+    store: Store,
     sae_id: str,
     sae: SAE,
     lm: LoadedModel,
@@ -221,7 +221,7 @@ def _as_config(config: DiscoveryConfig | dict[str, Any] | None) -> DiscoveryConf
 
 
 def _source(
-    store: LocalStore,
+    store: Store,
     summary: dict[str, Any],
     lm: LoadedModel,
     layer: str,
@@ -283,7 +283,7 @@ def _describe(spec: Any) -> dict[str, Any]:
     return described
 
 
-def _training_norm_median(store: LocalStore, summary: dict[str, Any], layer: str, model: str) -> float | None:
+def _training_norm_median(store: Store, summary: dict[str, Any], layer: str, model: str) -> float | None:
     """The layer's median row norm from the SAE's training run, if it is the same model and layer."""
     run_id = summary.get("run_id")
     if not run_id or not store.exists("activations", run_id):
@@ -444,13 +444,13 @@ def _windows_for(rows: Tensor, unique_R: Tensor, windows_RW: Tensor) -> Tensor:
     return out.reshape(*rows.shape, width)
 
 
-def _logit_key(store: LocalStore, sae_id: str, lm: LoadedModel) -> str:
+def _logit_key(store: Store, sae_id: str, lm: LoadedModel) -> str:
     """Logit effects depend only on the SAE's weights and the model: this names that pair."""
-    weights = store.local_path("saes", sae_id, "weights.safetensors").stat()
-    return f"{lm.name}:{weights.st_size}:{weights.st_mtime_ns}"
+    weights = store.stat("saes", sae_id, "weights.safetensors")
+    return f"{lm.name}:{weights.size}:{weights.version}"
 
 
-def _logit_effects(store: LocalStore, sae_id: str, sae: SAE, lm: LoadedModel, k: int) -> dict[str, Tensor]:
+def _logit_effects(store: Store, sae_id: str, sae: SAE, lm: LoadedModel, k: int) -> dict[str, Tensor]:
     """Reuse the current version's logit effects when they were made for the same SAE, model and k."""
     key = _logit_key(store, sae_id, lm)
     try:

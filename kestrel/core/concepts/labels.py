@@ -24,7 +24,7 @@ from kestrel.core.concepts.dictionary import Concept, update_concepts
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.models import LoadedModel, generate
-from kestrel.core.store import LocalStore
+from kestrel.core.store import Store
 
 LabelMethod = Literal["heuristic", "model"]
 MODEL_CONTEXTS = 6
@@ -37,7 +37,7 @@ ANSWER_PREFIX = 'The shared topic is "'
 
 
 def label_features(
-    store: LocalStore,
+    store: Store,
     sae_id: str,
     method: LabelMethod,
     *,

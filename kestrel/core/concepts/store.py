@@ -6,16 +6,17 @@
     saes/<sae_id>/features/dictionary.json                names, descriptions, tags (kept across runs)
 
 The SAE directory is already published when discovery runs, so a new result is staged in
-``features/.staging-*``, renamed to its version directory, and made current by rewriting
-``manifest.json`` atomically, last. A reader resolves the manifest once and reads that version,
-so it sees one complete result, old or new, never a mix. The previous version is kept (a reader
-may still hold it); older ones are removed once they are a while old.
+``features/.staging-*`` (a local scratch directory for a remote store), moved in as its version
+(``Store.put_tree``: one rename locally, an upload to S3), and made current by rewriting
+``manifest.json`` atomically, last (``Store.put_json``). A reader resolves the manifest once and
+reads that version, so it sees one complete result, old or new, never a mix. The previous
+version is kept (a reader may still hold it); older ones are removed once they are a while old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kestrel.core.errors import NotFoundError
-from kestrel.core.store import LocalStore, new_id, validate_id, write_json_atomic
+from kestrel.core.store import Store, new_id, validate_id
 
 SAE_KIND = "saes"
 FEATURES_DIR = "features"
@@ -59,80 +60,100 @@ TENSORS = {
 }
 
 
-def features_root(store: LocalStore, sae_id: str) -> Path:
-    """``saes/<sae_id>/features`` of a published SAE (NotFoundError if the SAE does not exist)."""
-    return store.require(SAE_KIND, validate_id(sae_id, "sae id")) / FEATURES_DIR
+def _features_rel(*parts: str) -> str:
+    return "/".join((FEATURES_DIR, *parts))
 
 
-def staging_dir(store: LocalStore, sae_id: str) -> Path:
-    """A private directory inside ``features/`` for one discovery's files (and temporary docs)."""
-    root = features_root(store, sae_id)
-    root.mkdir(exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+def _require_sae(store: Store, sae_id: str) -> str:
+    sae_id = validate_id(sae_id, "sae id")
+    if not store.exists(SAE_KIND, sae_id):
+        raise NotFoundError(f"no {SAE_KIND} artifact with id {sae_id!r}", details={"id": sae_id})
+    return sae_id
+
+
+def features_root(store: Store, sae_id: str) -> Path:
+    """A local copy of ``saes/<sae_id>/features`` (a local store's own directory; a remote store
+    downloads the whole SAE into its cache, so the engine itself reads through the verbs below)."""
+    return store.local_dir(SAE_KIND, _require_sae(store, sae_id)) / FEATURES_DIR
+
+
+def staging_dir(store: Store, sae_id: str) -> Path:
+    """A private local directory for one discovery's files (and temporary docs); inside
+    ``features/`` for a local store, so publishing it is one rename."""
+    scratch = store.scratch_dir(SAE_KIND, _require_sae(store, sae_id), FEATURES_DIR)
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=scratch))
 
 
 def publish(
-    store: LocalStore,
+    store: Store,
     sae_id: str,
     staging: Path,
     tensors: dict[str, torch.Tensor],
     vocab: dict[str, str],
     summary: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write the files into ``staging``, rename it to a new version, then point the manifest at it."""
-    root = features_root(store, sae_id)
+    """Write the files into ``staging``, move it in as a new version, then point the manifest at it."""
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(staging / TENSORS_FILE))
     (staging / VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False))
     version = new_id("v")
-    staging.chmod(0o755)
-    os.rename(staging, root / version)
-    previous = _current_version(root)
+    store.put_tree(SAE_KIND, sae_id, _features_rel(version), staging)
+    previous = _current_version(store, sae_id)
     manifest = {**summary, "version": version, "tensors": TENSORS}
-    write_json_atomic(root / MANIFEST_FILE, manifest)
-    _prune(root, keep={version, previous})
+    store.put_json(SAE_KIND, sae_id, _features_rel(MANIFEST_FILE), manifest)
+    _prune(store, sae_id, keep={version, previous})
     return manifest
 
 
-def _current_version(root: Path) -> str | None:
+def _current_version(store: Store, sae_id: str) -> str | None:
     try:
-        return json.loads((root / MANIFEST_FILE).read_text()).get("version")
-    except (OSError, json.JSONDecodeError):
+        return store.read_json(SAE_KIND, sae_id, _features_rel(MANIFEST_FILE)).get("version")
+    except (NotFoundError, OSError, json.JSONDecodeError):
         return None
 
 
-def _prune(root: Path, keep: set[str | None]) -> None:
+def _prune(store: Store, sae_id: str, keep: set[str | None]) -> None:
     """Remove versions neither current nor previous, and staging leftovers, once they are old."""
     cutoff = time.time() - PRUNE_AFTER_S
-    for path in root.iterdir():
-        is_version = path.is_dir() and path.name.startswith("v-")
-        is_leftover = path.is_dir() and path.name.startswith(STAGING_PREFIX)
-        if (is_version and path.name not in keep) or is_leftover:
-            try:
-                if path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
+    written: dict[str, float] = {}  # version -> its newest file's time
+    for stored in store.list_files(SAE_KIND, sae_id, _features_rel("v-")):
+        parts = stored.rel.split("/")
+        if len(parts) >= 3:
+            written[parts[1]] = max(written.get(parts[1], 0.0), stored.modified)
+    for version, modified in written.items():
+        if version not in keep and modified < cutoff:
+            store.delete_tree(SAE_KIND, sae_id, _features_rel(version))
+    _prune_staging(store.scratch_dir(SAE_KIND, sae_id, FEATURES_DIR), cutoff)
 
 
-def read_manifest(store: LocalStore, sae_id: str) -> dict[str, Any]:
+def _prune_staging(scratch: Path, cutoff: float) -> None:
+    for path in scratch.glob(f"{STAGING_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def read_manifest(store: Store, sae_id: str) -> dict[str, Any]:
     """The current discovery's summary; NotFoundError naming the fix if there is none."""
-    path = features_root(store, sae_id) / MANIFEST_FILE
-    if not path.is_file():
+    sae_id = _require_sae(store, sae_id)
+    try:
+        return store.read_json(SAE_KIND, sae_id, _features_rel(MANIFEST_FILE))
+    except NotFoundError:
         raise NotFoundError(
             f"sae {sae_id!r} has no discovered features yet; run discovery first "
             f"(`kestrel discover {sae_id}` or POST /v1/saes/{sae_id}/features/discover)",
             details={"sae_id": sae_id},
-        )
-    return json.loads(path.read_text())
+        ) from None
 
 
 class FeatureReader:
     """Reads one version's tensors lazily: a feature page loads one latent's slices only."""
 
-    def __init__(self, store: LocalStore, sae_id: str) -> None:
+    def __init__(self, store: Store, sae_id: str) -> None:
         self.sae_id = sae_id
         self.manifest = read_manifest(store, sae_id)
-        self.directory = features_root(store, sae_id) / self.manifest["version"]
+        version = self.manifest["version"]
+        files = [_features_rel(version, TENSORS_FILE), _features_rel(version, VOCAB_FILE)]
+        self.directory = store.local_dir(SAE_KIND, sae_id, files) / FEATURES_DIR / version
         self.n_latents = int(self.manifest["n_latents"])
         self._vocab: dict[str, str] | None = None
 

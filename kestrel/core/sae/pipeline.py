@@ -34,7 +34,7 @@ from kestrel.core.sae.config import SAEConfig, TrainConfig
 from kestrel.core.sae.metrics import evaluate
 from kestrel.core.sae.model_eval import ce_loss_metrics
 from kestrel.core.sae.trainer import Progress, train_sae
-from kestrel.core.store import LocalStore, new_id, validate_id, write_json_atomic
+from kestrel.core.store import Store, new_id, validate_id
 
 KIND = "saes"
 HELDOUT_FRACTION = 0.1
@@ -44,11 +44,12 @@ EVAL_MAX_ROWS = 200_000
 EVAL_MAX_TEXTS = 200
 
 
-def _checkpoint_dir(store: LocalStore, sae_id: str) -> Path:
-    return store.root / "checkpoints" / sae_id
+def _checkpoint_dir(store: Store, sae_id: str) -> Path:
+    """Checkpoints are this machine's scratch (never uploaded until the SAE is published)."""
+    return store.local_root / "checkpoints" / sae_id
 
 
-def _train_data(store: LocalStore, run_id: str, layer: str, filters: RowFilter, seed: int):
+def _train_data(store: Store, run_id: str, layer: str, filters: RowFilter, seed: int):
     """``data(epoch)`` for the trainer: the same rows in the same order for the same epoch."""
 
     def data(epoch: int) -> Iterator[torch.Tensor]:
@@ -67,7 +68,7 @@ def _train_data(store: LocalStore, run_id: str, layer: str, filters: RowFilter, 
     return data
 
 
-def _heldout_data(store: LocalStore, run_id: str, layer: str, filters: RowFilter | None, split: str):
+def _heldout_data(store: Store, run_id: str, layer: str, filters: RowFilter | None, split: str):
     def data() -> Iterator[torch.Tensor]:
         return iter_batches(
             store,
@@ -82,8 +83,35 @@ def _heldout_data(store: LocalStore, run_id: str, layer: str, filters: RowFilter
     return data
 
 
+def unloadable_model_reason(run: dict[str, Any]) -> str | None:
+    """Why the service cannot load the model a run came from (None when it can).
+
+    A run written during a user's own training (``kestrel.core.callbacks``) marks its model
+    ``loadable: false``: a model the service never had, so nothing that needs it in the loop
+    (CE-loss recovered, KL) can be computed, and loading a model by its name could even pick an
+    unrelated one.
+    """
+    model = run.get("model") or {}
+    if model.get("loadable", True):
+        return None
+    return (
+        f"run {run.get('id')!r} was captured during training from the user's model "
+        f"{model.get('name')!r} ({model.get('architecture')}), which the service cannot load; "
+        "model-in-the-loop metrics (CE-loss recovered, KL) need the model"
+    )
+
+
+def require_loadable_model(store: Store, summary: dict[str, Any]) -> None:
+    """InvalidInputError before a job loads a model for an SAE whose run's model is not loadable."""
+    run_id = summary.get("run_id")
+    if run_id and store.exists("activations", run_id):
+        reason = unloadable_model_reason(get_manifest(store, run_id))
+        if reason is not None:
+            raise InvalidInputError(reason, details={"sae_id": summary.get("id"), "run_id": run_id})
+
+
 def prepare_training(
-    store: LocalStore,
+    store: Store,
     run_id: str,
     layer: str,
     sae_config: dict[str, Any] | SAEConfig,
@@ -124,7 +152,7 @@ def prepare_training(
 
 
 def train_from_run(
-    store: LocalStore,
+    store: Store,
     run_id: str,
     layer: str,
     sae_config: dict[str, Any] | SAEConfig,
@@ -167,7 +195,7 @@ def train_from_run(
             "status": "stopped",
             "step": result.step,
             "tokens": result.tokens,
-            "checkpoint": str(result.checkpoint.relative_to(store.root)) if result.checkpoint else None,
+            "checkpoint": str(result.checkpoint.relative_to(store.local_root)) if result.checkpoint else None,
         }
     metrics = dict(result.metrics)
     metrics["all_rows"] = evaluate(
@@ -176,6 +204,9 @@ def train_from_run(
     metrics["all_rows"]["note"] = (
         "every row of the run, attention sinks included: not what the SAE was trained on"
     )
+    skipped = unloadable_model_reason(manifest)
+    if skipped is not None:
+        metrics["model_in_the_loop"] = {"skipped": True, "reason": skipped}
     summary = {
         "id": sae_id,
         "status": "complete",
@@ -198,27 +229,36 @@ def train_from_run(
     return summary
 
 
-def list_saes(store: LocalStore) -> list[dict[str, Any]]:
+def list_saes(store: Store) -> list[dict[str, Any]]:
     return [store.read_json(KIND, sae_id) for sae_id in store.list(KIND)]
 
 
-def get_sae(store: LocalStore, sae_id: str) -> dict[str, Any]:
+def get_sae(store: Store, sae_id: str) -> dict[str, Any]:
     return store.read_json(KIND, validate_id(sae_id, "sae id"))
 
 
-def delete_sae(store: LocalStore, sae_id: str) -> None:
+def training_history(store: Store, sae_id: str) -> list[dict[str, Any]]:
+    """The trainer's progress lines (history.jsonl), for curves; empty for an imported SAE."""
+    get_sae(store, sae_id)  # NotFoundError for an unknown id, rather than an empty history
+    try:
+        path = store.local_path(KIND, sae_id, sae_io.HISTORY_FILE)
+    except NotFoundError:
+        return []
+    return sae_io.read_history(path.parent)
+
+
+def delete_sae(store: Store, sae_id: str) -> None:
     store.delete(KIND, validate_id(sae_id, "sae id"))
     shutil.rmtree(_checkpoint_dir(store, sae_id), ignore_errors=True)
 
 
-def load_sae(
-    store: LocalStore, sae_id: str, *, device: str | torch.device = "cpu"
-) -> tuple[SAE, dict[str, Any]]:
+def load_sae(store: Store, sae_id: str, *, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
     summary = get_sae(store, sae_id)
-    return sae_io.load_sae(store.require(KIND, sae_id), device=device), summary
+    directory = store.local_dir(KIND, sae_id, [sae_io.CONFIG_FILE, sae_io.WEIGHTS_FILE])
+    return sae_io.load_sae(directory, device=device), summary
 
 
-def heldout_texts(store: LocalStore, run_id: str, limit: int = EVAL_MAX_TEXTS) -> list[str]:
+def heldout_texts(store: Store, run_id: str, limit: int = EVAL_MAX_TEXTS) -> list[str]:
     """The run's held-out documents: texts no training row came from."""
     docs = read_docs(store, run_id)
     held = _heldout_mask(torch.arange(len(docs)), HELDOUT_FRACTION)
@@ -226,7 +266,7 @@ def heldout_texts(store: LocalStore, run_id: str, limit: int = EVAL_MAX_TEXTS) -
 
 
 def evaluate_sae(
-    store: LocalStore,
+    store: Store,
     sae_id: str,
     lm: LoadedModel,
     texts: list[str] | None = None,
@@ -235,6 +275,7 @@ def evaluate_sae(
 ) -> dict[str, Any]:
     """Model-in-the-loop metrics (CE-loss recovered, KL) on held-out texts, stored with the SAE."""
     sae, summary = load_sae(store, sae_id, device=lm.device)
+    require_loadable_model(store, summary)
     run = get_manifest(store, summary["run_id"]) if summary.get("run_id") else None
     layer = summary["layer"]
     lm.layer(layer)
@@ -251,24 +292,27 @@ def evaluate_sae(
     metrics = ce_loss_metrics(
         lm, sae, layer, texts, filters=filters, norm_median=norm_median, on_progress=on_progress
     )
-    directory = store.require(KIND, sae_id)
-    stored = sae_io.read_metrics(directory) or {}
+    try:
+        stored = store.read_json(KIND, sae_id, sae_io.METRICS_FILE) or {}
+    except NotFoundError:
+        stored = {}
     stored["model_in_the_loop"] = metrics
-    write_json_atomic(directory / sae_io.METRICS_FILE, stored)
+    store.put_json(KIND, sae_id, sae_io.METRICS_FILE, stored)
     summary.setdefault("metrics", {})["model_in_the_loop"] = metrics
-    write_json_atomic(directory / "manifest.json", summary)
+    store.put_json(KIND, sae_id, "manifest.json", summary)  # the summary last, as at publishing
     return metrics
 
 
-def export_sae_zip(store: LocalStore, sae_id: str, fmt: Literal["kestrel", "saelens"]) -> bytes:
+def export_sae_zip(store: Store, sae_id: str, fmt: Literal["kestrel", "saelens"]) -> bytes:
     """The SAE's files as a zip: Kestrel's own layout, or SAELens's ``cfg.json`` + weights."""
-    directory = store.require(KIND, validate_id(sae_id, "sae id"))
+    sae_id = validate_id(sae_id, "sae id")
+    top_level = [f.rel for f in store.list_files(KIND, sae_id) if "/" not in f.rel]
+    directory = store.local_dir(KIND, sae_id, top_level)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         if fmt == "kestrel":
-            for path in sorted(directory.iterdir()):
-                if path.is_file():
-                    archive.write(path, path.name)
+            for rel in top_level:
+                archive.write(directory / rel, rel)
         elif fmt == "saelens":
             with tempfile.TemporaryDirectory() as tmp:
                 out = sae_io.export_saelens(sae_io.load_sae(directory), Path(tmp) / "sae")
@@ -280,7 +324,7 @@ def export_sae_zip(store: LocalStore, sae_id: str, fmt: Literal["kestrel", "sael
 
 
 def import_saelens(
-    store: LocalStore,
+    store: Store,
     cfg_json: bytes,
     weights: bytes,
     *,

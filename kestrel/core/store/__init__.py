@@ -1,6 +1,18 @@
-"""Artifact storage: the Store protocol and its backends (local directory now, S3 later)."""
+"""Artifact storage: the Store protocol and its backends (a local directory, S3, or both mirrored).
 
-from kestrel.core.store.base import ARTIFACT_KINDS, ArtifactWriter, Store, new_id, validate_id
+``S3Store`` (``kestrel.core.store.s3``) and ``MirrorStore`` (``.mirror``) import boto3, so they are
+imported only when ``open_store`` chooses them.
+"""
+
+from kestrel.core.store.base import (
+    ARTIFACT_KINDS,
+    ArtifactWriter,
+    Store,
+    StoredFile,
+    new_id,
+    validate_id,
+)
+from kestrel.core.store.factory import StoreBackend, open_store, parse_s3_url
 from kestrel.core.store.local import LocalStore, write_json_atomic
 
 __all__ = [
@@ -8,7 +20,11 @@ __all__ = [
     "ArtifactWriter",
     "LocalStore",
     "Store",
+    "StoreBackend",
+    "StoredFile",
     "new_id",
+    "open_store",
+    "parse_s3_url",
     "validate_id",
     "write_json_atomic",
 ]

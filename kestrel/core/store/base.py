@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from kestrel.core.errors import InvalidInputError
 
@@ -51,6 +52,19 @@ def validate_relpath(rel: str) -> str:
     return rel
 
 
+class StoredFile(NamedTuple):
+    """One file of a published artifact, as ``list_files`` and ``stat`` report it."""
+
+    rel: str
+    """Path inside the artifact, ``/``-separated (``model.layers.1/00000.safetensors``)."""
+    size: int
+    """Bytes."""
+    modified: float
+    """Unix time of the last write, so callers can leave recent files alone."""
+    version: str
+    """Changes whenever the content is replaced (an S3 ETag; mtime and size locally)."""
+
+
 class ArtifactWriter(Protocol):
     """A staged artifact: write files under ``directory``, then ``commit`` (or ``abort``)."""
 
@@ -69,7 +83,7 @@ class ArtifactWriter(Protocol):
 
 @runtime_checkable
 class Store(Protocol):
-    """Where artifacts live. ``LocalStore`` now; an S3 backend implements the same verbs."""
+    """Where artifacts live: ``LocalStore``, ``S3Store`` or ``MirrorStore`` (both), same verbs."""
 
     def writer(self, kind: str, artifact_id: str) -> ArtifactWriter:
         """Start an artifact; ConflictError if the id is already published."""
@@ -92,4 +106,55 @@ class Store(Protocol):
     @property
     def models_dir(self) -> Path:
         """Local directory of the converted-weights cache."""
+        ...
+
+    # -- files inside a published artifact ------------------------------------------------------
+    # Some artifacts grow after publishing (an SAE gains metrics, discovered features, a concept
+    # dictionary). These verbs let that happen without a caller touching the backend's paths.
+
+    @property
+    def local_root(self) -> Path:
+        """A directory on this machine for what never leaves it: weights cache, checkpoints, caches."""
+        ...
+
+    def local_dir(self, kind: str, artifact_id: str, files: Iterable[str] | None = None) -> Path:
+        """A local directory holding the artifact's ``files`` (all when None) at their relative paths.
+
+        Treat it as read-only: a remote store returns its download cache.
+        """
+        ...
+
+    def list_files(self, kind: str, artifact_id: str, prefix: str = "") -> list[StoredFile]:
+        """Files of a published artifact whose relative path starts with ``prefix``, sorted."""
+        ...
+
+    def stat(self, kind: str, artifact_id: str, rel: str) -> StoredFile:
+        """One file's size, time and version; NotFoundError if the artifact or the file is missing."""
+        ...
+
+    def put_json(self, kind: str, artifact_id: str, rel: str, obj: Any) -> None:
+        """Replace (or add) one JSON file of a published artifact; readers see old or new, whole."""
+        ...
+
+    def scratch_dir(self, kind: str, artifact_id: str, rel: str = "") -> Path:
+        """A local directory tied to a published artifact for staging ``put_tree`` input and locks.
+
+        For a local store it lies inside the artifact, so ``put_tree`` is one rename.
+        """
+        ...
+
+    def put_tree(self, kind: str, artifact_id: str, rel: str, directory: Path) -> None:
+        """Move a local directory into a published artifact as ``rel`` (which must not exist yet).
+
+        Readers may see the files appear one by one: publish a pointer to them (a manifest
+        rewritten with ``put_json``) last.
+        """
+        ...
+
+    def delete_tree(self, kind: str, artifact_id: str, rel: str) -> None:
+        """Remove ``rel`` and everything under it from a published artifact (missing is fine)."""
+        ...
+
+    def gc(self, older_than_s: float = 3600.0) -> list[Any]:
+        """Remove leftovers of writers that died more than ``older_than_s`` ago; return what went."""
         ...

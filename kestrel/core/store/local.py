@@ -12,11 +12,18 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from kestrel.core.errors import ConflictError, NotFoundError
-from kestrel.core.store.base import ARTIFACT_KINDS, validate_id, validate_kind, validate_relpath
+from kestrel.core.store.base import (
+    ARTIFACT_KINDS,
+    StoredFile,
+    validate_id,
+    validate_kind,
+    validate_relpath,
+)
 
 STAGING_PREFIX = ".staging-"
 
@@ -89,6 +96,10 @@ class LocalStore:
     def models_dir(self) -> Path:
         return self.root / "models"
 
+    @property
+    def local_root(self) -> Path:
+        return self.root
+
     def artifact_dir(self, kind: str, artifact_id: str) -> Path:
         return self.root / validate_kind(kind) / validate_id(artifact_id)
 
@@ -131,6 +142,59 @@ class LocalStore:
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
+    # -- files inside a published artifact ------------------------------------------------------
+
+    def local_dir(self, kind: str, artifact_id: str, files: Iterable[str] | None = None) -> Path:
+        return self.require(kind, artifact_id)
+
+    def list_files(self, kind: str, artifact_id: str, prefix: str = "") -> list[StoredFile]:
+        directory = self.require(kind, artifact_id)
+        found = []
+        for path in sorted(directory.rglob("*")):
+            rel = path.relative_to(directory).as_posix()
+            hidden = any(part.startswith(".") for part in path.relative_to(directory).parts)
+            if rel.startswith(prefix) and not hidden and path.is_file():
+                found.append(_stored_file(rel, path))
+        return found
+
+    def stat(self, kind: str, artifact_id: str, rel: str) -> StoredFile:
+        return _stored_file(rel, self.local_path(kind, artifact_id, rel))
+
+    def put_json(self, kind: str, artifact_id: str, rel: str, obj: Any) -> None:
+        write_json_atomic(self.require(kind, artifact_id) / validate_relpath(rel), obj)
+
+    def scratch_dir(self, kind: str, artifact_id: str, rel: str = "") -> Path:
+        directory = self.require(kind, artifact_id)
+        if rel:
+            directory = directory / validate_relpath(rel)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+    def put_tree(self, kind: str, artifact_id: str, rel: str, directory: Path) -> None:
+        """One rename when ``directory`` is on the store's filesystem (``scratch_dir``), else a copy."""
+        target = self.require(kind, artifact_id) / validate_relpath(rel)
+        if target.exists():
+            raise ConflictError(f"{kind} {artifact_id!r} already has {rel!r}", details={"rel": rel})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Path(directory).chmod(0o755)  # mkdtemp made it private; published files are shared
+        try:
+            os.rename(directory, target)
+        except OSError:  # another filesystem: copy next to the target, then rename
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target.parent))
+            shutil.copytree(directory, staging, dirs_exist_ok=True)
+            staging.chmod(0o755)
+            os.rename(staging, target)
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def delete_tree(self, kind: str, artifact_id: str, rel: str) -> None:
+        target = self.require(kind, artifact_id) / validate_relpath(rel)
+        if target.is_dir():
+            trash = target.with_name(f".deleting-{target.name}-{os.getpid()}-{time.monotonic_ns()}")
+            os.rename(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
     def gc(self, older_than_s: float = 3600.0) -> list[Path]:
         """Remove staging leftovers of crashed writers older than ``older_than_s``."""
         removed = []
@@ -143,3 +207,8 @@ class LocalStore:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
         return removed
+
+
+def _stored_file(rel: str, path: Path) -> StoredFile:
+    info = path.stat()
+    return StoredFile(rel, info.st_size, info.st_mtime, f"{info.st_mtime_ns}-{info.st_size}")
