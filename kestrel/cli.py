@@ -72,10 +72,11 @@ def _quiet_transformers() -> None:
 
 
 def _store(root: Path | None):
-    from kestrel.core.models import default_store_root
-    from kestrel.core.store import LocalStore
+    """``--store DIR`` names a local store; without it, the service's settings choose (local, s3, both)."""
+    from kestrel.core.store import open_store
+    from kestrel.settings import Settings
 
-    return LocalStore(root or default_store_root())
+    return open_store(root) if root is not None else Settings().open_store()
 
 
 def _print_json(obj: Any) -> None:
@@ -88,7 +89,7 @@ def models(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """List the bundled models (any Hugging Face causal LM id or local directory works too)."""
     from kestrel.core.models import available_models
 
-    rows = available_models(_store(store).root)
+    rows = available_models(_store(store).local_root)
     if as_json:
         return _print_json(rows)
     table = Table("name", "source", "installed", "cached", "description")
@@ -116,7 +117,7 @@ def layers(
 
     from kestrel.core.models import load_model
 
-    lm = load_model(model, device=device, store_root=_store(store).root)
+    lm = load_model(model, device=device, store_root=_store(store).local_root)
     rows = [info for info in lm.layers if kind is None or info.kind == kind]
     if as_json:
         return _print_json([asdict(info) for info in rows])
@@ -184,7 +185,7 @@ def capture(
         drop_special=drop_special,
     )
     the_store = _store(store)
-    lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.root)
+    lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
     manifest = run_capture(lm, spec, layer, the_store, run_id=run_id, options=options, progress_bar=True)
     if as_json:
         return _print_json(manifest)
@@ -251,6 +252,80 @@ def runs_delete(run_id: str, store: StoreOpt = None) -> None:
 
     delete_run(_store(store), run_id)
     console.print(f"deleted run {run_id}")
+
+
+@runs_app.command("import")
+@friendly_errors
+def runs_import(
+    file: Annotated[Path, typer.Argument(help="a .safetensors file of [n_rows, d] activation tensors")],
+    tensor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tensor",
+            "-t",
+            help="NAME=LAYER: import tensor NAME as LAYER (repeatable) "
+            "[default: every 2-D float tensor, under its own name]",
+        ),
+    ] = None,
+    row_field: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--row-field",
+            help="FIELD=NAME: token_id, doc_index or position from tensor NAME "
+            "(repeatable) [default: tensors with those names]",
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="the model the activations came from")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="storage dtype: fp16, bf16 or fp32 [default: the file's]")
+    ] = None,
+    shard_mb: Annotated[float, typer.Option(help="upper bound on one shard file (per layer)")] = 64.0,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import activations computed elsewhere as a run, so SAEs can train and analyses run on it."""
+    from kestrel.core.imports import import_activations
+
+    manifest = import_activations(
+        _store(store),
+        file,
+        tensors=_pairs(tensor, "--tensor"),
+        row_fields=_pairs(row_field, "--row-field"),
+        dtype=_storage_dtype(dtype) if dtype is not None else None,
+        model=model,
+        model_source=_model_source(model),
+        shard_mb=shard_mb,
+        source={"kind": "file", "filename": file.name},
+    )
+    if as_json:
+        return _print_json(manifest)
+    layers = ", ".join(f"{name} (d={info['d']})" for name, info in manifest["layers"].items())
+    console.print(f"imported run {manifest['id']}: {manifest['n_tokens']:,} rows of {layers}")
+
+
+def _model_source(model: str | None) -> str | None:
+    """How a worker would load ``model`` (bundled or a configured local model); None: record only."""
+    from kestrel.core.models import BUNDLED
+    from kestrel.settings import get_settings
+
+    if model in BUNDLED:
+        return "bundled"
+    return "local" if model is not None and model in get_settings().local_models() else None
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str] | None:
+    """``["a=b", ...]`` → ``{"a": "b"}``; None when the option was not given."""
+    from kestrel.core.errors import InvalidInputError
+
+    if not values:
+        return None
+    pairs = {}
+    for value in values:
+        key, sep, target = value.partition("=")
+        if not sep or not key or not target:
+            raise InvalidInputError(f"{option} takes KEY=VALUE, got {value!r}")
+        pairs[key] = target
+    return pairs
 
 
 @app.command()
@@ -340,7 +415,7 @@ def evaluate(
 
     the_store = _store(store)
     summary = pipeline.get_sae(the_store, sae_id)
-    lm = load_model(model or summary["model"], device=device, store_root=the_store.root)
+    lm = load_model(model or summary["model"], device=device, store_root=the_store.local_root)
     metrics = pipeline.evaluate_sae(the_store, sae_id, lm)
     if as_json:
         return _print_json(metrics)
@@ -413,7 +488,7 @@ def _sae_model(the_store, sae_id: str, model: str | None, device: str):
 
     summary = pipeline.get_sae(the_store, sae_id)
     name = model or summary.get("model") or summary["config"].get("model")
-    return load_model(name, device=device, store_root=the_store.root)
+    return load_model(name, device=device, store_root=the_store.local_root)
 
 
 @app.command()
@@ -710,7 +785,7 @@ def steer(
     if config.sae_id:
         lm = _sae_model(the_store, config.sae_id, model, device)
     else:
-        lm = load_model(model or "smollm2-135m", device=device, store_root=the_store.root)
+        lm = load_model(model or "smollm2-135m", device=device, store_root=the_store.local_root)
     plan = steering.plan_from_store(the_store, lm, config)
     names = {i: c.name for i, c in read_dictionary(the_store, config.sae_id).items()} if config.sae_id else {}
     result = steering.generate_side_by_side(
@@ -814,8 +889,8 @@ def demo(
     from kestrel.core.models import load_model
 
     the_store = _store(store)
-    console.print(f"store: {the_store.root}")
-    lm = load_model(model, device="auto", store_root=the_store.root)
+    console.print(f"store: {the_store.local_root}")
+    lm = load_model(model, device="auto", store_root=the_store.local_root)
     console.print(
         f"loaded {lm.name} ({lm.source}) in {lm.load_seconds:.1f} s: "
         f"{lm.n_blocks} blocks, d_model {lm.d_model}"
@@ -835,6 +910,189 @@ def demo(
 
 # ---------------------------------------------------------------------------------------------
 # The service
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses
+
+analyze_app = typer.Typer(
+    help="Analyses of a stored run or a model, written as a report with plots.", no_args_is_help=True
+)
+app.add_typer(analyze_app, name="analyze")
+LayerOpt = Annotated[str, typer.Option("--layer", "-l", help="a layer the run captured")]
+KeepSinksOpt = Annotated[
+    bool, typer.Option(help="include attention-sink rows (position 0, specials, huge norms)")
+]
+NO_ROW_FILTERS = {"skip_position_0": False, "skip_special": False, "max_norm_multiple": None}
+
+
+def _run_analysis_cli(store: Path | None, config: dict[str, Any], device: str, as_json: bool) -> None:
+    """Run one analysis with a progress bar; print where its report is."""
+    from tqdm.auto import tqdm
+
+    from kestrel.core.analysis import get_analysis, report_path, run_analysis
+    from kestrel.core.models import load_model
+
+    the_store = _store(store)
+    models: dict[tuple[str, str], Any] = {}
+
+    def load(name: str, dtype: str | None = None) -> Any:
+        key = (name, dtype or "fp32")
+        if key not in models:
+            models[key] = load_model(
+                name, device=device, dtype=key[1], store_root=the_store.models_dir.parent
+            )
+        return models[key]
+
+    bar = tqdm(desc=config["kind"], total=100, unit="%")
+
+    def show(fraction: float | None, message: str) -> None:
+        if fraction is not None:
+            bar.n = round(100 * fraction)
+        bar.set_postfix_str(message)
+        bar.refresh()
+
+    try:
+        analysis_id = run_analysis(the_store, config, model_loader=load, progress=show)
+    finally:
+        bar.close()
+    manifest = get_analysis(the_store, analysis_id)
+    if as_json:
+        return _print_json({**manifest, "report": str(report_path(the_store, analysis_id))})
+    console.print(f"[green]analysis {analysis_id}[/] ({manifest['kind']}): {manifest['title']}")
+    for key, value in manifest["key_numbers"].items():
+        console.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    console.print(f"report: {report_path(the_store, analysis_id)}", soft_wrap=True, highlight=False)
+
+
+@analyze_app.command("neuron")
+@friendly_errors
+def analyze_neuron(
+    run_id: Annotated[str, typer.Argument(help="a stored activation run")],
+    layer: LayerOpt,
+    max_rows: Annotated[int | None, typer.Option(help="read at most this many rows")] = None,
+    outlier_factor: Annotated[
+        float, typer.Option(help="outlier: |mean| over this × median std, or max|x| × median max|x|")
+    ] = 10.0,
+    keep_sinks: KeepSinksOpt = False,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-dimension mean, std, max, fraction active, excess kurtosis; outlier dimensions named."""
+    config: dict[str, Any] = {"kind": "neuron", "run_id": run_id, "layer": layer, "max_rows": max_rows}
+    config["outlier_factor"] = outlier_factor
+    if keep_sinks:
+        config["filters"] = NO_ROW_FILTERS
+    _run_analysis_cli(store, config, "cpu", as_json)
+
+
+@analyze_app.command("feature")
+@friendly_errors
+def analyze_feature(
+    run_id: Annotated[str, typer.Argument(help="a stored activation run")],
+    layer: LayerOpt,
+    clusters: Annotated[int, typer.Option(help="k-means clusters")] = 8,
+    components: Annotated[int, typer.Option(help="principal components kept")] = 64,
+    sample_rows: Annotated[int, typer.Option(help="uniform sample size for PCA and k-means")] = 20_000,
+    keep_sinks: KeepSinksOpt = False,
+    device: DeviceOpt = "cpu",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """PCA (explained variance) and k-means clusters with the contexts nearest each centre."""
+    config: dict[str, Any] = {"kind": "feature", "run_id": run_id, "layer": layer, "n_clusters": clusters}
+    config.update(n_components=components, sample_rows=sample_rows)
+    if keep_sinks:
+        config["filters"] = NO_ROW_FILTERS
+    _run_analysis_cli(store, config, device, as_json)
+
+
+@analyze_app.command("causal")
+@friendly_errors
+def analyze_causal(
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", "-l", help="a module to ablate (repeatable)")
+    ] = None,
+    sae: Annotated[str | None, typer.Option(help="ablate latents of this SAE instead")] = None,
+    latent: Annotated[list[int] | None, typer.Option(help="an SAE latent to ablate (repeatable)")] = None,
+    model: Annotated[str, typer.Option(help="bundled name, local directory or hub id")] = "smollm2-135m",
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")
+    ] = None,
+    file: Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")] = None,
+    text_field: Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet")] = "text",
+    txt_mode: Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")] = "line",
+    method: Annotated[list[str] | None, typer.Option(help="zero and/or mean (repeatable)")] = None,
+    max_texts: Annotated[int, typer.Option(help="texts read at most")] = 64,
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero / mean ablation of layers or SAE latents: Δ next-token loss and KL, ranked."""
+    from kestrel.core.errors import InvalidInputError
+
+    dataset = _dataset_spec(text, file, text_field, txt_mode, None)
+    if dataset is None:
+        raise InvalidInputError("give the texts to measure on: --text (repeatable) or --file")
+    config: dict[str, Any] = {"kind": "causal", "dataset": dataset, "layers": layer or None}
+    config.update(sae_id=sae, latents=latent or None, max_texts=max_texts, max_length=max_length)
+    if sae is None or model != "smollm2-135m":
+        config["model"] = model
+    if method:
+        config["methods"] = method
+    _run_analysis_cli(store, config, device, as_json)
+
+
+@analyze_app.command("circuit")
+@friendly_errors
+def analyze_circuit(
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="a .json list or .jsonl of {clean, corrupted, correct, wrong} objects"),
+    ] = None,
+    clean: Annotated[str | None, typer.Option(help="one clean prompt")] = None,
+    corrupted: Annotated[str | None, typer.Option(help="its corruption (same number of tokens)")] = None,
+    correct: Annotated[str | None, typer.Option(help="the clean answer, one token (e.g. ' Paris')")] = None,
+    wrong: Annotated[str | None, typer.Option(help="the corrupted answer, one token")] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option("--layer", "-l", help="a module to patch (repeatable) [default: blocks]"),
+    ] = None,
+    model: Annotated[str, typer.Option(help="bundled name, local directory or hub id")] = "smollm2-135m",
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Activation patching per layer × position: the share of the logit difference each restores."""
+    from kestrel.core.errors import InvalidInputError
+
+    single = [clean, corrupted, correct, wrong]
+    if (pairs is None) == all(value is None for value in single):
+        raise InvalidInputError("give --pairs FILE, or --clean, --corrupted, --correct and --wrong")
+    if pairs is not None:
+        items = _read_pairs(pairs)
+    elif any(value is None for value in single):
+        raise InvalidInputError("a single pair needs all of --clean, --corrupted, --correct and --wrong")
+    else:
+        items = [{"clean": clean, "corrupted": corrupted, "correct": correct, "wrong": wrong}]
+    config = {"kind": "circuit", "model": model, "pairs": items, "layers": layer or None}
+    _run_analysis_cli(store, config, device, as_json)
+
+
+def _read_pairs(path: Path) -> list[dict[str, Any]]:
+    from kestrel.core.errors import InvalidInputError
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(items, list):
+        raise InvalidInputError(f"{path}: expected a JSON list of pairs")
+    return items
 
 
 @app.command()

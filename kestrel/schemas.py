@@ -17,10 +17,11 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from kestrel.core.activations import CaptureOptions
+from kestrel.core.analysis.config import CausalConfig, CircuitConfig, FeatureConfig, NeuronConfig
 from kestrel.core.concepts.discovery import DiscoveryConfig
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.models import DEFAULT_MODEL
@@ -580,3 +581,132 @@ class GenerateResponse(BaseModel):
     items: list[GenerationPair]
     seconds: dict[str, float] = Field(description="wall time of each run, default and steered")
     job_id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard reads: a job's stream token, an SAE's training history
+
+
+class StreamToken(BaseModel):
+    """A URL for a job's event stream that needs no header (a browser's EventSource sends none)."""
+
+    url: str = Field(description="GET this (with its token, if any) as text/event-stream")
+    token: str | None = Field(None, description="bound to that path; null when no API key is set")
+    expires_at: datetime | None = Field(None, description="connect before this; the stream then runs on")
+
+
+class TrainingPoint(BaseModel):
+    """One log step of an SAE's training (the trainer's progress report)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    tokens: int = Field(description="rows trained on so far")
+    loss: float
+    fvu: float
+    l0: float
+    dead_fraction: float
+    lr: float | None = None
+    elapsed_s: float | None = None
+
+
+class SAEHistory(BaseModel):
+    sae_id: str
+    points: list[TrainingPoint] = Field(description="in order; empty for an imported SAE")
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses
+
+
+class CausalAnalysisRequest(CausalConfig):
+    """``CausalConfig`` with the datasets a client may name (inline texts, an upload, a hub id)."""
+
+    dataset: CaptureDataset = Field(description="the texts the losses are measured on")
+
+
+AnalysisRequest = Annotated[
+    NeuronConfig | FeatureConfig | CausalAnalysisRequest | CircuitConfig, Field(discriminator="kind")
+]
+_ANALYSIS_REQUEST: TypeAdapter = TypeAdapter(AnalysisRequest)
+
+
+def parse_analysis_request(data: Any) -> NeuronConfig | FeatureConfig | CausalAnalysisRequest | CircuitConfig:
+    """A stored job's request parsed again by the worker (the API validated it already)."""
+    return _ANALYSIS_REQUEST.validate_python(data)
+
+
+class AnalysisSummary(BaseModel):
+    """An analysis's manifest.json (docs/store-format.md); fields beyond these are passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    kind: Literal["neuron", "feature", "causal", "circuit"]
+    title: str
+    created: str
+    source: dict[str, Any] = Field(description="what was analysed: run, model, layer(s), SAE, dataset")
+    config: dict[str, Any]
+    key_numbers: dict[str, Any] = Field(description="the headline figures of the report")
+    plots: list[str] = Field(description="names for GET /v1/analyses/{id}/plots/{name}")
+
+
+class AnalysisPage(Page[AnalysisSummary]):
+    pass
+
+
+class AnalysisDetail(AnalysisSummary):
+    results: dict[str, Any] = Field(description="everything measured: results.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Imported activation runs and embedded models
+
+
+RowField = Literal["token_id", "doc_index", "position"]
+
+
+class RunImportRequest(_Strict):
+    """Turn an uploaded safetensors file of activations into a run (``POST /v1/uploads`` first).
+
+    Each imported tensor is ``[n_rows, d]``, floating point, finite, with the same rows as the
+    others; row metadata tensors are 1-D integers with one value per row. Without metadata each row
+    is its own document (token id -1, position 1), so the held-out split and the row filters still
+    work; the manifest's ``import.synthetic_row_fields`` says what was made up.
+    """
+
+    upload_id: str = Field(min_length=1, max_length=64, description="a .safetensors upload")
+    tensors: dict[str, str] | None = Field(
+        None,
+        max_length=256,
+        description="tensor name in the file → layer name in the run; "
+        "default: every 2-D floating-point tensor under its own name",
+    )
+    row_fields: dict[RowField, str] | None = Field(
+        None,
+        description="token_id / doc_index / position → tensor name in the file; "
+        "default: tensors with exactly those names, where present",
+    )
+    model: str | None = Field(
+        None,
+        max_length=200,
+        description="the model the activations came from; a model the service can load (bundled, "
+        "configured local, or held by a worker) makes the run loadable (CE-loss evaluation); "
+        "any other name is recorded only",
+    )
+    dtype: Literal["fp16", "bf16", "fp32"] | None = Field(
+        None, description="storage dtype; default: the file's (F64 is stored as fp32)"
+    )
+    shard_mb: float = Field(64.0, gt=0, le=1024, description="upper bound on one shard file (per layer)")
+
+
+class EmbeddedModelInfo(ModelInfo):
+    """A model as an app embedding Kestrel lists it: Kestrel's own, or one of the host app's."""
+
+    source: Literal["bundled", "local", "hub", "app"] = Field(  # type: ignore[assignment]
+        description="app: a model the host application serves in its own process"
+    )
+
+
+class EmbeddedModelPage(Page[EmbeddedModelInfo]):
+    pass

@@ -158,7 +158,7 @@ def _progress_fraction(p: Any) -> float | None:
 
 
 def checkpoint_dir(ctx: JobContext, sae_id: str) -> Path:
-    return ctx.store.root / "checkpoints" / sae_id
+    return ctx.store.local_root / "checkpoints" / sae_id
 
 
 @job_function("train")
@@ -205,15 +205,19 @@ def train_job(
             f"checkpoint kept; resume with resume_from={sae_id!r}",
             {"sae_id": sae_id, "checkpoint": str(result.get("checkpoint") or ""), "resumable": True},
         )
+    skipped = (result.get("metrics") or {}).get("model_in_the_loop", {})
+    if skipped.get("skipped"):
+        ctx.log(f"model-in-the-loop evaluation skipped: {skipped['reason']}", force=True)
     ctx.update(metrics=dict(result.get("metrics") or {}), force=True)
     return {"sae_id": result.get("id", sae_id), "status": "complete", "metrics": result.get("metrics", {})}
 
 
 @job_function("evaluate")
 def evaluate_job(ctx: JobContext, sae_id: str, texts: list[str] | None = None) -> dict[str, Any]:
-    from kestrel.core.sae.pipeline import evaluate_sae, get_sae
+    from kestrel.core.sae.pipeline import evaluate_sae, get_sae, require_loadable_model
 
     summary = get_sae(ctx.store, sae_id)
+    require_loadable_model(ctx.store, summary)  # a run captured during training: no model to load
     lm = ctx.models.get(summary["config"]["model"])
     ctx.log(f"evaluating {sae_id} with {lm.name}")
 
@@ -242,12 +246,12 @@ class _SAECache:
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._items: dict[str, tuple[float, Any, dict[str, Any]]] = {}
+        self._items: dict[str, tuple[str, Any, dict[str, Any]]] = {}
 
     def get(self, ctx: JobContext, sae_id: str) -> tuple[Any, dict[str, Any]]:
         from kestrel.core.sae.pipeline import load_sae
 
-        stamp = ctx.store.require("saes", sae_id).stat().st_mtime
+        stamp = ctx.store.stat("saes", sae_id, "manifest.json").version
         cached = self._items.get(sae_id)
         if cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
@@ -395,3 +399,45 @@ def generate_job(
     names = {i: c.name for i, c in read_dictionary(ctx.store, cfg.sae_id).items()} if cfg.sae_id else {}
     result = steering.generate_side_by_side(lm, prompts, plan, names=names, **options)
     return {"model": model, "steering_id": steering_id, **result}
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses
+
+
+def _analysis_config(ctx: JobContext, request: Any) -> Any:
+    """The engine's config for a request: only a causal dataset needs resolving (an upload id
+    becomes a file under the store here, as for captures)."""
+    from kestrel.core.analysis import CausalConfig
+
+    if request.kind != "causal":
+        return request
+    fields = request.model_dump(exclude={"dataset"}, exclude_unset=True)
+    return CausalConfig.model_validate({**fields, "dataset": dataset_source(ctx, request.dataset)})
+
+
+@job_function("analysis")
+def analysis_job(ctx: JobContext, request: dict[str, Any], analysis_id: str) -> dict[str, Any]:
+    """Neuron, feature, causal or circuit analysis; publishes results.json, report.md and plots."""
+    from kestrel.core.analysis import get_analysis, run_analysis
+    from kestrel.schemas import parse_analysis_request
+
+    config = _analysis_config(ctx, parse_analysis_request(request))
+    ctx.log(f"{config.kind} analysis {analysis_id}")
+
+    def load(name: str, dtype: str | None = None) -> Any:
+        ctx.log(f"loading {name}")
+        return ctx.models.get(name, dtype=dtype)
+
+    run_analysis(
+        ctx.store,
+        config,
+        model_loader=load,
+        progress=lambda fraction, message: ctx.update(progress=fraction, message=message),
+        should_stop=ctx.should_stop,
+        analysis_id=analysis_id,
+    )
+    manifest = get_analysis(ctx.store, analysis_id)
+    ctx.update(metrics=manifest["key_numbers"], force=True)
+    ctx.log(f"report: /v1/analyses/{analysis_id}/report", force=True)
+    return {"analysis_id": analysis_id, "kind": config.kind, "key_numbers": manifest["key_numbers"]}

@@ -1,18 +1,30 @@
-"""Activation runs: start a capture (202 + job), list, read a manifest, delete."""
+"""Activation runs: start a capture (202 + job), import an uploaded file, list, read a manifest, delete."""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter, Response
+from redis import Redis
 
 from kestrel.core.activations import delete_run, get_manifest
-from kestrel.schemas import CaptureRequest, DeletedResponse, JobInfo, RunManifest, RunPage
+from kestrel.core.errors import InvalidInputError
+from kestrel.core.imports import import_activations
+from kestrel.core.store import Store, validate_id
+from kestrel.schemas import (
+    CaptureRequest,
+    DeletedResponse,
+    JobInfo,
+    RunImportRequest,
+    RunManifest,
+    RunPage,
+)
 from kestrel.server import services
 from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, RunId, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses
-from kestrel.workers import jobs
+from kestrel.settings import Settings
+from kestrel.workers import jobs, uploads
 
 router = APIRouter(prefix="/activations", tags=["activations"], responses=error_responses(401, 422))
 
@@ -39,6 +51,47 @@ def start_capture(
         idempotency_key=idempotency_key,
         request_body=kwargs["request"],
     )
+
+
+@router.post("/imports", response_model=RunManifest, status_code=201, responses=error_responses(404, 409))
+async def import_run(
+    request: RunImportRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
+) -> RunManifest:
+    """Turn an uploaded safetensors file of activations into a run, ready for training and analyses.
+
+    Answered directly (201), not as a job: the file is at most ``max_upload_mb`` and needs no model,
+    so the conversion takes about as long as copying it. Each problem is a 422 naming the tensor.
+    """
+    manifest = await asyncio.to_thread(_import_upload, request, settings, redis, store)
+    return RunManifest(**manifest)
+
+
+def _import_upload(request: RunImportRequest, settings: Settings, redis: Redis, store: Store) -> dict:
+    upload = uploads.get_upload(store, validate_id(request.upload_id, "upload id"))
+    if upload["format"] != "safetensors":
+        raise InvalidInputError(
+            f"upload {request.upload_id!r} is {upload['format']}, not safetensors activations",
+            details={"upload_id": request.upload_id, "format": upload["format"]},
+        )
+    return import_activations(
+        store,
+        store.local_path(uploads.KIND, upload["id"], upload["file"]),
+        tensors=request.tensors,
+        row_fields=request.row_fields,
+        dtype=request.dtype,
+        model=request.model,
+        model_source=_loadable_source(request.model, settings, redis),
+        shard_mb=request.shard_mb,
+        source={"kind": "upload", "upload_id": upload["id"], "filename": upload["filename"]},
+    )
+
+
+def _loadable_source(model: str | None, settings: Settings, redis: Redis) -> str | None:
+    """How a worker could load ``model`` (bundled, local, a hub model a worker holds), or None when
+    none can; the imported run is marked loadable (CE-loss evaluation works) only in the first case."""
+    if model is None:
+        return None
+    return next((row.source for row in services.list_models(settings, redis) if row.name == model), None)
 
 
 @router.get("", response_model=RunPage, operation_id="list_runs")

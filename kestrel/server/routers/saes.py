@@ -16,6 +16,7 @@ from kestrel.schemas import (
     EvaluateRequest,
     JobInfo,
     SAEFormat,
+    SAEHistory,
     SAEPage,
     SAESummary,
     TrainRequest,
@@ -194,3 +195,10 @@ async def encode_text(
         kwargs={"sae_id": sae_id, "text": request.text, "top_k": request.top_k},
     )
     return EncodeResponse(**result, job_id=job_id)
+
+
+@router.get("/{sae_id}/history", response_model=SAEHistory, responses=error_responses(404))
+async def get_sae_history(sae_id: SaeId, store: StoreDep) -> SAEHistory:
+    """The training curves: loss, FVU, L0 and dead fraction at each log step, against tokens."""
+    points = await asyncio.to_thread(_pipeline().training_history, store, sae_id)
+    return SAEHistory(sae_id=sae_id, points=points)

@@ -21,7 +21,8 @@ async def create_upload(
     store: StoreDep,
     file: Annotated[UploadFile, File(description=".txt .jsonl .csv .parquet datasets or .safetensors")],
 ) -> UploadInfo:
-    """Store a file under a new id; a capture names it with ``{"kind": "upload", "upload_id": ...}``."""
+    """Store a file under a new id; a capture names it with ``{"kind": "upload", "upload_id": ...}``,
+    and ``POST /v1/activations/imports`` turns a .safetensors file of activations into a run."""
     try:
         manifest = await asyncio.to_thread(
             uploads.save_upload, store, file.file, file.filename or "", max_bytes=settings.max_upload_bytes

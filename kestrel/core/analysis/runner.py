@@ -1,0 +1,151 @@
+"""``run_analysis``: one entry for every analysis, and the reading side of the artifacts.
+
+An analysis is computed first, entirely in memory (its results are summaries, never the run's
+rows), and only then written through ``store.writer("analyses", id)``: ``results.json``,
+``report.md``, ``plots/<name>.png``, and ``manifest.json`` last, so a listing never shows a
+half-written analysis and a cancelled one leaves nothing. Only the Store protocol's verbs are
+used (writer, exists, list, read_json, local_path, delete), so any backend serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kestrel.core.analysis import causal, circuit, feature, neuron
+from kestrel.core.analysis.common import AnalysisOutput, ModelLoader, ProgressFn, StopFn, check_stop
+from kestrel.core.analysis.config import parse_config
+from kestrel.core.errors import ConflictError, NotFoundError
+from kestrel.core.store import Store, new_id, validate_id
+
+KIND = "analyses"
+FORMAT_VERSION = 1
+ANALYZERS = {
+    "neuron": neuron.analyze,
+    "feature": feature.analyze,
+    "causal": causal.analyze,
+    "circuit": circuit.analyze,
+}
+PLOT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def run_analysis(
+    store: Store,
+    config: Any,
+    *,
+    model_loader: ModelLoader | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    analysis_id: str | None = None,
+) -> str:
+    """Run one analysis (a config or its dict) and publish it; return its id.
+
+    ``model_loader(name, dtype)`` gives a loaded model (a worker passes its model cache); the
+    neuron analysis needs none, the feature analysis uses one only for its tokenizer.
+    """
+    config = parse_config(config)
+    analysis_id = validate_id(analysis_id, "analysis id") if analysis_id else new_id("analysis")
+    if store.exists(KIND, analysis_id):
+        raise ConflictError(f"analysis id {analysis_id!r} already exists", details={"id": analysis_id})
+    started = time.perf_counter()
+    output = ANALYZERS[config.kind](
+        store, config, model_loader=model_loader, progress=progress, should_stop=should_stop
+    )
+    check_stop(should_stop, "writing the report")
+    manifest = _manifest(analysis_id, config, output, time.perf_counter() - started)
+    _publish(store, analysis_id, output, manifest)
+    if progress is not None:
+        progress(1.0, "written")
+    return analysis_id
+
+
+def _manifest(analysis_id: str, config: Any, output: AnalysisOutput, seconds: float) -> dict[str, Any]:
+    return jsonable(
+        {
+            "format_version": FORMAT_VERSION,
+            "id": analysis_id,
+            "kind": config.kind,
+            "title": output.report.title,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source": output.source,
+            "config": config.model_dump(mode="json"),
+            "key_numbers": output.key_numbers,
+            "plots": [plot.name for plot in output.report.plots],
+            "files": ["results.json", "report.md"]
+            + [f"plots/{plot.name}.png" for plot in output.report.plots],
+            "seconds": round(seconds, 3),
+        }
+    )
+
+
+def _publish(store: Store, analysis_id: str, output: AnalysisOutput, manifest: dict[str, Any]) -> None:
+    with store.writer(KIND, analysis_id) as writer:
+        directory = Path(writer.directory)
+        (directory / "results.json").write_text(json.dumps(jsonable(output.results), indent=1))
+        (directory / "report.md").write_text(output.report.markdown(), encoding="utf-8")
+        (directory / "plots").mkdir()
+        for plot in output.report.plots:
+            (directory / "plots" / f"{plot.name}.png").write_bytes(plot.png)
+        writer.commit(manifest)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON: numpy scalars and arrays as Python values, NaN and ±inf as null (strict parsers)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def list_analyses(store: Store) -> list[dict[str, Any]]:
+    """Manifests of every complete analysis, newest first."""
+    manifests = [store.read_json(KIND, analysis_id) for analysis_id in store.list(KIND)]
+    return sorted(manifests, key=lambda m: (m.get("created", ""), m["id"]), reverse=True)
+
+
+def get_analysis(store: Store, analysis_id: str) -> dict[str, Any]:
+    return store.read_json(KIND, validate_id(analysis_id, "analysis id"))
+
+
+def get_results(store: Store, analysis_id: str) -> dict[str, Any]:
+    return store.read_json(KIND, validate_id(analysis_id, "analysis id"), "results.json")
+
+
+def report_path(store: Store, analysis_id: str) -> Path:
+    """A local copy of the report (a remote store caches it first)."""
+    return store.local_path(KIND, validate_id(analysis_id, "analysis id"), "report.md")
+
+
+def plot_path(store: Store, analysis_id: str, name: str) -> Path:
+    """A plot's PNG by name (``patching`` or ``patching.png``); 404 listing the plots there are."""
+    manifest = get_analysis(store, analysis_id)
+    stem = name[:-4] if name.endswith(".png") else name
+    if not PLOT_NAME.match(stem) or stem not in manifest.get("plots", []):
+        available = ", ".join(manifest.get("plots", [])) or "none"
+        raise NotFoundError(
+            f"analysis {analysis_id!r} has no plot {name!r}; its plots: {available}",
+            details={"id": analysis_id, "plot": name, "plots": manifest.get("plots", [])},
+        )
+    return store.local_path(KIND, analysis_id, f"plots/{stem}.png")
+
+
+def delete_analysis(store: Store, analysis_id: str) -> None:
+    store.delete(KIND, validate_id(analysis_id, "analysis id"))

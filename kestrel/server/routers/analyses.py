@@ -1,0 +1,172 @@
+"""Analyses: start one (202 + job), list, read (manifest + results), the report as Markdown, a plot
+as PNG, delete. What can be checked without a model is checked before the job is queued: the run
+and its layer, the SAE and its latent range, model names, dataset uploads and request limits."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Response
+
+from kestrel.core.datasets import TextsSource
+from kestrel.core.errors import InvalidInputError, not_found
+from kestrel.core.store import new_id, validate_id
+from kestrel.schemas import (
+    AnalysisDetail,
+    AnalysisPage,
+    AnalysisRequest,
+    AnalysisSummary,
+    CausalAnalysisRequest,
+    CircuitConfig,
+    DeletedResponse,
+    JobInfo,
+    UploadSource,
+)
+from kestrel.server import services
+from kestrel.server.deps import ID_PATTERN, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
+from kestrel.server.dispatch import submit_batch
+from kestrel.server.errors import error_responses, limit_exceeded
+from kestrel.settings import Settings
+from kestrel.workers import jobs, uploads
+
+router = APIRouter(prefix="/analyses", tags=["analyses"], responses=error_responses(401, 422))
+AnalysisId = Annotated[
+    str, Path(pattern=ID_PATTERN, max_length=64, description="analysis id ([a-z0-9-], server-generated)")
+]
+PlotName = Annotated[
+    str,
+    Path(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}(\.png)?$",
+        description="a name from the analysis's `plots` (with or without .png)",
+    ),
+]
+PNG_RESPONSE = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+MARKDOWN_RESPONSE = {200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}}
+
+
+def _analysis():
+    """The analysis engine, imported when first used (matplotlib, scikit-learn)."""
+    from kestrel.core import analysis
+
+    return analysis
+
+
+@router.post("", response_model=JobInfo, status_code=202, responses=error_responses(404, 409, 413))
+def start_analysis(
+    request: AnalysisRequest,
+    response: Response,
+    settings: SettingsDep,
+    redis: RedisDep,
+    store: StoreDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobInfo:
+    """Start a neuron, feature, causal or circuit analysis (a batch job); ``artifacts.analysis_id``
+    names the result. Its report is at ``/v1/analyses/{id}/report`` once the job finishes."""
+    check_request(request, settings, store)
+    analysis_id = new_id("analysis")
+    body = request.model_dump(mode="json")
+    return submit_batch(
+        redis,
+        settings,
+        response,
+        jobs.analysis_job,
+        kind="analysis",
+        kwargs={"request": body, "analysis_id": analysis_id},
+        artifacts={"analysis_id": analysis_id},
+        idempotency_key=idempotency_key,
+        request_body=body,
+    )
+
+
+def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
+    """Everything a request names that exists without a model: 404 / 422 / 413 before queueing."""
+    if request.kind in ("neuron", "feature"):
+        from kestrel.core.activations import get_manifest
+
+        manifest = get_manifest(store, validate_id(request.run_id, "run id"))
+        if request.layer not in manifest["layers"]:
+            raise not_found("layer", request.layer, manifest["layers"])
+    elif isinstance(request, CausalAnalysisRequest):
+        _check_causal(request, settings, store)
+    elif isinstance(request, CircuitConfig):
+        services.checked_model(request.model, settings)
+        services.check_texts([text for p in request.pairs for text in (p.clean, p.corrupted)], settings)
+
+
+def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> None:
+    services.checked_model(request.model, settings)
+    dataset = request.dataset
+    if isinstance(dataset, TextsSource):
+        services.check_texts(dataset.texts, settings)
+    elif isinstance(dataset, UploadSource):
+        manifest = uploads.get_upload(store, validate_id(dataset.upload_id, "upload id"))
+        if manifest["kind"] != "dataset":
+            raise InvalidInputError(f"upload {dataset.upload_id!r} is {manifest['format']}, not a dataset")
+    if request.max_length > settings.max_tokens_per_text:
+        limit = settings.max_tokens_per_text
+        raise limit_exceeded("max_tokens_per_text", limit, request.max_length, "max_length too large", 422)
+    if request.sae_id is not None:
+        from kestrel.core.sae.pipeline import get_sae
+
+        summary = get_sae(store, validate_id(request.sae_id, "sae id"))
+        n_latents = int(summary["config"]["n_latents"])
+        bad = [latent for latent in request.latents or [] if latent >= n_latents]
+        if bad:
+            raise InvalidInputError(
+                f"latents {bad} are out of range: sae {request.sae_id!r} has {n_latents} latents",
+                details={"sae_id": request.sae_id, "n_latents": n_latents, "latents": bad},
+            )
+
+
+@router.get("", response_model=AnalysisPage)
+async def list_analyses(
+    store: StoreDep,
+    page: PageDep,
+    kind: Annotated[
+        Literal["neuron", "feature", "causal", "circuit"] | None, Query(description="only this kind")
+    ] = None,
+) -> AnalysisPage:
+    """Complete analyses, newest first (a running or cancelled one is not listed)."""
+    manifests = await asyncio.to_thread(_analysis().list_analyses, store)
+    rows = [AnalysisSummary(**m) for m in manifests if kind is None or m.get("kind") == kind]
+    return AnalysisPage(**page.page(rows))
+
+
+@router.get("/{analysis_id}", response_model=AnalysisDetail, responses=error_responses(404))
+async def get_analysis(analysis_id: AnalysisId, store: StoreDep) -> AnalysisDetail:
+    """The manifest (source, config, key numbers, plot names) and every result."""
+    a = _analysis()
+    manifest = await asyncio.to_thread(a.get_analysis, store, analysis_id)
+    results = await asyncio.to_thread(a.get_results, store, analysis_id)
+    return AnalysisDetail(**manifest, results=results)
+
+
+@router.get(
+    "/{analysis_id}/report",
+    response_class=Response,
+    responses={**MARKDOWN_RESPONSE, **error_responses(404)},
+)
+async def get_analysis_report(analysis_id: AnalysisId, store: StoreDep) -> Response:
+    """The report as Markdown; its plots are linked as ``plots/<name>.png``, relative to this URL's
+    directory, so they resolve to ``/v1/analyses/{id}/plots/<name>.png``."""
+    path = await asyncio.to_thread(_analysis().report_path, store, analysis_id)
+    text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    return Response(text, media_type="text/markdown; charset=utf-8")
+
+
+@router.get(
+    "/{analysis_id}/plots/{name}",
+    response_class=Response,
+    responses={**PNG_RESPONSE, **error_responses(404)},
+)
+async def get_analysis_plot(analysis_id: AnalysisId, name: PlotName, store: StoreDep) -> Response:
+    """One plot as PNG; a name the analysis does not have is a 404 listing the ones it has."""
+    path = await asyncio.to_thread(_analysis().plot_path, store, analysis_id, name)
+    return Response(await asyncio.to_thread(path.read_bytes), media_type="image/png")
+
+
+@router.delete("/{analysis_id}", response_model=DeletedResponse, responses=error_responses(404))
+async def delete_analysis(analysis_id: AnalysisId, store: StoreDep) -> DeletedResponse:
+    await asyncio.to_thread(_analysis().delete_analysis, store, analysis_id)
+    return DeletedResponse(id=analysis_id)
