@@ -93,7 +93,11 @@ def open_capture_store(
             "(a directory, an s3:// URL) to write both"
         )
     choice = SimpleNamespace(
-        store_backend="both", store_root=Path(local[0]), s3_url=remote[0], s3_endpoint_url=endpoint_url
+        store_backend="both",
+        store_root=Path(local[0]),
+        s3_url=remote[0],
+        s3_endpoint_url=endpoint_url,
+        s3_cache_dir=None,
     )
     return open_store(choice)
 

@@ -236,7 +236,7 @@ def encode_job(ctx: JobContext, sae_id: str, text: str, top_k: int = 8) -> dict[
 
     sae, summary = sae_cache.get(ctx, sae_id)
     config = summary["config"]
-    lm = ctx.models.get(config["model"])
+    lm = ctx.models.get(_sae_model_name(ctx, summary))
     tokens = encode_prompt(lm, sae, config["layer"], text, top_k=top_k)
     return {"sae_id": sae_id, "model": config["model"], "layer": config["layer"], "tokens": tokens}
 
@@ -273,7 +273,11 @@ sae_cache = _SAECache()
 DISCOVERY_STAGE_PROGRESS = {"streaming": None, "contexts": 0.9, "done": 0.99}
 
 
-def _sae_model_name(summary: dict[str, Any]) -> str:
+def _sae_model_name(ctx: JobContext, summary: dict[str, Any]) -> str:
+    """The model an SAE reads, refusing SAEs of runs whose model the service cannot load."""
+    from kestrel.core.sae.pipeline import require_loadable_model
+
+    require_loadable_model(ctx.store, summary)
     name = summary.get("model") or summary["config"].get("model")
     if not name:
         raise InvalidInputError(f"sae {summary.get('id')!r} does not record the model it reads")
@@ -289,7 +293,7 @@ def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[
     req = DiscoverRequest.model_validate(request)
     summary = get_sae(ctx.store, sae_id)
     source = dataset_source(ctx, req.dataset) if req.dataset is not None else None
-    lm = ctx.models.get(_sae_model_name(summary))
+    lm = ctx.models.get(_sae_model_name(ctx, summary))
     ctx.log(f"discovering the features of {sae_id} with {lm.name}")
 
     def on_progress(p) -> None:
@@ -322,7 +326,7 @@ def label_job(
     from kestrel.core.concepts import label_features
     from kestrel.core.sae.pipeline import get_sae
 
-    lm = ctx.models.get(_sae_model_name(get_sae(ctx.store, sae_id))) if method == "model" else None
+    lm = ctx.models.get(_sae_model_name(ctx, get_sae(ctx.store, sae_id))) if method == "model" else None
     result = label_features(
         ctx.store,
         sae_id,

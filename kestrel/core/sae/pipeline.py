@@ -94,10 +94,15 @@ def unloadable_model_reason(run: dict[str, Any]) -> str | None:
     model = run.get("model") or {}
     if model.get("loadable", True):
         return None
+    if "import" in run:
+        origin = "imported from a file of"
+    elif (run.get("source") or {}).get("kind") == "training":
+        origin = "captured during training from"
+    else:
+        origin = "recorded from"
     return (
-        f"run {run.get('id')!r} was captured during training from the user's model "
-        f"{model.get('name')!r} ({model.get('architecture')}), which the service cannot load; "
-        "model-in-the-loop metrics (CE-loss recovered, KL) need the model"
+        f"run {run.get('id')!r} was {origin} the model {model.get('name')!r}, which the service "
+        "cannot load; model-in-the-loop work (CE-loss recovered, encode, discovery, steering) needs it"
     )
 
 
