@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kestrel-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run demo test lint format bench bench-api openapi sdk clean
+.PHONY: install install-browser run demo test lint format bench bench-api openapi sdk clean
 
 install: $(STAMP)
 
@@ -28,7 +28,18 @@ run: install
 demo: install
 	$(BIN)/kestrel demo
 
-test: install
+# The dashboard's browser tests drive Debian's chromium (never a browser downloaded by Playwright);
+# without one they skip, saying so.
+install-browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+	  echo "no /usr/bin/chromium: the browser tests will skip (install it with: sudo apt-get install chromium)"; \
+	fi
+
+test: install install-browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

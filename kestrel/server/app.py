@@ -19,13 +19,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kestrel import __version__
-from kestrel.core.store import LocalStore
 from kestrel.server.deps import require_api_key
 from kestrel.server.errors import error_json, install_error_handlers
 from kestrel.server.limits import BodyLimitMiddleware
 from kestrel.server.metrics import make_registry
 from kestrel.server.routers import (
     activations,
+    analyses,
     concepts,
     features,
     health,
@@ -35,6 +35,7 @@ from kestrel.server.routers import (
     steering,
     uploads,
 )
+from kestrel.server.ui import router as ui_router
 from kestrel.settings import Settings, get_settings
 from kestrel.workers import queues
 from kestrel.workers.reaper import Reaper
@@ -43,7 +44,7 @@ MULTIPART_OVERHEAD = 1 << 20  # multipart headers and boundaries around an uploa
 DESCRIPTION = """\
 Kestrel: capture activations, train sparse autoencoders and read their latents, over HTTP.
 
-Long jobs (capture, training, evaluation, discovery, labelling) answer **202 Accepted** with
+Long jobs (capture, training, evaluation, discovery, labelling, analyses) answer **202 Accepted** with
 `Location: /v1/jobs/{id}`; poll the job or stream `GET /v1/jobs/{id}/events`. Interactive calls
 (encode, generate, steering preview, layer tables, model loads) wait for their result. Errors
 always have the shape `{"error": {"code", "message", "details"}}`.
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis
-    app.state.store = LocalStore(settings.store_root)
+    app.state.store = settings.open_store()
     app.state.metrics_registry = make_registry(redis)
 
     install_error_handlers(app)
@@ -98,8 +99,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(health.metrics_router, dependencies=protected)
-    for module in (models, activations, saes, features, concepts, steering, jobs, uploads):
+    for module in (models, activations, saes, features, concepts, steering, analyses, jobs, uploads):
         app.include_router(module.router, prefix="/v1", dependencies=protected)
+    app.include_router(ui_router)  # the dashboard: data-free pages, a client of /v1 like any other
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_request_bytes,

@@ -1,18 +1,24 @@
 """FastAPI dependencies: settings, Redis, store, API key, pagination, typed ids and headers.
 
 Routes take what they need as parameters; nothing reaches for a global. The app factory puts one
-settings object, one Redis client and one store on ``app.state``; these read them back.
+settings object, one Redis client and one store on ``app.state``; these read them back. When
+Kestrel's routes are included in someone else's app (``kestrel.server.embed``), that app's state
+is not Kestrel's: the included router binds its own context to ``request.state.kestrel`` first,
+and these read that instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query, Request
 from redis import Redis
 
-from kestrel.core.store import LocalStore
+from kestrel.core.store import Store
 from kestrel.core.store.base import _ID_PATTERN
 from kestrel.server.errors import ApiError
 from kestrel.settings import Settings
@@ -20,30 +26,49 @@ from kestrel.settings import Settings
 ID_PATTERN = _ID_PATTERN.pattern
 
 
+def kestrel_state(request: Request) -> Any:
+    """Where this request's settings, Redis and store are: the context an embedded Kestrel router
+    bound to the request, else the state of the app ``create_app`` made."""
+    bound = getattr(request.state, "kestrel", None)
+    return bound if bound is not None else request.app.state
+
+
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return kestrel_state(request).settings
 
 
 def get_redis(request: Request) -> Redis:
-    return request.app.state.redis
+    return kestrel_state(request).redis
 
 
-def get_store(request: Request) -> LocalStore:
-    return request.app.state.store
+def get_store(request: Request) -> Store:
+    return kestrel_state(request).store
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
-StoreDep = Annotated[LocalStore, Depends(get_store)]
+StoreDep = Annotated[Store, Depends(get_store)]
 
 
 def require_api_key(
     request: Request,
     x_api_key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None,
 ) -> None:
-    """When an API key is configured, the request must carry it (compared in constant time)."""
-    expected = request.app.state.settings.api_key
+    """When an API key is configured, the request must carry it (compared in constant time).
+
+    A GET may instead carry a stream token for its own path (``?token=``, see
+    ``sign_stream_token``): a browser's EventSource cannot send headers.
+    """
+    expected = get_settings(request).api_key
     if expected is None:
+        return
+    token = request.query_params.get(STREAM_TOKEN_PARAM)
+    if (
+        x_api_key is None
+        and token is not None
+        and request.method == "GET"
+        and stream_token_valid(expected.get_secret_value(), request.url.path, token)
+    ):
         return
     given = (x_api_key or "").encode()
     if not secrets.compare_digest(given, expected.get_secret_value().encode()):
@@ -53,6 +78,30 @@ def require_api_key(
             code="unauthorized",
             headers={"WWW-Authenticate": "ApiKey"},
         )
+
+
+STREAM_TOKEN_PARAM = "token"
+STREAM_TOKEN_TTL_S = 60
+
+
+def sign_stream_token(api_key: str, path: str, expires: int) -> str:
+    """A token good for GETs of one path until ``expires`` (unix seconds): ``<expires>.<hmac>``.
+
+    Stateless (an HMAC keyed by a hash of the API key), so any API process checks what another
+    minted, and rotating the key revokes every token. Short-lived and bound to one path, it is
+    safer in a URL (and so in access logs) than the key itself.
+    """
+    secret = hashlib.sha256(b"kestrel-stream-token\0" + api_key.encode()).digest()
+    mac = hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"{expires}.{mac}"
+
+
+def stream_token_valid(api_key: str, path: str, token: str, now: float | None = None) -> bool:
+    """The token was signed for ``path`` with this key and has not expired."""
+    expires, _, _ = token.partition(".")
+    if not expires.isdigit() or int(expires) < (time.time() if now is None else now):
+        return False
+    return secrets.compare_digest(sign_stream_token(api_key, path, int(expires)).encode(), token.encode())
 
 
 MAX_OFFSET = 1_000_000_000  # Redis range arguments are int64; an offset past this lists nothing anyway

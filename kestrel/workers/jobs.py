@@ -356,7 +356,7 @@ def _steering_model(ctx: JobContext, config: Any, model: str | None) -> str:
 
     if config.sae_id is None:
         return model or DEFAULT_MODEL
-    sae_model = _sae_model_name(get_sae(ctx.store, config.sae_id))
+    sae_model = _sae_model_name(ctx, get_sae(ctx.store, config.sae_id))
     if model is not None and model != sae_model:
         raise InvalidInputError(
             f"sae {config.sae_id!r} reads {sae_model!r}; it cannot steer {model!r}",

@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from redis import Redis
 
-from kestrel.schemas import TERMINAL_STATES, JobInfo, JobPage, JobState
-from kestrel.server.deps import JobId, PageDep, RedisDep
+from kestrel.schemas import TERMINAL_STATES, JobInfo, JobPage, JobState, StreamToken
+from kestrel.server.deps import (
+    STREAM_TOKEN_PARAM,
+    STREAM_TOKEN_TTL_S,
+    JobId,
+    PageDep,
+    RedisDep,
+    SettingsDep,
+    sign_stream_token,
+)
 from kestrel.server.errors import error_responses
 from kestrel.workers import queues
 
@@ -80,6 +89,25 @@ def job_events(job_id: JobId, request: Request, redis: RedisDep) -> StreamingRes
         _events(redis, job_id, request),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/{job_id}/events/token", response_model=StreamToken, responses=error_responses(404))
+def create_events_token(
+    job_id: JobId, request: Request, redis: RedisDep, settings: SettingsDep
+) -> StreamToken:
+    """A short-lived URL for the job's event stream that needs no X-API-Key header (a browser's
+    EventSource cannot send one); connect within a minute, the stream then runs to the end."""
+    queues.get_job(redis, job_id)
+    path = request.url.path.removesuffix("/token")  # the events path, under whatever prefix
+    if settings.api_key is None:
+        return StreamToken(url=path)
+    expires = int(time.time()) + STREAM_TOKEN_TTL_S
+    token = sign_stream_token(settings.api_key.get_secret_value(), path, expires)
+    return StreamToken(
+        url=f"{path}?{STREAM_TOKEN_PARAM}={token}",
+        token=token,
+        expires_at=datetime.fromtimestamp(expires, UTC),
     )
 
 

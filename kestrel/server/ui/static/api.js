@@ -1,0 +1,85 @@
+// The dashboard's one door to the service: fetch /v1 with the API key the user gave (if any).
+// The key lives in sessionStorage: it is gone when the tab closes and never reaches a URL.
+
+const KEY_STORAGE = "kestrel.apiKey";
+export const base = document.body.dataset.base || "";
+
+/** An error answered by the API, in its one shape {error: {code, message, details}}. */
+export class ApiError extends Error {
+  constructor(status, code, message, details = {}) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.details = details;
+  }
+}
+
+export const apiKey = () => sessionStorage.getItem(KEY_STORAGE);
+export const setApiKey = (key) => sessionStorage.setItem(KEY_STORAGE, key);
+export const forgetApiKey = () => sessionStorage.removeItem(KEY_STORAGE);
+
+/** Call /v1{path}; JSON in and out. A 401 also tells the page shell to ask for a key. */
+export async function api(path, { method = "GET", body, query, signal } = {}) {
+  const headers = { Accept: "application/json" };
+  const key = apiKey();
+  if (key) headers["X-API-Key"] = key;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const url = `${base}/v1${path}${query ? `?${new URLSearchParams(query)}` : ""}`;
+  const response = await fetch(url, {
+    method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = data?.error ?? {};
+    const failure = new ApiError(response.status, error.code ?? "error", error.message ?? response.statusText, error.details);
+    if (response.status === 401) document.dispatchEvent(new CustomEvent("kestrel:unauthorized", { detail: failure }));
+    throw failure;
+  }
+  return data;
+}
+
+/** The same as api() but a 404 answers null (for resources that may not exist yet). */
+export async function apiOrNull(path, options) {
+  try {
+    return await api(path, options);
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) return null;
+    throw error;
+  }
+}
+
+/**
+ * Follow a job's Server-Sent Events. EventSource cannot send X-API-Key, so the page first asks
+ * (with the key, by POST) for a short-lived URL signed for this job's stream; a dropped stream is
+ * reopened with a fresh one. Calls onUpdate(job) on every change; returns a function that stops.
+ */
+export function watchJob(jobId, onUpdate) {
+  let source = null;
+  let stopped = false;
+  const open = async () => {
+    let stream;
+    try {
+      stream = await api(`/jobs/${encodeURIComponent(jobId)}/events/token`, { method: "POST" });
+    } catch {
+      if (!stopped) setTimeout(open, 3000);
+      return;
+    }
+    if (stopped) return;
+    source = new EventSource(stream.url);
+    source.addEventListener("progress", (event) => onUpdate(JSON.parse(event.data)));
+    source.addEventListener("end", (event) => {
+      stopped = true;
+      source.close();
+      onUpdate(JSON.parse(event.data));
+    });
+    source.onerror = () => {
+      source.close();
+      if (!stopped) setTimeout(open, 1500);
+    };
+  };
+  open();
+  return () => {
+    stopped = true;
+    source?.close();
+  };
+}

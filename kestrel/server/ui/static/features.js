@@ -1,0 +1,96 @@
+// Feature browser: search an SAE's latents by name, label, token (the API's search) or index.
+// The query lives in the URL, so a search can be bookmarked and the back button works.
+
+import { api, apiOrNull, base } from "./api.js";
+import { $, fill, h, num, showToken } from "./dom.js";
+import { start } from "./shell.js";
+
+const saeId = document.body.dataset.saeId;
+const PAGE = 50;
+const form = $("#search-form");
+
+function readForm() {
+  return {
+    q: $("#q").value.trim(),
+    sort: $("#sort").value,
+    source: $("#source").value,
+    alive: $("#alive").checked,
+  };
+}
+
+function writeForm(params) {
+  $("#q").value = params.get("q") ?? "";
+  $("#sort").value = params.get("sort") ?? "latent";
+  $("#source").value = params.get("source") ?? "";
+  $("#alive").checked = params.get("alive") === "1";
+}
+
+const featureLink = (latent) => `${base}/ui/saes/${saeId}/features/${latent}`;
+const tokens = (list) => h("ul", { class: "chips" }, list.slice(0, 6).map((t) => h("li", { class: "chip" }, showToken(t))));
+
+function resultsTable(items) {
+  return h("div", { class: "table-scroll" }, h("table", { id: "results-table" },
+    h("thead", {}, h("tr", {}, ["Latent", "Name", "Density", "Max act.", "Top tokens", "Promotes"].map((label, i) =>
+      h("th", { scope: "col", class: i === 2 || i === 3 ? "num" : null }, label)))),
+    h("tbody", {}, items.map((f) => h("tr", { dataset: { latent: f.latent } },
+      h("td", {}, h("a", { href: featureLink(f.latent), class: "mono" }, `#${f.latent}`)),
+      h("td", {}, f.concept ? [h("a", { href: featureLink(f.latent) }, f.concept.name), h("div", { class: "muted" }, f.concept.source)] : h("span", { class: "muted" }, "unnamed")),
+      h("td", { class: "num" }, num(f.density)),
+      h("td", { class: "num" }, num(f.max_activation)),
+      h("td", {}, tokens(f.top_tokens)),
+      h("td", {}, tokens(f.promoted_tokens)))))));
+}
+
+/** The latent a numeric query names, as a list item (the index page of a 'latent' sort). */
+async function byIndex(q, query) {
+  if (!/^\d+$/.test(q)) return null;
+  const page = await apiOrNull(`/saes/${saeId}/features`, { query: { ...query, sort: "latent", offset: q, limit: 1, include_dead: true } });
+  return page?.items?.[0]?.latent === Number(q) ? page.items[0] : null;
+}
+
+async function search(params) {
+  const { q, sort, source, alive } = readForm();
+  const offset = Number(params.get("offset") ?? 0);
+  const query = { sort, limit: PAGE, offset, include_dead: !alive };
+  if (source) query.source = source;
+  const [exact, page] = await Promise.all([
+    offset === 0 ? byIndex(q, source ? { source } : {}) : null,
+    api(`/saes/${saeId}/features`, { query: q ? { ...query, search: q } : query }),
+  ]);
+  const alsoByIndex = exact && !page.items.some((f) => f.latent === exact.latent);
+  const items = exact ? [exact, ...page.items.filter((f) => f.latent !== exact.latent)] : page.items; // index first
+  fill($("#features-subtitle"), `${num(page.n_latents)} latents of `, h("span", { class: "mono" }, saeId), ` (discovery ${page.version}).`);
+  const shown = page.total > PAGE ? `, showing ${offset + 1}–${Math.min(offset + PAGE, page.total)}` : "";
+  fill($("#results-count"), `${num(page.total + (alsoByIndex ? 1 : 0))} found${shown}`);
+  fill($("#results"), items.length ? resultsTable(items) : h("p", { class: "empty" }, `No latent matches “${q}”.`));
+  $("#prev").disabled = offset === 0;
+  $("#next").disabled = offset + PAGE >= page.total;
+}
+
+function navigate(changes) {
+  const params = new URLSearchParams(location.search);
+  for (const [key, value] of Object.entries(changes)) {
+    if (value === "" || value === null || value === false) params.delete(key);
+    else params.set(key, value === true ? "1" : value);
+  }
+  history.pushState(null, "", `?${params}`);
+  return search(params);
+}
+
+start(async () => {
+  const params = new URLSearchParams(location.search);
+  writeForm(params);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const { q, sort, source, alive } = readForm();
+    navigate({ q, sort, source, alive, offset: null });
+  });
+  $("#prev").addEventListener("click", () => navigate({ offset: Math.max(0, Number(new URLSearchParams(location.search).get("offset") ?? 0) - PAGE) }));
+  $("#next").addEventListener("click", () => navigate({ offset: Number(new URLSearchParams(location.search).get("offset") ?? 0) + PAGE }));
+  window.addEventListener("popstate", () => {
+    const current = new URLSearchParams(location.search);
+    writeForm(current);
+    search(current);
+  });
+  await search(params);
+});

@@ -1,0 +1,221 @@
+// Steering playground: a prompt, latents picked by search, a slider per latent, the default and
+// steered generations side by side (one generate call, same seed), configs saved and loaded by id.
+
+import { api, apiOrNull, base } from "./api.js";
+import { $, debounce, fill, h, num, showToken } from "./dom.js";
+import { start, status } from "./shell.js";
+
+const OPS = {
+  add: { label: "add", identity: 0 },
+  clamp: { label: "clamp to", identity: null },
+  scale: { label: "scale by", identity: 1 },
+};
+const picked = new Map(); // latent -> {latent, name, max, op, value}
+let saes = [];
+let generation = 0; // answers to older requests are dropped
+
+const currentSae = () => saes.find((s) => s.id === $("#sae").value);
+
+/** A list item for one latent (the API's search has no index lookup: offset into the index order). */
+async function latentByIndex(saeId, latent) {
+  const page = await apiOrNull(`/saes/${saeId}/features`, { query: { sort: "latent", offset: latent, limit: 1 } });
+  const item = page?.items?.[0];
+  return item?.latent === latent ? item : null;
+}
+
+const describe = (item) => item.concept?.name ?? (item.top_tokens.length ? `fires on ${item.top_tokens.slice(0, 3).map(showToken).join(" ")}` : "unnamed");
+
+/** The slider's span for an op: generous multiples of the latent's largest activation. */
+function range(entry) {
+  if (entry.op === "scale") return { min: -4, max: 8, step: 0.25 };
+  const reach = Math.max(10, Math.ceil(entry.max * 10));
+  return { min: entry.op === "clamp" ? 0 : -reach, max: reach, step: reach / 20 };
+}
+
+function sliderRow(entry) {
+  const id = `slider-${entry.latent}`;
+  const r = range(entry);
+  const output = h("output", { for: id, id: `${id}-value` }, num(entry.value));
+  const slider = h("input", {
+    id, type: "range", min: String(r.min), max: String(r.max), step: String(r.step), value: String(entry.value),
+    "aria-describedby": `${id}-value`,
+    oninput: (event) => {
+      entry.value = Number(event.target.value);
+      output.textContent = num(entry.value);
+    },
+    onchange: () => regenerate(),
+  });
+  const op = h("select", { id: `${id}-op`, "aria-label": `Operation on latent ${entry.latent}`, onchange: (event) => {
+    entry.op = event.target.value;
+    entry.value = OPS[entry.op].identity ?? entry.max;
+    renderSliders();
+    regenerate();
+  } }, Object.entries(OPS).map(([value, o]) => h("option", { value, selected: value === entry.op }, o.label)));
+  const remove = h("button", { class: "btn small", type: "button", "aria-label": `Remove latent ${entry.latent}`, onclick: () => {
+    picked.delete(entry.latent);
+    renderSliders();
+    regenerate();
+  } }, "Remove");
+  return h("li", { class: "slider-row", dataset: { latent: entry.latent } },
+    h("label", { for: id }, h("a", { href: `${base}/ui/saes/${$("#sae").value}/features/${entry.latent}`, class: "mono" }, `#${entry.latent}`), ` ${entry.name}`),
+    op, slider, output, remove);
+}
+
+function renderSliders() {
+  fill($("#sliders"), [...picked.values()].map(sliderRow));
+  $("#no-sliders").hidden = picked.size > 0;
+}
+
+function pick(item, op = "add", value = 0) {
+  picked.set(item.latent, { latent: item.latent, name: describe(item), max: item.max_activation, op, value });
+  renderSliders();
+  $(`#slider-${item.latent}`)?.focus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding latents
+
+async function findLatents(q) {
+  const saeId = $("#sae").value;
+  const [exact, page] = await Promise.all([
+    /^\d+$/.test(q) ? latentByIndex(saeId, Number(q)) : null,
+    api(`/saes/${saeId}/features`, { query: { search: q, limit: 20, sort: "density", include_dead: false } }),
+  ]);
+  const items = exact ? [exact, ...page.items.filter((f) => f.latent !== exact.latent)] : page.items;
+  const list = $("#latent-results");
+  list.hidden = false;
+  fill(list, items.length ? items.map((item) => h("li", {},
+    h("span", {}, h("span", { class: "mono" }, `#${item.latent}`), ` ${describe(item)} `, h("span", { class: "muted" }, `· max ${num(item.max_activation)}`)),
+    h("button", { class: "btn small", type: "button", "aria-label": `Add latent ${item.latent}`, disabled: picked.has(item.latent), onclick: (event) => {
+      event.target.disabled = true;
+      pick(item);
+    } }, "Add"))) : h("li", { class: "muted" }, `No latent matches “${q}”.`));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generating
+
+const edits = () => [...picked.values()].map((e) => ({ latent: e.latent, op: e.op, value: e.value }));
+
+function showGeneration(el, prompt, generated) {
+  if (!generated) {
+    fill(el, h("span", { class: "muted" }, "No steering: pick a latent and move its slider."));
+    return;
+  }
+  fill(el, h("span", { class: "prompt" }, prompt), h("span", { class: "cont" }, generated.text));
+}
+
+async function generate() {
+  const sae = currentSae();
+  const prompt = $("#prompt").value;
+  if (!sae || !prompt.trim()) return;
+  const mine = ++generation;
+  const body = { prompts: [prompt], max_new_tokens: Number($("#max-tokens").value) || 20 };
+  if (picked.size) body.steering = { sae_id: sae.id, edits: edits() };
+  status($("#gen-status"), "Generating…");
+  document.querySelectorAll(".gen").forEach((el) => el.classList.add("busy"));
+  try {
+    const answer = await api(`/models/${encodeURIComponent(sae.model ?? sae.config.model)}/generate`, { method: "POST", body });
+    if (mine !== generation) return;
+    const item = answer.items[0];
+    showGeneration($("#default-output"), prompt, item.default);
+    showGeneration($("#steered-output"), prompt, item.steered);
+    const seconds = Object.entries(answer.seconds).map(([k, v]) => `${k} ${num(v, 2)} s`).join(", ");
+    status($("#gen-status"), `Generated with ${answer.model} (${seconds}).`, "ok");
+  } catch (error) {
+    if (mine === generation) status($("#gen-status"), `Could not generate: ${error.message}`, "err");
+  } finally {
+    if (mine === generation) document.querySelectorAll(".gen").forEach((el) => el.classList.remove("busy"));
+  }
+}
+
+const regenerate = debounce(generate, 250);
+
+// ---------------------------------------------------------------------------------------------
+// Saved configs
+
+async function listConfigs() {
+  const page = await api("/steering", { query: { limit: 100 } });
+  fill($("#config-ids"), page.items.map((r) => h("option", { value: r.id }, r.config.name ?? "")));
+}
+
+async function saveConfig() {
+  const sae = currentSae();
+  const config = { sae_id: sae.id, edits: edits() };
+  const name = $("#config-name").value.trim();
+  if (name) config.name = name;
+  try {
+    const record = await api("/steering", { method: "POST", body: config });
+    $("#config-id").value = record.id;
+    status($("#config-status"), `Saved as ${record.id}.`, "ok");
+    history.replaceState(null, "", `?config=${record.id}`);
+    await listConfigs();
+  } catch (error) {
+    status($("#config-status"), `Not saved: ${error.message}`, "err");
+  }
+}
+
+async function loadConfig(id) {
+  const record = await api(`/steering/${encodeURIComponent(id)}`);
+  const config = record.config;
+  $("#sae").value = config.sae_id;
+  $("#config-name").value = config.name ?? "";
+  picked.clear();
+  const items = await Promise.all(config.edits.map((e) => latentByIndex(config.sae_id, e.latent)));
+  config.edits.forEach((e, i) => {
+    const item = items[i] ?? { latent: e.latent, concept: null, top_tokens: [], max_activation: 1 };
+    picked.set(e.latent, { latent: e.latent, name: describe(item), max: item.max_activation, op: e.op, value: e.value });
+  });
+  renderSliders();
+  status($("#config-status"), `Loaded ${record.id}${config.name ? ` (“${config.name}”)` : ""}.`, "ok");
+  history.replaceState(null, "", `?config=${record.id}`);
+  await generate();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+function wire() {
+  $("#generate").addEventListener("click", generate);
+  $("#sae").addEventListener("change", () => {
+    picked.clear();
+    renderSliders();
+    $("#latent-results").hidden = true;
+  });
+  $("#latent-search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const q = $("#latent-q").value.trim();
+    if (q) findLatents(q).catch((error) => status($("#gen-status"), error.message, "err"));
+  });
+  $("#save-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    saveConfig();
+  });
+  $("#load-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = $("#config-id").value.trim();
+    if (id) loadConfig(id).catch((error) => status($("#config-status"), `Could not load ${id}: ${error.message}`, "err"));
+  });
+}
+
+start(async () => {
+  wire();
+  saes = (await api("/saes", { query: { limit: 100 } })).items;
+  if (!saes.length) {
+    fill($("#sae"), h("option", { value: "" }, "No SAE yet"));
+    return;
+  }
+  fill($("#sae"), saes.map((s) => h("option", { value: s.id }, `${s.id} · ${s.model ?? ""} ${s.layer ?? ""}`)));
+  const params = new URLSearchParams(location.search);
+  await listConfigs();
+  if (params.get("config")) {
+    $("#config-id").value = params.get("config");
+    await loadConfig(params.get("config"));
+    return;
+  }
+  if (params.get("sae") && saes.some((s) => s.id === params.get("sae"))) $("#sae").value = params.get("sae");
+  if (params.get("latent")) {
+    const item = await latentByIndex($("#sae").value, Number(params.get("latent")));
+    if (item) pick(item);
+  }
+  renderSliders();
+});

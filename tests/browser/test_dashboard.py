@@ -1,0 +1,252 @@
+"""The dashboard in headless chromium against a live stack holding a trained 4,608-latent SAE.
+
+Each page is opened as a user would: controls are reached by their labels and driven with the
+keyboard where it matters (a slider moved with ArrowRight, forms submitted with Enter). Every
+test leaves a screenshot in test-output/browser/. Page-load times are measured and reported,
+never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import httpx
+import pytest
+from browser_stack import API_KEY, OUTPUT, Dashboard
+from service_stack import wait_for_job
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def open_page(page, dashboard: Dashboard, path: str) -> None:
+    """Navigate and wait until the page's script has rendered its data."""
+    page.goto(f"{dashboard.url}{path}")
+    page.wait_for_selector("body[data-ready]")
+
+
+def busiest_latent(dashboard: Dashboard) -> dict:
+    """The latent that fires most often: it has contexts, samples and a histogram."""
+    with dashboard.client() as http:
+        listing = http.get(f"/v1/saes/{dashboard.sae_id}/features", params={"sort": "density", "limit": 1})
+        return listing.json()["items"][0]
+
+
+def test_overview_lists_models_runs_saes_and_layers(page, dashboard: Dashboard) -> None:
+    open_page(page, dashboard, "/ui")
+    assert dashboard.sae_id in page.inner_text("#saes")
+    assert dashboard.run_id in page.inner_text("#runs")
+    assert "4,608" in page.inner_text("#saes")
+    models = page.locator("#models")
+    assert "tiny-llama" in models.inner_text()
+    row = models.locator("tr", has_text="tiny-llama")
+    row.locator("summary").focus()
+    page.keyboard.press("Enter")  # a <details> opens from the keyboard
+    row.locator("td", has_text="model.layers.1").first.wait_for()
+    assert page.locator("#jobs-table tr[data-status=finished]").count() >= 3
+
+
+def test_job_progress_advances_over_sse_and_cancels(page, dashboard: Dashboard) -> None:
+    with dashboard.client() as http:
+        body = {
+            "run_id": dashboard.run_id,
+            "layer": "model.layers.1",
+            "sae": {"n_latents": 64, "k": 4},
+            "train": {"batch_size": 16, "token_budget": 2_000_000, "log_every": 5},
+        }
+        job_id = http.post("/v1/saes", json=body).json()["id"]
+        wait_for_job(http, job_id, states=("started",), timeout_s=60)
+    open_page(page, dashboard, "/ui")
+    row = page.locator(f"tr[data-job-id='{job_id}']")
+    row.wait_for()
+    bar = row.locator("progress")
+    seen: list[float] = []
+    deadline = time.monotonic() + 2.5  # shorter than the list's refresh: the changes come by SSE
+    while time.monotonic() < deadline:
+        value = float(bar.get_attribute("value"))
+        if not seen or value != seen[-1]:
+            seen.append(value)
+        time.sleep(0.05)
+    assert len(seen) >= 3 and seen == sorted(seen), f"progress did not advance: {seen}"
+    page.get_by_role("button", name=f"Cancel job {job_id}").click()
+    page.wait_for_selector(f"tr[data-job-id='{job_id}'][data-status=canceled]", timeout=30_000)
+    assert row.locator(".badge").inner_text() == "canceled"
+    with dashboard.client() as http:
+        assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "canceled"
+
+
+def test_sae_page_shows_curves_evaluation_and_density(page, dashboard: Dashboard) -> None:
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}")
+    assert page.locator("#curves figure").count() == 4
+    assert page.locator("#curves svg path.line").count() == 4
+    for title in ("Loss", "FVU", "L0", "Dead fraction"):
+        assert title.lower() in page.inner_text("#curves").lower()
+    table = page.inner_text("#eval-table")
+    assert "fvu" in table and "dead_fraction" in table and "held-out rows" in table.lower()
+    assert page.locator("#density svg rect.bar").count() > 0
+    assert "4,608" in page.inner_text("#density")
+
+
+def test_feature_browser_finds_by_index_and_by_name(page, dashboard: Dashboard) -> None:
+    latent = busiest_latent(dashboard)["latent"]
+    with dashboard.client() as http:
+        named = http.put(f"/v1/saes/{dashboard.sae_id}/concepts/17", json={"name": "Browser test pasta"})
+        assert named.status_code == 200, named.text
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features")
+    search = page.get_by_label("Search by name, label or index")
+    search.fill(str(latent))
+    search.press("Enter")
+    page.wait_for_selector(f"#results-table tbody tr:first-child[data-latent='{latent}']")
+    search.fill("browser test pasta")
+    search.press("Enter")
+    page.wait_for_selector("#results-table tbody tr[data-latent='17']")
+    assert page.locator("#results-table tbody tr").count() == 1
+    assert "Browser test pasta" in page.inner_text("#results-table")
+
+
+def test_feature_page_highlights_tokens_and_renames_in_place(page, dashboard: Dashboard) -> None:
+    latent = busiest_latent(dashboard)["latent"]
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features/{latent}")
+    shaded = page.locator("#contexts .tok:not([data-activation='0'])")
+    assert shaded.count() > 0
+    background = shaded.first.evaluate("el => getComputedStyle(el).backgroundColor")
+    assert background not in ("", "transparent", "rgba(0, 0, 0, 0)"), background
+    assert page.locator("#histogram svg rect.bar").count() > 0
+    assert page.locator("#logits .logit-list li").count() == 20
+    assert page.locator("#bins details.bin").count() > 0
+    page.get_by_role("button", name="Name it").press("Enter")
+    page.get_by_label("Name").fill("End of sentence")
+    page.get_by_label("Description").fill("fires on full stops")
+    page.get_by_label("Name").press("Enter")
+    page.wait_for_function("document.querySelector('#feature-name').textContent === 'End of sentence'")
+    with dashboard.client() as http:
+        concept = http.get(f"/v1/saes/{dashboard.sae_id}/concepts/{latent}").json()
+    assert concept["name"] == "End of sentence" and concept["source"] == "manual"
+    assert concept["description"] == "fires on full stops"
+
+
+def test_playground_slider_steers_and_config_reloads_by_id(page, dashboard: Dashboard) -> None:
+    latent = busiest_latent(dashboard)["latent"]
+    open_page(page, dashboard, f"/ui/steering?sae={dashboard.sae_id}")
+    page.get_by_role("textbox", name="Prompt").fill("The weather today is")
+    finder = page.get_by_label("Find latents by name, label or index")
+    finder.fill(str(latent))
+    finder.press("Enter")
+    page.get_by_role("button", name=f"Add latent {latent}").click()
+    slider = page.locator(f"#slider-{latent}")
+    slider.focus()
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")  # each step changes the edit; release regenerates
+    page.wait_for_function(
+        "document.querySelector('#steered-output .cont') && document.querySelector('#default-output .cont')"
+    )
+    default = page.inner_text("#default-output .cont")
+    steered = page.inner_text("#steered-output .cont")
+    assert float(slider.input_value()) > 0 and steered != default
+
+    page.get_by_label("Name for this config").fill("browser test")
+    page.get_by_role("button", name="Save config").click()
+    page.wait_for_function("document.querySelector('#config-status').textContent.startsWith('Saved as')")
+    config_id = page.input_value("#config-id")
+    with dashboard.client() as http:
+        saved = http.get(f"/v1/steering/{config_id}").json()["config"]
+    assert saved["edits"] == [{"latent": latent, "op": "add", "value": float(slider.input_value())}]
+
+    open_page(page, dashboard, "/ui/steering")
+    page.get_by_label("Config id").fill(config_id)
+    page.get_by_label("Config id").press("Enter")
+    page.wait_for_selector(f"#slider-{latent}")
+    page.wait_for_selector("#steered-output .cont")
+    assert page.inner_text("#steered-output .cont") == steered
+    assert page.inner_text("#default-output .cont") == default
+
+
+def test_api_key_mode_asks_for_the_key_and_streams_with_a_token(page, keyed_dashboard: Dashboard) -> None:
+    open_page(page, keyed_dashboard, "/ui")
+    notice = page.locator("#notice")
+    assert notice.is_visible() and "API key required" in notice.inner_text()
+    page.screenshot(path=str(OUTPUT / "test_api_key_mode-before-the-key.png"))
+    assert keyed_dashboard.sae_id not in page.inner_text("#saes")
+    page.get_by_label("API key").fill("wrong")
+    page.get_by_label("API key").press("Enter")
+    page.wait_for_selector("body[data-ready]")
+    assert "refused" in page.inner_text("#notice")
+    page.get_by_label("API key").fill(API_KEY)
+    page.get_by_label("API key").press("Enter")
+    page.wait_for_selector("body[data-ready]")
+    page.wait_for_selector(f"#saes >> text={keyed_dashboard.sae_id}")
+    assert not page.locator("#notice").is_visible()
+    open_page(page, keyed_dashboard, f"/ui/saes/{keyed_dashboard.sae_id}")  # the key stays for the tab
+    assert page.locator("#curves svg path.line").count() == 4
+    latent = busiest_latent_keyed(keyed_dashboard)
+    open_page(page, keyed_dashboard, f"/ui/saes/{keyed_dashboard.sae_id}/features/{latent}")
+    assert page.locator("#contexts .tok:not([data-activation='0'])").count() > 0
+
+    # The stream's auth path: a token minted with the key opens that job's events, and only them.
+    with keyed_dashboard.client(headers={"X-API-Key": API_KEY}) as http:
+        job_id = http.get("/v1/jobs", params={"limit": 1}).json()["items"][0]["id"]
+        minted = http.post(f"/v1/jobs/{job_id}/events/token").json()
+    with httpx.Client(base_url=keyed_dashboard.url, timeout=30) as anonymous:
+        assert anonymous.get(f"/v1/jobs/{job_id}/events").status_code == 401
+        stream = anonymous.get(minted["url"])
+        assert stream.status_code == 200 and "event: end" in stream.text
+        tampered = minted["url"][:-1] + ("0" if minted["url"][-1] != "0" else "1")
+        assert anonymous.get(tampered).status_code == 401
+        assert anonymous.get(f"/v1/jobs?token={minted['token']}").status_code == 401
+
+
+def busiest_latent_keyed(dashboard: Dashboard) -> int:
+    with dashboard.client(headers={"X-API-Key": API_KEY}) as http:
+        listing = http.get(f"/v1/saes/{dashboard.sae_id}/features", params={"sort": "density", "limit": 1})
+        return listing.json()["items"][0]["latent"]
+
+
+UNLABELLED_CONTROLS = """() => [...document.querySelectorAll('input, select, textarea, button, summary, a')]
+  .filter((el) => el.type !== 'hidden' && el.offsetParent !== null)
+  .filter((el) => {
+    const labelled = (el.labels && [...el.labels].some((l) => l.textContent.trim()))
+      || el.getAttribute('aria-label') || el.getAttribute('aria-labelledby');
+    const named = ['BUTTON', 'SUMMARY', 'A'].includes(el.tagName) && el.textContent.trim();
+    return !(labelled || named);
+  })
+  .map((el) => el.outerHTML.slice(0, 120))"""
+
+
+def test_every_control_has_a_label_and_a_tab_stop(page, dashboard: Dashboard) -> None:
+    latent = busiest_latent(dashboard)["latent"]
+    for template in PAGES.values():
+        open_page(page, dashboard, template.format(sae=dashboard.sae_id, latent=latent))
+        assert page.evaluate(UNLABELLED_CONTROLS) == [], template
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.tagName") == "A"  # then the header's links
+
+
+PAGES = {
+    "overview": "/ui",
+    "sae": "/ui/saes/{sae}",
+    "feature browser": "/ui/saes/{sae}/features",
+    "feature": "/ui/saes/{sae}/features/{latent}",
+    "steering playground": "/ui/steering?sae={sae}",
+}
+
+
+def test_page_load_times_are_reported(page, dashboard: Dashboard) -> None:
+    """Navigation start to rendered data, per page, on an SAE of 4,608 latents (median of 3)."""
+    latent = busiest_latent(dashboard)["latent"]
+    timings: dict[str, dict[str, float]] = {}
+    for name, template in PAGES.items():
+        path = template.format(sae=dashboard.sae_id, latent=latent)
+        runs = []
+        for _ in range(3):
+            open_page(page, dashboard, path)
+            runs.append(float(page.evaluate("Number(document.body.dataset.readyMs)")))
+        timings[name] = {"median_ms": statistics.median(runs), "runs_ms": runs}
+    report = {"n_latents": 4608, "pages": timings}
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    (OUTPUT / "page-load.json").write_text(json.dumps(report, indent=2))
+    medians = {name: t["median_ms"] for name, t in timings.items()}
+    print("\npage load, navigation to rendered data (median ms):", json.dumps(medians))
+    assert all(v["median_ms"] > 0 for v in timings.values())
