@@ -43,6 +43,7 @@ from kestrel.core.store import LocalStore, Store, new_id, validate_id
 FORMAT_VERSION = 1
 KIND = "activations"
 ROW_META_FIELDS = ("token_id", "doc_index", "position")
+RUN_FILE_NAMES = frozenset({"tokens", "manifest.json", "docs.jsonl"})  # a layer may not take these names
 NORM_SAMPLE_SIZE = 1 << 18
 
 
@@ -193,6 +194,12 @@ class RunWriter:
             raise InvalidInputError(f"unknown storage dtype {dtype!r}; use one of {', '.join(TORCH_DTYPES)}")
         if shard_rows is not None and shard_rows <= 0:
             raise InvalidInputError(f"shard_rows must be > 0, got {shard_rows}")
+        clashing = sorted(RUN_FILE_NAMES.intersection(layers))
+        if clashing:
+            raise InvalidInputError(
+                f"layers {clashing} would overwrite the run's own files; "
+                f"a layer may not be named {', '.join(sorted(RUN_FILE_NAMES))}"
+            )
         self.run_id = run_id
         self.layers = list(layers)
         self.dtype = dtype

@@ -49,7 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kestrel.core.activations import KIND, ROW_META_FIELDS, RunWriter
+from kestrel.core.activations import KIND, ROW_META_FIELDS, RUN_FILE_NAMES, RunWriter
 from kestrel.core.errors import ConflictError, InvalidInputError
 from kestrel.core.hooks import Detector, HookContext, HookManager
 from kestrel.core.models import TORCH_DTYPES, _candidate_layers
@@ -467,6 +467,9 @@ def _check_layer_names(layers: Sequence[str]) -> list[str]:
         raise InvalidInputError("no layers given; name at least one module path of the model")
     if len(set(layers)) != len(layers):
         raise InvalidInputError(f"layers repeated: {sorted({x for x in layers if layers.count(x) > 1})}")
+    clashing = sorted(RUN_FILE_NAMES.intersection(layers))
+    if clashing:
+        raise InvalidInputError(f"layers {clashing}: a layer may not take a name of the run's own files")
     return layers
 
 

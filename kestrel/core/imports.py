@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kestrel.core.activations import RunWriter
+from kestrel.core.activations import RUN_FILE_NAMES, RunWriter
 from kestrel.core.errors import InvalidInputError, close_matches
 from kestrel.core.models import TORCH_DTYPES
 from kestrel.core.store import Store, new_id, validate_id
@@ -45,7 +45,7 @@ INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"})
 INT32_MAX = 2**31 - 1
 # Layer names become directory names inside the run: module paths ("model.layers.3") and the like.
 LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
-RESERVED_LAYER_NAMES = frozenset({"tokens"})
+RESERVED_LAYER_NAMES = RUN_FILE_NAMES
 READ_CHUNK_BYTES = 32 << 20  # rows are read, checked and written this many bytes (per layer) at a time
 
 
@@ -196,7 +196,8 @@ def _check_layer_name(layer: str, tensor: str) -> None:
     if not isinstance(layer, str) or not LAYER_NAME.match(layer) or layer in RESERVED_LAYER_NAMES:
         raise InvalidInputError(
             f"layer name {layer!r} (for tensor {tensor!r}) is not usable: use up to 200 letters, digits, "
-            "'_', '.', ':' or '-' (a module path like 'model.layers.3'), not 'tokens'; "
+            "'_', '.', ':' or '-' (a module path like 'model.layers.3'), not 'tokens', 'manifest.json' "
+            "or 'docs.jsonl'; "
             "name it with tensors={tensor_name: layer_name}",
             details={"layer": layer, "tensor": tensor},
         )

@@ -440,6 +440,7 @@ def analysis_job(ctx: JobContext, request: dict[str, Any], analysis_id: str) -> 
         progress=lambda fraction, message: ctx.update(progress=fraction, message=message),
         should_stop=ctx.should_stop,
         analysis_id=analysis_id,
+        record=request,  # an upload stays an id in the manifest, never the worker's path to it
     )
     manifest = get_analysis(ctx.store, analysis_id)
     ctx.update(metrics=manifest["key_numbers"], force=True)

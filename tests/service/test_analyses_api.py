@@ -103,3 +103,25 @@ def test_bad_requests_are_rejected_before_queueing(client: httpx.Client, run_id:
     assert_error(client.post("/v1/analyses", json=unknown_sae), 404, "not_found")
     assert_error(client.get("/v1/analyses/analysis-nope"), 404, "not_found")
     assert_error(client.get("/v1/analyses/NOT_AN_ID"), 422)
+
+
+def test_an_uploaded_dataset_is_recorded_by_id_never_by_the_workers_path(client: httpx.Client) -> None:
+    texts = "".join(f"{text}\n" for text in TEXTS[:4]).encode()
+    uploaded = client.post("/v1/uploads", files={"file": ("texts.txt", texts, "text/plain")})
+    assert uploaded.status_code == 201, uploaded.text
+    upload_id = uploaded.json()["id"]
+    body = {
+        "kind": "causal",
+        "model": MODEL,
+        "layers": ["model.layers.0.mlp"],
+        "dataset": {"kind": "upload", "upload_id": upload_id},
+        "methods": ["zero"],
+    }
+    analysis_id = start(client, body)["artifacts"]["analysis_id"]
+    detail = client.get(f"/v1/analyses/{analysis_id}").json()
+    assert detail["config"]["dataset"]["kind"] == "upload"
+    assert detail["config"]["dataset"]["upload_id"] == upload_id
+    assert detail["source"]["dataset"]["upload_id"] == upload_id
+    report = client.get(f"/v1/analyses/{analysis_id}/report").text
+    for text in (str(detail), report):
+        assert "data.txt" not in text and '"file"' not in text, "a path in the store reached the client"

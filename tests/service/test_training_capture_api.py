@@ -113,6 +113,11 @@ def test_the_service_trains_an_sae_on_a_run_captured_during_training(
     assert discovery.status_code == 202, discovery.text
     failed = wait_for_job(client, discovery.json()["id"], states=("failed",))
     assert failed["error"]["code"] == "invalid_input" and "cannot load" in failed["error"]["message"]
+    # a causal analysis of its latents is refused before it is queued, with the reason
+    texts = {"kind": "texts", "texts": ["a b"]}
+    causal = {"kind": "causal", "sae_id": sae_id, "latents": [0], "dataset": texts}
+    refused = assert_error(client.post("/v1/analyses", json=causal), 422, "invalid_input")
+    assert "cannot load" in refused["message"]
 
     assert client.delete(f"/v1/saes/{sae_id}").status_code == 200
     assert client.delete(f"/v1/activations/{run_id}").status_code == 200

@@ -370,3 +370,38 @@ def test_causal_ablates_sae_latents_keeping_the_error(store, answer_lm: LoadedMo
         run_analysis(store, {**request, "latents": [9]}, model_loader=loader(answer_lm))
     with pytest.raises(InvalidInputError, match="reads 'answer-llama', not 'other'"):
         run_analysis(store, {**request, "model": "other"}, model_loader=loader(answer_lm))
+
+
+def _refuse(name, dtype="fp32"):
+    raise AssertionError(f"the analysis tried to load {name!r}, a model the service cannot load")
+
+
+def test_analyses_never_load_the_model_of_a_run_the_service_cannot_load(store) -> None:
+    """A run captured in training or imported names a model the service never had: the feature
+    analysis shows documents instead of loading it, and a causal analysis of an SAE trained on
+    such a run fails with the reason before any model is loaded."""
+    from kestrel.core.sae import SAEConfig, create
+    from kestrel.core.sae import io as sae_io
+
+    write_run(store, "run-external", torch.randn(64, 8))
+    manifest = store.read_json("activations", "run-external")
+    manifest["model"] = {"name": "gpt2", "source": "external", "loadable": False}
+    store.put_json("activations", "run-external", "manifest.json", manifest)
+    feature = {"kind": "feature", "run_id": "run-external", "layer": LAYER, "filters": NO_FILTERS}
+    analysis_id = run_analysis(store, {**feature, "n_clusters": 2, "window": 1}, model_loader=_refuse)
+    context = get_results(store, analysis_id)["clusters"][0]["nearest"][0]["context"]
+    assert context.startswith("doc ") and "«" not in context
+
+    config = SAEConfig(d_in=8, n_latents=4, k=1, layer=LAYER, model="gpt2")
+    with store.writer("saes", "external-sae") as writer:
+        sae_io.save_sae(create(config), writer.directory, metrics={})
+        summary = {"config": config.model_dump(mode="json"), "layer": LAYER, "model": "gpt2"}
+        writer.commit({"id": "external-sae", "run_id": "run-external", **summary})
+    request = {
+        "kind": "causal",
+        "sae_id": "external-sae",
+        "latents": [0],
+        "dataset": {"kind": "texts", "texts": ["a cat"]},
+    }
+    with pytest.raises(InvalidInputError, match="cannot load"):
+        run_analysis(store, request, model_loader=_refuse)

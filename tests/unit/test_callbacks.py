@@ -319,6 +319,10 @@ def test_errors_a_user_can_cause(tmp_path) -> None:
         TrainingCapture(net, ["blocks.0"], store, every_n_steps=0)
     with pytest.raises(InvalidInputError, match="repeated"):
         TrainingCapture(net, ["embed", "embed"], store)
+    holder = nn.Module()
+    holder.tokens = nn.Embedding(10, 4)  # a module path that is also the name of the run's tokens/
+    with pytest.raises(InvalidInputError, match="run's own files"):
+        TrainingCapture(holder, ["tokens"], store)
     capture = TrainingCapture(net, ["blocks.0"], store)
     capture.begin_step(0)
     with pytest.raises(InvalidInputError, match="never ended"):

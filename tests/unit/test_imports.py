@@ -93,6 +93,8 @@ def test_positions_follow_documents_and_documents_follow_positions(store, tmp_pa
         ({"a": torch.zeros(4, 3), "b": torch.zeros(5, 3)}, {}, "tensor 'b' has 5 rows but tensor 'a' has 4"),
         ({"a": torch.zeros(4, 3)}, {"tensors": {"resid": "a"}}, "tensor 'resid' is not in the file"),
         ({"a": torch.zeros(4, 3)}, {"tensors": {"a": "../up"}}, "layer name '../up'"),
+        ({"a": torch.zeros(4, 3)}, {"tensors": {"a": "manifest.json"}}, "layer name 'manifest.json'"),
+        ({"docs.jsonl": torch.zeros(4, 3)}, {}, "layer name 'docs.jsonl'"),
         (
             {"a": torch.zeros(4, 3), "position": torch.zeros(4)},
             {},

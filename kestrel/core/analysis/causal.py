@@ -37,7 +37,7 @@ from kestrel.core.analysis.common import (
 )
 from kestrel.core.analysis.config import CausalConfig
 from kestrel.core.analysis.report import Report, new_figure, table
-from kestrel.core.datasets import describe_source, iter_texts
+from kestrel.core.datasets import FileSource, describe_source, iter_texts
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import (
     Controller,
@@ -188,9 +188,10 @@ def _model_name(config: CausalConfig, store: Store) -> str:
     """The SAE's model when latents are ablated; a different explicit model is a mistake."""
     if config.sae_id is None:
         return config.model
-    from kestrel.core.sae.pipeline import get_sae
+    from kestrel.core.sae.pipeline import get_sae, require_loadable_model
 
     summary = get_sae(store, config.sae_id)
+    require_loadable_model(store, summary)  # a run captured in training or imported: no model here
     sae_model = summary.get("model") or summary["config"].get("model")
     if "model" in config.model_fields_set and sae_model and config.model != sae_model:
         raise InvalidInputError(f"sae {config.sae_id!r} reads {sae_model!r}, not {config.model!r}")
@@ -204,8 +205,11 @@ def analyze(
     model_loader: ModelLoader | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    dataset_record: dict[str, Any] | None = None,
     **_: object,
 ) -> AnalysisOutput:
+    """``dataset_record`` is how the source records the dataset (default: ``describe_source``); a
+    worker passes the request's, which names an upload by id, not by the path it resolved to."""
     model_name = _model_name(config, store)
     texts = list(islice(iter_texts(config.dataset), config.max_texts))
     lm = require_loader(model_loader, "causal")(model_name, config.model_dtype)
@@ -240,7 +244,7 @@ def analyze(
     source = {
         "model": lm.name,
         **target_record,
-        "dataset": describe_source(config.dataset),
+        "dataset": _dataset_name(config, dataset_record),
         "n_texts": len(texts),
         "n_positions": clean.positions,
     }
@@ -264,6 +268,14 @@ def analyze(
         "ranking": ranking,
     }
     return AnalysisOutput(source, key_numbers, results, _report(config, source, key_numbers, ranking))
+
+
+def _dataset_name(config: CausalConfig, dataset_record: dict[str, Any] | None) -> Any:
+    """The dataset as the source names it: a file the worker resolved an upload to is named by the
+    request's record (the upload id), never by its path; any other source by ``describe_source``."""
+    if dataset_record is not None and isinstance(config.dataset, FileSource):
+        return dataset_record
+    return describe_source(config.dataset)
 
 
 def _ranking(targets, config: CausalConfig, clean: LossSums, ablated) -> list[dict[str, Any]]:

@@ -194,8 +194,8 @@ def _tokenizer(model_loader, manifest: dict[str, Any]):
     """The run's tokenizer, to show tokens in context; None (document text instead) when the
     run's model cannot be loaded here, e.g. a run captured inside someone's training loop."""
     name = manifest.get("model", {}).get("name")
-    if model_loader is None or not name:
-        return None
+    if model_loader is None or not name or manifest.get("model", {}).get("loadable", True) is False:
+        return None  # the name is not one the service can load, and could name an unrelated model
     try:
         return model_loader(name).tokenizer
     except (KestrelError, OSError):

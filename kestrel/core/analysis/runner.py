@@ -44,11 +44,14 @@ def run_analysis(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     analysis_id: str | None = None,
+    record: dict[str, Any] | None = None,
 ) -> str:
     """Run one analysis (a config or its dict) and publish it; return its id.
 
     ``model_loader(name, dtype)`` gives a loaded model (a worker passes its model cache); the
-    neuron analysis needs none, the feature analysis uses one only for its tokenizer.
+    neuron analysis needs none, the feature analysis uses one only for its tokenizer. ``record``
+    is the request as the client made it, stored as the manifest's ``config`` in place of the
+    engine's (a worker resolves an upload id to a path in the store; the manifest keeps the id).
     """
     config = parse_config(config)
     analysis_id = validate_id(analysis_id, "analysis id") if analysis_id else new_id("analysis")
@@ -56,10 +59,17 @@ def run_analysis(
         raise ConflictError(f"analysis id {analysis_id!r} already exists", details={"id": analysis_id})
     started = time.perf_counter()
     output = ANALYZERS[config.kind](
-        store, config, model_loader=model_loader, progress=progress, should_stop=should_stop
+        store,
+        config,
+        model_loader=model_loader,
+        progress=progress,
+        should_stop=should_stop,
+        dataset_record=(record or {}).get("dataset"),
     )
     check_stop(should_stop, "writing the report")
     manifest = _manifest(analysis_id, config, output, time.perf_counter() - started)
+    if record is not None:
+        manifest["config"] = jsonable(record)
     _publish(store, analysis_id, output, manifest)
     if progress is not None:
         progress(1.0, "written")

@@ -107,9 +107,10 @@ def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> 
         limit = settings.max_tokens_per_text
         raise limit_exceeded("max_tokens_per_text", limit, request.max_length, "max_length too large", 422)
     if request.sae_id is not None:
-        from kestrel.core.sae.pipeline import get_sae
+        from kestrel.core.sae.pipeline import get_sae, require_loadable_model
 
         summary = get_sae(store, validate_id(request.sae_id, "sae id"))
+        require_loadable_model(store, summary)
         n_latents = int(summary["config"]["n_latents"])
         bad = [latent for latent in request.latents or [] if latent >= n_latents]
         if bad:
