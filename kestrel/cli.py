@@ -85,6 +85,21 @@ def _print_json(obj: Any) -> None:
 
 @app.command()
 @friendly_errors
+def gc(
+    store: StoreOpt = None,
+    older_than_hours: float = typer.Option(
+        24.0, min=0.0, help="leave anything written more recently (a writer may still be at work)"
+    ),
+) -> None:
+    """Remove what crashed writers left behind: staging directories, S3 keys without a manifest."""
+    removed = _store(store).gc(older_than_s=older_than_hours * 3600)
+    for item in removed:
+        console.print(f"removed {item}")
+    console.print(f"{len(removed)} leftover(s) removed")
+
+
+@app.command()
+@friendly_errors
 def models(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """List the bundled models (any Hugging Face causal LM id or local directory works too)."""
     from kestrel.core.models import available_models

@@ -38,7 +38,7 @@ from kestrel.core.datasets import DatasetSpec, TextsSource, iter_texts, token_ba
 from kestrel.core.errors import CancelledError, InvalidInputError, not_found
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import TORCH_DTYPES, LoadedModel
-from kestrel.core.store import LocalStore, Store, new_id, validate_id
+from kestrel.core.store import LocalStore, Store, new_id, read_manifests, validate_id
 
 FORMAT_VERSION = 1
 KIND = "activations"
@@ -533,7 +533,7 @@ class RowBatch:
 
 def list_runs(store: LocalStore) -> list[dict[str, Any]]:
     """Manifests of every complete run, oldest id first."""
-    return [store.read_json(KIND, run_id) for run_id in store.list(KIND)]
+    return read_manifests(store, KIND)
 
 
 def get_manifest(store: LocalStore, run_id: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from kestrel.core.hooks import Controller, Detector, HookContext
 from kestrel.core.models import ForwardResult, LoadedModel, forward, generate
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.config import _Config
-from kestrel.core.store import Store, new_id, validate_id
+from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "steering"
 EditOp = Literal["scale", "clamp", "add"]
@@ -491,7 +491,7 @@ def load_config(store: Store, config_id: str) -> SteeringConfig:
 
 
 def list_configs(store: Store) -> list[dict[str, Any]]:
-    return [store.read_json(KIND, config_id) for config_id in store.list(KIND)]
+    return read_manifests(store, KIND)
 
 
 def delete_config(store: Store, config_id: str) -> None:

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from kestrel.core.datasets import FileSource
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.store import Store, new_id, validate_id
+from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "uploads"
 SUFFIXES = {
@@ -152,7 +152,7 @@ def _check_utf8(path: Path) -> None:
 
 
 def list_uploads(store: Store) -> list[dict[str, Any]]:
-    return [store.read_json(KIND, upload_id) for upload_id in store.list(KIND)]
+    return read_manifests(store, KIND)
 
 
 def get_upload(store: Store, upload_id: str) -> dict[str, Any]:

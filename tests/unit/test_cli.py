@@ -129,3 +129,19 @@ def test_train_eval_list_delete(store_root) -> None:
     bad = invoke("train", "small", "--layer", "model.layers.2", "--k", "0", "--store", str(store_root))
     assert bad.exit_code == 2 and "k" in bad.output
     assert invoke("saes", "delete", "tiny-sae", "--store", str(store_root)).exit_code == 0
+
+
+def test_gc_removes_a_crashed_writers_staging_and_keeps_published(tmp_path) -> None:
+    import os
+
+    from kestrel.core.store import LocalStore
+
+    store = LocalStore(tmp_path / "s")
+    with store.writer("analyses", "kept") as writer:
+        writer.commit({"id": "kept"})
+    crashed = store.writer("analyses", "crashed")  # never committed: a writer that died
+    old = crashed.directory.stat().st_mtime - 2 * 3600
+    os.utime(crashed.directory, (old, old))
+    result = invoke("gc", "--store", str(tmp_path / "s"), "--older-than-hours", "1")
+    assert result.exit_code == 0 and "1 leftover(s) removed" in result.stdout
+    assert not crashed.directory.exists() and store.list("analyses") == ["kept"]

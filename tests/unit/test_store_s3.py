@@ -396,3 +396,17 @@ def test_capture_train_evaluate_discover_on_s3(backend, tiny_lm, tmp_path, s3_en
         assert remote.read_json("saes", "sae-s3", "features/manifest.json")["version"] == manifest["version"]
     pipeline.delete_sae(store, "sae-s3")
     assert pipeline.list_saes(store) == []
+
+
+def test_a_list_skips_an_artifact_deleted_while_it_is_read(tmp_path) -> None:
+    """One concurrent delete must not turn a whole list into a 404."""
+    from kestrel.core.store import LocalStore, read_manifests
+
+    class DeletedMidList(LocalStore):
+        def list(self, kind: str) -> list[str]:
+            return [*super().list(kind), "gone-since-listed"]
+
+    store = DeletedMidList(tmp_path / "s")
+    with store.writer("analyses", "here") as writer:
+        writer.commit({"id": "here"})
+    assert read_manifests(store, "analyses") == [{"id": "here"}]

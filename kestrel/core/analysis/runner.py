@@ -23,7 +23,7 @@ from kestrel.core.analysis import causal, circuit, feature, neuron
 from kestrel.core.analysis.common import AnalysisOutput, ModelLoader, ProgressFn, StopFn, check_stop
 from kestrel.core.analysis.config import parse_config
 from kestrel.core.errors import ConflictError, NotFoundError
-from kestrel.core.store import Store, new_id, validate_id
+from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "analyses"
 FORMAT_VERSION = 1
@@ -127,7 +127,7 @@ def jsonable(value: Any) -> Any:
 
 def list_analyses(store: Store) -> list[dict[str, Any]]:
     """Manifests of every complete analysis, newest first."""
-    manifests = [store.read_json(KIND, analysis_id) for analysis_id in store.list(KIND)]
+    manifests = read_manifests(store, KIND)
     return sorted(manifests, key=lambda m: (m.get("created", ""), m["id"]), reverse=True)
 
 

@@ -34,7 +34,7 @@ from kestrel.core.sae.config import SAEConfig, TrainConfig
 from kestrel.core.sae.metrics import evaluate
 from kestrel.core.sae.model_eval import ce_loss_metrics
 from kestrel.core.sae.trainer import Progress, train_sae
-from kestrel.core.store import Store, new_id, validate_id
+from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "saes"
 HELDOUT_FRACTION = 0.1
@@ -235,7 +235,7 @@ def train_from_run(
 
 
 def list_saes(store: Store) -> list[dict[str, Any]]:
-    return [store.read_json(KIND, sae_id) for sae_id in store.list(KIND)]
+    return read_manifests(store, KIND)
 
 
 def get_sae(store: Store, sae_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from kestrel.core.store.base import (
     Store,
     StoredFile,
     new_id,
+    read_manifests,
     validate_id,
 )
 from kestrel.core.store.factory import StoreBackend, open_store, parse_s3_url
@@ -25,6 +26,7 @@ __all__ = [
     "new_id",
     "open_store",
     "parse_s3_url",
+    "read_manifests",
     "validate_id",
     "write_json_atomic",
 ]

@@ -158,3 +158,20 @@ class Store(Protocol):
     def gc(self, older_than_s: float = 3600.0) -> list[Any]:
         """Remove leftovers of writers that died more than ``older_than_s`` ago; return what went."""
         ...
+
+
+def read_manifests(store: Store, kind: str) -> list[dict[str, Any]]:
+    """The manifests of every published artifact of one kind, in ``list`` order.
+
+    An artifact deleted between the listing and its read is left out: one concurrent delete must
+    not turn a whole list request into a 404.
+    """
+    from kestrel.core.errors import NotFoundError
+
+    manifests = []
+    for artifact_id in store.list(kind):
+        try:
+            manifests.append(store.read_json(kind, artifact_id))
+        except NotFoundError:
+            continue
+    return manifests
