@@ -57,13 +57,16 @@ class BatchTopKSAE(SAE):
         kept_BK = enc.acts > 0
         counts_B = kept_BK.sum(dim=1)
         offsets_B = counts_B.cumsum(0) - counts_B
-        return embedding_bag(
-            enc.indices[kept_BK],
-            self.W_dec,
-            offsets_B,
-            per_sample_weights=enc.acts[kept_BK].to(self.W_dec.dtype),
-            mode="sum",
-        ) + self.b_dec
+        return (
+            embedding_bag(
+                enc.indices[kept_BK],
+                self.W_dec,
+                offsets_B,
+                per_sample_weights=enc.acts[kept_BK].to(self.W_dec.dtype),
+                mode="sum",
+            )
+            + self.b_dec
+        )
 
     @torch.no_grad()
     def on_training_step(self, enc: EncoderOutput) -> None:

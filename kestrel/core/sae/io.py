@@ -237,9 +237,7 @@ def _weights(sae: SAE) -> dict[str, Tensor]:
     return {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
 
 
-def _build(
-    config: SAEConfig, weights: dict[str, Tensor], device: str | torch.device, *, source: str
-) -> SAE:
+def _build(config: SAEConfig, weights: dict[str, Tensor], device: str | torch.device, *, source: str) -> SAE:
     """An SAE of `config` holding `weights`, after checking names and shapes match."""
     sae = create(config)
     expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
