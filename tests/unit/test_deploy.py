@@ -183,3 +183,19 @@ def test_compose_comment_commands_are_valid() -> None:
             assert match.group(1) in services, line
         if line.startswith("#   ") and "docker compose" in line:
             shlex.split(line[1:].split("#")[0])  # quoting is balanced
+
+
+def test_the_image_gets_every_dashboard_file() -> None:
+    """The image installs with `pip install .`: a template or script left out of package-data
+    would be missing from /ui in a container while every test here (an editable install) passes."""
+    import fnmatch
+    import tomllib
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = package_data["kestrel.server.ui"]
+    ui = REPO / "kestrel" / "server" / "ui"
+    files = [p.relative_to(ui).as_posix() for p in ui.rglob("*") if p.is_file() and p.suffix != ".py"]
+    files = [f for f in files if "__pycache__" not in f]
+    assert files, "no dashboard assets found"
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
