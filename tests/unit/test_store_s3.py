@@ -254,6 +254,32 @@ def test_claims_keep_two_writers_apart_and_gc_frees_a_dead_ones(s3_store: S3Stor
     assert s3_store.gc(older_than_s=0) == []  # published artifacts are never collected
 
 
+def test_a_manifest_rewrite_racing_a_delete_does_not_resurrect_it(s3_store: S3Store, monkeypatch) -> None:
+    """The window between put_json's checks and its PUT, pinned open: the delete lands there (the
+    checks saw the manifest a moment before), and the conditional PUT must refuse rather than list
+    a half-deleted artifact again."""
+    _publish(s3_store, "saes", "racing", {"weights.bin": b"w"})
+    seen = s3_store._head(s3_store._key("saes", "racing", "manifest.json"))
+    s3_store.delete("saes", "racing")
+    monkeypatch.setattr(s3_store, "require", lambda *_: None)
+    monkeypatch.setattr(s3_store, "_head", lambda key: seen)
+    with pytest.raises(ConflictError, match="changed or deleted"):
+        s3_store.put_json("saes", "racing", "manifest.json", {"id": "racing"})
+    monkeypatch.undo()
+    assert s3_store.list("saes") == [] and not s3_store.exists("saes", "racing")
+
+
+def test_a_cached_copy_is_exactly_the_version_asked_for(s3_store: S3Store) -> None:
+    """A download pinned to an ETag that is no longer current fails instead of caching other bytes
+    under that tag."""
+    _publish(s3_store, "saes", "pinned", {"w.bin": b"one"})
+    stale = s3_store.stat("saes", "pinned", "w.bin").version
+    s3_store.put_json("saes", "pinned", "w.bin", {"two": 2})  # a new version of the object
+    with pytest.raises(ConflictError, match="changed or was deleted"):
+        s3_store._cached("saes", "pinned", "w.bin", stale)
+    assert s3_store.local_path("saes", "pinned", "w.bin").read_bytes().startswith(b"{")
+
+
 def test_foreign_keys_in_the_bucket_are_not_listed(s3_store: S3Store) -> None:
     for key in ("activations/Not_An_Id/manifest.json", "activations/half/data.bin", "readme.txt"):
         s3_store.client.put_object(Bucket=s3_store.bucket, Key=f"{s3_store.prefix}/{key}", Body=b"x")

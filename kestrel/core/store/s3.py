@@ -76,6 +76,19 @@ def make_client(endpoint_url: str | None = None) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes of one machine (the cache is per machine)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _local_files(directory: Path) -> Iterator[tuple[Path, str]]:
     """Every file under ``directory`` with its ``/``-separated relative path, sorted."""
     for path in sorted(directory.rglob("*")):
@@ -336,25 +349,46 @@ class S3Store:
     # -- files inside a published artifact ------------------------------------------------------
 
     def _cached(self, kind: str, artifact_id: str, rel: str, etag: str) -> Path:
-        """The cached copy of one object, downloaded (temp file + rename) unless its ETag matches."""
+        """The cached copy of one object version, downloaded unless the cache already holds it.
+
+        The file and the ETag it was downloaded at are two files, so one process per machine fills
+        them at a time (a lock file beside the tag), and the download asks for exactly the version
+        the caller saw (``If-Match``): two processes racing over a re-published object can never
+        leave one version's bytes under the other's tag.
+        """
         path = self.cache_root / kind / artifact_id / rel
         tag_path = self.cache_root / ".etags" / kind / artifact_id / rel
-        if path.is_file() and tag_path.is_file() and tag_path.read_text() == etag:
-            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tag_path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(tag_path.with_name(f".{tag_path.name}.lock")):
+            if path.is_file() and tag_path.is_file() and tag_path.read_text() == etag:
+                return path
+            self._download_version(self._key(kind, artifact_id, rel), etag, path)
+            tag_tmp = tag_path.with_name(f".{tag_path.name}.{secrets.token_hex(6)}.tmp")
+            tag_tmp.write_text(etag)
+            os.replace(tag_tmp, tag_path)
+        return path
+
+    def _download_version(self, key: str, etag: str, path: Path) -> None:
+        """Download ``key`` at ``etag`` to ``path`` through a temp file and a rename."""
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         os.close(fd)
         try:
-            self.client.download_file(self.bucket, self._key(kind, artifact_id, rel), tmp)
+            # get_object, not download_file: the transfer manager refuses If-Match
+            response = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
+            with response["Body"] as body, open(tmp, "wb") as out:
+                shutil.copyfileobj(body, out, length=1 << 20)
             os.replace(tmp, path)
+        except ClientError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if _is_precondition(exc) or _is_missing(exc):
+                raise ConflictError(
+                    f"{key!r} changed or was deleted while it was being read; read it again"
+                ) from None
+            raise
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        tag_tmp = tag_path.with_name(f".{tag_path.name}.{secrets.token_hex(6)}.tmp")
-        tag_tmp.write_text(etag)
-        os.replace(tag_tmp, tag_path)
-        return path
 
     def local_dir(self, kind: str, artifact_id: str, files: Iterable[str] | None = None) -> Path:
         """Download ``files`` (every file when None) into the cache; return the artifact's cache dir."""
@@ -384,15 +418,33 @@ class S3Store:
         return _stored_file(rel, head["ContentLength"], head["LastModified"], head["ETag"])
 
     def put_json(self, kind: str, artifact_id: str, rel: str, obj: Any) -> None:
-        """One PUT: S3 replaces an object whole, so readers see the old or the new file."""
+        """One PUT: S3 replaces an object whole, so readers see the old or the new file.
+
+        Rewriting the manifest is conditional on the version just seen (``If-Match``): a delete
+        that lands between the check and the PUT must not bring a half-deleted artifact back
+        into the listing.
+        """
         self.require(kind, artifact_id)
+        key = self._key(kind, artifact_id, rel)
+        condition: dict[str, str] = {}
+        if rel == MANIFEST:
+            head = self._head(key)
+            if head is None:
+                raise NotFoundError(f"no {kind} artifact with id {artifact_id!r}")
+            condition = {"IfMatch": head["ETag"]}
         body = json.dumps(obj, indent=2).encode()
-        self.client.put_object(
-            Bucket=self.bucket,
-            Key=self._key(kind, artifact_id, rel),
-            Body=body,
-            ContentType="application/json",
-        )
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **condition
+            )
+        except ClientError as exc:
+            if condition and (_is_precondition(exc) or _is_missing(exc)):
+                raise ConflictError(
+                    f"{kind} {artifact_id!r} was changed or deleted while its manifest was being "
+                    "rewritten; read it again",
+                    details={"id": artifact_id},
+                ) from None
+            raise
 
     def scratch_dir(self, kind: str, artifact_id: str, rel: str = "") -> Path:
         self.require(kind, artifact_id)
