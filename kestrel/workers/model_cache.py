@@ -76,7 +76,8 @@ class ModelCache:
         self.default_device = default_device
         self.local_models = local_models
         self._models: OrderedDict[tuple[str, str, str], CachedModel] = OrderedDict()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the dict only; held for microseconds
+        self._loading: dict[tuple[str, str, str], threading.Lock] = {}
 
     def get(self, name: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
         """The model, loaded now if this worker does not hold it yet.
@@ -84,8 +85,8 @@ class ModelCache:
         ``device``/``dtype`` of None mean "whichever copy is loaded" (so an encode uses the copy a
         load request made), else the worker's default device and fp32.
         """
-        with self._lock:
-            if device is None or dtype is None:
+        if device is None or dtype is None:
+            with self._lock:
                 for (cached_name, cached_device, cached_dtype), cached in reversed(self._models.items()):
                     if (
                         cached_name == name
@@ -94,23 +95,43 @@ class ModelCache:
                     ):
                         self._models.move_to_end((cached_name, cached_device, cached_dtype))
                         return cached.lm
-            return self._load(name, device, dtype or "fp32")
+        return self._load(name, device, dtype or "fp32")
 
     def _load(self, name: str, device: str | None, dtype: str) -> LoadedModel:
+        """Load under a lock of its own key, never under the cache's lock.
+
+        A load can take minutes (a first conversion, a hub checkpoint); the heartbeat thread reads
+        the cache (``describe``) every few seconds, and a worker whose heartbeat waited on a load
+        would be declared dead and its job failed while it was working.
+        """
         concrete = str(resolve_device(device or self.default_device))
         key = (name, concrete, dtype)
         with self._lock:
-            cached = self._models.get(key)
+            cached = self._hit(key)
             if cached is not None:
-                self._models.move_to_end(key)
-                return cached.lm
+                return cached
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # two jobs asking for one model load it once
+            with self._lock:
+                cached = self._hit(key)
+                if cached is not None:
+                    return cached
             target = load_target(name, self.local_models())
             lm = load_model(target, device=concrete, dtype=dtype, store_root=self.store_root)
             lm.name = name  # manifests and SAE configs record the public name, never a local path
-            self._models[key] = CachedModel(lm, concrete, dtype, time.time())
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
+            with self._lock:
+                self._models[key] = CachedModel(lm, concrete, dtype, time.time())
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+                self._loading.pop(key, None)
             return lm
+
+    def _hit(self, key: tuple[str, str, str]) -> LoadedModel | None:
+        cached = self._models.get(key)
+        if cached is None:
+            return None
+        self._models.move_to_end(key)
+        return cached.lm
 
     def drop(self, name: str, *, loaded_before: float | None = None) -> int:
         """Forget every copy of ``name`` (loaded before ``loaded_before``, if given); how many."""
