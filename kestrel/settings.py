@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="how long an Idempotency-Key is remembered")
 
     # `kestrel up`.
+    preload_model: str = Field(
+        "smollm2-135m",
+        description="model `kestrel up` asks the interactive worker to load at start (empty: none), "
+        "so the first encode or generate does not wait for a load",
+    )
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, gt=0, lt=65536, description="port the API listens on")
 

@@ -214,7 +214,9 @@ def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_R
         supervisor.start("api", kestrel_command("serve", "--host", settings.host, "--port", port), env)
         base = f"http://{settings.host}:{settings.port}"
         wait_for_http(f"{base}/health", 60.0, supervisor)
-        echo(f"Kestrel is up.\n  API   {base}\n  docs  {base}/docs\n  store {store_root}")
+        echo(f"Kestrel is up.\n  API   {base}\n  docs  {base}/docs\n  ui    {base}/ui\n  store {store_root}")
+        if settings.preload_model:
+            _preload(base, settings, echo)
         echo("Press Ctrl-C to stop.")
         while not stop.is_set():
             exited = supervisor.first_exited()
@@ -229,6 +231,34 @@ def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_R
         if embedded is not None:
             embedded.stop()
         echo("stopped")
+
+
+def _preload(base: str, settings: Settings, echo) -> None:
+    """Ask the interactive worker to load the default model now, in the background: the first
+    encode or generate then finds it loaded (a first start also converts the bundled weights)."""
+    import threading
+
+    import httpx
+
+    headers = {"X-API-Key": settings.api_key.get_secret_value()} if settings.api_key else {}
+    url = f"{base}/v1/models/{settings.preload_model}/load"
+
+    def load() -> None:
+        try:
+            response = httpx.post(url, headers=headers, timeout=600)
+        except httpx.HTTPError as exc:
+            echo(f"preload of {settings.preload_model}: {exc}")
+            return
+        if response.status_code == 504:  # a long first conversion: the job goes on in the worker
+            return
+        if response.status_code != 200:
+            status, detail = response.status_code, response.text[:300]
+            echo(f"preload of {settings.preload_model} failed ({status}): {detail}")
+            return
+        echo(f"model {settings.preload_model} loaded in the interactive worker")
+
+    echo(f"loading {settings.preload_model} in the interactive worker (KESTREL_PRELOAD_MODEL='' skips this)")
+    threading.Thread(target=load, name="kestrel-preload", daemon=True).start()
 
 
 def _stop_on_signals():

@@ -54,6 +54,12 @@ def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> 
         # `up` prints once its own health check passes, which may trail ours by a poll
         wait_until(lambda: f"docs  {base}/docs\n" in log_path.read_text(), 15, "the docs line")
         with httpx.Client(base_url=base, timeout=60) as http:
+
+            def preloaded() -> bool:
+                models = http.get("/v1/models").json()["items"]
+                return any(m["name"] == "smollm2-135m" and m["loaded_by"] for m in models)
+
+            wait_until(preloaded, 60, "the default model preloaded in the interactive worker")
             body = {"layers": ["model.layers.1"], "dataset": {"kind": "texts", "texts": ["Hello there."]}}
             job = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])
             assert (store / "activations" / job["artifacts"]["run_id"] / "manifest.json").is_file()
