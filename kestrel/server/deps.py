@@ -99,7 +99,10 @@ def sign_stream_token(api_key: str, path: str, expires: int) -> str:
 def stream_token_valid(api_key: str, path: str, token: str, now: float | None = None) -> bool:
     """The token was signed for ``path`` with this key and has not expired."""
     expires, _, _ = token.partition(".")
-    if not expires.isdigit() or int(expires) < (time.time() if now is None else now):
+    # ASCII digits of a sane length: int() raises on '²' or 5,000 digits (a 500 where a 401 is due)
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+        return False
+    if int(expires) < (time.time() if now is None else now):
         return False
     return secrets.compare_digest(sign_stream_token(api_key, path, int(expires)).encode(), token.encode())
 

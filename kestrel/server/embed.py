@@ -12,7 +12,8 @@ What makes that work without taking the host app over:
 - **A context bound to the router, not to the app.** ``create_app`` keeps settings, Redis and the
   store on ``app.state``; here a router-level dependency binds a ``KestrelContext`` to
   ``request.state.kestrel`` and ``kestrel.server.deps`` reads that first. Redis and the store are
-  opened on first use, so including the router does no I/O and needs no lifespan of the host's.
+  opened on first use, so including the router does no I/O; the router's lifespan (merged into
+  the host's by ``include_router``) closes Redis when the host app shuts down.
 - **Errors in Kestrel's shape on Kestrel's routes only.** Each route is a ``KestrelRoute``, whose
   handler turns Kestrel's errors, request validation errors, HTTP errors and Redis outages into
   ``{"error": {...}}`` itself. No exception handler is added to the host app, so the host's own
@@ -32,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -149,8 +150,8 @@ class KestrelContext:
     """Settings, Redis and the store for the routes of one included Kestrel router.
 
     Redis and the store are opened on first use, so building the router costs nothing and a host
-    app that never calls Kestrel never connects. ``close`` releases the Redis connections (call it
-    from the host's lifespan shutdown, if it has one).
+    app that never calls Kestrel never connects. ``close`` releases the Redis connections; the
+    included router's lifespan calls it when the host app shuts down.
     """
 
     def __init__(
@@ -187,6 +188,13 @@ class KestrelContext:
             if self._redis is not None:
                 self._redis.close()
                 self._redis = None
+
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """The router's lifespan, merged into the host's by ``include_router``: closes at shutdown."""
+        try:
+            yield
+        finally:
+            self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +396,7 @@ def build_router(context: KestrelContext, resources: Iterable[str] = DEFAULT_RES
         prefix=context.prefix,
         dependencies=[Depends(context.bind)],  # first, so every other dependency reads the context
         route_class=KestrelRoute,
+        lifespan=context.lifespan,  # the host app's shutdown releases Redis
         generate_unique_id_function=_operation_id,
     )
     for name in resources:

@@ -9,6 +9,7 @@ never asserted.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 
@@ -250,3 +251,72 @@ def test_page_load_times_are_reported(page, dashboard: Dashboard) -> None:
     medians = {name: t["median_ms"] for name, t in timings.items()}
     print("\npage load, navigation to rendered data (median ms):", json.dumps(medians))
     assert all(v["median_ms"] > 0 for v in timings.values())
+
+
+HOSTILE_NAME = '<img src=x onerror="window.__xss = 1">'
+
+
+def test_api_text_is_shown_as_text_never_parsed_as_html(page, dashboard: Dashboard) -> None:
+    """A name or description holding markup is text on every page that shows it."""
+    with dashboard.client() as http:
+        named = http.put(
+            f"/v1/saes/{dashboard.sae_id}/concepts/29",
+            json={"name": HOSTILE_NAME, "description": "<script>window.__xss = 2</script><b>bold</b>"},
+        )
+        assert named.status_code == 200, named.text
+    parsed = "main img, main script, main b"
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features/29")
+    assert page.inner_text("#feature-name") == HOSTILE_NAME
+    assert "<b>bold</b>" in page.inner_text("#feature-description")
+    assert page.locator(parsed).count() == 0 and page.evaluate("window.__xss") is None
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features?q=onerror")
+    page.wait_for_selector("#results-table tbody tr[data-latent='29']")
+    assert HOSTILE_NAME in page.inner_text("#results-table")
+    assert page.locator(parsed).count() == 0 and page.evaluate("window.__xss") is None
+    open_page(page, dashboard, f"/ui/steering?sae={dashboard.sae_id}&latent=29")
+    page.wait_for_selector("#slider-29")
+    assert HOSTILE_NAME in page.inner_text("#sliders")
+    assert page.locator(parsed).count() == 0 and page.evaluate("window.__xss") is None
+
+
+def error_reply(route, status: int, code: str, message: str) -> None:
+    route.fulfill(status=status, json={"error": {"code": code, "message": message, "details": {}}})
+
+
+def test_a_refused_evaluation_is_reported(page, dashboard: Dashboard) -> None:
+    page.route(
+        re.compile(r"/v1/saes/[^/]+/evaluate$"),
+        lambda route: error_reply(route, 503, "unavailable", "no batch worker is running"),
+    )
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}")
+    page.get_by_role("button", name="Evaluate with the model").press("Enter")
+    page.wait_for_function("document.querySelector('#eval-status').textContent.includes('no batch worker')")
+    assert page.get_by_role("button", name="Evaluate with the model").is_enabled()
+
+
+def test_feature_search_for_a_long_number_or_a_failing_search_says_so(page, dashboard: Dashboard) -> None:
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features")
+    search = page.get_by_label("Search by name, label or index")
+    search.fill("12345678901")  # digits, but no index: past the API's offset bound
+    search.press("Enter")
+    page.wait_for_function("document.querySelector('#results').textContent.includes('No latent matches')")
+    page.route(
+        re.compile(r"/v1/saes/[^/]+/features\?"),
+        lambda route: error_reply(route, 503, "unavailable", "the store is not answering"),
+    )
+    search.fill("pasta")
+    search.press("Enter")
+    page.wait_for_function("document.querySelector('#results-count').textContent.includes('not answering')")
+
+
+def test_playground_without_any_sae(page, dashboard: Dashboard) -> None:
+    empty = {"items": [], "total": 0, "limit": 100, "offset": 0}
+    page.route(re.compile(r"/v1/saes\?"), lambda route: route.fulfill(json=empty))
+    open_page(page, dashboard, "/ui/steering")
+    assert page.inner_text("#sae") == "No SAE yet"
+    page.get_by_role("button", name="Save config").press("Enter")
+    page.wait_for_function("document.querySelector('#config-status').textContent.startsWith('Not saved')")
+    finder = page.get_by_label("Find latents by name, label or index")
+    finder.fill("pasta")
+    finder.press("Enter")
+    page.wait_for_function("document.querySelector('#gen-status').textContent.includes('no SAE')")

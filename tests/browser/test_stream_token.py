@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from fastapi.testclient import TestClient
+
+from kestrel.server.app import create_app
 from kestrel.server.deps import sign_stream_token, stream_token_valid
+from kestrel.settings import Settings
 
 PATH = "/v1/jobs/job-1/events"
 
@@ -24,5 +28,14 @@ def test_a_tampered_or_malformed_token_is_refused() -> None:
     token = sign_stream_token("key", PATH, expires=1_000)
     longer = sign_stream_token("key", PATH, expires=1_000).replace("1000.", "9999.")
     assert not stream_token_valid("key", PATH, longer, now=0)
-    for bad in ("", ".", "abc.def", "-5.00", token[:-1], f"{token}x", "1000"):
+    odd_digits = ("\u00b2.00", "\u0661\u0660\u0660\u0660." + token.partition(".")[2], "9" * 5_000 + ".00")
+    for bad in ("", ".", "abc.def", "-5.00", token[:-1], f"{token}x", "1000", *odd_digits):
         assert not stream_token_valid("key", PATH, bad, now=0), bad
+
+
+def test_a_malformed_token_is_a_401_not_a_500(tmp_path) -> None:
+    settings = Settings(store_root=tmp_path / "store", redis_url="redis://127.0.0.1:1/0", api_key="key")
+    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    for bad in ("\u00b2.00", "9" * 5_000 + ".00"):
+        answer = client.get(PATH, params={"token": bad})
+        assert answer.status_code == 401, (bad[:8], answer.text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -213,3 +214,28 @@ def test_kestrel_router_for_include_router(tmp_path) -> None:
         assert client.get("/tools/kestrel/health").json()["status"] == "ok"
         assert client.get("/tools/kestrel/v1/uploads").json()["total"] == 0
         assert client.get("/tools/kestrel/v1/jobs").status_code == 404, "only the resources asked for"
+
+
+def test_the_host_apps_shutdown_closes_kestrels_redis(tmp_path, monkeypatch) -> None:
+    """Both ways of including Kestrel release its Redis client when the host app shuts down, beside
+    the host's own lifespan (which still runs)."""
+    settings = Settings(store_root=tmp_path / "store", redis_url="redis://127.0.0.1:1/0")
+    closed: list[KestrelContext] = []
+    close = KestrelContext.close
+    monkeypatch.setattr(KestrelContext, "close", lambda self: (closed.append(self), close(self)))
+    host_events: list[str] = []
+
+    @asynccontextmanager
+    async def host_lifespan(app: FastAPI):
+        host_events.append("startup")
+        yield
+        host_events.append("shutdown")
+
+    app = FastAPI(lifespan=host_lifespan)
+    app.include_router(kestrel_router(settings, prefix="/a", resources=["health"]))
+    context = include_kestrel(app, settings, prefix="/b", resources=["health"])
+    with TestClient(app) as client:
+        assert client.get("/b/health").status_code == 200
+        assert context.redis is not None and closed == []
+    assert host_events == ["startup", "shutdown"]
+    assert len(closed) == 2 and context in closed and context._redis is None

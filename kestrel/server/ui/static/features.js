@@ -3,7 +3,7 @@
 
 import { api, apiOrNull, base } from "./api.js";
 import { $, fill, h, num, showToken } from "./dom.js";
-import { start } from "./shell.js";
+import { start, status } from "./shell.js";
 
 const saeId = document.body.dataset.saeId;
 const PAGE = 50;
@@ -43,7 +43,7 @@ function resultsTable(items) {
 
 /** The latent a numeric query names, as a list item (the index page of a 'latent' sort). */
 async function byIndex(q, query) {
-  if (!/^\d+$/.test(q)) return null;
+  if (!/^\d{1,9}$/.test(q)) return null; // a longer number is no index (and past the API's offset bound)
   const page = await apiOrNull(`/saes/${saeId}/features`, { query: { ...query, sort: "latent", offset: q, limit: 1, include_dead: true } });
   return page?.items?.[0]?.latent === Number(q) ? page.items[0] : null;
 }
@@ -61,7 +61,7 @@ async function search(params) {
   const items = exact ? [exact, ...page.items.filter((f) => f.latent !== exact.latent)] : page.items; // index first
   fill($("#features-subtitle"), `${num(page.n_latents)} latents of `, h("span", { class: "mono" }, saeId), ` (discovery ${page.version}).`);
   const shown = page.total > PAGE ? `, showing ${offset + 1}–${Math.min(offset + PAGE, page.total)}` : "";
-  fill($("#results-count"), `${num(page.total + (alsoByIndex ? 1 : 0))} found${shown}`);
+  status($("#results-count"), `${num(page.total + (alsoByIndex ? 1 : 0))} found${shown}`);
   fill($("#results"), items.length ? resultsTable(items) : h("p", { class: "empty" }, `No latent matches “${q}”.`));
   $("#prev").disabled = offset === 0;
   $("#next").disabled = offset + PAGE >= page.total;
@@ -74,8 +74,10 @@ function navigate(changes) {
     else params.set(key, value === true ? "1" : value);
   }
   history.pushState(null, "", `?${params}`);
-  return search(params);
+  return search(params).catch(searchFailed);
 }
+
+const searchFailed = (error) => status($("#results-count"), `Search failed: ${error.message}`, "err");
 
 start(async () => {
   const params = new URLSearchParams(location.search);
@@ -90,7 +92,7 @@ start(async () => {
   window.addEventListener("popstate", () => {
     const current = new URLSearchParams(location.search);
     writeForm(current);
-    search(current);
+    search(current).catch(searchFailed);
   });
   await search(params);
 });

@@ -5,7 +5,7 @@ import { api } from "./api.js";
 import { $, fill, h, num, percent, when } from "./dom.js";
 import { followJob } from "./jobs.js";
 import { barPlot, linePlot, occupied, SMALL } from "./plot.js";
-import { start } from "./shell.js";
+import { start, status } from "./shell.js";
 
 const saeId = document.body.dataset.saeId;
 const CURVES = [
@@ -98,6 +98,8 @@ function wireEvaluate() {
     try {
       const done = await followJob(await api(`/saes/${saeId}/evaluate`, { method: "POST", body: {} }), $("#eval-status"));
       if (done.status === "finished") renderEvaluation((await api(`/saes/${saeId}`)).metrics);
+    } catch (error) {
+      status($("#eval-status"), `Could not evaluate: ${error.message}`, "err");
     } finally {
       $("#evaluate").disabled = false;
     }

@@ -77,8 +77,9 @@ function pick(item, op = "add", value = 0) {
 
 async function findLatents(q) {
   const saeId = $("#sae").value;
+  if (!saeId) throw new Error("no SAE to search: train or import one first");
   const [exact, page] = await Promise.all([
-    /^\d+$/.test(q) ? latentByIndex(saeId, Number(q)) : null,
+    /^\d{1,9}$/.test(q) ? latentByIndex(saeId, Number(q)) : null,
     api(`/saes/${saeId}/features`, { query: { search: q, limit: 20, sort: "density", include_dead: false } }),
   ]);
   const items = exact ? [exact, ...page.items.filter((f) => f.latent !== exact.latent)] : page.items;
@@ -141,6 +142,10 @@ async function listConfigs() {
 
 async function saveConfig() {
   const sae = currentSae();
+  if (!sae) {
+    status($("#config-status"), "Not saved: no SAE picked (train or import one first).", "err");
+    return;
+  }
   const config = { sae_id: sae.id, edits: edits() };
   const name = $("#config-name").value.trim();
   if (name) config.name = name;
