@@ -320,3 +320,14 @@ def test_playground_without_any_sae(page, dashboard: Dashboard) -> None:
     finder.fill("pasta")
     finder.press("Enter")
     page.wait_for_function("document.querySelector('#gen-status').textContent.includes('no SAE')")
+
+
+def test_feature_browser_of_an_sae_without_discovery_says_what_to_do(page, dashboard: Dashboard) -> None:
+    message = "no discovered features yet; run discovery first"
+    page.route(
+        re.compile(r"/v1/saes/[^/]+/features\?"),
+        lambda route: error_reply(route, 404, "not_found", message),
+    )
+    page.goto(f"{dashboard.url}/ui/saes/{dashboard.sae_id}/features")
+    page.wait_for_function(f"document.querySelector('#results').textContent.includes({json.dumps(message)})")
+    assert "Loading" not in page.inner_text("#results")

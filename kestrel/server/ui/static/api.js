@@ -60,8 +60,11 @@ export function watchJob(jobId, onUpdate) {
     let stream;
     try {
       stream = await api(`/jobs/${encodeURIComponent(jobId)}/events/token`, { method: "POST" });
-    } catch {
-      if (!stopped) setTimeout(open, 3000);
+    } catch (error) {
+      // A job that expired (404) or a refused key (401, the key form is already shown) will not
+      // come back by retrying; anything else (the API restarting) may.
+      const final = error instanceof ApiError && (error.status === 404 || error.status === 401);
+      if (!stopped && !final) setTimeout(open, 3000);
       return;
     }
     if (stopped) return;

@@ -94,5 +94,9 @@ start(async () => {
     writeForm(current);
     search(current).catch(searchFailed);
   });
-  await search(params);
+  await search(params).catch((error) => {
+    // e.g. an SAE whose features were never discovered: say so where the results would be
+    fill($("#results"), h("p", { class: "empty" }, error.message));
+    searchFailed(error);
+  });
 });

@@ -135,7 +135,7 @@ function layerDisclosure(model) {
     if (!details.open || details.dataset.loaded) return;
     details.dataset.loaded = "true";
     try {
-      const layerTable = await api(`/models/${model.name}/layers`);
+      const layerTable = await api(`/models/${encodeURIComponent(model.name)}/layers`);
       fill(target, table([
         { label: "Layer", value: (l) => h("span", { class: "mono" }, l.name) },
         { label: "Kind", value: (l) => l.kind },
