@@ -69,3 +69,11 @@ def train_sae_with_features(http, n_latents: int = N_LATENTS) -> tuple[str, str]
         http, http.post(f"/v1/saes/{sae_id}/features/discover", json=discover).json()["id"], timeout_s=180
     )
     return run_id, sae_id
+
+
+def run_neuron_analysis(http, run_id: str, title: str | None = None) -> dict[str, Any]:
+    """A neuron analysis of the run's layer through the API; the finished job (its artifacts name it)."""
+    body = {"kind": "neuron", "run_id": run_id, "layer": LAYER, **({"title": title} if title else {})}
+    started = http.post("/v1/analyses", json=body)
+    assert started.status_code == 202, started.text
+    return wait_for_job(http, started.json()["id"], timeout_s=120)

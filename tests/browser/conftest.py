@@ -26,6 +26,7 @@ from browser_stack import (  # noqa: E402
     OUTPUT,
     Dashboard,
     chromium_path,
+    run_neuron_analysis,
     train_sae_with_features,
 )
 from service_stack import Stack, make_store  # noqa: E402
@@ -83,6 +84,13 @@ def dashboard(
         yield Dashboard(stack, run_id, sae_id)
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="session")
+def neuron_analysis(dashboard: Dashboard) -> dict[str, Any]:
+    """The finished job of a neuron analysis of the dashboard's run (``artifacts.analysis_id``)."""
+    with dashboard.client() as http:
+        return run_neuron_analysis(http, dashboard.run_id)
 
 
 @pytest.fixture(scope="session")

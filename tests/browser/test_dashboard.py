@@ -12,10 +12,11 @@ import json
 import re
 import statistics
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from browser_stack import API_KEY, OUTPUT, Dashboard
+from browser_stack import API_KEY, OUTPUT, Dashboard, run_neuron_analysis
 from service_stack import wait_for_job
 
 pytestmark = pytest.mark.timeout(300)
@@ -203,6 +204,139 @@ def busiest_latent_keyed(dashboard: Dashboard) -> int:
         return listing.json()["items"][0]["latent"]
 
 
+# What a report must never show once rendered: its Markdown syntax.
+RAW_MARKDOWN = ("|---|", "![", "](plots/", "**", "## ", "\\|")
+PLOTS_LOADED = """() => {
+  const images = [...document.querySelectorAll('#report figure img')];
+  return images.length > 0 && images.every((img) => img.complete && img.naturalWidth > 0);
+}"""
+
+
+def test_analysis_is_listed_and_its_report_renders(page, dashboard: Dashboard, neuron_analysis: dict) -> None:
+    assert neuron_analysis["status"] == "finished" and neuron_analysis["kind"] == "analysis"
+    analysis_id = neuron_analysis["artifacts"]["analysis_id"]
+    with dashboard.client() as http:
+        manifest = http.get(f"/v1/analyses/{analysis_id}").json()
+    open_page(page, dashboard, "/ui")
+    row = page.locator("#analyses tr", has_text=analysis_id)
+    assert "neuron" in row.inner_text() and dashboard.run_id in row.inner_text()
+    page.locator("#analyses").scroll_into_view_if_needed()
+    page.screenshot(path=str(OUTPUT / "test_analysis_is_listed-overview.png"))
+    link = row.get_by_role("link", name=manifest["title"])
+    link.focus()
+    page.keyboard.press("Enter")  # the title is a link, followed from the keyboard
+    page.wait_for_url(f"**/ui/analyses/{analysis_id}")
+    page.wait_for_selector("body[data-ready]")
+
+    assert page.inner_text("h1") == manifest["title"]
+    headings = page.locator("#report h2").all_inner_texts()
+    for heading in ("What was measured", "Source", "Key numbers", "Plots", "How to read it"):
+        assert heading in headings, headings
+    assert page.locator("#report h1").count() == 0  # the title is the page's heading, not repeated
+    key_numbers = page.locator("#report section", has=page.locator("h2", has_text="Key numbers"))
+    assert key_numbers.locator("td", has_text="median std").count() == 1
+    assert page.locator("#report table").count() >= 3
+    assert page.locator("#report li").count() == 3 and page.locator("#report strong").count() > 0
+    assert "32" in page.inner_text("#analysis-stats")  # the tiny model's width, from the manifest
+    page.wait_for_function(PLOTS_LOADED)
+    figures = page.locator("#report figure")
+    assert figures.count() == 2
+    caption = figures.first.locator("figcaption").inner_text()
+    assert figures.first.locator("img").get_attribute("alt") == caption
+    text = page.inner_text("main")
+    assert not [syntax for syntax in RAW_MARKDOWN if syntax in text], text
+
+    json_link = page.get_by_role("link", name="Raw JSON")
+    markdown_link = page.get_by_role("link", name="Markdown")
+    assert json.loads(page.request.get(json_link.evaluate("a => a.href")).text())["id"] == analysis_id
+    assert page.request.get(markdown_link.evaluate("a => a.href")).text().startswith("# ")
+
+
+def test_analysis_page_in_api_key_mode(page, keyed_dashboard: Dashboard, neuron_analysis: dict) -> None:
+    analysis_id = neuron_analysis["artifacts"]["analysis_id"]
+    open_page(page, keyed_dashboard, f"/ui/analyses/{analysis_id}")
+    assert "API key required" in page.inner_text("#notice")
+    assert "Waiting for the API key" in page.inner_text("#report")
+    page.get_by_label("API key").fill(API_KEY)
+    page.get_by_label("API key").press("Enter")
+    page.wait_for_selector("body[data-ready]")
+    page.wait_for_function(PLOTS_LOADED)  # fetched with X-API-Key: a plain <img src> would get a 401
+    assert not page.locator("#notice").is_visible()
+    assert page.locator("#report h2", has_text="Key numbers").count() == 1
+    with page.expect_download() as saved:
+        page.get_by_role("link", name="Raw JSON").press("Enter")
+    assert saved.value.suggested_filename == f"{analysis_id}.json"
+    assert json.loads(Path(saved.value.path()).read_text())["id"] == analysis_id
+    with page.expect_download() as saved:
+        page.get_by_role("link", name="Markdown").press("Enter")
+    assert Path(saved.value.path()).read_text().startswith("# ")
+    assert "Downloaded" in page.inner_text("#download-status")
+    open_page(page, keyed_dashboard, "/ui")  # the key stays for the tab: the overview lists it
+    page.wait_for_selector(f"#analyses >> text={analysis_id}")
+    open_page(page, keyed_dashboard, f"/ui/analyses/{analysis_id}")
+    page.wait_for_function(PLOTS_LOADED)
+
+
+HOSTILE_REPORT = """# <img src=x onerror="window.__xss = 1"> heading
+
+## <script>window.__xss = 2</script>
+
+Text with <b>tags</b>, `<i>code</i>`, **<u>bold</u>**, *<em>it</em>* and [a link](javascript:window.__xss=3).
+
+| <th>head</th> | value |
+|---|---|
+| <img src=x onerror="window.__xss = 4"> | a \\| pipe |
+
+- <iframe src="javascript:window.__xss = 5"></iframe>
+
+![<img src=x onerror="window.__xss = 6">](plots/dimensions.png)
+
+*caption <script>window.__xss = 7</script>*
+
+![remote](https://example.invalid/x.png)
+"""
+
+
+def test_report_and_plot_text_is_shown_as_text(page, dashboard: Dashboard) -> None:
+    """A title, a report and a plot's alt text holding markup are text; only the report's plots load."""
+    with dashboard.client() as http:
+        job = run_neuron_analysis(http, dashboard.run_id, title=HOSTILE_NAME)
+    analysis_id = job["artifacts"]["analysis_id"]
+    parsed = "main script, main iframe, main b, main u, main i, main th th, main [onerror], main img[src='x']"
+    open_page(page, dashboard, "/ui")
+    assert HOSTILE_NAME in page.inner_text("#analyses")
+    assert page.locator(parsed).count() == 0 and page.evaluate("window.__xss") is None
+    open_page(page, dashboard, f"/ui/analyses/{analysis_id}")
+    assert page.inner_text("h1") == HOSTILE_NAME
+    page.wait_for_function(PLOTS_LOADED)
+    assert page.locator(parsed).count() == 0 and page.evaluate("window.__xss") is None
+
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.route(
+        re.compile(r"/v1/analyses/[^/]+/report$"),
+        lambda route: route.fulfill(body=HOSTILE_REPORT, content_type="text/markdown; charset=utf-8"),
+    )
+    open_page(page, dashboard, f"/ui/analyses/{analysis_id}")
+    page.wait_for_function(PLOTS_LOADED)
+    assert page.locator(parsed).count() == 0 and page.evaluate("window.__xss") is None
+    report = page.inner_text("#report")
+    assert '<img src=x onerror="window.__xss = 1"> heading' in page.inner_text("#report h1")
+    assert page.inner_text("#report h2") == "<script>window.__xss = 2</script>"
+    assert page.inner_text("#report code") == "<i>code</i>"
+    assert page.inner_text("#report strong") == "<u>bold</u>"
+    assert page.inner_text("#report em") == "<em>it</em>"
+    assert "[a link](javascript:window.__xss=3)" in report
+    assert page.locator("#report thead th").first.text_content() == "<th>head</th>"  # shown upper-case
+    assert page.inner_text("#report tbody td >> nth=1") == "a | pipe"
+    assert page.inner_text("#report li") == '<iframe src="javascript:window.__xss = 5"></iframe>'
+    plot = page.locator("#report figure img")
+    assert plot.count() == 1 and plot.get_attribute("alt") == '<img src=x onerror="window.__xss = 6">'
+    assert page.inner_text("#report figcaption") == "caption <script>window.__xss = 7</script>"
+    assert "Image not shown" in report and "remote" in report
+    assert not [url for url in requested if "example.invalid" in url]
+
+
 UNLABELLED_CONTROLS = """() => [...document.querySelectorAll('input, select, textarea, button, summary, a')]
   .filter((el) => el.type !== 'hidden' && el.offsetParent !== null)
   .filter((el) => {
@@ -214,10 +348,11 @@ UNLABELLED_CONTROLS = """() => [...document.querySelectorAll('input, select, tex
   .map((el) => el.outerHTML.slice(0, 120))"""
 
 
-def test_every_control_has_a_label_and_a_tab_stop(page, dashboard: Dashboard) -> None:
+def test_every_control_has_a_label_and_a_tab_stop(page, dashboard: Dashboard, neuron_analysis: dict) -> None:
     latent = busiest_latent(dashboard)["latent"]
+    analysis = neuron_analysis["artifacts"]["analysis_id"]
     for template in PAGES.values():
-        open_page(page, dashboard, template.format(sae=dashboard.sae_id, latent=latent))
+        open_page(page, dashboard, template.format(sae=dashboard.sae_id, latent=latent, analysis=analysis))
         assert page.evaluate(UNLABELLED_CONTROLS) == [], template
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.textContent") == "Skip to content"
@@ -231,15 +366,17 @@ PAGES = {
     "feature browser": "/ui/saes/{sae}/features",
     "feature": "/ui/saes/{sae}/features/{latent}",
     "steering playground": "/ui/steering?sae={sae}",
+    "analysis": "/ui/analyses/{analysis}",
 }
 
 
-def test_page_load_times_are_reported(page, dashboard: Dashboard) -> None:
+def test_page_load_times_are_reported(page, dashboard: Dashboard, neuron_analysis: dict) -> None:
     """Navigation start to rendered data, per page, on an SAE of 4,608 latents (median of 3)."""
     latent = busiest_latent(dashboard)["latent"]
+    analysis = neuron_analysis["artifacts"]["analysis_id"]
     timings: dict[str, dict[str, float]] = {}
     for name, template in PAGES.items():
-        path = template.format(sae=dashboard.sae_id, latent=latent)
+        path = template.format(sae=dashboard.sae_id, latent=latent, analysis=analysis)
         runs = []
         for _ in range(3):
             open_page(page, dashboard, path)

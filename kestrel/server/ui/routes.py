@@ -36,6 +36,7 @@ templates = Environment(
 )
 SaeId = Annotated[str, PathParam(pattern=ID_PATTERN, max_length=64)]
 Latent = Annotated[int, PathParam(ge=0, le=1 << 24)]
+AnalysisId = Annotated[str, PathParam(pattern=ID_PATTERN, max_length=64)]
 
 
 def _page(request: Request, template: str, title: str, **context: object) -> HTMLResponse:
@@ -79,6 +80,13 @@ def feature_page(request: Request, sae_id: SaeId, latent: Latent) -> HTMLRespons
 def steering_playground(request: Request) -> HTMLResponse:
     """Pick latents, move sliders, compare default and steered generations; save configs by id."""
     return _page(request, "steering.html", "Steering playground", page="steering")
+
+
+@router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
+def analysis_page(request: Request, analysis_id: AnalysisId) -> HTMLResponse:
+    """An analysis: its key numbers, its report rendered from Markdown, the JSON and Markdown."""
+    title = f"Analysis {analysis_id}"
+    return _page(request, "analysis.html", title, page="analysis", analysis_id=analysis_id)
 
 
 @router.get("/static/{name}")

@@ -18,24 +18,41 @@ export const apiKey = () => sessionStorage.getItem(KEY_STORAGE);
 export const setApiKey = (key) => sessionStorage.setItem(KEY_STORAGE, key);
 export const forgetApiKey = () => sessionStorage.removeItem(KEY_STORAGE);
 
-/** Call /v1{path}; JSON in and out. A 401 also tells the page shell to ask for a key. */
-export async function api(path, { method = "GET", body, query, signal } = {}) {
-  const headers = { Accept: "application/json" };
+/** The URL of /v1{path} (for a plain link when no key is set). */
+export const apiUrl = (path, query) => `${base}/v1${path}${query ? `?${new URLSearchParams(query)}` : ""}`;
+
+/** Fetch /v1{path} with the key; an answer that is not 2xx throws ApiError (401 also asks for a key). */
+async function request(path, { method = "GET", body, query, signal, accept = "application/json" } = {}) {
+  const headers = { Accept: accept };
   const key = apiKey();
   if (key) headers["X-API-Key"] = key;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const url = `${base}/v1${path}${query ? `?${new URLSearchParams(query)}` : ""}`;
-  const response = await fetch(url, {
+  const response = await fetch(apiUrl(path, query), {
     method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
   });
-  const data = await response.json().catch(() => null);
   if (!response.ok) {
-    const error = data?.error ?? {};
+    const error = (await response.json().catch(() => null))?.error ?? {};
     const failure = new ApiError(response.status, error.code ?? "error", error.message ?? response.statusText, error.details);
     if (response.status === 401) document.dispatchEvent(new CustomEvent("kestrel:unauthorized", { detail: failure }));
     throw failure;
   }
-  return data;
+  return response;
+}
+
+/** Call /v1{path}; JSON in and out. A 401 also tells the page shell to ask for a key. */
+export async function api(path, options = {}) {
+  const response = await request(path, options);
+  return response.json().catch(() => null);
+}
+
+/** A text answer of /v1{path} (a report's Markdown). */
+export async function apiText(path, options = {}) {
+  return (await request(path, { accept: "text/markdown, text/plain, */*", ...options })).text();
+}
+
+/** A binary answer of /v1{path} as a Blob (a plot, a download): what an <img> or <a> cannot fetch with a header. */
+export async function apiBlob(path, options = {}) {
+  return (await request(path, { accept: "*/*", ...options })).blob();
 }
 
 /** The same as api() but a 404 answers null (for resources that may not exist yet). */

@@ -1,5 +1,5 @@
-// Overview: jobs (live over SSE, cancellable), SAEs with their metrics, capture runs, models and
-// their layer tables.
+// Overview: jobs (live over SSE, cancellable), SAEs with their metrics, recent analyses, capture
+// runs, models and their layer tables.
 
 import { api, base, watchJob } from "./api.js";
 import { $, fill, h, num, percent, table, when } from "./dom.js";
@@ -12,13 +12,15 @@ const rows = new Map(); // job id -> {row, stop}
 // page's other requests, so later active jobs follow the list's refresh instead.
 const MAX_STREAMS = 3;
 let streams = 0;
+const ANALYSES_SHOWN = 10;
+const LINKED = { sae_id: "saes", analysis_id: "analyses" }; // a finished job's artifacts with a page
 
 // ---------------------------------------------------------------------------------------------
 // Jobs
 
 function jobArtifacts(job) {
   return Object.entries(job.artifacts ?? {}).map(([name, id]) =>
-    name === "sae_id" && job.status === "finished" ? h("a", { href: `${base}/ui/saes/${id}` }, id) : h("span", { class: "mono" }, id));
+    LINKED[name] && job.status === "finished" ? h("a", { href: `${base}/ui/${LINKED[name]}/${id}` }, id) : h("span", { class: "mono" }, id));
 }
 
 function jobCells(job) {
@@ -117,6 +119,27 @@ function renderSaes(saes) {
   ], saes, { empty: "No SAE yet: train one with POST /v1/saes or `kestrel train`." }));
 }
 
+/** What an analysis ran on, in a line: model, layer(s), run, SAE (whichever its kind records). */
+function analysisSource(source = {}) {
+  const layers = source.layers ?? [];
+  return [
+    source.model,
+    source.layer ?? (layers.length > 2 ? `${layers.length} layers` : layers.join(", ")),
+    source.run_id && `run ${source.run_id}`,
+    source.sae_id && `SAE ${source.sae_id}`,
+  ].filter(Boolean).join(" · ") || "–";
+}
+
+function renderAnalyses(page) {
+  fill($("#analyses-count"), page.total > page.items.length ? `latest ${page.items.length} of ${num(page.total)}` : "");
+  fill($("#analyses"), table([
+    { label: "Kind", value: (a) => h("span", { class: "badge" }, a.kind) },
+    { label: "Title", value: (a) => [h("a", { href: `${base}/ui/analyses/${a.id}` }, a.title), h("div", { class: "mono muted" }, a.id)] },
+    { label: "Source", value: (a) => analysisSource(a.source) },
+    { label: "Created", value: (a) => when(a.created) },
+  ], page.items, { empty: "No analysis yet: start one with POST /v1/analyses or `kestrel analyze`." }));
+}
+
 function renderRuns(runs) {
   fill($("#runs"), table([
     { label: "Run", value: (r) => h("span", { class: "mono" }, r.id) },
@@ -159,9 +182,14 @@ function renderModels(models) {
 }
 
 async function loadArtifacts() {
-  const [saes, runs] = await Promise.all([api("/saes", { query: { limit: 100 } }), api("/activations", { query: { limit: 100 } })]);
+  const [saes, runs, analyses] = await Promise.all([
+    api("/saes", { query: { limit: 100 } }),
+    api("/activations", { query: { limit: 100 } }),
+    api("/analyses", { query: { limit: ANALYSES_SHOWN } }),
+  ]);
   renderSaes(saes.items);
   renderRuns(runs.items);
+  renderAnalyses(analyses);
 }
 
 start(async () => {
