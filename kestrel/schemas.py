@@ -602,10 +602,11 @@ class TrainingPoint(BaseModel):
 
     step: int
     tokens: int = Field(description="rows trained on so far")
-    loss: float
-    fvu: float
-    l0: float
-    dead_fraction: float
+    # null where the value was not finite (a diverging step): JSON has no NaN
+    loss: float | None
+    fvu: float | None
+    l0: float | None
+    dead_fraction: float | None
     lr: float | None = None
     elapsed_s: float | None = None
 

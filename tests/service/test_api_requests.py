@@ -275,3 +275,27 @@ def test_request_bodies_are_size_limited(make_client) -> None:
 
     streamed = http.post("/v1/activations", content=chunked(), headers={"content-type": "application/json"})
     assert assert_error(streamed, 413, "limit_exceeded")["details"]["limit"] == "max_request_mb"
+
+
+def test_training_history_serves_curves_and_null_for_a_diverged_step(client, service) -> None:
+    """JSON has no NaN: a step whose loss was not finite reads null, and the rest of the curve is kept."""
+    from kestrel.core.store import LocalStore
+
+    sae_id = "sae-history-nan"
+    with LocalStore(service.store_root).writer("saes", sae_id) as writer:
+        lines = [
+            {"step": 1, "tokens": 64, "loss": 2.5, "fvu": 0.9, "l0": 8.0, "dead_fraction": 0.0},
+            {"step": 2, "tokens": 128, "loss": float("nan"), "fvu": float("inf")}
+            | {"l0": 8.0, "dead_fraction": 0.1},
+        ]
+        (writer.directory / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        writer.commit({"id": sae_id, "kind": "sae"})
+    try:
+        response = client.get(f"/v1/saes/{sae_id}/history")
+        assert response.status_code == 200, response.text
+        points = response.json()["points"]
+        assert [p["tokens"] for p in points] == [64, 128] and points[0]["loss"] == 2.5
+        assert points[1]["loss"] is None and points[1]["fvu"] is None and points[1]["l0"] == 8.0
+        assert_error(client.get("/v1/saes/sae-nowhere/history"), 404, "not_found")
+    finally:
+        LocalStore(service.store_root).delete("saes", sae_id)

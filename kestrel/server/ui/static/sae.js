@@ -44,7 +44,7 @@ function renderCurves(points) {
     return;
   }
   fill($("#curves"), CURVES.map(([key, title]) =>
-    linePlot(title, points.map((p) => [p.tokens, p[key]]), { xLabel: "tokens", size: SMALL })));
+    linePlot(title, points.filter((p) => p[key] !== null).map((p) => [p.tokens, p[key]]), { xLabel: "tokens", size: SMALL })));
 }
 
 const isScalar = (v) => typeof v === "number" || typeof v === "boolean";
