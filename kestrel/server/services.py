@@ -125,20 +125,26 @@ def request_unload(redis: Redis, name: str, now: float) -> None:
 # Activations
 
 
-def prepare_capture(request: CaptureRequest, settings: Settings, store: Store) -> dict[str, Any]:
-    """Validate a capture request; return the job's kwargs with a fresh run id."""
-    checked_model(request.model, settings)
-    dataset = request.dataset
+def check_dataset(dataset: Any, settings: Settings, store: Store) -> None:
+    """Inline texts within the limits; an upload that exists and holds texts (hub ids: the worker)."""
     if isinstance(dataset, TextsSource):
         check_texts(dataset.texts, settings)
     elif isinstance(dataset, UploadSource):
-        manifest = uploads.get_upload(store, validate_id(dataset.upload_id, "upload id"))
-        if manifest["kind"] != "dataset":
-            raise InvalidInputError(f"upload {dataset.upload_id!r} is {manifest['format']}, not a dataset")
-    max_length = request.options.max_length
-    if max_length > settings.max_tokens_per_text:
-        limit = settings.max_tokens_per_text
-        raise limit_exceeded("max_tokens_per_text", limit, max_length, "options.max_length too large", 422)
+        uploads.require_dataset_upload(store, validate_id(dataset.upload_id, "upload id"))
+
+
+def check_max_length(max_length: int, settings: Settings, field: str) -> None:
+    """Tokens kept per text may not pass ``max_tokens_per_text`` (422 naming the field)."""
+    limit = settings.max_tokens_per_text
+    if max_length > limit:
+        raise limit_exceeded("max_tokens_per_text", limit, max_length, f"{field} too large", 422)
+
+
+def prepare_capture(request: CaptureRequest, settings: Settings, store: Store) -> dict[str, Any]:
+    """Validate a capture request; return the job's kwargs with a fresh run id."""
+    checked_model(request.model, settings)
+    check_dataset(request.dataset, settings, store)
+    check_max_length(request.options.max_length, settings, "options.max_length")
     request.options.check()
     if any(not layer.strip() for layer in request.layers):
         raise InvalidInputError("layer names must not be empty")
@@ -229,17 +235,8 @@ def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings,
     if request.run_id is not None and request.dataset is not None:
         raise InvalidInputError("give run_id or dataset, not both")
     dataset = request.dataset
-    if isinstance(dataset, TextsSource):
-        check_texts(dataset.texts, settings)
-    elif isinstance(dataset, UploadSource):
-        manifest = uploads.get_upload(store, validate_id(dataset.upload_id, "upload id"))
-        if manifest["kind"] != "dataset":
-            raise InvalidInputError(f"upload {dataset.upload_id!r} is {manifest['format']}, not a dataset")
-    if request.config.max_length > settings.max_tokens_per_text:
-        limit = settings.max_tokens_per_text
-        raise limit_exceeded(
-            "max_tokens_per_text", limit, request.config.max_length, "config.max_length too large", 422
-        )
+    check_dataset(dataset, settings, store)
+    check_max_length(request.config.max_length, settings, "config.max_length")
     run_id = request.run_id if dataset is None else None
     run_id = run_id or (summary.get("run_id") if dataset is None else None)
     if dataset is None:

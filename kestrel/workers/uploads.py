@@ -163,15 +163,21 @@ def delete_upload(store: Store, upload_id: str) -> None:
     store.delete(KIND, validate_id(upload_id, "upload id"))
 
 
-def dataset_source(
-    store: Store, upload_id: str, *, format: str, text_field: str, txt_mode: str, limit: int | None
-) -> FileSource:
-    """The FileSource a worker reads for an uploaded dataset (a path made here, not by a client)."""
+def require_dataset_upload(store: Store, upload_id: str) -> dict[str, Any]:
+    """The upload's manifest; InvalidInputError when it holds tensors rather than texts."""
     manifest = get_upload(store, upload_id)
     if manifest["kind"] != "dataset":
         raise InvalidInputError(
             f"upload {upload_id!r} is {manifest['format']}, not a dataset (txt, jsonl, csv, parquet)"
         )
+    return manifest
+
+
+def dataset_source(
+    store: Store, upload_id: str, *, format: str, text_field: str, txt_mode: str, limit: int | None
+) -> FileSource:
+    """The FileSource a worker reads for an uploaded dataset (a path made here, not by a client)."""
+    manifest = require_dataset_upload(store, upload_id)
     path = store.local_path(KIND, upload_id, manifest["file"])
     return FileSource(
         path=str(path),

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Response
 
-from kestrel.core.datasets import TextsSource
 from kestrel.core.errors import InvalidInputError, not_found
 from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import (
@@ -21,14 +20,13 @@ from kestrel.schemas import (
     CircuitConfig,
     DeletedResponse,
     JobInfo,
-    UploadSource,
 )
 from kestrel.server import services
 from kestrel.server.deps import ID_PATTERN, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
-from kestrel.server.errors import error_responses, limit_exceeded
+from kestrel.server.errors import error_responses
 from kestrel.settings import Settings
-from kestrel.workers import jobs, uploads
+from kestrel.workers import jobs
 
 router = APIRouter(prefix="/analyses", tags=["analyses"], responses=error_responses(401, 422))
 AnalysisId = Annotated[
@@ -96,16 +94,8 @@ def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
 
 def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> None:
     services.checked_model(request.model, settings)
-    dataset = request.dataset
-    if isinstance(dataset, TextsSource):
-        services.check_texts(dataset.texts, settings)
-    elif isinstance(dataset, UploadSource):
-        manifest = uploads.get_upload(store, validate_id(dataset.upload_id, "upload id"))
-        if manifest["kind"] != "dataset":
-            raise InvalidInputError(f"upload {dataset.upload_id!r} is {manifest['format']}, not a dataset")
-    if request.max_length > settings.max_tokens_per_text:
-        limit = settings.max_tokens_per_text
-        raise limit_exceeded("max_tokens_per_text", limit, request.max_length, "max_length too large", 422)
+    services.check_dataset(request.dataset, settings, store)
+    services.check_max_length(request.max_length, settings, "max_length")
     if request.sae_id is not None:
         from kestrel.core.sae.pipeline import get_sae, require_loadable_model
 
