@@ -46,6 +46,11 @@ StoreOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 DtypeOpt = Annotated[str, typer.Option(help="model dtype: fp32, bf16 or fp16")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+# The inline-texts-or-file dataset options of capture, discover and analyze causal (see _dataset_spec).
+TextsOpt = Annotated[list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")]
+TxtModeOpt = Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")]
+DatasetFileOpt = Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")]
+TextFieldOpt = Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet")]
 
 
 def friendly_errors(fn: F) -> F:
@@ -153,16 +158,14 @@ def layers(
 def capture(
     layer: Annotated[list[str], typer.Option("--layer", "-l", help="layer to capture (repeatable)")],
     model: Annotated[str, typer.Option(help="bundled name, local directory or hub id")] = "smollm2-135m",
-    text: Annotated[
-        list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")
-    ] = None,
+    text: TextsOpt = None,
     file: Annotated[
         Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file (or a directory of .txt)")
     ] = None,
     text_field: Annotated[
         str, typer.Option(help="text column/field of jsonl, csv, parquet, HF datasets")
     ] = "text",
-    txt_mode: Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")] = "line",
+    txt_mode: TxtModeOpt = "line",
     hf: Annotated[str | None, typer.Option(help="a Hugging Face dataset name (needs network)")] = None,
     hf_config: Annotated[str | None, typer.Option(help="the HF dataset's config")] = None,
     split: Annotated[str, typer.Option(help="the HF dataset's split")] = "train",
@@ -511,12 +514,10 @@ def _sae_model(the_store, sae_id: str, model: str | None, device: str):
 def discover(
     sae_id: Annotated[str, typer.Argument(help="the SAE whose latents to explain")],
     run: Annotated[str | None, typer.Option(help="a stored run [default: the SAE's training run]")] = None,
-    text: Annotated[
-        list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")
-    ] = None,
-    file: Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")] = None,
-    text_field: Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet")] = "text",
-    txt_mode: Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")] = "line",
+    text: TextsOpt = None,
+    file: DatasetFileOpt = None,
+    text_field: TextFieldOpt = "text",
+    txt_mode: TxtModeOpt = "line",
     limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
     top_n: Annotated[int, typer.Option(help="top contexts kept per latent")] = 20,
     window: Annotated[int, typer.Option(help="tokens shown either side of a context's token")] = 8,
@@ -1031,12 +1032,10 @@ def analyze_causal(
     sae: Annotated[str | None, typer.Option(help="ablate latents of this SAE instead")] = None,
     latent: Annotated[list[int] | None, typer.Option(help="an SAE latent to ablate (repeatable)")] = None,
     model: Annotated[str, typer.Option(help="bundled name, local directory or hub id")] = "smollm2-135m",
-    text: Annotated[
-        list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")
-    ] = None,
-    file: Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")] = None,
-    text_field: Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet")] = "text",
-    txt_mode: Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")] = "line",
+    text: TextsOpt = None,
+    file: DatasetFileOpt = None,
+    text_field: TextFieldOpt = "text",
+    txt_mode: TxtModeOpt = "line",
     method: Annotated[list[str] | None, typer.Option(help="zero and/or mean (repeatable)")] = None,
     max_texts: Annotated[int, typer.Option(help="texts read at most")] = 64,
     max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
