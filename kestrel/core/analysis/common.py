@@ -42,3 +42,27 @@ def require_loader(model_loader: ModelLoader | None, kind: str) -> ModelLoader:
     if model_loader is None:
         raise InvalidInputError(f"the {kind} analysis needs a model; no model loader was given")
     return model_loader
+
+
+def stored_run_source(config: Any, manifest: dict[str, Any], d: int, **counts: int) -> dict[str, Any]:
+    """The ``source`` of an analysis over a stored run (neuron, feature): run, layer, what was read."""
+    return {
+        "run_id": config.run_id,
+        "layer": config.layer,
+        "model": manifest["model"].get("name"),
+        "d": d,
+        **counts,
+        "filters": config.filters.model_dump(),
+    }
+
+
+def stored_run_rows(source: dict[str, Any], count_label: str, count_key: str) -> list[tuple[str, Any]]:
+    """The report's Source table for ``stored_run_source``."""
+    return [
+        ("run", source["run_id"]),
+        ("model", source["model"]),
+        ("layer", source["layer"]),
+        ("width d", source["d"]),
+        (count_label, source[count_key]),
+        ("row filters", ", ".join(f"{k}={v}" for k, v in source["filters"].items())),
+    ]

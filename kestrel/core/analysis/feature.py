@@ -24,6 +24,8 @@ from kestrel.core.analysis.common import (
     StopFn,
     check_stop,
     report_progress,
+    stored_run_rows,
+    stored_run_source,
 )
 from kestrel.core.analysis.config import FeatureConfig
 from kestrel.core.analysis.report import Report, new_figure, table
@@ -157,14 +159,7 @@ def analyze(
                 ],
             }
         )
-    source = {
-        "run_id": config.run_id,
-        "layer": config.layer,
-        "model": manifest["model"].get("name"),
-        "d": d,
-        "n_sample": n,
-        "filters": config.filters.model_dump(),
-    }
+    source = stored_run_source(config, manifest, d, n_sample=n)
     key_numbers = {
         "sample_rows": n,
         "components_for_50pct": _components_for(cumulative, 0.5),
@@ -233,14 +228,7 @@ def _report(config, source, key_numbers, ratio, cumulative, clusters, pca, kmean
             f"{key_numbers['sample_rows']:,} rows (at most {config.sample_rows:,}). For each cluster, the "
             "rows nearest its centre are shown as their token in context («token»)."
         ),
-        source=[
-            ("run", config.run_id),
-            ("model", source["model"]),
-            ("layer", config.layer),
-            ("width d", source["d"]),
-            ("sampled rows", source["n_sample"]),
-            ("row filters", ", ".join(f"{k}={v}" for k, v in source["filters"].items())),
-        ],
+        source=stored_run_rows(source, "sampled rows", "n_sample"),
         key_numbers=[
             ("variance of PC1", key_numbers["pc1_variance"]),
             ("components for 50% of the variance", key_numbers["components_for_50pct"]),

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from kestrel.core.activations import get_manifest, iter_row_batches
-from kestrel.core.analysis.common import AnalysisOutput, ProgressFn, StopFn, check_stop, report_progress
+from kestrel.core.analysis.common import (
+    AnalysisOutput,
+    ProgressFn,
+    StopFn,
+    check_stop,
+    report_progress,
+    stored_run_rows,
+    stored_run_source,
+)
 from kestrel.core.analysis.config import NeuronConfig
 from kestrel.core.analysis.report import Report, new_figure, table
 from kestrel.core.errors import InvalidInputError, not_found
@@ -171,14 +179,7 @@ def analyze(
     named = sorted(set(by_mean) | set(by_max), key=lambda i: -max_abs_D[i])
     top_kurtosis = [int(i) for i in np.argsort(-stats["kurtosis"])[: config.top_n]]
     d = len(moments.mean_D)
-    source = {
-        "run_id": config.run_id,
-        "layer": config.layer,
-        "model": manifest["model"].get("name"),
-        "d": d,
-        "n_rows": moments.n,
-        "filters": config.filters.model_dump(),
-    }
+    source = stored_run_source(config, manifest, d, n_rows=moments.n)
     key_numbers = {
         "rows": moments.n,
         "dimensions": d,
@@ -255,14 +256,7 @@ def _report(config, source, key_numbers, stats, abs_mean_D, max_abs_D, named, to
             "kurtosis (n·M4/M2² − 3, so 0 for a Gaussian; heavy-tailed dimensions score high). "
             "Computed exactly in float64 in one streaming pass over the stored rows."
         ),
-        source=[
-            ("run", config.run_id),
-            ("model", source["model"]),
-            ("layer", config.layer),
-            ("width d", source["d"]),
-            ("rows read", source["n_rows"]),
-            ("row filters", ", ".join(f"{k}={v}" for k, v in source["filters"].items())),
-        ],
+        source=stored_run_rows(source, "rows read", "n_rows"),
         key_numbers=[
             ("outlier dimensions", ", ".join(map(str, named[:20])) or "none"),
             ("median |mean|", key_numbers["median_abs_mean"]),
