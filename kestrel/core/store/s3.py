@@ -264,8 +264,11 @@ class S3Store:
 
     def local_path(self, kind: str, artifact_id: str, rel: str) -> Path:
         self.require(kind, artifact_id)
-        key = self._key(kind, artifact_id, rel)
-        head = self._head(key)
+        return self._current_copy(kind, artifact_id, rel)
+
+    def _current_copy(self, kind: str, artifact_id: str, rel: str) -> Path:
+        """The cached copy of one file of a published artifact, at its current version."""
+        head = self._head(self._key(kind, artifact_id, rel))
         if head is None:
             raise NotFoundError(f"{kind} {artifact_id!r} has no file {rel!r}")
         return self._cached(kind, artifact_id, rel, head["ETag"].strip('"'))
@@ -396,8 +399,9 @@ class S3Store:
             for info in self.list_files(kind, artifact_id):
                 self._cached(kind, artifact_id, info.rel, info.version)
         else:
+            self.require(kind, artifact_id)  # once for the artifact, not once per file
             for rel in files:
-                self.local_path(kind, artifact_id, rel)
+                self._current_copy(kind, artifact_id, rel)
         return self.cache_root / kind / artifact_id
 
     def list_files(self, kind: str, artifact_id: str, prefix: str = "") -> list[StoredFile]:
