@@ -236,26 +236,31 @@ def encode_job(ctx: JobContext, sae_id: str, text: str, top_k: int = 8) -> dict[
 
     sae, summary = sae_cache.get(ctx, sae_id)
     config = summary["config"]
-    lm = ctx.models.get(_sae_model_name(ctx, summary))
+    lm = ctx.models.get(config["model"])  # sae_cache checked the model is one the service can load
     tokens = encode_prompt(lm, sae, config["layer"], text, top_k=top_k)
     return {"sae_id": sae_id, "model": config["model"], "layer": config["layer"], "tokens": tokens}
 
 
 class _SAECache:
-    """Loaded SAEs of this worker by id (few, small), reloaded if the stored one changed."""
+    """Loaded SAEs of this worker by id (few, small), reloaded if the stored one changed.
+
+    Only SAEs whose model the service can load are cached (encode and steering run them inside it).
+    """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self._items: dict[str, tuple[str, Any, dict[str, Any]]] = {}
 
     def get(self, ctx: JobContext, sae_id: str) -> tuple[Any, dict[str, Any]]:
-        from kestrel.core.sae.pipeline import load_sae
+        from kestrel.core.sae.pipeline import load_sae, require_loadable_model
 
         stamp = ctx.store.stat("saes", sae_id, "manifest.json").version
         cached = self._items.get(sae_id)
         if cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
         sae, summary = load_sae(ctx.store, sae_id)
+        # every user of a cached SAE runs it inside its model: check once, on load, not per call
+        require_loadable_model(ctx.store, summary)
         self._items[sae_id] = (stamp, sae, summary)
         while len(self._items) > self.size:
             self._items.pop(next(iter(self._items)))

@@ -108,6 +108,9 @@ def test_the_service_trains_an_sae_on_a_run_captured_during_training(
     assert evaluation.status_code == 202, evaluation.text
     failed = wait_for_job(client, evaluation.json()["id"], states=("failed",))
     assert failed["error"]["code"] == "invalid_input" and "cannot load" in failed["error"]["message"]
+    # so does an encode (an interactive call: the error comes back directly)
+    encoded = client.post(f"/v1/saes/{sae_id}/encode", json={"text": "hello"})
+    assert encoded.status_code == 422 and "cannot load" in encoded.json()["error"]["message"], encoded.text
     # so does a discovery (it needs the model's tokenizer and unembedding)
     discovery = client.post(f"/v1/saes/{sae_id}/features/discover", json={})
     assert discovery.status_code == 202, discovery.text
