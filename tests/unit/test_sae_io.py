@@ -195,8 +195,11 @@ def test_evaluate_fvu_matches_the_definition_on_a_tiny_tensor():
         out = sae(x_ND)
     x64 = x_ND.double()
     fvu = float((x64 - out.reconstruction.double()).pow(2).sum() / (x64 - x64.mean(dim=0)).pow(2).sum())
-    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-9)
-    assert metrics["explained_variance"] == pytest.approx(1 - fvu, rel=1e-9)
+    # The reference decodes all 37 rows at once, evaluate() in batches of 10, 1 and 26: float32
+    # matmuls of different shapes round differently (a few ulps, ~1e-7 relative per element), so
+    # the sums agree to float32 precision, not float64's. rel=1e-5 leaves room for that, and no more.
+    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-5)
+    assert metrics["explained_variance"] == pytest.approx(1 - fvu, rel=1e-5, abs=1e-6)
     assert metrics["n_rows"] == 37 and metrics["l0"] == pytest.approx(float((out.latent_acts > 0).sum()) / 37)
     fired = torch.zeros(40, dtype=torch.bool)
     fired[out.latent_indices[out.latent_acts > 0]] = True
