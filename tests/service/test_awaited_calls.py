@@ -172,3 +172,25 @@ def test_allowed_hub_ids_that_cannot_be_had_fail_fast_with_424(
         )
         assert generated.status_code == 200, generated.text
         assert http.get(f"/v1/models/{MODEL}/layers").status_code == 200
+
+
+def test_up_preload_follows_slow_loads_and_warms_both_workers(make_stack) -> None:
+    """`kestrel up`'s preload: a load past the wait is followed as a job, with its stage printed."""
+    from kestrel.settings import Settings
+    from kestrel.workers.runner import Preload
+
+    stack: Stack = make_stack(KESTREL_INTERACTIVE_TIMEOUT_S="0.2")
+    stack.start_worker("generate")
+    stack.start_worker("interactive")
+    stack.start_api()
+    lines: list[str] = []
+    # reading 540 MB of fp32 weights takes longer than 0.2 s: both loads answer 202 and are followed
+    Preload(stack.base_url, Settings(preload_model="smollm2-135m"), lines.append).run()
+    text = "\n".join(lines)
+    assert any(line.startswith("  generate worker: ") for line in lines), text  # a progress line
+    assert "model smollm2-135m loaded in the generate worker" in text, text
+    assert "model smollm2-135m loaded in the interactive worker" in text, text
+    assert "failed" not in text and "504" not in text, text
+    with stack.client() as http:
+        holders = next(m for m in http.get("/v1/models").json()["items"] if m["name"] == "smollm2-135m")
+    assert sorted(h["queue"] for h in holders["loaded_by"]) == ["generate", "interactive"]
