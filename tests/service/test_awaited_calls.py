@@ -194,3 +194,42 @@ def test_up_preload_follows_slow_loads_and_warms_both_workers(make_stack) -> Non
     with stack.client() as http:
         holders = next(m for m in http.get("/v1/models").json()["items"] if m["name"] == "smollm2-135m")
     assert sorted(h["queue"] for h in holders["loaded_by"]) == ["generate", "interactive"]
+
+
+def test_a_generate_worker_killed_mid_generation_fails_its_job_and_a_new_one_serves(
+    make_stack, local_models: Path
+) -> None:
+    """SIGKILL of the generate worker: the followed job reads failed (worker died), nothing waits
+    forever, and a restarted worker serves the next generate."""
+    stack: Stack = make_stack(
+        KESTREL_INTERACTIVE_TIMEOUT_S="0.5",
+        KESTREL_HEARTBEAT_TTL_S="6",
+        KESTREL_HEARTBEAT_INTERVAL_S="1",
+        KESTREL_MODEL_DIRS=str(local_models),
+    )
+    stack.start_worker("generate")
+    stack.start_api()
+    stack.wait_ready({"generate": 1})
+    with stack.client() as http:
+        body = {"prompts": [COUNTING] * 4, "max_new_tokens": 256}
+        accepted = http.post("/v1/models/smollm2-135m/generate", json=body)
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        wait_for_job(http, job_id, states=("started",))
+        stack.kill("worker-generate")
+        failed = wait_for_job(http, job_id, states=("failed",), timeout_s=90)
+        assert failed["error"]["code"] == "worker_died", failed
+
+        def no_generate_worker() -> bool:  # its liveness record expires within seconds
+            ready = http.get("/ready").json()
+            return not (ready.get("workers") or ready["error"]["details"]["workers"]).get("generate")
+
+        wait_until(no_generate_worker, 30, "the killed worker's record to expire", stack)
+        refused = assert_error(http.post(f"/v1/models/{MODEL}/generate", json={"prompts": ["Hi"]}), 503)
+        assert "--queue generate" in refused["message"]
+        stack.start_worker("generate", name="worker-generate-2")
+        stack.wait_ready({"generate": 1})
+        again = http.post(f"/v1/models/{MODEL}/generate", json={"prompts": ["Hi"], "max_new_tokens": 3})
+        assert again.status_code in (200, 202), again.text
+        if again.status_code == 202:
+            assert wait_for_job(http, again.json()["id"])["result"]["items"][0]["default"]["text"] is not None
