@@ -46,7 +46,8 @@ STILL_RUNNING_RESPONSE: dict[int | str, dict[str, Any]] = {
     202: {
         "model": JobInfo,
         "description": "still running after KESTREL_INTERACTIVE_TIMEOUT_S: the job, to poll at its "
-        "Location (GET /v1/jobs/{id}); its `result` holds this route's answer once finished",
+        "Location (GET /v1/jobs/{id}, or its event stream); once finished its `result` holds this "
+        "route's answer (its job_id is the job's id)",
     }
 }
 
