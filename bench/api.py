@@ -1,7 +1,7 @@
 """What the service adds on top of the engine: encode latency over HTTP against a direct call, and
 how fast the queue runs trivial jobs.
 
-Starts the real service (`kestrel up`: embedded Redis, an interactive and a batch worker, the API)
+Starts the real service (`kestrel up`: embedded Redis, interactive, generate and batch workers, the API)
 on free ports with a temporary store (its ``models/`` links to the warm cache in ``.kestrel``, so
 nothing is converted again), captures a few documents with the bundled SmolLM2 and trains a tiny
 SAE through the API. Then:
@@ -75,7 +75,8 @@ def start_service(store: Path, log: Path) -> tuple[subprocess.Popen, str, str]:
     while True:
         try:
             ready = httpx.get(f"{base}/ready", timeout=5)
-            if ready.status_code == 200 and ready.json()["workers"] == {"interactive": 1, "batch": 1}:
+            workers = {"interactive": 1, "generate": 1, "batch": 1}
+            if ready.status_code == 200 and ready.json()["workers"] == workers:
                 return up, base, f"redis://127.0.0.1:{redis_port}/0"
         except httpx.HTTPError:
             pass

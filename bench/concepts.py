@@ -164,7 +164,8 @@ def start_service(store: Path, log: Path, threads: int) -> tuple[subprocess.Pope
     while True:
         try:
             ready = httpx.get(f"{base}/ready", timeout=5)
-            if ready.status_code == 200 and ready.json()["workers"] == {"interactive": 1, "batch": 1}:
+            workers = {"interactive": 1, "generate": 1, "batch": 1}
+            if ready.status_code == 200 and ready.json()["workers"] == workers:
                 return up, base
         except httpx.HTTPError:
             pass
@@ -209,7 +210,7 @@ def api_steering_ratio(bench_store: LocalStore, repeats: int, new_tokens: int, t
                     generated[side] = len(item[side]["token_ids"])
                     return seconds
 
-                call(plain), call(steered)  # warm-up: model and SAE loaded in the interactive worker
+                call(plain), call(steered)  # warm-up: model and SAE loaded in the generate worker
                 plain_s, steered_s = [], []
                 for _ in range(repeats):
                     plain_s.append(call(plain))

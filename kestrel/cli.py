@@ -1114,7 +1114,7 @@ def _read_pairs(path: Path) -> list[dict[str, Any]]:
 def worker(
     queue: Annotated[
         list[str] | None,
-        typer.Option("--queue", "-q", help="interactive or batch (repeatable) [default: batch]"),
+        typer.Option("--queue", "-q", help="interactive, generate or batch (repeatable) [default: batch]"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="worker name [default: random]")] = None,
     burst: Annotated[bool, typer.Option(help="exit once the queues are empty")] = False,
@@ -1127,7 +1127,7 @@ def worker(
     queues = queue or ["batch"]
     unknown = [q for q in queues if q not in QUEUES]
     if unknown:
-        raise InvalidInputError(f"unknown queue(s) {unknown}; use {' or '.join(QUEUES)}")
+        raise InvalidInputError(f"unknown queue(s) {unknown}; use {', '.join(QUEUES)}")
     run_worker(queues, name=name, burst=burst)
 
 

@@ -154,6 +154,11 @@ class ModelPage(Page[ModelInfo]):
 class ModelLoadRequest(_Strict):
     device: str | None = Field(None, description="cpu, cuda or auto; default: the worker's setting")
     dtype: ModelDType = "fp32"
+    queue: Literal["generate", "interactive"] = Field(
+        "generate",
+        description="which workers to warm: generate (generation) or interactive (encode, layer "
+        "tables, previews); each loads a model it lacks on first use anyway",
+    )
 
 
 class ModelLoadResult(BaseModel):

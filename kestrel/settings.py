@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     max_top_k: int = Field(64, gt=0, description="latents per token an encode call may ask for")
 
     # Jobs and workers.
-    interactive_timeout_s: float = Field(30.0, gt=0, description="how long an interactive call waits")
+    interactive_timeout_s: float = Field(
+        30.0, gt=0, description="how long an awaited call waits for its job before answering 202 with it"
+    )
     job_ttl_s: int = Field(WEEK_S, gt=0, description="how long finished and failed batch jobs are kept")
     interactive_job_ttl_s: int = Field(3600, gt=0, description="how long interactive jobs (encode) are kept")
     batch_job_timeout_s: int = Field(3 * 24 * 3600, gt=0, description="hard limit on one batch job")
@@ -78,11 +80,33 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="device workers load models on: cpu, cuda or auto")
     idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="how long an Idempotency-Key is remembered")
 
+    # Hub ids and awaited calls (interactive/generate queues).
+    allowed_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated fnmatch globs of hub model ids workers may fetch ('*': any); "
+        "empty: only bundled and local models and hub ids already in the local HF cache",
+    )
+    allowed_datasets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated fnmatch globs of hub dataset ids workers may fetch ('*': any); "
+        "empty: only datasets already in the local HF cache",
+    )
+    hub_timeout_s: float = Field(
+        10.0, gt=0, description="how long a worker waits for the hub before a hub load fails (424)"
+    )
+
+    @field_validator("allowed_models", "allowed_datasets", mode="before")
+    @classmethod
+    def _split_globs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     # `kestrel up`.
     preload_model: str = Field(
         "smollm2-135m",
-        description="model `kestrel up` asks the interactive worker to load at start (empty: none), "
-        "so the first encode or generate does not wait for a load",
+        description="model `kestrel up` asks the interactive and generate workers to load at start "
+        "(empty: none), so the first encode or generate does not wait for a load",
     )
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, gt=0, lt=65536, description="port the API listens on")

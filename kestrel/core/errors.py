@@ -47,6 +47,14 @@ class CancelledError(KestrelError):
     code = "cancelled"
 
 
+class HubUnavailableError(KestrelError):
+    """A hub model or dataset the service may use cannot be had now: it is not in the local cache
+    and the hub is offline by setting (``HF_HUB_OFFLINE``) or did not answer. Not the caller's
+    mistake, and not a missing thing: a dependency that failed (HTTP 424)."""
+
+    code = "hub_unavailable"
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Suggestions for a misspelt name, best first."""
     return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

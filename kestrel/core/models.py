@@ -8,7 +8,9 @@ Three ways to name a model, tried in this order:
    takes about a second instead of half a minute;
 2. a local directory holding a Hugging Face checkpoint;
 3. a Hugging Face hub id, read from the local HF cache first and downloaded only when the hub is
-   reachable and ``HF_HUB_OFFLINE`` is not set.
+   reachable and ``HF_HUB_OFFLINE`` is not set (``kestrel.core.hub``: offline, or a hub that does
+   not answer one short probe, fails at once with ``HubUnavailableError`` rather than after every
+   file's download timed out).
 
 The layer table names layers by their module paths (``model.layers.15``), the names hooks take.
 """
@@ -31,8 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from kestrel.core import hub
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.hooks import Controller, Detector, HookManager
+from kestrel.core.hub import DEFAULT_PROBE_TIMEOUT_S
 
 DType = Literal["fp32", "bf16", "fp16"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -174,14 +178,23 @@ def available_models(store_root: Path | None = None) -> list[dict[str, Any]]:
     ]
 
 
+def needs_conversion(name: str, store_root: Path | None = None) -> bool:
+    """True when loading ``name`` first converts its bundled GGUF (once per store, ~30 s on a CPU)."""
+    return name in BUNDLED and not _cache_complete(_cache_dir(store_root or default_store_root(), name))
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
     device: str = "auto",
     dtype: str = "fp32",
     store_root: Path | None = None,
+    hub_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
 ) -> LoadedModel:
-    """Load a model and tokenizer by bundled name, local directory or hub id (see module docstring)."""
+    """Load a model and tokenizer by bundled name, local directory or hub id (see module docstring).
+
+    ``hub_timeout_s`` bounds the probe of the hub before a download (a hub id not in the cache).
+    """
     if not name or not name.strip():
         raise InvalidInputError("model name is empty")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
@@ -192,7 +205,7 @@ def load_model(
         directory, source = Path(name).expanduser(), "local"
     else:
         directory, source = None, "hub"
-    model, tokenizer = _from_pretrained(name, directory, torch_dtype)
+    model, tokenizer = _from_pretrained(name, directory, torch_dtype, hub_timeout_s)
     model.to(torch_device).eval()
     return LoadedModel(
         name=name,
@@ -205,28 +218,36 @@ def load_model(
     )
 
 
-def _from_pretrained(name: str, directory: Path | None, torch_dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _from_pretrained(
+    name: str, directory: Path | None, torch_dtype: torch.dtype, hub_timeout_s: float
+) -> tuple[nn.Module, Any]:
+    """From the directory or the local HF cache; a hub id not cached only after the hub answered."""
+    target = str(directory) if directory is not None else name
+    try:
+        return _pretrained_pair(target, torch_dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        if directory is not None:
+            raise InvalidInputError(f"could not load a causal LM from {target!r}: {exc}") from exc
+        cached_error = exc
+    hub.require_reachable(name, "model", hub_timeout_s)  # offline or no answer: 424 now, not later
+    try:
+        return _pretrained_pair(target, torch_dtype, local_files_only=False)
+    except (OSError, ValueError) as exc:
+        raise NotFoundError(
+            f"unknown model {name!r}: not a bundled model ({', '.join(BUNDLED)}), not a local "
+            f"directory, and the Hugging Face hub has no causal LM by that id ({exc})",
+            details={"model": name, "bundled": list(BUNDLED)},
+        ) from cached_error
+
+
+def _pretrained_pair(
+    target: str, torch_dtype: torch.dtype, *, local_files_only: bool
+) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = str(directory) if directory is not None else name
-    attempts = [{"local_files_only": True}]
-    if directory is None and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
-        attempts.append({})
-    last_error: Exception | None = None
-    for extra in attempts:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(target, **extra)
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **extra)
-            return model, tokenizer
-        except (OSError, ValueError) as exc:
-            last_error = exc
-    if directory is not None:
-        raise InvalidInputError(f"could not load a causal LM from {target!r}: {last_error}") from last_error
-    raise NotFoundError(
-        f"unknown model {name!r}: not a bundled model ({', '.join(BUNDLED)}), not a local directory, "
-        "and not a Hugging Face hub id found in the local cache or reachable online",
-        details={"model": name, "bundled": list(BUNDLED)},
-    ) from last_error
+    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, local_files_only=local_files_only)
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""Submitting work: batch jobs answered with 202, interactive jobs awaited, both over Redis.
+"""Submitting work: batch jobs answered with 202, awaited jobs answered with their result.
 
 The API never runs a model. A long job is enqueued on ``batch`` and its description returned at
-once (202, ``Location: /v1/jobs/{id}``); an interactive one is enqueued on ``interactive`` and the
-request waits for its result, up to ``interactive_timeout_s`` (then 504 naming the job, which keeps
-running and can be polled). Redis calls are blocking, so they run in threads off the event loop.
+once (202, ``Location: /v1/jobs/{id}``). An awaited one is enqueued on ``interactive`` (about a
+forward pass: encode, layer tables, previews) or ``generate`` (model loads, generation) and the
+request waits for its result up to ``interactive_timeout_s``. One that takes longer is answered
+like a batch job (202 with the job and its Location), never with an error: it keeps running, and
+``GET /v1/jobs/{id}`` (or its event stream) then holds the result, which is not lost. Every awaited
+route behaves so, encode included, so a client needs one rule: 200 is the answer, 202 a job to
+follow. Redis calls are blocking, so they run in threads off the event loop.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from redis import Redis
 from rq.job import JobStatus
 
 from kestrel.core.errors import NotFoundError
-from kestrel.schemas import JobInfo
-from kestrel.server.errors import ApiError
+from kestrel.schemas import TERMINAL_STATES, JobInfo
+from kestrel.server.errors import ApiError, StillRunning
 from kestrel.settings import Settings
 from kestrel.workers import queues
 
@@ -35,6 +39,16 @@ ERROR_STATUS = {
     "cancelled": 409,
     "limit_exceeded": 413,
     "worker_died": 503,
+    "hub_unavailable": 424,
+}
+# OpenAPI ``responses=`` entry of every awaited route: what a client gets when the wait runs out.
+STILL_RUNNING_RESPONSE: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": JobInfo,
+        "description": "still running after KESTREL_INTERACTIVE_TIMEOUT_S: the job, to poll at its "
+        "Location (GET /v1/jobs/{id}, or its event stream); once finished its `result` holds this "
+        "route's answer (its job_id is the job's id)",
+    }
 }
 
 
@@ -110,13 +124,17 @@ async def run_interactive(
     *,
     kind: str,
     kwargs: dict[str, Any],
+    queue_name: str = queues.INTERACTIVE,
 ) -> tuple[str, dict[str, Any]]:
-    """Enqueue on the interactive queue and wait for the result: ``(job id, return value)``."""
-    await asyncio.to_thread(_require_worker, redis, queues.INTERACTIVE)
+    """Enqueue on an awaited queue and wait for the result: ``(job id, return value)``.
+
+    Past ``interactive_timeout_s`` raises ``StillRunning`` (answered 202 with the job).
+    """
+    await asyncio.to_thread(_require_worker, redis, queue_name)
     job = await asyncio.to_thread(
         queues.enqueue,
         redis,
-        queues.INTERACTIVE,
+        queue_name,
         func,
         kind=kind,
         kwargs=kwargs,
@@ -133,13 +151,12 @@ async def run_interactive(
             info = await asyncio.to_thread(queues.get_job, redis, job.id)
             raise _job_error(info)
         if time.monotonic() > deadline:
-            raise ApiError(
-                504,
-                f"{kind} did not finish within {settings.interactive_timeout_s:g} s; "
-                f"it continues as job {job.id} (GET /v1/jobs/{job.id})",
-                details={"job_id": job.id},
-                headers={"Location": f"/v1/jobs/{job.id}"},
-            )
+            info = await asyncio.to_thread(queues.get_job, redis, job.id)
+            if info.status == "finished":  # it ended between the two reads: answer it, not the job
+                return job.id, await asyncio.to_thread(job.return_value, True)
+            if info.status in TERMINAL_STATES:
+                raise _job_error(info)
+            raise StillRunning(info)
         fast = time.monotonic() - started < POLL_FAST_FOR_S
         await asyncio.sleep(POLL_FAST_S if fast else POLL_SLOW_S)
 

@@ -53,6 +53,7 @@ from kestrel.schemas import EmbeddedModelInfo, EmbeddedModelPage, LayerRow, Laye
 from kestrel.server import errors, services
 from kestrel.server.app import MULTIPART_OVERHEAD, _redis_down
 from kestrel.server.deps import PageDep, RedisDep, SettingsDep, require_api_key
+from kestrel.server.dispatch import STILL_RUNNING_RESPONSE
 from kestrel.server.errors import error_responses
 from kestrel.server.limits import FILE_ROUTES
 from kestrel.server.routers import (
@@ -228,6 +229,8 @@ async def _render_error(request: Request, exc: Exception) -> Response | None:
     """Kestrel's JSON for the errors Kestrel's app handles; None for anything else (left to the host)."""
     if isinstance(exc, KestrelError):
         return await errors._kestrel_error(request, exc)
+    if isinstance(exc, errors.StillRunning):
+        return await errors._still_running(request, exc)
     if isinstance(exc, RequestValidationError):
         return await errors._validation_error(request, exc)
     if isinstance(exc, StarletteHTTPException):
@@ -283,7 +286,7 @@ def _host_aware_models_router() -> APIRouter:
     @router.get(
         "/{name:path}/layers",
         response_model=LayerTable,
-        responses=error_responses(404, 504),
+        responses={**error_responses(404, 424), **STILL_RUNNING_RESPONSE},
         operation_id="get_model_layers",
     )
     async def get_layers(name: str, request: Request, settings: SettingsDep, redis: RedisDep) -> LayerTable:

@@ -16,8 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kestrel.core.errors import CancelledError, ConflictError, InvalidInputError, KestrelError, NotFoundError
-from kestrel.schemas import ErrorResponse
+from kestrel.core.errors import (
+    CancelledError,
+    ConflictError,
+    HubUnavailableError,
+    InvalidInputError,
+    KestrelError,
+    NotFoundError,
+)
+from kestrel.schemas import ErrorResponse, JobInfo
 
 log = logging.getLogger("kestrel.server")
 
@@ -26,6 +33,7 @@ STATUS_BY_ERROR: list[tuple[type[KestrelError], int]] = [
     (InvalidInputError, 422),
     (ConflictError, 409),
     (CancelledError, 409),
+    (HubUnavailableError, 424),
 ]
 CODE_BY_STATUS = {
     400: "bad_request",
@@ -37,6 +45,7 @@ CODE_BY_STATUS = {
     413: "limit_exceeded",
     415: "unsupported_media_type",
     422: "invalid_input",
+    424: "hub_unavailable",
     500: "internal",
     503: "unavailable",
     504: "timeout",
@@ -59,6 +68,18 @@ class ApiError(KestrelError):
         self.status = status
         self.code = code or CODE_BY_STATUS.get(status, "error")
         self.headers = headers
+
+
+class StillRunning(Exception):  # noqa: N818 (not an error: the one non-error answer raised)
+    """An awaited job outlived ``interactive_timeout_s``: answered ``202`` with the job, not an error.
+
+    Raised rather than returned so a route keeps its one success type; the handler answers the job
+    (``JobInfo``) with ``Location: /v1/jobs/{id}``, whose ``result`` holds the answer once finished.
+    """
+
+    def __init__(self, job: JobInfo) -> None:
+        super().__init__(f"job {job.id} is still {job.status}")
+        self.job = job
 
 
 def limit_exceeded(limit: str, maximum: float, got: float, what: str, status: int = 413) -> ApiError:
@@ -89,6 +110,11 @@ async def _kestrel_error(request: Request, exc: KestrelError) -> JSONResponse:
     return error_json(status_for(exc), exc.code, exc.message, exc.details, getattr(exc, "headers", None))
 
 
+async def _still_running(request: Request, exc: StillRunning) -> JSONResponse:
+    body = jsonable_encoder(exc.job)
+    return JSONResponse(body, status_code=202, headers={"Location": exc.job.location})
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
         {"field": ".".join(str(p) for p in item.get("loc", ())), "reason": item.get("msg", "")}
@@ -111,6 +137,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KestrelError, _kestrel_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StillRunning, _still_running)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

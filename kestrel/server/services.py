@@ -12,8 +12,9 @@ from typing import Any
 
 from redis import Redis
 
+from kestrel.core import hub
 from kestrel.core.activations import get_manifest, list_runs
-from kestrel.core.datasets import TextsSource
+from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.models import available_models
 from kestrel.core.steering import SteeringConfig
@@ -108,7 +109,8 @@ def list_models(settings: Settings, redis: Redis) -> list[ModelInfo]:
 
 
 def checked_model(name: str, settings: Settings) -> str:
-    return check_model_name(name, settings.local_models())
+    """A name the service may load (bundled, local, or an allowed hub id), else 422 before any job."""
+    return check_model_name(name, settings.local_models(), settings.allowed_models)
 
 
 def cached_layer_table(redis: Redis, name: str) -> dict[str, Any] | None:
@@ -126,11 +128,14 @@ def request_unload(redis: Redis, name: str, now: float) -> None:
 
 
 def check_dataset(dataset: Any, settings: Settings, store: Store) -> None:
-    """Inline texts within the limits; an upload that exists and holds texts (hub ids: the worker)."""
+    """Inline texts within the limits; an upload that exists and holds texts; a hub id that is
+    cached or allowed (``KESTREL_ALLOWED_DATASETS``; whether it loads: the worker)."""
     if isinstance(dataset, TextsSource):
         check_texts(dataset.texts, settings)
     elif isinstance(dataset, UploadSource):
         uploads.require_dataset_upload(store, validate_id(dataset.upload_id, "upload id"))
+    elif isinstance(dataset, HFSource):
+        hub.check_allowed(dataset.name, "dataset", settings.allowed_datasets)
 
 
 def check_max_length(max_length: int, settings: Settings, field: str) -> None:

@@ -51,6 +51,8 @@ def model_cache(settings: Settings | None = None) -> ModelCache:
                 max_models=settings.worker_max_models,
                 default_device=settings.device,
                 local_models=settings.local_models,
+                allowed_models=settings.allowed_models,
+                hub_timeout_s=settings.hub_timeout_s,
             )
         return _model_cache
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kestrel.core import hub
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError
 from kestrel.schemas import (
@@ -40,7 +41,17 @@ LAYERS_CACHE_TTL_S = 30 * 24 * 3600
 def load_model_job(
     ctx: JobContext, name: str, device: str | None = None, dtype: str = "fp32"
 ) -> dict[str, Any]:
+    """Load into this worker's cache, saying which stage it is in (``kestrel up`` prints it)."""
+    from kestrel.core.models import needs_conversion
+
+    if needs_conversion(name, ctx.models.store_root):
+        stage = f"converting the bundled {name} weights to safetensors (once per store, ~30 s on a CPU)"
+    else:
+        stage = f"loading {name}"
+    ctx.update(progress=0.1, message=stage, force=True)
+    ctx.log(stage, force=True)
     lm = ctx.models.get(name, device=device, dtype=dtype)
+    ctx.log(f"{name} loaded on {lm.device} in {lm.load_seconds:.1f} s", force=True)
     worker = ctx.job.worker_name if ctx.job is not None else ""
     return {
         "name": name,
@@ -90,6 +101,9 @@ def dataset_source(ctx: JobContext, dataset: TextsSource | UploadSource | HubDat
             raise InvalidInputError(
                 f"dataset {dataset.name!r} names a path on the worker; refusing to read it"
             )
+        hub.check_allowed(dataset.name, "dataset", ctx.settings.allowed_datasets)
+        if not hub.is_cached(dataset.name, "dataset"):  # offline or no answer: 424 now, not later
+            hub.require_reachable(dataset.name, "dataset", ctx.settings.hub_timeout_s)
         return HFSource(**dataset.model_dump(exclude={"data_files"}))
     return dataset
 

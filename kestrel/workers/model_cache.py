@@ -14,33 +14,39 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kestrel.core import hub
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.models import BUNDLED, LoadedModel, load_model, resolve_device
 from kestrel.schemas import check_hub_id
 
 
-def check_model_name(name: str, local_models: dict[str, Path]) -> str:
-    """Accept bundled names, configured local names and hub ids; InvalidInputError otherwise."""
+def check_model_name(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:
+    """Accept bundled names, configured local names and allowed hub ids; InvalidInputError otherwise.
+
+    A hub id must be in the local HF cache or match a glob of ``allowed`` (``KESTREL_ALLOWED_MODELS``,
+    see ``kestrel.core.hub``): the API refuses any other before it enqueues a job.
+    """
     if name in BUNDLED or name in local_models:
         return name
     try:
-        return check_hub_id(name, "model")
+        check_hub_id(name, "model")
     except ValueError as exc:
         raise InvalidInputError(
             f"{exc}; use a bundled name ({', '.join(BUNDLED)}), a hub id, or a local model the server "
             "lists in KESTREL_MODEL_DIRS",
             details={"model": name},
         ) from None
+    return hub.check_allowed(name, "model", allowed)
 
 
-def load_target(name: str, local_models: dict[str, Path]) -> str:
+def load_target(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:
     """What ``load_model`` should be given for a checked name: the local directory or the name."""
-    check_model_name(name, local_models)
+    check_model_name(name, local_models, allowed)
     if name in BUNDLED:
         return name
     if name in local_models:
@@ -70,8 +76,12 @@ class ModelCache:
         max_models: int = 2,
         default_device: str = "auto",
         local_models: Callable[[], dict[str, Path]] = dict,
+        allowed_models: Sequence[str] = (),
+        hub_timeout_s: float = hub.DEFAULT_PROBE_TIMEOUT_S,
     ) -> None:
         self.store_root = store_root
+        self.allowed_models = tuple(allowed_models)
+        self.hub_timeout_s = hub_timeout_s
         self.max_models = max_models
         self.default_device = default_device
         self.local_models = local_models
@@ -116,8 +126,14 @@ class ModelCache:
                 cached = self._hit(key)
                 if cached is not None:
                     return cached
-            target = load_target(name, self.local_models())
-            lm = load_model(target, device=concrete, dtype=dtype, store_root=self.store_root)
+            target = load_target(name, self.local_models(), self.allowed_models)
+            lm = load_model(
+                target,
+                device=concrete,
+                dtype=dtype,
+                store_root=self.store_root,
+                hub_timeout_s=self.hub_timeout_s,
+            )
             lm.name = name  # manifests and SAE configs record the public name, never a local path
             with self._lock:
                 self._models[key] = CachedModel(lm, concrete, dtype, time.time())

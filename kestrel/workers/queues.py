@@ -1,8 +1,16 @@
 """Queues, Redis keys and the job lifecycle as the API sees it: enqueue, describe, cancel, wait.
 
-Two queues: ``interactive`` (encode, layer tables, model loads: answers within a forward pass,
-awaited by the request) and ``batch`` (capture, training, evaluation: minutes to hours, answered
-with 202 and polled). Each has its own worker, so an hour of training never delays an encode.
+Three queues, each with its own workers, so slow work never delays fast work:
+
+- ``interactive``: encode, layer tables, steering previews: about a forward pass, awaited by the
+  request;
+- ``generate``: model loads and generation (plain and steered): seconds to minutes on a CPU, also
+  awaited, but never in front of an encode (a 20-token generate behind which every encode queued
+  was the reason for this queue);
+- ``batch``: capture, training, evaluation: minutes to hours, answered with 202 and polled.
+
+An awaited call that outlives ``interactive_timeout_s`` is answered 202 with its job, like a batch
+job, instead of an error: the job keeps running and its result is read from ``GET /v1/jobs/{id}``.
 
 Everything a client reads about a job comes from rq's job hash plus our fields in its ``meta``
 (kind, progress, message, metrics, log, error, artifacts), mapped to a small public vocabulary:
@@ -29,8 +37,9 @@ from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import TERMINAL_STATES, ErrorBody, JobInfo
 
 INTERACTIVE = "interactive"
+GENERATE = "generate"
 BATCH = "batch"
-QUEUES = (INTERACTIVE, BATCH)
+QUEUES = (INTERACTIVE, GENERATE, BATCH)
 
 PREFIX = "kestrel"
 JOBS_INDEX = f"{PREFIX}:jobs"  # zset: job id → created (unix time), newest last

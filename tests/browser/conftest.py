@@ -66,7 +66,7 @@ def dashboard(
     local_models: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Dashboard]:
-    """The shared stack (an interactive and a batch worker, the API, no key) with its SAE."""
+    """The shared stack (interactive, generate and batch workers, the API, no key) with its SAE."""
     base = tmp_path_factory.mktemp("dashboard")
     stack = Stack(
         f"redis://127.0.0.1:{redis_server.port}/200",
@@ -76,9 +76,10 @@ def dashboard(
     )
     try:
         stack.start_worker("interactive")
+        stack.start_worker("generate")
         stack.start_worker("batch")
         stack.start_api()
-        stack.wait_ready({"interactive": 1, "batch": 1})
+        stack.wait_ready({"interactive": 1, "generate": 1, "batch": 1})
         with stack.client() as http:
             run_id, sae_id = train_sae_with_features(http)
         yield Dashboard(stack, run_id, sae_id)

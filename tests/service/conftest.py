@@ -1,8 +1,8 @@
 """Service fixtures: a real redis-server, real `kestrel worker` processes and the API under uvicorn.
 
 Nothing is mocked. A *stack* (service_stack.py) is one Redis database, one store and the
-processes serving them; the session shares one full stack (an interactive and a batch worker, the
-API) and tests that kill or restart something build their own. The store's ``models/`` links to
+processes serving them; the session shares one full stack (an interactive, a generate and a batch
+worker, the API) and tests that kill or restart something build their own. The store's ``models/`` links to
 the shared converted-weights cache (``tests/conftest.py``), so no process converts the bundled
 model again.
 """
@@ -92,7 +92,7 @@ def service(
     local_models: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    """The shared stack: Redis db 0, an interactive and a batch worker, the API."""
+    """The shared stack: Redis db 0, an interactive, a generate and a batch worker, the API."""
     base = tmp_path_factory.mktemp("service")
     stack = Stack(
         f"redis://127.0.0.1:{redis_server.port}/0",
@@ -101,9 +101,10 @@ def service(
         {"KESTREL_MODEL_DIRS": str(local_models)},
     )
     stack.start_worker("interactive")
+    stack.start_worker("generate")
     stack.start_worker("batch")
     stack.start_api()
-    stack.wait_ready({"interactive": 1, "batch": 1})
+    stack.wait_ready({"interactive": 1, "generate": 1, "batch": 1})
     yield stack
     stack.stop_all()
 

@@ -45,10 +45,12 @@ def contract_stack(
         {"KESTREL_MODEL_DIRS": str(local_models)},
     )
     stack.start_worker("interactive")
+    stack.start_worker("generate")
     stack.start_worker("batch")
     redis = queues.connect(stack.redis_url)
     deadline = time.monotonic() + 90
-    while queues.workers_per_queue(queues.live_workers(redis)) != {"interactive": 1, "batch": 1}:
+    expected = {"interactive": 1, "generate": 1, "batch": 1}
+    while queues.workers_per_queue(queues.live_workers(redis)) != expected:
         assert time.monotonic() < deadline, "the workers did not start\n" + stack.log_tail()
         time.sleep(0.2)
     redis.close()

@@ -44,6 +44,7 @@ def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> 
             response = httpx.get(f"{base}/ready", timeout=5)
             return response.status_code == 200 and response.json()["workers"] == {
                 "interactive": 1,
+                "generate": 1,
                 "batch": 1,
             }
 

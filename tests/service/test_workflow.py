@@ -28,7 +28,7 @@ def small_training(run_id: str, token_budget: int = 60_000, **train: object) -> 
 def test_health_ready_and_models(client: httpx.Client) -> None:
     assert client.get("/health").json()["status"] == "ok"
     ready = client.get("/ready").json()
-    assert ready["redis"] is True and ready["workers"] == {"interactive": 1, "batch": 1}
+    assert ready["redis"] is True and ready["workers"] == {"interactive": 1, "generate": 1, "batch": 1}
     models = client.get("/v1/models").json()["items"]
     bundled = next(m for m in models if m["name"] == "smollm2-135m")
     assert bundled["installed"] and bundled["cached"]
@@ -37,7 +37,7 @@ def test_health_ready_and_models(client: httpx.Client) -> None:
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["d_model"] == 576 and loaded.json()["n_blocks"] == 30
     holders = next(m for m in client.get("/v1/models").json()["items"] if m["name"] == "smollm2-135m")
-    assert any(h["queue"] == "interactive" for h in holders["loaded_by"])
+    assert any(h["queue"] == "generate" for h in holders["loaded_by"])  # loads warm generate workers
 
     started = time.perf_counter()
     table = client.get("/v1/models/smollm2-135m/layers")
@@ -45,7 +45,8 @@ def test_health_ready_and_models(client: httpx.Client) -> None:
     rows = {row["name"]: row for row in table.json()["layers"]}
     assert rows[LAYER]["kind"] == "block" and rows[LAYER]["width"] == 576
     assert time.perf_counter() - started < 10  # a forward on a warm worker, not a load
-    assert_error(client.post("/v1/models/nobody/nothing-at-all/load"), 404, "not_found")
+    refused = assert_error(client.post("/v1/models/nobody/nothing-at-all/load"), 422, "invalid_input")
+    assert "KESTREL_ALLOWED_MODELS" in refused["message"]  # not cached, not allowed: refused up front
 
 
 def test_capture_train_encode_download_delete(client: httpx.Client, service) -> None:
@@ -221,7 +222,7 @@ def test_load_then_unload_a_model(client: httpx.Client) -> None:
         return models["tiny-llama"]["loaded_by"]
 
     assert client.post("/v1/models/tiny-llama/load").status_code == 200
-    assert "interactive" in [h["queue"] for h in holders()]  # the batch worker may hold it too
+    assert "generate" in [h["queue"] for h in holders()]  # other workers may hold it too
     unloaded = client.post("/v1/models/tiny-llama/unload")
     assert unloaded.status_code == 202 and unloaded.json()["name"] == "tiny-llama"
     wait_until(lambda: holders() == [], 20, "the worker to drop tiny-llama")

@@ -75,7 +75,7 @@ def test_capture_list_show_delete(store_root, tmp_path) -> None:
         (["--layer", "model.layers.1", "--text", "hi", "--max-length", "0"], "max_length must be > 0"),
         (["--layer", "model.layers.1", "--file", "/no/such/file.jsonl"], "not found"),
         (["--layer", "model.layers.1"], "give exactly one dataset"),
-        (["--layer", "model.layers.1", "--text", "hi", "--model", "nobody/nothing"], "unknown model"),
+        (["--layer", "model.layers.1", "--text", "hi", "--model", "nobody/nothing"], "not in the local"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(store_root, args, message) -> None:

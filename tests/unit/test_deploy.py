@@ -18,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1].parent
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
-KESTREL_SERVICES = {"models", "api", "worker-interactive", "worker-batch"}
+KESTREL_SERVICES = {"models", "api", "worker-interactive", "worker-generate", "worker-batch"}
 USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, as vendored by typer
 
 
@@ -97,11 +97,12 @@ def test_compose_services_volumes_and_dependencies(compose: dict[str, Any]) -> N
         env = service["environment"]
         assert env["KESTREL_STORE_ROOT"] == "/data" and env["REDIS_URL"] == "redis://redis:6379/0", name
         assert "container_name" not in service, name  # fixed names would prevent --scale
+        assert env["HF_HUB_OFFLINE"] == "${HF_HUB_OFFLINE:-1}", name  # no client-named downloads
 
-    for name in ("api", "worker-interactive", "worker-batch"):
+    for name in ("api", "worker-interactive", "worker-generate", "worker-batch"):
         assert services[name]["depends_on"]["redis"] == {"condition": "service_healthy"}, name
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
-    for name in ("worker-interactive", "worker-batch"):
+    for name in ("worker-interactive", "worker-generate", "worker-batch"):
         assert services[name]["depends_on"]["models"] == {"condition": "service_completed_successfully"}
         assert "ports" not in services[name], name  # scalable: --scale worker-batch=N
     assert services["api"]["ports"] == ["${KESTREL_PORT:-8000}:8000"]
@@ -122,6 +123,7 @@ def test_compose_commands_exist(compose: dict[str, Any]) -> None:
             queues[name] = check_kestrel_argv(service["command"]).params["queue"]
     assert {name: list(q) for name, q in queues.items()} == {
         "worker-interactive": ["interactive"],
+        "worker-generate": ["generate"],
         "worker-batch": ["batch"],
     }
     serve = check_kestrel_argv(services["api"]["command"]).params

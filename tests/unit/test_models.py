@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, build
 
-from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.errors import HubUnavailableError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import add_vector
 from kestrel.core.models import LoadedModel, forward, generate, layer_table, load_model
 
@@ -43,8 +43,9 @@ def test_unknown_layer_suggests_close_names(smollm: LoadedModel) -> None:
     assert smollm.layer("model.layers.15.mlp.down_proj").kind == "other"
 
 
-def test_unknown_model_is_a_clear_not_found(tmp_path) -> None:
-    with pytest.raises(NotFoundError, match="unknown model 'no-such-org/no-such-model'"):
+def test_an_uncached_hub_model_offline_is_a_clear_hub_unavailable(tmp_path) -> None:
+    """Tests run with HF_HUB_OFFLINE=1: the id is not looked up online, and the error says why."""
+    with pytest.raises(HubUnavailableError, match="model 'no-such-org/no-such-model' is not in the local"):
         load_model("no-such-org/no-such-model", device="cpu", store_root=tmp_path)
 
 

@@ -27,7 +27,9 @@ def health() -> HealthStatus:
     "/ready", response_model=ReadyStatus, responses=error_responses(503), operation_id="get_readiness"
 )
 async def ready(redis: RedisDep) -> ReadyStatus:
-    """Readiness: 200 once Redis answers and at least one worker is alive, else 503 saying which."""
+    """Readiness: 200 once Redis answers and at least one worker is alive, else 503 saying which.
+    ``workers`` counts live workers per queue (interactive, generate, batch): a call whose queue
+    has none answers 503 naming it."""
     return await asyncio.to_thread(_check_ready, redis)
 
 

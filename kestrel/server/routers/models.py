@@ -22,9 +22,9 @@ from kestrel.schemas import (
 )
 from kestrel.server import services
 from kestrel.server.deps import PageDep, RedisDep, SettingsDep, StoreDep
-from kestrel.server.dispatch import run_interactive
+from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive
 from kestrel.server.errors import error_responses
-from kestrel.workers import jobs
+from kestrel.workers import jobs, queues
 
 router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 422, 503))
 
@@ -36,11 +36,16 @@ async def list_models(settings: SettingsDep, redis: RedisDep, page: PageDep) -> 
     return ModelPage(**page.page(rows))
 
 
-@router.post("/{name:path}/load", response_model=ModelLoadResult, responses=error_responses(404, 504))
+@router.post(
+    "/{name:path}/load",
+    response_model=ModelLoadResult,
+    responses={**error_responses(404, 424), **STILL_RUNNING_RESPONSE},
+)
 async def load_model(
     name: str, settings: SettingsDep, redis: RedisDep, body: ModelLoadRequest | None = Body(None)
 ) -> ModelLoadResult:
-    """Load a model into the interactive worker's cache (batch workers load on first use)."""
+    """Load a model into a generate worker's cache (``queue``: or an interactive worker's); every
+    worker also loads a model it lacks on first use. A first conversion may outlive the wait: 202."""
     body = body or ModelLoadRequest()
     services.checked_model(name, settings)
     _, result = await run_interactive(
@@ -49,6 +54,7 @@ async def load_model(
         jobs.load_model_job,
         kind="load_model",
         kwargs={"name": name, "device": body.device, "dtype": body.dtype},
+        queue_name=body.queue,
     )
     return ModelLoadResult(**result)
 
@@ -67,7 +73,7 @@ async def unload_model(name: str, settings: SettingsDep, redis: RedisDep) -> Mod
 @router.get(
     "/{name:path}/layers",
     response_model=LayerTable,
-    responses=error_responses(404, 504),
+    responses={**error_responses(404, 424), **STILL_RUNNING_RESPONSE},
     operation_id="get_model_layers",
 )
 async def get_layers(name: str, settings: SettingsDep, redis: RedisDep) -> LayerTable:
@@ -82,14 +88,19 @@ async def get_layers(name: str, settings: SettingsDep, redis: RedisDep) -> Layer
 
 
 @router.post(
-    "/{name:path}/generate", response_model=GenerateResponse, responses=error_responses(404, 413, 504)
+    "/{name:path}/generate",
+    response_model=GenerateResponse,
+    responses={**error_responses(404, 413, 424), **STILL_RUNNING_RESPONSE},
 )
 async def generate_text(
     name: str, request: GenerateRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
 ) -> GenerateResponse:
     """Continue the prompts; with a steering config (``steering_id`` or inline ``steering``) the default
     and the steered continuations come side by side, same seed, optionally with the SAE's top
-    latents at each generated token (interactive: answered in about two generations)."""
+    latents at each generated token. Runs on the generate workers, so it never delays an encode;
+    one that outlives the wait answers 202 with its job, whose result then holds the generation."""
     kwargs = await asyncio.to_thread(services.prepare_generate, name, request, settings, store)
-    job_id, result = await run_interactive(redis, settings, jobs.generate_job, kind="generate", kwargs=kwargs)
+    job_id, result = await run_interactive(
+        redis, settings, jobs.generate_job, kind="generate", kwargs=kwargs, queue_name=queues.GENERATE
+    )
     return GenerateResponse(**result, job_id=job_id)

@@ -23,7 +23,7 @@ from kestrel.schemas import (
 )
 from kestrel.server import services
 from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
-from kestrel.server.dispatch import run_interactive, submit_batch
+from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive, submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
 from kestrel.settings import Settings
 from kestrel.workers import jobs, uploads
@@ -179,7 +179,11 @@ def start_evaluation(
     )
 
 
-@router.post("/{sae_id}/encode", response_model=EncodeResponse, responses=error_responses(404, 413, 504))
+@router.post(
+    "/{sae_id}/encode",
+    response_model=EncodeResponse,
+    responses={**error_responses(404, 413, 424), **STILL_RUNNING_RESPONSE},
+)
 async def encode_text(
     sae_id: SaeId, request: EncodeRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
 ) -> EncodeResponse:

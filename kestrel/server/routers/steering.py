@@ -18,7 +18,7 @@ from kestrel.schemas import (
 )
 from kestrel.server import services
 from kestrel.server.deps import ID_PATTERN, PageDep, RedisDep, SettingsDep, StoreDep
-from kestrel.server.dispatch import run_interactive
+from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive
 from kestrel.server.errors import error_responses
 from kestrel.workers import jobs
 
@@ -41,7 +41,11 @@ async def create_steering(config: SteeringConfig, store: StoreDep) -> SteeringRe
     return SteeringRecord(**await asyncio.to_thread(_steering().save_config, store, config))
 
 
-@router.post("/preview", response_model=SteeringPreview, responses=error_responses(404, 503, 504))
+@router.post(
+    "/preview",
+    response_model=SteeringPreview,
+    responses={**error_responses(404, 424, 503), **STILL_RUNNING_RESPONSE},
+)
 async def preview_steering(
     request: SteeringPreviewRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
 ) -> SteeringPreview:

@@ -45,6 +45,32 @@ export async function api(path, options = {}) {
   return response.json().catch(() => null);
 }
 
+const AWAITED_POLL_MS = 1000;
+const FINAL = new Set(["finished", "failed", "canceled"]);
+
+/**
+ * Call an awaited route (generate, encode, a layer table, a model load) and return its answer.
+ * One that outlives the server's wait comes back as 202 with its job instead: the job is then
+ * polled until it ends, and its result is the answer (a failed job throws its error). The route's
+ * job_id is added, as the 200 answer has it. onWaiting(job) sees the job at each poll; throwing
+ * from it (a newer request replaced this one) stops following.
+ */
+export async function awaited(path, options = {}, onWaiting = () => {}) {
+  const response = await request(path, options);
+  let job = await response.json();
+  if (response.status !== 202) return job;
+  while (!FINAL.has(job.status)) {
+    onWaiting(job);
+    await new Promise((resolve) => setTimeout(resolve, AWAITED_POLL_MS));
+    job = await api(`/jobs/${encodeURIComponent(job.id)}`, { signal: options.signal });
+  }
+  if (job.status !== "finished") {
+    const error = job.error ?? {};
+    throw new ApiError(0, error.code ?? job.status, error.message ?? `job ${job.id} ${job.status}`, error.details);
+  }
+  return { ...job.result, job_id: job.id };
+}
+
 /** A text answer of /v1{path} (a report's Markdown). */
 export async function apiText(path, options = {}) {
   return (await request(path, { accept: "text/markdown, text/plain, */*", ...options })).text();

@@ -1,7 +1,7 @@
 // Overview: jobs (live over SSE, cancellable), SAEs with their metrics, recent analyses, capture
 // runs, models and their layer tables.
 
-import { api, base, watchJob } from "./api.js";
+import { api, awaited, base, watchJob } from "./api.js";
 import { $, fill, h, num, percent, table, when } from "./dom.js";
 import { notify, start, status } from "./shell.js";
 
@@ -158,7 +158,7 @@ function layerDisclosure(model) {
     if (!details.open || details.dataset.loaded) return;
     details.dataset.loaded = "true";
     try {
-      const layerTable = await api(`/models/${encodeURIComponent(model.name)}/layers`);
+      const layerTable = await awaited(`/models/${encodeURIComponent(model.name)}/layers`);
       fill(target, table([
         { label: "Layer", value: (l) => h("span", { class: "mono" }, l.name) },
         { label: "Kind", value: (l) => l.kind },

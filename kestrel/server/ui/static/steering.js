@@ -1,7 +1,7 @@
 // Steering playground: a prompt, latents picked by search, a slider per latent, the default and
 // steered generations side by side (one generate call, same seed), configs saved and loaded by id.
 
-import { api, apiOrNull, base } from "./api.js";
+import { api, apiOrNull, awaited, base } from "./api.js";
 import { $, debounce, fill, h, num, showToken } from "./dom.js";
 import { start, status } from "./shell.js";
 
@@ -116,7 +116,11 @@ async function generate() {
   status($("#gen-status"), "Generating…");
   document.querySelectorAll(".gen").forEach((el) => el.classList.add("busy"));
   try {
-    const answer = await api(`/models/${encodeURIComponent(sae.model ?? sae.config.model)}/generate`, { method: "POST", body });
+    // A generation that outlives the server's wait answers 202 with its job: follow it to its result.
+    const answer = await awaited(`/models/${encodeURIComponent(sae.model ?? sae.config.model)}/generate`, { method: "POST", body }, (job) => {
+      if (mine !== generation) throw new Error("superseded by a newer generation");
+      status($("#gen-status"), `Still generating (job ${job.id}: ${job.message || job.status})…`);
+    });
     if (mine !== generation) return;
     const item = answer.items[0];
     showGeneration($("#default-output"), prompt, item.default);
