@@ -46,7 +46,7 @@ PACKAGED_BUILDERS = frozenset(
 
 def check_hub_id(name: str, what: str) -> str:
     """A hub id that cannot be mistaken for a path; raises ValueError (a 422) otherwise."""
-    if not HUB_ID.match(name) or ".." in name:
+    if not HUB_ID.fullmatch(name) or ".." in name:
         raise ValueError(f"{what} {name!r} is not a Hugging Face hub id like 'org/name'")
     return name
 

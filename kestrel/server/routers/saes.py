@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from kestrel.core.errors import InvalidInputError, KestrelError
+from kestrel.core.limits import Caps
 from kestrel.core.store import new_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -125,6 +126,7 @@ async def import_saelens_sae(
             sae_id=new_id("sae"),
             model=model,
             layer=layer,
+            caps=Caps.of(settings),
         )
     except KestrelError:
         raise
