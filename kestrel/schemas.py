@@ -25,7 +25,7 @@ from kestrel.core.analysis.config import CausalConfig, CircuitConfig, FeatureCon
 from kestrel.core.concepts.discovery import DiscoveryConfig
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.models import DEFAULT_MODEL
-from kestrel.core.sae.config import TrainConfig
+from kestrel.core.sae.config import DEVICE_FIELD_PATTERN, TrainConfig
 from kestrel.core.steering import SteeringConfig
 
 T = TypeVar("T")
@@ -152,7 +152,11 @@ class ModelPage(Page[ModelInfo]):
 
 
 class ModelLoadRequest(_Strict):
-    device: str | None = Field(None, description="cpu, cuda or auto; default: the worker's setting")
+    device: str | None = Field(
+        None,
+        pattern=DEVICE_FIELD_PATTERN,
+        description="cpu, cuda, cuda:N or auto; default: the worker's setting",
+    )
     dtype: ModelDType = "fp32"
 
 
