@@ -8,6 +8,7 @@ settings: a ``Caps`` is built from whatever carries these fields (``kestrel.sett
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -40,8 +41,20 @@ class Caps:
         return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
 
 
+def shown(value: Any) -> Any:
+    """A number as a message may quote it: an int of thousands of digits is summarised."""
+    if isinstance(value, int) and abs(value) >= 10**18:
+        try:
+            digits = len(str(abs(value)))
+        except ValueError:  # str() refuses ints past 4,300 digits (log10 takes any int)
+            digits = math.floor(math.log10(abs(value))) + 1
+        return f"a {digits}-digit number"
+    return value
+
+
 def exceeded(setting: str, limit: float, got: Any, what: str, *, below: bool = False) -> LimitExceededError:
     relation = "is below" if below else "exceeds"
+    got = shown(got)
     return LimitExceededError(
         f"{what}: {got} {relation} the limit {setting}={limit} (an operator setting, "
         f"KESTREL_{setting.upper()})",

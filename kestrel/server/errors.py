@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kestrel.core.errors import CancelledError, ConflictError, InvalidInputError, KestrelError, NotFoundError
+from kestrel.core.limits import shown
 from kestrel.schemas import ErrorResponse
 
 log = logging.getLogger("kestrel.server")
@@ -63,6 +64,7 @@ class ApiError(KestrelError):
 
 def limit_exceeded(limit: str, maximum: float, got: float, what: str, status: int = 413) -> ApiError:
     """A request over one of the configured limits; the message and details name the limit."""
+    got = shown(got)
     return ApiError(
         status,
         f"{what}: {got} exceeds the limit {limit}={maximum}",
