@@ -191,9 +191,10 @@ def _path_redactor(settings: Settings) -> Callable[[str], str]:
     ):
         if root is None:
             continue
-        for form in {str(Path(root)), str(Path(root).expanduser().resolve())}:
-            if len(form) > 1:
-                roots[form] = name
+        # absolute forms only: a relative root ("data") would also match ordinary words
+        for form in {Path(root).expanduser(), Path(root).expanduser().resolve()}:
+            if form.is_absolute() and len(form.parts) > 1:
+                roots[str(form)] = name
     ordered = sorted(roots, key=len, reverse=True)  # the longest first: a root inside another
 
     def redact(text: str) -> str:

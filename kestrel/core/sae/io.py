@@ -330,6 +330,8 @@ def _weights_from_saelens(
         # Kestrel encoders read x − b_dec; move b_dec's share into the encoder bias instead.
         ours["b_enc"] = ours["b_enc"] + ours["W_enc"] @ ours["b_dec"]
     if config.architecture == "batchtopk":
+        if "threshold" not in weights:
+            raise InvalidInputError("a BatchTopK (jumprelu) SAE needs its threshold tensor in the weights")
         ours["threshold"] = weights["threshold"].reshape(-1)[0].to(torch.float32)
     return ours
 
