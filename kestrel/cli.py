@@ -1131,14 +1131,55 @@ def worker(
     run_worker(queues, name=name, burst=burst)
 
 
+def is_loopback(host: str) -> bool:
+    """The address only this machine can reach (``127.0.0.1``, ``::1``, ``localhost``)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or an interface address: reachable from elsewhere
+
+
+def refuse_open_without_key(host: str, insecure_no_auth: bool) -> None:
+    """Exit 2 before listening on a non-loopback address with no API key, unless overridden."""
+    from kestrel.settings import Settings
+
+    settings = Settings()
+    if is_loopback(host) or settings.api_key is not None or insecure_no_auth or settings.allow_no_auth:
+        return
+    err_console.print(
+        f"[bold red]error:[/] refusing to listen on {host} without an API key: anyone who can reach it "
+        "could run jobs and read every artifact. Set KESTREL_API_KEY, listen on 127.0.0.1, or, behind "
+        "something else that authenticates, pass --insecure-no-auth (or set KESTREL_ALLOW_NO_AUTH=1)."
+    )
+    raise typer.Exit(2)
+
+
+InsecureNoAuthOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-no-auth",
+        help="listen on a non-loopback address without an API key (same as KESTREL_ALLOW_NO_AUTH=1)",
+    ),
+]
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(envvar="KESTREL_HOST", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="KESTREL_PORT", help="port to listen on")] = 8000,
+    insecure_no_auth: InsecureNoAuthOpt = False,
 ) -> None:
-    """Run the HTTP API alone (Redis and workers must be running; see `kestrel up`)."""
+    """Run the HTTP API alone (Redis and workers must be running; see `kestrel up`).
+
+    A non-loopback ``--host`` needs an API key (KESTREL_API_KEY) unless ``--insecure-no-auth``.
+    """
     import uvicorn
 
+    refuse_open_without_key(host, insecure_no_auth)
     uvicorn.run("kestrel.server.app:create_app", factory=True, host=host, port=port, log_level="info")
 
 
@@ -1154,10 +1195,15 @@ def up(
         int,
         typer.Option(envvar="KESTREL_REDIS_PORT", help="port of the embedded Redis (if REDIS_URL is unset)"),
     ] = 6379,
+    insecure_no_auth: InsecureNoAuthOpt = False,
 ) -> None:
     """Start the service: Redis (the one at REDIS_URL, else an embedded one), an interactive and a
     batch worker, and the API; Ctrl-C stops everything."""
     import os
+
+    refuse_open_without_key(host, insecure_no_auth)
+    if insecure_no_auth:
+        os.environ["KESTREL_ALLOW_NO_AUTH"] = "1"  # the API process `up` starts inherits it
     from functools import partial
 
     from kestrel.settings import Settings

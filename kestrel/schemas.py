@@ -25,7 +25,7 @@ from kestrel.core.analysis.config import CausalConfig, CircuitConfig, FeatureCon
 from kestrel.core.concepts.discovery import DiscoveryConfig
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.models import DEFAULT_MODEL
-from kestrel.core.sae.config import TrainConfig
+from kestrel.core.sae.config import DEVICE_FIELD_PATTERN, TrainConfig
 from kestrel.core.steering import SteeringConfig
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ PACKAGED_BUILDERS = frozenset(
 
 def check_hub_id(name: str, what: str) -> str:
     """A hub id that cannot be mistaken for a path; raises ValueError (a 422) otherwise."""
-    if not HUB_ID.match(name) or ".." in name:
+    if not HUB_ID.fullmatch(name) or ".." in name:
         raise ValueError(f"{what} {name!r} is not a Hugging Face hub id like 'org/name'")
     return name
 
@@ -152,7 +152,11 @@ class ModelPage(Page[ModelInfo]):
 
 
 class ModelLoadRequest(_Strict):
-    device: str | None = Field(None, description="cpu, cuda or auto; default: the worker's setting")
+    device: str | None = Field(
+        None,
+        pattern=DEVICE_FIELD_PATTERN,
+        description="cpu, cuda, cuda:N or auto; default: the worker's setting",
+    )
     dtype: ModelDType = "fp32"
     queue: Literal["generate", "interactive"] = Field(
         "generate",

@@ -6,6 +6,7 @@ differ between the process that validates a request and the one that runs it.
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -102,6 +103,30 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # Bad input and limits: operator caps on what one request may build or run (kestrel.core.limits),
+    # and the auth override for a non-loopback API without a key.
+    max_n_latents: int = Field(131_072, gt=0, description="latents of one SAE (training, import)")
+    max_sae_params: int = Field(1 << 28, gt=0, description="d_in × n_latents of one SAE (training, import)")
+    max_batch_size: int = Field(
+        65_536, gt=0, description="rows per training step; documents per capture batch"
+    )
+    max_epochs: int = Field(1000, gt=0, description="epochs of one training")
+    max_batch_tokens: int = Field(
+        1 << 20, gt=0, description="padded tokens per forward batch (capture and discovery token_budget)"
+    )
+    max_tokens_per_job: int = Field(
+        10_000_000_000, gt=0, description="tokens one training may read (train.token_budget)"
+    )
+    min_shard_mb: float = Field(1.0, gt=0, description="smallest shard size a capture or import may ask for")
+    max_shard_mb: float = Field(
+        1024.0, gt=0, description="largest shard size a capture or import may ask for"
+    )
+    allow_no_auth: bool = Field(
+        False,
+        description="let `kestrel serve` listen on a non-loopback address without an API key "
+        "(only behind something else that authenticates, or on a host port bound to 127.0.0.1)",
+    )
+
     # `kestrel up`.
     preload_model: str = Field(
         "smollm2-135m",
@@ -110,6 +135,19 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, gt=0, lt=65536, description="port the API listens on")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        """``KESTREL_API_KEY=""`` (or blanks) means no key, said loudly: never a key that every
+        request without one matches."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and not raw.strip():
+            logging.getLogger("kestrel.settings").warning(
+                "KESTREL_API_KEY is set but empty: treated as unset, so the API asks for no key"
+            )
+            return None
+        return value
 
     @field_validator("cors_origins", "model_dirs", mode="before")
     @classmethod
@@ -143,7 +181,7 @@ class Settings(BaseSettings):
                 if (
                     child.is_dir()
                     and (child / "config.json").is_file()
-                    and _LOCAL_MODEL_NAME.match(child.name)
+                    and _LOCAL_MODEL_NAME.fullmatch(child.name)
                 ):
                     found.setdefault(child.name, child)
         return found

@@ -269,6 +269,10 @@ def _parse_json_record(line: str, where: str) -> dict[str, Any]:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"{where} is not valid JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError:
+        raise InvalidInputError(f"{where} is nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise InvalidInputError(f"{where} holds a value out of range: {exc}") from None
     if not isinstance(record, dict):
         raise InvalidInputError(f"{where} is a JSON {type(record).__name__}, expected an object")
     return record

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kestrel.core.activations import RUN_FILE_NAMES, RunWriter
+from kestrel.core.clientdata import TensorInfo
 from kestrel.core.errors import InvalidInputError, close_matches
 from kestrel.core.models import TORCH_DTYPES
 from kestrel.core.store import Store, new_id, validate_id
@@ -47,15 +48,6 @@ INT32_MAX = 2**31 - 1
 LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
 RESERVED_LAYER_NAMES = RUN_FILE_NAMES
 READ_CHUNK_BYTES = 32 << 20  # rows are read, checked and written this many bytes (per layer) at a time
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a safetensors header says about one tensor."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -193,7 +185,7 @@ def _check_layer_tensor(info: TensorInfo) -> None:
 
 def _check_layer_name(layer: str, tensor: str) -> None:
     """Layer names are directory names in the run: no separators, nothing hidden, not ``tokens``."""
-    if not isinstance(layer, str) or not LAYER_NAME.match(layer) or layer in RESERVED_LAYER_NAMES:
+    if not isinstance(layer, str) or not LAYER_NAME.fullmatch(layer) or layer in RESERVED_LAYER_NAMES:
         raise InvalidInputError(
             f"layer name {layer!r} (for tensor {tensor!r}) is not usable: use up to 200 letters, digits, "
             "'_', '.', ':' or '-' (a module path like 'model.layers.3'), not 'tokens', 'manifest.json' "

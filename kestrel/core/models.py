@@ -140,15 +140,39 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in TORCH_DTYPES.items()}[dtype]
 
 
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]{1,3})?"
+_DEVICE = re.compile(DEVICE_PATTERN)
+
+
+def check_device_name(device: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the format only; availability is the worker's)."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise InvalidInputError(
+            f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'", details={"device": device}
+        )
+    return device
+
+
 def resolve_device(device: str) -> torch.device:
+    """The device, checked against what this process has: a CUDA device that is not there is the
+    caller's mistake (InvalidInputError), not a crash in the middle of a load."""
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(
-            "device 'cuda' was asked for but no CUDA device is available; use 'cpu' or 'auto'"
-        )
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InvalidInputError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'auto'")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidInputError(
+                f"device {device!r} was asked for but no CUDA device is available; use 'cpu' or 'auto'",
+                details={"device": device},
+            )
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise InvalidInputError(
+                f"device {device!r} was asked for but this worker has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})",
+                details={"device": device, "cuda_devices": count},
+            )
     return torch.device(device)
 
 

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kestrel import __version__
-from kestrel.server.deps import require_api_key
+from kestrel.server.deps import ApiKeyMiddleware, require_api_key
 from kestrel.server.errors import error_json, install_error_handlers
 from kestrel.server.limits import BodyLimitMiddleware
 from kestrel.server.metrics import make_registry
@@ -86,6 +86,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(RedisConnectionError, _redis_down)  # type: ignore[arg-type]
     app.add_exception_handler(RedisTimeoutError, _redis_down)  # type: ignore[arg-type]
+
+    protected = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(health.metrics_router, dependencies=protected)
+    for module in (models, activations, saes, features, concepts, steering, analyses, jobs, uploads):
+        app.include_router(module.router, prefix="/v1", dependencies=protected)
+    app.include_router(ui_router)  # the dashboard: data-free pages, a client of /v1 like any other
+    # Middleware, innermost first: body limits, then the API key (checked before any body is
+    # read), metrics (which count the 401s), and CORS outermost (so preflights and errors carry
+    # its headers).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        file_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+    )
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    Instrumentator(registry=app.state.metrics_registry, excluded_handlers=["/metrics"]).instrument(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -94,19 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["Location"],
         )
-    Instrumentator(registry=app.state.metrics_registry, excluded_handlers=["/metrics"]).instrument(app)
-
-    protected = [Depends(require_api_key)]
-    app.include_router(health.router)
-    app.include_router(health.metrics_router, dependencies=protected)
-    for module in (models, activations, saes, features, concepts, steering, analyses, jobs, uploads):
-        app.include_router(module.router, prefix="/v1", dependencies=protected)
-    app.include_router(ui_router)  # the dashboard: data-free pages, a client of /v1 like any other
-    app.add_middleware(
-        BodyLimitMiddleware,
-        default_limit=settings.max_request_bytes,
-        file_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
-    )
     _document_bad_request(app)
     return app
 

@@ -17,10 +17,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query, Request
 from redis import Redis
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kestrel.core.store import Store
 from kestrel.core.store.base import _ID_PATTERN
-from kestrel.server.errors import ApiError
+from kestrel.server.errors import ApiError, error_json
 from kestrel.settings import Settings
 
 ID_PATTERN = _ID_PATTERN.pattern
@@ -57,27 +59,71 @@ def require_api_key(
     """When an API key is configured, the request must carry it (compared in constant time).
 
     A GET may instead carry a stream token for its own path (``?token=``, see
-    ``sign_stream_token``): a browser's EventSource cannot send headers.
+    ``sign_stream_token``): a browser's EventSource cannot send headers. Kestrel's own app checks
+    the same thing earlier, before any body is read (``ApiKeyMiddleware``); this dependency keeps
+    routers included in another app (``kestrel.server.embed``) protected too.
     """
     expected = get_settings(request).api_key
     if expected is None:
         return
-    token = request.query_params.get(STREAM_TOKEN_PARAM)
+    if not key_accepted(expected.get_secret_value(), request, x_api_key):
+        raise unauthorized()
+
+
+def key_accepted(expected: str, connection: HTTPConnection, given: str | None) -> bool:
+    """The request carries the key (or, for a GET, a valid stream token for its path)."""
+    token = connection.query_params.get(STREAM_TOKEN_PARAM)
     if (
-        x_api_key is None
+        given is None
         and token is not None
-        and request.method == "GET"
-        and stream_token_valid(expected.get_secret_value(), request.url.path, token)
+        and connection.scope.get("method") == "GET"
+        and stream_token_valid(expected, connection.url.path, token)
     ):
-        return
-    given = (x_api_key or "").encode()
-    if not secrets.compare_digest(given, expected.get_secret_value().encode()):
-        raise ApiError(
-            401,
-            "missing or wrong API key: send it in the X-API-Key header",
-            code="unauthorized",
-            headers={"WWW-Authenticate": "ApiKey"},
-        )
+        return True
+    return secrets.compare_digest((given or "").encode(), expected.encode())
+
+
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "missing or wrong API key: send it in the X-API-Key header",
+        code="unauthorized",
+        headers={"WWW-Authenticate": "ApiKey"},
+    )
+
+
+#: Paths that never need the key: probes, the API docs, and the dashboard's data-free pages.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PREFIXES = ("/ui/",)
+
+
+class ApiKeyMiddleware:
+    """Checks the API key from the request's headers before the app reads a byte of its body.
+
+    A dependency runs only after FastAPI has parsed the body (a multipart upload is spooled to
+    disk first), so without this an unauthenticated client could make the API read and store
+    hundreds of megabytes before its 401. The answer is the same 401, in the same error shape.
+    """
+
+    def __init__(self, app: ASGIApp, *, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _is_public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        if key_accepted(self.api_key, connection, connection.headers.get("x-api-key")):
+            await self.app(scope, receive, send)
+            return
+        error = unauthorized()
+        response = error_json(error.status, error.code, error.message, error.details, error.headers)
+        await response(scope, receive, send)
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path == "/ui" or path.startswith(PUBLIC_PREFIXES)
 
 
 STREAM_TOKEN_PARAM = "token"

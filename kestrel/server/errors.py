@@ -24,6 +24,7 @@ from kestrel.core.errors import (
     KestrelError,
     NotFoundError,
 )
+from kestrel.core.limits import shown
 from kestrel.schemas import ErrorResponse, JobInfo
 
 log = logging.getLogger("kestrel.server")
@@ -84,6 +85,7 @@ class StillRunning(Exception):  # noqa: N818 (not an error: the one non-error an
 
 def limit_exceeded(limit: str, maximum: float, got: float, what: str, status: int = 413) -> ApiError:
     """A request over one of the configured limits; the message and details name the limit."""
+    got = shown(got)
     return ApiError(
         status,
         f"{what}: {got} exceeds the limit {limit}={maximum}",

@@ -12,10 +12,11 @@ from typing import Any
 
 from redis import Redis
 
-from kestrel.core import hub
+from kestrel.core import hub, limits
 from kestrel.core.activations import get_manifest, list_runs
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
+from kestrel.core.limits import Caps
 from kestrel.core.models import available_models
 from kestrel.core.steering import SteeringConfig
 from kestrel.core.store import Store, new_id, validate_id
@@ -118,9 +119,24 @@ def cached_layer_table(redis: Redis, name: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def request_unload(redis: Redis, name: str, now: float) -> None:
-    """Workers drop the model at their next heartbeat (and before their next job)."""
+MAX_UNLOAD_REQUESTS = 256
+
+
+def request_unload(redis: Redis, name: str, now: float, settings: Settings) -> None:
+    """Workers drop the model at their next heartbeat (and before their next job).
+
+    The hash of requests stays small whatever names clients send: a request is needed only until
+    every live worker has seen it (a worker silent for ``heartbeat_ttl_s`` is dead, and a new one
+    holds nothing), so older entries are trimmed, and past ``MAX_UNLOAD_REQUESTS`` the oldest go.
+    """
+    keep_s = max(60.0, 10 * settings.heartbeat_ttl_s)
     redis.hset(queues.UNLOAD_HASH, name, now)
+    entries = sorted(
+        ((float(at), key) for key, at in redis.hgetall(queues.UNLOAD_HASH).items()), reverse=True
+    )
+    stale = [key for i, (at, key) in enumerate(entries) if at < now - keep_s or i >= MAX_UNLOAD_REQUESTS]
+    if stale:
+        redis.hdel(queues.UNLOAD_HASH, *stale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +167,7 @@ def prepare_capture(request: CaptureRequest, settings: Settings, store: Store) -
     check_dataset(request.dataset, settings, store)
     check_max_length(request.options.max_length, settings, "options.max_length")
     request.options.check()
+    limits.check_capture_options(request.options, Caps.of(settings))
     if any(not layer.strip() for layer in request.layers):
         raise InvalidInputError("layer names must not be empty")
     return {"request": request.model_dump(mode="json"), "run_id": new_id("run")}
@@ -176,7 +193,7 @@ def run_summaries(store: Store) -> list[RunSummary]:
 # SAEs
 
 
-def prepare_training(request: TrainRequest, redis: Redis, store: Store) -> dict[str, Any]:
+def prepare_training(request: TrainRequest, redis: Redis, store: Store, settings: Settings) -> dict[str, Any]:
     """Validate a training request against its run; return the job's kwargs.
 
     A resume (``resume_from``) continues a cancelled training under the same SAE id; fields the
@@ -199,6 +216,9 @@ def prepare_training(request: TrainRequest, redis: Redis, store: Store) -> dict[
     sae = request.sae.model_dump(exclude_none=True)
     train = (request.train or TrainConfig()).model_dump(mode="json")
     d_in = manifest["layers"][request.layer]["d"]
+    caps = Caps.of(settings)
+    limits.check_sae_size(d_in, request.sae.n_latents, caps)
+    limits.check_train(train, caps)
     SAEConfig.from_dict({**sae, "d_in": d_in})  # InvalidInputError (422) before anything is queued
     TrainConfig.from_dict(train)
     kwargs = {"run_id": request.run_id, "layer": request.layer, "sae": sae, "train": train, "sae_id": sae_id}
@@ -242,6 +262,8 @@ def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings,
     dataset = request.dataset
     check_dataset(dataset, settings, store)
     check_max_length(request.config.max_length, settings, "config.max_length")
+    limits.check_batch_tokens(request.config.token_budget, Caps.of(settings), "config.token_budget")
+    limits.check_batch_size(request.config.batch_rows, Caps.of(settings), "config.batch_rows")
     run_id = request.run_id if dataset is None else None
     run_id = run_id or (summary.get("run_id") if dataset is None else None)
     if dataset is None:

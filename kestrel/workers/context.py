@@ -12,7 +12,7 @@ import functools
 import logging
 import threading
 import time
-import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -148,21 +148,63 @@ class JobContext:
     # ---- failure ------------------------------------------------------------------------------
 
     def fail(self, exc: BaseException) -> None:
-        """Record the error a client should read (the engine's message, never a traceback)."""
+        """Record the error a client should read: the engine's message for an engine error; for
+        anything else a generic message with an id that finds the traceback in the worker's log.
+
+        The traceback goes to the worker's log only; the job's ``log`` and ``error`` are public
+        (any client with the key reads them) and would otherwise show server paths and code.
+        """
+        job_id = self.job.id if self.job is not None else "-"
         if isinstance(exc, KestrelError):
-            error = {"code": exc.code, "message": exc.message, "details": _jsonable(exc.details)}
+            log.info("job %s failed: %s", job_id, exc.message)
+            redact = _path_redactor(self.settings)
+            error = {
+                "code": exc.code,
+                "message": redact(exc.message),
+                "details": _jsonable(exc.details, redact),
+            }
         else:
-            error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}}
-        for chunk in traceback.format_exception(exc)[-12:]:
-            self._log.extend(chunk.rstrip().splitlines())
+            error_id = uuid.uuid4().hex[:12]
+            log.error("job %s failed (error id %s)", job_id, error_id, exc_info=exc)
+            error = {
+                "code": "internal",
+                "message": f"internal error (see the worker log, error id {error_id})",
+                "details": {"error_id": error_id},
+            }
+        self._log.append(f"{time.strftime('%H:%M:%S')} failed: {error['message']}")
         self._meta["log"] = list(self._log)
         self.record(error=error, message=f"failed: {error['message']}")
 
 
-def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
+def _jsonable(details: dict[str, Any], redact: Callable[[str], str] = str) -> dict[str, Any]:
     import json
 
-    return json.loads(json.dumps(details, default=str))
+    return json.loads(redact(json.dumps(details, default=str)))
+
+
+def _path_redactor(settings: Settings) -> Callable[[str], str]:
+    """Replace the server's directories (store, caches, model dirs) in a message with names a
+    client may read: an engine message about an uploaded file names the file by where it lies."""
+    roots: dict[str, str] = {}
+    for root, name in (
+        (settings.store_root, "<store>"),
+        (settings.s3_cache_dir, "<s3-cache>"),
+        *((directory, "<model-dir>") for directory in settings.model_dirs),
+    ):
+        if root is None:
+            continue
+        # absolute forms only: a relative root ("data") would also match ordinary words
+        for form in {Path(root).expanduser(), Path(root).expanduser().resolve()}:
+            if form.is_absolute() and len(form.parts) > 1:
+                roots[str(form)] = name
+    ordered = sorted(roots, key=len, reverse=True)  # the longest first: a root inside another
+
+    def redact(text: str) -> str:
+        for root in ordered:
+            text = text.replace(root, roots[root])
+        return text
+
+    return redact
 
 
 def job_function(kind: str) -> Callable[[F], F]:

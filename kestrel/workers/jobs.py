@@ -14,9 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kestrel.core import hub
+from kestrel.core import hub, limits
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError
+from kestrel.core.limits import Caps
 from kestrel.schemas import (
     CaptureRequest,
     DiscoverRequest,
@@ -127,6 +128,7 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
     from kestrel.core.activations import capture
 
     req = CaptureRequest.model_validate(request)
+    limits.check_capture_options(req.options, Caps.of(ctx.settings))
     source = dataset_source(ctx, req.dataset)
     planned = _planned_docs(req.dataset)
     ctx.log(f"loading {req.model}")
@@ -188,7 +190,8 @@ def train_job(
     """Train (or resume) an SAE; a cancel keeps the checkpoint and publishes nothing."""
     from kestrel.core.sae.pipeline import train_from_run
 
-    SAEHyperparameters.model_validate(sae)
+    hyper = SAEHyperparameters.model_validate(sae)
+    _check_training_caps(ctx, run_id, layer, hyper.n_latents, train)
     # After a shutdown requeue the same job runs again: continue from its checkpoint if one exists.
     retried = bool(ctx.job is not None and ctx.job.number_of_retries)
     resume = resume or (retried and checkpoint_dir(ctx, sae_id).is_dir())
@@ -226,6 +229,19 @@ def train_job(
     return {"sae_id": result.get("id", sae_id), "status": "complete", "metrics": result.get("metrics", {})}
 
 
+def _check_training_caps(
+    ctx: JobContext, run_id: str, layer: str, n_latents: int, train: dict[str, Any]
+) -> None:
+    """The API's caps again, for a job that reached the queue some other way (one manifest read)."""
+    from kestrel.core.activations import get_manifest
+
+    caps = Caps.of(ctx.settings)
+    limits.check_train(train, caps)
+    layers = get_manifest(ctx.store, run_id).get("layers", {})
+    if layer in layers:
+        limits.check_sae_size(int(layers[layer]["d"]), n_latents, caps)
+
+
 @job_function("evaluate")
 def evaluate_job(ctx: JobContext, sae_id: str, texts: list[str] | None = None) -> dict[str, Any]:
     from kestrel.core.sae.pipeline import evaluate_sae, get_sae, require_loadable_model
@@ -249,10 +265,25 @@ def encode_job(ctx: JobContext, sae_id: str, text: str, top_k: int = 8) -> dict[
     from kestrel.core.sae.pipeline import encode_prompt
 
     sae, summary = sae_cache.get(ctx, sae_id)
-    config = summary["config"]
-    lm = ctx.models.get(config["model"])  # sae_cache checked the model is one the service can load
-    tokens = encode_prompt(lm, sae, config["layer"], text, top_k=top_k)
-    return {"sae_id": sae_id, "model": config["model"], "layer": config["layer"], "tokens": tokens}
+    model, layer = sae_model_and_layer(summary)
+    lm = ctx.models.get(model)  # sae_cache checked the model is one the service can load
+    tokens = encode_prompt(lm, sae, layer, text, top_k=top_k)
+    return {"sae_id": sae_id, "model": model, "layer": layer, "tokens": tokens}
+
+
+def sae_model_and_layer(summary: dict[str, Any]) -> tuple[str, str]:
+    """The model and layer an SAE reads; InvalidInputError for one imported without them."""
+    config = summary.get("config") or {}
+    model = summary.get("model") or config.get("model")
+    layer = summary.get("layer") or config.get("layer")
+    if not model or not layer:
+        missing = " and ".join(what for what, value in (("model", model), ("layer", layer)) if not value)
+        raise InvalidInputError(
+            f"sae {summary.get('id')!r} does not record the {missing} it reads (an import whose cfg.json "
+            "names none): import it again with the model and layer form fields to run it on text",
+            details={"sae_id": summary.get("id"), "missing": missing.split(" and ")},
+        )
+    return model, layer
 
 
 class _SAECache:
@@ -310,6 +341,8 @@ def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[
     from kestrel.core.sae.pipeline import get_sae
 
     req = DiscoverRequest.model_validate(request)
+    limits.check_batch_tokens(req.config.token_budget, Caps.of(ctx.settings), "config.token_budget")
+    limits.check_batch_size(req.config.batch_rows, Caps.of(ctx.settings), "config.batch_rows")
     summary = get_sae(ctx.store, sae_id)
     source = dataset_source(ctx, req.dataset) if req.dataset is not None else None
     lm = ctx.models.get(_sae_model_name(ctx, summary))

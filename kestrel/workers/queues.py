@@ -190,8 +190,19 @@ def _error(job: Job, status: str) -> ErrorBody | None:
     text = (result.exc_string or "").strip() if result is not None else ""
     if "AbandonedJobError" in text:  # rq's own maintenance reaped it before our reaper could say why
         return ErrorBody(code="worker_died", message=WORKER_DIED)
-    last_line = text.splitlines()[-1] if text else "the job failed without a message"
-    return ErrorBody(code="job_failed", message=last_line)
+    return ErrorBody(code="job_failed", message=_public_failure(text))
+
+
+def _public_failure(exc_string: str) -> str:
+    """What a client may read of an exception rq recorded (no job error of ours): rq's timeout
+    message as is; otherwise only the exception's name, since its text can hold server paths."""
+    if not exc_string:
+        return "the job failed without a message"
+    last_line = exc_string.splitlines()[-1]
+    name = last_line.partition(":")[0].strip().rpartition(".")[2]
+    if name == "JobTimeoutException":
+        return last_line
+    return f"the job failed ({name or 'unknown error'}); see the worker log"
 
 
 def _aware(moment: datetime | None) -> datetime | None:

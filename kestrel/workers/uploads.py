@@ -10,13 +10,11 @@ opens a file that merely claims to be a dataset.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import struct
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from kestrel.core.clientdata import TensorInfo, safetensors_header
 from kestrel.core.datasets import FileSource
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.store import Store, new_id, read_manifests, validate_id
@@ -32,7 +30,6 @@ SUFFIXES = {
 }
 TEXT_FORMATS = {"txt", "jsonl", "csv"}
 CHUNK = 1 << 20
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 class UploadTooLargeError(InvalidInputError):
@@ -99,36 +96,10 @@ def _check_content(path: Path, fmt: str) -> None:
         _check_utf8(path)
 
 
-def check_safetensors(source: Path | bytes) -> dict[str, Any]:
-    """Parse a safetensors header (of a file or bytes) without loading tensors; InvalidInputError
-    if it is not one. Nothing else is ever parsed from client tensors: no pickle."""
-    if isinstance(source, bytes):
-        size, opened = len(source), io.BytesIO(source)
-    else:
-        size, opened = source.stat().st_size, source.open("rb")
-    with opened as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise InvalidInputError("not a safetensors file: shorter than its 8-byte header length")
-        (length,) = struct.unpack("<Q", head)
-        if length <= 1 or length > min(MAX_SAFETENSORS_HEADER, size - 8):
-            raise InvalidInputError("not a safetensors file: implausible header length")
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InvalidInputError("not a safetensors file: the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise InvalidInputError("not a safetensors file: the header is not a JSON object")
-    data_size = size - 8 - length
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_size
-        ):
-            raise InvalidInputError(f"not a valid safetensors file: tensor {name!r} lies outside the file")
-    return header
+def check_safetensors(source: Path | bytes) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header (of a file or bytes) without loading tensors;
+    InvalidInputError if it is not one. Nothing else is ever parsed from client tensors: no pickle."""
+    return safetensors_header(source)
 
 
 def _check_parquet(path: Path) -> None:

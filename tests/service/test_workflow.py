@@ -182,7 +182,9 @@ def test_a_bad_layer_fails_the_job_with_the_engine_message(client: httpx.Client)
     job = wait_for_job(client, submitted.json()["id"], states=("failed",))
     assert job["error"]["code"] == "not_found"
     assert "did you mean 'model.layers.3'" in job["error"]["message"]
-    assert "Traceback" not in job["error"]["message"] and any("Traceback" in line for line in job["log"])
+    # the traceback stays in the worker's log: the job's log and error are public
+    assert not any("Traceback" in line or "File " in line for line in [job["error"]["message"], *job["log"]])
+    assert job["log"][-1].endswith(f"failed: {job['error']['message']}")
 
 
 def test_an_uploaded_dataset_can_be_captured(client: httpx.Client) -> None:

@@ -105,7 +105,8 @@ def test_compose_services_volumes_and_dependencies(compose: dict[str, Any]) -> N
     for name in ("worker-interactive", "worker-generate", "worker-batch"):
         assert services[name]["depends_on"]["models"] == {"condition": "service_completed_successfully"}
         assert "ports" not in services[name], name  # scalable: --scale worker-batch=N
-    assert services["api"]["ports"] == ["${KESTREL_PORT:-8000}:8000"]
+    # published on the host's loopback only: the API in the container runs without a key by default
+    assert services["api"]["ports"] == ["127.0.0.1:${KESTREL_PORT:-8000}:8000"]
     assert services["models"]["restart"] == "no"
 
 
@@ -128,6 +129,7 @@ def test_compose_commands_exist(compose: dict[str, Any]) -> None:
     }
     serve = check_kestrel_argv(services["api"]["command"]).params
     assert (serve["host"], serve["port"]) == ("0.0.0.0", 8000)
+    assert serve["insecure_no_auth"] is True  # safe only with the loopback-only ports line above
 
 
 def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:

@@ -188,3 +188,163 @@ def test_import_through_the_s3_store(tmp_path, s3_endpoint, acts) -> None:
     assert [m["id"] for m in list_runs(store)] == [manifest["id"]] and len(manifest["shards"]) > 1
     for layer, tensor in acts.items():
         assert torch.equal(all_rows(store, manifest["id"], layer).acts_ND, tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client files parsed without a 500: safetensors headers, JSON, SAELens imports
+
+
+def raw_safetensors(header: object, data: bytes = b"", *, header_bytes: bytes | None = None) -> bytes:
+    """A safetensors file with exactly this header (however wrong) followed by ``data``."""
+    import json
+    import struct
+
+    body = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + data
+
+
+EIGHT = b"\0" * 8
+
+
+def entry(**fields: object) -> dict:
+    """A header with one tensor ``a`` of two F32 values (eight bytes), with ``fields`` changed."""
+    return {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], **fields}}
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        (entry(data_offsets=["0", "8"]), EIGHT, "invalid data_offsets"),
+        (entry(data_offsets=[False, True]), EIGHT, "invalid data_offsets"),
+        (entry(data_offsets=[0]), EIGHT, "invalid data_offsets"),
+        (entry(data_offsets=[0, 80]), EIGHT, "lies outside the file"),
+        (entry(data_offsets=[-8, 0]), EIGHT, "lies outside the file"),
+        (entry(dtype="F99"), EIGHT, "unknown dtype 'F99'"),
+        (entry(shape=[300000, 576]), EIGHT, "not what shape"),
+        (entry(shape=[-2]), EIGHT, "invalid shape"),
+        (entry(shape="2"), EIGHT, "invalid shape"),
+        ({"a": ["F32", [2], [0, 8]]}, EIGHT, "is not described by an object"),
+        ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
+        ([1, 2], b"", "not a JSON object"),
+    ],
+)
+def test_malformed_safetensors_headers_are_invalid_input(header, data, message) -> None:
+    from kestrel.core.clientdata import safetensors_header
+
+    with pytest.raises(InvalidInputError, match=message):
+        safetensors_header(raw_safetensors(header, data))
+
+
+@pytest.mark.parametrize(
+    ("header_bytes", "message"),
+    [
+        (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+        (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 0]}}', "out of range"),
+        (b'{"\xc3\x28": 1}', "not UTF-8"),
+        (b"{not json}", "not valid JSON"),
+    ],
+)
+def test_unparseable_safetensors_headers_are_invalid_input(header_bytes: bytes, message: str) -> None:
+    from kestrel.core.clientdata import safetensors_header
+
+    with pytest.raises(InvalidInputError, match=message):
+        safetensors_header(raw_safetensors(None, header_bytes=header_bytes))
+
+
+def test_a_well_formed_header_reads_back_its_tensors() -> None:
+    from safetensors.torch import save
+
+    from kestrel.core.clientdata import TensorInfo, safetensors_header
+
+    data = save({"w": torch.zeros(3, 4), "i": torch.zeros(5, dtype=torch.int64)}, metadata={"k": "v"})
+    expected = {"w": TensorInfo("w", "F32", (3, 4)), "i": TensorInfo("i", "I64", (5,))}
+    assert safetensors_header(data) == expected
+
+
+def test_layer_and_id_patterns_refuse_a_trailing_newline(store, tmp_path, acts) -> None:
+    from kestrel.core.store import validate_id
+
+    with pytest.raises(InvalidInputError, match="invalid run id"):
+        validate_id("abc\n", "run id")
+    path = write(tmp_path / "a.safetensors", {"a": acts["resid.3"]})
+    with pytest.raises(InvalidInputError, match="invalid run id"):
+        import_activations(store, path, run_id="abc\n")
+    with pytest.raises(InvalidInputError, match=r"layer name 'model\.layers\.3\\n'"):
+        import_activations(store, path, tensors={"a": "model.layers.3\n"})
+    assert list_runs(store) == [] and not any((store.local_root / "activations").glob("*"))
+
+
+def saelens_files(d_in: int = 8, n_latents: int = 32, **cfg_updates) -> tuple[bytes, bytes]:
+    """cfg.json and sae_weights.safetensors of a small TopK SAE, as SAELens writes them."""
+    import json
+
+    from safetensors.torch import save
+
+    from kestrel.core.sae import SAEConfig, create
+    from kestrel.core.sae.io import _saelens_config
+
+    sae = create(SAEConfig(architecture="topk", d_in=d_in, n_latents=n_latents, k=4))
+    weights = {
+        "W_enc": sae.W_enc.detach().t().contiguous(),
+        "b_enc": sae.b_enc.detach(),
+        "W_dec": sae.W_dec.detach(),
+        "b_dec": sae.b_dec.detach(),
+    }
+    cfg = _saelens_config(sae.config)
+    cfg.pop("kestrel")
+    cfg.update(cfg_updates)
+    return json.dumps(cfg).encode(), save(weights)
+
+
+def test_saelens_import_reads_shapes_from_the_header_not_the_config() -> None:
+    from kestrel.core.sae.io import saelens_from_bytes
+
+    cfg, weights = saelens_files(d_sae=300_000)
+    with pytest.raises(InvalidInputError, match=r"cfg.json says d_sae=300000 but the weights have 32"):
+        saelens_from_bytes(cfg, weights)
+    cfg, weights = saelens_files(d_sae=True)
+    with pytest.raises(InvalidInputError, match=r"cfg\.json says d_sae=True"):
+        saelens_from_bytes(cfg, weights)
+    sae = saelens_from_bytes(*saelens_files())
+    assert (sae.d_in, sae.n_latents) == (8, 32) and all(p.device.type == "cpu" for p in sae.parameters())
+
+
+def test_saelens_import_is_capped_before_reading_weights() -> None:
+    from kestrel.core.limits import Caps, LimitExceededError
+    from kestrel.core.sae.io import saelens_from_bytes
+
+    cfg, weights = saelens_files(d_in=8, n_latents=64)
+    with pytest.raises(LimitExceededError, match="max_n_latents") as caught:
+        saelens_from_bytes(cfg, weights, caps=Caps(max_n_latents=32))
+    assert caught.value.details == {"limit": "max_n_latents", "max": 32, "got": 64}
+    with pytest.raises(LimitExceededError, match="max_sae_params"):
+        saelens_from_bytes(cfg, weights, caps=Caps(max_sae_params=8 * 63))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_saelens_import_rejects_non_finite_weights(bad: float) -> None:
+    from safetensors.torch import load, save
+
+    from kestrel.core.sae.io import saelens_from_bytes
+
+    cfg, weights = saelens_files()
+    tensors = load(weights)
+    tensors["W_dec"][3, 1] = bad
+    with pytest.raises(InvalidInputError, match="W_dec has non-finite values"):
+        saelens_from_bytes(cfg, save(tensors))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+        (b'{"d_in": ' + b"1" * 5000 + b"}", "out of range"),
+        (b"[1, 2]", "must hold a JSON object"),
+        (b'{"d_sae": 32}', "cfg.json has no d_in"),
+    ],
+)
+def test_saelens_import_rejects_unparseable_configs(cfg: bytes, message: str) -> None:
+    from kestrel.core.sae.io import saelens_from_bytes
+
+    with pytest.raises(InvalidInputError, match=message):
+        saelens_from_bytes(cfg, saelens_files()[1])

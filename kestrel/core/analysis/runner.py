@@ -148,7 +148,7 @@ def plot_path(store: Store, analysis_id: str, name: str) -> Path:
     """A plot's PNG by name (``patching`` or ``patching.png``); 404 listing the plots there are."""
     manifest = get_analysis(store, analysis_id)
     stem = name[:-4] if name.endswith(".png") else name
-    if not PLOT_NAME.match(stem) or stem not in manifest.get("plots", []):
+    if not PLOT_NAME.fullmatch(stem) or stem not in manifest.get("plots", []):
         available = ", ".join(manifest.get("plots", [])) or "none"
         raise NotFoundError(
             f"analysis {analysis_id!r} has no plot {name!r}; its plots: {available}",

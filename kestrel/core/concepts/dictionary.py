@@ -218,9 +218,29 @@ def export_dictionary(store: Store, sae_id: str, fmt: DictionaryFormat) -> str:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for c in rows:
-            writer.writerow([c.latent, c.name, c.description, TAG_SEPARATOR.join(c.tags), c.source])
+            texts = (c.name, c.description, TAG_SEPARATOR.join(c.tags))
+            writer.writerow([c.latent, *(csv_escape(text) for text in texts), c.source])
         return buffer.getvalue()
     raise InvalidInputError(f"unknown dictionary format {fmt!r}; use 'json' or 'csv'")
+
+
+#: A spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _reads_as_formula(cell: str) -> bool:
+    """The cell would be a formula, or is one already escaped (so escaping stays reversible)."""
+    return cell.startswith(FORMULA_STARTS) or (cell.startswith("'") and _reads_as_formula(cell[1:]))
+
+
+def csv_escape(cell: str) -> str:
+    """A text cell a spreadsheet shows as text: ``=HYPERLINK(...)`` is written ``'=HYPERLINK(...)``."""
+    return "'" + cell if _reads_as_formula(cell) else cell
+
+
+def csv_unescape(cell: str) -> str:
+    """The inverse of ``csv_escape``: an exported dictionary imports back unchanged."""
+    return cell[1:] if cell.startswith("'") and _reads_as_formula(cell[1:]) else cell
 
 
 def _as_text(data: bytes | str) -> str:
@@ -240,6 +260,10 @@ def _parse_json(text: str, n_latents: int) -> list[Concept]:
             f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
             details={"line": exc.lineno, "column": exc.colno},
         ) from None
+    except RecursionError:
+        raise InvalidInputError("the dictionary file is nested too deeply to be a dictionary") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise InvalidInputError(f"the dictionary file holds a value out of range: {exc}") from None
     if isinstance(data, dict):
         unknown = sorted(set(data) - {"sae_id", "n_latents", "concepts"})
         if unknown:
@@ -339,12 +363,12 @@ def _csv_concept(cells: dict[str, str], line: int) -> Concept:
         raise InvalidInputError(
             f"line {line}: source {source!r} is not one of {', '.join(LABEL_SOURCES)}", details={"line": line}
         )
-    tags = [t for t in cells.get("tags", "").split(TAG_SEPARATOR) if t.strip()]
+    tags = [t for t in csv_unescape(cells.get("tags", "")).split(TAG_SEPARATOR) if t.strip()]
     return _concept(
         {
             "latent": latent,
-            "name": cells["name"],
-            "description": cells.get("description", ""),
+            "name": csv_unescape(cells["name"]),
+            "description": csv_unescape(cells.get("description", "")),
             "tags": tags,
             "source": source,
         },

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kestrel.core.errors import InvalidInputError
 
+#: A device's format (pydantic anchors nothing itself); whether the worker has it is checked there.
+DEVICE_FIELD_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"
+
 DType = Literal["float32", "float16", "bfloat16"]
 
 #: A latent that has not fired for this many tokens is dead, unless the run is too short for
@@ -162,7 +165,11 @@ class TrainConfig(_Config):
     checkpoint_every: int | None = Field(default=None, gt=0, description="steps between checkpoints")
     keep_checkpoints: int = Field(default=2, gt=0)
     log_every: int = Field(default=10, gt=0, description="steps per history line and progress report")
-    device: str | None = Field(default=None, description="'cpu', 'cuda', 'cuda:1'; default cuda when present")
+    device: str | None = Field(
+        default=None,
+        pattern=DEVICE_FIELD_PATTERN,
+        description="'cpu', 'cuda', 'cuda:1'; default cuda when present",
+    )
     autocast: bool = Field(default=True, description="bf16 autocast for the encoder matmul (CUDA only)")
 
     @model_validator(mode="after")

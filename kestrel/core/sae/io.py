@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from kestrel.core.clientdata import TensorInfo, loads_object, safetensors_header
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
+from kestrel.core.limits import Caps, check_sae_size
 from kestrel.core.sae.base import SAE, create
 from kestrel.core.sae.config import SAEConfig
 
@@ -81,7 +84,7 @@ def load_sae(directory: Path, *, device: str | torch.device = "cpu") -> SAE:
     directory = Path(directory)
     config = SAEConfig.from_dict(_read_json(directory / CONFIG_FILE))
     weights = _read_weights(directory / WEIGHTS_FILE)
-    return _build(config, weights, device, source=str(directory))
+    return _build(config, weights, device, source=f"SAE {directory.name}")
 
 
 def read_metrics(directory: Path) -> dict[str, Any] | None:
@@ -129,19 +132,116 @@ def export_saelens(sae: SAE, directory: Path, *, overwrite: bool = False) -> Pat
     return directory
 
 
-def import_saelens(directory: Path, *, device: str | torch.device = "cpu", d_in: int | None = None) -> SAE:
+def import_saelens(
+    directory: Path,
+    *,
+    device: str | torch.device = "cpu",
+    d_in: int | None = None,
+    caps: Caps | None = None,
+) -> SAE:
     """Read an SAELens SAE (topk, standard, or jumprelu with one shared threshold).
 
     Pass `d_in` (the width of the activations it will read) to fail here on a mismatch.
     """
     directory = Path(directory)
-    cfg = _read_json(directory / SAELENS_CONFIG_FILE)
-    weights = _read_weights(directory / SAELENS_WEIGHTS_FILE)
-    config = _config_from_saelens(cfg, weights)
+    cfg_json = _read_bytes(directory / SAELENS_CONFIG_FILE)
+    weights = _read_bytes(directory / SAELENS_WEIGHTS_FILE)
+    return saelens_from_bytes(cfg_json, weights, device=device, d_in=d_in, caps=caps)
+
+
+def saelens_from_bytes(
+    cfg_json: bytes,
+    weights: bytes,
+    *,
+    device: str | torch.device = "cpu",
+    d_in: int | None = None,
+    caps: Caps | None = None,
+) -> SAE:
+    """An SAE from the bytes of SAELens's ``cfg.json`` and ``sae_weights.safetensors``.
+
+    Every check that needs no allocation comes first: the config parses, the safetensors header
+    is well formed, the tensors SAELens writes are there with consistent shapes, those shapes are
+    the ones cfg.json claims, and the size is within ``caps``. Only then are the weights read
+    (their size is the file's), checked finite, and placed in a module built on the meta device:
+    an import never allocates a randomly initialised SAE of whatever size a config claims.
+    """
+    cfg = loads_object(cfg_json, SAELENS_CONFIG_FILE)
+    d_model, d_sae = _saelens_shape(safetensors_header(weights))
+    _check_claimed_shape(cfg, d_model, d_sae)
+    check_sae_size(d_model, d_sae, caps or Caps())
+    tensors = _load_tensors(weights)
+    _check_finite(tensors)
+    config = _config_from_saelens(cfg, tensors, d_model, d_sae)
     if d_in is not None:
         config.validate_against(d_in)
-    ours = _weights_from_saelens(cfg, weights, config)
-    return _build(config, ours, device, source=str(directory))
+    ours = _weights_from_saelens(cfg, tensors, config)
+    return _build(config, ours, device, source=SAELENS_WEIGHTS_FILE)
+
+
+_SAELENS_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def _saelens_shape(header: dict[str, TensorInfo]) -> tuple[int, int]:
+    """``(d_in, d_sae)`` from the header: W_enc [d_in, d_sae], W_dec [d_sae, d_in], biases to match."""
+    missing = sorted({"W_enc", "b_enc", "W_dec", "b_dec"} - set(header))
+    if missing:
+        raise InvalidInputError(f"SAELens weights lack {missing}", details={"missing": missing})
+    w_enc = header["W_enc"].shape
+    if len(w_enc) != 2 or 0 in w_enc:
+        raise InvalidInputError(f"W_enc has shape {list(w_enc)}: it must be [d_in, d_sae], both > 0")
+    d_in, d_sae = w_enc
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if "threshold" in header:
+        expected["threshold"] = (d_sae,)
+    for name, shape in expected.items():
+        info = header[name]
+        if info.shape != shape:
+            raise InvalidInputError(
+                f"SAELens tensor {name} has shape {list(info.shape)}; with W_enc {list(w_enc)} it must be "
+                f"{list(shape)}",
+                details={"tensor": name, "shape": list(info.shape), "expected": list(shape)},
+            )
+        if info.dtype not in _SAELENS_FLOATS:
+            raise InvalidInputError(
+                f"SAELens tensor {name} is {info.dtype}: it must be floating point",
+                details={"tensor": name, "dtype": info.dtype},
+            )
+    return d_in, d_sae
+
+
+def _check_claimed_shape(cfg: dict[str, Any], d_in: int, d_sae: int) -> None:
+    """cfg.json's ``d_in``/``d_sae`` (and a Kestrel config riding along) say what the weights are."""
+    claims = [("d_in", cfg.get("d_in"), d_in), ("d_sae", cfg.get("d_sae"), d_sae)]
+    ours = cfg.get("kestrel")
+    if isinstance(ours, dict):
+        claims += [
+            ("kestrel.d_in", ours.get("d_in"), d_in),
+            ("kestrel.n_latents", ours.get("n_latents"), d_sae),
+        ]
+    for key, claimed, actual in claims:
+        if claimed is None and not key.startswith("kestrel."):
+            raise InvalidInputError(f"cfg.json has no {key}", details={"field": key})
+        if claimed is not None and (isinstance(claimed, bool) or claimed != actual):
+            shown = claimed if isinstance(claimed, int | float | bool) and abs(claimed) < 1e12 else "…"
+            raise InvalidInputError(
+                f"cfg.json says {key}={shown} but the weights have {actual} (W_enc is [d_in, d_sae])",
+                details={"field": key, "weights": actual},
+            )
+
+
+def _load_tensors(weights: bytes) -> dict[str, Tensor]:
+    try:
+        return safetensors_load(weights)
+    except (SafetensorError, RuntimeError, ValueError) as exc:
+        raise InvalidInputError(f"the weights are not a readable safetensors file: {exc}") from None
+
+
+def _check_finite(tensors: dict[str, Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidInputError(
+                f"SAELens tensor {name} has non-finite values (NaN or inf)", details={"tensor": name}
+            )
 
 
 def _saelens_config(config: SAEConfig) -> dict[str, Any]:
@@ -167,7 +267,7 @@ def _saelens_config(config: SAEConfig) -> dict[str, Any]:
     return cfg
 
 
-def _config_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAEConfig:
+def _config_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor], d_in: int, d_sae: int) -> SAEConfig:
     if isinstance(cfg.get("kestrel"), dict):
         return SAEConfig.from_dict(cfg["kestrel"])
     for key, allowed in (("normalize_activations", "none"), ("reshape_activations", "none")):
@@ -178,6 +278,8 @@ def _config_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAE
             )
     architecture = cfg.get("architecture", "standard")
     kwargs = cfg.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise InvalidInputError("cfg.json's activation_fn_kwargs must be an object")
     k = cfg.get("k", kwargs.get("k"))
     if architecture == "standard" and cfg.get("activation_fn_str") == "topk":
         architecture = "topk"  # SAELens < 6 wrote TopK SAEs as "standard" with a topk activation
@@ -198,11 +300,13 @@ def _config_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAE
             details={"supported": ["topk", "standard", "jumprelu"]},
         )
     metadata = cfg.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise InvalidInputError("cfg.json's metadata must be an object")
     dtype = str(cfg.get("dtype", "float32")).removeprefix("torch.")
     return SAEConfig(
         **fields,
-        d_in=int(cfg["d_in"]),
-        n_latents=int(cfg["d_sae"]),
+        d_in=d_in,
+        n_latents=d_sae,
         dtype=dtype if dtype in ("float32", "float16", "bfloat16") else "float32",
         model=metadata.get("model_name", cfg.get("model_name")),
         layer=metadata.get("hook_name", cfg.get("hook_name")),
@@ -226,6 +330,8 @@ def _weights_from_saelens(
         # Kestrel encoders read x − b_dec; move b_dec's share into the encoder bias instead.
         ours["b_enc"] = ours["b_enc"] + ours["W_enc"] @ ours["b_dec"]
     if config.architecture == "batchtopk":
+        if "threshold" not in weights:
+            raise InvalidInputError("a BatchTopK (jumprelu) SAE needs its threshold tensor in the weights")
         ours["threshold"] = weights["threshold"].reshape(-1)[0].to(torch.float32)
     return ours
 
@@ -238,8 +344,14 @@ def _weights(sae: SAE) -> dict[str, Tensor]:
 
 
 def _build(config: SAEConfig, weights: dict[str, Tensor], device: str | torch.device, *, source: str) -> SAE:
-    """An SAE of `config` holding `weights`, after checking names and shapes match."""
-    sae = create(config)
+    """An SAE of `config` holding `weights`, after checking names and shapes match.
+
+    The module is built on the meta device and the weights assigned into it: nothing is
+    initialised only to be overwritten, and nothing of the config's size is allocated beyond the
+    weights themselves.
+    """
+    with torch.device("meta"):
+        sae = create(config)
     expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in weights.items()}
     if expected != found:
@@ -248,12 +360,11 @@ def _build(config: SAEConfig, weights: dict[str, Tensor], device: str | torch.de
             for name in sorted(set(expected) | set(found))
             if expected.get(name) != found.get(name)
         }
-        raise InvalidInputError(f"weights at {source} do not fit the config: {problems}", details=problems)
+        raise InvalidInputError(
+            f"the weights of {source} do not fit the config: {problems}", details=problems
+        )
     dtype = getattr(torch, config.dtype)
-    sae = sae.to(dtype)
-    with torch.no_grad():
-        for name, tensor in sae.state_dict().items():
-            tensor.copy_(weights[name])
+    sae.load_state_dict({name: weights[name].to(dtype) for name in expected}, assign=True)
     for param in sae.parameters():
         param.requires_grad_(False)
     return sae.to(device).eval()
@@ -264,20 +375,19 @@ def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | No
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    return loads_object(_read_bytes(path), path.name)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; NotFoundError naming the file only (a message may reach a client)."""
     if not path.is_file():
-        raise NotFoundError(f"{path.name} not found in {path.parent}", details={"path": str(path)})
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise InvalidInputError(f"{path.name} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{path.name} must hold a JSON object")
-    return data
+        raise NotFoundError(f"{path.name} not found", details={"file": path.name})
+    return path.read_bytes()
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise NotFoundError(f"{path.name} not found in {path.parent}", details={"path": str(path)})
+        raise NotFoundError(f"{path.name} not found", details={"file": path.name})
     with safe_open(str(path), framework="pt"):
         pass  # raises a clear error for a file that is not safetensors
     return load_file(str(path))

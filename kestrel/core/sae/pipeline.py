@@ -26,6 +26,7 @@ from kestrel.core.activations import RowFilter, get_manifest, iter_batches, read
 from kestrel.core.activations import heldout_mask as _heldout_mask
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError, not_found
 from kestrel.core.hooks import Detector, HookManager, run_until_stopped, stop_after
+from kestrel.core.limits import Caps
 from kestrel.core.models import LoadedModel
 from kestrel.core.sae import io as sae_io
 from kestrel.core.sae.base import SAE
@@ -336,15 +337,17 @@ def import_saelens(
     sae_id: str | None = None,
     model: str | None = None,
     layer: str | None = None,
+    caps: Caps | None = None,
 ) -> dict[str, Any]:
-    """Publish an SAE from SAELens files (``cfg.json`` + ``sae_weights.safetensors``)."""
+    """Publish an SAE from SAELens files (``cfg.json`` + ``sae_weights.safetensors``).
+
+    Everything is checked (shapes from the header against cfg.json and ``caps``, finite weights)
+    before the store is touched: a bad file publishes nothing.
+    """
     sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "cfg.json").write_bytes(cfg_json)
-        (Path(tmp) / "sae_weights.safetensors").write_bytes(weights)
-        sae = sae_io.import_saelens(Path(tmp))
+    sae = sae_io.saelens_from_bytes(cfg_json, weights, caps=caps)
     updates = {key: value for key, value in (("model", model), ("layer", layer)) if value}
     if updates:
         sae.config = sae.config.model_copy(update=updates)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kestrel.core.errors import InvalidInputError
+from kestrel.core.models import resolve_device
 from kestrel.core.sae.base import SAE, LossOutput, LossSettings, create
 from kestrel.core.sae.checkpoint import LoadedCheckpoint, RunState, read_checkpoint, write_checkpoint
 from kestrel.core.sae.config import DEAD_TOKENS_CAP, SAEConfig, TrainConfig, default_lr
@@ -131,7 +132,7 @@ def resolve_plan(sae_config: SAEConfig, train_config: TrainConfig, rows_per_epoc
     dead_threshold = train_config.dead_tokens_threshold
     if dead_threshold is None:
         dead_threshold = min(DEAD_TOKENS_CAP, max(batch, total_tokens // 10))
-    device = train_config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(train_config.device or "auto"))  # InvalidInputError: not on this worker
     return TrainPlan(
         lr=train_config.lr or default_lr(sae_config.n_latents, sae_config.d_in),
         total_steps=total_steps,

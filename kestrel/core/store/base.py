@@ -24,7 +24,7 @@ _ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 def validate_id(artifact_id: str, what: str = "id") -> str:
     """Reject anything that is not ``[a-z0-9-]``, 1–64 characters, so no id can name a path."""
-    if not isinstance(artifact_id, str) or not _ID_PATTERN.match(artifact_id):
+    if not isinstance(artifact_id, str) or not _ID_PATTERN.fullmatch(artifact_id):
         raise InvalidInputError(
             f"invalid {what} {artifact_id!r}: use 1-64 characters of a-z, 0-9 and '-', "
             "starting with a letter or digit",

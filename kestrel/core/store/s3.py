@@ -234,7 +234,7 @@ class S3Store:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._kind_prefix(kind), Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
                 name = common["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-                if _ID_PATTERN.match(name):  # anything else in the bucket is not ours to list
+                if _ID_PATTERN.fullmatch(name):  # anything else in the bucket is not ours to list
                     ids.append(name)
         with ThreadPoolExecutor(max_workers=_HEAD_THREADS) as pool:  # one HEAD per id, in parallel
             published = list(pool.map(lambda i: self.exists(kind, i), ids))

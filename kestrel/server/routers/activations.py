@@ -10,6 +10,7 @@ from redis import Redis
 from kestrel.core.activations import delete_run, get_manifest
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.imports import import_activations
+from kestrel.core.limits import Caps, check_shard_mb
 from kestrel.core.store import Store, validate_id
 from kestrel.schemas import (
     CaptureRequest,
@@ -67,6 +68,7 @@ async def import_run(
 
 
 def _import_upload(request: RunImportRequest, settings: Settings, redis: Redis, store: Store) -> dict:
+    check_shard_mb(request.shard_mb, Caps.of(settings))
     upload = uploads.get_upload(store, validate_id(request.upload_id, "upload id"))
     if upload["format"] != "safetensors":
         raise InvalidInputError(

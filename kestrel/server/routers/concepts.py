@@ -100,7 +100,10 @@ def _format_from_name(filename: str) -> DictionaryFormat:
 
 
 @router.post(
-    "/{sae_id}/concepts/label", response_model=JobInfo, status_code=202, responses=error_responses(404)
+    "/{sae_id}/concepts/label",
+    response_model=JobInfo,
+    status_code=202,
+    responses=error_responses(404, 409),
 )
 def start_labelling(
     sae_id: SaeId,

@@ -29,7 +29,7 @@ def _concepts():
     "/{sae_id}/features/discover",
     response_model=JobInfo,
     status_code=202,
-    responses=error_responses(404, 413),
+    responses=error_responses(404, 409, 413),
 )
 def start_discovery(
     sae_id: SaeId,

@@ -66,7 +66,7 @@ async def unload_model(name: str, settings: SettingsDep, redis: RedisDep) -> Mod
     """Ask every worker to drop the model; they do within a heartbeat (a few seconds)."""
     services.checked_model(name, settings)
     now = time.time()
-    await asyncio.to_thread(services.request_unload, redis, name, now)
+    await asyncio.to_thread(services.request_unload, redis, name, now, settings)
     return ModelUnloadResult(name=name, requested_at=now)
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from kestrel.core.errors import InvalidInputError, KestrelError
+from kestrel.core.limits import Caps
 from kestrel.core.store import new_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -49,7 +50,7 @@ def start_training(
     idempotency_key: IdempotencyKey = None,
 ) -> JobInfo:
     """Train an SAE on one layer of a run (or resume a cancelled one); ``artifacts.sae_id`` names it."""
-    kwargs = services.prepare_training(request, redis, store)
+    kwargs = services.prepare_training(request, redis, store, settings)
     return submit_batch(
         redis,
         settings,
@@ -125,6 +126,7 @@ async def import_saelens_sae(
             sae_id=new_id("sae"),
             model=model,
             layer=layer,
+            caps=Caps.of(settings),
         )
     except KestrelError:
         raise
@@ -150,7 +152,10 @@ def _check_weights(filename: str, data: bytes) -> None:
 
 
 @router.post(
-    "/{sae_id}/evaluate", response_model=JobInfo, status_code=202, responses=error_responses(404, 413)
+    "/{sae_id}/evaluate",
+    response_model=JobInfo,
+    status_code=202,
+    responses=error_responses(404, 409, 413),
 )
 def start_evaluation(
     sae_id: SaeId,
@@ -190,7 +195,8 @@ async def encode_text(
     """The top latents of each token of a prompt (interactive: answered in about a forward pass)."""
     services.check_texts([request.text], settings)
     services.check_top_k(request.top_k, settings)
-    await asyncio.to_thread(_pipeline().get_sae, store, sae_id)
+    summary = await asyncio.to_thread(_pipeline().get_sae, store, sae_id)
+    jobs.sae_model_and_layer(summary)  # an imported SAE without a model: 422 before any job
     job_id, result = await run_interactive(
         redis,
         settings,

@@ -92,6 +92,6 @@ def analysis_page(request: Request, analysis_id: AnalysisId) -> HTMLResponse:
 @router.get("/static/{name}")
 def static_file(name: str) -> FileResponse:
     path = STATIC_DIR / name
-    if not STATIC_NAME.match(name) or not path.is_file():
+    if not STATIC_NAME.fullmatch(name) or not path.is_file():
         raise ApiError(404, f"no dashboard file {name!r}", code="not_found")
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers={"Cache-Control": STATIC_CACHE})
