@@ -6,6 +6,7 @@ assertion has a ground truth and nothing needs a model.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,25 @@ def test_checkpoints_are_written_every_n_steps_and_pruned(tmp_path: Path):
         "state.json",
         "tracker.safetensors",
     ]
+
+
+def test_checkpoints_are_written_every_n_seconds_of_training(tmp_path: Path):
+    """The default durability: a checkpoint once ``checkpoint_every_s`` has passed, step count aside."""
+    _, rows = sparse_dictionary_data(2048, n_atoms=32, d=16, active=3, seed=7)
+
+    def slow_chunks(epoch: int):
+        for chunk in chunks_of(rows, 256)(epoch):
+            time.sleep(0.02)  # each step takes longer than checkpoint_every_s
+            yield chunk
+
+    config = SAEConfig(d_in=16, n_latents=32, k=3)
+    timed = TrainConfig(batch_size=256, checkpoint_every_s=0.01, keep_checkpoints=100)
+    train_sae(config, timed, slow_chunks, rows_per_epoch=2048, checkpoint_dir=tmp_path / "timed")
+    assert sorted(p.name for p in (tmp_path / "timed").iterdir()) == [f"step-{i:08d}" for i in range(1, 9)]
+    assert TrainConfig().checkpoint_every_s == 60.0
+    off = TrainConfig(batch_size=256, checkpoint_every_s=None)
+    train_sae(config, off, slow_chunks, rows_per_epoch=2048, checkpoint_dir=tmp_path / "off")
+    assert not (tmp_path / "off").exists()
 
 
 def test_resume_with_different_settings_is_refused(tmp_path: Path):
