@@ -84,6 +84,9 @@ class Progress:
     """Learning rate of the last step."""
     total_steps: int
     """Planned steps for the whole run."""
+    elapsed_s: float = 0.0
+    """Seconds of training so far, across resumes (what a crash after this report would redo,
+    counted from the last checkpoint's figure)."""
 
 
 @dataclass
@@ -383,7 +386,7 @@ class _Run:
         assert state.tokens_since_fired_N is not None
         dead = state.tokens_since_fired_N >= self.plan.dead_tokens_threshold
         progress = self.window.progress(state, float(dead.float().mean()), self.plan)
-        state.history.append(asdict(progress) | {"elapsed_s": round(state.elapsed_s, 3)})
+        state.history.append(asdict(progress))
         if self.on_progress is not None:
             self.on_progress(progress)
 
@@ -464,6 +467,7 @@ class _Window:
             tokens_per_s=self.tokens_since_clock / seconds if seconds > 0 else 0.0,
             lr=self.lr,
             total_steps=plan.total_steps,
+            elapsed_s=round(state.elapsed_s, 3),
         )
         self.reset()
         return progress
