@@ -233,7 +233,8 @@ def _train(
         newest = latest_checkpoint(checkpoint_dir(ctx, sae_id))
         state = read_checkpoint(newest).meta if newest is not None else {}
         ctx.record(resumed_from={"step": state.get("step"), "elapsed_s": state.get("elapsed_s")})
-        ctx.log(f"resuming {sae_id} on {run_id} {layer} from step {state.get('step')}")
+        seconds = float(state.get("elapsed_s") or 0.0)
+        ctx.log(f"resuming {sae_id} on {run_id} {layer} from step {state.get('step')} ({seconds:.1f} s in)")
     else:
         ctx.log(f"training {sae_id} on {run_id} {layer}")
     last_log = [0.0]

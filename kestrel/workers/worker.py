@@ -188,6 +188,7 @@ class KestrelWorker(SimpleWorker):
                 self._let_go(job, execution)
                 return
             try:
+                job.save_meta()  # the job's last progress, if it could not land while Redis was away
                 finalize()
                 return
             except REDIS_ERRORS as exc:  # cut off again halfway: the pipeline is all or nothing

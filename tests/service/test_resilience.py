@@ -71,7 +71,7 @@ def test_worker_killed_mid_training_is_requeued_and_resumes_from_its_checkpoint(
         assert done["result"]["sae_id"] == sae_id, done
         resumed = [line for line in done["log"] if "resuming" in line]
         assert resumed, done["log"]
-        resumed_step = int(resumed[-1].rsplit("from step ", 1)[1])
+        resumed_step = int(resumed[-1].split("from step ")[1].split()[0])
         assert resumed_step >= killed_at_step > 0, (resumed_step, killed_at_step)
         summary = http.get(f"/v1/saes/{sae_id}").json()
         assert 200_000 <= summary["tokens"] < 200_000 + 64  # the planned budget, once: not a restart's

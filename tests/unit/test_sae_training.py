@@ -227,6 +227,31 @@ def test_checkpoints_are_written_every_n_seconds_of_training(tmp_path: Path):
     assert not (tmp_path / "off").exists()
 
 
+def test_one_writer_at_a_time_per_checkpoint_dir(tmp_path: Path):
+    """A requeued training waits for its first run to let go of the checkpoints (flock)."""
+    from kestrel.core.sae.checkpoint import writer_lock
+
+    target = tmp_path / "checkpoints" / "sae-x"
+    asked = []
+
+    def give_up() -> bool:
+        asked.append(True)
+        return True
+
+    with writer_lock(target) as held:
+        assert held
+        target.mkdir()  # a checkpoint was written: the lock file stays with it
+        with writer_lock(target, give_up, poll_s=0.01) as second:
+            assert second is False and asked
+    with writer_lock(target, give_up) as third:
+        assert third is True
+    assert (tmp_path / "checkpoints" / "sae-x.lock").exists()
+    target.rmdir()  # published: moved into the SAE
+    with writer_lock(target) as fourth:
+        assert fourth
+    assert not (tmp_path / "checkpoints" / "sae-x.lock").exists()
+
+
 def test_resume_with_different_settings_is_refused(tmp_path: Path):
     _, rows = sparse_dictionary_data(1024, n_atoms=32, d=16, active=3, seed=8)
     config = SAEConfig(d_in=16, n_latents=32, k=3)
