@@ -22,10 +22,12 @@ At the end it waits for every job it submitted to end, and prints one JSON objec
 - ``training_back_s`` (drill → the training is progressing again; a dead batch worker's job waits
   for its heartbeat to expire, ``heartbeat_ttl_s``);
 - ``jobs_lost``: submitted jobs (queued or running at some drill) that ended failed or vanished;
-- ``training_resumed``: drills after which the training resumed from a checkpoint, and
-  ``work_lost_s`` / ``work_lost_s_max``: training time redone after each such drill (seconds of
-  training at the kill, estimated from the last progress report plus the time since, minus the
-  checkpoint's).
+- ``training_resumed``: drills after which the training resumed from a checkpoint and then
+  finished; ``training_restarted``: drills after which the training job ran again at all (from a
+  checkpoint or, without one, from scratch); ``work_lost_s`` / ``work_lost_s_max``: training time
+  redone after each of those (seconds of training at the kill, estimated from the last progress
+  report plus the time since, minus the checkpoint's). The batch worker is killed once the
+  training has run 15 s past its first time-based checkpoint.
 
     python bench/faults.py            # prints JSON; the latest figures are in bench/README.md
 """
@@ -51,6 +53,7 @@ from corpus import docstring_corpus
 from redis.exceptions import RedisError
 
 from kestrel.core.models import BUNDLED, ensure_bundled_cache
+from kestrel.core.sae.config import DEFAULT_CHECKPOINT_EVERY_S
 from kestrel.workers import queues
 from kestrel.workers.runner import free_port
 
@@ -148,7 +151,7 @@ def wait_for(check, timeout_s: float, interval_s: float = 0.25) -> bool:
 @dataclass
 class Training:
     job_id: str
-    resumes_seen: int = 0
+    runs_seen: int = 1
     last_elapsed: float = 0.0
     last_elapsed_at: float = 0.0
     history: list[str] = field(default_factory=list)
@@ -159,8 +162,9 @@ def job(http: httpx.Client, job_id: str) -> dict | None:
     return response.json() if response.status_code == 200 else None
 
 
-def resume_lines(info: dict) -> list[str]:
-    return [line for line in info["log"] if "resuming" in line]
+def run_lines(info: dict) -> list[str]:
+    """The log lines each run of a training job starts with ("training ..." or "resuming ...")."""
+    return [line for line in info["log"] if " training sae" in line or " resuming sae" in line]
 
 
 def watch(http: httpx.Client, training: Training) -> dict | None:
@@ -227,6 +231,14 @@ def drill(
     timeout_s: float,
 ) -> dict:
     name, marker, sig = spec
+    if marker == "--queue batch":  # kill it mid-run: after its first time-based checkpoint
+        wait_for(
+            lambda: (
+                (watch(http, training) or {}).get("status") in TERMINAL
+                or (training.last_elapsed >= DEFAULT_CHECKPOINT_EVERY_S + 15)
+            ),
+            timeout_s * 2,
+        )
     pid = child_pid(up, marker)
     if pid is None:
         raise RuntimeError(f"no single child matching {marker!r}: {children_of(up.pid)}")
@@ -237,7 +249,7 @@ def drill(
     killed_at = time.monotonic()
     elapsed_at_kill = training.last_elapsed + (killed_at - training.last_elapsed_at)
     os.kill(pid, sig)
-    result: dict = {"drill": name, "pid": pid}
+    result: dict = {"drill": name, "pid": pid, "training_job": training.job_id}
 
     def recovered() -> bool:
         new = child_pid(up, marker)
@@ -261,10 +273,12 @@ def drill(
     result["training_back_s"] = round(time.monotonic() - killed_at, 2) if back else None
     info = watch(http, training) or {}
     result["training_status"] = info.get("status")
-    lines = resume_lines(info) if info else []
-    if len(lines) > training.resumes_seen:
-        training.resumes_seen = len(lines)
-        checkpoint_s = float(lines[-1].split("(")[-1].split(" s in")[0])
+    runs = run_lines(info) if info else []
+    if len(runs) > training.runs_seen:  # the job started again: from a checkpoint, or from scratch
+        training.runs_seen = len(runs)
+        resumed = "resuming" in runs[-1]
+        checkpoint_s = float(runs[-1].split("(")[-1].split(" s in")[0]) if resumed else 0.0
+        result["resumed_from_checkpoint"] = resumed
         result["resumed_from_s"] = checkpoint_s
         result["work_lost_s"] = round(max(elapsed_at_kill - checkpoint_s, 0.0), 1)
         result["step_before"] = (before.get("metrics") or {}).get("step")
@@ -315,6 +329,12 @@ def main() -> None:
     lost = [job_id for job_id, info in finals.items() if info is None or info["status"] != "finished"]
     recoveries = [d["recovery_s"] for d in drills if d["recovery_s"] is not None]
     lost_work = [d["work_lost_s"] for d in drills if "work_lost_s" in d]
+    resumed = [  # drills after which the training resumed from a checkpoint, and then finished
+        d
+        for d in drills
+        if d.get("resumed_from_checkpoint")
+        and (finals.get(d["training_job"]) or {}).get("status") == "finished"
+    ]
     result = {
         "drills": len(drills),
         "stack_survived": sum(1 for d in drills if d["survived"]),
@@ -324,7 +344,8 @@ def main() -> None:
         "jobs_lost": len(lost),
         "jobs_submitted": len(submitted),
         "lost_jobs": {job_id: finals[job_id] and finals[job_id]["status"] for job_id in lost},
-        "training_resumed": len(lost_work),
+        "training_resumed": len(resumed),
+        "training_restarted": len(lost_work),
         "work_lost_s_max": max(lost_work) if lost_work else 0.0,
         "work_lost_s": lost_work,
         "up_exit_code": code,
