@@ -4,6 +4,8 @@ jobs; and a training cancelled mid-way, which stops within 5 s and resumes from 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -76,6 +78,56 @@ def test_worker_killed_mid_training_is_requeued_and_resumes_from_its_checkpoint(
         summary = http.get(f"/v1/saes/{sae_id}").json()
         assert 200_000 <= summary["tokens"] < 200_000 + 64  # the planned budget, once: not a restart's
         assert not (stack.store_root / "checkpoints" / f"{sae_id}.lock").exists()
+
+
+def test_a_stalled_worker_lets_go_of_a_requeued_training_before_another_resumes_it(make_stack) -> None:
+    """Worker "a" freezes (SIGSTOP: a VM pause, a swap storm) past the heartbeat ttl, so the reaper
+    requeues its training and worker "b" takes it. "b" must not train while "a" may still write
+    checkpoints; once "a" thaws it notices the job is no longer its own, checkpoints, lets go, and
+    "b" resumes from that checkpoint."""
+    stack = make_stack(**FAST_REAPER)
+    first = stack.start_worker("batch", name="a")
+    stack.start_api()
+    stack.wait_ready({"batch": 1})
+    with stack.client() as http:
+        run_id = capture_run(http, LAYER, TEXTS)
+        train = {"batch_size": 64, "token_budget": 200_000, "log_every": 5, "checkpoint_every_s": 1.0}
+        body = {"run_id": run_id, "layer": LAYER, "sae": {"n_latents": 256, "k": 8}, "train": train}
+        submitted = http.post("/v1/saes", json=body).json()
+        job_id, sae_id = submitted["id"], submitted["artifacts"]["sae_id"]
+        wait_for_progress(http, job_id)
+        wait_until(lambda: checkpoints_of(stack, sae_id), 120, "a time-based checkpoint", stack)
+        stack.start_worker("batch", name="b")
+        stack.wait_ready({"batch": 2})
+
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: any(
+                    "requeue 1 of 3" in line for line in http.get(f"/v1/jobs/{job_id}").json()["log"]
+                ),
+                120,
+                "the reaper to requeue the frozen worker's training",
+                stack,
+            )
+            wait_until(
+                lambda: http.get(f"/v1/jobs/{job_id}").json()["status"] == "started", 60, "b to take it"
+            )
+            frozen = checkpoints_of(stack, sae_id)
+            time.sleep(3)
+            assert checkpoints_of(stack, sae_id) == frozen  # b waits for a's lock: no second trainer
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+
+        done = wait_for_job(http, job_id, timeout_s=300)
+        assert done["result"]["sae_id"] == sae_id, done
+        resumed = [line for line in done["log"] if "resuming" in line]
+        assert resumed and int(resumed[-1].split("from step ")[1].split()[0]) >= step_of(frozen[-1]), done[
+            "log"
+        ]
+        assert first.poll() is None, stack.log_tail()  # "a" let go of the job and lives on
+        assert "taken from this worker" in (stack.logs / "a.log").read_text()
+        assert 200_000 <= http.get(f"/v1/saes/{sae_id}").json()["tokens"] < 200_000 + 64
 
 
 def test_reaper_requeues_a_dead_workers_training_three_times_then_fails_it(redis_server) -> None:
