@@ -289,7 +289,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=64, help="documents captured for the training")
     parser.add_argument("--n-latents", type=int, default=2048)
-    parser.add_argument("--token-budget", type=int, default=1_500_000, help="rows the training runs for")
+    parser.add_argument("--token-budget", type=int, default=1_000_000, help="rows the training runs for")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds a drill may take to recover")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds between drills")
     parser.add_argument("--cache", type=Path, default=REPO / ".kestrel", help="converted-weights cache")
