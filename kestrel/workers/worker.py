@@ -239,6 +239,12 @@ class KestrelWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         return self._until_redis(super().run_maintenance_tasks)
 
+    def clean_registries(self) -> None:
+        """rq's registry cleanup fails every expired job as abandoned; ``reap`` goes first, so a
+        dead worker's training is requeued (and every job says why) whichever process gets there."""
+        reap(self.connection, lock_ms=int(self.settings.reaper_interval_s * 800))
+        super().clean_registries()
+
     def set_shutdown_requested_date(self) -> None:
         """Called from the SIGTERM handler: never let an unreachable Redis raise into the job."""
         try:
