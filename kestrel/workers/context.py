@@ -4,6 +4,14 @@ Job functions are thin: they parse their arguments, call the engine and commit. 
 that (writing progress to the job's meta a few times a second, polling the cancel key, turning an
 engine error into the job's public error, requeueing on a worker shutdown) lives here once, in
 the ``job_function`` decorator, so each job function stays a dozen lines.
+
+Redis going away does not stop a running job: a meta save or a cancel check that cannot reach
+Redis is skipped and retried with backoff (0.5 s doubling to 10 s), so the engine keeps working
+and the latest meta lands once Redis answers again. Each save and check also confirms that the
+job is still this worker's: if Redis was unreachable longer than ``heartbeat_ttl_s`` the reaper
+may have requeued the job (a training) or failed it. The job then stops at its next check
+(a training writes a checkpoint first), touches nothing in Redis, and raises ``Superseded``,
+which the worker answers by leaving the job to its new run.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
-from rq.job import Job, Retry
+from rq.job import Job, JobStatus, Retry
 
 from kestrel.core.errors import CancelledError, KestrelError
 from kestrel.settings import Settings, get_settings
@@ -35,6 +45,23 @@ SHUTDOWN = threading.Event()
 SHUTDOWN_RETRIES = 5
 META_SAVE_INTERVAL_S = 0.25
 STOP_CHECK_INTERVAL_S = 0.2
+
+#: Redis failures a running job rides out (retried later) rather than dying of.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+REDIS_RETRY_MIN_S = 0.5
+REDIS_RETRY_MAX_S = 10.0
+
+# Set the job's meta only while the job is still this worker's (started, by this worker name):
+# the check and the write are one atomic step, so a requeued job's meta is never overwritten.
+_SAVE_META_IF_OWNED = """
+local owned = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
+if owned[1] == ARGV[1] and owned[2] == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'meta', ARGV[3])
+  return 1
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return 0
+"""
 
 _cache_lock = threading.Lock()
 _model_cache: ModelCache | None = None
@@ -57,6 +84,37 @@ def model_cache(settings: Settings | None = None) -> ModelCache:
         return _model_cache
 
 
+class Superseded(Exception):  # noqa: N818 (a state, not an error)
+    """The job was requeued or failed while this worker ran it; its new run owns it now."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was taken from this worker (requeued or failed meanwhile)")
+        self.job_id = job_id
+
+
+class RedisBackoff:
+    """When to try Redis next after a failure: 0.5 s, doubling to 10 s, reset by a success."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.delay = 0.0
+        self.next_try = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.next_try
+
+    def failed(self, now: float, exc: BaseException) -> None:
+        if self.delay == 0.0:
+            log.warning("%s: Redis unreachable (%s); retrying with backoff", self.what, exc)
+        self.delay = min(max(self.delay * 2, REDIS_RETRY_MIN_S), REDIS_RETRY_MAX_S)
+        self.next_try = now + self.delay
+
+    def succeeded(self) -> None:
+        if self.delay:
+            log.info("%s: Redis reachable again", self.what)
+        self.delay, self.next_try = 0.0, 0.0
+
+
 class JobContext:
     """A running job's handle on its meta and its stop flag.
 
@@ -77,6 +135,16 @@ class JobContext:
         self._last_save = 0.0
         self._last_stop_check = 0.0
         self._dirty = False
+        self._redis = RedisBackoff(f"job {job.id}" if job is not None else "job")
+
+    @property
+    def attempt(self) -> int:
+        """Which run of this job this is: 1, then 2 after a requeue (shutdown, dead worker)."""
+        return int(self._meta.get("attempts") or 1)
+
+    @property
+    def superseded(self) -> bool:
+        return self.stop_reason == "superseded"
 
     # ---- progress ---------------------------------------------------------------------------
 
@@ -111,12 +179,41 @@ class JobContext:
         self._save(force=True)
 
     def _save(self, force: bool) -> None:
-        if self.job is None or not self._dirty:
+        if self.job is None or not self._dirty or self.superseded:
             return
         now = time.monotonic()
-        if force or now - self._last_save >= META_SAVE_INTERVAL_S:
-            self.job.save_meta()
-            self._last_save, self._dirty = now, False
+        if not (force or now - self._last_save >= META_SAVE_INTERVAL_S) or not self._redis.ready(now):
+            return  # throttled, or Redis is down and not due for another try: stays dirty
+        try:
+            owned = self._save_if_owned()
+        except REDIS_ERRORS as exc:
+            self._redis.failed(now, exc)
+            return
+        self._redis.succeeded()
+        self._last_save, self._dirty = now, False
+        if not owned:
+            self._supersede()
+
+    def _save_if_owned(self) -> bool:
+        """Write the meta if the job is still ours; False when it was taken from this worker."""
+        job = self.job
+        assert job is not None
+        meta = job.serializer.dumps(self._meta)
+        args = (JobStatus.STARTED.value, job.worker_name or "", meta)
+        return job.connection.eval(_SAVE_META_IF_OWNED, 1, job.key, *args) != 0
+
+    def flush(self, deadline_s: float = 30.0) -> None:
+        """Land the latest meta before the job ends, waiting for Redis up to ``deadline_s``."""
+        stop_at = time.monotonic() + deadline_s
+        while self._dirty and not self.superseded and time.monotonic() < stop_at:
+            self._save(force=True)
+            if self._dirty:
+                time.sleep(min(max(self._redis.next_try - time.monotonic(), 0.05), 1.0))
+
+    def _supersede(self) -> None:
+        if not self.superseded:
+            log.warning("job %s: taken from this worker (requeued or failed meanwhile)", self.job.id)
+        self.stop_reason = "superseded"
 
     # ---- stopping -----------------------------------------------------------------------------
 
@@ -130,13 +227,36 @@ class JobContext:
         now = time.monotonic()
         if self.job is not None and now - self._last_stop_check >= STOP_CHECK_INTERVAL_S:
             self._last_stop_check = now
-            if self.job.connection.exists(CANCEL_KEY.format(self.job.id)):
-                self.stop_reason = "cancel"
+            if self._redis.ready(now):
+                self._check_redis(now)
         return self.stop_reason is not None
+
+    def _check_redis(self, now: float) -> None:
+        """One round trip: the cancel key, and whether the job is still this worker's."""
+        job = self.job
+        assert job is not None
+        try:
+            with job.connection.pipeline(transaction=False) as pipe:
+                pipe.exists(CANCEL_KEY.format(job.id))
+                pipe.hmget(job.key, "status", "worker_name")
+                cancelled, (status, worker) = pipe.execute()
+        except REDIS_ERRORS as exc:
+            self._redis.failed(now, exc)
+            return
+        self._redis.succeeded()
+        if cancelled:
+            self.stop_reason = "cancel"
+        elif status is not None and (
+            status.decode() != JobStatus.STARTED.value or (worker or b"").decode() != job.worker_name
+        ):
+            self._supersede()
 
     def stopped(self, what: str, result: dict[str, Any] | None = None) -> dict[str, Any] | Retry:
         """End a job that stopped on request: canceled for a cancel, requeued for a shutdown."""
         result = dict(result or {})
+        if self.superseded:
+            assert self.job is not None
+            raise Superseded(self.job.id)
         if self.stop_reason == "shutdown":
             self.log(f"worker shutting down: {what}; requeued to continue", force=True)
             self.update(message="requeued: the worker shut down", force=True)
@@ -154,6 +274,8 @@ class JobContext:
         The traceback goes to the worker's log only; the job's ``log`` and ``error`` are public
         (any client with the key reads them) and would otherwise show server paths and code.
         """
+        if self.superseded:
+            return
         job_id = self.job.id if self.job is not None else "-"
         if isinstance(exc, KestrelError):
             log.info("job %s failed: %s", job_id, exc.message)
@@ -220,20 +342,28 @@ def job_function(kind: str) -> Callable[[F], F]:
             job = get_current_job()
             ctx = JobContext(kind, job, get_settings())
             ctx._meta.pop("error", None)  # a retried job starts clean
+            if job is not None:  # counted in the job's meta, so a requeued run knows it is one
+                ctx._meta["attempts"] = int(ctx._meta.get("attempts") or 0) + 1
             ctx.update(message="started", force=True)
             try:
                 result = fn(ctx, *args, **kwargs)
             except CancelledError as exc:
-                return ctx.stopped(exc.message)
+                result = ctx.stopped(exc.message)
+            except Superseded:
+                raise
             except BaseException as exc:
                 ctx.fail(exc)
+                ctx.flush()
                 raise
+            if ctx.superseded:
+                raise Superseded(ctx.job.id)  # type: ignore[union-attr]
             if (
                 isinstance(result, dict)
                 and result.get("status") != "canceled"
                 and not isinstance(result, Retry)
             ):
                 ctx.update(progress=1.0, message="finished", force=True)
+            ctx.flush()
             return result
 
         return run  # type: ignore[return-value]

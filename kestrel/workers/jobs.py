@@ -29,7 +29,18 @@ from kestrel.workers import uploads
 from kestrel.workers.context import JobContext, job_function
 from kestrel.workers.queues import LAYERS_KEY
 
-PROGRESS_METRICS = ("step", "tokens", "epoch", "loss", "fvu", "l0", "dead_fraction", "tokens_per_s", "lr")
+PROGRESS_METRICS = (
+    "step",
+    "tokens",
+    "epoch",
+    "loss",
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "tokens_per_s",
+    "lr",
+    "elapsed_s",
+)
 LOG_EVERY_S = 5.0
 LAYERS_CACHE_TTL_S = 30 * 24 * 3600
 
@@ -187,15 +198,62 @@ def train_job(
     sae_id: str,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume) an SAE; a cancel keeps the checkpoint and publishes nothing."""
-    from kestrel.core.sae.pipeline import train_from_run
+    """Train (or resume) an SAE; a cancel keeps the checkpoint and publishes nothing.
+
+    A rerun of the same job (requeued after a worker shutdown, or by the reaper after its worker
+    died) continues from the newest checkpoint, and returns the SAE a previous run had already
+    published when only the job's bookkeeping was lost. One process at a time trains into a
+    checkpoint directory: a rerun whose first run is still alive waits for it to let go.
+    """
+    from kestrel.core.sae.checkpoint import writer_lock
 
     hyper = SAEHyperparameters.model_validate(sae)
     _check_training_caps(ctx, run_id, layer, hyper.n_latents, train)
-    # After a shutdown requeue the same job runs again: continue from its checkpoint if one exists.
-    retried = bool(ctx.job is not None and ctx.job.number_of_retries)
-    resume = resume or (retried and checkpoint_dir(ctx, sae_id).is_dir())
-    ctx.log(f"{'resuming' if resume else 'training'} {sae_id} on {run_id} {layer}")
+    with writer_lock(checkpoint_dir(ctx, sae_id), ctx.should_stop) as held:
+        if not held:
+            return ctx.stopped("stopped while another run of this training let go of its checkpoint")
+        if ctx.attempt > 1 and ctx.store.exists("saes", sae_id):
+            return _published(ctx, sae_id)
+        return _train(ctx, run_id, layer, sae, train, sae_id, resume or _resumable(ctx, sae_id))
+
+
+def _resumable(ctx: JobContext, sae_id: str) -> bool:
+    """A rerun continues when an earlier run left a complete checkpoint (else it starts over)."""
+    from kestrel.core.sae.checkpoint import latest_checkpoint
+
+    return ctx.attempt > 1 and latest_checkpoint(checkpoint_dir(ctx, sae_id)) is not None
+
+
+def _published(ctx: JobContext, sae_id: str) -> dict[str, Any]:
+    """An earlier run of this job published the SAE, then its worker died before saying so."""
+    from kestrel.core.sae.pipeline import get_sae
+
+    summary = get_sae(ctx.store, sae_id)
+    ctx.log(f"{sae_id} was published by an earlier run of this job", force=True)
+    ctx.update(metrics=dict(summary.get("metrics") or {}), force=True)
+    return {"sae_id": sae_id, "status": "complete", "metrics": summary.get("metrics", {})}
+
+
+def _train(
+    ctx: JobContext,
+    run_id: str,
+    layer: str,
+    sae: dict[str, Any],
+    train: dict[str, Any],
+    sae_id: str,
+    resume: bool,
+) -> dict[str, Any]:
+    from kestrel.core.sae.checkpoint import latest_checkpoint, read_checkpoint
+    from kestrel.core.sae.pipeline import train_from_run
+
+    if resume:
+        newest = latest_checkpoint(checkpoint_dir(ctx, sae_id))
+        state = read_checkpoint(newest).meta if newest is not None else {}
+        ctx.record(resumed_from={"step": state.get("step"), "elapsed_s": state.get("elapsed_s")})
+        seconds = float(state.get("elapsed_s") or 0.0)
+        ctx.log(f"resuming {sae_id} on {run_id} {layer} from step {state.get('step')} ({seconds:.1f} s in)")
+    else:
+        ctx.log(f"training {sae_id} on {run_id} {layer}")
     last_log = [0.0]
 
     def on_progress(p: Any) -> None:

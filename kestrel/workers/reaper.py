@@ -1,11 +1,20 @@
-"""Fail the jobs of workers that died, within seconds rather than at rq's next maintenance.
+"""Deal with the jobs of workers that died, within seconds rather than at rq's next maintenance.
 
 A worker refreshes its running job's entry in the started registry every few seconds with a short
 ttl (``heartbeat_ttl_s``). When the worker is SIGKILLed or its machine vanishes the entry expires;
-``StartedJobRegistry.cleanup`` then moves the job to failed (or retries it, if it has retries).
-rq runs that cleanup only every ten minutes, so the API and every worker run ``reap`` every few
-seconds, one of them at a time (a Redis lock), and first write the reason into the job's meta so
-a client reads "worker died" instead of an rq exception name.
+``StartedJobRegistry.cleanup`` then moves the job to failed, or requeues it when it has retries
+left. rq runs that cleanup only every ten minutes, so the API and every worker run ``reap`` every
+few seconds, one of them at a time (a Redis lock), and first decide what becomes of each job:
+
+- a training is requeued (up to ``TRAIN_REQUEUES`` times, counted in its meta as ``requeues``)
+  and its next run resumes from the newest checkpoint, so a dead worker costs at most the
+  training since that checkpoint (``checkpoint_every_s``, a minute by default);
+- any other job fails with code ``worker_died`` and a message saying so. Captures, analyses and
+  discovery write large artifacts and are not resumable, and an interactive job's caller gave up
+  long before the ttl ran out; the client resubmits if it wants to.
+
+If the worker was not dead but cut off from Redis for longer than the ttl, it notices at its
+next check that the job was taken from it and lets go (see ``context.Superseded``).
 """
 
 from __future__ import annotations
@@ -24,9 +33,14 @@ from kestrel.workers.queues import PREFIX, QUEUES, WORKER_DIED
 log = logging.getLogger("kestrel.reaper")
 LOCK_KEY = f"{PREFIX}:reaper-lock"
 
+#: Job kinds a dead worker's job is requeued for (they resume from a checkpoint).
+RESUMABLE_KINDS = frozenset({"train"})
+#: How often one training is requeued after its worker died before it fails for good.
+TRAIN_REQUEUES = 3
+
 
 def reap(redis: Redis, queue_names: tuple[str, ...] = QUEUES, *, lock_ms: int = 2000) -> list[str]:
-    """Fail (or retry) started jobs whose heartbeat expired; return their ids."""
+    """Requeue or fail started jobs whose heartbeat expired; return their ids."""
     if not redis.set(LOCK_KEY, "1", nx=True, px=lock_ms):
         return []
     reaped: list[str] = []
@@ -37,27 +51,44 @@ def reap(redis: Redis, queue_names: tuple[str, ...] = QUEUES, *, lock_ms: int = 
             if _mark_dead(redis, job_id):
                 reaped.append(job_id)
         if expired:
-            registry.cleanup()
-    for job_id in reaped:
-        log.warning("job %s: %s", job_id, WORKER_DIED)
+            registry.cleanup()  # requeues the jobs given a retry above, fails the rest
     return reaped
 
 
 def _mark_dead(redis: Redis, job_id: str) -> bool:
+    """Write what happened into the job's meta; give a resumable job one rq retry."""
     try:
         job = Job.fetch(job_id, connection=redis)
     except NoSuchJobError:
         return False
     if job.get_status(refresh=False) != JobStatus.STARTED:
         return False
+    requeues = int(job.meta.get("requeues") or 0)
+    stamp = time.strftime("%H:%M:%S")
+    if job.meta.get("kind") in RESUMABLE_KINDS and requeues < TRAIN_REQUEUES:
+        job.meta["requeues"] = requeues + 1
+        line = (
+            f"{WORKER_DIED}; requeued to resume from its last checkpoint "
+            f"(requeue {requeues + 1} of {TRAIN_REQUEUES})"
+        )
+        job.meta["message"] = f"requeued: {line}"
+        job.meta.setdefault("log", []).append(f"{stamp} {line}")
+        job.save_meta()
+        redis.hset(job.key, "retries_left", 1)  # StartedJobRegistry.cleanup then requeues it
+        log.warning("job %s: %s", job_id, line)
+        return True
+    message = WORKER_DIED
+    if job.meta.get("kind") in RESUMABLE_KINDS:
+        message += f"; not requeued again after {requeues} requeues"
     job.meta["error"] = {
         "code": "worker_died",
-        "message": WORKER_DIED,
-        "details": {"worker": job.worker_name},
+        "message": message,
+        "details": {"worker": job.worker_name, "requeues": requeues},
     }
-    job.meta["message"] = f"failed: {WORKER_DIED}"
-    job.meta.setdefault("log", []).append(f"{time.strftime('%H:%M:%S')} {WORKER_DIED}")
+    job.meta["message"] = f"failed: {message}"
+    job.meta.setdefault("log", []).append(f"{stamp} {message}")
     job.save_meta()
+    log.warning("job %s: %s", job_id, message)
     return True
 
 

@@ -1,10 +1,24 @@
-"""``kestrel up``: Redis (unless ``REDIS_URL`` names one), interactive, generate and batch workers, the API.
+"""``kestrel up``: Redis (unless ``REDIS_URL`` names one), the workers of ``WORKERS``, the API.
 
-Each part is its own process, as in production (compose runs the same commands), supervised here:
-if one dies the rest are stopped and ``up`` exits non-zero; Ctrl-C stops them all in order (API,
-workers with a warm shutdown that checkpoints and requeues a running training, then Redis, which
-flushes its append-only file). Children run in their own sessions, so the terminal's Ctrl-C
-reaches only the supervisor, which then signals each child once.
+Each part is its own process, as in production (compose runs the same commands), supervised here
+until Ctrl-C. Children run in their own sessions, so the terminal's Ctrl-C reaches only the
+supervisor, which then stops them in order: the API, the workers (a warm shutdown that checkpoints
+and requeues a running training), then Redis, which flushes its append-only file.
+
+What happens when a process dies (SIGKILL, crash, OOM):
+
+- any child (embedded redis-server, a worker, the API): the supervisor logs its exit code and
+  starts it again, the same command on the same port, after a backoff of 0.5 s that doubles with
+  each quick death up to 10 s and resets once the child has stayed up for ``STABLE_AFTER_S``;
+- redis-server: it comes back on the same port with the same append-only file, so queued,
+  running and finished jobs survive (up to the last second of writes after a SIGKILL); workers
+  and the API reconnect by themselves, and a running job keeps running meanwhile (see
+  ``worker`` and ``context``);
+- a worker: its running training is requeued by the reaper once its heartbeat expires and
+  resumes from its last checkpoint; any other running job fails with ``worker_died``;
+- the API: requests in flight fail; queued and running jobs are untouched (they live in Redis);
+- ``up`` itself (SIGKILL): its children keep running, orphaned; stop them by hand. SIGTERM or
+  SIGINT (Ctrl-C) to ``up`` is the one way to stop everything.
 
 Children run with ``HF_HUB_OFFLINE=1`` unless the operator set it: a hub id a client names is read
 from the local cache and never downloaded (see ``kestrel.core.hub``).
@@ -33,6 +47,18 @@ from kestrel.settings import Settings
 
 DEFAULT_REDIS_PORT = 6379
 STOP_TIMEOUT_S = 30.0
+
+#: The workers ``kestrel up`` runs, one process each: (name, queues it takes jobs from).
+WORKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("interactive worker", ("interactive",)),
+    ("generate worker", ("generate",)),
+    ("batch worker", ("batch",)),
+)
+
+RESTART_BACKOFF_MIN_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
+#: A child that stayed up this long is healthy: its next death restarts it after the minimum backoff.
+STABLE_AFTER_S = 30.0
 
 
 def redis_server_binary() -> str:
@@ -109,6 +135,12 @@ class EmbeddedRedis:
         wait_for_redis(self.url, timeout_s, self.process)
         return self
 
+    def launch(self) -> subprocess.Popen:
+        """Start (or start again, same port and directory) and return the process."""
+        self.start()
+        assert self.process is not None
+        return self.process
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM: Redis writes its append-only file and exits."""
         if self.process is not None:
@@ -147,29 +179,116 @@ def stop_process(process: subprocess.Popen, timeout_s: float, sig: int = signal.
     return process.returncode
 
 
+def describe_exit(code: int | None) -> str:
+    """``code 1`` or ``signal SIGKILL`` (Popen reports death by signal N as -N)."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, and its restart backoff."""
+
+    name: str
+    launch: Callable[[], subprocess.Popen]
+    tier: int = 1
+    """Stopped after every child of a higher tier (Redis is 0: it outlives its clients)."""
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = 0.0
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = self.launch()
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+
 @dataclass
 class Supervisor:
-    """Child processes started in order and stopped in reverse order."""
+    """Child processes started in order, restarted with backoff when they die, stopped by tier."""
 
-    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+    echo: Callable[[str], None] = print
+
+    def add(self, name: str, launch: Callable[[], subprocess.Popen], tier: int = 1) -> Child:
+        child = Child(name, launch, tier)
+        child.start()
+        self.children.append(child)
+        return child
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        process = subprocess.Popen(argv, env=env, start_new_session=True)
-        self.children.append((name, process))
-        return process
+        child = self.add(name, lambda: subprocess.Popen(argv, env=env, start_new_session=True))
+        assert child.process is not None
+        return child.process
 
     def first_exited(self) -> tuple[str, int] | None:
-        for name, process in self.children:
-            if process.poll() is not None:
-                return name, process.returncode
+        for child in self.children:
+            code = child.exited()
+            if code is not None:
+                return child.name, code
         return None
 
+    def tick(self) -> None:
+        """Notice dead children and start the ones whose backoff is over."""
+        for child in self.children:
+            code = child.exited()
+            if code is not None and child.restart_at is None:
+                self._schedule_restart(child, code)
+            if child.restart_at is not None and time.monotonic() >= child.restart_at:
+                self._restart(child)
+
+    def _schedule_restart(self, child: Child, code: int) -> None:
+        now = time.monotonic()
+        stable = now - child.started_at >= STABLE_AFTER_S
+        child.backoff_s = (
+            RESTART_BACKOFF_MIN_S
+            if stable or not child.backoff_s
+            else min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+        )
+        child.restart_at = now + child.backoff_s
+        self.echo(
+            f"{_clock()} {child.name} exited with {describe_exit(code)}; restarting in {child.backoff_s:g} s"
+        )
+
+    def _restart(self, child: Child) -> None:
+        child.restarts += 1
+        try:
+            child.start()
+        except Exception as exc:  # redis-server not answering, a binary gone: try again later
+            child.process = None
+            child.backoff_s = min(max(child.backoff_s * 2, RESTART_BACKOFF_MIN_S), RESTART_BACKOFF_MAX_S)
+            child.restart_at = time.monotonic() + child.backoff_s
+            self.echo(f"{_clock()} {child.name} failed to start ({exc}); retrying in {child.backoff_s:g} s")
+            return
+        assert child.process is not None
+        self.echo(f"{_clock()} {child.name} restarted (pid {child.process.pid}, restart {child.restarts})")
+
     def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        for _, process in reversed(self.children):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process in reversed(self.children):
-            stop_process(process, timeout_s)
+        """SIGTERM each tier at once, highest tier first, and wait for it before the next."""
+        for tier in sorted({child.tier for child in self.children}, reverse=True):
+            processes = [
+                child.process
+                for child in reversed(self.children)
+                if child.tier == tier and child.process is not None
+            ]
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in processes:
+                stop_process(process, timeout_s)
+
+
+def _clock() -> str:
+    return time.strftime("%H:%M:%S")
 
 
 def kestrel_command(*args: str) -> list[str]:
@@ -192,30 +311,32 @@ def wait_for_http(url: str, timeout_s: float, supervisor: Supervisor) -> None:
 
 
 def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_REDIS_PORT, echo=print) -> int:
-    """Start everything, print where the docs are, and supervise until Ctrl-C or a child dies.
+    """Start everything, print where the docs are, and supervise until Ctrl-C.
 
     Without ``redis_url`` an embedded Redis listens on ``redis_port``, or on a free port when that
-    one is taken (by a Redis of another project, say: never share its data).
+    one is taken (by a Redis of another project, say: never share its data). A child that dies
+    during startup ends ``up`` (a port taken, a broken install: restarting would not help); after
+    startup every death is answered with a restart.
     """
     store_root = Path(settings.store_root).resolve()
     store_root.mkdir(parents=True, exist_ok=True)
-    embedded: EmbeddedRedis | None = None
-    if redis_url is None:
-        port = redis_port if port_is_free(redis_port) else free_port()
-        embedded = EmbeddedRedis(store_root / "redis", port).start()
-        redis_url = embedded.url
-        echo(f"redis: embedded redis-server on {redis_url} (append-only file in {embedded.directory})")
-    else:
-        wait_for_redis(redis_url, 15.0)
-        echo(f"redis: {redis_url}")
-    env = {**os.environ, "REDIS_URL": redis_url, "KESTREL_STORE_ROOT": str(store_root)}
-    env.setdefault("HF_HUB_OFFLINE", "1")  # no client-named download unless the operator allows it
-    supervisor = Supervisor()
+    supervisor = Supervisor(echo=echo)
     stop = _stop_on_signals()
     try:
-        supervisor.start("interactive worker", kestrel_command("worker", "--queue", "interactive"), env)
-        supervisor.start("generate worker", kestrel_command("worker", "--queue", "generate"), env)
-        supervisor.start("batch worker", kestrel_command("worker", "--queue", "batch"), env)
+        if redis_url is None:
+            port = redis_port if port_is_free(redis_port) else free_port()
+            embedded = EmbeddedRedis(store_root / "redis", port)
+            supervisor.add("redis-server", embedded.launch, tier=0)
+            redis_url = embedded.url
+            echo(f"redis: embedded redis-server on {redis_url} (append-only file in {embedded.directory})")
+        else:
+            wait_for_redis(redis_url, 15.0)
+            echo(f"redis: {redis_url}")
+        env = {**os.environ, "REDIS_URL": redis_url, "KESTREL_STORE_ROOT": str(store_root)}
+        env.setdefault("HF_HUB_OFFLINE", "1")  # no client-named download unless the operator allows it
+        for name, queue_names in WORKERS:
+            queue_args = [arg for queue in queue_names for arg in ("--queue", queue)]
+            supervisor.start(name, kestrel_command("worker", *queue_args), env)
         port = str(settings.port)
         supervisor.start("api", kestrel_command("serve", "--host", settings.host, "--port", port), env)
         base = f"http://{settings.host}:{settings.port}"
@@ -225,17 +346,12 @@ def up(settings: Settings, *, redis_url: str | None, redis_port: int = DEFAULT_R
             _preload(base, settings, echo)
         echo("Press Ctrl-C to stop.")
         while not stop.is_set():
-            exited = supervisor.first_exited()
-            if exited is not None:
-                echo(f"{exited[0]} exited with code {exited[1]}; stopping everything")
-                return 1
+            supervisor.tick()
             stop.wait(0.5)
         return 0
     finally:
         echo("stopping ...")
         supervisor.stop_all()
-        if embedded is not None:
-            embedded.stop()
         echo("stopped")
 
 

@@ -12,6 +12,19 @@ Why not rq's stock workers:
   (which the same thread runs, as does the API) fails it with a reason.
 - SIGTERM/SIGINT ask for a warm shutdown: the running job sees ``should_stop()`` at its next step
   (training saves a checkpoint) and is requeued to continue; then the worker exits.
+- Redis going away (restarted, network cut) is ridden out instead of ending the process: the
+  running job keeps running (``context``: meta saves and cancel checks retry with backoff), the
+  heartbeat thread keeps trying every ``heartbeat_interval_s``, and rq's own bookkeeping (job
+  start, success or failure, worker state, the idle loop) waits for Redis with backoff (0.5 s
+  doubling to 10 s) and then goes on. A job that ends while Redis is down keeps its result in
+  memory (its artifact is already in the store) and records it once Redis answers, unless the
+  job was requeued or failed meanwhile (Redis gone longer than ``heartbeat_ttl_s``): then the
+  job belongs to its new run and this worker leaves it alone.
+
+What happens when it is killed: SIGKILL (or OOM, power loss) stops the heartbeats; after
+``heartbeat_ttl_s`` the reaper (``reaper``) requeues a running training, which resumes from its
+last checkpoint, and fails any other running job with ``worker_died``. ``kestrel up`` restarts the
+process; under compose, its restart policy does.
 
 The same thread publishes a small liveness record (``kestrel:worker:<name>``: queues, state,
 current job, loaded models) that ``/ready`` and ``GET /v1/models`` read, and applies model unload
@@ -24,25 +37,42 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from redis import Redis
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from kestrel.settings import Settings, get_settings
 from kestrel.workers import queues
-from kestrel.workers.context import SHUTDOWN, model_cache
+from kestrel.workers.context import (
+    REDIS_ERRORS,
+    REDIS_RETRY_MAX_S,
+    REDIS_RETRY_MIN_S,
+    SHUTDOWN,
+    RedisBackoff,
+    Superseded,
+    model_cache,
+)
 from kestrel.workers.reaper import reap
 
 log = logging.getLogger("kestrel.worker")
+T = TypeVar("T")
 
 
 class KestrelWorker(SimpleWorker):
-    """An rq ``SimpleWorker`` with short-ttl heartbeats, a liveness record and cooperative stop."""
+    """An rq ``SimpleWorker`` with short-ttl heartbeats, a liveness record, cooperative stop, and
+    bookkeeping that waits for Redis rather than dying without it."""
+
+    # rq's own reconnect loop while idle (it doubles from 1 s): cap it like ours.
+    max_connection_wait_time = REDIS_RETRY_MAX_S
 
     def __init__(
         self, queue_names: list[str], *, connection: Redis, settings: Settings, **kwargs: Any
@@ -69,6 +99,10 @@ class KestrelWorker(SimpleWorker):
         self._beat_thread.start()
 
     def _beat(self) -> None:
+        """Every ``heartbeat_interval_s``: heartbeats, liveness record, unloads, reaper. A tick that
+        cannot reach Redis is logged once and retried at the next tick (the redis client
+        reconnects by itself), so heartbeats resume as soon as Redis is back."""
+        backoff = RedisBackoff("heartbeat")
         while not self._beat_stop.wait(self.settings.heartbeat_interval_s):
             try:
                 running = self._running
@@ -77,7 +111,10 @@ class KestrelWorker(SimpleWorker):
                 self._publish()
                 model_cache(self.settings).apply_unload_requests(self._unload_requests())
                 reap(self.connection, lock_ms=int(self.settings.reaper_interval_s * 800))
-            except Exception as exc:  # keep beating through Redis restarts
+                backoff.succeeded()
+            except REDIS_ERRORS as exc:
+                backoff.failed(time.monotonic(), exc)
+            except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
 
     def _publish(self) -> None:
@@ -107,16 +144,113 @@ class KestrelWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run the job in this process (as SimpleWorker does) with heartbeats flowing meanwhile."""
-        model_cache(self.settings).apply_unload_requests(self._unload_requests())
-        execution = self.prepare_execution(job)
+        model_cache(self.settings).apply_unload_requests(self._until_redis(self._unload_requests))
+        execution = self._until_redis(lambda: self.prepare_execution(job))
         self._running = (job, execution)
-        self._publish()
+        self._until_redis(self._publish)
         try:
             self.perform_job(job, queue, execution)
         finally:
             self._running = None
         self.set_state(WorkerStatus.IDLE)
-        self._publish()
+        self._until_redis(self._publish)
+
+    def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
+        """rq's ``perform_job``, with the bookkeeping after the job waiting for Redis.
+
+        rq records a result right after the job returns and, if Redis is unreachable then, fails
+        the job and ends the worker. Here the result waits (the artifact is in the store already)
+        until Redis answers, and is recorded only if the job is still this worker's.
+        """
+        self._until_redis(lambda: self.prepare_job_execution(job, len(self.queues) == 1))
+        job.started_at = now()
+        timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                return_value = job.perform()
+        except Superseded as exc:
+            log.warning("%s; leaving it to its new run", exc)
+            self._let_go(job, execution)
+            return False
+        except BaseException:
+            exc_info = sys.exc_info()
+            self._record(job, execution, lambda: self._finalize_failure(job, queue, execution, exc_info))
+            return False
+        self._record(job, execution, lambda: self._finalize_success(job, queue, execution, return_value))
+        return True
+
+    def _record(self, job: Job, execution: Any, finalize: Callable[[], None]) -> None:
+        """Run rq's success or failure bookkeeping once Redis answers, if the job is still ours."""
+        while True:
+            owned = self._until_redis(lambda: self._still_owns(job), f"job {job.id}: recording its outcome")
+            if not owned:
+                log.warning("job %s was requeued or failed while Redis was unreachable", job.id)
+                self._let_go(job, execution)
+                return
+            try:
+                job.save_meta()  # the job's last progress, if it could not land while Redis was away
+                finalize()
+                return
+            except REDIS_ERRORS as exc:  # cut off again halfway: the pipeline is all or nothing
+                log.warning("job %s: recording its outcome failed (%s); retrying", job.id, exc)
+                time.sleep(REDIS_RETRY_MIN_S)
+
+    def _still_owns(self, job: Job) -> bool:
+        status, worker = self.connection.hmget(job.key, "status", "worker_name")
+        if status is None:  # the job's hash is gone (expired, deleted): nothing to protect
+            return True
+        return status.decode() == JobStatus.STARTED.value and (worker or b"").decode() == self.name
+
+    def _let_go(self, job: Job, execution: Any) -> None:
+        """Forget this worker's execution of a job that now belongs to another run."""
+        try:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.warning("job %s: could not remove this worker's execution record: %s", job.id, exc)
+
+    # ---- riding out Redis outages -----------------------------------------------------------------
+
+    def _until_redis(self, call: Callable[[], T], what: str = "worker bookkeeping") -> T:
+        """``call()``, retried with backoff (0.5 s doubling to 10 s) while Redis is unreachable."""
+        delay = REDIS_RETRY_MIN_S
+        while True:
+            try:
+                return call()
+            except REDIS_ERRORS as exc:
+                log.warning("%s: Redis unreachable (%s); retrying in %.1f s", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:  # part of a pipeline its caller executes (and retries)
+            return super().heartbeat(timeout, pipeline)
+        return self._until_redis(lambda: super(KestrelWorker, self).heartbeat(timeout))
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            return super().set_state(state, pipeline)
+        return self._until_redis(lambda: super(KestrelWorker, self).set_state(state))
+
+    def check_for_suspension(self, burst: bool) -> None:
+        return self._until_redis(lambda: super(KestrelWorker, self).check_for_suspension(burst))
+
+    def run_maintenance_tasks(self) -> None:
+        return self._until_redis(super().run_maintenance_tasks)
+
+    def clean_registries(self) -> None:
+        """rq's registry cleanup fails every expired job as abandoned; ``reap`` goes first, so a
+        dead worker's training is requeued (and every job says why) whichever process gets there."""
+        reap(self.connection, lock_ms=int(self.settings.reaper_interval_s * 800))
+        super().clean_registries()
+
+    def set_shutdown_requested_date(self) -> None:
+        """Called from the SIGTERM handler: never let an unreachable Redis raise into the job."""
+        try:
+            super().set_shutdown_requested_date()
+        except REDIS_ERRORS as exc:
+            log.warning("could not record the shutdown request: %s", exc)
 
     # ---- shutdown -------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ assertion has a ground truth and nothing needs a model.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,50 @@ def test_checkpoints_are_written_every_n_steps_and_pruned(tmp_path: Path):
         "state.json",
         "tracker.safetensors",
     ]
+
+
+def test_checkpoints_are_written_every_n_seconds_of_training(tmp_path: Path):
+    """The default durability: a checkpoint once ``checkpoint_every_s`` has passed, step count aside."""
+    _, rows = sparse_dictionary_data(2048, n_atoms=32, d=16, active=3, seed=7)
+
+    def slow_chunks(epoch: int):
+        for chunk in chunks_of(rows, 256)(epoch):
+            time.sleep(0.02)  # each step takes longer than checkpoint_every_s
+            yield chunk
+
+    config = SAEConfig(d_in=16, n_latents=32, k=3)
+    timed = TrainConfig(batch_size=256, checkpoint_every_s=0.01, keep_checkpoints=100)
+    train_sae(config, timed, slow_chunks, rows_per_epoch=2048, checkpoint_dir=tmp_path / "timed")
+    assert sorted(p.name for p in (tmp_path / "timed").iterdir()) == [f"step-{i:08d}" for i in range(1, 9)]
+    assert TrainConfig().checkpoint_every_s == 60.0
+    off = TrainConfig(batch_size=256, checkpoint_every_s=None)
+    train_sae(config, off, slow_chunks, rows_per_epoch=2048, checkpoint_dir=tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_one_writer_at_a_time_per_checkpoint_dir(tmp_path: Path):
+    """A requeued training waits for its first run to let go of the checkpoints (flock)."""
+    from kestrel.core.sae.checkpoint import writer_lock
+
+    target = tmp_path / "checkpoints" / "sae-x"
+    asked = []
+
+    def give_up() -> bool:
+        asked.append(True)
+        return True
+
+    with writer_lock(target) as held:
+        assert held
+        target.mkdir()  # a checkpoint was written: the lock file stays with it
+        with writer_lock(target, give_up, poll_s=0.01) as second:
+            assert second is False and asked
+    with writer_lock(target, give_up) as third:
+        assert third is True
+    assert (tmp_path / "checkpoints" / "sae-x.lock").exists()
+    target.rmdir()  # published: moved into the SAE
+    with writer_lock(target) as fourth:
+        assert fourth
+    assert not (tmp_path / "checkpoints" / "sae-x.lock").exists()
 
 
 def test_resume_with_different_settings_is_refused(tmp_path: Path):

@@ -9,15 +9,20 @@
 
 Tensors go through safetensors and the rest through JSON: no pickle anywhere. A checkpoint is
 written under a temporary name and renamed into place, so a reader never sees half of one; the
-newest `keep` are kept.
+newest `keep` are kept. `writer_lock` lets one process at a time train into a checkpoint
+directory (a job requeued while its first worker still runs waits for that worker to let go).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,36 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     found = list_checkpoints(Path(checkpoint_dir))
     return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def writer_lock(
+    checkpoint_dir: Path, should_stop: Callable[[], bool] | None = None, poll_s: float = 0.5
+) -> Iterator[bool]:
+    """Hold an exclusive lock on ``<checkpoint_dir>.lock`` while training into ``checkpoint_dir``.
+
+    Yields True once held, or False when ``should_stop`` said stop while waiting. The kernel
+    releases the lock when its process dies, so a SIGKILLed trainer never leaves it held.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = checkpoint_dir.with_name(checkpoint_dir.name + ".lock")
+    with lock_path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if should_stop is not None and should_stop():
+                    yield False
+                    return
+                time.sleep(poll_s)
+        try:
+            yield True
+        finally:
+            if not checkpoint_dir.exists():  # published (moved into the SAE) or never written
+                lock_path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_checkpoint(

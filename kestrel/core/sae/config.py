@@ -23,6 +23,10 @@ DType = Literal["float32", "float16", "bfloat16"]
 #: that to mean anything (see `TrainConfig.dead_tokens_threshold`). The figure follows sparsify.
 DEAD_TOKENS_CAP = 10_000_000
 
+#: Checkpoint a training run every minute of training by default: a SIGKILLed worker, a lost
+#: machine or an OOM then costs at most about this much work (the job resumes from the checkpoint).
+DEFAULT_CHECKPOINT_EVERY_S = 60.0
+
 
 def invalid_config(error: ValidationError, kind: str) -> InvalidInputError:
     """Turn pydantic's report into the engine's error, one `field: reason (got value)` per line."""
@@ -163,6 +167,14 @@ class TrainConfig(_Config):
     seed: int = 0
     b_dec_init: Literal["mean", "geometric_median"] = "mean"
     checkpoint_every: int | None = Field(default=None, gt=0, description="steps between checkpoints")
+    checkpoint_every_s: float | None = Field(
+        default=DEFAULT_CHECKPOINT_EVERY_S,
+        gt=0,
+        description=(
+            "seconds of training between checkpoints (None: off), besides checkpoint_every; a killed "
+            "worker's training resumes from the last one, so this bounds the work a crash loses"
+        ),
+    )
     keep_checkpoints: int = Field(default=2, gt=0)
     log_every: int = Field(default=10, gt=0, description="steps per history line and progress report")
     device: str | None = Field(
@@ -180,5 +192,5 @@ class TrainConfig(_Config):
 
     def same_trajectory(self, other: TrainConfig) -> bool:
         """Whether resuming under `other` continues this run (bookkeeping fields may differ)."""
-        ignored = {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+        ignored = {"checkpoint_every", "checkpoint_every_s", "keep_checkpoints", "log_every", "device"}
         return self.model_dump(exclude=ignored) == other.model_dump(exclude=ignored)

@@ -255,7 +255,9 @@ def training_history(store: Store, sae_id: str) -> list[dict[str, Any]]:
 
 def delete_sae(store: Store, sae_id: str) -> None:
     store.delete(KIND, validate_id(sae_id, "sae id"))
-    shutil.rmtree(_checkpoint_dir(store, sae_id), ignore_errors=True)
+    checkpoints = _checkpoint_dir(store, sae_id)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.with_name(f"{sae_id}.lock").unlink(missing_ok=True)  # see checkpoint.writer_lock
 
 
 def load_sae(store: Store, sae_id: str, *, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:

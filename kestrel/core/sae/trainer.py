@@ -85,6 +85,9 @@ class Progress:
     """Learning rate of the last step."""
     total_steps: int
     """Planned steps for the whole run."""
+    elapsed_s: float = 0.0
+    """Seconds of training so far, across resumes (what a crash after this report would redo,
+    counted from the last checkpoint's figure)."""
 
 
 @dataclass
@@ -214,6 +217,7 @@ class _Run:
         self.state = RunState(tokens_since_fired_N=self._zeros_N())
         self.initialised = False
         self.last_checkpoint: Path | None = None
+        self.last_checkpoint_at = time.monotonic()
         self.window = _Window(self.device)
 
     def _zeros_N(self) -> Tensor:
@@ -233,6 +237,7 @@ class _Run:
         """Run steps until the data or budget is spent (False) or `should_stop` says so (True)."""
         batches = self._batches(data)
         started = time.perf_counter() - self.state.elapsed_s
+        self.last_checkpoint_at = time.monotonic()
         try:
             while not self._budget_spent():
                 if should_stop is not None and should_stop():
@@ -250,8 +255,7 @@ class _Run:
                 self.state.epoch, self.state.rows_in_epoch = epoch, rows_in_epoch
                 self.state.elapsed_s = time.perf_counter() - started
                 self._log(force=False)
-                every = self.train_config.checkpoint_every
-                if every and self.state.step % every == 0:
+                if self._checkpoint_due():
                     self._checkpoint()
             self._log(force=True)
             return False
@@ -342,6 +346,13 @@ class _Run:
         state.tokens += n_rows
         self.window.add(out, n_rows, lr)
 
+    def _checkpoint_due(self) -> bool:
+        """Every ``checkpoint_every`` steps, and every ``checkpoint_every_s`` seconds of training."""
+        every, every_s = self.train_config.checkpoint_every, self.train_config.checkpoint_every_s
+        if every and self.state.step % every == 0:
+            return True
+        return bool(every_s) and time.monotonic() - self.last_checkpoint_at >= every_s
+
     def _budget_spent(self) -> bool:
         budget = self.train_config.token_budget
         return budget is not None and self.state.tokens >= budget
@@ -376,7 +387,7 @@ class _Run:
         assert state.tokens_since_fired_N is not None
         dead = state.tokens_since_fired_N >= self.plan.dead_tokens_threshold
         progress = self.window.progress(state, float(dead.float().mean()), self.plan)
-        state.history.append(asdict(progress) | {"elapsed_s": round(state.elapsed_s, 3)})
+        state.history.append(asdict(progress))
         if self.on_progress is not None:
             self.on_progress(progress)
 
@@ -392,6 +403,7 @@ class _Run:
         self.last_checkpoint = write_checkpoint(
             self.checkpoint_dir, self.sae, self.optimizer, self.state, extra, keep=keep
         )
+        self.last_checkpoint_at = time.monotonic()
         self.window.restart_clock()
 
     def _training_summary(self) -> dict[str, Any]:
@@ -456,6 +468,7 @@ class _Window:
             tokens_per_s=self.tokens_since_clock / seconds if seconds > 0 else 0.0,
             lr=self.lr,
             total_steps=plan.total_steps,
+            elapsed_s=round(state.elapsed_s, 3),
         )
         self.reset()
         return progress
@@ -564,7 +577,8 @@ def _check_resumable(loaded: LoadedCheckpoint, sae_config: SAEConfig, train_conf
     if not saved_train.same_trajectory(train_config):
         raise InvalidInputError(
             f"checkpoint {loaded.path.name} was trained with different settings; resume with the same "
-            "TrainConfig (only checkpoint_every, keep_checkpoints, log_every and device may change)",
+            "TrainConfig (only checkpoint_every, checkpoint_every_s, keep_checkpoints, log_every and "
+            "device may change)",
             details=_differences(saved_train.model_dump(), train_config.model_dump()),
         )
 
