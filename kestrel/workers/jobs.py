@@ -199,6 +199,7 @@ def train_job(
         on_progress=on_progress,
         should_stop=ctx.should_stop,
         resume=resume,
+        on_warning=lambda warning: ctx.log(f"warning: {warning}", force=True),
     )
     if result.get("status") == "stopped":
         return ctx.stopped(
@@ -209,7 +210,12 @@ def train_job(
     if skipped.get("skipped"):
         ctx.log(f"model-in-the-loop evaluation skipped: {skipped['reason']}", force=True)
     ctx.update(metrics=dict(result.get("metrics") or {}), force=True)
-    return {"sae_id": result.get("id", sae_id), "status": "complete", "metrics": result.get("metrics", {})}
+    return {
+        "sae_id": result.get("id", sae_id),
+        "status": "complete",
+        "metrics": result.get("metrics", {}),
+        "warnings": result.get("warnings", []),
+    }
 
 
 @job_function("evaluate")
@@ -345,14 +351,15 @@ def label_job(
 
 
 def _steering_plan(ctx: JobContext, config: Any, lm: Any):
-    """The config compiled against the loaded model, SAEs from this worker's cache on its device."""
+    """The config compiled against the loaded model, SAEs from this worker's cache on its device;
+    relative (max_activation) edits resolved from the SAE's current discovery result."""
     from kestrel.core import steering
 
     def load(sae_id: str):
         sae, summary = sae_cache.get(ctx, sae_id)
         return sae.to(lm.device), summary
 
-    return steering.compile_plan(config, lm, load_sae=load)
+    return steering.compile_plan(steering.resolve_edits(ctx.store, config), lm, load_sae=load)
 
 
 def _steering_model(ctx: JobContext, config: Any, model: str | None) -> str:
@@ -377,8 +384,8 @@ def steering_preview_job(ctx: JobContext, config: dict[str, Any], model: str | N
 
     cfg = steering.check_config(ctx.store, steering.SteeringConfig.from_dict(config))
     lm = ctx.models.get(_steering_model(ctx, cfg, model))
-    plan = _steering_plan(ctx, cfg, lm)
-    return {**steering.preview(ctx.store, plan.config), "model": lm.name}
+    _steering_plan(ctx, cfg, lm)  # checks layer, widths and latents against the loaded model
+    return {**steering.preview(ctx.store, cfg), "model": lm.name}
 
 
 @job_function("generate")
@@ -407,7 +414,8 @@ def generate_job(
     plan = _steering_plan(ctx, cfg, lm)
     names = {i: c.name for i, c in read_dictionary(ctx.store, cfg.sae_id).items()} if cfg.sae_id else {}
     result = steering.generate_side_by_side(lm, prompts, plan, names=names, **options)
-    return {"model": model, "steering_id": steering_id, **result}
+    warnings = steering.edit_warnings(ctx.store, cfg)
+    return {"model": model, "steering_id": steering_id, **result, "warnings": warnings}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import Tensor
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.sae.base import SAE, LossOutput, LossSettings, create
 from kestrel.core.sae.checkpoint import LoadedCheckpoint, RunState, read_checkpoint, write_checkpoint
-from kestrel.core.sae.config import DEAD_TOKENS_CAP, SAEConfig, TrainConfig, default_lr
+from kestrel.core.sae.config import DEAD_TOKENS_CAP, DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig, default_lr
 from kestrel.core.sae.metrics import evaluate
 
 DataFn = Callable[[int], Iterable[Tensor]]
@@ -171,6 +171,8 @@ def train_sae(
     Every check that needs no data (configs, `init`'s shape, the checkpoint's configs) runs
     before the first read.
     """
+    if train_config.batch_size is None:  # the pipeline chooses it from the run's size first
+        train_config = train_config.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE})
     _check_compatible(sae_config, train_config, init)
     loaded = read_checkpoint(Path(resume_from)) if resume_from is not None else None
     if loaded is not None:
