@@ -591,11 +591,13 @@ def discover(
     dataset = _dataset_spec(text, file, text_field, txt_mode, limit)
     config = DiscoveryConfig(top_n=top_n, window=window, **({"filters": RowFilter()} if keep_sinks else {}))
     lm = _sae_model(the_store, sae_id, model, device)
-    bar = tqdm(desc="discover", unit="tok", unit_scale=True)
+    bar = tqdm(desc="discover")
 
     def show(progress) -> None:
-        bar.n = progress.tokens
-        bar.set_postfix(stage=progress.stage, rows=progress.rows)
+        bar.unit = progress.unit  # rows of a run, documents of a dataset
+        bar.total = progress.total  # None (no total) for a file without --limit
+        bar.n = progress.done
+        bar.set_postfix(stage=progress.stage, tokens=progress.tokens, rows=progress.rows)
         bar.refresh()
 
     try:

@@ -280,10 +280,6 @@ sae_cache = _SAECache()
 # Concepts and steering
 
 
-# The streaming pass's length is not known up front for every source: progress moves by stage.
-DISCOVERY_STAGE_PROGRESS = {"streaming": None, "contexts": 0.9, "done": 0.99}
-
-
 def _sae_model_name(ctx: JobContext, summary: dict[str, Any]) -> str:
     """The model an SAE reads, refusing SAEs of runs whose model the service cannot load."""
     from kestrel.core.sae.pipeline import require_loadable_model
@@ -308,9 +304,10 @@ def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[
     ctx.log(f"discovering the features of {sae_id} with {lm.name}")
 
     def on_progress(p) -> None:
+        read = f"{p.done}/{p.total} {p.unit}" if p.total else f"{p.done} {p.unit}"
         ctx.update(
-            progress=DISCOVERY_STAGE_PROGRESS.get(p.stage),
-            message=f"{p.stage}: {p.tokens} tokens, {p.rows} rows",
+            progress=p.fraction,  # documents read of those known up front; None: unknown length
+            message=f"{p.stage}: {read}, {p.tokens} tokens, {p.rows} rows",
             metrics={"tokens": p.tokens, "rows": p.rows, "tokens_per_s": p.tokens_per_s},
         )
 
