@@ -119,16 +119,14 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
     lm = ctx.models.get(req.model, dtype=req.model_dtype)
     ctx.log(f"capturing {', '.join(req.layers)} into {run_id}")
 
+    last: dict[str, Any] = {}
+
     def on_progress(p) -> None:
+        last.update(docs=p.docs, tokens=p.tokens, batches=p.batches, tokens_per_s=p.tokens_per_s)
         ctx.update(
-            progress=min(p.docs / planned, 0.99) if planned else None,
+            progress=min(p.forwarded / planned, 0.99) if planned else None,
             message=f"{p.docs} documents, {p.tokens} tokens",
-            metrics={
-                "docs": p.docs,
-                "tokens": p.tokens,
-                "batches": p.batches,
-                "tokens_per_s": p.tokens_per_s,
-            },
+            metrics=dict(last),
         )
 
     manifest = capture(
@@ -142,7 +140,12 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
         should_stop=ctx.should_stop,
         dataset_record=req.dataset.model_dump(exclude={"texts"}) | _inline_summary(req.dataset),
     )
-    ctx.log(f"stored {manifest['n_tokens']} tokens from {manifest['n_docs']} documents", force=True)
+    # The last progress report may not have been saved (meta writes are throttled): the final
+    # figures are the run's own, and the job's last message and metrics state them.
+    stored = f"{manifest['n_docs']} documents, {manifest['n_tokens']} tokens"
+    ctx.update(metrics={**last, "docs": manifest["n_docs"], "tokens": manifest["n_tokens"]})
+    ctx.outcome = f"{stored} in run {run_id}"
+    ctx.log(f"stored {stored}", force=True)
     return {"run_id": run_id, "n_tokens": manifest["n_tokens"], "n_docs": manifest["n_docs"]}
 
 
