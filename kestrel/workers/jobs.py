@@ -308,9 +308,11 @@ def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[
 
     def on_progress(p) -> None:
         read = f"{p.done}/{p.total} {p.unit}" if p.total else f"{p.done} {p.unit}"
+        if p.unit != "rows":  # a dataset: its tokens, and the rows the filters kept of them
+            read += f", {p.tokens} tokens, {p.rows} rows"
         ctx.update(
-            progress=p.fraction,  # documents read of those known up front; None: unknown length
-            message=f"{p.stage}: {read}, {p.tokens} tokens, {p.rows} rows",
+            progress=p.fraction,  # of the streaming pass's length when known up front; None: unknown
+            message=f"{p.stage}: {read}",
             metrics={"tokens": p.tokens, "rows": p.rows, "tokens_per_s": p.tokens_per_s},
         )
 
