@@ -101,26 +101,38 @@ def _store(root: Path | None):
     return open_store(root) if root is not None else Settings().open_store()
 
 
+SHORT_CELL = 20  # a column whose cells all fit this many characters never wraps (timestamps, counts)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _print_table(headers: list[str], rows: list[list[str]], *, keep: tuple[str, ...] = ("id",)) -> None:
-    """Print rows under ``headers``; the ``keep`` columns (ids, layer names: what a user copies into
-    the next command) are never cut or wrapped. On a narrow terminal the other columns wrap
-    (``fold``) instead of ending in "…", so nothing printed is ever lost."""
+    """Print rows under ``headers``, never cutting a cell short.
+
+    The ``keep`` columns (ids, layer names: what a user copies into the next command) and short
+    cells never wrap; long text (names, token lists) wraps within its column. When even that does
+    not fit the terminal, the table is printed as wide as it needs and the terminal wraps its
+    lines: an id is never cut to "run-202612…".
+    """
     from rich import box
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    needed = 2 * (len(headers) - 1)  # the gaps between columns
     for i, header in enumerate(headers):
         widest = max([len(header), *(len(row[i]) for row in rows)])
-        if header in keep:
+        if header in keep or widest <= SHORT_CELL:
             table.add_column(header, no_wrap=True, min_width=widest)
+            needed += widest
         else:
-            table.add_column(header, overflow="fold", min_width=min(widest, len(header)))
+            table.add_column(header, overflow="fold", min_width=SHORT_CELL)
+            needed += SHORT_CELL
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    # rich's print never goes wider than its console: a wider table gets a console of its own width
+    out = console if needed <= console.width else Console(width=needed)
+    out.print(table)
 
 
 @app.command()
