@@ -17,8 +17,8 @@ instead, which shows how much the SAE alone changes the model.
 40), so a raw ``clamp 40`` is gentle on one and wrecks the text on the other. An edit's ``unit``
 says what ``value`` counts: ``absolute`` (activation units, the default, what older configs
 mean) or ``max_activation`` (multiples of the largest activation discovery observed for that
-latent, as Neuronpedia and SAELens users read steering strengths: ``clamp 2`` = twice its
-strongest firing). Relative edits are resolved to absolute ones when a plan is compiled
+latent, a scale that carries over from one latent to the next: ``clamp 2`` = twice its strongest
+firing). Relative edits are resolved to absolute ones when a plan is compiled
 (`resolve_edits`), from the SAE's current discovery result; without one they are refused with a
 message saying to run discovery or use ``absolute``. `edit_warnings` flags absolute edits far
 beyond a latent's observed range (preview and generate return them).

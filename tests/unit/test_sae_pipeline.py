@@ -151,6 +151,7 @@ def test_saelens_export_import_round_trip(store, run) -> None:
         ({}, 30_000, 128, False),  # the floor: 234 steps, fewer than 500 but no warning
         ({}, 20_000, 128, True),  # 156 steps at the floor: warned
         ({"batch_size": 4096}, 36_000, 4096, True),  # the case: 8 steps, kept but warned
+        ({"epochs": 3}, 12, 8, True),  # a toy run: the batch fits an epoch's rows
     ],
 )
 def test_batch_size_is_chosen_from_the_run_size(train, rows, batch, warned) -> None:

@@ -59,13 +59,16 @@ def choose_batch_size(train_cfg: TrainConfig, train_rows: int) -> tuple[TrainCon
     ``train_rows`` is the run's training rows per epoch (tokens less the held-out share; the
     attention-sink filter takes a few more, so the step count is an estimate). Rows seen overall
     are ``token_budget`` or ``epochs`` × ``train_rows``. A chosen size is recorded in the SAE's
-    ``train_config``, so a resume continues with the same one.
+    ``train_config``, so a resume continues with the same one. Below `MIN_AUTO_BATCH_SIZE` rows
+    per epoch the batch shrinks to fit them, so even a toy run trains (and is warned about).
     """
     rows_seen = train_cfg.token_budget or train_rows * train_cfg.epochs
     batch = train_cfg.batch_size
     if batch is None:
         batch = DEFAULT_BATCH_SIZE
         while batch > MIN_AUTO_BATCH_SIZE and rows_seen // batch < TARGET_STEPS:
+            batch //= 2
+        while batch > 1 and batch > train_rows:  # a toy run: at least one step per epoch
             batch //= 2
         train_cfg = train_cfg.model_copy(update={"batch_size": batch})
     steps = rows_seen // batch

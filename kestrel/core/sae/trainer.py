@@ -104,8 +104,9 @@ class TrainResult:
 
 
 def resolve_plan(sae_config: SAEConfig, train_config: TrainConfig, rows_per_epoch: int | None) -> TrainPlan:
-    """Fill every "derive from the run" default. Needs the rows per epoch unless a budget is set."""
-    batch = train_config.batch_size
+    """Fill every "derive from the run" default. Needs the rows per epoch unless a budget is set.
+    An unset batch size is `DEFAULT_BATCH_SIZE` here (the pipeline chooses one from the run first)."""
+    batch = train_config.batch_size or DEFAULT_BATCH_SIZE
     if train_config.token_budget is not None:
         total_tokens = train_config.token_budget
         total_steps = math.ceil(total_tokens / batch)
