@@ -132,7 +132,10 @@ async function generate() {
     status($("#gen-status"), `Generated with ${answer.model} (${seconds}).`, "ok");
     showWarnings(answer.warnings ?? []);
   } catch (error) {
-    if (mine === generation) status($("#gen-status"), `Could not generate: ${error.message}`, "err");
+    if (mine === generation) {
+      status($("#gen-status"), `Could not generate: ${error.message}`, "err");
+      showWarnings([]);
+    }
   } finally {
     if (mine === generation) document.querySelectorAll(".gen").forEach((el) => el.classList.remove("busy"));
   }
