@@ -23,7 +23,7 @@ from kestrel.server.deps import require_api_key
 from kestrel.server.errors import error_json, install_error_handlers
 from kestrel.server.limits import BodyLimitMiddleware
 from kestrel.server.metrics import make_registry
-from kestrel.server.responses import JSONLineResponse
+from kestrel.server.responses import JSONNewlineMiddleware
 from kestrel.server.routers import (
     activations,
     analyses,
@@ -78,7 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
-        default_response_class=JSONLineResponse,  # every JSON body ends with a newline
     )
     app.state.settings = settings
     app.state.redis = redis
@@ -109,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_limit=settings.max_request_bytes,
         file_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
     )
+    app.add_middleware(JSONNewlineMiddleware)  # outermost of ours: every JSON body ends with "\n"
     _document_bad_request(app)
     return app
 

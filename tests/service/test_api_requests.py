@@ -302,13 +302,15 @@ def test_training_history_serves_curves_and_null_for_a_diverged_step(client, ser
 
 
 def test_every_json_body_ends_with_a_newline_over_real_http(make_stack) -> None:
-    """Success and error bodies (route errors, validation, bad JSON, body limit, 404 route, 405)
-    end with one newline, and Content-Length counts it: read off a real uvicorn socket."""
+    """Success bodies (pydantic's fast path, the OpenAPI document) and error bodies (route errors,
+    validation, bad JSON, body limit, 404 route, 405) end with one newline, and Content-Length
+    counts it: read off a real uvicorn socket."""
     stack = make_stack(KESTREL_MAX_REQUEST_MB="0.001")
     stack.start_api()
     requests = [
         ("GET", "/health", None, 200),
         ("GET", "/v1/jobs", None, 200),
+        ("GET", "/openapi.json", None, 200),
         ("GET", "/v1/jobs/job-nobody", None, 404),
         ("POST", "/v1/activations", b'{"layers": []}', 422),
         ("POST", "/v1/activations", b'{"layers": [', 422),
