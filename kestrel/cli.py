@@ -67,8 +67,25 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("kestrel")
+        except PackageNotFoundError:  # run from a source tree without installing it
+            from kestrel import __version__ as installed
+        console.print(f"kestrel {installed}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _quiet_transformers() -> None:
+def _quiet_transformers(
+    _version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
     """Our own progress bars only: transformers' per-load bars are noise on a warm cache."""
     from transformers.utils import logging as hf_logging
 
@@ -84,8 +101,38 @@ def _store(root: Path | None):
     return open_store(root) if root is not None else Settings().open_store()
 
 
+SHORT_CELL = 20  # a column whose cells all fit this many characters never wraps (timestamps, counts)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _print_table(headers: list[str], rows: list[list[str]], *, keep: tuple[str, ...] = ("id",)) -> None:
+    """Print rows under ``headers``, never cutting a cell short.
+
+    The ``keep`` columns (ids, layer names: what a user copies into the next command) and short
+    cells never wrap; long text (names, token lists) wraps within its column. When even that does
+    not fit the terminal, the table is printed as wide as it needs and the terminal wraps its
+    lines: an id is never cut to "run-202612…".
+    """
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    needed = 2 * (len(headers) - 1)  # the gaps between columns
+    for i, header in enumerate(headers):
+        widest = max([len(header), *(len(row[i]) for row in rows)])
+        if header in keep or widest <= SHORT_CELL:
+            table.add_column(header, no_wrap=True, min_width=widest)
+            needed += widest
+        else:
+            table.add_column(header, overflow="fold", min_width=SHORT_CELL)
+            needed += SHORT_CELL
+    for row in rows:
+        table.add_row(*row)
+    # rich's print never goes wider than its console: a wider table gets a console of its own width
+    out = console if needed <= console.width else Console(width=needed)
+    out.print(table)
 
 
 @app.command()
@@ -112,12 +159,11 @@ def models(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     rows = available_models(_store(store).local_root)
     if as_json:
         return _print_json(rows)
-    table = Table("name", "source", "installed", "cached", "description")
-    for row in rows:
-        table.add_row(
-            row["name"], row["source"], str(row["installed"]), str(row["cached"]), row["description"]
-        )
-    console.print(table)
+    _print_table(
+        ["name", "source", "installed", "cached", "description"],
+        [[r["name"], r["source"], str(r["installed"]), str(r["cached"]), r["description"]] for r in rows],
+        keep=("name",),
+    )
     console.print("Any Hugging Face hub id (in the local HF cache) or local checkpoint directory also works.")
 
 
@@ -141,16 +187,20 @@ def layers(
     rows = [info for info in lm.layers if kind is None or info.kind == kind]
     if as_json:
         return _print_json([asdict(info) for info in rows])
-    table = Table("name", "kind", "block", "width", "module")
-    for info in rows:
-        table.add_row(
-            info.name,
-            info.kind,
-            "" if info.index is None else str(info.index),
-            str(info.width),
-            info.module_type,
-        )
-    console.print(table)
+    _print_table(
+        ["name", "kind", "block", "width", "module"],
+        [
+            [
+                info.name,
+                info.kind,
+                "" if info.index is None else str(info.index),
+                str(info.width),
+                info.module_type,
+            ]
+            for info in rows
+        ],
+        keep=("name",),
+    )
 
 
 @app.command()
@@ -239,9 +289,8 @@ def runs_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     manifests = list_runs(_store(store))
     if as_json:
         return _print_json(manifests)
-    table = Table("id", "model", "layers", "tokens", "docs", "dtype", "created")
-    for m in manifests:
-        table.add_row(
+    rows = [
+        [
             m["id"],
             m["model"]["name"],
             ", ".join(m["layers"]),
@@ -249,8 +298,10 @@ def runs_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
             f"{m['n_docs']:,}",
             m["dtype"],
             m["created"],
-        )
-    console.print(table)
+        ]
+        for m in manifests
+    ]
+    _print_table(["id", "model", "layers", "tokens", "docs", "dtype", "created"], rows)
 
 
 @runs_app.command("show")
@@ -359,7 +410,9 @@ def train(
     token_budget: Annotated[
         int | None, typer.Option(help="train on this many tokens instead of epochs")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="rows per step")] = 4096,
+    batch_size: Annotated[
+        int | None, typer.Option(help="rows per step [default: 4096, smaller on small runs]")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate [default: scaled with width]")] = None,
     seed: Annotated[int, typer.Option(help="seed of initialisation and data order")] = 0,
     checkpoint_every: Annotated[int | None, typer.Option(help="write a checkpoint every N steps")] = None,
@@ -400,7 +453,15 @@ def train(
 
     try:
         summary = pipeline.train_from_run(
-            _store(store), run_id, layer, sae, train_cfg, sae_id=sae_id, on_progress=show, resume=resume
+            _store(store),
+            run_id,
+            layer,
+            sae,
+            train_cfg,
+            sae_id=sae_id,
+            on_progress=show,
+            resume=resume,
+            on_warning=lambda warning: err_console.print(f"[yellow]warning:[/] {warning}", highlight=False),
         )
     finally:
         bar.close()
@@ -454,20 +515,24 @@ def saes_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     rows = pipeline.list_saes(_store(store))
     if as_json:
         return _print_json(rows)
-    table = Table("id", "status", "layer", "latents", "k", "fvu", "dead", "created")
+    cells = []
     for r in rows:
         c, m = r["config"], r.get("metrics", {})
-        table.add_row(
-            r["id"],
-            r["status"],
-            str(r.get("layer")),
-            str(c["n_latents"]),
-            str(c.get("k")),
-            f"{m['fvu']:.3f}" if "fvu" in m else "",
-            f"{m['dead_fraction']:.1%}" if "dead_fraction" in m else "",
-            r["created"],
+        cells.append(
+            [
+                r["id"],
+                r["status"],
+                str(r.get("layer")),
+                str(c["n_latents"]),
+                str(c.get("k")),
+                f"{m['fvu']:.3f}" if "fvu" in m else "",
+                f"{m['dead_fraction']:.1%}" if "dead_fraction" in m else "",
+                r["created"],
+            ]
         )
-    console.print(table)
+    _print_table(
+        ["id", "status", "layer", "latents", "k", "fvu", "dead", "created"], cells, keep=("id", "layer")
+    )
 
 
 @saes_app.command("delete")
@@ -538,11 +603,13 @@ def discover(
     dataset = _dataset_spec(text, file, text_field, txt_mode, limit)
     config = DiscoveryConfig(top_n=top_n, window=window, **({"filters": RowFilter()} if keep_sinks else {}))
     lm = _sae_model(the_store, sae_id, model, device)
-    bar = tqdm(desc="discover", unit="tok", unit_scale=True)
+    bar = tqdm(desc="discover")
 
     def show(progress) -> None:
-        bar.n = progress.tokens
-        bar.set_postfix(stage=progress.stage, rows=progress.rows)
+        bar.unit = progress.unit  # rows of a run, documents of a dataset
+        bar.total = progress.total  # None (no total) for a file without --limit
+        bar.n = progress.done
+        bar.set_postfix(stage=progress.stage, tokens=progress.tokens, rows=progress.rows)
         bar.refresh()
 
     try:
@@ -584,19 +651,23 @@ def features(
     listing = list_features(the_store, sae_id, search=search, sort=sort, offset=offset, limit=limit)  # type: ignore[arg-type]
     if as_json:
         return _print_json(listing)
-    table = Table("latent", "density", "max", "top tokens", "promotes", "name", "source")
+    rows = []
     for item in listing["items"]:
         concept = item["concept"] or {}
-        table.add_row(
-            str(item["latent"]),
-            f"{item['density']:.2%}",
-            f"{item['max_activation']:.2f}",
-            " ".join(repr(t) for t in item["top_tokens"]),
-            " ".join(repr(t) for t in item["promoted_tokens"][:3]),
-            concept.get("name", ""),
-            concept.get("source", ""),
+        rows.append(
+            [
+                str(item["latent"]),
+                f"{item['density']:.2%}",
+                f"{item['max_activation']:.2f}",
+                " ".join(repr(t) for t in item["top_tokens"]),
+                " ".join(repr(t) for t in item["promoted_tokens"][:3]),
+                concept.get("name", ""),
+                concept.get("source", ""),
+            ]
         )
-    console.print(table)
+    _print_table(
+        ["latent", "density", "max", "top tokens", "promotes", "name", "source"], rows, keep=("latent", "max")
+    )
     console.print(f"{listing['total']:,} matching of {listing['n_latents']:,} latents")
 
 
@@ -720,17 +791,21 @@ def concepts_set(
 
 
 def _parse_edit(value: str, index: int) -> dict[str, Any]:
-    """``LATENT:OP:VALUE`` (op scale, clamp or add), e.g. ``12:clamp:8``."""
+    """``LATENT:OP:VALUE`` (op scale, clamp or add), e.g. ``12:clamp:8``; a VALUE ending in ``x``
+    counts multiples of the latent's max activation from discovery (``12:clamp:3x``)."""
     from kestrel.core.errors import InvalidInputError
 
     parts = value.split(":")
     if len(parts) != 3:
-        raise InvalidInputError(f"--edit {index + 1} {value!r}: expected LATENT:OP:VALUE, e.g. 12:clamp:8")
+        raise InvalidInputError(f"--edit {index + 1} {value!r}: expected LATENT:OP:VALUE, e.g. 12:clamp:3x")
+    amount, unit = parts[2], "absolute"
+    if amount.lower().endswith("x"):
+        amount, unit = amount[:-1], "max_activation"
     try:
-        return {"latent": int(parts[0]), "op": parts[1], "value": float(parts[2])}
+        return {"latent": int(parts[0]), "op": parts[1], "value": float(amount), "unit": unit}
     except ValueError:
         raise InvalidInputError(
-            f"--edit {index + 1} {value!r}: LATENT is an integer, VALUE a number"
+            f"--edit {index + 1} {value!r}: LATENT is an integer, VALUE a number (3x: 3 × the latent's max)"
         ) from None
 
 
@@ -756,7 +831,12 @@ def steer(
     sae: Annotated[str | None, typer.Option("--sae", help="the SAE whose latents --edit names")] = None,
     edit: Annotated[
         list[str] | None,
-        typer.Option("--edit", "-e", help="LATENT:OP:VALUE, op scale|clamp|add (repeatable)"),
+        typer.Option(
+            "--edit",
+            "-e",
+            help="LATENT:OP:VALUE, op scale|clamp|add; VALUEx = VALUE × the latent's max activation "
+            "from discovery, e.g. 1234:clamp:3x (repeatable)",
+        ),
     ] = None,
     direction: Annotated[
         list[str] | None,
@@ -815,8 +895,11 @@ def steer(
         top_latents=top_latents,
         names=names,
     )
+    result["warnings"] = steering.edit_warnings(the_store, config)
     if save:
         result["config_id"] = steering.save_config(the_store, config)["id"]
+    for warning in result["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if as_json:
         return _print_json(result)
     from rich.markup import escape
@@ -844,20 +927,24 @@ def steering_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     records = steering.list_configs(_store(store))
     if as_json:
         return _print_json(records)
-    table = Table("id", "name", "sae", "layer", "edits", "directions", "positions", "created")
-    for r in records:
-        c = r["config"]
-        table.add_row(
+    rows = [
+        [
             r["id"],
-            c.get("name") or "",
-            str(c.get("sae_id")),
-            str(c.get("layer")),
-            str(len(c["edits"])),
-            str(len(c["directions"])),
-            c["positions"],
+            r["config"].get("name") or "",
+            str(r["config"].get("sae_id")),
+            str(r["config"].get("layer")),
+            str(len(r["config"]["edits"])),
+            str(len(r["config"]["directions"])),
+            r["config"]["positions"],
             r["created"],
-        )
-    console.print(table)
+        ]
+        for r in records
+    ]
+    _print_table(
+        ["id", "name", "sae", "layer", "edits", "directions", "positions", "created"],
+        rows,
+        keep=("id", "sae"),
+    )
 
 
 @steering_app.command("show")

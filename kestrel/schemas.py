@@ -121,6 +121,11 @@ class JobInfo(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     location: str = Field(description="where to poll this job")
+    cancel_requested: bool = Field(
+        False,
+        description="a cancel was asked for and the job has not stopped yet: it reads started "
+        "until its next step, then canceled",
+    )
 
 
 class JobPage(Page[JobInfo]):
@@ -521,6 +526,8 @@ class SteeringTouch(BaseModel):
     latent: int
     op: str
     value: float
+    unit: str = Field("absolute", description="what value counts: absolute or max_activation")
+    absolute_value: float = Field(description="value in activation units (scale: the factor itself)")
     name: str | None = None
     source: str | None = None
     density: float | None = None
@@ -547,6 +554,9 @@ class SteeringPreview(BaseModel):
     keep_error: bool
     touches: list[SteeringTouch]
     directions: list[SteeringDirection]
+    warnings: list[str] = Field(
+        default_factory=list, description="edits far beyond their latents' observed activations, and the like"
+    )
     config: SteeringConfig
     job_id: str
 
@@ -589,6 +599,9 @@ class GenerateResponse(BaseModel):
     steering_id: str | None = None
     items: list[GenerationPair]
     seconds: dict[str, float] = Field(description="wall time of each run, default and steered")
+    warnings: list[str] = Field(
+        default_factory=list, description="the steering config's warnings (see steering preview)"
+    )
     job_id: str
 
 

@@ -73,9 +73,14 @@ class CaptureOptions(BaseModel):
 @dataclass
 class CaptureProgress:
     docs: int
+    """Documents read: the highest document index so far, plus one (what the run's n_docs counts)."""
     tokens: int
+    """Rows stored so far: the run's n_tokens at the end."""
     batches: int
     elapsed_s: float
+    forwarded: int = 0
+    """Documents through the model so far. Batches are sorted by length within a window, so the
+    highest index runs ahead; this count grows steadily (use it for a fraction of a known total)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -407,7 +412,7 @@ def _capture_rows(
         rows[ctx.layer] = acts_ND.to(device="cpu", dtype=storage_dtype, non_blocking=True)
 
     hooks = [Detector(name, record) for name in layers] + [stop_after(layers[-1])]
-    started, n_docs, n_batches = time.perf_counter(), 0, 0
+    started, n_docs, n_batches, forwarded = time.perf_counter(), 0, 0, 0
     bar = tqdm(desc="capture", unit="tok", unit_scale=True, disable=not progress_bar)
     with HookManager(lm.model, hooks), torch.inference_mode():
         for batch in batches:
@@ -431,10 +436,11 @@ def _capture_rows(
             run.add(dict(rows), meta)
             n_batches += 1
             n_docs = max(n_docs, int(batch.doc_index_B.max()) + 1)
+            forwarded += len(batch.doc_index_B)
             bar.update(len(meta["token_id"]))
             if on_progress is not None:
                 elapsed = time.perf_counter() - started
-                on_progress(CaptureProgress(n_docs, run.n_tokens, n_batches, elapsed))
+                on_progress(CaptureProgress(n_docs, run.n_tokens, n_batches, elapsed, forwarded))
     bar.close()
     if run.n_tokens == 0:
         raise InvalidInputError(

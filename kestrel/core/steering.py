@@ -13,6 +13,16 @@ an empty edit is exactly the identity; `reference_edit` is the formula written o
 the tests hold the two equal. ``keep_error=False`` replaces h by the edited reconstruction
 instead, which shows how much the SAE alone changes the model.
 
+**Strength.** A latent's activations live on its own scale (one latent peaks at 3, another at
+40), so a raw ``clamp 40`` is gentle on one and wrecks the text on the other. An edit's ``unit``
+says what ``value`` counts: ``absolute`` (activation units, the default, what older configs
+mean) or ``max_activation`` (multiples of the largest activation discovery observed for that
+latent, a scale that carries over from one latent to the next: ``clamp 2`` = twice its strongest
+firing). Relative edits are resolved to absolute ones when a plan is compiled
+(`resolve_edits`), from the SAE's current discovery result; without one they are refused with a
+message saying to run discovery or use ``absolute``. `edit_warnings` flags absolute edits far
+beyond a latent's observed range (preview and generate return them).
+
 Configs are validated when built (ops, finite values, each problem named by its edit index),
 against the SAE when compiled (latent range, layer, widths), and saved under
 ``<root>/steering/<config_id>/`` like any artifact.
@@ -39,11 +49,15 @@ from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "steering"
 EditOp = Literal["scale", "clamp", "add"]
+EditUnit = Literal["absolute", "max_activation"]
 Positions = Literal["all", "prompt", "generated"]
 _OP_CODES = {"scale": 0, "clamp": 1, "add": 2}
 
 
 MAX_MAGNITUDE = 1e6  # far beyond any useful edit; keeps activations, and so logits, finite
+# An edit driving a latent past this many times its largest observed activation gets a warning:
+# on SmolLM2, clamping a latent at ~12x its max already collapses the text into one repeated token.
+WARN_TIMES_MAX = 10.0
 
 
 def _finite(value: float) -> float:
@@ -64,8 +78,20 @@ class LatentEdit(_Item):
     latent: int = Field(ge=0, description="latent index in the config's SAE")
     op: EditOp = Field(description="scale: f·value; clamp: f := value; add: f + value")
     value: float
+    unit: EditUnit = Field(
+        "absolute",
+        description="what value counts for clamp and add: absolute (activation units) or "
+        "max_activation (multiples of the latent's largest activation found by discovery; "
+        "1-4 is a useful range). scale is always a plain factor",
+    )
 
     _check_value = field_validator("value")(_finite)
+
+    @model_validator(mode="after")
+    def _unit_fits_op(self) -> LatentEdit:
+        if self.op == "scale" and self.unit != "absolute":
+            raise ValueError("scale multiplies the activation by value: unit applies only to clamp and add")
+        return self
 
 
 class DirectionEdit(_Item):
@@ -151,6 +177,7 @@ def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
             )
         for i, edit in enumerate(config.edits):
             _check_latent(f"edits[{i}]", edit.latent, n_latents, config.sae_id)
+        resolve_edits(store, config)  # a relative edit needs discovery's max activations: say so now
         config = config.model_copy(update={"layer": config.layer or sae_layer})
     for i, direction in enumerate(config.directions):
         if direction.latent is None:
@@ -159,6 +186,81 @@ def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
         summary = _sae_summary(store, sae_id)
         _check_latent(f"directions[{i}]", direction.latent, int(summary["config"]["n_latents"]), sae_id)
     return config
+
+
+def resolve_edits(store: Store, config: SteeringConfig) -> SteeringConfig:
+    """``config`` with every ``max_activation`` edit turned into an absolute one (value × the
+    latent's observed max activation); absolute configs come back unchanged.
+
+    Raises `InvalidInputError` naming the edit when the SAE has no discovery result, or when the
+    latent never fired in it (its max is 0, so no multiple of it moves anything).
+    """
+    relative = [(i, e) for i, e in enumerate(config.edits) if e.unit == "max_activation"]
+    if not relative:
+        return config
+    stats = _latent_stats(store, config.sae_id, [e.latent for _, e in relative])
+    edits = list(config.edits)
+    for i, edit in relative:
+        where = f"edits[{i}]"
+        if not stats:
+            raise InvalidInputError(
+                f"{where}: unit max_activation needs the latents' observed max activations, and sae "
+                f"{config.sae_id!r} has no discovery result: run discovery first (kestrel discover "
+                f"{config.sae_id}, or POST /v1/saes/{config.sae_id}/features/discover), "
+                "or give unit absolute",
+                details={"where": where, "sae_id": config.sae_id},
+            )
+        peak = stats.get(edit.latent, {}).get("max_activation", 0.0)
+        if peak <= 0:
+            raise InvalidInputError(
+                f"{where}: latent {edit.latent} never fired during discovery (max activation 0), so a "
+                "multiple of its max activation is 0: give unit absolute",
+                details={"where": where, "latent": edit.latent},
+            )
+        edits[i] = edit.model_copy(update={"value": edit.value * peak, "unit": "absolute"})
+    return config.model_copy(update={"edits": edits})
+
+
+def edit_warnings(store: Store, config: SteeringConfig) -> list[str]:
+    """Plain-language warnings about edits far outside what the latents do on real text.
+
+    An edit that drives a latent beyond `WARN_TIMES_MAX` times its largest observed activation
+    (clamp or add to such a value, scale by more than that factor) usually yields degenerate
+    text; without a discovery result strengths cannot be judged, which is said once.
+    """
+    if not config.sae_id or not config.edits:
+        return []
+    stats = _latent_stats(store, config.sae_id, [e.latent for e in config.edits])
+    if not stats:
+        return [
+            f"sae {config.sae_id!r} has no discovery result, so edit strengths cannot be compared with "
+            "what its latents do on real text: run discovery and use unit max_activation"
+        ]
+    warnings = []
+    for i, edit in enumerate(config.edits):
+        peak = stats.get(edit.latent, {}).get("max_activation", 0.0)
+        if edit.unit != "absolute":
+            if abs(edit.value) > WARN_TIMES_MAX:
+                warnings.append(
+                    f"edits[{i}]: {edit.op} {edit.value:g} × max activation on latent {edit.latent} is far "
+                    f"beyond its observed range (more than {WARN_TIMES_MAX:g}×); expect degenerate text"
+                )
+            continue
+        reach = abs(edit.value) if edit.op != "scale" else abs(edit.value) * peak
+        if peak <= 0:
+            if edit.op != "scale" and edit.value != 0:
+                warnings.append(
+                    f"edits[{i}]: latent {edit.latent} never fired during discovery; "
+                    f"{edit.op} {edit.value:g} forces a direction the SAE never used on real text"
+                )
+            continue
+        if reach > WARN_TIMES_MAX * peak:
+            warnings.append(
+                f"edits[{i}]: {edit.op} {edit.value:g} on latent {edit.latent} drives it to "
+                f"{reach / peak:.0f}× its largest observed activation ({peak:.3g}); expect degenerate "
+                f"text. Try unit max_activation with a value of 1-4"
+            )
+    return warnings
 
 
 def _check_latent(where: str, latent: int, n_latents: int, sae_id: str | None) -> None:
@@ -286,6 +388,12 @@ def compile_plan(
             loaded[sae_id], summaries[sae_id] = load_sae(sae_id)
         return loaded[sae_id]
 
+    unresolved = [i for i, e in enumerate(config.edits) if e.unit != "absolute"]
+    if unresolved:
+        raise InvalidInputError(
+            f"edits[{unresolved[0]}]: a max_activation edit must be resolved against the SAE's "
+            "discovery result first (resolve_edits)"
+        )
     if config.sae_id and sae is not None:
         loaded[config.sae_id], summaries[config.sae_id] = sae, {"layer": sae.config.layer}
     main = get(config.sae_id) if config.sae_id else None
@@ -344,11 +452,15 @@ def _direction_vector(
 def plan_from_store(
     store: Store, lm: LoadedModel, config: SteeringConfig, sae: SAE | None = None
 ) -> SteeringPlan:
-    """`compile_plan` with SAEs loaded from the store onto the model's device."""
+    """`compile_plan` with relative edits resolved and SAEs loaded from the store onto the
+    model's device."""
     from kestrel.core.sae.pipeline import load_sae
 
     return compile_plan(
-        config, lm, load_sae=lambda sae_id: load_sae(store, sae_id, device=lm.device), sae=sae
+        resolve_edits(store, config),
+        lm,
+        load_sae=lambda sae_id: load_sae(store, sae_id, device=lm.device),
+        sae=sae,
     )
 
 
@@ -500,10 +612,12 @@ def delete_config(store: Store, config_id: str) -> None:
 
 
 def preview(store: Store, config: SteeringConfig) -> dict[str, Any]:
-    """Validate ``config`` and list what it touches, with the latents' names and statistics."""
+    """Validate ``config`` and list what it touches, with the latents' names and statistics, each
+    edit's value in activation units (``absolute_value``) and `edit_warnings`."""
     from kestrel.core.concepts.dictionary import read_dictionary
 
     config = check_config(store, config)
+    resolved = resolve_edits(store, config)
     touches = []
     if config.sae_id:
         concepts = read_dictionary(store, config.sae_id)
@@ -516,6 +630,8 @@ def preview(store: Store, config: SteeringConfig) -> dict[str, Any]:
                     "latent": edit.latent,
                     "op": edit.op,
                     "value": edit.value,
+                    "unit": edit.unit,
+                    "absolute_value": resolved.edits[i].value,
                     "name": concept.name if concept else None,
                     "source": concept.source if concept else None,
                     **stats.get(edit.latent, {}),
@@ -548,6 +664,7 @@ def preview(store: Store, config: SteeringConfig) -> dict[str, Any]:
         "keep_error": config.keep_error,
         "touches": touches,
         "directions": directions,
+        "warnings": edit_warnings(store, config),
         "config": config.model_dump(mode="json"),
     }
 

@@ -23,6 +23,7 @@ from kestrel.server.deps import ApiKeyMiddleware, require_api_key
 from kestrel.server.errors import error_json, install_error_handlers
 from kestrel.server.limits import BodyLimitMiddleware
 from kestrel.server.metrics import make_registry
+from kestrel.server.responses import JSONNewlineMiddleware
 from kestrel.server.routers import (
     activations,
     analyses,
@@ -94,8 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, prefix="/v1", dependencies=protected)
     app.include_router(ui_router)  # the dashboard: data-free pages, a client of /v1 like any other
     # Middleware, innermost first: body limits, then the API key (checked before any body is
-    # read), metrics (which count the 401s), and CORS outermost (so preflights and errors carry
-    # its headers).
+    # read), the JSON newline (401s and 413s end with one too), metrics (which count the 401s),
+    # and CORS outermost (so preflights and errors carry its headers).
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_request_bytes,
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(JSONNewlineMiddleware)  # every JSON body ends with "\n", 401s and 413s too
     Instrumentator(registry=app.state.metrics_registry, excluded_handlers=["/metrics"]).instrument(app)
     if settings.cors_origins:
         app.add_middleware(

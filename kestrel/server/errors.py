@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kestrel.core.errors import (
@@ -26,6 +25,7 @@ from kestrel.core.errors import (
 )
 from kestrel.core.limits import shown
 from kestrel.schemas import ErrorResponse, JobInfo
+from kestrel.server.responses import JSONLineResponse
 
 log = logging.getLogger("kestrel.server")
 
@@ -103,21 +103,21 @@ def status_for(exc: KestrelError) -> int:
     return 500
 
 
-def error_json(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
+def error_json(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONLineResponse:
     body = {"error": {"code": code, "message": message, "details": jsonable_encoder(details or {})}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONLineResponse(body, status_code=status, headers=headers)
 
 
-async def _kestrel_error(request: Request, exc: KestrelError) -> JSONResponse:
+async def _kestrel_error(request: Request, exc: KestrelError) -> JSONLineResponse:
     return error_json(status_for(exc), exc.code, exc.message, exc.details, getattr(exc, "headers", None))
 
 
-async def _still_running(request: Request, exc: StillRunning) -> JSONResponse:
+async def _still_running(request: Request, exc: StillRunning) -> JSONLineResponse:
     body = jsonable_encoder(exc.job)
-    return JSONResponse(body, status_code=202, headers={"Location": exc.job.location})
+    return JSONLineResponse(body, status_code=202, headers={"Location": exc.job.location})
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONLineResponse:
     errors = [
         {"field": ".".join(str(p) for p in item.get("loc", ())), "reason": item.get("msg", "")}
         for item in exc.errors()
@@ -126,13 +126,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_json(422, "invalid_input", f"invalid request: {text}", {"errors": errors})
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONLineResponse:
     code = CODE_BY_STATUS.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return error_json(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONLineResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_json(500, "internal", "internal server error; see the server log")
 

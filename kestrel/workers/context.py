@@ -135,6 +135,9 @@ class JobContext:
         self._last_save = 0.0
         self._last_stop_check = 0.0
         self._dirty = False
+        self.outcome: str | None = None
+        """What a finished job made, in a few words: its final message reads ``finished: <outcome>``,
+        so the last line a client sees states the final figures (not the last throttled progress)."""
         self._redis = RedisBackoff(f"job {job.id}" if job is not None else "job")
 
     @property
@@ -362,7 +365,8 @@ def job_function(kind: str) -> Callable[[F], F]:
                 and result.get("status") != "canceled"
                 and not isinstance(result, Retry)
             ):
-                ctx.update(progress=1.0, message="finished", force=True)
+                message = f"finished: {ctx.outcome}" if ctx.outcome else "finished"
+                ctx.update(progress=1.0, message=message, force=True)
             ctx.flush()
             return result
 

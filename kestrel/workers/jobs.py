@@ -146,16 +146,14 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
     lm = ctx.models.get(req.model, dtype=req.model_dtype)
     ctx.log(f"capturing {', '.join(req.layers)} into {run_id}")
 
+    last: dict[str, Any] = {}
+
     def on_progress(p) -> None:
+        last.update(docs=p.docs, tokens=p.tokens, batches=p.batches, tokens_per_s=p.tokens_per_s)
         ctx.update(
-            progress=min(p.docs / planned, 0.99) if planned else None,
+            progress=min(p.forwarded / planned, 0.99) if planned else None,
             message=f"{p.docs} documents, {p.tokens} tokens",
-            metrics={
-                "docs": p.docs,
-                "tokens": p.tokens,
-                "batches": p.batches,
-                "tokens_per_s": p.tokens_per_s,
-            },
+            metrics=dict(last),
         )
 
     manifest = capture(
@@ -169,7 +167,12 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
         should_stop=ctx.should_stop,
         dataset_record=req.dataset.model_dump(exclude={"texts"}) | _inline_summary(req.dataset),
     )
-    ctx.log(f"stored {manifest['n_tokens']} tokens from {manifest['n_docs']} documents", force=True)
+    # The last progress report may not have been saved (meta writes are throttled): the final
+    # figures are the run's own, and the job's last message and metrics state them.
+    stored = f"{manifest['n_docs']} documents, {manifest['n_tokens']} tokens"
+    ctx.update(metrics={**last, "docs": manifest["n_docs"], "tokens": manifest["n_tokens"]})
+    ctx.outcome = f"{stored} in run {run_id}"
+    ctx.log(f"stored {stored}", force=True)
     return {"run_id": run_id, "n_tokens": manifest["n_tokens"], "n_docs": manifest["n_docs"]}
 
 
@@ -274,6 +277,7 @@ def _train(
         on_progress=on_progress,
         should_stop=ctx.should_stop,
         resume=resume,
+        on_warning=lambda warning: ctx.log(f"warning: {warning}", force=True),
     )
     if result.get("status") == "stopped":
         return ctx.stopped(
@@ -284,7 +288,12 @@ def _train(
     if skipped.get("skipped"):
         ctx.log(f"model-in-the-loop evaluation skipped: {skipped['reason']}", force=True)
     ctx.update(metrics=dict(result.get("metrics") or {}), force=True)
-    return {"sae_id": result.get("id", sae_id), "status": "complete", "metrics": result.get("metrics", {})}
+    return {
+        "sae_id": result.get("id", sae_id),
+        "status": "complete",
+        "metrics": result.get("metrics", {}),
+        "warnings": result.get("warnings", []),
+    }
 
 
 def _check_training_caps(
@@ -377,10 +386,6 @@ sae_cache = _SAECache()
 # Concepts and steering
 
 
-# The streaming pass's length is not known up front for every source: progress moves by stage.
-DISCOVERY_STAGE_PROGRESS = {"streaming": None, "contexts": 0.9, "done": 0.99}
-
-
 def _sae_model_name(ctx: JobContext, summary: dict[str, Any]) -> str:
     """The model an SAE reads, refusing SAEs of runs whose model the service cannot load."""
     from kestrel.core.sae.pipeline import require_loadable_model
@@ -407,9 +412,12 @@ def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[
     ctx.log(f"discovering the features of {sae_id} with {lm.name}")
 
     def on_progress(p) -> None:
+        read = f"{p.done}/{p.total} {p.unit}" if p.total else f"{p.done} {p.unit}"
+        if p.unit != "rows":  # a dataset: its tokens, and the rows the filters kept of them
+            read += f", {p.tokens} tokens, {p.rows} rows"
         ctx.update(
-            progress=DISCOVERY_STAGE_PROGRESS.get(p.stage),
-            message=f"{p.stage}: {p.tokens} tokens, {p.rows} rows",
+            progress=p.fraction,  # of the streaming pass's length when known up front; None: unknown
+            message=f"{p.stage}: {read}",
             metrics={"tokens": p.tokens, "rows": p.rows, "tokens_per_s": p.tokens_per_s},
         )
 
@@ -450,14 +458,15 @@ def label_job(
 
 
 def _steering_plan(ctx: JobContext, config: Any, lm: Any):
-    """The config compiled against the loaded model, SAEs from this worker's cache on its device."""
+    """The config compiled against the loaded model, SAEs from this worker's cache on its device;
+    relative (max_activation) edits resolved from the SAE's current discovery result."""
     from kestrel.core import steering
 
     def load(sae_id: str):
         sae, summary = sae_cache.get(ctx, sae_id)
         return sae.to(lm.device), summary
 
-    return steering.compile_plan(config, lm, load_sae=load)
+    return steering.compile_plan(steering.resolve_edits(ctx.store, config), lm, load_sae=load)
 
 
 def _steering_model(ctx: JobContext, config: Any, model: str | None) -> str:
@@ -482,8 +491,8 @@ def steering_preview_job(ctx: JobContext, config: dict[str, Any], model: str | N
 
     cfg = steering.check_config(ctx.store, steering.SteeringConfig.from_dict(config))
     lm = ctx.models.get(_steering_model(ctx, cfg, model))
-    plan = _steering_plan(ctx, cfg, lm)
-    return {**steering.preview(ctx.store, plan.config), "model": lm.name}
+    _steering_plan(ctx, cfg, lm)  # checks layer, widths and latents against the loaded model
+    return {**steering.preview(ctx.store, cfg), "model": lm.name}
 
 
 @job_function("generate")
@@ -512,7 +521,8 @@ def generate_job(
     plan = _steering_plan(ctx, cfg, lm)
     names = {i: c.name for i, c in read_dictionary(ctx.store, cfg.sae_id).items()} if cfg.sae_id else {}
     result = steering.generate_side_by_side(lm, prompts, plan, names=names, **options)
-    return {"model": model, "steering_id": steering_id, **result}
+    warnings = steering.edit_warnings(ctx.store, cfg)
+    return {"model": model, "steering_id": steering_id, **result, "warnings": warnings}
 
 
 # ---------------------------------------------------------------------------------------------

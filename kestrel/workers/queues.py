@@ -219,13 +219,18 @@ def describe(job: Job) -> JobInfo:
     progress = float(meta.get("progress") or 0.0)
     if status == "finished":
         progress = 1.0
+    message = str(meta.get("message") or status)
+    stopping = status in ("queued", "started") and cancel_requested(job.connection, job.id)
+    if stopping:
+        message = f"cancel requested, stops at its next step; {message}"
     return JobInfo(
         id=job.id,
         kind=str(meta.get("kind") or job.func_name or "job"),
         queue=job.origin,
         status=status,  # type: ignore[arg-type]
         progress=min(max(progress, 0.0), 1.0),
-        message=str(meta.get("message") or status),
+        message=message,
+        cancel_requested=stopping,
         metrics=dict(meta.get("metrics") or {}),
         log=list(meta.get("log") or [])[-LOG_LINES:],
         error=_error(job, status),
@@ -304,7 +309,10 @@ def cancel(redis: Redis, job_id: str) -> JobInfo:
     """Cancel a job: a queued one never runs; a running one stops at its next check.
 
     A running job is told through a Redis key its job function polls between steps, so it can
-    stop cleanly (training saves a checkpoint) instead of being killed mid-write.
+    stop cleanly (training saves a checkpoint) instead of being killed mid-write. The answer is
+    the job as it is now: a queued job reads ``canceled`` at once; a started one still reads
+    ``started``, with ``cancel_requested`` true, until it stops and reads ``canceled`` (or
+    ``finished``, if it completed before its next check).
     """
     job = fetch(redis, job_id)
     status = public_status(job) if job.get_status() else "failed"

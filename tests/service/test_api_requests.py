@@ -299,3 +299,30 @@ def test_training_history_serves_curves_and_null_for_a_diverged_step(client, ser
         assert_error(client.get("/v1/saes/sae-nowhere/history"), 404, "not_found")
     finally:
         LocalStore(service.store_root).delete("saes", sae_id)
+
+
+def test_every_json_body_ends_with_a_newline_over_real_http(make_stack) -> None:
+    """Success bodies (pydantic's fast path, the OpenAPI document) and error bodies (route errors,
+    validation, bad JSON, body limit, 404 route, 405) end with one newline, and Content-Length
+    counts it: read off a real uvicorn socket."""
+    stack = make_stack(KESTREL_MAX_REQUEST_MB="0.001")
+    stack.start_api()
+    requests = [
+        ("GET", "/health", None, 200),
+        ("GET", "/v1/jobs", None, 200),
+        ("GET", "/openapi.json", None, 200),
+        ("GET", "/v1/jobs/job-nobody", None, 404),
+        ("POST", "/v1/activations", b'{"layers": []}', 422),
+        ("POST", "/v1/activations", b'{"layers": [', 422),
+        ("POST", "/v1/activations", b'{"x": "' + b"y" * 4096 + b'"}', 413),
+        ("GET", "/v1/no-such-route", None, 404),
+        ("DELETE", "/health", None, 405),
+    ]
+    with stack.client() as http:
+        for method, path, body, status in requests:
+            response = http.request(method, path, content=body, headers={"content-type": "application/json"})
+            assert response.status_code == status, (path, response.text)
+            raw = response.content
+            assert raw.endswith(b"\n") and not raw.endswith(b"\n\n"), (path, raw[-40:])
+            assert int(response.headers["content-length"]) == len(raw), path
+            json.loads(raw)

@@ -393,10 +393,12 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
-def test_unload_requests_stay_bounded(http) -> None:
+def test_unload_requests_stay_bounded(make_client) -> None:
     from kestrel.server.services import MAX_UNLOAD_REQUESTS
     from kestrel.workers import queues
 
+    http = make_client(allowed_models=["org/*"])  # names a worker could load: the hash takes them
+    assert_error(http.post("/v1/models/other/model/unload"), 422)  # one it could not: refused
     redis = http.app.state.redis
     redis.hset(queues.UNLOAD_HASH, "org/stale", 1.0)  # long before any live worker's last heartbeat
     for i in range(MAX_UNLOAD_REQUESTS + 20):

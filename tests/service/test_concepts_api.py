@@ -98,7 +98,10 @@ def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str
     )
     bad_op = {"sae_id": sae_id, "edits": [{"latent": 1, "op": "boost", "value": 1}]}
     assert_error(client.post("/v1/steering", json=bad_op), 422)
-    config = {"name": "pasta up", "sae_id": sae_id, "edits": [{"latent": 3, "op": "clamp", "value": 30}]}
+    listing = client.get(f"/v1/saes/{sae_id}/features", params={"sort": "density", "limit": 1}).json()
+    alive = listing["items"][0]["latent"]  # a relative edit needs a latent that fired in discovery
+    relative = {"latent": alive, "op": "clamp", "value": 3, "unit": "max_activation"}  # 3x its max
+    config = {"name": "pasta up", "sae_id": sae_id, "edits": [relative]}
     created = client.post("/v1/steering", json=config)
     assert created.status_code == 201, created.text
     steering_id = created.json()["id"]
@@ -106,7 +109,18 @@ def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str
     assert steering_id in [r["id"] for r in client.get("/v1/steering").json()["items"]]
     preview = client.post("/v1/steering/preview", json={"config_id": steering_id})
     assert preview.status_code == 200, preview.text
-    assert preview.json()["model"] == MODEL and preview.json()["touches"][0]["latent"] == 3
+    assert preview.json()["model"] == MODEL and preview.json()["touches"][0]["latent"] == alive
+    touch = preview.json()["touches"][0]
+    assert touch["unit"] == "max_activation" and touch["absolute_value"] == pytest.approx(
+        3 * touch["max_activation"]
+    )
+    assert preview.json()["warnings"] == []
+    far = {
+        "sae_id": sae_id,
+        "edits": [{"latent": alive, "op": "clamp", "value": 40 * touch["max_activation"]}],
+    }
+    warned = client.post("/v1/steering/preview", json={"config": far}).json()
+    assert len(warned["warnings"]) == 1 and "40× its largest observed activation" in warned["warnings"][0]
 
     prompts = ["The chef", "A goal"]
     steered = client.post(
@@ -115,7 +129,7 @@ def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str
     )
     assert steered.status_code == 200, steered.text
     body = steered.json()
-    assert body["steering_id"] == steering_id and len(body["items"]) == 2
+    assert body["steering_id"] == steering_id and len(body["items"]) == 2 and body["warnings"] == []
     assert any(item["default"]["token_ids"] != item["steered"]["token_ids"] for item in body["items"])
     inline = {
         "prompts": ["The chef"],

@@ -225,12 +225,17 @@ def test_cancel_stops_training_within_5_s_and_it_resumes(client, service) -> Non
 
     cancelled = client.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 202, cancelled.text
+    # What happened, not just "started": the job stops at its next step (or already has).
+    answer = cancelled.json()
+    assert (answer["status"], answer["cancel_requested"]) in (("started", True), ("canceled", False))
+    assert cancelled.content.endswith(b"}\n")
     asked_at = time.monotonic()
     job = wait_for_job(client, job_id, states=("canceled",), timeout_s=30)
     assert time.monotonic() - asked_at < 5.0, f"{job}\n{service.log_tail()}"
     assert job["result"]["resumable"] is True and job["result"]["sae_id"] == sae_id
     assert job["progress"] < 1.0 and job["progress"] >= before["progress"]
     assert sae_id not in [s["id"] for s in client.get("/v1/saes").json()["items"]]
+    assert job["cancel_requested"] is False
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
 
     resumed = client.post("/v1/saes", json={"resume_from": sae_id})

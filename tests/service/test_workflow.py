@@ -62,6 +62,13 @@ def test_capture_train_encode_download_delete(client: httpx.Client, service) -> 
     assert capture_job["result"]["run_id"] == run_id and capture_job["progress"] == 1.0
     manifest = client.get(f"/v1/activations/{run_id}").json()
     assert manifest["layers"][LAYER]["d"] == 576 and manifest["n_docs"] == len(TEXTS)
+    # The job's last word agrees with the run it made, whatever progress report was saved last.
+    final = f"{manifest['n_docs']} documents, {manifest['n_tokens']} tokens in run {run_id}"
+    assert capture_job["message"] == f"finished: {final}", capture_job["message"]
+    assert (capture_job["metrics"]["tokens"], capture_job["metrics"]["docs"]) == (
+        manifest["n_tokens"],
+        manifest["n_docs"],
+    )
     assert run_id in [r["id"] for r in client.get("/v1/activations").json()["items"]]
 
     # train, watching progress rise

@@ -85,6 +85,13 @@ def test_errors_are_one_line_and_exit_2(store_root, args, message) -> None:
     assert "Traceback" not in result.output
 
 
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout == f"kestrel {version('kestrel')}\n"
+
+
 def test_train_eval_list_delete(store_root) -> None:
     texts = [f"Sentence number {i} about rivers, mountains and weather." for i in range(40)]
     args = [a for t in texts for a in ("--text", t)]
@@ -93,17 +100,21 @@ def test_train_eval_list_delete(store_root) -> None:
         "--layer",
         "model.layers.2",
         *args,
-        "--run-id",
-        "small",
         "--device",
         "cpu",
         "--store",
         str(store_root),
+        "--json",
     )
     assert result.exit_code == 0, result.output
+    run_id = json.loads(result.stdout[result.stdout.index("{") :])["id"]
+    # A generated id is long (run-<timestamp>-<hex>): an 80-column table prints it whole.
+    listed = runner.invoke(app, ["runs", "list", "--store", str(store_root)], env={"COLUMNS": "80"})
+    created = json.loads(invoke("runs", "list", "--store", str(store_root), "--json").stdout)[0]["created"]
+    assert {run_id, "model.layers.2", created} <= set(listed.stdout.split()) and "…" not in listed.stdout
     result = invoke(
         "train",
-        "small",
+        run_id,
         "--layer",
         "model.layers.2",
         "--n-latents",
@@ -126,7 +137,9 @@ def test_train_eval_list_delete(store_root) -> None:
     assert "ce_loss_recovered" in json.loads(result.stdout[result.stdout.index("{") :])
     listed = json.loads(invoke("saes", "list", "--store", str(store_root), "--json").stdout)
     assert [s["id"] for s in listed] == ["tiny-sae"]
-    bad = invoke("train", "small", "--layer", "model.layers.2", "--k", "0", "--store", str(store_root))
+    table = runner.invoke(app, ["saes", "list", "--store", str(store_root)], env={"COLUMNS": "40"})
+    assert {"tiny-sae", "model.layers.2", "complete"} <= set(table.stdout.split()) and "…" not in table.stdout
+    bad = invoke("train", run_id, "--layer", "model.layers.2", "--k", "0", "--store", str(store_root))
     assert bad.exit_code == 2 and "k" in bad.output
     assert invoke("saes", "delete", "tiny-sae", "--store", str(store_root)).exit_code == 0
 
@@ -145,3 +158,18 @@ def test_gc_removes_a_crashed_writers_staging_and_keeps_published(tmp_path) -> N
     result = invoke("gc", "--store", str(tmp_path / "s"), "--older-than-hours", "1")
     assert result.exit_code == 0 and "1 leftover(s) removed" in result.stdout
     assert not crashed.directory.exists() and store.list("analyses") == ["kept"]
+
+
+def test_edit_values_ending_in_x_count_max_activations() -> None:
+    from kestrel.cli import _parse_edit
+    from kestrel.core.errors import InvalidInputError
+
+    assert _parse_edit("1234:clamp:3x", 0) == {
+        "latent": 1234,
+        "op": "clamp",
+        "value": 3.0,
+        "unit": "max_activation",
+    }
+    assert _parse_edit("12:add:-0.5", 0) == {"latent": 12, "op": "add", "value": -0.5, "unit": "absolute"}
+    with pytest.raises(InvalidInputError, match="VALUE a number"):
+        _parse_edit("12:clamp:x", 0)

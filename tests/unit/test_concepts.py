@@ -17,7 +17,14 @@ from tiny_models import build
 from topic_corpus import TOPICS, topic_corpus
 
 from kestrel.core import concepts, steering
-from kestrel.core.activations import CaptureOptions, RowBatch, RowFilter, capture, iter_row_batches
+from kestrel.core.activations import (
+    CaptureOptions,
+    RowBatch,
+    RowFilter,
+    capture,
+    get_manifest,
+    iter_row_batches,
+)
 from kestrel.core.concepts.accumulate import FeatureAccumulator, GroupedBottomK, LogBins, pack_rows
 from kestrel.core.concepts.contexts import most_common_per_row
 from kestrel.core.concepts.store import FeatureReader, features_root
@@ -188,6 +195,50 @@ def test_discover_over_a_dataset_equals_the_stored_run(tiny_lm, store, trained, 
     torch.testing.assert_close(data_tables["top_values"], run_tables["top_values"], atol=1e-4, rtol=1e-4)
     assert torch.equal(data_tables["fire_count"], run_tables["fire_count"])
     assert not list(features_root(store, "sae-a").glob("**/docs.jsonl")), "temporary docs are removed"
+
+
+@pytest.mark.parametrize("source", ["run", "texts", "file"])
+def test_discovery_progress_moves_during_the_streaming_pass(
+    tiny_lm, store, trained, tiny_texts, tmp_path, source
+):
+    """Progress counts documents read of those known up front (a run's n_docs, the inline texts, a
+    dataset's limit): it rises during streaming, never falls, and ends at 1.0."""
+    from kestrel.core.datasets import FileSource
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(tiny_texts) + "\n")
+    dataset = {
+        "run": None,
+        "texts": tiny_texts,
+        "file": FileSource(path=str(data), limit=len(tiny_texts) - 10),
+    }
+    seen = []
+    small = {"batch_rows": 64, "token_budget": 256}  # many batches from a small corpus
+    concepts.discover(store, "sae-a", tiny_lm, dataset=dataset[source], config=small, on_progress=seen.append)
+    fractions = [p.fraction for p in seen]
+    assert all(f is not None for f in fractions), fractions
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    streaming = [p.fraction for p in seen if p.stage == "streaming"]
+    assert len(streaming) > 3 and 0 < streaming[0] < 0.5 and streaming[-1] == pytest.approx(0.9)
+    if source == "run":  # rows: every token but each document's position 0
+        manifest = get_manifest(store, trained)
+        assert seen[-1].unit == "rows" and seen[-1].done <= manifest["n_tokens"] - manifest["n_docs"]
+    else:
+        assert seen[-1].unit == "documents"
+        assert seen[-1].done == seen[-1].total == len(tiny_texts) - (10 if source == "file" else 0)
+
+
+def test_discovery_progress_of_a_dataset_of_unknown_length_is_indeterminate(
+    tiny_lm, store, trained, tmp_path
+):
+    from kestrel.core.datasets import FileSource
+
+    data = tmp_path / "texts.txt"
+    data.write_text("one text about pasta\nanother about goals\n")
+    seen = []
+    concepts.discover(store, "sae-a", tiny_lm, dataset=FileSource(path=str(data)), on_progress=seen.append)
+    assert [p.fraction for p in seen if p.stage == "streaming"] == [None]
+    assert [p.fraction for p in seen if p.stage != "streaming"] == [0.9, 1.0]
 
 
 def test_rerun_replaces_whole_and_keeps_the_previous_version(tiny_lm, store, trained) -> None:

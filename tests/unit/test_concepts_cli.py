@@ -78,18 +78,28 @@ def test_discover_features_label_and_dictionary(sae_store, tmp_path) -> None:
 
 def test_steer_side_by_side_save_list_show_delete(sae_store) -> None:
     store = ("--store", str(sae_store))
+    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "1", *store, "--json"))
+    alive = listing["items"][0]["latent"]  # a relative edit needs a latent that fired in discovery
+    other = 5 if alive != 5 else 6
     result = invoke(
-        "steer", "-p", "The weather today", "--sae", "cli-sae", "-e", "3:clamp:40", "-e", "5:scale:0",
+        "steer", "-p", "The weather today", "--sae", "cli-sae",
+        "-e", f"{alive}:clamp:4x", "-e", f"{other}:scale:0",
         "--max-new-tokens", "5", "--top-latents", "2", "--save", "--device", "cpu", *store, "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     out = json_out(result)
     item = out["items"][0]
     assert len(item["steered"]["tokens"]) == 5 and out["config_id"].startswith("steer-")
+    assert out["warnings"] == []
     listed = json_out(invoke("steering", "list", *store, "--json"))
     assert [r["id"] for r in listed] == [out["config_id"]]
     shown = json_out(invoke("steering", "show", out["config_id"], *store))
-    assert [t["latent"] for t in shown["touches"]] == [3, 5]
+    assert [t["latent"] for t in shown["touches"]] == [alive, other]
+    assert shown["touches"][0]["absolute_value"] == pytest.approx(4 * shown["touches"][0]["max_activation"])
+    far_edit = f"{alive}:clamp:{1000 * shown['touches'][0]['max_activation']}"
+    far = invoke("steer", "-p", "x", "--sae", "cli-sae", "-e", far_edit,
+                 "--max-new-tokens", "1", "--device", "cpu", *store)  # fmt: skip
+    assert far.exit_code == 0 and "warning: edits[0]: clamp" in " ".join(far.stderr.split())
     again = invoke("steer", "-p", "The weather today", "--config", out["config_id"], "--max-new-tokens", "5",
                    "--device", "cpu", *store, "--json")  # fmt: skip
     assert json_out(again)["items"][0]["steered"]["text"] == item["steered"]["text"]

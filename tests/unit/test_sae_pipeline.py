@@ -139,3 +139,40 @@ def test_saelens_export_import_round_trip(store, run) -> None:
     with pytest.raises(InvalidInputError):
         pipeline.import_saelens(store, b"{not json", b"", sae_id="bad")
     assert "bad" not in store.list("saes")
+
+
+@pytest.mark.parametrize(
+    ("train", "rows", "batch", "warned"),
+    [
+        ({}, 20_000_000, 4096, False),  # a large run keeps the default
+        ({}, 1_000_000, 1024, False),  # halved until >= 500 steps: 976 steps of 1,024
+        ({"epochs": 4}, 1_000_000, 4096, False),  # epochs count: 976 steps of 4,096
+        ({"token_budget": 300_000}, 20_000_000, 512, False),  # the budget, not the run, decides
+        ({}, 30_000, 128, False),  # the floor: 234 steps, fewer than 500 but no warning
+        ({}, 20_000, 128, True),  # 156 steps at the floor: warned
+        ({"batch_size": 4096}, 36_000, 4096, True),  # the case: 8 steps, kept but warned
+        ({"epochs": 3}, 12, 8, True),  # a toy run: the batch fits an epoch's rows
+    ],
+)
+def test_batch_size_is_chosen_from_the_run_size(train, rows, batch, warned) -> None:
+    from kestrel.core.sae.config import TrainConfig
+
+    chosen, warnings = pipeline.choose_batch_size(TrainConfig.from_dict(train), rows)
+    assert chosen.batch_size == batch
+    steps = (train.get("token_budget") or rows * train.get("epochs", 1)) // batch
+    assert bool(warnings) == (steps < pipeline.FEW_STEPS), (steps, warnings)
+    if warned:
+        assert warnings and f"only about {steps} optimiser steps" in warnings[0]
+
+
+def test_a_tiny_run_trains_with_a_smaller_batch_and_says_so(store, run) -> None:
+    warned: list[str] = []
+    summary = pipeline.train_from_run(
+        store, run, "model.layers.1", SAE, {"seed": 3}, sae_id="sae-small", on_warning=warned.append
+    )
+    n_tokens = pipeline.get_manifest(store, run)["n_tokens"]
+    assert n_tokens < 100 * pipeline.MIN_AUTO_BATCH_SIZE  # the fixture is a tiny run
+    assert summary["train_config"]["batch_size"] == pipeline.MIN_AUTO_BATCH_SIZE
+    assert summary["steps"] >= n_tokens * 0.8 // pipeline.MIN_AUTO_BATCH_SIZE  # not 1 step of 4,096
+    assert summary["warnings"] == warned and "undertrained" in warned[0]
+    assert pipeline.get_sae(store, "sae-small")["warnings"] == warned

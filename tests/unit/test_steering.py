@@ -353,3 +353,90 @@ def test_save_list_get_preview_delete(store, saved_sae, tiny_lm) -> None:
         steering.get_config_record(store, record["id"])
     with pytest.raises(InvalidInputError, match="invalid steering id"):
         steering.get_config_record(store, "../etc")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strength relative to a latent's max activation, and warnings
+
+
+def publish_max_activations(store, sae_id: str, peaks: dict[int, float], n_latents: int = 64) -> None:
+    """A discovery result holding only what steering reads: density and max activation."""
+    from kestrel.core.concepts.store import publish, staging_dir
+
+    max_activation = torch.zeros(n_latents)
+    for latent, peak in peaks.items():
+        max_activation[latent] = peak
+    tensors = {"density": (max_activation > 0).float() * 0.01, "max_activation": max_activation}
+    publish(store, sae_id, staging_dir(store, sae_id), tensors, {}, {"n_latents": n_latents})
+
+
+def test_relative_edits_resolve_to_multiples_of_the_observed_max(store, saved_sae, tiny_lm) -> None:
+    publish_max_activations(store, saved_sae, {7: 3.25, 9: 0.5})
+    relative = SteeringConfig(
+        sae_id=saved_sae,
+        edits=[
+            {"latent": 7, "op": "clamp", "value": 2, "unit": "max_activation"},
+            {"latent": 9, "op": "add", "value": -1.5, "unit": "max_activation"},
+            {"latent": 11, "op": "scale", "value": 0},
+        ],
+    )
+    resolved = steering.resolve_edits(store, relative)
+    assert [(e.op, e.value, e.unit) for e in resolved.edits] == [
+        ("clamp", 6.5, "absolute"),
+        ("add", -0.75, "absolute"),
+        ("scale", 0.0, "absolute"),
+    ]
+    record = steering.save_config(store, relative)
+    assert record["config"]["edits"][0] == {
+        "latent": 7,
+        "op": "clamp",
+        "value": 2.0,
+        "unit": "max_activation",
+    }
+    # The compiled plan steers exactly as the absolute config does.
+    texts = ["the cat sat on the mat", "a second text"]
+    got = steering.steered_forward(tiny_lm, texts, steering.plan_from_store(store, tiny_lm, relative))
+    want = steering.steered_forward(tiny_lm, texts, steering.plan_from_store(store, tiny_lm, resolved))
+    assert torch.equal(got.logits_BTV, want.logits_BTV)
+    preview = steering.preview(store, relative)
+    assert [(t["unit"], t["absolute_value"], t["max_activation"]) for t in preview["touches"][:2]] == [
+        ("max_activation", 6.5, 3.25),
+        ("max_activation", -0.75, 0.5),
+    ]
+    assert preview["warnings"] == []
+    with pytest.raises(InvalidInputError, match="must be resolved"):
+        steering.compile_plan(relative, tiny_lm, load_sae=loader(make_sae(32)))
+
+
+def test_relative_edits_need_discovery_and_a_latent_that_fired(store, saved_sae) -> None:
+    edit = {"latent": 7, "op": "clamp", "value": 2, "unit": "max_activation"}
+    with pytest.raises(InvalidInputError, match=r"edits\[0\]: .*no discovery result: run discovery first"):
+        steering.save_config(store, SteeringConfig(sae_id=saved_sae, edits=[edit]))
+    publish_max_activations(store, saved_sae, {9: 1.0})
+    with pytest.raises(InvalidInputError, match=r"edits\[0\]: latent 7 never fired .*give unit absolute"):
+        steering.save_config(store, SteeringConfig(sae_id=saved_sae, edits=[edit]))
+    with pytest.raises(InvalidInputError, match=r"unit applies only to clamp and add"):
+        SteeringConfig(sae_id=saved_sae, edits=[{**edit, "op": "scale"}])
+    assert steering.list_configs(store) == []
+    # A config saved before units existed reads as absolute.
+    old = SteeringConfig.from_dict({"sae_id": saved_sae, "edits": [{"latent": 9, "op": "clamp", "value": 4}]})
+    assert old.edits[0].unit == "absolute" and steering.resolve_edits(store, old) == old
+
+
+def test_preview_warns_about_edits_far_beyond_the_observed_max(store, saved_sae) -> None:
+    absolute = SteeringConfig(
+        sae_id=saved_sae,
+        edits=[
+            {"latent": 7, "op": "clamp", "value": 40},  # the README's old example: 12x a max of 3.3
+            {"latent": 9, "op": "clamp", "value": 8},  # 8x: strong but within range
+            {"latent": 11, "op": "scale", "value": 20},
+            {"latent": 12, "op": "add", "value": 30, "unit": "max_activation"},
+        ],
+    )
+    blind = steering.edit_warnings(store, absolute)
+    assert len(blind) == 1 and "no discovery result" in blind[0]
+    publish_max_activations(store, saved_sae, {7: 3.3, 9: 1.0, 11: 0.5, 12: 2.0})
+    warnings = steering.preview(store, absolute)["warnings"]
+    assert len(warnings) == 3, warnings
+    assert warnings[0].startswith("edits[0]: clamp 40 on latent 7 drives it to 12× its largest observed")
+    assert warnings[1].startswith("edits[2]: scale 20") and warnings[2].startswith("edits[3]: add 30 ×")

@@ -88,6 +88,9 @@ class DiscoveryConfig(_Config):
             )
 
 
+STREAMING_SHARE = 0.9  # of a discovery's time: the rest is contexts and logit effects
+
+
 @dataclass
 class DiscoveryProgress:
     rows: int
@@ -97,10 +100,30 @@ class DiscoveryProgress:
     batches: int
     elapsed_s: float
     stage: str = "streaming"
+    done: int = 0
+    """How far the streaming pass is, in `unit`: rows read from a run (after filters), documents
+    of a dataset through the model."""
+    total: int | None = None
+    """`done` at the end of the pass, when known up front: a run's rows less the filtered
+    position-0 rows (an estimate: special tokens and outliers are not counted), the inline texts,
+    or a dataset's ``limit``; None for a file or hub dataset without a limit."""
+    unit: str = "rows"
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def fraction(self) -> float | None:
+        """0..1, monotonic over one discovery: the streaming pass is `STREAMING_SHARE` of it,
+        measured by `done` of `total`; None while streaming a source of unknown length."""
+        if self.stage == "done":
+            return 1.0
+        if self.stage != "streaming":
+            return STREAMING_SHARE
+        if not self.total:
+            return None
+        return STREAMING_SHARE * min(1.0, self.done / self.total)
 
 
 @dataclass
@@ -108,6 +131,8 @@ class _Batch:
     acts_ND: Tensor
     rows_N: Tensor
     n_tokens: int
+    done: int
+    """Progress of the pass after this batch: rows read so far (a run), documents forwarded (a dataset)."""
 
 
 ProgressFn = Callable[[DiscoveryProgress], None]
@@ -138,7 +163,7 @@ def discover(
         raise InvalidInputError(f"sae {sae_id!r} does not record the layer it reads")
     if dataset is not None and run_id is not None:
         raise InvalidInputError("give a dataset or a run, not both")
-    source = _source(store, summary, lm, layer, sae, run_id, dataset)
+    source = _source(store, summary, lm, layer, sae, run_id, dataset, config.filters)
     started = time.perf_counter()
     staging = features_store.staging_dir(store, sae_id)
     try:
@@ -152,11 +177,17 @@ def discover(
             seed=config.seed,
         )
         batches = _stream(source, lm, layer, config, docs_path)
-        n_tokens = _accumulate(accumulator, sae, batches, started, on_progress, should_stop)
+        n_tokens, done = _accumulate(
+            accumulator, sae, batches, started, on_progress, should_stop, source["total"], source["unit"]
+        )
         n_tokens = source.get("n_tokens", n_tokens)  # a run's reader yields rows after its filters
         streaming_s = time.perf_counter() - started
         if on_progress is not None:
-            on_progress(DiscoveryProgress(accumulator.n_rows, n_tokens, 0, streaming_s, "contexts"))
+            on_progress(
+                DiscoveryProgress(
+                    accumulator.n_rows, n_tokens, 0, streaming_s, "contexts", done, done, source["unit"]
+                )
+            )
         tables = accumulator.finish()
         del accumulator  # the kept sets are in the tables now; free them before the contexts
         tensors = _tables_with_contexts(
@@ -173,7 +204,9 @@ def discover(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if on_progress is not None:
-        on_progress(DiscoveryProgress(tables.n_rows, n_tokens, 0, total_s, "done"))
+        on_progress(
+            DiscoveryProgress(tables.n_rows, n_tokens, 0, total_s, "done", done, done, source["unit"])
+        )
     return manifest
 
 
@@ -228,6 +261,7 @@ def _source(
     sae: SAE,
     run_id: str | None,
     dataset: DatasetSpec | Sequence[str] | None,
+    config_filters: RowFilter,
 ) -> dict[str, Any]:
     """Check the source against the SAE and the model before any work; describe it."""
     if dataset is not None:
@@ -244,6 +278,8 @@ def _source(
             "max_length": None,
             "norm_median": _training_norm_median(store, summary, layer, lm.name),
             "describe": {"kind": "dataset", "dataset": _describe(spec)},
+            "total": _expected_docs(spec),
+            "unit": "documents",
         }
     run_id = run_id or summary.get("run_id")
     if not run_id:
@@ -272,8 +308,27 @@ def _source(
         "docs_path": store.local_path("activations", run_id, "docs.jsonl"),
         "max_length": int(manifest["options"]["max_length"]),
         "n_tokens": int(manifest["n_tokens"]),
+        "total": _expected_rows(manifest, config_filters),
+        "unit": "rows",
         "describe": {"kind": "run", "run_id": run_id},
     }
+
+
+def _expected_rows(manifest: dict[str, Any], filters: RowFilter) -> int:
+    """Rows a filtered read of the run yields, near enough for progress: every token, less one
+    position-0 row per document when those are skipped."""
+    n_tokens = int(manifest["n_tokens"])
+    return n_tokens - int(manifest["n_docs"]) if filters.skip_position_0 else n_tokens
+
+
+def _expected_docs(spec: Any) -> int | None:
+    """Documents a dataset will yield, when known before reading it: inline texts, or a limit
+    (an upper bound: a shorter file ends early, and progress then jumps at the end)."""
+    limit = getattr(spec, "limit", None)
+    texts = getattr(spec, "texts", None)
+    if texts is not None:
+        return min(len(texts), limit) if limit is not None else len(texts)
+    return limit
 
 
 def _describe(spec: Any) -> dict[str, Any]:
@@ -304,6 +359,7 @@ def _stream(
 
 def _run_batches(source: dict[str, Any], layer: str, config: DiscoveryConfig) -> Iterator[_Batch]:
     """Rows read from the store; the filters see the run's recorded norm median."""
+    rows = 0
     for batch in iter_row_batches(
         source["store"],
         source["run_id"],
@@ -311,7 +367,8 @@ def _run_batches(source: dict[str, Any], layer: str, config: DiscoveryConfig) ->
         batch_size=config.batch_rows,
         filters=config.filters,
     ):
-        yield _Batch(batch.acts_ND, pack_rows(batch.doc_index_N, batch.position_N), len(batch))
+        rows += len(batch)
+        yield _Batch(batch.acts_ND, pack_rows(batch.doc_index_N, batch.position_N), len(batch), rows)
 
 
 def _dataset_batches(
@@ -329,6 +386,7 @@ def _dataset_batches(
 
     special_ids = torch.tensor(sorted(lm.tokenizer.all_special_ids), dtype=torch.long, device=lm.device)
     norm_median = source["norm_median"]
+    docs_done = 0
     with docs_path.open("w", encoding="utf-8") as docs_file:
         batches = token_batches(
             _tee_docs(iter_texts(source["spec"]), docs_file),
@@ -361,7 +419,8 @@ def _dataset_batches(
                 doc_BT = batch.doc_index_B.to(lm.device)[:, None].expand_as(ids_BT)
                 rows_N = pack_rows(doc_BT[keep_BT], positions_BT[keep_BT])
                 docs_file.flush()
-                yield _Batch(acts_ND, rows_N, batch.n_tokens)
+                docs_done += len(batch.doc_index_B)  # a document is one row of one batch
+                yield _Batch(acts_ND, rows_N, batch.n_tokens, docs_done)
 
 
 def _tee_docs(texts: Iterator[str], docs_file: IO[str]) -> Iterator[str]:
@@ -377,9 +436,12 @@ def _accumulate(
     started: float,
     on_progress: ProgressFn | None,
     should_stop: Callable[[], bool] | None,
-) -> int:
-    """Encode each batch (in chunks, so a dense-code SAE never makes a huge matrix) and fold it in."""
-    n_tokens = n_batches = 0
+    total: int | None,
+    unit: str,
+) -> tuple[int, int]:
+    """Encode each batch (in chunks, so a dense-code SAE never makes a huge matrix) and fold it in;
+    return the tokens read and how far the pass went (`DiscoveryProgress.done`)."""
+    n_tokens = n_batches = done = 0
     with torch.inference_mode():
         for batch in batches:
             if should_stop is not None and should_stop():
@@ -390,12 +452,17 @@ def _accumulate(
                 accumulator.add(encoded.acts, encoded.indices, batch.rows_N[chunk])
             n_tokens += batch.n_tokens
             n_batches += 1
+            done = batch.done
             if on_progress is not None:
                 elapsed = time.perf_counter() - started
-                on_progress(DiscoveryProgress(accumulator.n_rows, n_tokens, n_batches, elapsed))
+                on_progress(
+                    DiscoveryProgress(
+                        accumulator.n_rows, n_tokens, n_batches, elapsed, "streaming", done, total, unit
+                    )
+                )
     if accumulator.n_rows == 0:
         raise InvalidInputError("no rows to discover on: the source is empty or every row was filtered out")
-    return n_tokens
+    return n_tokens, done
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ DType = Literal["float32", "float16", "bfloat16"]
 #: A latent that has not fired for this many tokens is dead, unless the run is too short for
 #: that to mean anything (see `TrainConfig.dead_tokens_threshold`). The figure follows sparsify.
 DEAD_TOKENS_CAP = 10_000_000
+DEFAULT_BATCH_SIZE = 4096  # rows per step when the run is large enough (see pipeline.choose_batch_size)
 
 #: Checkpoint a training run every minute of training by default: a SIGKILLed worker, a lost
 #: machine or an OOM then costs at most about this much work (the job resumes from the checkpoint).
@@ -137,7 +138,12 @@ class TrainConfig(_Config):
     """How the SAE is trained. `None` means "derive from the run" (see `resolve_plan`)."""
 
     lr: float | None = Field(default=None, gt=0, description="Adam learning rate; default scales with width")
-    batch_size: int = Field(default=4096, gt=0)
+    batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="rows per optimiser step; default 4096, halved on small runs down to 128 so that "
+        "training takes at least 500 steps (see kestrel.core.sae.pipeline.choose_batch_size)",
+    )
     epochs: int = Field(default=1, gt=0, description="passes over the data, unless token_budget is set")
     token_budget: int | None = Field(
         default=None, gt=0, description="train on this many rows, cycling epochs as needed; overrides epochs"

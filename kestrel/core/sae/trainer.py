@@ -27,7 +27,7 @@ from kestrel.core.errors import InvalidInputError
 from kestrel.core.models import resolve_device
 from kestrel.core.sae.base import SAE, LossOutput, LossSettings, create
 from kestrel.core.sae.checkpoint import LoadedCheckpoint, RunState, read_checkpoint, write_checkpoint
-from kestrel.core.sae.config import DEAD_TOKENS_CAP, SAEConfig, TrainConfig, default_lr
+from kestrel.core.sae.config import DEAD_TOKENS_CAP, DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig, default_lr
 from kestrel.core.sae.metrics import evaluate
 
 DataFn = Callable[[int], Iterable[Tensor]]
@@ -108,8 +108,9 @@ class TrainResult:
 
 
 def resolve_plan(sae_config: SAEConfig, train_config: TrainConfig, rows_per_epoch: int | None) -> TrainPlan:
-    """Fill every "derive from the run" default. Needs the rows per epoch unless a budget is set."""
-    batch = train_config.batch_size
+    """Fill every "derive from the run" default. Needs the rows per epoch unless a budget is set.
+    An unset batch size is `DEFAULT_BATCH_SIZE` here (the pipeline chooses one from the run first)."""
+    batch = train_config.batch_size or DEFAULT_BATCH_SIZE
     if train_config.token_budget is not None:
         total_tokens = train_config.token_budget
         total_steps = math.ceil(total_tokens / batch)
@@ -175,6 +176,8 @@ def train_sae(
     Every check that needs no data (configs, `init`'s shape, the checkpoint's configs) runs
     before the first read.
     """
+    if train_config.batch_size is None:  # the pipeline chooses it from the run's size first
+        train_config = train_config.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE})
     _check_compatible(sae_config, train_config, init)
     loaded = read_checkpoint(Path(resume_from)) if resume_from is not None else None
     if loaded is not None:

@@ -106,6 +106,13 @@ function showGeneration(el, prompt, generated) {
   fill(el, h("span", { class: "prompt" }, prompt), h("span", { class: "cont" }, generated.text));
 }
 
+/** The server's warnings about the edits (e.g. a latent driven far beyond its observed maximum). */
+function showWarnings(warnings) {
+  const list = $("#gen-warnings");
+  fill(list, warnings.map((w) => h("li", {}, `Warning: ${w}`)));
+  list.hidden = warnings.length === 0;
+}
+
 async function generate() {
   const sae = currentSae();
   const prompt = $("#prompt").value;
@@ -127,8 +134,12 @@ async function generate() {
     showGeneration($("#steered-output"), prompt, item.steered);
     const seconds = Object.entries(answer.seconds).map(([k, v]) => `${k} ${num(v, 2)} s`).join(", ");
     status($("#gen-status"), `Generated with ${answer.model} (${seconds}).`, "ok");
+    showWarnings(answer.warnings ?? []);
   } catch (error) {
-    if (mine === generation) status($("#gen-status"), `Could not generate: ${error.message}`, "err");
+    if (mine === generation) {
+      status($("#gen-status"), `Could not generate: ${error.message}`, "err");
+      showWarnings([]);
+    }
   } finally {
     if (mine === generation) document.querySelectorAll(".gen").forEach((el) => el.classList.remove("busy"));
   }
