@@ -98,7 +98,7 @@ def print_table(headers: list[str], rows: list[list[str]], *, keep: tuple[str, .
     out.print(table)
 
 
-def txt_mode(value: str) -> Literal["line", "file"]:
+def check_txt_mode(value: str) -> Literal["line", "file"]:
     from kestrel.core.errors import InvalidInputError
 
     if value not in ("line", "file"):
@@ -106,7 +106,7 @@ def txt_mode(value: str) -> Literal["line", "file"]:
     return value  # type: ignore[return-value]
 
 
-def storage_dtype(value: str) -> Literal["fp16", "bf16", "fp32"]:
+def check_storage_dtype(value: str) -> Literal["fp16", "bf16", "fp32"]:
     from kestrel.core.errors import InvalidInputError
 
     if value not in ("fp16", "bf16", "fp32"):
@@ -124,7 +124,7 @@ def dataset_spec(text: list[str] | None, file: Path | None, text_field: str, mod
     if text:
         return TextsSource(texts=text, limit=limit)
     if file is not None:
-        return FileSource(path=str(file), text_field=text_field, txt_mode=txt_mode(mode), limit=limit)
+        return FileSource(path=str(file), text_field=text_field, txt_mode=check_txt_mode(mode), limit=limit)
     return None
 
 

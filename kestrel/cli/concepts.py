@@ -24,6 +24,13 @@ from kestrel.cli.common import (
     print_table,
     sae_model,
 )
+from kestrel.cli.config_options import ConfigGroup, config_options
+from kestrel.core.concepts import DiscoveryConfig
+
+#: --top-n, --window, --n-bins...: one per field; its row filters come from --keep-sinks or --config
+DISCOVERY_OPTIONS = ConfigGroup(
+    DiscoveryConfig, help={"seed": "seed of the binned samples"}, panel="Discovery"
+)
 
 cli = typer.Typer()
 concepts_app = typer.Typer(help="The concept dictionary of an SAE: names per latent.", no_args_is_help=True)
@@ -32,6 +39,7 @@ cli.add_typer(concepts_app, name="concepts")
 
 @cli.command()
 @friendly_errors
+@config_options(config=DISCOVERY_OPTIONS)
 def discover(
     sae_id: Annotated[str, typer.Argument(help="the SAE whose latents to explain")],
     run: Annotated[str | None, typer.Option(help="a stored run [default: the SAE's training run]")] = None,
@@ -40,8 +48,8 @@ def discover(
     text_field: TextFieldOpt = "text",
     txt_mode: TxtModeOpt = "line",
     limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
-    top_n: Annotated[int, typer.Option(help="top contexts kept per latent")] = 20,
-    window: Annotated[int, typer.Option(help="tokens shown either side of a context's token")] = 8,
+    *,
+    config: dict[str, Any],
     keep_sinks: Annotated[bool, typer.Option(help="include attention-sink rows (position 0, ...)")] = False,
     model: Annotated[str | None, typer.Option(help="model [default: the SAE's]")] = None,
     device: DeviceOpt = "auto",
@@ -52,12 +60,11 @@ def discover(
     from tqdm.auto import tqdm
 
     from kestrel.core.activations import RowFilter
-    from kestrel.core.concepts import DiscoveryConfig
     from kestrel.core.concepts import discover as run_discovery
 
     the_store = open_store(store)
     dataset = dataset_spec(text, file, text_field, txt_mode, limit)
-    config = DiscoveryConfig(top_n=top_n, window=window, **({"filters": RowFilter()} if keep_sinks else {}))
+    config = DiscoveryConfig(**config, **({"filters": RowFilter()} if keep_sinks else {}))
     lm = sae_model(the_store, sae_id, model, device)
     bar = tqdm(desc="discover")
 

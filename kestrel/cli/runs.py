@@ -15,14 +15,20 @@ from kestrel.cli.common import (
     StoreOpt,
     TextsOpt,
     TxtModeOpt,
+    check_storage_dtype,
+    check_txt_mode,
     console,
     friendly_errors,
     open_store,
     print_json,
     print_table,
-    storage_dtype,
 )
+from kestrel.cli.config_options import ConfigGroup, config_options
+from kestrel.core.activations import CaptureOptions
 from kestrel.core.defaults import DEFAULT_MODEL
+
+#: capture's storage options (--max-length, --token-budget, --dtype, --drop-special...): one per field
+CAPTURE_OPTIONS = ConfigGroup(CaptureOptions, panel="Capture")
 
 cli = typer.Typer()
 runs_app = typer.Typer(help="Stored activation runs.", no_args_is_help=True)
@@ -84,6 +90,7 @@ def layers(
 
 @cli.command()
 @friendly_errors
+@config_options(options=CAPTURE_OPTIONS)
 def capture(
     layer: Annotated[list[str], typer.Option("--layer", "-l", help="layer to capture (repeatable)")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -100,17 +107,14 @@ def capture(
     split: Annotated[str, typer.Option(help="the HF dataset's split")] = "train",
     limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
     run_id: Annotated[str | None, typer.Option(help="id of the new run [default: generated]")] = None,
-    max_length: Annotated[int, typer.Option(help="tokens per document")] = 512,
-    token_budget: Annotated[int, typer.Option(help="padded tokens per forward batch")] = 8192,
-    dtype: Annotated[str, typer.Option(help="storage dtype: fp16, bf16 or fp32")] = "fp16",
-    drop_special: Annotated[bool, typer.Option(help="leave out special tokens")] = False,
+    *,
+    options: dict[str, Any],
     model_dtype: DtypeOpt = "fp32",
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Capture layers over a dataset into a new activation run."""
-    from kestrel.core.activations import CaptureOptions
     from kestrel.core.activations import capture as run_capture
     from kestrel.core.datasets import FileSource, HFSource, TextsSource
     from kestrel.core.errors import InvalidInputError
@@ -122,18 +126,16 @@ def capture(
     if text:
         spec: Any = TextsSource(texts=text, limit=limit)
     elif file is not None:
-        spec = FileSource(path=str(file), text_field=text_field, txt_mode=txt_mode(txt_mode), limit=limit)
+        spec = FileSource(
+            path=str(file), text_field=text_field, txt_mode=check_txt_mode(txt_mode), limit=limit
+        )
     else:
         spec = HFSource(name=hf, config=hf_config, split=split, text_field=text_field, limit=limit)
-    options = CaptureOptions(
-        max_length=max_length,
-        token_budget=token_budget,
-        dtype=storage_dtype(dtype),
-        drop_special=drop_special,
-    )
     the_store = open_store(store)
     lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
-    manifest = run_capture(lm, spec, layer, the_store, run_id=run_id, options=options, progress_bar=True)
+    manifest = run_capture(
+        lm, spec, layer, the_store, run_id=run_id, options=CaptureOptions(**options), progress_bar=True
+    )
     if as_json:
         return print_json(manifest)
     m = manifest
@@ -223,7 +225,7 @@ def runs_import(
         file,
         tensors=_pairs(tensor, "--tensor"),
         row_fields=_pairs(row_field, "--row-field"),
-        dtype=storage_dtype(dtype) if dtype is not None else None,
+        dtype=check_storage_dtype(dtype) if dtype is not None else None,
         model=model,
         model_source=_model_source(model),
         shard_mb=shard_mb,

@@ -161,7 +161,7 @@ def test_gc_removes_a_crashed_writers_staging_and_keeps_published(tmp_path) -> N
 
 
 def test_edit_values_ending_in_x_count_max_activations() -> None:
-    from kestrel.cli import _parse_edit
+    from kestrel.cli.steering import _parse_edit
     from kestrel.core.errors import InvalidInputError
 
     assert _parse_edit("1234:clamp:3x", 0) == {
