@@ -37,10 +37,11 @@ SCALARS = (bool, int, float, str)
 class ConfigGroup:
     """One pydantic model's fields as options of a command.
 
-    ``exclude`` leaves fields to the command itself (or to ``--config`` only); ``names`` keeps an
-    option's existing name where it differs from the field's; ``defaults`` gives a default to a
-    field the model requires; ``help`` fills in a field that has no description. Fields whose type
-    has no command-line form (nested models, dicts) are settable through ``--config`` only.
+    ``exclude`` names fields the user does not set (Kestrel fills them in, e.g. from the run);
+    ``names`` keeps an option's existing name where it differs from the field's; ``defaults``
+    gives a default to a field the model requires; ``help`` fills in a field that has no
+    description. Fields whose type has no command-line form (nested models, dicts) are settable
+    through ``--config`` only.
     """
 
     model: type[BaseModel]
@@ -121,14 +122,15 @@ def build_parameter(dest: str, group: ConfigGroup, name: str, info: Any) -> insp
     )
 
 
-ConfigFileOpt = Annotated[
-    Path | None,
-    typer.Option(
+def config_file_parameter(groups: dict[str, ConfigGroup]) -> inspect.Parameter:
+    """``--config FILE``, its help naming the file's keys (those of the HTTP request body)."""
+    shape = ", ".join(f'"{key}": {{...}}' for key in groups)
+    option = typer.Option(
         "--config",
-        help="a JSON file with the whole config, shaped like the HTTP request (flags override it)",
+        help=f"a JSON file {{{shape}}} with any of the fields (more than the flags); flags override it",
         rich_help_panel="Config",
-    ),
-]
+    )
+    return inspect.Parameter(CONFIG_PARAM, KEYWORD, default=None, annotation=Annotated[Path | None, option])
 
 
 def read_config_file(path: Path, groups: dict[str, ConfigGroup]) -> dict[str, dict[str, Any]]:
@@ -164,12 +166,12 @@ def given_on_command_line(ctx: typer.Context | None, param: str) -> bool:
 def validated(group: ConfigGroup, values: dict[str, Any], where: str) -> dict[str, Any]:
     """``values`` checked by the group's model (with the command's defaults for required fields);
     returns the given values only, as the model parsed them."""
+    settable = [name for name in group.model.model_fields if name not in group.exclude]
+    unknown = sorted(set(values) - set(settable))
+    if unknown:
+        raise InvalidInputError(f"invalid {where}: unknown field(s) {unknown}; known: {', '.join(settable)}")
     if not group.validate:
         return values
-    unknown = sorted(set(values) - set(group.model.model_fields))
-    if unknown:
-        known = ", ".join(group.model.model_fields)
-        raise InvalidInputError(f"invalid {where}: unknown field(s) {unknown}; known: {known}")
     try:
         model = group.model.model_validate({**group.defaults, **values})
     except ValidationError as error:
@@ -199,7 +201,7 @@ def config_options(**groups: ConfigGroup) -> Callable[[F], F]:
             for name, info in group.option_fields().items()
         ]
         extra = [
-            inspect.Parameter(CONFIG_PARAM, KEYWORD, default=None, annotation=ConfigFileOpt),
+            config_file_parameter(groups),
             inspect.Parameter(CONTEXT_PARAM, KEYWORD, default=None, annotation=typer.Context),
         ]
         new_signature = signature.replace(parameters=[*kept, *generated, *extra])

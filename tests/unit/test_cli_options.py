@@ -104,7 +104,7 @@ toy_app = typer.Typer()
 
 @toy_app.command()
 @friendly_errors
-@config_options(toy=ConfigGroup(Toy))
+@config_options(toy=ConfigGroup(Toy, names={"size": ["--size", "-s"]}))
 def toy(name: str, toy: dict[str, Any]) -> None:
     print_json({"name": name, "toy": toy})
 
@@ -130,7 +130,7 @@ def test_unset_fields_stay_unset_and_flags_parse_by_type() -> None:
         run_toy("--size", "7", "--mode", "b", "--flag", "--tags", "x", "--tags", "y", "--pair", "1", "2")
     )
     assert values == {"size": 7, "mode": "b", "flag": True, "tags": ["x", "y"], "pair": [1.0, 2.0]}
-    assert toy_values(run_toy("--derived", "3")) == {"derived": 3}
+    assert toy_values(run_toy("--derived", "3", "-s", "2")) == {"derived": 3, "size": 2}
     assert "--nested" not in run_toy("--help").output  # no flag form: --config only
 
 
@@ -177,6 +177,7 @@ def test_train_rejects_a_bad_config_before_reading_anything(tmp_path) -> None:
         ('{"train": {"epochs": 0}}', "epochs"),
         ('{"train": {"batch_size": 64,}}', "malformed JSON"),
         ('{"optimizer": {}}', "expected 'sae', 'train'"),
+        ('{"sae": {"d_in": 8}}', "unknown field(s) ['d_in']"),  # the run's width, not the user's
     ]:
         bad.write_text(content)
         result = runner.invoke(
@@ -242,7 +243,7 @@ def test_python_m_kestrel_cli_runs_the_app() -> None:
 
 
 def readme_commands() -> list[list[str]]:
-    """``kestrel ...`` command lines from the README's fenced code blocks, shell variables as 1 (a valid id, latent or number)."""
+    """``kestrel ...`` lines of the README's code blocks; a shell variable becomes 1 (an id, a latent)."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
     commands = []
