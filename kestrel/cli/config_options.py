@@ -215,6 +215,8 @@ def config_options(**groups: ConfigGroup) -> Callable[[F], F]:
                 values = dict(from_file.get(dest, {}))
                 for name in group.option_fields():
                     param = f"{dest}__{name}"
+                    if param not in kwargs:  # called from Python without it
+                        continue
                     value = kwargs.pop(param)
                     if given_on_command_line(ctx, param):
                         values[name] = list(value) if isinstance(value, tuple | list) else value
