@@ -12,6 +12,7 @@ import torch) are imported only when one of their commands runs or shows its hel
 from __future__ import annotations
 
 import importlib
+from difflib import get_close_matches
 from typing import Annotated, Any
 
 import typer
@@ -83,6 +84,16 @@ class LazyGroup(TyperGroup):
             return TyperCommand(cmd_name, help=LAZY_COMMANDS[cmd_name][1])
         self.commands[cmd_name] = load_command(cmd_name)
         return self.commands[cmd_name]
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as exc:  # typer's UsageError: suggest among the lazy commands too
+            if args and str(getattr(exc, "message", "")).startswith("No such command"):
+                matches = get_close_matches(args[0], self.list_commands(ctx))
+                suggestion = f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+                exc.message = f"No such command {args[0]!r}.{suggestion}"  # type: ignore[attr-defined]
+            raise
 
     def format_help(self, ctx: typer.Context, formatter: Any) -> None:
         self.listing = True

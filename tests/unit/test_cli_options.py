@@ -225,6 +225,11 @@ def test_help_lists_every_command_without_importing_torch() -> None:
         assert re.search(rf"│ {name}\s", done.stdout), name
 
 
+def test_a_mistyped_command_suggests_lazy_ones_too() -> None:
+    result = runner.invoke(app, ["trian"])
+    assert result.exit_code == 2 and "Did you mean 'train'" in result.output
+
+
 def test_python_m_kestrel_cli_runs_the_app() -> None:
     from importlib.metadata import version
 
