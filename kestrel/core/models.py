@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kestrel.core import hub
+from kestrel.core.defaults import DEFAULT_MODEL
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.hooks import Controller, Detector, HookManager
 from kestrel.core.hub import DEFAULT_PROBE_TIMEOUT_S
@@ -43,7 +44,6 @@ Device = Literal["cpu", "cuda", "auto"]
 LayerKind = Literal["embedding", "block", "attention", "mlp", "norm", "head", "other"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_MODEL = "smollm2-135m"
 CACHE_FORMAT_VERSION = 1
 
 

@@ -112,6 +112,15 @@ def test_train_eval_list_delete(store_root) -> None:
     listed = runner.invoke(app, ["runs", "list", "--store", str(store_root)], env={"COLUMNS": "80"})
     created = json.loads(invoke("runs", "list", "--store", str(store_root), "--json").stdout)[0]["created"]
     assert {run_id, "model.layers.2", created} <= set(listed.stdout.split()) and "…" not in listed.stdout
+    config = store_root.parent / "train.json"
+    config.write_text(
+        json.dumps(
+            {
+                "sae": {"k": 8, "normalize_input": False},
+                "train": {"batch_size": 256, "lr_decay_fraction": 0.5, "seed": 3},
+            }
+        )
+    )
     result = invoke(
         "train",
         run_id,
@@ -121,6 +130,8 @@ def test_train_eval_list_delete(store_root) -> None:
         "64",
         "--k",
         "4",
+        "--config",
+        str(config),
         "--batch-size",
         "128",
         "--sae-id",
@@ -132,6 +143,10 @@ def test_train_eval_list_delete(store_root) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["status"] == "complete" and summary["config"]["n_latents"] == 64
+    # the file's fields apply, and a flag beats the file (k, batch size)
+    trained = summary["train_config"]
+    assert summary["config"]["k"] == 4 and summary["config"]["normalize_input"] is False
+    assert trained["batch_size"] == 128 and trained["lr_decay_fraction"] == 0.5 and trained["seed"] == 3
     result = invoke("eval", "tiny-sae", "--device", "cpu", "--store", str(store_root), "--json")
     assert result.exit_code == 0, result.output
     assert "ce_loss_recovered" in json.loads(result.stdout[result.stdout.index("{") :])
@@ -161,7 +176,7 @@ def test_gc_removes_a_crashed_writers_staging_and_keeps_published(tmp_path) -> N
 
 
 def test_edit_values_ending_in_x_count_max_activations() -> None:
-    from kestrel.cli import _parse_edit
+    from kestrel.cli.steering import _parse_edit
     from kestrel.core.errors import InvalidInputError
 
     assert _parse_edit("1234:clamp:3x", 0) == {

@@ -1,0 +1,204 @@
+"""Analyses written as reports: ``kestrel analyze neuron|feature|causal|circuit``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kestrel.cli.common import (
+    DatasetFileOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    StoreOpt,
+    TextFieldOpt,
+    TextsOpt,
+    TxtModeOpt,
+    console,
+    dataset_spec,
+    friendly_errors,
+    open_store,
+    print_json,
+)
+from kestrel.core.defaults import DEFAULT_MODEL
+
+cli = typer.Typer()
+analyze_app = typer.Typer(
+    help="Analyses of a stored run or a model, written as a report with plots.", no_args_is_help=True
+)
+cli.add_typer(analyze_app, name="analyze")
+LayerOpt = Annotated[str, typer.Option("--layer", "-l", help="a layer the run captured")]
+KeepSinksOpt = Annotated[
+    bool, typer.Option(help="include attention-sink rows (position 0, specials, huge norms)")
+]
+NO_ROW_FILTERS = {"skip_position_0": False, "skip_special": False, "max_norm_multiple": None}
+
+
+def _run_analysis_cli(store: Path | None, config: dict[str, Any], device: str, as_json: bool) -> None:
+    """Run one analysis with a progress bar; print where its report is."""
+    from tqdm.auto import tqdm
+
+    from kestrel.core.analysis import get_analysis, report_path, run_analysis
+    from kestrel.core.models import load_model
+
+    the_store = open_store(store)
+    models: dict[tuple[str, str], Any] = {}
+
+    def load(name: str, dtype: str | None = None) -> Any:
+        key = (name, dtype or "fp32")
+        if key not in models:
+            models[key] = load_model(
+                name, device=device, dtype=key[1], store_root=the_store.models_dir.parent
+            )
+        return models[key]
+
+    bar = tqdm(desc=config["kind"], total=100, unit="%")
+
+    def show(fraction: float | None, message: str) -> None:
+        if fraction is not None:
+            bar.n = round(100 * fraction)
+        bar.set_postfix_str(message)
+        bar.refresh()
+
+    try:
+        analysis_id = run_analysis(the_store, config, model_loader=load, progress=show)
+    finally:
+        bar.close()
+    manifest = get_analysis(the_store, analysis_id)
+    if as_json:
+        return print_json({**manifest, "report": str(report_path(the_store, analysis_id))})
+    console.print(f"[green]analysis {analysis_id}[/] ({manifest['kind']}): {manifest['title']}")
+    for key, value in manifest["key_numbers"].items():
+        console.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    console.print(f"report: {report_path(the_store, analysis_id)}", soft_wrap=True, highlight=False)
+
+
+@analyze_app.command("neuron")
+@friendly_errors
+def analyze_neuron(
+    run_id: Annotated[str, typer.Argument(help="a stored activation run")],
+    layer: LayerOpt,
+    max_rows: Annotated[int | None, typer.Option(help="read at most this many rows")] = None,
+    outlier_factor: Annotated[
+        float, typer.Option(help="outlier: |mean| over this × median std, or max|x| × median max|x|")
+    ] = 10.0,
+    keep_sinks: KeepSinksOpt = False,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-dimension mean, std, max, fraction active, excess kurtosis; outlier dimensions named."""
+    config: dict[str, Any] = {"kind": "neuron", "run_id": run_id, "layer": layer, "max_rows": max_rows}
+    config["outlier_factor"] = outlier_factor
+    if keep_sinks:
+        config["filters"] = NO_ROW_FILTERS
+    _run_analysis_cli(store, config, "cpu", as_json)
+
+
+@analyze_app.command("feature")
+@friendly_errors
+def analyze_feature(
+    run_id: Annotated[str, typer.Argument(help="a stored activation run")],
+    layer: LayerOpt,
+    clusters: Annotated[int, typer.Option(help="k-means clusters")] = 8,
+    components: Annotated[int, typer.Option(help="principal components kept")] = 64,
+    sample_rows: Annotated[int, typer.Option(help="uniform sample size for PCA and k-means")] = 20_000,
+    keep_sinks: KeepSinksOpt = False,
+    device: DeviceOpt = "cpu",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """PCA (explained variance) and k-means clusters with the contexts nearest each centre."""
+    config: dict[str, Any] = {"kind": "feature", "run_id": run_id, "layer": layer, "n_clusters": clusters}
+    config.update(n_components=components, sample_rows=sample_rows)
+    if keep_sinks:
+        config["filters"] = NO_ROW_FILTERS
+    _run_analysis_cli(store, config, device, as_json)
+
+
+@analyze_app.command("causal")
+@friendly_errors
+def analyze_causal(
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", "-l", help="a module to ablate (repeatable)")
+    ] = None,
+    sae: Annotated[str | None, typer.Option(help="ablate latents of this SAE instead")] = None,
+    latent: Annotated[list[int] | None, typer.Option(help="an SAE latent to ablate (repeatable)")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    text: TextsOpt = None,
+    file: DatasetFileOpt = None,
+    text_field: TextFieldOpt = "text",
+    txt_mode: TxtModeOpt = "line",
+    method: Annotated[list[str] | None, typer.Option(help="zero and/or mean (repeatable)")] = None,
+    max_texts: Annotated[int, typer.Option(help="texts read at most")] = 64,
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero / mean ablation of layers or SAE latents: Δ next-token loss and KL, ranked."""
+    from kestrel.core.errors import InvalidInputError
+
+    dataset = dataset_spec(text, file, text_field, txt_mode, None)
+    if dataset is None:
+        raise InvalidInputError("give the texts to measure on: --text (repeatable) or --file")
+    config: dict[str, Any] = {"kind": "causal", "dataset": dataset, "layers": layer or None}
+    config.update(sae_id=sae, latents=latent or None, max_texts=max_texts, max_length=max_length)
+    if sae is None or model != DEFAULT_MODEL:
+        config["model"] = model
+    if method:
+        config["methods"] = method
+    _run_analysis_cli(store, config, device, as_json)
+
+
+@analyze_app.command("circuit")
+@friendly_errors
+def analyze_circuit(
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="a .json list or .jsonl of {clean, corrupted, correct, wrong} objects"),
+    ] = None,
+    clean: Annotated[str | None, typer.Option(help="one clean prompt")] = None,
+    corrupted: Annotated[str | None, typer.Option(help="its corruption (same number of tokens)")] = None,
+    correct: Annotated[str | None, typer.Option(help="the clean answer, one token (e.g. ' Paris')")] = None,
+    wrong: Annotated[str | None, typer.Option(help="the corrupted answer, one token")] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option("--layer", "-l", help="a module to patch (repeatable) [default: blocks]"),
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Activation patching per layer × position: the share of the logit difference each restores."""
+    from kestrel.core.errors import InvalidInputError
+
+    single = [clean, corrupted, correct, wrong]
+    if (pairs is None) == all(value is None for value in single):
+        raise InvalidInputError("give --pairs FILE, or --clean, --corrupted, --correct and --wrong")
+    if pairs is not None:
+        items = _read_pairs(pairs)
+    elif any(value is None for value in single):
+        raise InvalidInputError("a single pair needs all of --clean, --corrupted, --correct and --wrong")
+    else:
+        items = [{"clean": clean, "corrupted": corrupted, "correct": correct, "wrong": wrong}]
+    config = {"kind": "circuit", "model": model, "pairs": items, "layers": layer or None}
+    _run_analysis_cli(store, config, device, as_json)
+
+
+def _read_pairs(path: Path) -> list[dict[str, Any]]:
+    from kestrel.core.errors import InvalidInputError
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(items, list):
+        raise InvalidInputError(f"{path}: expected a JSON list of pairs")
+    return items

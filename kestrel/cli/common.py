@@ -1,0 +1,138 @@
+"""What every command module shares: consoles, option types, error handling and output helpers.
+
+Torch-free on purpose: ``kestrel --help`` imports this, and the engine loads only inside commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kestrel.core.errors import KestrelError
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", envvar="KESTREL_STORE_ROOT", help="store root directory [default: ./.kestrel]"),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+DtypeOpt = Annotated[str, typer.Option(help="model dtype: fp32, bf16 or fp16")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+ModelOpt = Annotated[str, typer.Option(help="bundled name, local directory or hub id")]
+# The inline-texts-or-file dataset options of capture, discover and analyze causal (see dataset_spec).
+TextsOpt = Annotated[list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")]
+TxtModeOpt = Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")]
+DatasetFileOpt = Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")]
+TextFieldOpt = Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet")]
+
+
+def friendly_errors(fn: F) -> F:
+    """Print engine errors as one line and exit 2: a user's mistake is not a crash."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KestrelError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.message}")
+            raise typer.Exit(2) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def warn(message: str) -> None:
+    """A warning on stderr (stdout stays parseable with --json)."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def open_store(root: Path | None):
+    """``--store DIR`` names a local store; without it, the service's settings choose (local, s3, both)."""
+    from kestrel.core.store import open_store as open_root
+    from kestrel.settings import Settings
+
+    return open_root(root) if root is not None else Settings().open_store()
+
+
+SHORT_CELL = 20  # a column whose cells all fit this many characters never wraps (timestamps, counts)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def print_table(headers: list[str], rows: list[list[str]], *, keep: tuple[str, ...] = ("id",)) -> None:
+    """Print rows under ``headers``, never cutting a cell short.
+
+    The ``keep`` columns (ids, layer names: what a user copies into the next command) and short
+    cells never wrap; long text (names, token lists) wraps within its column. When even that does
+    not fit the terminal, the table is printed as wide as it needs and the terminal wraps its
+    lines: an id is never cut to "run-202612…".
+    """
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    needed = 2 * (len(headers) - 1)  # the gaps between columns
+    for i, header in enumerate(headers):
+        widest = max([len(header), *(len(row[i]) for row in rows)])
+        if header in keep or widest <= SHORT_CELL:
+            table.add_column(header, no_wrap=True, min_width=widest)
+            needed += widest
+        else:
+            table.add_column(header, overflow="fold", min_width=SHORT_CELL)
+            needed += SHORT_CELL
+    for row in rows:
+        table.add_row(*row)
+    # rich's print never goes wider than its console: a wider table gets a console of its own width
+    out = console if needed <= console.width else Console(width=needed)
+    out.print(table)
+
+
+def check_txt_mode(value: str) -> Literal["line", "file"]:
+    from kestrel.core.errors import InvalidInputError
+
+    if value not in ("line", "file"):
+        raise InvalidInputError(f"--txt-mode must be 'line' or 'file', got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_storage_dtype(value: str) -> Literal["fp16", "bf16", "fp32"]:
+    from kestrel.core.errors import InvalidInputError
+
+    if value not in ("fp16", "bf16", "fp32"):
+        raise InvalidInputError(f"--dtype must be fp16, bf16 or fp32, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def dataset_spec(text: list[str] | None, file: Path | None, text_field: str, mode: str, limit: int | None):
+    """An inline or file dataset from the shared options, or None when neither is given."""
+    from kestrel.core.datasets import FileSource, TextsSource
+    from kestrel.core.errors import InvalidInputError
+
+    if text and file is not None:
+        raise InvalidInputError("give --text or --file, not both")
+    if text:
+        return TextsSource(texts=text, limit=limit)
+    if file is not None:
+        return FileSource(path=str(file), text_field=text_field, txt_mode=check_txt_mode(mode), limit=limit)
+    return None
+
+
+def sae_model(the_store, sae_id: str, model: str | None, device: str):
+    """The model an SAE reads (its own unless ``model`` names another), loaded on ``device``."""
+    from kestrel.core.models import load_model
+    from kestrel.core.sae import pipeline
+
+    summary = pipeline.get_sae(the_store, sae_id)
+    name = model or summary.get("model") or summary["config"].get("model")
+    return load_model(name, device=device, store_root=the_store.local_root)

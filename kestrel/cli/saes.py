@@ -1,0 +1,176 @@
+"""Sparse autoencoders: ``kestrel train|eval`` and ``kestrel saes ...``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from kestrel.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    StoreOpt,
+    console,
+    friendly_errors,
+    open_store,
+    print_json,
+    print_table,
+    warn,
+)
+from kestrel.cli.config_options import ConfigGroup, config_options
+from kestrel.core.sae.config import SAEConfig, TrainConfig
+
+cli = typer.Typer()
+saes_app = typer.Typer(help="Trained sparse autoencoders.", no_args_is_help=True)
+cli.add_typer(saes_app, name="saes")
+
+
+#: The dictionary size when none is given: the model requires one (it has no engine default).
+DEFAULT_N_LATENTS = 4608
+
+SAE_OPTIONS = ConfigGroup(
+    SAEConfig,
+    # filled from the run (d_in, model, layer, run_id, data) or by training (input_scale)
+    exclude=frozenset({"d_in", "input_scale", "model", "layer", "run_id", "data"}),
+    defaults={"n_latents": DEFAULT_N_LATENTS},
+    help={"architecture": "topk, batchtopk or relu_l1", "dtype": "dtype of the SAE's weights"},
+    panel="SAE",
+    validate=False,  # SAEConfig needs d_in, known once the run is read: train_from_run checks it
+)
+TRAIN_OPTIONS = ConfigGroup(
+    TrainConfig,
+    help={
+        "seed": "seed of initialisation and data order",
+        "adam_betas": "Adam's beta1 and beta2",
+        "adam_eps": "Adam's epsilon",
+        "b_dec_init": "initial decoder bias: the data's mean or geometric median",
+        "keep_checkpoints": "checkpoints kept on disk (the newest)",
+    },
+    panel="Training",
+)
+
+
+@cli.command("train")
+@friendly_errors
+@config_options(sae=SAE_OPTIONS, train=TRAIN_OPTIONS)
+def train_command(
+    run_id: Annotated[str, typer.Argument(help="the capture run to train on")],
+    layer: Annotated[str, typer.Option("--layer", "-l", help="a layer of the run")],
+    sae: dict[str, Any],
+    train: dict[str, Any],
+    sae_id: Annotated[str | None, typer.Option(help="id of the new SAE [default: generated]")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue a stopped run of --sae-id from its checkpoint")
+    ] = False,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an SAE on one layer of a capture run (attention-sink rows skipped)."""
+    from tqdm.auto import tqdm
+
+    from kestrel.core.sae import pipeline
+
+    sae = {"n_latents": DEFAULT_N_LATENTS, **sae}
+    train_cfg = train
+    bar = tqdm(desc="train", unit="step")
+
+    def show(progress) -> None:
+        bar.total = progress.total_steps
+        bar.n = progress.step
+        bar.set_postfix(
+            fvu=f"{progress.fvu:.3f}", l0=f"{progress.l0:.1f}", dead=f"{progress.dead_fraction:.1%}"
+        )
+        bar.refresh()
+
+    try:
+        summary = pipeline.train_from_run(
+            open_store(store),
+            run_id,
+            layer,
+            sae,
+            train_cfg,
+            sae_id=sae_id,
+            on_progress=show,
+            resume=resume,
+            on_warning=warn,
+        )
+    finally:
+        bar.close()
+    if as_json:
+        return print_json(summary)
+    if summary["status"] != "complete":
+        console.print(
+            f"[yellow]sae {summary['id']} stopped[/] at step {summary['step']}; resume with --resume"
+        )
+        return None
+    m = summary["metrics"]
+    console.print(
+        f"[green]sae {summary['id']}[/]: held-out FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, "
+        f"dead {m['dead_fraction']:.1%}"
+    )
+
+
+@cli.command("eval")
+@friendly_errors
+def evaluate(
+    sae_id: Annotated[str, typer.Argument(help="the SAE to evaluate")],
+    model: Annotated[str | None, typer.Option(help="model [default: the one the SAE was trained on]")] = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """CE-loss recovered and KL with the model in the loop, on the run's held-out texts."""
+    from kestrel.core.models import load_model
+    from kestrel.core.sae import pipeline
+
+    the_store = open_store(store)
+    summary = pipeline.get_sae(the_store, sae_id)
+    lm = load_model(model or summary["model"], device=device, store_root=the_store.local_root)
+    metrics = pipeline.evaluate_sae(the_store, sae_id, lm)
+    if as_json:
+        return print_json(metrics)
+    console.print(
+        f"CE loss clean {metrics['ce_loss_clean']:.3f}, with SAE {metrics['ce_loss_sae']:.3f}, "
+        f"zero-ablated {metrics['ce_loss_zero_ablated']:.3f}: "
+        f"[green]recovered {metrics['ce_loss_recovered']:.3f}[/], "
+        f"KL {metrics['kl_sae']:.4f} over {metrics['n_predicted_tokens']} tokens"
+    )
+
+
+@saes_app.command("list")
+@friendly_errors
+def saes_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List trained and imported SAEs."""
+    from kestrel.core.sae import pipeline
+
+    rows = pipeline.list_saes(open_store(store))
+    if as_json:
+        return print_json(rows)
+    cells = []
+    for r in rows:
+        c, m = r["config"], r.get("metrics", {})
+        cells.append(
+            [
+                r["id"],
+                r["status"],
+                str(r.get("layer")),
+                str(c["n_latents"]),
+                str(c.get("k")),
+                f"{m['fvu']:.3f}" if "fvu" in m else "",
+                f"{m['dead_fraction']:.1%}" if "dead_fraction" in m else "",
+                r["created"],
+            ]
+        )
+    print_table(
+        ["id", "status", "layer", "latents", "k", "fvu", "dead", "created"], cells, keep=("id", "layer")
+    )
+
+
+@saes_app.command("delete")
+@friendly_errors
+def saes_delete(sae_id: str, store: StoreOpt = None) -> None:
+    """Delete an SAE and its checkpoints."""
+    from kestrel.core.sae import pipeline
+
+    pipeline.delete_sae(open_store(store), sae_id)
+    console.print(f"deleted sae {sae_id}")
