@@ -30,131 +30,34 @@ against the SAE when compiled (latent range, layer, widths), and saved under
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.hooks import Controller, Detector, HookContext
 from kestrel.core.models import ForwardResult, LoadedModel, forward, generate
 from kestrel.core.sae.base import SAE
-from kestrel.core.sae.config import _Config
+
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.steering_config import MAX_MAGNITUDE as MAX_MAGNITUDE
+from kestrel.core.steering_config import (
+    WARN_TIMES_MAX,
+    DirectionEdit,
+    LatentEdit,
+    Positions,
+    SteeringConfig,
+)
+from kestrel.core.steering_config import EditOp as EditOp
+from kestrel.core.steering_config import EditUnit as EditUnit
 from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "steering"
-EditOp = Literal["scale", "clamp", "add"]
-EditUnit = Literal["absolute", "max_activation"]
-Positions = Literal["all", "prompt", "generated"]
 _OP_CODES = {"scale": 0, "clamp": 1, "add": 2}
-
-
-MAX_MAGNITUDE = 1e6  # far beyond any useful edit; keeps activations, and so logits, finite
-# An edit driving a latent past this many times its largest observed activation gets a warning:
-# on SmolLM2, clamping a latent at ~12x its max already collapses the text into one repeated token.
-WARN_TIMES_MAX = 10.0
-
-
-def _finite(value: float) -> float:
-    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
-        raise ValueError(f"must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, got {value}")
-    return value
-
-
-class _Item(BaseModel):
-    """A part of a config: plain pydantic, so the config's error names the field as edits.2.value."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class LatentEdit(_Item):
-    """One edit of one SAE latent's activation f."""
-
-    latent: int = Field(ge=0, description="latent index in the config's SAE")
-    op: EditOp = Field(description="scale: f·value; clamp: f := value; add: f + value")
-    value: float
-    unit: EditUnit = Field(
-        "absolute",
-        description="what value counts for clamp and add: absolute (activation units) or "
-        "max_activation (multiples of the latent's largest activation found by discovery; "
-        "1-4 is a useful range). scale is always a plain factor",
-    )
-
-    _check_value = field_validator("value")(_finite)
-
-    @model_validator(mode="after")
-    def _unit_fits_op(self) -> LatentEdit:
-        if self.op == "scale" and self.unit != "absolute":
-            raise ValueError("scale multiplies the activation by value: unit applies only to clamp and add")
-        return self
-
-
-class DirectionEdit(_Item):
-    """Add ``alpha`` times a direction at a layer's output, without any SAE in the loop."""
-
-    layer: str = Field(min_length=1, description="module path, e.g. model.layers.10")
-    alpha: float
-    vector: list[float] | None = Field(None, description="the direction (width of the layer)")
-    latent: int | None = Field(None, ge=0, description="or this SAE latent's decoder row")
-    sae_id: str | None = Field(None, description="the SAE of `latent` [default: the config's SAE]")
-    normalize: bool = Field(False, description="scale the direction to unit norm first")
-
-    _check_alpha = field_validator("alpha")(_finite)
-
-    @field_validator("vector")
-    @classmethod
-    def _finite_vector(cls, vector: list[float] | None) -> list[float] | None:
-        if vector is not None:
-            if not vector:
-                raise ValueError("vector is empty")
-            bad = next(
-                (i for i, v in enumerate(vector) if not math.isfinite(v) or abs(v) > MAX_MAGNITUDE), None
-            )
-            if bad is not None:
-                raise ValueError(
-                    f"vector[{bad}] is not a finite number of magnitude at most {MAX_MAGNITUDE:g}"
-                )
-        return vector
-
-    @model_validator(mode="after")
-    def _one_direction(self) -> DirectionEdit:
-        if (self.vector is None) == (self.latent is None):
-            raise ValueError("give exactly one of vector or latent")
-        return self
-
-
-class SteeringConfig(_Config):
-    """Edits at an SAE's layer, direction edits anywhere, and where in the sequence they act."""
-
-    name: str | None = Field(None, max_length=200)
-    description: str = Field("", max_length=4000)
-    sae_id: str | None = Field(None, description="the SAE whose latents `edits` name")
-    layer: str | None = Field(None, description="the SAE's layer; filled in from the SAE when omitted")
-    edits: list[LatentEdit] = Field(default_factory=list)
-    directions: list[DirectionEdit] = Field(default_factory=list)
-    positions: Positions = Field("all", description="all, prompt (prompt pass) or generated (new tokens)")
-    keep_error: bool = Field(True, description="add back the SAE's reconstruction error (leave on)")
-
-    @model_validator(mode="after")
-    def _check_edits(self) -> SteeringConfig:
-        if self.edits and not self.sae_id:
-            raise ValueError("edits name SAE latents: give sae_id")
-        seen: dict[int, int] = {}
-        for i, edit in enumerate(self.edits):
-            if edit.latent in seen:
-                raise ValueError(
-                    f"edits[{i}]: latent {edit.latent} is already edited by edits[{seen[edit.latent]}]"
-                )
-            seen[edit.latent] = i
-        for i, direction in enumerate(self.directions):
-            if direction.latent is not None and not (direction.sae_id or self.sae_id):
-                raise ValueError(f"directions[{i}]: a latent direction needs sae_id (here or on the config)")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------

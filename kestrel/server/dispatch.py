@@ -56,7 +56,7 @@ def submit_batch(
     redis: Redis,
     settings: Settings,
     response: Response,
-    func: Callable[..., Any],
+    func: Callable[..., Any] | str,
     *,
     kind: str,
     kwargs: dict[str, Any],
@@ -120,7 +120,7 @@ def _accepted(response: Response, info: JobInfo) -> None:
 async def run_interactive(
     redis: Redis,
     settings: Settings,
-    func: Callable[..., Any],
+    func: Callable[..., Any] | str,
     *,
     kind: str,
     kwargs: dict[str, Any],
