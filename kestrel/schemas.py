@@ -16,7 +16,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, field_validator
+from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
@@ -30,8 +31,8 @@ from kestrel.core.config import StrictModel
 from kestrel.core.hub import HUB_ID as HUB_ID
 from kestrel.core.hub import check_hub_id
 from kestrel.core.runs import CaptureOptions
-from kestrel.core.sae.config import TrainConfig
-from kestrel.core.sources import HFSource, TextsSource
+from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.sources import FileReading, HFSource, TextsSource
 from kestrel.core.steering_config import SteeringConfig
 
 T = TypeVar("T")
@@ -213,15 +214,11 @@ class UploadPage(Page[UploadInfo]):
 # Activations
 
 
-class UploadSource(StrictModel):
+class UploadSource(FileReading):
     """A dataset file uploaded earlier with ``POST /v1/uploads``, named by its id."""
 
     kind: Literal["upload"] = "upload"
     upload_id: str = Field(min_length=1, max_length=64)
-    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
-    text_field: str = Field(default="text", min_length=1)
-    txt_mode: Literal["line", "file"] = "line"
-    limit: PositiveInt | None = None
 
 
 class HubDatasetSource(HFSource):
@@ -292,15 +289,32 @@ class RunManifest(BaseModel):
 # SAEs
 
 
-class SAEHyperparameters(StrictModel):
-    """What the SAE is; `d_in`, `model`, `layer` and `run_id` come from the run it trains on."""
+def _fields_of(model: type[BaseModel], names: tuple[str, ...], **tighter: Any) -> dict[str, Any]:
+    """``names`` as ``model`` defines them (type, default, description), for ``create_model``;
+    ``tighter`` adds constraints a request must meet besides (a ``Field`` per name)."""
+    fields = {}
+    for name in names:
+        info = model.model_fields[name]
+        annotation = Annotated[info.annotation, tighter[name]] if name in tighter else info.annotation
+        fields[name] = (annotation, FieldInfo.merge_field_infos(info))
+    return fields
 
-    architecture: str = Field("topk", description="topk, batchtopk or relu_l1")
-    n_latents: int = Field(gt=0, description="dictionary size")
-    k: int | None = Field(None, gt=0, description="active latents per token (topk, batchtopk)")
-    l1_coefficient: float | None = Field(None, gt=0, description="sparsity penalty (relu_l1)")
-    normalize_input: bool = True
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+#: What a client chooses of an SAE: `SAEConfig`'s own fields (`d_in`, `model`, `layer` and
+#: `run_id` come from the run it trains on). A request's k and l1_coefficient must also be
+#: positive up front (the config checks them per architecture, once the architecture is known).
+SAEHyperparameters: type[StrictModel] = create_model(
+    "SAEHyperparameters",
+    __base__=StrictModel,
+    __doc__="What the SAE is; `d_in`, `model`, `layer` and `run_id` come from the run it trains on.",
+    __module__=__name__,
+    **_fields_of(
+        SAEConfig,
+        ("architecture", "n_latents", "k", "l1_coefficient", "normalize_input", "dtype"),
+        k=Field(gt=0),
+        l1_coefficient=Field(gt=0),
+    ),
+)
 
 
 class TrainRequest(StrictModel):

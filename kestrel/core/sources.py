@@ -18,6 +18,7 @@ __all__ = [
     "SUFFIX_FORMATS",
     "DatasetSpec",
     "FileFormat",
+    "FileReading",
     "FileSource",
     "HFSource",
     "TextsSource",
@@ -46,11 +47,10 @@ class TextsSource(StrictModel):
     limit: PositiveInt | None = Field(default=None, description="Use at most this many documents.")
 
 
-class FileSource(StrictModel):
-    """A local file, or a directory of files of one format."""
+class FileReading(StrictModel):
+    """How a file's documents are read: one definition for a local file (`FileSource`) and for an
+    uploaded one (`kestrel.schemas.UploadSource`, which names the file by its upload id)."""
 
-    kind: Literal["file"] = "file"
-    path: str = Field(min_length=1, description="A file, or a directory whose files are read sorted.")
     format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = Field(
         default="auto", description="'auto' infers from the suffix; a directory with 'auto' means *.txt."
     )
@@ -59,6 +59,13 @@ class FileSource(StrictModel):
         default="line", description="txt only: one document per non-empty line, or per file."
     )
     limit: PositiveInt | None = None
+
+
+class FileSource(FileReading):
+    """A local file, or a directory of files of one format."""
+
+    kind: Literal["file"] = "file"
+    path: str = Field(min_length=1, description="A file, or a directory whose files are read sorted.")
 
 
 class HFSource(StrictModel):

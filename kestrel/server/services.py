@@ -278,7 +278,7 @@ def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings,
 
 def checked_steering(store: Store, config_id: str | None, config: SteeringConfig | None) -> SteeringConfig:
     """A saved or inline config (exactly one), checked against its SAEs' summaries."""
-    from kestrel.core import steering
+    from kestrel.core import steering_config as steering
 
     if (config_id is None) == (config is None):
         raise InvalidInputError("give a saved steering config id or an inline config (exactly one)")

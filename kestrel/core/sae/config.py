@@ -49,7 +49,7 @@ class SAEConfig(_Config):
     carries a knob that had no effect.
     """
 
-    architecture: str = "topk"
+    architecture: str = Field("topk", description="topk, batchtopk or relu_l1")
     d_in: int = Field(gt=0, description="width of the activations the SAE reads")
     n_latents: int = Field(gt=0, description="dictionary size")
     k: int | None = Field(default=None, description="active latents per row (topk) or on average (batchtopk)")

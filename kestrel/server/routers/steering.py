@@ -30,9 +30,10 @@ SteeringId = Annotated[
 
 
 def _steering():
-    from kestrel.core import steering
+    """Configs and saved configs: torch-free (``kestrel.core.steering_config``)."""
+    from kestrel.core import steering_config
 
-    return steering
+    return steering_config
 
 
 @router.post("", response_model=SteeringRecord, status_code=201, responses=error_responses(404))
