@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from kestrel.core.clientdata import read_float_vectors
 from kestrel.core.config import EngineConfig, StrictModel
 from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.sae.records import get_sae as _sae_summary
 from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "steering"
@@ -126,10 +127,6 @@ class SteeringConfig(EngineConfig):
 
 # ---------------------------------------------------------------------------------------------
 # Checking a config against its SAEs, without loading weights
-
-
-def _sae_summary(store: Store, sae_id: str) -> dict[str, Any]:
-    return store.read_json("saes", validate_id(sae_id, "sae id"))
 
 
 def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
