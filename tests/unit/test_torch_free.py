@@ -167,3 +167,43 @@ def test_slim_api_serves_without_the_engine(tmp_path: Path) -> None:
     assert bodies[11]["total"] == 1  # the steering config saved above
     engine = bodies[15]["error"]
     assert engine["code"] == "unavailable" and engine["details"]["missing_module"] in ENGINE_MODULES
+
+
+SERVE_PROBE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class NoEngine(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in {engine!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, NoEngine())
+    from typer.testing import CliRunner
+    from kestrel.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    print(result.exit_code, repr(result.exception))
+    """
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the CLI's root callback imports transformers (to quiet its progress bars) before any "
+    "command, so `kestrel serve`, the slim image's command, needs it; the callback must skip that "
+    "when transformers is not installed (kestrel/cli is another branch's file)",
+)
+def test_kestrel_serve_starts_without_the_engine() -> None:
+    from kestrel.server.errors import ENGINE_MODULES
+
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE_PROBE.format(engine=sorted(ENGINE_MODULES))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "0", done.stdout
