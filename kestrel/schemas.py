@@ -13,48 +13,38 @@ directories.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, field_validator
+from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
-from kestrel.core.activations import CaptureOptions
+# Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
 from kestrel.core.analysis.config import CausalConfig, CircuitConfig, FeatureConfig, NeuronConfig
-from kestrel.core.concepts.discovery import DiscoveryConfig
-from kestrel.core.datasets import HFSource, TextsSource
-from kestrel.core.models import DEFAULT_MODEL
-from kestrel.core.sae.config import DEVICE_FIELD_PATTERN, TrainConfig
-from kestrel.core.steering import SteeringConfig
+from kestrel.core.catalog import DEFAULT_MODEL, DEVICE_FIELD_PATTERN
+from kestrel.core.catalog import DType as ModelDType
+from kestrel.core.concepts.config import DiscoveryConfig
+from kestrel.core.config import StrictModel
+
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.hub import HUB_ID as HUB_ID
+from kestrel.core.hub import check_hub_id
+from kestrel.core.runs import CaptureOptions
+from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.sources import FileReading, HFSource, TextsSource
+from kestrel.core.steering_config import SteeringConfig
 
 T = TypeVar("T")
 
 JobState = Literal["queued", "started", "finished", "failed", "canceled"]
-ModelDType = Literal["fp32", "bf16", "fp16"]
 TERMINAL_STATES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
 
-# Hub ids (`org/name` or a bare canonical name): letters, digits, '.', '_' and '-' in each part,
-# never '..' and never more than one '/'. Anything else could be read as a path by the worker.
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 # `datasets.load_dataset` builders that read local files: useless without data_files and unsafe with.
 PACKAGED_BUILDERS = frozenset(
     {"json", "csv", "parquet", "text", "arrow", "pandas", "sql", "xml", "webdataset", "generator", "hdf5"}
     | {"imagefolder", "audiofolder", "videofolder", "pdffolder", "niftifolder", "folder_based_builder"}
 )
-
-
-def check_hub_id(name: str, what: str) -> str:
-    """A hub id that cannot be mistaken for a path; raises ValueError (a 422) otherwise."""
-    if not HUB_ID.fullmatch(name) or ".." in name:
-        raise ValueError(f"{what} {name!r} is not a Hugging Face hub id like 'org/name'")
-    return name
-
-
-class _Strict(BaseModel):
-    """Unknown fields are rejected, so a misspelt option is a 422 rather than silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +146,7 @@ class ModelPage(Page[ModelInfo]):
     pass
 
 
-class ModelLoadRequest(_Strict):
+class ModelLoadRequest(StrictModel):
     device: str | None = Field(
         None,
         pattern=DEVICE_FIELD_PATTERN,
@@ -224,15 +214,11 @@ class UploadPage(Page[UploadInfo]):
 # Activations
 
 
-class UploadSource(_Strict):
+class UploadSource(FileReading):
     """A dataset file uploaded earlier with ``POST /v1/uploads``, named by its id."""
 
     kind: Literal["upload"] = "upload"
     upload_id: str = Field(min_length=1, max_length=64)
-    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
-    text_field: str = Field(default="text", min_length=1)
-    txt_mode: Literal["line", "file"] = "line"
-    limit: PositiveInt | None = None
 
 
 class HubDatasetSource(HFSource):
@@ -252,7 +238,7 @@ class HubDatasetSource(HFSource):
 CaptureDataset = Annotated[TextsSource | UploadSource | HubDatasetSource, Field(discriminator="kind")]
 
 
-class CaptureRequest(_Strict):
+class CaptureRequest(StrictModel):
     """Capture ``layers`` of ``model`` over a dataset into a new activation run.
 
     Sample limit: ``dataset.limit``; batch size: ``options.max_batch_size`` (and the token budget);
@@ -303,18 +289,35 @@ class RunManifest(BaseModel):
 # SAEs
 
 
-class SAEHyperparameters(_Strict):
-    """What the SAE is; `d_in`, `model`, `layer` and `run_id` come from the run it trains on."""
+def _fields_of(model: type[BaseModel], names: tuple[str, ...], **tighter: Any) -> dict[str, Any]:
+    """``names`` as ``model`` defines them (type, default, description), for ``create_model``;
+    ``tighter`` adds constraints a request must meet besides (a ``Field`` per name)."""
+    fields = {}
+    for name in names:
+        info = model.model_fields[name]
+        annotation = Annotated[info.annotation, tighter[name]] if name in tighter else info.annotation
+        fields[name] = (annotation, FieldInfo.merge_field_infos(info))
+    return fields
 
-    architecture: str = Field("topk", description="topk, batchtopk or relu_l1")
-    n_latents: int = Field(gt=0, description="dictionary size")
-    k: int | None = Field(None, gt=0, description="active latents per token (topk, batchtopk)")
-    l1_coefficient: float | None = Field(None, gt=0, description="sparsity penalty (relu_l1)")
-    normalize_input: bool = True
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+#: What a client chooses of an SAE: `SAEConfig`'s own fields (`d_in`, `model`, `layer` and
+#: `run_id` come from the run it trains on). A request's k and l1_coefficient must also be
+#: positive up front (the config checks them per architecture, once the architecture is known).
+SAEHyperparameters: type[StrictModel] = create_model(
+    "SAEHyperparameters",
+    __base__=StrictModel,
+    __doc__="What the SAE is; `d_in`, `model`, `layer` and `run_id` come from the run it trains on.",
+    __module__=__name__,
+    **_fields_of(
+        SAEConfig,
+        ("architecture", "n_latents", "k", "l1_coefficient", "normalize_input", "dtype"),
+        k=Field(gt=0),
+        l1_coefficient=Field(gt=0),
+    ),
+)
 
 
-class TrainRequest(_Strict):
+class TrainRequest(StrictModel):
     """Train an SAE on one layer of a run, or resume a cancelled training with ``resume_from``.
 
     When resuming, omitted fields are taken from the original request.
@@ -342,13 +345,13 @@ class SAEPage(Page[SAESummary]):
     pass
 
 
-class EvaluateRequest(_Strict):
+class EvaluateRequest(StrictModel):
     texts: list[str] | None = Field(
         None, description="texts to evaluate on; default: held-out documents of the SAE's run"
     )
 
 
-class EncodeRequest(_Strict):
+class EncodeRequest(StrictModel):
     text: str = Field(min_length=1)
     top_k: int = Field(8, gt=0, description="latents reported per token")
 
@@ -385,7 +388,7 @@ class DeletedResponse(BaseModel):
 # Features, concepts and steering
 
 
-class DiscoverRequest(_Strict):
+class DiscoverRequest(StrictModel):
     """Discover what each latent of the SAE means, over a stored run or a dataset.
 
     With neither, the SAE's own training run is read (no forward needed). A dataset goes through
@@ -476,7 +479,7 @@ class FeatureDetail(BaseModel):
     concept: FeatureConcept | None = None
 
 
-class ConceptInput(_Strict):
+class ConceptInput(StrictModel):
     """A person's name for a latent (recorded with source ``manual``)."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -495,7 +498,7 @@ class ConceptImportResult(BaseModel):
     replaced: bool
 
 
-class LabelRequest(_Strict):
+class LabelRequest(StrictModel):
     """Automatic names: ``heuristic`` from tokens and logit effects, ``model`` by the SAE's model."""
 
     method: Literal["heuristic", "model"] = "heuristic"
@@ -513,7 +516,7 @@ class SteeringPage(Page[SteeringRecord]):
     pass
 
 
-class SteeringPreviewRequest(_Strict):
+class SteeringPreviewRequest(StrictModel):
     """Preview a saved config (``config_id``) or an inline one (``config``)."""
 
     config_id: str | None = None
@@ -561,7 +564,7 @@ class SteeringPreview(BaseModel):
     job_id: str
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(StrictModel):
     """Generate from ``prompts``; with a steering config (saved id or inline), default and steered."""
 
     prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=64)
@@ -689,7 +692,7 @@ class AnalysisDetail(AnalysisSummary):
 RowField = Literal["token_id", "doc_index", "position"]
 
 
-class RunImportRequest(_Strict):
+class RunImportRequest(StrictModel):
     """Turn an uploaded safetensors file of activations into a run (``POST /v1/uploads`` first).
 
     Each imported tensor is ``[n_rows, d]``, floating point, finite, with the same rows as the
@@ -717,7 +720,7 @@ class RunImportRequest(_Strict):
         "configured local, or held by a worker) makes the run loadable (CE-loss evaluation); "
         "any other name is recorded only",
     )
-    dtype: Literal["fp16", "bf16", "fp32"] | None = Field(
+    dtype: ModelDType | None = Field(
         None, description="storage dtype; default: the file's (F64 is stored as fp32)"
     )
     shard_mb: float = Field(64.0, gt=0, le=1024, description="upper bound on one shard file (per layer)")

@@ -12,6 +12,7 @@ import torch) are imported only when one of their commands runs or shows its hel
 from __future__ import annotations
 
 import importlib
+import os
 from difflib import get_close_matches
 from typing import Annotated, Any
 
@@ -133,8 +134,11 @@ def _quiet_transformers(
         typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
     ] = False,
 ) -> None:
-    """Our own progress bars only: transformers' per-load bars are noise on a warm cache."""
-    from transformers.utils import logging as hf_logging
+    """Our own progress bars only: transformers' per-load bars are noise on a warm cache.
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    Said through the environment, which transformers reads when a command first imports it,
+    rather than by importing it here: ``kestrel serve`` (the API) never needs transformers, and
+    the slim API image has none.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' tqdm follows it

@@ -23,7 +23,7 @@ from kestrel.cli.common import (
     open_store,
     print_json,
 )
-from kestrel.core.defaults import DEFAULT_MODEL
+from kestrel.core.catalog import DEFAULT_MODEL
 
 cli = typer.Typer()
 analyze_app = typer.Typer(

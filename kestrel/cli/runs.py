@@ -25,7 +25,7 @@ from kestrel.cli.common import (
 )
 from kestrel.cli.config_options import ConfigGroup, config_options
 from kestrel.core.activations import CaptureOptions
-from kestrel.core.defaults import DEFAULT_MODEL
+from kestrel.core.catalog import DEFAULT_MODEL
 
 #: capture's storage options (--max-length, --token-budget, --dtype, --drop-special...): one per field
 CAPTURE_OPTIONS = ConfigGroup(CaptureOptions, panel="Capture")

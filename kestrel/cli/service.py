@@ -15,7 +15,7 @@ from kestrel.cli.common import (
     friendly_errors,
     open_store,
 )
-from kestrel.core.defaults import DEFAULT_MODEL
+from kestrel.core.catalog import DEFAULT_MODEL
 
 cli = typer.Typer()
 

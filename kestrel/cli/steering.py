@@ -18,7 +18,7 @@ from kestrel.cli.common import (
     print_table,
     sae_model,
 )
-from kestrel.core.defaults import DEFAULT_MODEL
+from kestrel.core.catalog import DEFAULT_MODEL
 
 cli = typer.Typer()
 steering_app = typer.Typer(help="Saved steering configs.", no_args_is_help=True)

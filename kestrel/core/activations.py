@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -38,36 +38,23 @@ from kestrel.core.datasets import DatasetSpec, TextsSource, iter_texts, token_ba
 from kestrel.core.errors import CancelledError, InvalidInputError, not_found
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import TORCH_DTYPES, LoadedModel
-from kestrel.core.store import LocalStore, Store, new_id, read_manifests, validate_id
+from kestrel.core.runs import (
+    FORMAT_VERSION,
+    KIND,
+    ROW_META_FIELDS,
+    RUN_FILE_NAMES,
+    CaptureOptions,
+    RowFilter,
+    Split,
+    get_manifest,
+)
 
-FORMAT_VERSION = 1
-KIND = "activations"
-ROW_META_FIELDS = ("token_id", "doc_index", "position")
-RUN_FILE_NAMES = frozenset({"tokens", "manifest.json", "docs.jsonl"})  # a layer may not take these names
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.runs import delete_run as delete_run
+from kestrel.core.runs import list_runs as list_runs
+from kestrel.core.store import LocalStore, Store, new_id, validate_id
+
 NORM_SAMPLE_SIZE = 1 << 18
-
-
-class CaptureOptions(BaseModel):
-    """How to capture: one object for the CLI, the API request and the manifest."""
-
-    max_length: int = Field(512, description="tokens per document; longer documents are truncated")
-    token_budget: int = Field(8192, description="padded tokens per forward batch")
-    max_batch_size: int | None = Field(None, description="documents per batch at most")
-    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="storage dtype of the activations")
-    drop_bos: bool = Field(False, description="leave out BOS tokens at position 0")
-    drop_special: bool = Field(False, description="leave out every special token (BOS, EOS, chat markers)")
-    shard_mb: float = Field(64.0, description="upper bound on one shard file's size (per layer)")
-
-    def check(self) -> None:
-        """Fail before any work, naming the argument."""
-        if self.max_length <= 0:
-            raise InvalidInputError(f"max_length must be > 0, got {self.max_length}")
-        if self.token_budget <= 0:
-            raise InvalidInputError(f"token_budget must be > 0, got {self.token_budget}")
-        if self.max_batch_size is not None and self.max_batch_size <= 0:
-            raise InvalidInputError(f"max_batch_size must be > 0, got {self.max_batch_size}")
-        if self.shard_mb <= 0:
-            raise InvalidInputError(f"shard_mb must be > 0, got {self.shard_mb}")
 
 
 @dataclass
@@ -497,24 +484,6 @@ def _describe_dataset(spec: DatasetSpec) -> dict[str, Any]:
 # Reading runs back
 
 
-class RowFilter(BaseModel):
-    """Which rows a reader yields. Training and statistics should use ``RowFilter.recommended()``."""
-
-    skip_position_0: bool = Field(False, description="leave out each document's first token")
-    skip_special: bool = Field(False, description="leave out special tokens (BOS, EOS, chat markers)")
-    max_norm_multiple: float | None = Field(
-        None, description="leave out rows whose norm exceeds this multiple of the layer's median norm"
-    )
-
-    @classmethod
-    def recommended(cls) -> RowFilter:
-        """Skip the attention-sink rows that otherwise dominate every statistic."""
-        return cls(skip_position_0=True, skip_special=True, max_norm_multiple=10.0)
-
-
-Split = Literal["all", "train", "heldout"]
-
-
 @dataclass
 class RowBatch:
     """Rows of one layer with the metadata that traces each back to its document."""
@@ -535,19 +504,6 @@ class RowBatch:
     @staticmethod
     def cat(batches: Sequence[RowBatch]) -> RowBatch:
         return RowBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in RowBatch.__dataclass_fields__))
-
-
-def list_runs(store: LocalStore) -> list[dict[str, Any]]:
-    """Manifests of every complete run, oldest id first."""
-    return read_manifests(store, KIND)
-
-
-def get_manifest(store: LocalStore, run_id: str) -> dict[str, Any]:
-    return store.read_json(KIND, validate_id(run_id, "run id"))
-
-
-def delete_run(store: LocalStore, run_id: str) -> None:
-    store.delete(KIND, validate_id(run_id, "run id"))
 
 
 def heldout_mask(doc_index_N: torch.Tensor, fraction: float) -> torch.Tensor:

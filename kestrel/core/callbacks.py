@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from kestrel.core.activations import KIND, ROW_META_FIELDS, RUN_FILE_NAMES, RunWriter
+from kestrel.core.catalog import DType
 from kestrel.core.errors import ConflictError, InvalidInputError
 from kestrel.core.hooks import Detector, HookContext, HookManager
 from kestrel.core.models import TORCH_DTYPES, _candidate_layers
@@ -176,7 +177,7 @@ class TrainingCapture:
         every_n_steps: int = 100,
         rows_per_shard: int = 65_536,
         max_rows_per_step: int | None = 4096,
-        dtype: Literal["fp16", "bf16", "fp32"] = "fp16",
+        dtype: DType = "fp16",
         model_name: str | None = None,
         run_id: str | None = None,
         tokenizer: Any = None,

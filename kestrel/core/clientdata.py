@@ -14,7 +14,7 @@ import io
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    offsets: tuple[int, int] | None = field(default=None, compare=False)
+    """Where its data lies, in bytes from the end of the header (what the header says)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -135,4 +137,33 @@ def _tensor_entry(name: str, entry: Any, data_size: int) -> TensorInfo:
         raise bad("lies outside the file")
     if math.prod(shape) * DTYPE_BYTES[dtype] != stop - start:
         raise bad(f"has {stop - start} bytes of data, not what shape {shape} of {dtype} needs")
-    return TensorInfo(name, dtype, tuple(shape))
+    return TensorInfo(name, dtype, tuple(shape), (start, stop))
+
+
+_FLOAT_FORMATS = {"F64": "d", "F32": "f", "F16": "e"}
+
+
+def read_float_vectors(path: Path, names: list[str]) -> dict[str, list[float]]:
+    """1-D floating-point tensors of a safetensors file, as Python floats, without torch or numpy
+    (the API reads a few statistics per latent this way). BF16 is widened to float32 bit-exactly."""
+    header = safetensors_header(path)
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        vectors: dict[str, list[float]] = {}
+        for name in names:
+            info = header.get(name)
+            if info is None or len(info.shape) != 1 or info.offsets is None:
+                raise InvalidInputError(f"no 1-D tensor {name!r} in {path.name}", details={"tensor": name})
+            fh.seek(8 + length + info.offsets[0])
+            data = fh.read(info.offsets[1] - info.offsets[0])
+            vectors[name] = _floats(data, info.dtype, info.shape[0], name)
+    return vectors
+
+
+def _floats(data: bytes, dtype: str, n: int, name: str) -> list[float]:
+    if dtype == "BF16":  # the high half of a float32
+        halves = struct.unpack(f"<{n}H", data)
+        return list(struct.unpack(f"<{n}f", struct.pack(f"<{n}I", *(h << 16 for h in halves))))
+    if dtype not in _FLOAT_FORMATS:
+        raise InvalidInputError(f"tensor {name!r} is {dtype}, not floating point", details={"tensor": name})
+    return list(struct.unpack(f"<{n}{_FLOAT_FORMATS[dtype]}", data))

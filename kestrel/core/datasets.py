@@ -22,12 +22,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import IO, Annotated, Any, Literal
+from typing import IO, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from kestrel.core.errors import InvalidInputError, NotFoundError, close_matches
+from kestrel.core.sources import (
+    SUFFIX_FORMATS,
+    DatasetSpec,
+    FileFormat,
+    FileSource,
+    HFSource,
+    TextsSource,
+    describe_source,
+)
 
 __all__ = [
     "DatasetSpec",
@@ -43,82 +51,12 @@ __all__ = [
     "token_batches",
 ]
 
-FileFormat = Literal["txt", "jsonl", "csv", "parquet"]
-
-SUFFIX_FORMATS: dict[str, FileFormat] = {
-    ".txt": "txt",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
-
 # How many parquet rows to materialise as Python strings at once: big enough to amortise the
 # Arrow→Python conversion, small enough that a column of long documents stays bounded.
 PARQUET_BATCH_ROWS = 1024
 
 # How many available field names an error message lists before saying "…and N more".
 MAX_LISTED_FIELDS = 40
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-
-class _Source(BaseModel):
-    # Unknown keys are rejected so a misspelt option in a request ("text_feild") is a 422, not a
-    # silently ignored field and a capture over the wrong column.
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextsSource(_Source):
-    """Documents given inline, for small requests and tests."""
-
-    kind: Literal["texts"] = "texts"
-    texts: list[str] = Field(min_length=1, description="The documents, in order.")
-    limit: PositiveInt | None = Field(default=None, description="Use at most this many documents.")
-
-
-class FileSource(_Source):
-    """A local file, or a directory of files of one format."""
-
-    kind: Literal["file"] = "file"
-    path: str = Field(min_length=1, description="A file, or a directory whose files are read sorted.")
-    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = Field(
-        default="auto", description="'auto' infers from the suffix; a directory with 'auto' means *.txt."
-    )
-    text_field: str = Field(default="text", min_length=1, description="jsonl key / csv or parquet column.")
-    txt_mode: Literal["line", "file"] = Field(
-        default="line", description="txt only: one document per non-empty line, or per file."
-    )
-    limit: PositiveInt | None = None
-
-
-class HFSource(_Source):
-    """A dataset loaded with `datasets.load_dataset`: a hub id, or a local builder such as 'json'."""
-
-    kind: Literal["hf"] = "hf"
-    name: str = Field(min_length=1, description="Hub id, or a packaged builder ('json', 'csv', 'parquet').")
-    config: str | None = Field(default=None, description="Dataset configuration (load_dataset's `name`).")
-    split: str = Field(default="train", min_length=1)
-    text_field: str = Field(default="text", min_length=1)
-    streaming: bool = Field(default=True, description="Stream rows instead of downloading the split first.")
-    data_files: list[str] | None = Field(default=None, description="Files for a packaged builder.")
-    limit: PositiveInt | None = None
-
-
-DatasetSpec = Annotated[TextsSource | FileSource | HFSource, Field(discriminator="kind")]
-
-
-def describe_source(spec: TextsSource | FileSource | HFSource) -> str:
-    """A short human name for a source, used in error messages and logs."""
-    if isinstance(spec, TextsSource):
-        return f"inline texts ({len(spec.texts)} given)"
-    if isinstance(spec, FileSource):
-        return f"file {spec.path!r}"
-    config = f", config {spec.config!r}" if spec.config else ""
-    return f"hf dataset {spec.name!r} (split {spec.split!r}{config})"
 
 
 def iter_texts(spec: TextsSource | FileSource | HFSource) -> Iterator[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,16 @@ from kestrel.core.errors import HubUnavailableError, InvalidInputError, NotFound
 RepoType = Literal["model", "dataset"]
 SETTING = {"model": "KESTREL_ALLOWED_MODELS", "dataset": "KESTREL_ALLOWED_DATASETS"}
 DEFAULT_PROBE_TIMEOUT_S = 10.0
+# Hub ids (`org/name` or a bare canonical name): letters, digits, '.', '_' and '-' in each part,
+# never '..' and never more than one '/'. Anything else could be read as a path by the worker.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def check_hub_id(name: str, what: str) -> str:
+    """A hub id that cannot be mistaken for a path; raises ValueError (a 422 in a request) otherwise."""
+    if not HUB_ID.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not a Hugging Face hub id like 'org/name'")
+    return name
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:

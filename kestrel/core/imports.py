@@ -27,19 +27,20 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from kestrel.core.activations import RUN_FILE_NAMES, RunWriter
+from kestrel.core.catalog import DType
 from kestrel.core.clientdata import TensorInfo
 from kestrel.core.errors import InvalidInputError, close_matches
 from kestrel.core.models import TORCH_DTYPES
 from kestrel.core.store import Store, new_id, validate_id
 
 ROW_FIELDS = ("token_id", "doc_index", "position")
-StorageDType = Literal["fp16", "bf16", "fp32"]
+StorageDType = DType  # the storage dtype of a run
 # safetensors dtype names: the floating-point ones and what they are stored as by default.
 FLOAT_DTYPES: dict[str, StorageDType] = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp32"}
 INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"})

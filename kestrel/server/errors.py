@@ -36,6 +36,14 @@ STATUS_BY_ERROR: list[tuple[type[KestrelError], int]] = [
     (CancelledError, 409),
     (HubUnavailableError, 424),
 ]
+#: A failed job's error code → status (an awaited route answers with it): the classes' codes, plus
+#: what only a job reports. NB a job's limit_exceeded is a 413, while `LimitExceededError` raised
+#: in the API process is an InvalidInputError (422): kept as it was.
+STATUS_BY_CODE: dict[str, int] = {
+    **{cls.code: status for cls, status in STATUS_BY_ERROR},
+    "limit_exceeded": 413,
+    "worker_died": 503,
+}
 CODE_BY_STATUS = {
     400: "bad_request",
     401: "unauthorized",
@@ -132,6 +140,29 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONLine
     return error_json(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
+#: Modules of the engine (torch and what only workers use). The slim API image leaves them out
+#: (pyproject's engine-only-dependencies); the few routes that still compute in the API process
+#: (an activations import, a SAELens import or download, feature pages) need them.
+ENGINE_MODULES = frozenset(
+    {"torch", "transformers", "safetensors", "gguf", "accelerate", "datasets", "numpy", "tqdm"}
+    | {"matplotlib", "sklearn"}
+)
+
+
+async def _engine_missing(request: Request, exc: ModuleNotFoundError) -> JSONLineResponse:
+    """A route that needs the engine, served by an API installed without it: say so (503)."""
+    module = (exc.name or "").partition(".")[0]
+    if module not in ENGINE_MODULES:
+        return await _unexpected(request, exc)
+    return error_json(
+        503,
+        "unavailable",
+        f"{request.method} {request.url.path} needs the engine ({module}), which this API "
+        "installation leaves out (the slim `api` image); serve this route from the engine image",
+        {"missing_module": module},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONLineResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_json(500, "internal", "internal server error; see the server log")
@@ -142,6 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StillRunning, _still_running)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ModuleNotFoundError, _engine_missing)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 
 

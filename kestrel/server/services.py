@@ -13,12 +13,13 @@ from typing import Any
 from redis import Redis
 
 from kestrel.core import hub, limits
-from kestrel.core.activations import get_manifest, list_runs
-from kestrel.core.datasets import HFSource, TextsSource
+from kestrel.core.catalog import available_models, check_model_name
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.limits import Caps
-from kestrel.core.models import available_models
-from kestrel.core.steering import SteeringConfig
+from kestrel.core.runs import get_manifest, list_runs
+from kestrel.core.sae.records import get_sae, sae_model
+from kestrel.core.sources import HFSource, TextsSource
+from kestrel.core.steering_config import SteeringConfig
 from kestrel.core.store import Store, new_id, validate_id
 from kestrel.schemas import (
     CaptureRequest,
@@ -34,7 +35,6 @@ from kestrel.schemas import (
 from kestrel.server.errors import limit_exceeded
 from kestrel.settings import Settings
 from kestrel.workers import queues, uploads
-from kestrel.workers.model_cache import check_model_name
 
 TRAIN_REQUEST_TTL_S = 90 * 24 * 3600
 
@@ -254,8 +254,6 @@ def _check_resumable(store: Store, sae_id: str) -> None:
 
 def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings, store: Store) -> dict:
     """Check the SAE, the source and the limits before a discovery is queued; the job's kwargs."""
-    from kestrel.core.sae.pipeline import get_sae
-
     summary = get_sae(store, sae_id)
     if request.run_id is not None and request.dataset is not None:
         raise InvalidInputError("give run_id or dataset, not both")
@@ -280,7 +278,7 @@ def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings,
 
 def checked_steering(store: Store, config_id: str | None, config: SteeringConfig | None) -> SteeringConfig:
     """A saved or inline config (exactly one), checked against its SAEs' summaries."""
-    from kestrel.core import steering
+    from kestrel.core import steering_config as steering
 
     if (config_id is None) == (config is None):
         raise InvalidInputError("give a saved steering config id or an inline config (exactly one)")
@@ -291,8 +289,6 @@ def checked_steering(store: Store, config_id: str | None, config: SteeringConfig
 
 def prepare_generate(name: str, request: GenerateRequest, settings: Settings, store: Store) -> dict:
     """Limits, the model name and the steering config, checked before the job is queued."""
-    from kestrel.core.sae.pipeline import get_sae
-
     checked_model(name, settings)
     check_texts(request.prompts, settings)
     if request.max_new_tokens > settings.max_new_tokens:
@@ -304,11 +300,11 @@ def prepare_generate(name: str, request: GenerateRequest, settings: Settings, st
     if request.steering_id is not None or request.steering is not None:
         config = checked_steering(store, request.steering_id, request.steering)
         if config.sae_id is not None:
-            sae_model = get_sae(store, config.sae_id).get("model")
-            if sae_model and sae_model != name:
+            sae_model_name = sae_model(get_sae(store, config.sae_id))
+            if sae_model_name and sae_model_name != name:
                 raise InvalidInputError(
-                    f"sae {config.sae_id!r} reads {sae_model!r}; it cannot steer {name!r}",
-                    details={"model": name, "sae_model": sae_model},
+                    f"sae {config.sae_id!r} reads {sae_model_name!r}; it cannot steer {name!r}",
+                    details={"model": name, "sae_model": sae_model_name},
                 )
     elif request.top_latents:
         raise InvalidInputError("top_latents needs a steering config with an SAE")

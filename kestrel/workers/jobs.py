@@ -18,6 +18,7 @@ from kestrel.core import hub, limits
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.limits import Caps
+from kestrel.core.sae.records import sae_model, sae_model_and_layer
 from kestrel.schemas import (
     CaptureRequest,
     DiscoverRequest,
@@ -338,21 +339,6 @@ def encode_job(ctx: JobContext, sae_id: str, text: str, top_k: int = 8) -> dict[
     return {"sae_id": sae_id, "model": model, "layer": layer, "tokens": tokens}
 
 
-def sae_model_and_layer(summary: dict[str, Any]) -> tuple[str, str]:
-    """The model and layer an SAE reads; InvalidInputError for one imported without them."""
-    config = summary.get("config") or {}
-    model = summary.get("model") or config.get("model")
-    layer = summary.get("layer") or config.get("layer")
-    if not model or not layer:
-        missing = " and ".join(what for what, value in (("model", model), ("layer", layer)) if not value)
-        raise InvalidInputError(
-            f"sae {summary.get('id')!r} does not record the {missing} it reads (an import whose cfg.json "
-            "names none): import it again with the model and layer form fields to run it on text",
-            details={"sae_id": summary.get("id"), "missing": missing.split(" and ")},
-        )
-    return model, layer
-
-
 class _SAECache:
     """Loaded SAEs of this worker by id (few, small), reloaded if the stored one changed.
 
@@ -391,7 +377,7 @@ def _sae_model_name(ctx: JobContext, summary: dict[str, Any]) -> str:
     from kestrel.core.sae.pipeline import require_loadable_model
 
     require_loadable_model(ctx.store, summary)
-    name = summary.get("model") or summary["config"].get("model")
+    name = sae_model(summary)
     if not name:
         raise InvalidInputError(f"sae {summary.get('id')!r} does not record the model it reads")
     return name

@@ -20,28 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kestrel.core import hub
+from kestrel.core.catalog import check_model_name
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.models import BUNDLED, LoadedModel, load_model, resolve_device
-from kestrel.schemas import check_hub_id
-
-
-def check_model_name(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:
-    """Accept bundled names, configured local names and allowed hub ids; InvalidInputError otherwise.
-
-    A hub id must be in the local HF cache or match a glob of ``allowed`` (``KESTREL_ALLOWED_MODELS``,
-    see ``kestrel.core.hub``): the API refuses any other before it enqueues a job.
-    """
-    if name in BUNDLED or name in local_models:
-        return name
-    try:
-        check_hub_id(name, "model")
-    except ValueError as exc:
-        raise InvalidInputError(
-            f"{exc}; use a bundled name ({', '.join(BUNDLED)}), a hub id, or a local model the server "
-            "lists in KESTREL_MODEL_DIRS",
-            details={"model": name},
-        ) from None
-    return hub.check_allowed(name, "model", allowed)
 
 
 def load_target(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from kestrel.core.clientdata import TensorInfo, safetensors_header
-from kestrel.core.datasets import FileSource
 from kestrel.core.errors import InvalidInputError
+from kestrel.core.sources import FileSource
 from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "uploads"

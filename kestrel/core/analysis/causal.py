@@ -50,6 +50,7 @@ from kestrel.core.hooks import (
     zero_ablate,
 )
 from kestrel.core.models import LoadedModel, tokenize
+from kestrel.core.sae import records
 from kestrel.core.store import Store
 
 PLOT_TARGETS = 30
@@ -192,7 +193,7 @@ def _model_name(config: CausalConfig, store: Store) -> str:
 
     summary = get_sae(store, config.sae_id)
     require_loadable_model(store, summary)  # a run captured in training or imported: no model here
-    sae_model = summary.get("model") or summary["config"].get("model")
+    sae_model = records.sae_model(summary)
     if "model" in config.model_fields_set and sae_model and config.model != sae_model:
         raise InvalidInputError(f"sae {config.sae_id!r} reads {sae_model!r}, not {config.model!r}")
     return sae_model or config.model

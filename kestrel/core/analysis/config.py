@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from kestrel.core.activations import RowFilter
-from kestrel.core.datasets import DatasetSpec
+from kestrel.core.catalog import DEFAULT_MODEL, DType
+from kestrel.core.config import StrictModel
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.models import DEFAULT_MODEL
+from kestrel.core.runs import RowFilter
+from kestrel.core.sources import DatasetSpec
 
 MAX_LAYERS = 64
 MAX_LATENTS = 256
@@ -23,10 +24,9 @@ MAX_PROMPT_CHARS = 2000
 MAX_PATCH_FORWARDS = 8192  # layers × positions: one forward (of all pairs) each
 
 
-class _AnalysisBase(BaseModel):
-    """Unknown fields are errors, so a misspelt option is a 422 rather than silently ignored."""
+class _AnalysisBase(StrictModel):
+    """What every analysis config has; unknown fields are errors (a misspelt option is a 422)."""
 
-    model_config = ConfigDict(extra="forbid")
     title: str | None = Field(None, max_length=200, description="report title [default: from the kind]")
 
 
@@ -88,7 +88,7 @@ class CausalConfig(_AnalysisBase):
     max_texts: int = Field(64, ge=1, le=4096, description="texts read from the dataset at most")
     max_length: int = Field(128, ge=2, le=4096, description="tokens per text")
     batch_size: int = Field(8, ge=1, le=256, description="texts per forward")
-    model_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    model_dtype: DType = "fp32"
 
     @model_validator(mode="after")
     def _targets(self) -> CausalConfig:
@@ -109,10 +109,9 @@ class CausalConfig(_AnalysisBase):
         return self
 
 
-class PromptPair(BaseModel):
+class PromptPair(StrictModel):
     """A clean prompt, its corruption (same number of tokens) and the two answers compared."""
 
-    model_config = ConfigDict(extra="forbid")
     clean: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     corrupted: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     correct: str = Field(min_length=1, max_length=100, description="the clean prompt's answer: one token")
@@ -134,7 +133,7 @@ class CircuitConfig(_AnalysisBase):
     layers: list[str] | None = Field(
         None, max_length=MAX_LAYERS, description="module paths to patch [default: every block]"
     )
-    model_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    model_dtype: DType = "fp32"
 
     @model_validator(mode="after")
     def _unique_layers(self) -> CircuitConfig:

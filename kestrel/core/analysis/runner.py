@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +21,19 @@ import numpy as np
 from kestrel.core.analysis import causal, circuit, feature, neuron
 from kestrel.core.analysis.common import AnalysisOutput, ModelLoader, ProgressFn, StopFn, check_stop
 from kestrel.core.analysis.config import parse_config
-from kestrel.core.errors import ConflictError, NotFoundError
-from kestrel.core.store import Store, new_id, read_manifests, validate_id
+from kestrel.core.analysis.records import KIND
 
-KIND = "analyses"
+# Re-exported: the store reads live in the torch-free records module.
+from kestrel.core.analysis.records import PLOT_NAME as PLOT_NAME
+from kestrel.core.analysis.records import delete_analysis as delete_analysis
+from kestrel.core.analysis.records import get_analysis as get_analysis
+from kestrel.core.analysis.records import get_results as get_results
+from kestrel.core.analysis.records import list_analyses as list_analyses
+from kestrel.core.analysis.records import plot_path as plot_path
+from kestrel.core.analysis.records import report_path as report_path
+from kestrel.core.errors import ConflictError
+from kestrel.core.store import Store, new_id, validate_id
+
 FORMAT_VERSION = 1
 ANALYZERS = {
     "neuron": neuron.analyze,
@@ -33,7 +41,6 @@ ANALYZERS = {
     "causal": causal.analyze,
     "circuit": circuit.analyze,
 }
-PLOT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 def run_analysis(
@@ -123,39 +130,3 @@ def jsonable(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def list_analyses(store: Store) -> list[dict[str, Any]]:
-    """Manifests of every complete analysis, newest first."""
-    manifests = read_manifests(store, KIND)
-    return sorted(manifests, key=lambda m: (m.get("created", ""), m["id"]), reverse=True)
-
-
-def get_analysis(store: Store, analysis_id: str) -> dict[str, Any]:
-    return store.read_json(KIND, validate_id(analysis_id, "analysis id"))
-
-
-def get_results(store: Store, analysis_id: str) -> dict[str, Any]:
-    return store.read_json(KIND, validate_id(analysis_id, "analysis id"), "results.json")
-
-
-def report_path(store: Store, analysis_id: str) -> Path:
-    """A local copy of the report (a remote store caches it first)."""
-    return store.local_path(KIND, validate_id(analysis_id, "analysis id"), "report.md")
-
-
-def plot_path(store: Store, analysis_id: str, name: str) -> Path:
-    """A plot's PNG by name (``patching`` or ``patching.png``); 404 listing the plots there are."""
-    manifest = get_analysis(store, analysis_id)
-    stem = name[:-4] if name.endswith(".png") else name
-    if not PLOT_NAME.fullmatch(stem) or stem not in manifest.get("plots", []):
-        available = ", ".join(manifest.get("plots", [])) or "none"
-        raise NotFoundError(
-            f"analysis {analysis_id!r} has no plot {name!r}; its plots: {available}",
-            details={"id": analysis_id, "plot": name, "plots": manifest.get("plots", [])},
-        )
-    return store.local_path(KIND, analysis_id, f"plots/{stem}.png")
-
-
-def delete_analysis(store: Store, analysis_id: str) -> None:
-    store.delete(KIND, validate_id(analysis_id, "analysis id"))

@@ -5,37 +5,43 @@ and automatic names for it (labels).
     manifest = discover(store, sae_id, lm, dataset=texts)    # or any dataset, through the model
     page = feature_page(store, sae_id, 12)                   # contexts, bins, histogram, logits
     label_features(store, sae_id, "heuristic")               # names from tokens and logit effects
+
+Names load on first use (PEP 562), so importing the torch-free parts (``.config``, the
+dictionary) does not pull in discovery and torch.
 """
 
-from kestrel.core.concepts.dictionary import (
-    Concept,
-    delete_concept,
-    export_dictionary,
-    get_concept,
-    import_dictionary,
-    parse_dictionary,
-    read_dictionary,
-    update_concepts,
-)
-from kestrel.core.concepts.discovery import DiscoveryConfig, DiscoveryProgress, discover
-from kestrel.core.concepts.features import feature_page, list_features
-from kestrel.core.concepts.labels import label_features
-from kestrel.core.concepts.store import read_manifest
+from __future__ import annotations
 
-__all__ = [
-    "Concept",
-    "DiscoveryConfig",
-    "DiscoveryProgress",
-    "delete_concept",
-    "discover",
-    "export_dictionary",
-    "feature_page",
-    "get_concept",
-    "import_dictionary",
-    "label_features",
-    "list_features",
-    "parse_dictionary",
-    "read_dictionary",
-    "read_manifest",
-    "update_concepts",
-]
+from importlib import import_module
+from typing import Any
+
+_MODULE_OF = {
+    **dict.fromkeys(
+        (
+            "Concept",
+            "delete_concept",
+            "export_dictionary",
+            "get_concept",
+            "import_dictionary",
+            "parse_dictionary",
+            "read_dictionary",
+            "update_concepts",
+        ),
+        "dictionary",
+    ),
+    "DiscoveryConfig": "config",
+    **dict.fromkeys(("DiscoveryProgress", "discover"), "discovery"),
+    **dict.fromkeys(("feature_page", "list_features"), "features"),
+    "label_features": "labels",
+    "read_manifest": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kestrel.core.concepts' has no attribute {name!r}")
+    return getattr(import_module(f"kestrel.core.concepts.{module}"), name)
+
+
+__all__ = sorted(_MODULE_OF)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kestrel.core.concepts.config import log_bin_count
+
 POSITION_BITS = 24
 POSITION_MASK = (1 << POSITION_BITS) - 1
 EMPTY_ROW = -1
@@ -101,7 +103,7 @@ class LogBins:
 
     @property
     def n_bins(self) -> int:
-        return max(1, round(math.log10(self.high / self.low) * self.per_decade))
+        return log_bin_count(self.low, self.high, self.per_decade)
 
     def index(self, values_C: Tensor) -> Tensor:
         scaled = (torch.log10(values_C.clamp_min(1e-30)) - math.log10(self.low)) * self.per_decade

@@ -25,69 +25,28 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from kestrel.core.activations import RowFilter, get_manifest, iter_row_batches
 from kestrel.core.activations import _as_spec as as_dataset_spec
 from kestrel.core.concepts import contexts
 from kestrel.core.concepts import store as features_store
-from kestrel.core.concepts.accumulate import FeatureAccumulator, FeatureTables, LogBins, pack_rows
+from kestrel.core.concepts.accumulate import FeatureAccumulator, FeatureTables, pack_rows
+
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.concepts.config import MAX_HIST_BINS as MAX_HIST_BINS
+from kestrel.core.concepts.config import MAX_STATE_ENTRIES as MAX_STATE_ENTRIES
+from kestrel.core.concepts.config import DiscoveryConfig
 from kestrel.core.datasets import DatasetSpec, iter_texts, token_batches
 from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import LoadedModel
 from kestrel.core.sae.base import SAE
-from kestrel.core.sae.config import _Config
 from kestrel.core.sae.pipeline import load_sae
 from kestrel.core.store import Store
 
 ENCODE_CHUNK_ROWS = 4096
 TOP_TOKENS = 3
-MAX_HIST_BINS = 240
-MAX_STATE_ENTRIES = 200_000_000  # about 3 GiB at 16 bytes an entry
-
-
-class DiscoveryConfig(_Config):
-    """How discovery runs; one object for the CLI, the API request and the stored summary."""
-
-    top_n: int = Field(20, ge=1, le=256, description="top-activating contexts kept per latent")
-    n_bins: int = Field(10, ge=1, le=64, description="equal-width activation bins below the top value")
-    samples_per_bin: int = Field(5, ge=0, le=64, description="contexts sampled from each bin")
-    window: int = Field(8, ge=0, le=64, description="tokens shown either side of a context's token")
-    hist_per_decade: int = Field(10, ge=1, le=50, description="log-spaced histogram bins per decade")
-    hist_min: float = Field(1e-3, gt=0, description="lower edge of the histogram (open below)")
-    hist_max: float = Field(1e3, gt=0, description="upper edge of the histogram (open above)")
-    logit_k: int = Field(10, ge=1, le=100, description="promoted and suppressed tokens per latent")
-    filters: RowFilter = Field(
-        default_factory=RowFilter.recommended, description="rows left out (attention sinks by default)"
-    )
-    max_length: int = Field(512, gt=0, description="dataset: tokens per document")
-    token_budget: int = Field(8192, gt=0, description="dataset: padded tokens per forward batch")
-    batch_rows: int = Field(8192, gt=0, description="run: rows read per batch")
-    seed: int = 0
-
-    def log_bins(self) -> LogBins:
-        if self.hist_max <= self.hist_min:
-            raise InvalidInputError(f"hist_max ({self.hist_max}) must exceed hist_min ({self.hist_min})")
-        bins = LogBins(self.hist_min, self.hist_max, self.hist_per_decade)
-        if bins.n_bins > MAX_HIST_BINS:
-            raise InvalidInputError(
-                f"the histogram would have {bins.n_bins} bins (hist_min..hist_max at hist_per_decade); "
-                f"at most {MAX_HIST_BINS}"
-            )
-        return bins
-
-    def check_size(self, n_latents: int) -> None:
-        """The kept state is n_latents × (top_n + histogram bins × samples_per_bin) entries: bound it."""
-        entries = n_latents * (self.top_n + self.log_bins().n_bins * max(self.samples_per_bin, 1))
-        if entries > MAX_STATE_ENTRIES:
-            raise InvalidInputError(
-                f"discovery would keep {entries:,} entries for {n_latents:,} latents (at most "
-                f"{MAX_STATE_ENTRIES:,}); lower top_n, samples_per_bin or the histogram's bins per decade"
-            )
-
-
 STREAMING_SHARE = 0.9  # of a discovery's time: the rest is contexts and logit effects
 
 

@@ -21,14 +21,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from kestrel.core.errors import NotFoundError
 from kestrel.core.store import Store, new_id, validate_id
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors and torch are imported where tensors are written or read, so the manifest and the
+# dictionary (which the API reads) load without the engine.
 
 SAE_KIND = "saes"
 FEATURES_DIR = "features"
@@ -93,6 +95,8 @@ def publish(
     summary: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the files into ``staging``, move it in as a new version, then point the manifest at it."""
+    from safetensors.torch import save_file
+
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(staging / TENSORS_FILE))
     (staging / VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False))
     version = new_id("v")
@@ -168,12 +172,16 @@ class FeatureReader:
 
     def full(self, *names: str) -> dict[str, torch.Tensor]:
         """Whole tensors (the small per-latent vectors a list needs)."""
+        from safetensors import safe_open
+
         with safe_open(str(self.directory / TENSORS_FILE), "pt") as f:
             return {name: f.get_tensor(name) for name in names}
 
     def latent(self, latent: int, *names: str) -> dict[str, torch.Tensor]:
         """Row ``latent`` of each named per-latent tensor."""
         self.check_latent(latent)
+        from safetensors import safe_open
+
         with safe_open(str(self.directory / TENSORS_FILE), "pt") as f:
             return {name: f.get_slice(name)[latent : latent + 1][0] for name in names}
 

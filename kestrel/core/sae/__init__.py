@@ -4,49 +4,46 @@
     save_sae(result.sae, directory, metrics=result.metrics, history=result.history)
     out = load_sae(directory)(x)      # ForwardOutput(reconstruction, latent_acts, latent_indices, ...)
 
-The architecture modules register themselves on import; importing this package loads them all.
+Names load on first use (PEP 562), so importing a torch-free part (``kestrel.core.sae.config``,
+which the API's schemas do) does not import torch. Anything that needs the architectures
+(``create``, ``lookup_architecture``, the trainer) loads them all first: they register on import.
 """
 
-from kestrel.core.sae import batchtopk, relu_l1, topk  # noqa: F401  (registration)
-from kestrel.core.sae.base import (
-    SAE,
-    EncoderOutput,
-    ForwardOutput,
-    LossOutput,
-    LossSettings,
-    architectures,
-    create,
-    lookup_architecture,
-    register,
-)
-from kestrel.core.sae.checkpoint import latest_checkpoint
-from kestrel.core.sae.config import SAEConfig, TrainConfig, default_lr
-from kestrel.core.sae.io import export_saelens, import_saelens, load_sae, save_sae
-from kestrel.core.sae.metrics import evaluate
-from kestrel.core.sae.trainer import Progress, TrainPlan, TrainResult, resolve_plan, train_sae
+from __future__ import annotations
 
-__all__ = [
-    "SAE",
-    "EncoderOutput",
-    "ForwardOutput",
-    "LossOutput",
-    "LossSettings",
-    "Progress",
-    "SAEConfig",
-    "TrainConfig",
-    "TrainPlan",
-    "TrainResult",
-    "architectures",
-    "create",
-    "default_lr",
-    "evaluate",
-    "export_saelens",
-    "import_saelens",
-    "latest_checkpoint",
-    "load_sae",
-    "lookup_architecture",
-    "register",
-    "resolve_plan",
-    "save_sae",
-    "train_sae",
-]
+from importlib import import_module
+from typing import Any
+
+_MODULE_OF = {
+    **dict.fromkeys(
+        (
+            "SAE",
+            "EncoderOutput",
+            "ForwardOutput",
+            "LossOutput",
+            "LossSettings",
+            "architectures",
+            "create",
+            "lookup_architecture",
+            "register",
+        ),
+        "base",
+    ),
+    "latest_checkpoint": "checkpoint",
+    **dict.fromkeys(("SAEConfig", "TrainConfig", "default_lr"), "config"),
+    **dict.fromkeys(("export_saelens", "import_saelens", "load_sae", "save_sae"), "io"),
+    "evaluate": "metrics",
+    **dict.fromkeys(("Progress", "TrainPlan", "TrainResult", "resolve_plan", "train_sae"), "trainer"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kestrel.core.sae' has no attribute {name!r}")
+    if module != "config":  # the engine: its architectures register themselves on import
+        import_module("kestrel.core.sae.base").load_builtin_architectures()
+    return getattr(import_module(f"kestrel.core.sae.{module}"), name)
+
+
+__all__ = sorted(_MODULE_OF)

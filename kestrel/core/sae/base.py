@@ -14,14 +14,15 @@ SAELens terms).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import linear
 
-from kestrel.core.errors import InvalidInputError, close_matches
-from kestrel.core.sae.config import SAEConfig
+from kestrel.core.errors import InvalidInputError
+from kestrel.core.sae.config import SAEConfig, check_knobs, unknown_architecture
 from kestrel.core.sae.kernels import dense_decode, gather_linear, sparse_decode
 
 
@@ -111,20 +112,26 @@ def register(name: str):
     return add
 
 
+BUILTIN_ARCHITECTURES = ("batchtopk", "relu_l1", "topk")  # modules of kestrel.core.sae
+
+
+def load_builtin_architectures() -> None:
+    """Import the built-in architecture modules, which register themselves (once; cheap after)."""
+    for name in BUILTIN_ARCHITECTURES:
+        import_module(f"kestrel.core.sae.{name}")
+
+
 def architectures() -> list[str]:
     """Names accepted as `SAEConfig.architecture`."""
+    load_builtin_architectures()
     return sorted(_REGISTRY)
 
 
 def lookup_architecture(name: str) -> type[SAE]:
     """The class registered as `name`, or an error that lists what exists."""
+    load_builtin_architectures()
     if name not in _REGISTRY:
-        suggestions = close_matches(name, _REGISTRY)
-        hint = f"; did you mean {suggestions[0]!r}?" if suggestions else ""
-        raise InvalidInputError(
-            f"unknown SAE architecture {name!r} (known: {', '.join(architectures())}){hint}",
-            details={"architecture": name, "known": architectures()},
-        )
+        raise unknown_architecture(name, architectures())
     return _REGISTRY[name]
 
 
@@ -163,9 +170,7 @@ class SAE(nn.Module):
     @classmethod
     def check_config(cls, config: SAEConfig) -> None:
         """Raise ValueError (pydantic reports it) when the config does not fit this architecture."""
-        for field in ("k", "l1_coefficient"):
-            if field not in cls.config_defaults and getattr(config, field) is not None:
-                raise ValueError(f"{field} does not apply to architecture {cls.architecture!r}")
+        check_knobs(cls.architecture, cls.config_defaults, config)
 
     # -- shapes ---------------------------------------------------------------------------------
 

@@ -15,8 +15,7 @@ from torch import Tensor
 from torch.nn.functional import embedding_bag
 
 from kestrel.core.sae.base import SAE, EncoderOutput, register
-from kestrel.core.sae.config import SAEConfig
-from kestrel.core.sae.topk import check_k
+from kestrel.core.sae.config import BUILTIN_ARCHITECTURES, SAEConfig, check_k
 
 #: Rows are first cut to their top `ROW_CAP_FACTOR * k` entries before the batch-wide choice;
 #: when some row is full at that cap the exact (slower) batch-wide selection runs instead.
@@ -28,7 +27,7 @@ THRESHOLD_DECAY = 0.99
 class BatchTopKSAE(SAE):
     """Batch-level top-k in training, a fixed threshold at inference."""
 
-    config_defaults: ClassVar[dict[str, Any]] = {"k": 32}
+    config_defaults: ClassVar[dict[str, Any]] = BUILTIN_ARCHITECTURES["batchtopk"].defaults
 
     def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(config, generator=generator)

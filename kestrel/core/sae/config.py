@@ -8,16 +8,24 @@ field and the reason, so a job fails before it reads any data.
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from kestrel.core.errors import InvalidInputError
+from kestrel.core.catalog import DEVICE_FIELD_PATTERN
+from kestrel.core.config import EngineConfig
 
-#: A device's format (pydantic anchors nothing itself); whether the worker has it is checked there.
-DEVICE_FIELD_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.config import invalid_config as invalid_config
+from kestrel.core.errors import InvalidInputError, close_matches
 
-DType = Literal["float32", "float16", "bfloat16"]
+#: The dtype an SAE's weights are kept in, by torch's names: what every saved config.json and the
+#: API have always used, so it stays apart from the short model/storage names (`catalog.DType`).
+SAEDType = Literal["float32", "float16", "bfloat16"]
+DType = SAEDType  # the older name
 
 #: A latent that has not fired for this many tokens is dead, unless the run is too short for
 #: that to mean anything (see `TrainConfig.dead_tokens_threshold`). The figure follows sparsify.
@@ -29,36 +37,8 @@ DEFAULT_BATCH_SIZE = 4096  # rows per step when the run is large enough (see pip
 DEFAULT_CHECKPOINT_EVERY_S = 60.0
 
 
-def invalid_config(error: ValidationError, kind: str) -> InvalidInputError:
-    """Turn pydantic's report into the engine's error, one `field: reason (got value)` per line."""
-    problems: list[dict[str, str | None]] = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or None
-        reason = str(item["msg"]).removeprefix("Value error, ")
-        if item.get("type") != "value_error" and "input" in item:
-            reason += f" (got {item['input']!r})"
-        problems.append({"field": field, "reason": reason})
-    text = "; ".join(f"{p['field']}: {p['reason']}" if p["field"] else str(p["reason"]) for p in problems)
-    return InvalidInputError(f"invalid {kind}: {text}", details={"errors": problems})
-
-
-class _Config(BaseModel):
-    """Shared behaviour: unknown fields are errors and every failure is an `InvalidInputError`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as error:
-            raise invalid_config(error, type(self).__name__) from None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        """Parse a stored or requested config, with the same errors as the constructor."""
-        if not isinstance(data, dict):
-            raise InvalidInputError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
-        return cls(**data)
+# The engine's config base, under the name the engine's modules import it by.
+_Config = EngineConfig
 
 
 class SAEConfig(_Config):
@@ -69,7 +49,7 @@ class SAEConfig(_Config):
     carries a knob that had no effect.
     """
 
-    architecture: str = "topk"
+    architecture: str = Field("topk", description="topk, batchtopk or relu_l1")
     d_in: int = Field(gt=0, description="width of the activations the SAE reads")
     n_latents: int = Field(gt=0, description="dictionary size")
     k: int | None = Field(default=None, description="active latents per row (topk) or on average (batchtopk)")
@@ -86,7 +66,7 @@ class SAEConfig(_Config):
         gt=0,
         description="the factor applied to inputs during training, already folded into the weights (record)",
     )
-    dtype: DType = "float32"
+    dtype: SAEDType = "float32"
     model: str | None = None
     layer: str | None = None
     run_id: str | None = None
@@ -97,21 +77,16 @@ class SAEConfig(_Config):
     def _fill_architecture_defaults(cls, values: Any) -> Any:
         if not isinstance(values, dict):
             return values
-        from kestrel.core.sae.base import lookup_architecture  # the registry imports this module
-
-        name = values.get("architecture", "topk")
-        sae_class = lookup_architecture(name)
+        rules = architecture_rules(values.get("architecture", "topk"))
         filled = dict(values)
-        for key, default in sae_class.config_defaults.items():
+        for key, default in rules.defaults.items():
             if filled.get(key) is None:
                 filled[key] = default
         return filled
 
     @model_validator(mode="after")
     def _check_architecture(self) -> SAEConfig:
-        from kestrel.core.sae.base import lookup_architecture
-
-        lookup_architecture(self.architecture).check_config(self)
+        architecture_rules(self.architecture).check(self)
         return self
 
     def validate_against(self, d_in: int, *, source: str = "the data") -> None:
@@ -121,6 +96,81 @@ class SAEConfig(_Config):
                 f"d_in mismatch: the SAE reads vectors of width {self.d_in} but {source} has width {d_in}",
                 details={"sae_d_in": self.d_in, "data_d_in": d_in},
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# What each architecture accepts, without importing it (torch)
+
+
+@dataclass(frozen=True)
+class ArchitectureRules:
+    """The config an architecture takes: defaults for its knobs, and a check that raises ValueError."""
+
+    defaults: dict[str, Any]
+    check: Callable[[SAEConfig], None]
+
+
+#: The sparsity knobs; an architecture accepts those in its defaults and rejects the others.
+SPARSITY_KNOBS = ("k", "l1_coefficient")
+
+
+def check_knobs(architecture: str, defaults: dict[str, Any], config: SAEConfig) -> None:
+    """A knob the architecture has no default for does not apply to it (`SAE.check_config`)."""
+    for field in SPARSITY_KNOBS:
+        if field not in defaults and getattr(config, field) is not None:
+            raise ValueError(f"{field} does not apply to architecture {architecture!r}")
+
+
+def check_k(config: SAEConfig) -> None:
+    """k must select at least one latent and no more than exist."""
+    if config.k is None or config.k <= 0:
+        raise ValueError(f"k must be a positive number of active latents, got {config.k}")
+    if config.k > config.n_latents:
+        raise ValueError(f"k ({config.k}) cannot exceed n_latents ({config.n_latents})")
+
+
+def check_l1_coefficient(config: SAEConfig) -> None:
+    if config.l1_coefficient is None or config.l1_coefficient <= 0:
+        raise ValueError(f"l1_coefficient must be positive, got {config.l1_coefficient}")
+
+
+def _builtin(name: str, defaults: dict[str, Any], check: Callable[[SAEConfig], None]) -> ArchitectureRules:
+    def check_all(config: SAEConfig) -> None:
+        check_knobs(name, defaults, config)
+        check(config)
+
+    return ArchitectureRules(defaults, check_all)
+
+
+#: The built-in architectures' rules, which their classes (topk.py, ...) use too (a test holds
+#: them equal), so a config is checked the same with or without the engine loaded.
+BUILTIN_ARCHITECTURES: dict[str, ArchitectureRules] = {
+    "topk": _builtin("topk", {"k": 32}, check_k),
+    "batchtopk": _builtin("batchtopk", {"k": 32}, check_k),
+    "relu_l1": _builtin("relu_l1", {"l1_coefficient": 2.0}, check_l1_coefficient),
+}
+
+
+def unknown_architecture(name: str, known: list[str]) -> InvalidInputError:
+    suggestions = close_matches(name, known)
+    hint = f"; did you mean {suggestions[0]!r}?" if suggestions else ""
+    return InvalidInputError(
+        f"unknown SAE architecture {name!r} (known: {', '.join(known)}){hint}",
+        details={"architecture": name, "known": known},
+    )
+
+
+def architecture_rules(name: str) -> ArchitectureRules:
+    """How ``name`` is configured. Without the engine loaded only the built-in architectures can
+    exist (another registers itself through ``kestrel.core.sae.base``), so the API process checks
+    a config without torch; with it, the registry answers, custom architectures included."""
+    base = sys.modules.get("kestrel.core.sae.base")
+    if base is not None and hasattr(base, "lookup_architecture"):
+        sae_class = base.lookup_architecture(name)
+        return ArchitectureRules(sae_class.config_defaults, sae_class.check_config)
+    if name not in BUILTIN_ARCHITECTURES:
+        raise unknown_architecture(name, sorted(BUILTIN_ARCHITECTURES))
+    return BUILTIN_ARCHITECTURES[name]
 
 
 def default_lr(n_latents: int, d_in: int) -> float:

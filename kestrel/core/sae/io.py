@@ -41,11 +41,14 @@ from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
 from kestrel.core.limits import Caps, check_sae_size
 from kestrel.core.sae.base import SAE, create
 from kestrel.core.sae.config import SAEConfig
+from kestrel.core.sae.records import HISTORY_FILE
+
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.sae.records import read_history as read_history
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.jsonl"
 SAELENS_CONFIG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 
@@ -90,13 +93,6 @@ def load_sae(directory: Path, *, device: str | torch.device = "cpu") -> SAE:
 def read_metrics(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_history(directory: Path) -> list[dict[str, Any]]:
-    path = Path(directory) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # -- SAELens layout ------------------------------------------------------------------------------

@@ -35,10 +35,21 @@ from kestrel.core.sae.checkpoint import latest_checkpoint
 from kestrel.core.sae.config import DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig
 from kestrel.core.sae.metrics import evaluate
 from kestrel.core.sae.model_eval import ce_loss_metrics
-from kestrel.core.sae.trainer import Progress, train_sae
-from kestrel.core.store import Store, new_id, read_manifests, validate_id
+from kestrel.core.sae.records import (
+    KIND,
+    get_sae,
+    require_loadable_model,
+    unloadable_model_reason,
+)
+from kestrel.core.sae.records import checkpoint_dir as _checkpoint_dir
 
-KIND = "saes"
+# Re-exported: defined in the torch-free module, still importable from here.
+from kestrel.core.sae.records import delete_sae as delete_sae
+from kestrel.core.sae.records import list_saes as list_saes
+from kestrel.core.sae.records import training_history as training_history
+from kestrel.core.sae.trainer import Progress, train_sae
+from kestrel.core.store import Store, new_id, validate_id
+
 HELDOUT_FRACTION = 0.1
 SHUFFLE_BUFFER_ROWS = 1 << 16
 READ_CHUNK_ROWS = 8192
@@ -82,11 +93,6 @@ def choose_batch_size(train_cfg: TrainConfig, train_rows: int) -> tuple[TrainCon
     ]
 
 
-def _checkpoint_dir(store: Store, sae_id: str) -> Path:
-    """Checkpoints are this machine's scratch (never uploaded until the SAE is published)."""
-    return store.local_root / "checkpoints" / sae_id
-
-
 def _train_data(store: Store, run_id: str, layer: str, filters: RowFilter, seed: int):
     """``data(epoch)`` for the trainer: the same rows in the same order for the same epoch."""
 
@@ -119,38 +125,6 @@ def _heldout_data(store: Store, run_id: str, layer: str, filters: RowFilter | No
         )
 
     return data
-
-
-def unloadable_model_reason(run: dict[str, Any]) -> str | None:
-    """Why the service cannot load the model a run came from (None when it can).
-
-    A run written during a user's own training (``kestrel.core.callbacks``) marks its model
-    ``loadable: false``: a model the service never had, so nothing that needs it in the loop
-    (CE-loss recovered, KL) can be computed, and loading a model by its name could even pick an
-    unrelated one.
-    """
-    model = run.get("model") or {}
-    if model.get("loadable", True):
-        return None
-    if "import" in run:
-        origin = "imported from a file of"
-    elif (run.get("source") or {}).get("kind") == "training":
-        origin = "captured during training from"
-    else:
-        origin = "recorded from"
-    return (
-        f"run {run.get('id')!r} was {origin} the model {model.get('name')!r}, which the service "
-        "cannot load; model-in-the-loop work (CE-loss recovered, encode, discovery, steering) needs it"
-    )
-
-
-def require_loadable_model(store: Store, summary: dict[str, Any]) -> None:
-    """InvalidInputError before a job loads a model for an SAE whose run's model is not loadable."""
-    run_id = summary.get("run_id")
-    if run_id and store.exists("activations", run_id):
-        reason = unloadable_model_reason(get_manifest(store, run_id))
-        if reason is not None:
-            raise InvalidInputError(reason, details={"sae_id": summary.get("id"), "run_id": run_id})
 
 
 def prepare_training(
@@ -291,31 +265,6 @@ def train_from_run(
             os.rename(checkpoints, writer.directory / "checkpoints")
         writer.commit(summary)
     return summary
-
-
-def list_saes(store: Store) -> list[dict[str, Any]]:
-    return read_manifests(store, KIND)
-
-
-def get_sae(store: Store, sae_id: str) -> dict[str, Any]:
-    return store.read_json(KIND, validate_id(sae_id, "sae id"))
-
-
-def training_history(store: Store, sae_id: str) -> list[dict[str, Any]]:
-    """The trainer's progress lines (history.jsonl), for curves; empty for an imported SAE."""
-    get_sae(store, sae_id)  # NotFoundError for an unknown id, rather than an empty history
-    try:
-        path = store.local_path(KIND, sae_id, sae_io.HISTORY_FILE)
-    except NotFoundError:
-        return []
-    return sae_io.read_history(path.parent)
-
-
-def delete_sae(store: Store, sae_id: str) -> None:
-    store.delete(KIND, validate_id(sae_id, "sae id"))
-    checkpoints = _checkpoint_dir(store, sae_id)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    checkpoints.with_name(f"{sae_id}.lock").unlink(missing_ok=True)  # see checkpoint.writer_lock
 
 
 def load_sae(store: Store, sae_id: str, *, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:

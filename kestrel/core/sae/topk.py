@@ -11,14 +11,14 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from kestrel.core.sae.base import SAE, EncoderOutput, register
-from kestrel.core.sae.config import SAEConfig
+from kestrel.core.sae.config import BUILTIN_ARCHITECTURES, SAEConfig, check_k
 
 
 @register("topk")
 class TopKSAE(SAE):
     """ReLU of the k largest pre-activations per row; the rest are zero."""
 
-    config_defaults: ClassVar[dict[str, Any]] = {"k": 32}
+    config_defaults: ClassVar[dict[str, Any]] = BUILTIN_ARCHITECTURES["topk"].defaults
 
     @classmethod
     def check_config(cls, config: SAEConfig) -> None:
@@ -31,11 +31,3 @@ class TopKSAE(SAE):
         _, top_indices_BK = pre_BN.topk(self.config.k, dim=1, sorted=False)
         top_acts_BK = self._chosen_values(x_centred_BD, top_indices_BK, pre_BN).relu()
         return EncoderOutput(top_acts_BK, top_indices_BK, pre_BN), x_centred_BD
-
-
-def check_k(config: SAEConfig) -> None:
-    """k must select at least one latent and no more than exist."""
-    if config.k is None or config.k <= 0:
-        raise ValueError(f"k must be a positive number of active latents, got {config.k}")
-    if config.k > config.n_latents:
-        raise ValueError(f"k ({config.k}) cannot exceed n_latents ({config.n_latents})")

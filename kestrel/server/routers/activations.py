@@ -7,10 +7,9 @@ import asyncio
 from fastapi import APIRouter, Response
 from redis import Redis
 
-from kestrel.core.activations import delete_run, get_manifest
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.imports import import_activations
 from kestrel.core.limits import Caps, check_shard_mb
+from kestrel.core.runs import delete_run, get_manifest
 from kestrel.core.store import Store, validate_id
 from kestrel.schemas import (
     CaptureRequest,
@@ -25,7 +24,8 @@ from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, RunId, Settin
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses
 from kestrel.settings import Settings
-from kestrel.workers import jobs, uploads
+from kestrel.workers import names as job_names
+from kestrel.workers import uploads
 
 router = APIRouter(prefix="/activations", tags=["activations"], responses=error_responses(401, 422))
 
@@ -45,7 +45,7 @@ def start_capture(
         redis,
         settings,
         response,
-        jobs.capture_job,
+        job_names.CAPTURE,
         kind="capture",
         kwargs=kwargs,
         artifacts={"run_id": kwargs["run_id"]},
@@ -68,6 +68,8 @@ async def import_run(
 
 
 def _import_upload(request: RunImportRequest, settings: Settings, redis: Redis, store: Store) -> dict:
+    from kestrel.core.imports import import_activations  # torch, imported on the first import
+
     check_shard_mb(request.shard_mb, Caps.of(settings))
     upload = uploads.get_upload(store, validate_id(request.upload_id, "upload id"))
     if upload["format"] != "safetensors":

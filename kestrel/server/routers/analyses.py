@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Response
 
 from kestrel.core.errors import InvalidInputError, not_found
+from kestrel.core.runs import get_manifest
+from kestrel.core.sae.records import get_sae, require_loadable_model
 from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import (
     AnalysisDetail,
@@ -26,7 +28,7 @@ from kestrel.server.deps import ID_PATTERN, IdempotencyKey, PageDep, RedisDep, S
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses
 from kestrel.settings import Settings
-from kestrel.workers import jobs
+from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/analyses", tags=["analyses"], responses=error_responses(401, 422))
 AnalysisId = Annotated[
@@ -68,7 +70,7 @@ def start_analysis(
         redis,
         settings,
         response,
-        jobs.analysis_job,
+        job_names.ANALYSIS,
         kind="analysis",
         kwargs={"request": body, "analysis_id": analysis_id},
         artifacts={"analysis_id": analysis_id},
@@ -80,8 +82,6 @@ def start_analysis(
 def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
     """Everything a request names that exists without a model: 404 / 422 / 413 before queueing."""
     if request.kind in ("neuron", "feature"):
-        from kestrel.core.activations import get_manifest
-
         manifest = get_manifest(store, validate_id(request.run_id, "run id"))
         if request.layer not in manifest["layers"]:
             raise not_found("layer", request.layer, manifest["layers"])
@@ -97,8 +97,6 @@ def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> 
     services.check_dataset(request.dataset, settings, store)
     services.check_max_length(request.max_length, settings, "max_length")
     if request.sae_id is not None:
-        from kestrel.core.sae.pipeline import get_sae, require_loadable_model
-
         summary = get_sae(store, validate_id(request.sae_id, "sae id"))
         require_loadable_model(store, summary)
         n_latents = int(summary["config"]["n_latents"])

@@ -21,7 +21,7 @@ from kestrel.schemas import (
 from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
-from kestrel.workers import jobs
+from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/saes", tags=["concepts"], responses=error_responses(401, 422))
 Latent = Annotated[int, Path(ge=0, le=1 << 24, description="latent index")]
@@ -124,7 +124,7 @@ def start_labelling(
         redis,
         settings,
         response,
-        jobs.label_job,
+        job_names.LABEL,
         kind="label",
         kwargs={"sae_id": sae_id, **request.model_dump()},
         artifacts={"sae_id": sae_id},

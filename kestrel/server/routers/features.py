@@ -12,7 +12,7 @@ from kestrel.server import services
 from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses
-from kestrel.workers import jobs
+from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/saes", tags=["features"], responses=error_responses(401, 422))
 Latent = Annotated[int, Path(ge=0, le=1 << 24, description="latent index")]
@@ -51,7 +51,7 @@ def start_discovery(
         redis,
         settings,
         response,
-        jobs.discover_job,
+        job_names.DISCOVER,
         kind="discover",
         kwargs=kwargs,
         artifacts={"sae_id": sae_id},

@@ -24,7 +24,8 @@ from kestrel.server import services
 from kestrel.server.deps import PageDep, RedisDep, SettingsDep, StoreDep
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive
 from kestrel.server.errors import error_responses
-from kestrel.workers import jobs, queues
+from kestrel.workers import names as job_names
+from kestrel.workers import queues
 
 router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 422, 503))
 
@@ -51,7 +52,7 @@ async def load_model(
     _, result = await run_interactive(
         redis,
         settings,
-        jobs.load_model_job,
+        job_names.LOAD_MODEL,
         kind="load_model",
         kwargs={"name": name, "device": body.device, "dtype": body.dtype},
         queue_name=body.queue,
@@ -82,7 +83,7 @@ async def get_layers(name: str, settings: SettingsDep, redis: RedisDep) -> Layer
     table = await asyncio.to_thread(services.cached_layer_table, redis, name)
     if table is None:
         _, table = await run_interactive(
-            redis, settings, jobs.layers_job, kind="layers", kwargs={"name": name}
+            redis, settings, job_names.LAYERS, kind="layers", kwargs={"name": name}
         )
     return LayerTable(**table)
 
@@ -101,6 +102,6 @@ async def generate_text(
     one that outlives the wait answers 202 with its job, whose result then holds the generation."""
     kwargs = await asyncio.to_thread(services.prepare_generate, name, request, settings, store)
     job_id, result = await run_interactive(
-        redis, settings, jobs.generate_job, kind="generate", kwargs=kwargs, queue_name=queues.GENERATE
+        redis, settings, job_names.GENERATE, kind="generate", kwargs=kwargs, queue_name=queues.GENERATE
     )
     return GenerateResponse(**result, job_id=job_id)

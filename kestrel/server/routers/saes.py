@@ -9,6 +9,8 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.limits import Caps
+from kestrel.core.sae import records
+from kestrel.core.sae.records import sae_model_and_layer
 from kestrel.core.store import new_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -27,14 +29,16 @@ from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, Settin
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive, submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
 from kestrel.settings import Settings
-from kestrel.workers import jobs, uploads
+from kestrel.workers import names as job_names
+from kestrel.workers import uploads
 
 router = APIRouter(prefix="/saes", tags=["saes"], responses=error_responses(401, 422))
 MAX_CFG_BYTES = 1 << 20
 
 
 def _pipeline():
-    """The SAE engine, imported when first used (it pulls in torch kernels)."""
+    """The SAE engine, imported when first used (torch): only the SAELens import and the download
+    need it; every other route reads the store (`kestrel.core.sae.records`)."""
     from kestrel.core.sae import pipeline
 
     return pipeline
@@ -55,7 +59,7 @@ def start_training(
         redis,
         settings,
         response,
-        jobs.train_job,
+        job_names.TRAIN,
         kind="train",
         kwargs=kwargs,
         artifacts={"sae_id": kwargs["sae_id"], "run_id": kwargs["run_id"]},
@@ -67,19 +71,19 @@ def start_training(
 @router.get("", response_model=SAEPage)
 async def list_saes(store: StoreDep, page: PageDep) -> SAEPage:
     """Complete SAEs (a training in progress or cancelled is not listed)."""
-    rows = await asyncio.to_thread(_pipeline().list_saes, store)
+    rows = await asyncio.to_thread(records.list_saes, store)
     return SAEPage(**page.page([SAESummary(**row) for row in rows]))
 
 
 @router.get("/{sae_id}", response_model=SAESummary, responses=error_responses(404))
 def get_sae(sae_id: SaeId, store: StoreDep) -> SAESummary:
     """Config and metrics of one SAE."""
-    return SAESummary(**_pipeline().get_sae(store, sae_id))
+    return SAESummary(**records.get_sae(store, sae_id))
 
 
 @router.delete("/{sae_id}", response_model=DeletedResponse, responses=error_responses(404))
 def delete_sae(sae_id: SaeId, store: StoreDep) -> DeletedResponse:
-    _pipeline().delete_sae(store, sae_id)
+    records.delete_sae(store, sae_id)
     return DeletedResponse(id=sae_id)
 
 
@@ -168,14 +172,14 @@ def start_evaluation(
 ) -> JobInfo:
     """Model-in-the-loop metrics (CE loss recovered, ...), stored with the SAE."""
     request = request or EvaluateRequest()
-    _pipeline().get_sae(store, sae_id)
+    records.get_sae(store, sae_id)
     if request.texts is not None:
         services.check_texts(request.texts, settings)
     return submit_batch(
         redis,
         settings,
         response,
-        jobs.evaluate_job,
+        job_names.EVALUATE,
         kind="evaluate",
         kwargs={"sae_id": sae_id, "texts": request.texts},
         artifacts={"sae_id": sae_id},
@@ -195,12 +199,12 @@ async def encode_text(
     """The top latents of each token of a prompt (interactive: answered in about a forward pass)."""
     services.check_texts([request.text], settings)
     services.check_top_k(request.top_k, settings)
-    summary = await asyncio.to_thread(_pipeline().get_sae, store, sae_id)
-    jobs.sae_model_and_layer(summary)  # an imported SAE without a model: 422 before any job
+    summary = await asyncio.to_thread(records.get_sae, store, sae_id)
+    sae_model_and_layer(summary)  # an imported SAE without a model: 422 before any job
     job_id, result = await run_interactive(
         redis,
         settings,
-        jobs.encode_job,
+        job_names.ENCODE,
         kind="encode",
         kwargs={"sae_id": sae_id, "text": request.text, "top_k": request.top_k},
     )
@@ -210,5 +214,5 @@ async def encode_text(
 @router.get("/{sae_id}/history", response_model=SAEHistory, responses=error_responses(404))
 async def get_sae_history(sae_id: SaeId, store: StoreDep) -> SAEHistory:
     """The training curves: loss, FVU, L0 and dead fraction at each log step, against tokens."""
-    points = await asyncio.to_thread(_pipeline().training_history, store, sae_id)
+    points = await asyncio.to_thread(records.training_history, store, sae_id)
     return SAEHistory(sae_id=sae_id, points=points)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from kestrel.core.steering import SteeringConfig
+from kestrel.core.steering_config import SteeringConfig
 from kestrel.schemas import (
     DeletedResponse,
     SteeringPage,
@@ -20,7 +20,7 @@ from kestrel.server import services
 from kestrel.server.deps import ID_PATTERN, PageDep, RedisDep, SettingsDep, StoreDep
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive
 from kestrel.server.errors import error_responses
-from kestrel.workers import jobs
+from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/steering", tags=["steering"], responses=error_responses(401, 422))
 SteeringId = Annotated[
@@ -30,9 +30,10 @@ SteeringId = Annotated[
 
 
 def _steering():
-    from kestrel.core import steering
+    """Configs and saved configs: torch-free (``kestrel.core.steering_config``)."""
+    from kestrel.core import steering_config
 
-    return steering
+    return steering_config
 
 
 @router.post("", response_model=SteeringRecord, status_code=201, responses=error_responses(404))
@@ -57,7 +58,7 @@ async def preview_steering(
     job_id, result = await run_interactive(
         redis,
         settings,
-        jobs.steering_preview_job,
+        job_names.STEERING_PREVIEW,
         kind="steering_preview",
         kwargs={"config": config.model_dump(mode="json"), "model": request.model},
     )

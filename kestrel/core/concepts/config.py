@@ -1,0 +1,74 @@
+"""How discovery runs: one torch-free config for the CLI, the API request and the stored summary.
+
+The API process validates a discovery request (and bounds the state it would keep) with this
+module alone; running discovery is `kestrel.core.concepts.discovery`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from kestrel.core.errors import InvalidInputError
+from kestrel.core.runs import RowFilter
+from kestrel.core.sae.config import _Config
+
+if TYPE_CHECKING:
+    from kestrel.core.concepts.accumulate import LogBins
+
+MAX_HIST_BINS = 240
+MAX_STATE_ENTRIES = 200_000_000  # about 3 GiB at 16 bytes an entry
+
+
+class DiscoveryConfig(_Config):
+    """How discovery runs; one object for the CLI, the API request and the stored summary."""
+
+    top_n: int = Field(20, ge=1, le=256, description="top-activating contexts kept per latent")
+    n_bins: int = Field(10, ge=1, le=64, description="equal-width activation bins below the top value")
+    samples_per_bin: int = Field(5, ge=0, le=64, description="contexts sampled from each bin")
+    window: int = Field(8, ge=0, le=64, description="tokens shown either side of a context's token")
+    hist_per_decade: int = Field(10, ge=1, le=50, description="log-spaced histogram bins per decade")
+    hist_min: float = Field(1e-3, gt=0, description="lower edge of the histogram (open below)")
+    hist_max: float = Field(1e3, gt=0, description="upper edge of the histogram (open above)")
+    logit_k: int = Field(10, ge=1, le=100, description="promoted and suppressed tokens per latent")
+    filters: RowFilter = Field(
+        default_factory=RowFilter.recommended, description="rows left out (attention sinks by default)"
+    )
+    max_length: int = Field(512, gt=0, description="dataset: tokens per document")
+    token_budget: int = Field(8192, gt=0, description="dataset: padded tokens per forward batch")
+    batch_rows: int = Field(8192, gt=0, description="run: rows read per batch")
+    seed: int = 0
+
+    def log_bins(self) -> LogBins:
+        from kestrel.core.concepts.accumulate import LogBins  # torch: the worker's side only
+
+        self.histogram_bins()  # checked
+        return LogBins(self.hist_min, self.hist_max, self.hist_per_decade)
+
+    def histogram_bins(self) -> int:
+        """How many bins the histogram has (``LogBins.n_bins``), checked against `MAX_HIST_BINS`."""
+        if self.hist_max <= self.hist_min:
+            raise InvalidInputError(f"hist_max ({self.hist_max}) must exceed hist_min ({self.hist_min})")
+        n_bins = log_bin_count(self.hist_min, self.hist_max, self.hist_per_decade)
+        if n_bins > MAX_HIST_BINS:
+            raise InvalidInputError(
+                f"the histogram would have {n_bins} bins (hist_min..hist_max at hist_per_decade); "
+                f"at most {MAX_HIST_BINS}"
+            )
+        return n_bins
+
+    def check_size(self, n_latents: int) -> None:
+        """The kept state is n_latents × (top_n + histogram bins × samples_per_bin) entries: bound it."""
+        entries = n_latents * (self.top_n + self.histogram_bins() * max(self.samples_per_bin, 1))
+        if entries > MAX_STATE_ENTRIES:
+            raise InvalidInputError(
+                f"discovery would keep {entries:,} entries for {n_latents:,} latents (at most "
+                f"{MAX_STATE_ENTRIES:,}); lower top_n, samples_per_bin or the histogram's bins per decade"
+            )
+
+
+def log_bin_count(low: float, high: float, per_decade: int) -> int:
+    """Bins of a log-spaced histogram from ``low`` to ``high`` (`LogBins.n_bins`, defined here once)."""
+    return max(1, round(math.log10(high / low) * per_decade))

@@ -1,0 +1,37 @@
+"""The job functions by dotted path, which is how the API enqueues them.
+
+RQ stores a job's function as ``module.name`` and the worker imports it; handing ``enqueue`` the
+path rather than the function means the API process never imports ``kestrel.workers.jobs`` (and
+with it the engine, torch and transformers). tests/unit/test_torch_free.py holds each path to a
+job function of that module.
+"""
+
+from __future__ import annotations
+
+JOBS_MODULE = "kestrel.workers.jobs"
+
+LOAD_MODEL = f"{JOBS_MODULE}.load_model_job"
+LAYERS = f"{JOBS_MODULE}.layers_job"
+CAPTURE = f"{JOBS_MODULE}.capture_job"
+TRAIN = f"{JOBS_MODULE}.train_job"
+EVALUATE = f"{JOBS_MODULE}.evaluate_job"
+ENCODE = f"{JOBS_MODULE}.encode_job"
+DISCOVER = f"{JOBS_MODULE}.discover_job"
+LABEL = f"{JOBS_MODULE}.label_job"
+STEERING_PREVIEW = f"{JOBS_MODULE}.steering_preview_job"
+GENERATE = f"{JOBS_MODULE}.generate_job"
+ANALYSIS = f"{JOBS_MODULE}.analysis_job"
+
+ALL = (
+    LOAD_MODEL,
+    LAYERS,
+    CAPTURE,
+    TRAIN,
+    EVALUATE,
+    ENCODE,
+    DISCOVER,
+    LABEL,
+    STEERING_PREVIEW,
+    GENERATE,
+    ANALYSIS,
+)
