@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,13 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import service_up
 from corpus import docstring_corpus
+from service_up import wait_job
 
 from kestrel.core.models import BUNDLED, ensure_bundled_cache, load_model
 from kestrel.core.sae.pipeline import encode_prompt, load_sae
 from kestrel.core.store import LocalStore
 from kestrel.workers import jobs, queues
-from kestrel.workers.runner import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -58,44 +57,6 @@ TOP_K = 8
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def start_service(store: Path, log: Path) -> tuple[subprocess.Popen, str, str]:
-    api_port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KESTREL_REDIS_URL")}
-    env.update(HF_HUB_OFFLINE="1", KESTREL_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
-    argv = [sys.executable, "-m", "kestrel.cli", "up", "--store", str(store)]
-    argv += ["--port", str(api_port), "--redis-port", str(redis_port)]
-    with log.open("wb") as out:
-        up = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{api_port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            ready = httpx.get(f"{base}/ready", timeout=5)
-            workers = {"interactive": 1, "generate": 1, "batch": 1}
-            if ready.status_code == 200 and ready.json()["workers"] == workers:
-                return up, base, f"redis://127.0.0.1:{redis_port}/0"
-        except httpx.HTTPError:
-            pass
-        if up.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"kestrel up did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
-def wait_job(http: httpx.Client, job_id: str, timeout_s: float = 600) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("finished", "failed", "canceled"):
-            if job["status"] != "finished":
-                raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
-            return job
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"job {job_id} still {job['status']} after {timeout_s} s")
-        time.sleep(0.2)
 
 
 def make_sae(http: httpx.Client, n_docs: int, n_latents: int) -> tuple[str, dict]:
@@ -221,17 +182,15 @@ def main() -> None:
     ensure_bundled_cache(BUNDLED[MODEL], REPO / ".kestrel")
     with tempfile.TemporaryDirectory(prefix="kestrel-bench-api-") as tmp:
         store = Path(tmp) / "store"
-        store.mkdir()
-        (store / "models").symlink_to(REPO / ".kestrel" / "models", target_is_directory=True)
-        up, base, redis_url = start_service(store, Path(tmp) / "up.log")
+        service_up.link_warm_models(store)
+        service = service_up.start(store, Path(tmp) / "up.log")
         try:
-            with httpx.Client(base_url=base, timeout=120) as http:
+            with httpx.Client(base_url=service.base, timeout=120) as http:
                 sae_id, run = make_sae(http, args.docs, args.n_latents)
                 encodes = time_encodes(http, store, sae_id, args.encodes, args.warmup)
-            queue = time_jobs(redis_url, args.jobs)
+            queue = time_jobs(service.redis_url, args.jobs)
         finally:
-            up.send_signal(signal.SIGINT)
-            up.wait(120)
+            service_up.stop(service, 120)
     result = {
         **encodes,
         **queue,

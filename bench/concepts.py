@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import service_up
 from corpus import docstring_corpus
 
 from kestrel.core import steering
@@ -145,35 +144,6 @@ def steering_ratio(store: LocalStore, lm, repeats: int, new_tokens: int) -> dict
     }
 
 
-def start_service(store: Path, log: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """`kestrel up` on free ports over ``store``; the API's base URL once both workers answer."""
-    import httpx
-
-    from kestrel.workers.runner import free_port
-
-    api_port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KESTREL_REDIS_URL")}
-    env.update(HF_HUB_OFFLINE="1", KESTREL_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
-    env["OMP_NUM_THREADS"] = str(threads)  # the workers compute with the bench's thread count
-    argv = [sys.executable, "-m", "kestrel.cli", "up", "--store", str(store)]
-    argv += ["--port", str(api_port), "--redis-port", str(redis_port)]
-    with log.open("wb") as out:
-        up = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{api_port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            ready = httpx.get(f"{base}/ready", timeout=5)
-            workers = {"interactive": 1, "generate": 1, "batch": 1}
-            if ready.status_code == 200 and ready.json()["workers"] == workers:
-                return up, base
-        except httpx.HTTPError:
-            pass
-        if up.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"kestrel up did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
 def api_steering_ratio(bench_store: LocalStore, repeats: int, new_tokens: int, threads: int) -> dict:
     """The same comparison through the service: steered-only generate calls against plain ones."""
     import httpx
@@ -185,9 +155,10 @@ def api_steering_ratio(bench_store: LocalStore, repeats: int, new_tokens: int, t
         (store / "saes").mkdir(parents=True)
         (store / "models").symlink_to(default_store_root() / "models", target_is_directory=True)
         shutil.copytree(bench_store.artifact_dir("saes", SAE_ID), store / "saes" / SAE_ID, symlinks=True)
-        up, base = start_service(store, Path(tmp) / "up.log", threads)
+        # the workers compute with the bench's thread count
+        service = service_up.start(store, Path(tmp) / "up.log", OMP_NUM_THREADS=str(threads))
         try:
-            with httpx.Client(base_url=base, timeout=300) as http:
+            with httpx.Client(base_url=service.base, timeout=300) as http:
                 edits = [
                     {"latent": first, "op": "clamp", "value": 8.0},
                     {"latent": second, "op": "scale", "value": 0.0},
@@ -216,8 +187,7 @@ def api_steering_ratio(bench_store: LocalStore, repeats: int, new_tokens: int, t
                     plain_s.append(call(plain))
                     steered_s.append(call(steered))
         finally:
-            up.send_signal(signal.SIGINT)
-            up.wait(120)
+            service_up.stop(service, 120)
     ratios = [s / p for s, p in zip(steered_s, plain_s, strict=True)]
     return {
         "new_tokens": new_tokens,

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,11 +38,22 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kestrel.workers.runner import free_port  # noqa: E402
+sys.path.insert(0, str(REPO / "bench"))
+
+import service_up  # noqa: E402
+from service_up import wait_job  # noqa: E402
 
 MODEL = "smollm2-135m"
 LAYER = "model.layers.3"
 API_KEY = "bench-contract-key"
+SERVICE_SETTINGS = {
+    "KESTREL_API_KEY": API_KEY,
+    # operator caps keep each fuzzed request cheap on a CPU: generation and inline data bounded
+    "KESTREL_MAX_NEW_TOKENS": "8",
+    "KESTREL_MAX_TEXTS_PER_REQUEST": "32",
+    "KESTREL_MAX_TEXT_CHARS": "2000",
+    "KESTREL_INTERACTIVE_TIMEOUT_S": "20",
+}
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 TEXTS = [
     "The committee approved new funding for the city library on Tuesday.",
@@ -56,52 +65,6 @@ TEXTS = [
     "Shares rose sharply after the company reported record quarterly profits.",
     "The river flooded the valley, and the villagers moved their animals uphill.",
 ] * 4
-
-
-def start_service(store: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    api_port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KESTREL_REDIS_URL")}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        KESTREL_DEVICE="cpu",
-        TOKENIZERS_PARALLELISM="false",
-        KESTREL_API_KEY=API_KEY,
-        # operator caps keep each fuzzed request cheap on a CPU: generation and inline data bounded
-        KESTREL_MAX_NEW_TOKENS="8",
-        KESTREL_MAX_TEXTS_PER_REQUEST="32",
-        KESTREL_MAX_TEXT_CHARS="2000",
-        KESTREL_INTERACTIVE_TIMEOUT_S="20",
-    )
-    argv = [sys.executable, "-m", "kestrel.cli", "up", "--store", str(store)]
-    argv += ["--port", str(api_port), "--redis-port", str(redis_port)]
-    with log.open("wb") as out:
-        up = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{api_port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
-                return up, base
-        except httpx.HTTPError:
-            pass
-        if up.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"kestrel up did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
-def wait_job(http: httpx.Client, job_id: str, timeout_s: float = 900) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("finished", "failed", "canceled"):
-            if job["status"] != "finished":
-                raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
-            return job
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"job {job_id} still {job['status']} after {timeout_s} s")
-        time.sleep(0.3)
 
 
 def seed(http: httpx.Client) -> dict[str, list[str]]:
@@ -250,12 +213,9 @@ def main() -> None:
     report_dir = args.report_dir or work / "reports"
     report_dir.mkdir(parents=True, exist_ok=True)
     store = work / "store"
-    store.mkdir()
-    warm = REPO / ".kestrel" / "models"
-    if warm.is_dir():  # the converted bundled model, so nothing converts it again
-        (store / "models").symlink_to(warm, target_is_directory=True)
-    log = work / "up.log"
-    up, base = start_service(store, log)
+    service_up.link_warm_models(store)
+    service = service_up.start(store, work / "up.log", **SERVICE_SETTINGS)
+    base = service.base
     started = time.monotonic()
     try:
         with httpx.Client(base_url=base, timeout=300, headers={"X-API-Key": API_KEY}) as http:
@@ -274,7 +234,7 @@ def main() -> None:
         summary_line = next(
             (line for line in reversed(outputs[0].splitlines()) if "passed" in line or "failed" in line), ""
         )
-        up_alive = up.poll() is None
+        up_alive = service.process.poll() is None
         result = {
             "bench": "contract",
             "spec": f"{base}/openapi.json (live, X-API-Key set)",
@@ -296,11 +256,7 @@ def main() -> None:
             for output in outputs:
                 sys.stderr.write(output[-20000:])
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
+        service_up.stop(service)
         if not args.keep:
             shutil.rmtree(store, ignore_errors=True)
 

@@ -50,13 +50,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import service_up
 from corpus import docstring_corpus
 from redis.exceptions import RedisError
 
 from kestrel.core.models import BUNDLED, ensure_bundled_cache
 from kestrel.core.sae.config import DEFAULT_CHECKPOINT_EVERY_S
 from kestrel.workers import queues
-from kestrel.workers.runner import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -98,32 +98,6 @@ def children_of(pid: int) -> dict[int, str]:
 def child_pid(up: subprocess.Popen, marker: str) -> int | None:
     pids = [pid for pid, cmdline in children_of(up.pid).items() if marker in cmdline]
     return pids[0] if len(pids) == 1 else None
-
-
-def start_service(store: Path, log: Path) -> tuple[subprocess.Popen, str, str]:
-    api_port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KESTREL_REDIS_URL")}
-    env.update(HF_HUB_OFFLINE="1", KESTREL_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
-    env.update(KESTREL_PRELOAD_MODEL="")
-    argv = [sys.executable, "-m", "kestrel.cli", "up", "--store", str(store)]
-    argv += ["--port", str(api_port), "--redis-port", str(redis_port)]
-    with log.open("wb") as out:
-        up = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{api_port}"
-    if not wait_for(lambda: ready(base), 180):
-        raise RuntimeError(f"kestrel up did not become ready:\n{log.read_text()[-3000:]}")
-    return up, base, f"redis://127.0.0.1:{redis_port}/0"
-
-
-def ready(base: str) -> bool:
-    """/ready is 200 with a worker on every queue."""
-    try:
-        response = httpx.get(f"{base}/ready", timeout=5)
-        return response.status_code == 200 and all(response.json()["workers"].values())
-    except (httpx.HTTPError, KeyError, ValueError):
-        return False
 
 
 def worker_serving(redis_url: str, pid: int) -> bool:
@@ -255,7 +229,7 @@ def drill(
 
     def recovered() -> bool:
         new = child_pid(up, marker)
-        if up.poll() is not None or new is None or new == pid or not ready(base):
+        if up.poll() is not None or new is None or new == pid or not service_up.ready(base):
             return False
         return "worker" not in name or worker_serving(redis_url, new)
 
@@ -303,7 +277,8 @@ def main() -> None:
         store = Path(tmp) / "store"
         store.mkdir()
         (store / "models").symlink_to(args.cache.resolve() / "models", target_is_directory=True)
-        up, base, redis_url = start_service(store, Path(tmp) / "up.log")
+        service = service_up.start(store, Path(tmp) / "up.log", KESTREL_PRELOAD_MODEL="")
+        up, base, redis_url = service.process, service.base, service.redis_url
         submitted: list[str] = []
         drills: list[dict] = []
         try:
@@ -325,8 +300,7 @@ def main() -> None:
                     time.sleep(args.settle)
                 finals = {job_id: wait_terminal(http, job_id, 3600) for job_id in submitted}
         finally:
-            up.send_signal(signal.SIGINT)
-            code = up.wait(120)
+            code = service_up.stop(service, 120)
             log_tail = (Path(tmp) / "up.log").read_text(errors="replace")[-4000:]
     lost = [job_id for job_id, info in finals.items() if info is None or info["status"] != "finished"]
     recoveries = [d["recovery_s"] for d in drills if d["recovery_s"] is not None]
