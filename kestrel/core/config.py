@@ -22,9 +22,11 @@ __all__ = ["EngineConfig", "StrictModel", "invalid_config"]
 
 
 class StrictModel(BaseModel):
-    """Unknown fields are rejected, so a misspelt option is an error rather than silently ignored."""
+    """Unknown fields are rejected, so a misspelt option is an error rather than silently ignored;
+    so are NaN and ±Infinity (which Python's JSON reader accepts): no client input means them, and
+    they would travel into histograms, learning rates and steering values as silent garbage."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def invalid_config(error: ValidationError, kind: str) -> InvalidInputError:

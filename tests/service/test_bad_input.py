@@ -282,6 +282,44 @@ def test_discovery_over_the_token_cap_is_refused(http) -> None:
     assert_nothing_queued(http)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"hist_min": 5e-324}, "the histogram would have"),  # its range once overflowed to a 500
+        ({"hist_min": 1e-300, "hist_max": 1e300}, "the histogram would have"),
+    ],
+)
+def test_discovery_histograms_out_of_range_are_422s(http, config: dict, message: str) -> None:
+    sae_id = import_sae(http, *saelens_files()).json()["id"]
+    body = {"dataset": {"kind": "texts", "texts": ["a"]}, "config": config}
+    response = http.post(f"/v1/saes/{sae_id}/features/discover", json=body)
+    assert message in assert_error(response, 422)["message"]
+    assert_nothing_queued(http)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_in_a_request_are_422s(http, value: str) -> None:
+    """Python's JSON reader accepts NaN and Infinity; no request field means them."""
+    sae_id = import_sae(http, *saelens_files()).json()["id"]
+    texts = {"kind": "texts", "texts": ["a"]}
+    bodies = {  # VALUE stands where the non-finite number goes
+        f"/v1/saes/{sae_id}/features/discover": {"dataset": texts, "config": {"hist_max": "VALUE"}},
+        "/v1/saes": {
+            "run_id": "run-x",
+            "layer": "l",
+            "sae": {"n_latents": 64, "k": 4},
+            "train": {"lr": "VALUE"},
+        },
+        "/v1/steering": {"sae_id": sae_id, "edits": [{"latent": 0, "op": "clamp", "value": "VALUE"}]},
+    }
+    for path, body in bodies.items():
+        content = json.dumps(body).replace('"VALUE"', value)
+        response = http.post(path, content=content, headers={"Content-Type": "application/json"})
+        assert_error(response, 422)
+    assert_nothing_queued(http)
+    assert tree(http, "steering") == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices
 

@@ -71,4 +71,5 @@ class DiscoveryConfig(_Config):
 
 def log_bin_count(low: float, high: float, per_decade: int) -> int:
     """Bins of a log-spaced histogram from ``low`` to ``high`` (`LogBins.n_bins`, defined here once)."""
-    return max(1, round(math.log10(high / low) * per_decade))
+    # a difference of logs, not the log of a ratio: 1e3 / 5e-324 overflows to infinity
+    return max(1, round((math.log10(high) - math.log10(low)) * per_decade))
