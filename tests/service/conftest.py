@@ -34,9 +34,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 @pytest.fixture(scope="session")
 def warm_model_cache(model_cache_root: Path) -> Path:
     """Convert the bundled model once (a no-op when the cache is warm) before workers start."""
-    from kestrel.core.models import BUNDLED, ensure_bundled_cache
+    from kestrel.core.models import BUNDLED, DEFAULT_MODEL, ensure_bundled_cache
 
-    ensure_bundled_cache(BUNDLED["smollm2-135m"], model_cache_root)
+    ensure_bundled_cache(BUNDLED[DEFAULT_MODEL], model_cache_root)
     return model_cache_root
 
 
@@ -67,21 +67,16 @@ def local_models(warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactor
 
     import torch
     import transformers as tf
+    from tiny_models import tiny_llama_config
+
+    from kestrel.core.models import DEFAULT_MODEL
 
     root = tmp_path_factory.mktemp("local-models")
     target = root / "tiny-llama"
     torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,
-    )
-    tf.LlamaForCausalLM(config).save_pretrained(target)
+    tf.LlamaForCausalLM(tiny_llama_config(vocab_size=49152)).save_pretrained(target)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(warm_model_cache / "models" / "smollm2-135m" / name, target / name)
+        shutil.copy(warm_model_cache / "models" / DEFAULT_MODEL / name, target / name)
     return root
 
 

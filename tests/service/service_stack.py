@@ -21,7 +21,12 @@ import httpx
 from kestrel.workers.runner import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 90.0
+# Deadlines sized for a busy 2-core machine, where a worker's start (torch, transformers) or a
+# model load alone can take a minute: a wait only ends early, so a long deadline costs nothing
+# when all is well and keeps a slow machine from failing a correct service.
+READY_TIMEOUT_S = 180.0
+API_START_TIMEOUT_S = 120.0
+JOB_TIMEOUT_S = 300.0
 
 TEXTS = [
     f"Text {i} is about {topic}." + " It goes on for a little while longer." * (i % 4)
@@ -88,7 +93,9 @@ class Stack:
     def start_api(self) -> subprocess.Popen:
         self.api_port = free_port()
         process = self._spawn("api", "serve", "--port", str(self.api_port))
-        wait_until(lambda: _answers(f"{self.base_url}/health"), 60, "the API to answer", self)
+        wait_until(
+            lambda: _answers(f"{self.base_url}/health"), API_START_TIMEOUT_S, "the API to answer", self
+        )
         return process
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
@@ -153,12 +160,17 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str, stack: Sta
 
 
 def wait_for_job(
-    http: httpx.Client, job_id: str, states: tuple[str, ...] = ("finished",), timeout_s: float = 120.0
+    http: httpx.Client,
+    job_id: str,
+    states: tuple[str, ...] = ("finished",),
+    timeout_s: float = JOB_TIMEOUT_S,
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """Poll a job until it reaches one of ``states`` (fails fast on another terminal state)."""
+    """Poll a job until it reaches one of ``states`` (fails fast on another terminal state).
+    ``prefix``: where the API is mounted in a host app (``/kestrel``), empty for Kestrel's own."""
     deadline = time.monotonic() + timeout_s
     while True:
-        job = http.get(f"/v1/jobs/{job_id}").json()
+        job = http.get(f"{prefix}/v1/jobs/{job_id}").json()
         if job["status"] in states:
             return job
         if job["status"] in ("finished", "failed", "canceled"):

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from service_stack import REPO, TEXTS, Stack
 
+from kestrel.core.models import DEFAULT_MODEL
+
 SPEC = REPO / "openapi" / "openapi.json"
 CONFIG = REPO / "openapi" / "sdk-config.yaml"
 PACKAGE = "kestrel_client"
@@ -69,7 +71,7 @@ def test_generated_sdk_drives_a_workflow(sdk, service: Stack) -> None:
 
         models = sdk("api.models.list_models").sync(client=client, limit=100)
         assert isinstance(models, m.ModelPage)
-        assert {"smollm2-135m", "tiny-llama"} <= {row.name for row in models.items}
+        assert {DEFAULT_MODEL, "tiny-llama"} <= {row.name for row in models.items}
         layers = sdk("api.models.get_model_layers").sync("tiny-llama", client=client)
         assert isinstance(layers, m.LayerTable) and "model.layers.1" in {row.name for row in layers.layers}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 from service_stack import REPO, TEXTS, make_store, wait_for_job, wait_until
 
+from kestrel.core.models import DEFAULT_MODEL
 from kestrel.workers.runner import free_port
 
 
@@ -59,7 +60,7 @@ def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> 
 
             def preloaded() -> bool:
                 models = http.get("/v1/models").json()["items"]
-                return any(m["name"] == "smollm2-135m" and m["loaded_by"] for m in models)
+                return any(m["name"] == DEFAULT_MODEL and m["loaded_by"] for m in models)
 
             wait_until(preloaded, 60, "the default model preloaded in the interactive worker")
             body = {"layers": ["model.layers.1"], "dataset": {"kind": "texts", "texts": ["Hello there."]}}

@@ -12,6 +12,8 @@ import zipfile
 import httpx
 from service_stack import TEXTS, assert_error, capture_run, wait_for_job, wait_until
 
+from kestrel.core.models import DEFAULT_MODEL
+
 LAYER = "model.layers.3"
 SMALL_SAE = {"n_latents": 256, "k": 8}
 
@@ -30,17 +32,17 @@ def test_health_ready_and_models(client: httpx.Client) -> None:
     ready = client.get("/ready").json()
     assert ready["redis"] is True and ready["workers"] == {"interactive": 1, "generate": 1, "batch": 1}
     models = client.get("/v1/models").json()["items"]
-    bundled = next(m for m in models if m["name"] == "smollm2-135m")
+    bundled = next(m for m in models if m["name"] == DEFAULT_MODEL)
     assert bundled["installed"] and bundled["cached"]
 
-    loaded = client.post("/v1/models/smollm2-135m/load", json={"dtype": "fp32"})
+    loaded = client.post(f"/v1/models/{DEFAULT_MODEL}/load", json={"dtype": "fp32"})
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["d_model"] == 576 and loaded.json()["n_blocks"] == 30
-    holders = next(m for m in client.get("/v1/models").json()["items"] if m["name"] == "smollm2-135m")
+    holders = next(m for m in client.get("/v1/models").json()["items"] if m["name"] == DEFAULT_MODEL)
     assert any(h["queue"] == "generate" for h in holders["loaded_by"])  # loads warm generate workers
 
     started = time.perf_counter()
-    table = client.get("/v1/models/smollm2-135m/layers")
+    table = client.get(f"/v1/models/{DEFAULT_MODEL}/layers")
     assert table.status_code == 200, table.text
     rows = {row["name"]: row for row in table.json()["layers"]}
     assert rows[LAYER]["kind"] == "block" and rows[LAYER]["width"] == 576
@@ -95,7 +97,7 @@ def test_capture_train_encode_download_delete(client: httpx.Client, service) -> 
     sae = client.get(f"/v1/saes/{sae_id}").json()
     config = sae["config"]
     assert (config["architecture"], config["d_in"], config["n_latents"], config["k"]) == ("topk", 576, 256, 8)
-    assert (config["model"], config["layer"], config["run_id"]) == ("smollm2-135m", LAYER, run_id)
+    assert (config["model"], config["layer"], config["run_id"]) == (DEFAULT_MODEL, LAYER, run_id)
     assert sae["metrics"]
     assert sae_id in [s["id"] for s in client.get("/v1/saes").json()["items"]]
 
@@ -145,7 +147,7 @@ def test_import_saelens_roundtrip(client: httpx.Client) -> None:
             "cfg": ("cfg.json", archive.read(cfg), "application/json"),
             "weights": ("sae_weights.safetensors", archive.read(weights), "application/octet-stream"),
         },
-        data={"model": "smollm2-135m", "layer": LAYER},
+        data={"model": DEFAULT_MODEL, "layer": LAYER},
     )
     assert imported.status_code == 201, imported.text
     new_id = imported.json()["id"]

@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import build
 
 from kestrel.core.activations import (
     CaptureOptions,
@@ -44,16 +43,6 @@ def all_rows(store, run_id: str, layer: str, **kwargs) -> RowBatch:
 def by_doc_and_position(rows: RowBatch) -> RowBatch:
     order = torch.argsort(rows.doc_index_N.long() * 100_000 + rows.position_N.long())
     return rows.select(order)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(smollm: LoadedModel) -> LoadedModel:
-    """A 3-block random Llama sharing SmolLM2's tokenizer: fast captures for the mechanics."""
-    model = build("llama")
-    model.resize_token_embeddings(len(smollm.tokenizer))
-    return LoadedModel(
-        "tiny-llama", model.eval(), smollm.tokenizer, torch.device("cpu"), torch.float32, "local"
-    )
 
 
 def test_capture_equals_output_hidden_states(smollm: LoadedModel, store) -> None:

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from s3_server import AWS_ENV, UNSET_ENV, moto_server, new_bucket
 
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
@@ -364,19 +363,6 @@ def test_a_writer_killed_mid_upload_leaves_nothing_listed(s3_store: S3Store, tmp
 
 # ---------------------------------------------------------------------------------------------
 # The acceptance workflow: capture, train, load, evaluate, discover, name, export on S3
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(smollm):
-    from tiny_models import build
-
-    from kestrel.core.models import LoadedModel
-
-    model = build("llama")
-    model.resize_token_embeddings(len(smollm.tokenizer))
-    return LoadedModel(
-        "tiny-llama", model.eval(), smollm.tokenizer, torch.device("cpu"), torch.float32, "local"
-    )
 
 
 TOPICS = ["cooking pasta with garlic and basil", "a football match with two goals", "stars far away"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
+from kestrel.core.models import DEFAULT_MODEL
 from kestrel.workers import model_cache as model_cache_module
 from kestrel.workers.model_cache import ModelCache
 
@@ -26,7 +27,7 @@ def test_a_long_load_does_not_block_describe_and_loads_once(monkeypatch, tmp_pat
     cache = ModelCache(tmp_path, default_device="cpu")
     results: list[object] = []
     loaders = [
-        threading.Thread(target=lambda: results.append(cache.get("smollm2-135m", device="cpu", dtype="fp32")))
+        threading.Thread(target=lambda: results.append(cache.get(DEFAULT_MODEL, device="cpu", dtype="fp32")))
         for _ in range(2)
     ]
     for loader in loaders:
@@ -45,4 +46,4 @@ def test_a_long_load_does_not_block_describe_and_loads_once(monkeypatch, tmp_pat
     for loader in loaders:
         loader.join(timeout=10)
     assert len(calls) == 1 and len(results) == 2 and results[0] is results[1]
-    assert [m["name"] for m in cache.describe()] == ["smollm2-135m"]
+    assert [m["name"] for m in cache.describe()] == [DEFAULT_MODEL]
