@@ -4,6 +4,7 @@ tiny random-weight models (``tiny_models.py``). Nothing here touches the network
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +49,17 @@ def tiny_lm(smollm):
     return LoadedModel(
         "tiny-llama", model.eval(), smollm.tokenizer, torch.device("cpu"), torch.float32, "local"
     )
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server on loopback (a subprocess) for the session, with dummy credentials in the
+    environment (``s3_server.py``). Every test makes buckets of its own, so none sees another's."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the dev extra)")
+    from s3_server import moto_endpoint
+
+    with moto_endpoint(tmp_path_factory.mktemp("moto") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture

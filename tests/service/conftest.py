@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from service_stack import Stack, make_store
+from service_stack import FIRST_FREE_DB, FULL_WORKERS, SHARED_DB, Stack, full_stack, make_store
 
 from kestrel.workers.runner import EmbeddedRedis, free_port
 
-_databases = itertools.count(1)
+_databases = itertools.count(FIRST_FREE_DB)
 
 
 @pytest.fixture(scope="session")
@@ -88,18 +88,10 @@ def service(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """The shared stack: Redis db 0, an interactive, a generate and a batch worker, the API."""
-    base = tmp_path_factory.mktemp("service")
-    stack = Stack(
-        f"redis://127.0.0.1:{redis_server.port}/0",
-        make_store(base / "store", warm_model_cache),
-        base,
-        {"KESTREL_MODEL_DIRS": str(local_models)},
-    )
-    stack.start_worker("interactive")
-    stack.start_worker("generate")
-    stack.start_worker("batch")
+    url = f"redis://127.0.0.1:{redis_server.port}/{SHARED_DB}"
+    stack = full_stack(url, tmp_path_factory.mktemp("service"), warm_model_cache, local_models)
     stack.start_api()
-    stack.wait_ready({"interactive": 1, "generate": 1, "batch": 1})
+    stack.wait_ready(FULL_WORKERS)
     yield stack
     stack.stop_all()
 

@@ -27,6 +27,14 @@ REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 180.0
 API_START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 300.0
+#: How long the shared stacks' awaited calls (load, layers, encode, generate) wait before a 202:
+#: the tests that expect a 200 get one however slow the machine; those about the 202 set their own.
+AWAITED_TIMEOUT_S = 120.0
+#: One worker per queue: what the shared stacks (service, contract, dashboard) run.
+FULL_WORKERS = {"interactive": 1, "generate": 1, "batch": 1}
+# Redis databases of the session's redis-server (256 of them): the shared stack's, the ones that
+# module- and session-long stacks keep to themselves, and the first that `make_stack` counts up from.
+SHARED_DB, CONTRACT_DB, DASHBOARD_DB, REAPER_DB, FIRST_FREE_DB = 0, 200, 201, 250, 1
 
 TEXTS = [
     f"Text {i} is about {topic}." + " It goes on for a little while longer." * (i % 4)
@@ -41,6 +49,16 @@ def make_store(root: Path, model_cache_root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "models").symlink_to(model_cache_root / "models", target_is_directory=True)
     return root
+
+
+def full_stack(redis_url: str, base: Path, model_cache_root: Path, local_models: Path) -> Stack:
+    """A stack on a store of its own under ``base`` serving the bundled model and the local ones,
+    with one worker per queue started (not yet awaited: the caller waits as it needs)."""
+    env = {"KESTREL_MODEL_DIRS": str(local_models), "KESTREL_INTERACTIVE_TIMEOUT_S": str(AWAITED_TIMEOUT_S)}
+    stack = Stack(redis_url, make_store(base / "store", model_cache_root), base, env)
+    for queue in FULL_WORKERS:
+        stack.start_worker(queue)
+    return stack
 
 
 @dataclass

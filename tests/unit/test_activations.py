@@ -213,8 +213,9 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 def test_sigkill_mid_capture_leaves_nothing_listed(store, tmp_path) -> None:
-    script = KILL_SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent), root=str(store.root))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    tests = __import__("pathlib").Path(__file__).parents[1]  # where tiny_models.py is
+    script = KILL_SCRIPT.format(tests=str(tests), root=str(store.root))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     leftovers = list((store.root / "activations").iterdir())
     assert leftovers and all(p.name.startswith(".staging-") for p in leftovers)  # it did write shards
