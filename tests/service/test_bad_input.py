@@ -391,7 +391,9 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-body: {body!r}"
+        body += chunk
     return int(lines[0].split()[1]), headers, body
 
 

@@ -306,7 +306,7 @@ def test_a_worker_shut_down_mid_training_requeues_it_for_another(make_stack) -> 
         job_id, sae_id = submit_training(http, run_id, token_budget=200_000, checkpoint_every=100)
         before = wait_for_progress(http, job_id, minimum=0.02)
 
-        assert stack.stop("first", timeout_s=30) == 0  # warm shutdown: the worker exits by itself
+        assert stack.stop("first", timeout_s=120) == 0  # warm shutdown: the worker exits by itself
         job = http.get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "queued" and "requeued" in job["message"], job
 
