@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_stack import TEXTS, Stack, assert_error, wait_for_job, wait_until
+from service_stack import READY_TIMEOUT_S, TEXTS, Stack, assert_error, wait_for_job, wait_until
 
 from kestrel.core.models import DEFAULT_MODEL
 
@@ -64,7 +64,7 @@ def test_an_encode_answers_while_a_long_generate_runs(
             page = client.get("/v1/jobs", params={"kind": "generate", "status": "started"}).json()
             return page["items"][0]["id"] if page["items"] else None
 
-        generate_id = wait_until(generating, 120, "the generate to start", service)
+        generate_id = wait_until(generating, READY_TIMEOUT_S, "the generate to start", service)
         encoded = client.post(f"/v1/saes/{sae_id}/encode", json={"text": "The cat sat on the mat."})
         assert encoded.status_code == 200, encoded.text  # not a 504, not a 202: it did not queue behind
         assert encoded.json()["tokens"]
@@ -219,14 +219,14 @@ def test_a_generate_worker_killed_mid_generation_fails_its_job_and_a_new_one_ser
         job_id = accepted.json()["id"]
         wait_for_job(http, job_id, states=("started",))
         stack.kill("worker-generate")
-        failed = wait_for_job(http, job_id, states=("failed",), timeout_s=90)
+        failed = wait_for_job(http, job_id, states=("failed",), timeout_s=180)
         assert failed["error"]["code"] == "worker_died", failed
 
         def no_generate_worker() -> bool:  # its liveness record expires within seconds
             ready = http.get("/ready").json()
             return not (ready.get("workers") or ready["error"]["details"]["workers"]).get("generate")
 
-        wait_until(no_generate_worker, 30, "the killed worker's record to expire", stack)
+        wait_until(no_generate_worker, 60, "the killed worker's record to expire", stack)
         refused = assert_error(http.post(f"/v1/models/{MODEL}/generate", json={"prompts": ["Hi"]}), 503)
         assert "--queue generate" in refused["message"]
         stack.start_worker("generate", name="worker-generate-2")
