@@ -8,6 +8,7 @@ set, so the run outlasts the drills). Then, in turn:
 
     SIGKILL the batch worker (which is running the training)
     SIGKILL the interactive worker
+    SIGKILL the generate worker
     SIGKILL the API
     SIGKILL the embedded redis-server
     SIGTERM the embedded redis-server
@@ -66,6 +67,7 @@ TERMINAL = ("finished", "failed", "canceled")
 DRILLS = (
     ("SIGKILL batch worker", "--queue batch", signal.SIGKILL),
     ("SIGKILL interactive worker", "--queue interactive", signal.SIGKILL),
+    ("SIGKILL generate worker", "--queue generate", signal.SIGKILL),
     ("SIGKILL api", "kestrel.cli serve", signal.SIGKILL),
     ("SIGKILL redis-server", "redis-server", signal.SIGKILL),
     ("SIGTERM redis-server", "redis-server", signal.SIGTERM),

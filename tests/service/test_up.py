@@ -114,7 +114,11 @@ def test_up_restarts_a_killed_worker_redis_server_and_api(tmp_path, warm_model_c
 
     def ready() -> bool:
         response = httpx.get(f"{base}/ready", timeout=5)
-        return response.status_code == 200 and response.json()["workers"] == {"interactive": 1, "batch": 1}
+        return response.status_code == 200 and response.json()["workers"] == {
+            "interactive": 1,
+            "generate": 1,
+            "batch": 1,
+        }
 
     def log_text() -> str:
         return log_path.read_text(errors="replace")
