@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
-from service_stack import READY_TIMEOUT_S, REPO, TEXTS, make_store, wait_for_job, wait_until
+from service_stack import FULL_WORKERS, READY_TIMEOUT_S, REPO, TEXTS, make_store, wait_for_job, wait_until
 
 from kestrel.core.models import DEFAULT_MODEL
 from kestrel.workers.runner import free_port
@@ -44,11 +44,7 @@ def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> 
 
         def ready() -> bool:
             response = httpx.get(f"{base}/ready", timeout=5)
-            return response.status_code == 200 and response.json()["workers"] == {
-                "interactive": 1,
-                "generate": 1,
-                "batch": 1,
-            }
+            return response.status_code == 200 and response.json()["workers"] == FULL_WORKERS
 
         try:
             wait_until(ready, READY_TIMEOUT_S, "kestrel up to be ready")
@@ -114,11 +110,7 @@ def test_up_restarts_a_killed_worker_redis_server_and_api(tmp_path, warm_model_c
 
     def ready() -> bool:
         response = httpx.get(f"{base}/ready", timeout=5)
-        return response.status_code == 200 and response.json()["workers"] == {
-            "interactive": 1,
-            "generate": 1,
-            "batch": 1,
-        }
+        return response.status_code == 200 and response.json()["workers"] == FULL_WORKERS
 
     def log_text() -> str:
         return log_path.read_text(errors="replace")
