@@ -24,7 +24,7 @@ AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 UNSET_ENV = ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 120.0  # moto's imports alone take a while on a busy machine
 
 
 def free_port() -> int:
@@ -70,6 +70,21 @@ def moto_server(log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def moto_endpoint(log: Path) -> Iterator[str]:
+    """``moto_server`` with ``AWS_ENV`` set (and the user's own AWS profile unset) in this process's
+    environment while it runs, restored after: what every S3 fixture wants."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in AWS_ENV.items():
+            patch.setenv(name, value)
+        for name in UNSET_ENV:
+            patch.delenv(name, raising=False)
+        with moto_server(log) as url:
+            yield url
 
 
 def new_bucket(endpoint: str, prefix: str = "team/store") -> str:

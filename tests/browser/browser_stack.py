@@ -61,13 +61,9 @@ def train_sae_with_features(http, n_latents: int = N_LATENTS) -> tuple[str, str]
         "sae": {"n_latents": n_latents, "k": 8},
         "train": {"batch_size": 64, "token_budget": 6_000, "log_every": 2},
     }
-    sae_id = wait_for_job(http, http.post("/v1/saes", json=train).json()["id"], timeout_s=180)["artifacts"][
-        "sae_id"
-    ]
+    sae_id = wait_for_job(http, http.post("/v1/saes", json=train).json()["id"])["artifacts"]["sae_id"]
     discover = {"config": {"top_n": 12, "window": 6}}
-    wait_for_job(
-        http, http.post(f"/v1/saes/{sae_id}/features/discover", json=discover).json()["id"], timeout_s=180
-    )
+    wait_for_job(http, http.post(f"/v1/saes/{sae_id}/features/discover", json=discover).json()["id"])
     return run_id, sae_id
 
 
@@ -76,4 +72,4 @@ def run_neuron_analysis(http, run_id: str, title: str | None = None) -> dict[str
     body = {"kind": "neuron", "run_id": run_id, "layer": LAYER, **({"title": title} if title else {})}
     started = http.post("/v1/analyses", json=body)
     assert started.status_code == 202, started.text
-    return wait_for_job(http, started.json()["id"], timeout_s=120)
+    return wait_for_job(http, started.json()["id"])

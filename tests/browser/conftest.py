@@ -29,7 +29,7 @@ from browser_stack import (  # noqa: E402
     run_neuron_analysis,
     train_sae_with_features,
 )
-from service_stack import Stack, make_store  # noqa: E402
+from service_stack import DASHBOARD_DB, FULL_WORKERS, Stack, full_stack  # noqa: E402
 
 
 def _load_service_fixtures() -> Any:
@@ -67,19 +67,11 @@ def dashboard(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Dashboard]:
     """The shared stack (interactive, generate and batch workers, the API, no key) with its SAE."""
-    base = tmp_path_factory.mktemp("dashboard")
-    stack = Stack(
-        f"redis://127.0.0.1:{redis_server.port}/200",
-        make_store(base / "store", warm_model_cache),
-        base,
-        {"KESTREL_MODEL_DIRS": str(local_models)},
-    )
+    url = f"redis://127.0.0.1:{redis_server.port}/{DASHBOARD_DB}"  # not the contract tests' database
+    stack = full_stack(url, tmp_path_factory.mktemp("dashboard"), warm_model_cache, local_models)
     try:
-        stack.start_worker("interactive")
-        stack.start_worker("generate")
-        stack.start_worker("batch")
         stack.start_api()
-        stack.wait_ready({"interactive": 1, "generate": 1, "batch": 1})
+        stack.wait_ready(FULL_WORKERS)
         with stack.client() as http:
             run_id, sae_id = train_sae_with_features(http)
         yield Dashboard(stack, run_id, sae_id)
@@ -126,7 +118,7 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh browser context and page; its screenshot is saved when the test ends, pass or fail."""
     context = browser.new_context(viewport={"width": 1360, "height": 900})
     page = context.new_page()
-    page.set_default_timeout(20_000)
+    page.set_default_timeout(60_000)  # a busy machine slows chromium too; a wait ends when it can
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     yield page

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from service_stack import Stack, make_store
+from service_stack import FIRST_FREE_DB, FULL_WORKERS, SHARED_DB, Stack, full_stack, make_store
 
 from kestrel.workers.runner import EmbeddedRedis, free_port
 
-_databases = itertools.count(1)
+_databases = itertools.count(FIRST_FREE_DB)
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +34,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 @pytest.fixture(scope="session")
 def warm_model_cache(model_cache_root: Path) -> Path:
     """Convert the bundled model once (a no-op when the cache is warm) before workers start."""
-    from kestrel.core.models import BUNDLED, ensure_bundled_cache
+    from kestrel.core.models import BUNDLED, DEFAULT_MODEL, ensure_bundled_cache
 
-    ensure_bundled_cache(BUNDLED["smollm2-135m"], model_cache_root)
+    ensure_bundled_cache(BUNDLED[DEFAULT_MODEL], model_cache_root)
     return model_cache_root
 
 
@@ -67,21 +67,16 @@ def local_models(warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactor
 
     import torch
     import transformers as tf
+    from tiny_models import tiny_llama_config
+
+    from kestrel.core.models import DEFAULT_MODEL
 
     root = tmp_path_factory.mktemp("local-models")
     target = root / "tiny-llama"
     torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,
-    )
-    tf.LlamaForCausalLM(config).save_pretrained(target)
+    tf.LlamaForCausalLM(tiny_llama_config(vocab_size=49152)).save_pretrained(target)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(warm_model_cache / "models" / "smollm2-135m" / name, target / name)
+        shutil.copy(warm_model_cache / "models" / DEFAULT_MODEL / name, target / name)
     return root
 
 
@@ -93,18 +88,10 @@ def service(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """The shared stack: Redis db 0, an interactive, a generate and a batch worker, the API."""
-    base = tmp_path_factory.mktemp("service")
-    stack = Stack(
-        f"redis://127.0.0.1:{redis_server.port}/0",
-        make_store(base / "store", warm_model_cache),
-        base,
-        {"KESTREL_MODEL_DIRS": str(local_models)},
-    )
-    stack.start_worker("interactive")
-    stack.start_worker("generate")
-    stack.start_worker("batch")
+    url = f"redis://127.0.0.1:{redis_server.port}/{SHARED_DB}"
+    stack = full_stack(url, tmp_path_factory.mktemp("service"), warm_model_cache, local_models)
     stack.start_api()
-    stack.wait_ready({"interactive": 1, "generate": 1, "batch": 1})
+    stack.wait_ready(FULL_WORKERS)
     yield stack
     stack.stop_all()
 

@@ -21,7 +21,20 @@ import httpx
 from kestrel.workers.runner import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 90.0
+# Deadlines sized for a busy 2-core machine, where a worker's start (torch, transformers) or a
+# model load alone can take a minute: a wait only ends early, so a long deadline costs nothing
+# when all is well and keeps a slow machine from failing a correct service.
+READY_TIMEOUT_S = 180.0
+API_START_TIMEOUT_S = 120.0
+JOB_TIMEOUT_S = 300.0
+#: How long the shared stacks' awaited calls (load, layers, encode, generate) wait before a 202:
+#: the tests that expect a 200 get one however slow the machine; those about the 202 set their own.
+AWAITED_TIMEOUT_S = 120.0
+#: One worker per queue: what the shared stacks (service, contract, dashboard) run.
+FULL_WORKERS = {"interactive": 1, "generate": 1, "batch": 1}
+# Redis databases of the session's redis-server (256 of them): the shared stack's, the ones that
+# module- and session-long stacks keep to themselves, and the first that `make_stack` counts up from.
+SHARED_DB, CONTRACT_DB, DASHBOARD_DB, REAPER_DB, FIRST_FREE_DB = 0, 200, 201, 250, 1
 
 TEXTS = [
     f"Text {i} is about {topic}." + " It goes on for a little while longer." * (i % 4)
@@ -36,6 +49,16 @@ def make_store(root: Path, model_cache_root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "models").symlink_to(model_cache_root / "models", target_is_directory=True)
     return root
+
+
+def full_stack(redis_url: str, base: Path, model_cache_root: Path, local_models: Path) -> Stack:
+    """A stack on a store of its own under ``base`` serving the bundled model and the local ones,
+    with one worker per queue started (not yet awaited: the caller waits as it needs)."""
+    env = {"KESTREL_MODEL_DIRS": str(local_models), "KESTREL_INTERACTIVE_TIMEOUT_S": str(AWAITED_TIMEOUT_S)}
+    stack = Stack(redis_url, make_store(base / "store", model_cache_root), base, env)
+    for queue in FULL_WORKERS:
+        stack.start_worker(queue)
+    return stack
 
 
 @dataclass
@@ -88,7 +111,9 @@ class Stack:
     def start_api(self) -> subprocess.Popen:
         self.api_port = free_port()
         process = self._spawn("api", "serve", "--port", str(self.api_port))
-        wait_until(lambda: _answers(f"{self.base_url}/health"), 60, "the API to answer", self)
+        wait_until(
+            lambda: _answers(f"{self.base_url}/health"), API_START_TIMEOUT_S, "the API to answer", self
+        )
         return process
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
@@ -153,12 +178,17 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str, stack: Sta
 
 
 def wait_for_job(
-    http: httpx.Client, job_id: str, states: tuple[str, ...] = ("finished",), timeout_s: float = 120.0
+    http: httpx.Client,
+    job_id: str,
+    states: tuple[str, ...] = ("finished",),
+    timeout_s: float = JOB_TIMEOUT_S,
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """Poll a job until it reaches one of ``states`` (fails fast on another terminal state)."""
+    """Poll a job until it reaches one of ``states`` (fails fast on another terminal state).
+    ``prefix``: where the API is mounted in a host app (``/kestrel``), empty for Kestrel's own."""
     deadline = time.monotonic() + timeout_s
     while True:
-        job = http.get(f"/v1/jobs/{job_id}").json()
+        job = http.get(f"{prefix}/v1/jobs/{job_id}").json()
         if job["status"] in states:
             return job
         if job["status"] in ("finished", "failed", "canceled"):

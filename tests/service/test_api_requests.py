@@ -14,6 +14,8 @@ from fastapi.routing import APIRoute
 from safetensors.torch import save as save_safetensors
 from service_stack import assert_error
 
+from kestrel.core.models import DEFAULT_MODEL
+
 UNPROTECTED = {"/health", "/ready"}
 DATA_FREE = "/ui"  # the dashboard's pages hold no data: they fetch it from /v1 with the key
 CAPTURE = {"layers": ["model.layers.3"], "dataset": {"kind": "texts", "texts": ["one text", "another text"]}}
@@ -21,7 +23,7 @@ CAPTURE = {"layers": ["model.layers.3"], "dataset": {"kind": "texts", "texts": [
 
 def concrete_path(path: str) -> str:
     """A route path with every parameter filled with a valid-looking value."""
-    path = path.replace("{name:path}", "smollm2-135m")
+    path = path.replace("{name:path}", DEFAULT_MODEL)
     return re.sub(r"\{[^}]+\}", "some-id", path)
 
 
@@ -91,7 +93,7 @@ def test_traversal_ids_are_rejected(make_client, method: str, path: str) -> None
         {**CAPTURE, "dataset": {"kind": "hf", "name": "json", "data_files": ["/etc/passwd"]}},
         {**CAPTURE, "dataset": {"kind": "hf", "name": "json"}},
         {**CAPTURE, "model": "/tmp/some-checkpoint"},
-        {**CAPTURE, "model": "../models/smollm2-135m"},
+        {**CAPTURE, "model": f"../models/{DEFAULT_MODEL}"},
     ],
 )
 def test_no_client_path_reaches_a_worker(make_client, body: dict) -> None:
@@ -213,7 +215,7 @@ def test_errors_share_one_shape(make_client) -> None:
     assert_error(http.get("/v1/activations/run-does-not-exist"), 404, "not_found")
     ready = http.get("/ready")  # no worker in this test
     assert "no worker" in assert_error(ready, 503, "not_ready")["message"]
-    encode = http.post("/v1/models/smollm2-135m/load")
+    encode = http.post(f"/v1/models/{DEFAULT_MODEL}/load")
     assert "no worker" in assert_error(encode, 503)["message"]
 
 

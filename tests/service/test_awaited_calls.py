@@ -20,7 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_stack import TEXTS, Stack, assert_error, wait_for_job, wait_until
+from service_stack import READY_TIMEOUT_S, TEXTS, Stack, assert_error, wait_for_job, wait_until
+
+from kestrel.core.models import DEFAULT_MODEL
 
 MODEL = "tiny-llama"
 LAYER = "model.layers.1"
@@ -52,7 +54,7 @@ def test_an_encode_answers_while_a_long_generate_runs(
 
     def generate() -> None:
         with httpx.Client(base_url=service.base_url, timeout=300.0) as http:
-            generated["response"] = http.post("/v1/models/smollm2-135m/generate", json=body)
+            generated["response"] = http.post(f"/v1/models/{DEFAULT_MODEL}/generate", json=body)
 
     thread = threading.Thread(target=generate)
     thread.start()
@@ -62,7 +64,7 @@ def test_an_encode_answers_while_a_long_generate_runs(
             page = client.get("/v1/jobs", params={"kind": "generate", "status": "started"}).json()
             return page["items"][0]["id"] if page["items"] else None
 
-        generate_id = wait_until(generating, 120, "the generate to start", service)
+        generate_id = wait_until(generating, READY_TIMEOUT_S, "the generate to start", service)
         encoded = client.post(f"/v1/saes/{sae_id}/encode", json={"text": "The cat sat on the mat."})
         assert encoded.status_code == 200, encoded.text  # not a 504, not a 202: it did not queue behind
         assert encoded.json()["tokens"]
@@ -126,7 +128,7 @@ def test_a_generate_past_the_wait_answers_202_and_its_job_holds_the_generation(
     with stack.client() as http:
         # a load and 128 tokens of SmolLM2 take more than 0.2 s on any machine
         response = http.post(
-            "/v1/models/smollm2-135m/generate", json={"prompts": [COUNTING], "max_new_tokens": 128}
+            f"/v1/models/{DEFAULT_MODEL}/generate", json={"prompts": [COUNTING], "max_new_tokens": 128}
         )
         assert response.status_code == 202, response.text
         job = response.json()
@@ -185,14 +187,14 @@ def test_up_preload_follows_slow_loads_and_warms_both_workers(make_stack) -> Non
     stack.start_api()
     lines: list[str] = []
     # reading 540 MB of fp32 weights takes longer than 0.2 s: both loads answer 202 and are followed
-    Preload(stack.base_url, Settings(preload_model="smollm2-135m"), lines.append).run()
+    Preload(stack.base_url, Settings(preload_model=DEFAULT_MODEL), lines.append).run()
     text = "\n".join(lines)
     assert any(line.startswith("  generate worker: ") for line in lines), text  # a progress line
-    assert "model smollm2-135m loaded in the generate worker" in text, text
-    assert "model smollm2-135m loaded in the interactive worker" in text, text
+    assert f"model {DEFAULT_MODEL} loaded in the generate worker" in text, text
+    assert f"model {DEFAULT_MODEL} loaded in the interactive worker" in text, text
     assert "failed" not in text and "504" not in text, text
     with stack.client() as http:
-        holders = next(m for m in http.get("/v1/models").json()["items"] if m["name"] == "smollm2-135m")
+        holders = next(m for m in http.get("/v1/models").json()["items"] if m["name"] == DEFAULT_MODEL)
     assert sorted(h["queue"] for h in holders["loaded_by"]) == ["generate", "interactive"]
 
 
@@ -212,19 +214,19 @@ def test_a_generate_worker_killed_mid_generation_fails_its_job_and_a_new_one_ser
     stack.wait_ready({"generate": 1})
     with stack.client() as http:
         body = {"prompts": [COUNTING] * 4, "max_new_tokens": 256}
-        accepted = http.post("/v1/models/smollm2-135m/generate", json=body)
+        accepted = http.post(f"/v1/models/{DEFAULT_MODEL}/generate", json=body)
         assert accepted.status_code == 202, accepted.text
         job_id = accepted.json()["id"]
         wait_for_job(http, job_id, states=("started",))
         stack.kill("worker-generate")
-        failed = wait_for_job(http, job_id, states=("failed",), timeout_s=90)
+        failed = wait_for_job(http, job_id, states=("failed",), timeout_s=180)
         assert failed["error"]["code"] == "worker_died", failed
 
         def no_generate_worker() -> bool:  # its liveness record expires within seconds
             ready = http.get("/ready").json()
             return not (ready.get("workers") or ready["error"]["details"]["workers"]).get("generate")
 
-        wait_until(no_generate_worker, 30, "the killed worker's record to expire", stack)
+        wait_until(no_generate_worker, 60, "the killed worker's record to expire", stack)
         refused = assert_error(http.post(f"/v1/models/{MODEL}/generate", json={"prompts": ["Hi"]}), 503)
         assert "--queue generate" in refused["message"]
         stack.start_worker("generate", name="worker-generate-2")

@@ -19,6 +19,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from service_stack import assert_error
 
+from kestrel.core.models import DEFAULT_MODEL
+
 D_IN, N_LATENTS = 8, 32
 DEEP = b"[" * 20_000 + b"]" * 20_000
 HUGE_INT = b"1" * 5000
@@ -326,14 +328,14 @@ def test_non_finite_numbers_in_a_request_are_422s(http, value: str) -> None:
 
 @pytest.mark.parametrize("device", ["cuda:x", "gpu", "cuda:1\n", "cpu;rm"])
 def test_malformed_devices_are_422s(http, device: str) -> None:
-    error = assert_error(http.post("/v1/models/smollm2-135m/load", json={"device": device}), 422)
+    error = assert_error(http.post(f"/v1/models/{DEFAULT_MODEL}/load", json={"device": device}), 422)
     assert "body.device" in error["message"]
     assert_error(http.post("/v1/saes", json={"run_id": "run-x", "train": {"device": device}}), 422)
     assert_nothing_queued(http)
 
 
 def test_a_cuda_device_the_worker_lacks_is_a_422(client) -> None:
-    error = assert_error(client.post("/v1/models/smollm2-135m/load", json={"device": "cuda:999"}), 422)
+    error = assert_error(client.post(f"/v1/models/{DEFAULT_MODEL}/load", json={"device": "cuda:999"}), 422)
     assert error["code"] == "invalid_input" and "device 'cuda:999' was asked for" in error["message"]
 
 
@@ -427,7 +429,9 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-body: {body!r}"
+        body += chunk
     return int(lines[0].split()[1]), headers, body
 
 

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from service_stack import TEXTS, assert_error, wait_for_job
 
+from kestrel.core.models import DEFAULT_MODEL
+
 MODEL = "tiny-llama"
 LAYER = "model.layers.1"
 
@@ -152,7 +154,7 @@ def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str
     ).json()
     assert plain["items"][0]["steered"] is None and len(plain["items"][0]["default"]["token_ids"]) == 3
     wrong_model = client.post(
-        "/v1/models/smollm2-135m/generate", json={"prompts": ["x"], "steering_id": steering_id}
+        f"/v1/models/{DEFAULT_MODEL}/generate", json={"prompts": ["x"], "steering_id": steering_id}
     )
     assert "cannot steer" in assert_error(wrong_model, 422)["message"]
     too_long = client.post(f"/v1/models/{MODEL}/generate", json={"prompts": ["x"], "max_new_tokens": 100_000})

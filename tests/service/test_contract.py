@@ -8,7 +8,6 @@ batch jobs just queue. Bounded: ``MAX_EXAMPLES`` requests per operation, no dead
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,17 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from service_stack import TEXTS, Stack, make_store, wait_for_job
+from service_stack import (
+    AWAITED_TIMEOUT_S,
+    CONTRACT_DB,
+    FULL_WORKERS,
+    READY_TIMEOUT_S,
+    TEXTS,
+    Stack,
+    full_stack,
+    wait_for_job,
+    wait_until,
+)
 
 from kestrel.server.openapi import build_spec
 from kestrel.workers import queues
@@ -29,7 +38,6 @@ from kestrel.workers.runner import EmbeddedRedis
 
 MAX_EXAMPLES = 25
 LAYER = "model.layers.1"
-REDIS_DB = 200  # the shared stack uses 0, make_stack counts up from 1
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -37,23 +45,18 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def contract_stack(
     redis_server: EmbeddedRedis, warm_model_cache, local_models, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("contract")
-    stack = Stack(
-        f"redis://127.0.0.1:{redis_server.port}/{REDIS_DB}",
-        make_store(base / "store", warm_model_cache),
-        base,
-        {"KESTREL_MODEL_DIRS": str(local_models)},
-    )
-    stack.start_worker("interactive")
-    stack.start_worker("generate")
-    stack.start_worker("batch")
+    url = f"redis://127.0.0.1:{redis_server.port}/{CONTRACT_DB}"
+    stack = full_stack(url, tmp_path_factory.mktemp("contract"), warm_model_cache, local_models)
     redis = queues.connect(stack.redis_url)
-    deadline = time.monotonic() + 90
-    expected = {"interactive": 1, "generate": 1, "batch": 1}
-    while queues.workers_per_queue(queues.live_workers(redis)) != expected:
-        assert time.monotonic() < deadline, "the workers did not start\n" + stack.log_tail()
-        time.sleep(0.2)
-    redis.close()
+    try:  # no API process here: the workers' own records say they are up
+        wait_until(
+            lambda: queues.workers_per_queue(queues.live_workers(redis)) == FULL_WORKERS,
+            READY_TIMEOUT_S,
+            "the workers to start",
+            stack,
+        )
+    finally:
+        redis.close()
     yield stack
     stack.stop_all()
 
@@ -71,7 +74,7 @@ def contract(contract_stack: Stack) -> Iterator[tuple[Any, dict[str, str]]]:
         store_root=contract_stack.store_root,
         redis_url=contract_stack.redis_url,
         model_dirs=[contract_stack.extra_env["KESTREL_MODEL_DIRS"]],
-        interactive_timeout_s=20,
+        interactive_timeout_s=AWAITED_TIMEOUT_S,
     )
     app = create_app(app_settings)
     with TestClient(app) as http:  # the lifespan (the reaper) runs around the whole module

@@ -8,10 +8,8 @@ uvicorn on a free port. The host's routes, errors and OpenAPI must be as they we
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 import pytest
@@ -24,8 +22,10 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from safetensors.torch import save
-from service_stack import Stack, assert_error, wait_until
+from service_stack import READY_TIMEOUT_S, Stack, assert_error, wait_for_job, wait_until
+from tiny_models import tiny_llama_config
 
+from kestrel.core.models import DEFAULT_MODEL
 from kestrel.server.embed import KestrelContext, include_kestrel, kestrel_router
 from kestrel.settings import Settings
 from kestrel.workers.runner import free_port
@@ -41,7 +41,7 @@ class Prediction(BaseModel):
 def host_app(settings: Settings) -> tuple[FastAPI, KestrelContext]:
     """A model-serving app as a user would write it, with Kestrel included by one call."""
     torch.manual_seed(0)
-    config = tf.LlamaConfig(
+    config = tiny_llama_config(
         hidden_size=HIDDEN,
         intermediate_size=32,
         num_hidden_layers=2,
@@ -71,7 +71,7 @@ class UvicornThread:
 
     def __enter__(self) -> UvicornThread:
         self.thread.start()
-        wait_until(lambda: self.server.started, 30, "uvicorn to start")
+        wait_until(lambda: self.server.started, 60, "uvicorn to start")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -98,16 +98,6 @@ def served(stack: Stack) -> Iterator[tuple[httpx.Client, KestrelContext]]:
     context.close()
 
 
-def wait_for_job(http: httpx.Client, location: str, timeout_s: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = http.get(location).json()
-        if job["status"] in ("finished", "failed", "canceled"):
-            return job
-        assert time.monotonic() < deadline, f"job still {job['status']} after {timeout_s} s: {job}"
-        time.sleep(0.2)
-
-
 def test_kestrel_inside_a_host_app(served, stack: Stack) -> None:
     http, context = served
 
@@ -120,14 +110,14 @@ def test_kestrel_inside_a_host_app(served, stack: Stack) -> None:
     # Kestrel answers under the prefix, through the host app, with a real worker behind it.
     wait_until(
         lambda: http.get("/kestrel/ready").json()["workers"].get("batch", 0) >= 1,
-        90,
+        READY_TIMEOUT_S,
         "the batch worker",
         stack,
     )
 
     # Layer listing: the host's in-process model beside Kestrel's bundled ones.
     models = {m["name"]: m for m in http.get("/kestrel/v1/models").json()["items"]}
-    assert models["host-lm"]["source"] == "app" and models["smollm2-135m"]["source"] == "bundled"
+    assert models["host-lm"]["source"] == "app" and models[DEFAULT_MODEL]["source"] == "bundled"
     layers = http.get("/kestrel/v1/models/host-lm/layers").json()
     by_name = {row["name"]: row for row in layers["layers"]}
     assert by_name["model.layers.1"]["kind"] == "block" and by_name["model.layers.1"]["width"] == HIDDEN
@@ -153,10 +143,9 @@ def test_kestrel_inside_a_host_app(served, stack: Stack) -> None:
             "/kestrel/v1/analyses", json={"kind": "neuron", "run_id": run["id"], "layer": "model.layers.1"}
         )
         assert started.status_code == 202, started.text
-        location = started.headers["location"]
-        assert location.startswith("/kestrel/v1/jobs/") and started.json()["location"] == location
-        job = wait_for_job(http, location)
-        assert job["status"] == "finished", job
+        job_id, location = started.json()["id"], started.headers["location"]
+        assert location == f"/kestrel/v1/jobs/{job_id}" and started.json()["location"] == location
+        job = wait_for_job(http, job_id, prefix="/kestrel")  # polls the location: a failed job fails here
         analysis = http.get(f"/kestrel/v1/analyses/{job['artifacts']['analysis_id']}")
         assert analysis.status_code == 200 and analysis.json()["kind"] == "neuron"
 

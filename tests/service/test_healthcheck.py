@@ -19,7 +19,7 @@ def probe(what: str, **env: str) -> subprocess.CompletedProcess:
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,  # the probe's imports on a busy machine; it answers in well under a second
     )
 
 
@@ -41,17 +41,19 @@ def test_probes_fail_without_a_live_process(service: Stack) -> None:
 
 def test_a_ping_job_runs_on_a_worker(service: Stack) -> None:
     """The trivial job bench/api.py times: through the queue and a worker, bookkeeping included."""
-    from service_stack import wait_until
+    from service_stack import JOB_TIMEOUT_S, wait_until
 
     from kestrel.workers import jobs, queues
 
     redis = queues.connect(service.redis_url)
     try:
         job = queues.enqueue(
-            redis, queues.BATCH, jobs.ping_job, kind="ping", kwargs={"payload": "x"}, timeout_s=30, ttl_s=60
+            redis, queues.BATCH, jobs.ping_job, kind="ping", kwargs={"payload": "x"}, timeout_s=30, ttl_s=300
         )
         info = wait_until(
-            lambda: (i := queues.get_job(redis, job.id)).status == "finished" and i, 30, "the ping job"
+            lambda: (i := queues.get_job(redis, job.id)).status == "finished" and i,
+            JOB_TIMEOUT_S,
+            "the ping job",
         )
     finally:
         redis.close()

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import save
 from service_stack import assert_error
 
+from kestrel.core.models import DEFAULT_MODEL
+
 N_ROWS, D = 64, 8
 
 
@@ -31,13 +33,13 @@ def test_an_upload_becomes_a_run(http) -> None:
     upload_id = upload(http, {"resid": acts, "doc_index": torch.arange(N_ROWS) // 8})
     response = http.post(
         "/v1/activations/imports",
-        json={"upload_id": upload_id, "tensors": {"resid": "model.layers.2"}, "model": "smollm2-135m"},
+        json={"upload_id": upload_id, "tensors": {"resid": "model.layers.2"}, "model": DEFAULT_MODEL},
     )
     assert response.status_code == 201, response.text
     run = response.json()
     assert list(run["layers"]) == ["model.layers.2"] and run["layers"]["model.layers.2"]["d"] == D
     assert run["n_tokens"] == N_ROWS and run["n_docs"] == 8 and run["dtype"] == "fp32"
-    assert run["model"]["name"] == "smollm2-135m" and run["model"]["loadable"] is True
+    assert run["model"]["name"] == DEFAULT_MODEL and run["model"]["loadable"] is True
     assert run["model"]["source"] == "bundled"
     assert run["dataset"] == {"kind": "upload", "upload_id": upload_id, "filename": "acts.safetensors"}
     assert run["import"]["synthetic_row_fields"] == ["token_id", "position"]

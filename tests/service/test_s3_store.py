@@ -4,11 +4,9 @@ every artifact lands in the bucket, not in the local store directory (which keep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import boto3
 import pytest
-from s3_server import AWS_ENV, UNSET_ENV, moto_server, new_bucket
+from s3_server import AWS_ENV, new_bucket
 from service_stack import TEXTS, wait_for_job
 
 from kestrel.core.store import parse_s3_url
@@ -19,21 +17,15 @@ MODEL = "tiny-llama"
 LAYER = "model.layers.1"
 
 
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """The environment that puts a stack's store on a fresh bucket of a moto server."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in AWS_ENV.items():
-            patch.setenv(name, value)
-        for name in UNSET_ENV:
-            patch.delenv(name, raising=False)
-        with moto_server(tmp_path_factory.mktemp("moto") / "server.log") as endpoint:
-            yield {
-                **AWS_ENV,
-                "KESTREL_STORE_BACKEND": "s3",
-                "KESTREL_S3_URL": new_bucket(endpoint),
-                "KESTREL_S3_ENDPOINT_URL": endpoint,
-            }
+@pytest.fixture
+def s3_env(s3_endpoint: str) -> dict[str, str]:
+    """The environment that puts a stack's store on a fresh bucket of the moto server."""
+    return {
+        **AWS_ENV,
+        "KESTREL_STORE_BACKEND": "s3",
+        "KESTREL_S3_URL": new_bucket(s3_endpoint),
+        "KESTREL_S3_ENDPOINT_URL": s3_endpoint,
+    }
 
 
 def _keys(env: dict[str, str]) -> set[str]:

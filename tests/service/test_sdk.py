@@ -18,7 +18,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from service_stack import REPO, TEXTS, Stack
+from service_stack import JOB_TIMEOUT_S, REPO, TEXTS, Stack
+
+from kestrel.core.models import DEFAULT_MODEL
 
 SPEC = REPO / "openapi" / "openapi.json"
 CONFIG = REPO / "openapi" / "sdk-config.yaml"
@@ -34,7 +36,7 @@ def sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Mo
         [str(generator), "generate", "--path", str(SPEC), "--output-path", str(out), "--config", str(CONFIG)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Warning" not in result.stdout, f"the generator skipped parts of the spec:\n{result.stdout}"
@@ -47,7 +49,9 @@ def sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Mo
             del sys.modules[name]
 
 
-def wait_finished(sdk: Callable[[str], ModuleType], client: Any, job_id: str, timeout_s: float = 60) -> Any:
+def wait_finished(
+    sdk: Callable[[str], ModuleType], client: Any, job_id: str, timeout_s: float = JOB_TIMEOUT_S
+) -> Any:
     get_job = sdk("api.jobs.get_job")
     deadline = time.monotonic() + timeout_s
     while True:
@@ -69,7 +73,7 @@ def test_generated_sdk_drives_a_workflow(sdk, service: Stack) -> None:
 
         models = sdk("api.models.list_models").sync(client=client, limit=100)
         assert isinstance(models, m.ModelPage)
-        assert {"smollm2-135m", "tiny-llama"} <= {row.name for row in models.items}
+        assert {DEFAULT_MODEL, "tiny-llama"} <= {row.name for row in models.items}
         layers = sdk("api.models.get_model_layers").sync("tiny-llama", client=client)
         assert isinstance(layers, m.LayerTable) and "model.layers.1" in {row.name for row in layers.layers}
 

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import httpx
-from service_stack import REPO, TEXTS, make_store, wait_for_job, wait_until
+from service_stack import FULL_WORKERS, READY_TIMEOUT_S, REPO, TEXTS, make_store, wait_for_job, wait_until
 
+from kestrel.core.models import DEFAULT_MODEL
 from kestrel.workers.runner import free_port
 
 
@@ -43,25 +44,21 @@ def test_up_runs_the_service_and_ctrl_c_stops_it(tmp_path, warm_model_cache) -> 
 
         def ready() -> bool:
             response = httpx.get(f"{base}/ready", timeout=5)
-            return response.status_code == 200 and response.json()["workers"] == {
-                "interactive": 1,
-                "generate": 1,
-                "batch": 1,
-            }
+            return response.status_code == 200 and response.json()["workers"] == FULL_WORKERS
 
         try:
-            wait_until(ready, 120, "kestrel up to be ready")
+            wait_until(ready, READY_TIMEOUT_S, "kestrel up to be ready")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- up.log ---\n{log_path.read_text()[-5000:]}") from None
         # `up` prints once its own health check passes, which may trail ours by a poll
-        wait_until(lambda: f"docs  {base}/docs\n" in log_path.read_text(), 15, "the docs line")
+        wait_until(lambda: f"docs  {base}/docs\n" in log_path.read_text(), 60, "the docs line")
         with httpx.Client(base_url=base, timeout=60) as http:
 
             def preloaded() -> bool:
                 models = http.get("/v1/models").json()["items"]
-                return any(m["name"] == "smollm2-135m" and m["loaded_by"] for m in models)
+                return any(m["name"] == DEFAULT_MODEL and m["loaded_by"] for m in models)
 
-            wait_until(preloaded, 60, "the default model preloaded in the interactive worker")
+            wait_until(preloaded, READY_TIMEOUT_S, "the default model preloaded in the interactive worker")
             body = {"layers": ["model.layers.1"], "dataset": {"kind": "texts", "texts": ["Hello there."]}}
             job = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])
             assert (store / "activations" / job["artifacts"]["run_id"] / "manifest.json").is_file()
@@ -113,27 +110,23 @@ def test_up_restarts_a_killed_worker_redis_server_and_api(tmp_path, warm_model_c
 
     def ready() -> bool:
         response = httpx.get(f"{base}/ready", timeout=5)
-        return response.status_code == 200 and response.json()["workers"] == {
-            "interactive": 1,
-            "generate": 1,
-            "batch": 1,
-        }
+        return response.status_code == 200 and response.json()["workers"] == FULL_WORKERS
 
     def log_text() -> str:
         return log_path.read_text(errors="replace")
 
     def kill_and_wait(marker: str, exit_line: str) -> None:
         """SIGKILL the child whose command line holds ``marker``; wait for a new one and /ready."""
-        old = wait_until(lambda: child_pid(up, marker), 60, f"the {marker!r} child")
+        old = wait_until(lambda: child_pid(up, marker), 120, f"the {marker!r} child")
         os.kill(old, signal.SIGKILL)
-        new = wait_until(lambda: (pid := child_pid(up, marker)) != old and pid, 120, f"a new {marker!r}")
+        new = wait_until(lambda: (pid := child_pid(up, marker)) != old and pid, 180, f"a new {marker!r}")
         assert new != old
-        wait_until(ready, 180, f"/ready after killing {marker!r}")
+        wait_until(ready, 240, f"/ready after killing {marker!r}")
         assert exit_line in log_text(), log_text()[-3000:]
 
     try:
         try:
-            wait_until(ready, 120, "kestrel up to be ready")
+            wait_until(ready, READY_TIMEOUT_S, "kestrel up to be ready")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- up.log ---\n{log_text()[-5000:]}") from None
         kill_and_wait("--queue batch", "batch worker exited with signal SIGKILL; restarting")

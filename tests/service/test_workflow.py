@@ -10,7 +10,11 @@ import time
 import zipfile
 
 import httpx
-from service_stack import TEXTS, assert_error, capture_run, wait_for_job, wait_until
+from redis import Redis
+from service_stack import JOB_TIMEOUT_S, TEXTS, assert_error, capture_run, wait_for_job, wait_until
+
+from kestrel.core.models import DEFAULT_MODEL
+from kestrel.workers.queues import LAYERS_KEY
 
 LAYER = "model.layers.3"
 SMALL_SAE = {"n_latents": 256, "k": 8}
@@ -25,26 +29,30 @@ def small_training(run_id: str, token_budget: int = 60_000, **train: object) -> 
     }
 
 
-def test_health_ready_and_models(client: httpx.Client) -> None:
+def test_health_ready_and_models(client: httpx.Client, service) -> None:
     assert client.get("/health").json()["status"] == "ok"
     ready = client.get("/ready").json()
     assert ready["redis"] is True and ready["workers"] == {"interactive": 1, "generate": 1, "batch": 1}
     models = client.get("/v1/models").json()["items"]
-    bundled = next(m for m in models if m["name"] == "smollm2-135m")
+    bundled = next(m for m in models if m["name"] == DEFAULT_MODEL)
     assert bundled["installed"] and bundled["cached"]
 
-    loaded = client.post("/v1/models/smollm2-135m/load", json={"dtype": "fp32"})
+    loaded = client.post(f"/v1/models/{DEFAULT_MODEL}/load", json={"dtype": "fp32"})
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["d_model"] == 576 and loaded.json()["n_blocks"] == 30
-    holders = next(m for m in client.get("/v1/models").json()["items"] if m["name"] == "smollm2-135m")
+    holders = next(m for m in client.get("/v1/models").json()["items"] if m["name"] == DEFAULT_MODEL)
     assert any(h["queue"] == "generate" for h in holders["loaded_by"])  # loads warm generate workers
 
-    started = time.perf_counter()
-    table = client.get("/v1/models/smollm2-135m/layers")
-    assert table.status_code == 200, table.text
+    table = client.get(f"/v1/models/{DEFAULT_MODEL}/layers")
+    assert table.status_code == 200, table.text  # answered within the awaited call, not a 202 job
     rows = {row["name"]: row for row in table.json()["layers"]}
     assert rows[LAYER]["kind"] == "block" and rows[LAYER]["width"] == 576
-    assert time.perf_counter() - started < 10  # a forward on a warm worker, not a load
+    # A worker computed it once and cached it for every later caller (the API reads Redis first).
+    redis = Redis.from_url(service.redis_url)
+    try:
+        assert json.loads(redis.get(LAYERS_KEY.format(DEFAULT_MODEL))) == table.json()
+    finally:
+        redis.close()
     refused = assert_error(client.post("/v1/models/nobody/nothing-at-all/load"), 422, "invalid_input")
     assert "KESTREL_ALLOWED_MODELS" in refused["message"]  # not cached, not allowed: refused up front
 
@@ -76,7 +84,7 @@ def test_capture_train_encode_download_delete(client: httpx.Client, service) -> 
     assert submitted.status_code == 202, submitted.text
     job_id, sae_id = submitted.json()["id"], submitted.json()["artifacts"]["sae_id"]
     seen: list[float] = []
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + JOB_TIMEOUT_S
     while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in (
         "finished",
         "failed",
@@ -95,7 +103,7 @@ def test_capture_train_encode_download_delete(client: httpx.Client, service) -> 
     sae = client.get(f"/v1/saes/{sae_id}").json()
     config = sae["config"]
     assert (config["architecture"], config["d_in"], config["n_latents"], config["k"]) == ("topk", 576, 256, 8)
-    assert (config["model"], config["layer"], config["run_id"]) == ("smollm2-135m", LAYER, run_id)
+    assert (config["model"], config["layer"], config["run_id"]) == (DEFAULT_MODEL, LAYER, run_id)
     assert sae["metrics"]
     assert sae_id in [s["id"] for s in client.get("/v1/saes").json()["items"]]
 
@@ -145,7 +153,7 @@ def test_import_saelens_roundtrip(client: httpx.Client) -> None:
             "cfg": ("cfg.json", archive.read(cfg), "application/json"),
             "weights": ("sae_weights.safetensors", archive.read(weights), "application/octet-stream"),
         },
-        data={"model": "smollm2-135m", "layer": LAYER},
+        data={"model": DEFAULT_MODEL, "layer": LAYER},
     )
     assert imported.status_code == 201, imported.text
     new_id = imported.json()["id"]
@@ -234,4 +242,4 @@ def test_load_then_unload_a_model(client: httpx.Client) -> None:
     assert "generate" in [h["queue"] for h in holders()]  # other workers may hold it too
     unloaded = client.post("/v1/models/tiny-llama/unload")
     assert unloaded.status_code == 202 and unloaded.json()["name"] == "tiny-llama"
-    wait_until(lambda: holders() == [], 20, "the worker to drop tiny-llama")
+    wait_until(lambda: holders() == [], 60, "the worker to drop tiny-llama")

@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import build
 
 from kestrel.core.activations import (
     CaptureOptions,
@@ -44,16 +43,6 @@ def all_rows(store, run_id: str, layer: str, **kwargs) -> RowBatch:
 def by_doc_and_position(rows: RowBatch) -> RowBatch:
     order = torch.argsort(rows.doc_index_N.long() * 100_000 + rows.position_N.long())
     return rows.select(order)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(smollm: LoadedModel) -> LoadedModel:
-    """A 3-block random Llama sharing SmolLM2's tokenizer: fast captures for the mechanics."""
-    model = build("llama")
-    model.resize_token_embeddings(len(smollm.tokenizer))
-    return LoadedModel(
-        "tiny-llama", model.eval(), smollm.tokenizer, torch.device("cpu"), torch.float32, "local"
-    )
 
 
 def test_capture_equals_output_hidden_states(smollm: LoadedModel, store) -> None:
@@ -224,8 +213,9 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 def test_sigkill_mid_capture_leaves_nothing_listed(store, tmp_path) -> None:
-    script = KILL_SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent), root=str(store.root))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    tests = __import__("pathlib").Path(__file__).parents[1]  # where tiny_models.py is
+    script = KILL_SCRIPT.format(tests=str(tests), root=str(store.root))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     leftovers = list((store.root / "activations").iterdir())
     assert leftovers and all(p.name.startswith(".staging-") for p in leftovers)  # it did write shards

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import save_file
+from tiny_models import tiny_llama_config
 
 from kestrel.core.analysis import (
     get_analysis,
@@ -22,7 +23,7 @@ from kestrel.core.analysis import (
     run_analysis,
 )
 from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
-from kestrel.core.models import LoadedModel
+from kestrel.core.models import DEFAULT_MODEL, LoadedModel
 
 LAYER = "model.layers.0"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -191,7 +192,7 @@ class _Holder:
 def tokenizer(model_cache_root: Path):
     from kestrel.core.models import BUNDLED, ensure_bundled_cache
 
-    directory = ensure_bundled_cache(BUNDLED["smollm2-135m"], model_cache_root)
+    directory = ensure_bundled_cache(BUNDLED[DEFAULT_MODEL], model_cache_root)
     return tf.AutoTokenizer.from_pretrained(directory)
 
 
@@ -205,14 +206,7 @@ def answer_lm(tokenizer) -> LoadedModel:
     """Two blocks; attention and block 0's MLP write nothing; block 1's MLP turns ' cat' at a
     position into a large 'yes minus no' direction, and nothing else moves that direction."""
     torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-    )
+    config = tiny_llama_config(num_hidden_layers=2, vocab_size=len(tokenizer))
     model = tf.LlamaForCausalLM(config).eval()
     cat, dog, yes, no = (_one(tokenizer, w) for w in (" cat", " dog", " yes", " no"))
     with torch.no_grad():

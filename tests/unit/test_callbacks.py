@@ -355,48 +355,6 @@ def test_importing_the_module_needs_no_lightning(monkeypatch: pytest.MonkeyPatch
 # S3, and both
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
-    """A moto S3 server on loopback (a subprocess), with dummy credentials."""
-    pytest.importorskip("moto.server", reason="the S3 test needs moto[server] (the dev extra)")
-    import socket
-    import time
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (tmp_path_factory.mktemp("moto") / "server.log").open("w")
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in credentials.items():
-            patch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-            patch.delenv(name, raising=False)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and proc.poll() is None, "moto server did not start"
-                    time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-            log.close()
-
-
 def manual_run(store, tmp_path, **options) -> dict:
     torch.manual_seed(0)
     net = TinyNet()

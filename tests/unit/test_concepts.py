@@ -13,7 +13,6 @@ import json
 
 import pytest
 import torch
-from tiny_models import build
 from topic_corpus import TOPICS, topic_corpus
 
 from kestrel.core import concepts, steering
@@ -29,7 +28,6 @@ from kestrel.core.concepts.accumulate import FeatureAccumulator, GroupedBottomK,
 from kestrel.core.concepts.contexts import most_common_per_row
 from kestrel.core.concepts.store import FeatureReader, features_root
 from kestrel.core.errors import InvalidInputError, NotFoundError
-from kestrel.core.models import LoadedModel
 from kestrel.core.sae import pipeline
 
 TINY_SAE = {"architecture": "topk", "n_latents": 64, "k": 4}
@@ -130,15 +128,6 @@ def test_most_common_per_row() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Discovery against the store
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(smollm: LoadedModel) -> LoadedModel:
-    model = build("llama")
-    model.resize_token_embeddings(len(smollm.tokenizer))
-    return LoadedModel(
-        "tiny-llama", model.eval(), smollm.tokenizer, torch.device("cpu"), torch.float32, "local"
-    )
 
 
 @pytest.fixture

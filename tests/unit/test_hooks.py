@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers
+from tiny_models import tiny_llama_config
 
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.hooks import (
@@ -36,15 +37,9 @@ N_LAYERS = 3
 
 def make_llama() -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(
+        tiny_llama_config(vocab_size=100, hidden_size=D, num_hidden_layers=N_LAYERS)
+    ).eval()
     model.generation_config.eos_token_id = None  # always generate max_new_tokens
     return model
 

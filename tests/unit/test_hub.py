@@ -14,6 +14,7 @@ import pytest
 
 from kestrel.core import hub
 from kestrel.core.errors import HubUnavailableError, InvalidInputError
+from kestrel.core.models import DEFAULT_MODEL
 from kestrel.settings import Settings
 from kestrel.workers.model_cache import check_model_name
 
@@ -59,7 +60,7 @@ def test_fuzzed_ids_are_refused_by_default_naming_the_setting(name: str, hf_cach
 
 
 def test_bundled_local_and_cached_models_need_no_allowlist(hf_cache: Path, tmp_path: Path) -> None:
-    assert check_model_name("smollm2-135m", {}) == "smollm2-135m"
+    assert check_model_name(DEFAULT_MODEL, {}) == DEFAULT_MODEL
     assert check_model_name("tiny", {"tiny": tmp_path}) == "tiny"
     cache_snapshot(hf_cache, "models--openai-community--gpt2")
     assert check_model_name("openai-community/gpt2", {}) == "openai-community/gpt2"

@@ -3,7 +3,6 @@ bad files fail naming the tensor and publish nothing, and an SAE trains on the r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,21 +158,6 @@ def test_cli_runs_import(store, tmp_path, acts) -> None:
     assert list(run["layers"]) == ["model.layers.3"] and run["dtype"] == "bf16"
     bad = runner.invoke(app, ["runs", "import", str(path), "--store", str(store.root), "-t", "resid.3"])
     assert bad.exit_code == 2 and "--tensor takes KEY=VALUE" in bad.output
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory) -> Iterator[str]:
-    """A moto S3 server subprocess on loopback (as in test_store_s3.py), dummy credentials."""
-    pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the dev extra)")
-    from s3_server import AWS_ENV, UNSET_ENV, moto_server
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in AWS_ENV.items():
-            patch.setenv(name, value)
-        for name in UNSET_ENV:
-            patch.delenv(name, raising=False)
-        with moto_server(tmp_path_factory.mktemp("moto") / "server.log") as url:
-            yield url
 
 
 def test_import_through_the_s3_store(tmp_path, s3_endpoint, acts) -> None:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from tiny_models import FAMILIES, build
 
+from kestrel.core import models
 from kestrel.core.errors import HubUnavailableError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import add_vector
-from kestrel.core.models import LoadedModel, forward, generate, layer_table, load_model
+from kestrel.core.models import DEFAULT_MODEL, LoadedModel, forward, generate, layer_table, load_model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -55,18 +56,20 @@ def test_an_uncached_hub_model_offline_is_a_clear_hub_unavailable(tmp_path) -> N
 )
 def test_bad_load_arguments(tmp_path, kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
-        load_model(**{"name": "smollm2-135m", "store_root": tmp_path, **kwargs})
+        load_model(**{"name": DEFAULT_MODEL, "store_root": tmp_path, **kwargs})
 
 
-def test_bundled_model_is_cached_as_safetensors(smollm: LoadedModel, model_cache_root) -> None:
-    cache = model_cache_root / "models" / "smollm2-135m"
+def test_bundled_model_is_cached_as_safetensors(smollm: LoadedModel, model_cache_root, monkeypatch) -> None:
+    cache = model_cache_root / "models" / DEFAULT_MODEL
     marker = json.loads((cache / "kestrel-model.json").read_text())
     assert marker["gguf_file"].endswith(".gguf")
     assert (cache / "model.safetensors").is_file()
-    assert not list(cache.parent.glob(".smollm2-135m-*")), "no staging directory left behind"
+    assert not list(cache.parent.glob(f".{DEFAULT_MODEL}-*")), "no staging directory left behind"
     assert smollm.source == "bundled" and smollm.d_model == 576 and smollm.n_blocks == 30
-    again = load_model("smollm2-135m", device="cpu", store_root=model_cache_root)
-    assert again.load_seconds < smollm.load_seconds + 5  # read from the cache, not converted again
+    # Read from the cache, not converted again: a conversion would first look for the GGUF file.
+    monkeypatch.setattr(models.BundledModel, "gguf_dir", lambda self: pytest.fail("converted again"))
+    again = load_model(DEFAULT_MODEL, device="cpu", store_root=model_cache_root)
+    assert json.loads((cache / "kestrel-model.json").read_text()) == marker, "the cache was rewritten"
     assert torch.equal(again.model.model.embed_tokens.weight, smollm.model.model.embed_tokens.weight)
 
 
@@ -77,9 +80,7 @@ def test_bundled_cache_survives_a_concurrent_conversion(tmp_path, monkeypatch) -
 
     import transformers
 
-    from kestrel.core import models
-
-    bundled = models.BUNDLED["smollm2-135m"]
+    bundled = models.BUNDLED[DEFAULT_MODEL]
     target = tmp_path / "models" / bundled.name
 
     class Converted:

@@ -8,11 +8,9 @@ import zipfile
 
 import pytest
 import torch
-from tiny_models import build
 
 from kestrel.core.activations import CaptureOptions, capture
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
-from kestrel.core.models import LoadedModel
 from kestrel.core.sae import pipeline
 
 TOPICS = [
@@ -22,15 +20,6 @@ TOPICS = [
 ]
 SAE = {"architecture": "topk", "n_latents": 64, "k": 4}
 TRAIN = {"batch_size": 256, "epochs": 2, "seed": 3}
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(smollm: LoadedModel) -> LoadedModel:
-    model = build("llama")
-    model.resize_token_embeddings(len(smollm.tokenizer))
-    return LoadedModel(
-        "tiny-llama", model.eval(), smollm.tokenizer, torch.device("cpu"), torch.float32, "local"
-    )
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from kestrel.cli import app, is_loopback
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.limits import Caps, LimitExceededError, check_capture_options, check_train
+from kestrel.core.models import DEFAULT_MODEL
 from kestrel.settings import Settings
 
 runner = CliRunner()
@@ -137,7 +138,7 @@ def test_the_worker_checks_the_caps_of_a_job_from_elsewhere(worker_env) -> None:
     from kestrel.workers import jobs
 
     request = {
-        "model": "smollm2-135m",
+        "model": DEFAULT_MODEL,
         "layers": ["model.layers.3"],
         "dataset": {"kind": "texts", "texts": ["one"]},
         "options": {"shard_mb": 1e-9},

@@ -8,13 +8,12 @@ import json
 
 import pytest
 import torch
-from tiny_models import build
 
 from kestrel.core import steering
 from kestrel.core.concepts import Concept, update_concepts
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.hooks import Controller, HookContext, add_vector
-from kestrel.core.models import LoadedModel, forward
+from kestrel.core.models import forward
 from kestrel.core.sae import SAEConfig, create
 from kestrel.core.sae import io as sae_io
 from kestrel.core.steering import LatentEdit, SteeringConfig
@@ -36,15 +35,6 @@ def make_sae(d_in: int, n_latents: int = 64, k: int = 4, layer: str = LAYER, see
 
 def loader(sae):
     return lambda sae_id: (sae, {"layer": sae.config.layer})
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(smollm: LoadedModel) -> LoadedModel:
-    model = build("llama")
-    model.resize_token_embeddings(len(smollm.tokenizer))
-    return LoadedModel(
-        "tiny-llama", model.eval(), smollm.tokenizer, torch.device("cpu"), torch.float32, "local"
-    )
 
 
 @pytest.fixture

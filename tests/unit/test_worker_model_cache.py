@@ -7,8 +7,10 @@ control: the question is only whether ``describe`` (what the heartbeat publishes
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
+from kestrel.core.models import DEFAULT_MODEL
 from kestrel.workers import model_cache as model_cache_module
 from kestrel.workers.model_cache import ModelCache
 
@@ -19,30 +21,32 @@ def test_a_long_load_does_not_block_describe_and_loads_once(monkeypatch, tmp_pat
 
     def slow_load(target, **_):
         calls.append(target)
-        assert release.wait(30), "the test never released the load"
+        assert release.wait(120), "the test never released the load"
         return SimpleNamespace(name=target)
 
     monkeypatch.setattr(model_cache_module, "load_model", slow_load)
     cache = ModelCache(tmp_path, default_device="cpu")
     results: list[object] = []
     loaders = [
-        threading.Thread(target=lambda: results.append(cache.get("smollm2-135m", device="cpu", dtype="fp32")))
+        threading.Thread(target=lambda: results.append(cache.get(DEFAULT_MODEL, device="cpu", dtype="fp32")))
         for _ in range(2)
     ]
     for loader in loaders:
         loader.start()
+    deadline = time.monotonic() + 60
     while not calls:  # the first load is under way
+        assert time.monotonic() < deadline, "no load started"
         threading.Event().wait(0.01)
 
     described: list[list] = []
     reader = threading.Thread(target=lambda: described.append(cache.describe()))
     reader.start()
-    reader.join(timeout=10)
+    reader.join(timeout=60)  # returns in milliseconds unless describe() waits for the load
     assert not reader.is_alive(), "describe() waited on the model load (the heartbeat would stall)"
     assert described == [[]] and loaders[0].is_alive()
 
     release.set()
     for loader in loaders:
-        loader.join(timeout=10)
+        loader.join(timeout=60)
     assert len(calls) == 1 and len(results) == 2 and results[0] is results[1]
-    assert [m["name"] for m in cache.describe()] == ["smollm2-135m"]
+    assert [m["name"] for m in cache.describe()] == [DEFAULT_MODEL]
