@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kestrel.cli import app
+from kestrel.core.catalog import DEFAULT_MODEL
 
 runner = CliRunner()
 
@@ -29,8 +30,8 @@ def test_models_and_layers(store_root) -> None:
     result = invoke("models", "--store", str(store_root), "--json")
     assert result.exit_code == 0
     bundled = json.loads(result.stdout)[0]
-    assert bundled["name"] == "smollm2-135m" and bundled["cached"] is True and bundled["installed"] is True
-    result = invoke("layers", "smollm2-135m", "--kind", "block", "--store", str(store_root), "--json")
+    assert bundled["name"] == DEFAULT_MODEL and bundled["cached"] is True and bundled["installed"] is True
+    result = invoke("layers", DEFAULT_MODEL, "--kind", "block", "--store", str(store_root), "--json")
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == [f"model.layers.{i}" for i in range(30)]
     assert {r["width"] for r in rows} == {576}
