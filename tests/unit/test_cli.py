@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
+from cli_runner import invoke
 
-from kestrel.cli import app
 from kestrel.core.catalog import DEFAULT_MODEL
-
-runner = CliRunner()
 
 
 @pytest.fixture
@@ -20,10 +17,6 @@ def store_root(tmp_path, model_cache_root, smollm):
     root.mkdir()
     (root / "models").symlink_to(model_cache_root / "models", target_is_directory=True)
     return root
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 def test_models_and_layers(store_root) -> None:
@@ -110,7 +103,7 @@ def test_train_eval_list_delete(store_root) -> None:
     assert result.exit_code == 0, result.output
     run_id = json.loads(result.stdout[result.stdout.index("{") :])["id"]
     # A generated id is long (run-<timestamp>-<hex>): an 80-column table prints it whole.
-    listed = runner.invoke(app, ["runs", "list", "--store", str(store_root)], env={"COLUMNS": "80"})
+    listed = invoke("runs", "list", "--store", str(store_root), env={"COLUMNS": "80"})
     created = json.loads(invoke("runs", "list", "--store", str(store_root), "--json").stdout)[0]["created"]
     assert {run_id, "model.layers.2", created} <= set(listed.stdout.split()) and "…" not in listed.stdout
     config = store_root.parent / "train.json"
@@ -153,7 +146,7 @@ def test_train_eval_list_delete(store_root) -> None:
     assert "ce_loss_recovered" in json.loads(result.stdout[result.stdout.index("{") :])
     listed = json.loads(invoke("saes", "list", "--store", str(store_root), "--json").stdout)
     assert [s["id"] for s in listed] == ["tiny-sae"]
-    table = runner.invoke(app, ["saes", "list", "--store", str(store_root)], env={"COLUMNS": "40"})
+    table = invoke("saes", "list", "--store", str(store_root), env={"COLUMNS": "40"})
     assert {"tiny-sae", "model.layers.2", "complete"} <= set(table.stdout.split()) and "…" not in table.stdout
     bad = invoke("train", run_id, "--layer", "model.layers.2", "--k", "0", "--store", str(store_root))
     assert bad.exit_code == 2 and "k" in bad.output
