@@ -157,7 +157,9 @@ def test_playground_slider_steers_and_config_reloads_by_id(page, dashboard: Dash
     config_id = page.input_value("#config-id")
     with dashboard.client() as http:
         saved = http.get(f"/v1/steering/{config_id}").json()["config"]
-    assert saved["edits"] == [{"latent": latent, "op": "add", "value": float(slider.input_value())}]
+    assert saved["edits"] == [
+        {"latent": latent, "op": "add", "value": float(slider.input_value()), "unit": "absolute"}
+    ]
 
     open_page(page, dashboard, "/ui/steering")
     page.get_by_label("Config id").fill(config_id)
