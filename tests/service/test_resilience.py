@@ -277,6 +277,12 @@ def test_restarting_the_api_loses_no_job(make_stack) -> None:
         assert done["result"]["run_id"] == submitted["artifacts"]["run_id"]
 
 
+def in_append_only_file(directory: Path, jobs: list[dict]) -> bool:
+    """Every job's id is written in Redis's append-only file(s) (6.x: one file, 7.x: a directory)."""
+    data = b"".join(p.read_bytes() for p in directory.rglob("appendonly*") if p.is_file())
+    return all(job["id"].encode() in data for job in jobs)
+
+
 def test_restarting_redis_with_persistence_loses_no_queued_job(make_stack, tmp_path) -> None:
     redis = EmbeddedRedis(tmp_path / "redis", free_port()).start()
     try:
@@ -285,6 +291,10 @@ def test_restarting_redis_with_persistence_loses_no_queued_job(make_stack, tmp_p
         with stack.client() as http:
             body = {"layers": [LAYER], "dataset": {"kind": "texts", "texts": TEXTS[:3]}}
             submitted = [http.post("/v1/activations", json=body).json() for _ in range(2)]
+            # appendfsync everysec: what is in the file survives a SIGKILL, and a write can trail its
+            # reply by up to a second or two while a slow fsync runs (a loaded disk). Wait for the
+            # file to hold both jobs, as the documented guarantee is "up to the last second".
+            wait_until(lambda: in_append_only_file(redis.directory, submitted), 30, "the jobs in the AOF")
             redis.process.kill()  # no shutdown save: only the append-only file keeps the jobs
             redis.process.wait(10)
             redis.start()
