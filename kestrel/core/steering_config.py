@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kestrel.core.clientdata import read_float_vectors
 from kestrel.core.config import EngineConfig, StrictModel
@@ -43,6 +43,9 @@ def _finite(value: float) -> float:
 class LatentEdit(StrictModel):
     """One edit of one SAE latent's activation f."""
 
+    # non-finite values reach `_finite`, whose message also gives the magnitude bound
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
+
     latent: int = Field(ge=0, description="latent index in the config's SAE")
     op: EditOp = Field(description="scale: f·value; clamp: f := value; add: f + value")
     value: float
@@ -64,6 +67,8 @@ class LatentEdit(StrictModel):
 
 class DirectionEdit(StrictModel):
     """Add ``alpha`` times a direction at a layer's output, without any SAE in the loop."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)  # as LatentEdit: `_finite` says it
 
     layer: str = Field(min_length=1, description="module path, e.g. model.layers.10")
     alpha: float
