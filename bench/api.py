@@ -39,9 +39,9 @@ from corpus import docstring_corpus
 from service_up import wait_job
 
 from kestrel.core.models import BUNDLED, ensure_bundled_cache, load_model
-from kestrel.core.sae.pipeline import encode_prompt, load_sae
+from kestrel.core.sae.artifacts import encode_prompt, load_sae
 from kestrel.core.store import LocalStore
-from kestrel.workers import jobs, queues
+from kestrel.workers import jobs, lifecycle
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -135,13 +135,13 @@ def time_jobs(redis_url: str, n: int) -> dict:
     """``n`` ping jobs enqueued at once on the batch queue; seconds until all have finished."""
     from rq.job import Job, JobStatus
 
-    redis = queues.connect(redis_url)
+    redis = lifecycle.connect(redis_url)
     try:
         started = time.perf_counter()
         ids = [
-            queues.enqueue(
+            lifecycle.enqueue(
                 redis,
-                queues.BATCH,
+                lifecycle.BATCH,
                 jobs.ping_job,
                 kind="ping",
                 kwargs={"payload": str(i)},

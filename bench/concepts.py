@@ -49,7 +49,7 @@ from kestrel.core.activations import CaptureOptions, capture, delete_run
 from kestrel.core.concepts import DiscoveryConfig, discover
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.models import default_store_root, generate, load_model
-from kestrel.core.sae import pipeline
+from kestrel.core.sae import artifacts
 from kestrel.core.store import LocalStore
 
 LAYER = "model.layers.15"
@@ -67,7 +67,7 @@ def ensure_sae(store: LocalStore, lm, texts: list[str], n_latents: int, k: int) 
         capture(lm, texts, [LAYER], store, run_id=RUN_ID, options=CaptureOptions(max_length=MAX_LENGTH))
     if not store.exists("saes", SAE_ID):
         sae = {"architecture": "topk", "n_latents": n_latents, "k": k}
-        pipeline.train_from_run(store, RUN_ID, LAYER, sae, {"batch_size": 4096, "epochs": 4}, sae_id=SAE_ID)
+        artifacts.train_from_run(store, RUN_ID, LAYER, sae, {"batch_size": 4096, "epochs": 4}, sae_id=SAE_ID)
     return SAE_ID
 
 

@@ -56,7 +56,7 @@ from redis.exceptions import RedisError
 
 from kestrel.core.models import BUNDLED, ensure_bundled_cache
 from kestrel.core.sae.config import DEFAULT_CHECKPOINT_EVERY_S
-from kestrel.workers import queues
+from kestrel.workers import lifecycle, registry
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -102,9 +102,9 @@ def child_pid(up: subprocess.Popen, marker: str) -> int | None:
 
 def worker_serving(redis_url: str, pid: int) -> bool:
     """The worker process ``pid`` has published its liveness record (it is taking jobs)."""
-    redis = queues.connect(redis_url)
+    redis = lifecycle.connect(redis_url)
     try:
-        return any(record.get("pid") == pid for record in queues.live_workers(redis))
+        return any(record.get("pid") == pid for record in registry.live_workers(redis))
     except RedisError:
         return False
     finally:

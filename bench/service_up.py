@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from kestrel.workers.runner import free_port
+from kestrel.workers.supervisor import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = ("finished", "failed", "canceled")

@@ -32,7 +32,7 @@ from corpus import docstring_corpus
 
 from kestrel.core.activations import CaptureOptions, RowFilter, capture, iter_batches
 from kestrel.core.models import default_store_root, load_model
-from kestrel.core.sae import pipeline
+from kestrel.core.sae import artifacts
 from kestrel.core.store import LocalStore
 
 LAYER = "model.layers.15"
@@ -127,11 +127,11 @@ def peak_rss_mb(store_root: Path, run_id: str, sae: dict, batch: int, threads: i
     code = (
         f"import torch; torch.set_num_threads({threads})\n"
         "from kestrel.core.store import LocalStore\n"
-        "from kestrel.core.sae import pipeline\n"
+        "from kestrel.core.sae import artifacts\n"
         f"store = LocalStore({str(store_root)!r})\n"
         f"train = {{'batch_size': {batch}, 'epochs': 1}}\n"
-        f"s = pipeline.train_from_run(store, {run_id!r}, {LAYER!r}, {sae!r}, train)\n"
-        "pipeline.delete_sae(store, s['id'])\n"
+        f"s = artifacts.train_from_run(store, {run_id!r}, {LAYER!r}, {sae!r}, train)\n"
+        "artifacts.delete_sae(store, s['id'])\n"
         # VmHWM, not ru_maxrss: after fork+exec ru_maxrss still counts the parent's pages
         "print([int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')][0] / 1024)\n"
     )
@@ -177,9 +177,9 @@ def main() -> None:
     )
     reports = []
     started = time.perf_counter()
-    summary = pipeline.train_from_run(store, LARGE, LAYER, sae, train, on_progress=reports.append)
+    summary = artifacts.train_from_run(store, LARGE, LAYER, sae, train, on_progress=reports.append)
     seconds = time.perf_counter() - started
-    ce = pipeline.evaluate_sae(store, summary["id"], lm)
+    ce = artifacts.evaluate_sae(store, summary["id"], lm)
     # steady-state step throughput (data reading included), as the progress reports measure it;
     # the wall time above also holds the row count before epoch 1 and the held-out evaluations
     steady = sorted(r.tokens_per_s for r in reports[1:])

@@ -1,7 +1,7 @@
 """Container health probes: ``python -m kestrel.healthcheck api`` (or ``worker``).
 
 Docker runs them every few seconds in every container, so they stay light: the standard library
-and the Redis client, never torch (``kestrel.workers.queues`` pulls in the schemas and the engine;
+and the Redis client, never torch (``kestrel.workers.lifecycle`` pulls in the schemas and the engine;
 the two key names below are checked against it by a test).
 
 - ``api``: ``GET /health`` on this container's API answers 200.

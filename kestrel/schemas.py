@@ -29,7 +29,7 @@ from kestrel.core.config import StrictModel
 
 # Re-exported: defined in the torch-free module, still importable from here.
 from kestrel.core.hub import HUB_ID as HUB_ID
-from kestrel.core.hub import check_hub_id
+from kestrel.core.hub import validate_hub_id
 from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae.config import SAEConfig, TrainConfig
 from kestrel.core.sources import FileReading, HFSource, TextsSource
@@ -229,7 +229,7 @@ class HubDatasetSource(HFSource):
     @field_validator("name")
     @classmethod
     def _hub_id_only(cls, name: str) -> str:
-        check_hub_id(name, "dataset")
+        validate_hub_id(name, "dataset")
         if name.lower() in PACKAGED_BUILDERS:
             raise ValueError(f"dataset {name!r} is a local-file builder; upload the file instead")
         return name

@@ -131,8 +131,8 @@ def dataset_spec(text: list[str] | None, file: Path | None, text_field: str, mod
 def sae_model(the_store, sae_id: str, model: str | None, device: str):
     """The model an SAE reads (its own unless ``model`` names another), loaded on ``device``."""
     from kestrel.core.models import load_model
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
 
-    summary = pipeline.get_sae(the_store, sae_id)
+    summary = artifacts.get_sae(the_store, sae_id)
     name = model or summary.get("model") or summary["config"].get("model")
     return load_model(name, device=device, store_root=the_store.local_root)

@@ -68,7 +68,7 @@ def train_command(
     """Train an SAE on one layer of a capture run (attention-sink rows skipped)."""
     from tqdm.auto import tqdm
 
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
 
     sae = {"n_latents": DEFAULT_N_LATENTS, **sae}
     train_cfg = train
@@ -83,7 +83,7 @@ def train_command(
         bar.refresh()
 
     try:
-        summary = pipeline.train_from_run(
+        summary = artifacts.train_from_run(
             open_store(store),
             run_id,
             layer,
@@ -121,12 +121,12 @@ def evaluate(
 ) -> None:
     """CE-loss recovered and KL with the model in the loop, on the run's held-out texts."""
     from kestrel.core.models import load_model
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
 
     the_store = open_store(store)
-    summary = pipeline.get_sae(the_store, sae_id)
+    summary = artifacts.get_sae(the_store, sae_id)
     lm = load_model(model or summary["model"], device=device, store_root=the_store.local_root)
-    metrics = pipeline.evaluate_sae(the_store, sae_id, lm)
+    metrics = artifacts.evaluate_sae(the_store, sae_id, lm)
     if as_json:
         return print_json(metrics)
     console.print(
@@ -141,9 +141,9 @@ def evaluate(
 @friendly_errors
 def saes_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """List trained and imported SAEs."""
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
 
-    rows = pipeline.list_saes(open_store(store))
+    rows = artifacts.list_saes(open_store(store))
     if as_json:
         return print_json(rows)
     cells = []
@@ -170,7 +170,7 @@ def saes_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 @friendly_errors
 def saes_delete(sae_id: str, store: StoreOpt = None) -> None:
     """Delete an SAE and its checkpoints."""
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
 
-    pipeline.delete_sae(open_store(store), sae_id)
+    artifacts.delete_sae(open_store(store), sae_id)
     console.print(f"deleted sae {sae_id}")

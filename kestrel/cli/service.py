@@ -91,7 +91,7 @@ def worker(
 ) -> None:
     """Run a worker: takes jobs from the queues and keeps loaded models between them."""
     from kestrel.core.errors import InvalidInputError
-    from kestrel.workers.queues import QUEUES
+    from kestrel.workers.lifecycle import QUEUES
     from kestrel.workers.worker import run_worker
 
     queues = queue or ["batch"]
@@ -177,7 +177,7 @@ def up(
     from functools import partial
 
     from kestrel.settings import Settings
-    from kestrel.workers.runner import up as run_up
+    from kestrel.workers.supervisor import up as run_up
 
     settings = Settings(host=host, port=port, **({"store_root": store} if store else {}))
     redis_url = os.environ.get("REDIS_URL") or os.environ.get("KESTREL_REDIS_URL")

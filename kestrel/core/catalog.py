@@ -109,7 +109,7 @@ def cache_complete(directory: Path) -> bool:
         return False
 
 
-def check_model_name(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:
+def validate_model_name(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:
     """Accept bundled names, configured local names and allowed hub ids; InvalidInputError otherwise.
 
     A hub id must be in the local HF cache or match a glob of ``allowed`` (``KESTREL_ALLOWED_MODELS``,
@@ -118,7 +118,7 @@ def check_model_name(name: str, local_models: dict[str, Path], allowed: Sequence
     if name in BUNDLED or name in local_models:
         return name
     try:
-        hub.check_hub_id(name, "model")
+        hub.validate_hub_id(name, "model")
     except ValueError as exc:
         raise InvalidInputError(
             f"{exc}; use a bundled name ({', '.join(BUNDLED)}), a hub id, or a local model the server "

@@ -39,7 +39,7 @@ DEFAULT_PROBE_TIMEOUT_S = 10.0
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
-def check_hub_id(name: str, what: str) -> str:
+def validate_hub_id(name: str, what: str) -> str:
     """A hub id that cannot be mistaken for a path; raises ValueError (a 422 in a request) otherwise."""
     if not HUB_ID.fullmatch(name) or ".." in name:
         raise ValueError(f"{what} {name!r} is not a Hugging Face hub id like 'org/name'")

@@ -252,7 +252,7 @@ def plan_from_store(
 ) -> SteeringPlan:
     """`compile_plan` with relative edits resolved and SAEs loaded from the store onto the
     model's device."""
-    from kestrel.core.sae.pipeline import load_sae
+    from kestrel.core.sae.artifacts import load_sae
 
     return compile_plan(
         resolve_edits(store, config),

@@ -38,7 +38,7 @@ from kestrel.server.routers import (
 )
 from kestrel.server.ui import router as ui_router
 from kestrel.settings import Settings, get_settings
-from kestrel.workers import queues
+from kestrel.workers import lifecycle
 from kestrel.workers.reaper import Reaper
 
 MULTIPART_OVERHEAD = 1 << 20  # multipart headers and boundaries around an upload at its size limit
@@ -61,7 +61,7 @@ def operation_id(route: APIRoute) -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    redis = queues.connect(settings.redis_url)
+    redis = lifecycle.connect(settings.redis_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

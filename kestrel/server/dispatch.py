@@ -25,7 +25,7 @@ from kestrel.core.errors import NotFoundError
 from kestrel.schemas import TERMINAL_STATES, JobInfo
 from kestrel.server.errors import STATUS_BY_CODE, ApiError, StillRunning
 from kestrel.settings import Settings
-from kestrel.workers import queues
+from kestrel.workers import idempotency, lifecycle, registry
 
 # An interactive job takes about a forward pass: poll finely at first, so the answer is not late by
 # a backoff step (a growing delay added up to half the job's time), then settle to a slow poll.
@@ -63,8 +63,8 @@ def submit_batch(
     """
     job_id: str | None = None
     if idempotency_key:
-        fingerprint = queues.request_fingerprint({"kind": kind, "body": request_body})
-        job_id, is_new = queues.claim_idempotency_key(
+        fingerprint = idempotency.request_fingerprint({"kind": kind, "body": request_body})
+        job_id, is_new = idempotency.claim_idempotency_key(
             redis, kind, idempotency_key, fingerprint, settings.idempotency_ttl_s
         )
         if not is_new:
@@ -72,9 +72,9 @@ def submit_batch(
             _accepted(response, info)
             return info
     try:
-        job = queues.enqueue(
+        job = lifecycle.enqueue(
             redis,
-            queues.BATCH,
+            lifecycle.BATCH,
             func,
             kind=kind,
             kwargs=kwargs,
@@ -85,9 +85,9 @@ def submit_batch(
         )
     except BaseException:
         if idempotency_key:
-            queues.release_idempotency_key(redis, kind, idempotency_key)
+            idempotency.release_idempotency_key(redis, kind, idempotency_key)
         raise
-    info = queues.describe(job)
+    info = lifecycle.describe(job)
     _accepted(response, info)
     return info
 
@@ -97,7 +97,7 @@ def _existing_job(redis: Redis, job_id: str, wait_s: float = 2.0) -> JobInfo:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return queues.get_job(redis, job_id)
+            return lifecycle.get_job(redis, job_id)
         except NotFoundError:
             if time.monotonic() > deadline:
                 raise
@@ -116,7 +116,7 @@ async def run_interactive(
     *,
     kind: str,
     kwargs: dict[str, Any],
-    queue_name: str = queues.INTERACTIVE,
+    queue_name: str = lifecycle.INTERACTIVE,
 ) -> tuple[str, dict[str, Any]]:
     """Enqueue on an awaited queue and wait for the result: ``(job id, return value)``.
 
@@ -124,7 +124,7 @@ async def run_interactive(
     """
     await asyncio.to_thread(_require_worker, redis, queue_name)
     job = await asyncio.to_thread(
-        queues.enqueue,
+        lifecycle.enqueue,
         redis,
         queue_name,
         func,
@@ -140,10 +140,10 @@ async def run_interactive(
         if status == JobStatus.FINISHED:
             return job.id, await asyncio.to_thread(job.return_value, True)
         if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-            info = await asyncio.to_thread(queues.get_job, redis, job.id)
+            info = await asyncio.to_thread(lifecycle.get_job, redis, job.id)
             raise _job_error(info)
         if time.monotonic() > deadline:
-            info = await asyncio.to_thread(queues.get_job, redis, job.id)
+            info = await asyncio.to_thread(lifecycle.get_job, redis, job.id)
             if info.status == "finished":  # it ended between the two reads: answer it, not the job
                 return job.id, await asyncio.to_thread(job.return_value, True)
             if info.status in TERMINAL_STATES:
@@ -155,7 +155,7 @@ async def run_interactive(
 
 def _require_worker(redis: Redis, queue_name: str) -> None:
     """Fail fast (503) when no worker serves the queue, rather than time out."""
-    counts = queues.workers_per_queue(queues.live_workers(redis))
+    counts = registry.workers_per_queue(registry.live_workers(redis))
     if not counts.get(queue_name):
         raise ApiError(
             503,

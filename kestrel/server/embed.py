@@ -68,7 +68,7 @@ from kestrel.server.routers import (
 )
 from kestrel.server.routers import models as models_routes
 from kestrel.settings import Settings, get_settings
-from kestrel.workers import queues
+from kestrel.workers import lifecycle
 
 log = logging.getLogger("kestrel.server.embed")
 
@@ -170,7 +170,7 @@ class KestrelContext:
     def redis(self) -> Redis:
         with self._lock:
             if self._redis is None:
-                self._redis = queues.connect(self.settings.redis_url)
+                self._redis = lifecycle.connect(self.settings.redis_url)
             return self._redis
 
     @property

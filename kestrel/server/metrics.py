@@ -24,7 +24,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
-from kestrel.workers import queues
+from kestrel.workers import lifecycle, registry
 
 log = logging.getLogger("kestrel.metrics")
 
@@ -63,8 +63,8 @@ class QueueCollector(Collector):
         depth = GaugeMetricFamily("kestrel_queue_depth", "jobs waiting in the queue", labels=["queue"])
         workers = GaugeMetricFamily("kestrel_workers", "live workers serving the queue", labels=["queue"])
         jobs = GaugeMetricFamily("kestrel_jobs", "jobs by state", labels=["queue", "state"])
-        per_queue = queues.workers_per_queue(queues.live_workers(self.redis))
-        for name in queues.QUEUES:
+        per_queue = registry.workers_per_queue(registry.live_workers(self.redis))
+        for name in lifecycle.QUEUES:
             waiting = Queue(name, connection=self.redis).count
             depth.add_metric([name], waiting)
             workers.add_metric([name], per_queue.get(name, 0))

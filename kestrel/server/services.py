@@ -12,8 +12,8 @@ from typing import Any
 
 from redis import Redis
 
-from kestrel.core import hub, limits
-from kestrel.core.catalog import available_models, check_model_name
+from kestrel.core import hub, limits, uploads
+from kestrel.core.catalog import available_models, validate_model_name
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.limits import Caps
 from kestrel.core.runs import get_manifest, list_runs
@@ -34,7 +34,7 @@ from kestrel.schemas import (
 )
 from kestrel.server.errors import limit_exceeded
 from kestrel.settings import Settings
-from kestrel.workers import queues, uploads
+from kestrel.workers import lifecycle, registry
 
 TRAIN_REQUEST_TTL_S = 90 * 24 * 3600
 
@@ -68,7 +68,7 @@ def check_top_k(top_k: int, settings: Settings) -> None:
 def list_models(settings: Settings, redis: Redis) -> list[ModelInfo]:
     """Bundled and configured local models, plus any hub model a live worker holds."""
     loaded: dict[str, list[ModelLoadedBy]] = {}
-    for worker in queues.live_workers(redis):
+    for worker in registry.live_workers(redis):
         for model in worker.get("models", []):
             loaded.setdefault(model["name"], []).append(
                 ModelLoadedBy(
@@ -109,13 +109,13 @@ def list_models(settings: Settings, redis: Redis) -> list[ModelInfo]:
     return rows
 
 
-def checked_model(name: str, settings: Settings) -> str:
+def require_allowed_model(name: str, settings: Settings) -> str:
     """A name the service may load (bundled, local, or an allowed hub id), else 422 before any job."""
-    return check_model_name(name, settings.local_models(), settings.allowed_models)
+    return validate_model_name(name, settings.local_models(), settings.allowed_models)
 
 
 def cached_layer_table(redis: Redis, name: str) -> dict[str, Any] | None:
-    raw = redis.get(queues.LAYERS_KEY.format(name))
+    raw = redis.get(lifecycle.LAYERS_KEY.format(name))
     return json.loads(raw) if raw else None
 
 
@@ -130,13 +130,13 @@ def request_unload(redis: Redis, name: str, now: float, settings: Settings) -> N
     holds nothing), so older entries are trimmed, and past ``MAX_UNLOAD_REQUESTS`` the oldest go.
     """
     keep_s = max(60.0, 10 * settings.heartbeat_ttl_s)
-    redis.hset(queues.UNLOAD_HASH, name, now)
+    redis.hset(lifecycle.UNLOAD_HASH, name, now)
     entries = sorted(
-        ((float(at), key) for key, at in redis.hgetall(queues.UNLOAD_HASH).items()), reverse=True
+        ((float(at), key) for key, at in redis.hgetall(lifecycle.UNLOAD_HASH).items()), reverse=True
     )
     stale = [key for i, (at, key) in enumerate(entries) if at < now - keep_s or i >= MAX_UNLOAD_REQUESTS]
     if stale:
-        redis.hdel(queues.UNLOAD_HASH, *stale)
+        redis.hdel(lifecycle.UNLOAD_HASH, *stale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def check_max_length(max_length: int, settings: Settings, field: str) -> None:
 
 def prepare_capture(request: CaptureRequest, settings: Settings, store: Store) -> dict[str, Any]:
     """Validate a capture request; return the job's kwargs with a fresh run id."""
-    checked_model(request.model, settings)
+    require_allowed_model(request.model, settings)
     check_dataset(request.dataset, settings, store)
     check_max_length(request.options.max_length, settings, "options.max_length")
     request.options.check()
@@ -223,12 +223,12 @@ def prepare_training(request: TrainRequest, redis: Redis, store: Store, settings
     TrainConfig.from_dict(train)
     kwargs = {"run_id": request.run_id, "layer": request.layer, "sae": sae, "train": train, "sae_id": sae_id}
     original = {k: v for k, v in kwargs.items() if k != "sae_id"}
-    redis.set(queues.TRAIN_REQUEST_KEY.format(sae_id), json.dumps(original), ex=TRAIN_REQUEST_TTL_S)
+    redis.set(lifecycle.TRAIN_REQUEST_KEY.format(sae_id), json.dumps(original), ex=TRAIN_REQUEST_TTL_S)
     return {**kwargs, "resume": resume}
 
 
 def _merge_original(request: TrainRequest, redis: Redis, sae_id: str) -> TrainRequest:
-    raw = redis.get(queues.TRAIN_REQUEST_KEY.format(sae_id))
+    raw = redis.get(lifecycle.TRAIN_REQUEST_KEY.format(sae_id))
     if raw is None:
         return request
     original = json.loads(raw)
@@ -289,7 +289,7 @@ def checked_steering(store: Store, config_id: str | None, config: SteeringConfig
 
 def prepare_generate(name: str, request: GenerateRequest, settings: Settings, store: Store) -> dict:
     """Limits, the model name and the steering config, checked before the job is queued."""
-    checked_model(name, settings)
+    require_allowed_model(name, settings)
     check_texts(request.prompts, settings)
     if request.max_new_tokens > settings.max_new_tokens:
         raise limit_exceeded(

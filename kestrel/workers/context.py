@@ -33,8 +33,8 @@ from rq.job import Job, JobStatus, Retry
 
 from kestrel.core.errors import CancelledError, KestrelError
 from kestrel.settings import Settings, get_settings
+from kestrel.workers.lifecycle import CANCEL_KEY, LOG_LINES
 from kestrel.workers.model_cache import ModelCache
-from kestrel.workers.queues import CANCEL_KEY, LOG_LINES
 
 log = logging.getLogger("kestrel.jobs")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kestrel.core import hub, limits
+from kestrel.core import hub, limits, uploads
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.limits import Caps
@@ -26,9 +26,8 @@ from kestrel.schemas import (
     SAEHyperparameters,
     UploadSource,
 )
-from kestrel.workers import uploads
 from kestrel.workers.context import JobContext, job_function
-from kestrel.workers.queues import LAYERS_KEY
+from kestrel.workers.lifecycle import LAYERS_KEY
 
 PROGRESS_METRICS = (
     "step",
@@ -98,10 +97,10 @@ def ping_job(ctx: JobContext, payload: str = "") -> dict[str, Any]:
 # Capture
 
 
-def dataset_source(ctx: JobContext, dataset: TextsSource | UploadSource | HubDatasetSource):
+def engine_source(ctx: JobContext, dataset: TextsSource | UploadSource | HubDatasetSource):
     """The engine's source for a request's dataset; only here does an upload id become a path."""
     if isinstance(dataset, UploadSource):
-        return uploads.dataset_source(
+        return uploads.upload_file_source(
             ctx.store,
             dataset.upload_id,
             format=dataset.format,
@@ -141,7 +140,7 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
 
     req = CaptureRequest.model_validate(request)
     limits.check_capture_options(req.options, Caps.of(ctx.settings))
-    source = dataset_source(ctx, req.dataset)
+    source = engine_source(ctx, req.dataset)
     planned = _planned_docs(req.dataset)
     ctx.log(f"loading {req.model}")
     lm = ctx.models.get(req.model, dtype=req.model_dtype)
@@ -230,7 +229,7 @@ def _resumable(ctx: JobContext, sae_id: str) -> bool:
 
 def _published(ctx: JobContext, sae_id: str) -> dict[str, Any]:
     """An earlier run of this job published the SAE, then its worker died before saying so."""
-    from kestrel.core.sae.pipeline import get_sae
+    from kestrel.core.sae.artifacts import get_sae
 
     summary = get_sae(ctx.store, sae_id)
     ctx.log(f"{sae_id} was published by an earlier run of this job", force=True)
@@ -247,8 +246,8 @@ def _train(
     sae_id: str,
     resume: bool,
 ) -> dict[str, Any]:
+    from kestrel.core.sae.artifacts import train_from_run
     from kestrel.core.sae.checkpoint import latest_checkpoint, read_checkpoint
-    from kestrel.core.sae.pipeline import train_from_run
 
     if resume:
         newest = latest_checkpoint(checkpoint_dir(ctx, sae_id))
@@ -312,7 +311,7 @@ def _check_training_caps(
 
 @job_function("evaluate")
 def evaluate_job(ctx: JobContext, sae_id: str, texts: list[str] | None = None) -> dict[str, Any]:
-    from kestrel.core.sae.pipeline import evaluate_sae, get_sae, require_loadable_model
+    from kestrel.core.sae.artifacts import evaluate_sae, get_sae, require_loadable_model
 
     summary = get_sae(ctx.store, sae_id)
     require_loadable_model(ctx.store, summary)  # a run captured during training: no model to load
@@ -330,7 +329,7 @@ def evaluate_job(ctx: JobContext, sae_id: str, texts: list[str] | None = None) -
 
 @job_function("encode")
 def encode_job(ctx: JobContext, sae_id: str, text: str, top_k: int = 8) -> dict[str, Any]:
-    from kestrel.core.sae.pipeline import encode_prompt
+    from kestrel.core.sae.artifacts import encode_prompt
 
     sae, summary = sae_cache.get(ctx, sae_id)
     model, layer = sae_model_and_layer(summary)
@@ -350,7 +349,7 @@ class _SAECache:
         self._items: dict[str, tuple[str, Any, dict[str, Any]]] = {}
 
     def get(self, ctx: JobContext, sae_id: str) -> tuple[Any, dict[str, Any]]:
-        from kestrel.core.sae.pipeline import load_sae, require_loadable_model
+        from kestrel.core.sae.artifacts import load_sae, require_loadable_model
 
         stamp = ctx.store.stat("saes", sae_id, "manifest.json").version
         cached = self._items.get(sae_id)
@@ -374,7 +373,7 @@ sae_cache = _SAECache()
 
 def _sae_model_name(ctx: JobContext, summary: dict[str, Any]) -> str:
     """The model an SAE reads, refusing SAEs of runs whose model the service cannot load."""
-    from kestrel.core.sae.pipeline import require_loadable_model
+    from kestrel.core.sae.artifacts import require_loadable_model
 
     require_loadable_model(ctx.store, summary)
     name = sae_model(summary)
@@ -387,13 +386,13 @@ def _sae_model_name(ctx: JobContext, summary: dict[str, Any]) -> str:
 def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """Top contexts, bins, density, histogram and logit effects of every latent of an SAE."""
     from kestrel.core.concepts import discover
-    from kestrel.core.sae.pipeline import get_sae
+    from kestrel.core.sae.artifacts import get_sae
 
     req = DiscoverRequest.model_validate(request)
     limits.check_batch_tokens(req.config.token_budget, Caps.of(ctx.settings), "config.token_budget")
     limits.check_batch_size(req.config.batch_rows, Caps.of(ctx.settings), "config.batch_rows")
     summary = get_sae(ctx.store, sae_id)
-    source = dataset_source(ctx, req.dataset) if req.dataset is not None else None
+    source = engine_source(ctx, req.dataset) if req.dataset is not None else None
     lm = ctx.models.get(_sae_model_name(ctx, summary))
     ctx.log(f"discovering the features of {sae_id} with {lm.name}")
 
@@ -428,7 +427,7 @@ def label_job(
 ) -> dict[str, Any]:
     """Automatic names for latents: heuristic (tokens) or model (the SAE's model names them)."""
     from kestrel.core.concepts import label_features
-    from kestrel.core.sae.pipeline import get_sae
+    from kestrel.core.sae.artifacts import get_sae
 
     lm = ctx.models.get(_sae_model_name(ctx, get_sae(ctx.store, sae_id))) if method == "model" else None
     result = label_features(
@@ -457,7 +456,7 @@ def _steering_plan(ctx: JobContext, config: Any, lm: Any):
 
 def _steering_model(ctx: JobContext, config: Any, model: str | None) -> str:
     from kestrel.core.models import DEFAULT_MODEL
-    from kestrel.core.sae.pipeline import get_sae
+    from kestrel.core.sae.artifacts import get_sae
 
     if config.sae_id is None:
         return model or DEFAULT_MODEL
@@ -523,7 +522,7 @@ def _analysis_config(ctx: JobContext, request: Any) -> Any:
     if request.kind != "causal":
         return request
     fields = request.model_dump(exclude={"dataset"}, exclude_unset=True)
-    return CausalConfig.model_validate({**fields, "dataset": dataset_source(ctx, request.dataset)})
+    return CausalConfig.model_validate({**fields, "dataset": engine_source(ctx, request.dataset)})
 
 
 @job_function("analysis")

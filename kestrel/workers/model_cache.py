@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from kestrel.core import hub
-from kestrel.core.catalog import check_model_name
+from kestrel.core.catalog import validate_model_name
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.models import BUNDLED, LoadedModel, load_model, resolve_device
 
 
 def load_target(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:
     """What ``load_model`` should be given for a checked name: the local directory or the name."""
-    check_model_name(name, local_models, allowed)
+    validate_model_name(name, local_models, allowed)
     if name in BUNDLED:
         return name
     if name in local_models:

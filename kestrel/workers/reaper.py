@@ -28,7 +28,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from kestrel.workers.queues import PREFIX, QUEUES, WORKER_DIED
+from kestrel.workers.lifecycle import PREFIX, QUEUES, WORKER_DIED
 
 log = logging.getLogger("kestrel.reaper")
 LOCK_KEY = f"{PREFIX}:reaper-lock"

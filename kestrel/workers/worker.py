@@ -51,7 +51,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from kestrel.settings import Settings, get_settings
-from kestrel.workers import queues
+from kestrel.workers import lifecycle, registry
 from kestrel.workers.context import (
     REDIS_ERRORS,
     REDIS_RETRY_MAX_S,
@@ -132,12 +132,12 @@ class KestrelWorker(SimpleWorker):
         }
         ttl = max(3 * self.settings.heartbeat_interval_s, 10)
         with self.connection.pipeline() as pipe:
-            pipe.set(queues.WORKER_KEY.format(self.name), json.dumps(record), ex=int(ttl))
-            pipe.sadd(queues.WORKERS_SET, self.name)
+            pipe.set(registry.WORKER_KEY.format(self.name), json.dumps(record), ex=int(ttl))
+            pipe.sadd(registry.WORKERS_SET, self.name)
             pipe.execute()
 
     def _unload_requests(self) -> dict[str, float]:
-        raw = self.connection.hgetall(queues.UNLOAD_HASH)
+        raw = self.connection.hgetall(lifecycle.UNLOAD_HASH)
         return {k.decode(): float(v) for k, v in raw.items()}
 
     # ---- jobs -----------------------------------------------------------------------------------
@@ -262,8 +262,8 @@ class KestrelWorker(SimpleWorker):
     def teardown(self) -> None:
         self._beat_stop.set()
         try:
-            self.connection.delete(queues.WORKER_KEY.format(self.name))
-            self.connection.srem(queues.WORKERS_SET, self.name)
+            self.connection.delete(registry.WORKER_KEY.format(self.name))
+            self.connection.srem(registry.WORKERS_SET, self.name)
         except Exception as exc:
             log.warning("could not remove the liveness record: %s", exc)
         super().teardown()
@@ -273,7 +273,7 @@ def run_worker(queue_names: list[str], *, name: str | None = None, burst: bool =
     """Entry point of ``kestrel worker``: work until stopped (or, with ``burst``, until idle)."""
     settings = get_settings()
     _quiet_libraries()
-    redis = queues.connect(settings.redis_url)
+    redis = lifecycle.connect(settings.redis_url)
     cache = model_cache(settings)
     log.info(
         "worker on %s, store %s, models cached up to %d",

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_stack import FIRST_FREE_DB, FULL_WORKERS, SHARED_DB, Stack, full_stack, make_store
 
-from kestrel.workers.runner import EmbeddedRedis, free_port
+from kestrel.workers.supervisor import EmbeddedRedis, free_port
 
 _databases = itertools.count(FIRST_FREE_DB)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from kestrel.workers.runner import free_port, stop_process
+from kestrel.workers.supervisor import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 # Deadlines sized for a busy 2-core machine, where a worker's start (torch, transformers) or a

@@ -179,7 +179,7 @@ def test_allowed_hub_ids_that_cannot_be_had_fail_fast_with_424(
 def test_up_preload_follows_slow_loads_and_warms_both_workers(make_stack) -> None:
     """`kestrel up`'s preload: a load past the wait is followed as a job, with its stage printed."""
     from kestrel.settings import Settings
-    from kestrel.workers.runner import Preload
+    from kestrel.workers.supervisor import Preload
 
     stack: Stack = make_stack(KESTREL_INTERACTIVE_TIMEOUT_S="0.2")
     stack.start_worker("generate")

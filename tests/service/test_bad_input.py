@@ -437,15 +437,15 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 def test_unload_requests_stay_bounded(make_client) -> None:
     from kestrel.server.services import MAX_UNLOAD_REQUESTS
-    from kestrel.workers import queues
+    from kestrel.workers import lifecycle
 
     http = make_client(allowed_models=["org/*"])  # names a worker could load: the hash takes them
     assert_error(http.post("/v1/models/other/model/unload"), 422)  # one it could not: refused
     redis = http.app.state.redis
-    redis.hset(queues.UNLOAD_HASH, "org/stale", 1.0)  # long before any live worker's last heartbeat
+    redis.hset(lifecycle.UNLOAD_HASH, "org/stale", 1.0)  # long before any live worker's last heartbeat
     for i in range(MAX_UNLOAD_REQUESTS + 20):
         assert http.post(f"/v1/models/org/model-{i}/unload").status_code == 202
-    names = {key.decode() for key in redis.hkeys(queues.UNLOAD_HASH)}
+    names = {key.decode() for key in redis.hkeys(lifecycle.UNLOAD_HASH)}
     assert len(names) == MAX_UNLOAD_REQUESTS and "org/stale" not in names
     assert f"org/model-{MAX_UNLOAD_REQUESTS + 19}" in names and "org/model-0" not in names
     assert_error(http.post("/v1/models/..%2Fetc/unload"), 422)

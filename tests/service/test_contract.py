@@ -33,8 +33,8 @@ from service_stack import (
 )
 
 from kestrel.server.openapi import build_spec
-from kestrel.workers import queues
-from kestrel.workers.runner import EmbeddedRedis
+from kestrel.workers import lifecycle, registry
+from kestrel.workers.supervisor import EmbeddedRedis
 
 MAX_EXAMPLES = 25
 LAYER = "model.layers.1"
@@ -47,10 +47,10 @@ def contract_stack(
 ) -> Iterator[Stack]:
     url = f"redis://127.0.0.1:{redis_server.port}/{CONTRACT_DB}"
     stack = full_stack(url, tmp_path_factory.mktemp("contract"), warm_model_cache, local_models)
-    redis = queues.connect(stack.redis_url)
+    redis = lifecycle.connect(stack.redis_url)
     try:  # no API process here: the workers' own records say they are up
         wait_until(
-            lambda: queues.workers_per_queue(queues.live_workers(redis)) == FULL_WORKERS,
+            lambda: registry.workers_per_queue(registry.live_workers(redis)) == FULL_WORKERS,
             READY_TIMEOUT_S,
             "the workers to start",
             stack,

@@ -28,7 +28,7 @@ from tiny_models import tiny_llama_config
 from kestrel.core.models import DEFAULT_MODEL
 from kestrel.server.embed import KestrelContext, include_kestrel, kestrel_router
 from kestrel.settings import Settings
-from kestrel.workers.runner import free_port
+from kestrel.workers.supervisor import free_port
 
 HIDDEN = 16
 N_ROWS = 400

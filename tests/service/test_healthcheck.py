@@ -33,7 +33,7 @@ def test_probes_pass_on_a_live_stack(service: Stack) -> None:
 def test_probes_fail_without_a_live_process(service: Stack) -> None:
     with pytest.raises(RuntimeError, match="no live worker on host"):
         healthcheck.check_worker(service.redis_url, host="another-container")
-    from kestrel.workers.runner import free_port
+    from kestrel.workers.supervisor import free_port
 
     assert probe("api", KESTREL_PORT=str(free_port())).returncode == 1
     assert healthcheck.main(["nonsense"]) == 2
@@ -43,15 +43,21 @@ def test_a_ping_job_runs_on_a_worker(service: Stack) -> None:
     """The trivial job bench/api.py times: through the queue and a worker, bookkeeping included."""
     from service_stack import JOB_TIMEOUT_S, wait_until
 
-    from kestrel.workers import jobs, queues
+    from kestrel.workers import jobs, lifecycle
 
-    redis = queues.connect(service.redis_url)
+    redis = lifecycle.connect(service.redis_url)
     try:
-        job = queues.enqueue(
-            redis, queues.BATCH, jobs.ping_job, kind="ping", kwargs={"payload": "x"}, timeout_s=30, ttl_s=300
+        job = lifecycle.enqueue(
+            redis,
+            lifecycle.BATCH,
+            jobs.ping_job,
+            kind="ping",
+            kwargs={"payload": "x"},
+            timeout_s=30,
+            ttl_s=300,
         )
         info = wait_until(
-            lambda: (i := queues.get_job(redis, job.id)).status == "finished" and i,
+            lambda: (i := lifecycle.get_job(redis, job.id)).status == "finished" and i,
             JOB_TIMEOUT_S,
             "the ping job",
         )

@@ -15,9 +15,9 @@ from rq.executions import Execution
 from rq.job import JobStatus
 from service_stack import JOB_TIMEOUT_S, REAPER_DB, TEXTS, Stack, capture_run, wait_for_job, wait_until
 
-from kestrel.workers import queues
+from kestrel.workers import lifecycle
 from kestrel.workers.reaper import TRAIN_REQUEUES, reap
-from kestrel.workers.runner import EmbeddedRedis, free_port
+from kestrel.workers.supervisor import EmbeddedRedis, free_port
 
 LAYER = "model.layers.3"
 LONG_TRAINING = {"batch_size": 64, "token_budget": 50_000_000, "log_every": 5, "checkpoint_every": 50}
@@ -150,18 +150,18 @@ def test_reaper_requeues_a_dead_workers_training_three_times_then_fails_it(redis
     redis = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/{REAPER_DB}")
     redis.flushdb()
     try:
-        job = queues.enqueue(
+        job = lifecycle.enqueue(
             redis,
-            queues.BATCH,
+            lifecycle.BATCH,
             "kestrel.workers.jobs.ping_job",
             kind="train",
             kwargs={},
             timeout_s=60,
             ttl_s=60,
         )
-        other = queues.enqueue(
+        other = lifecycle.enqueue(
             redis,
-            queues.BATCH,
+            lifecycle.BATCH,
             "kestrel.workers.jobs.ping_job",
             kind="capture",
             kwargs={},
@@ -170,7 +170,7 @@ def test_reaper_requeues_a_dead_workers_training_three_times_then_fails_it(redis
         )
         for attempt in range(1, TRAIN_REQUEUES + 2):
             for dying in (job, other) if attempt == 1 else (job,):
-                queues.queue(redis, queues.BATCH).remove(dying.id)
+                lifecycle.queue(redis, lifecycle.BATCH).remove(dying.id)
                 with redis.pipeline() as pipe:
                     dying.prepare_for_execution("ghost", pipe)
                     Execution.create(dying, ttl=0, pipeline=pipe, worker_name="ghost")  # expired at once
@@ -187,7 +187,7 @@ def test_reaper_requeues_a_dead_workers_training_three_times_then_fails_it(redis
         assert f"after {TRAIN_REQUEUES} requeues" in job.meta["error"]["message"]
         other.refresh()
         assert other.get_status() == JobStatus.FAILED and other.meta["error"]["code"] == "worker_died"
-        assert queues.describe(other).error.code == "worker_died"
+        assert lifecycle.describe(other).error.code == "worker_died"
     finally:
         redis.flushdb()
         redis.close()

@@ -14,7 +14,7 @@ import httpx
 from service_stack import FULL_WORKERS, READY_TIMEOUT_S, REPO, TEXTS, make_store, wait_for_job, wait_until
 
 from kestrel.core.models import DEFAULT_MODEL
-from kestrel.workers.runner import free_port
+from kestrel.workers.supervisor import free_port
 
 
 def listening(port: int) -> bool:

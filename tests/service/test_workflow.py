@@ -14,7 +14,7 @@ from redis import Redis
 from service_stack import JOB_TIMEOUT_S, TEXTS, assert_error, capture_run, wait_for_job, wait_until
 
 from kestrel.core.models import DEFAULT_MODEL
-from kestrel.workers.queues import LAYERS_KEY
+from kestrel.workers.lifecycle import LAYERS_KEY
 
 LAYER = "model.layers.3"
 SMALL_SAE = {"n_latents": 256, "k": 8}

@@ -14,7 +14,7 @@ def topic_sae(smollm, tmp_path_factory):
     discovered features: ``(store, topic label of each document)``. About 30 s, made once."""
     from kestrel.core import concepts
     from kestrel.core.activations import CaptureOptions, capture
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
     from kestrel.core.store import LocalStore
 
     store = LocalStore(tmp_path_factory.mktemp("topics") / "store")
@@ -22,6 +22,6 @@ def topic_sae(smollm, tmp_path_factory):
     run = capture(smollm, texts, [TOPIC_LAYER], store, options=CaptureOptions(dtype="fp32"))
     sae_config = {"architecture": "topk", "n_latents": 512, "k": 16}
     train = {"batch_size": 512, "epochs": 8, "seed": 0}
-    pipeline.train_from_run(store, run["id"], TOPIC_LAYER, sae_config, train, sae_id="topics")
+    artifacts.train_from_run(store, run["id"], TOPIC_LAYER, sae_config, train, sae_id="topics")
     concepts.discover(store, "topics", smollm)
     return store, labels

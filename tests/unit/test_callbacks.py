@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from kestrel.core.activations import iter_row_batches
 from kestrel.core.callbacks import KestrelCaptureCallback, TrainingCapture
 from kestrel.core.errors import InvalidInputError, NotFoundError
-from kestrel.core.sae import pipeline
+from kestrel.core.sae import artifacts
 
 VOCAB, WIDTH, SEQ, BATCH = 64, 16, 12, 8
 LAYERS = ["blocks.0", "blocks.1.mlp"]
@@ -221,7 +221,7 @@ def test_the_reader_and_the_sae_pipeline_use_a_training_run(lightning_run) -> No
     store, manifest, _ = lightning_run
     rows = list(iter_row_batches(store, manifest["id"], "blocks.0", batch_size=10_000))
     assert sum(len(b) for b in rows) == manifest["n_tokens"]
-    summary = pipeline.train_from_run(
+    summary = artifacts.train_from_run(
         store,
         manifest["id"],
         "blocks.0",
@@ -235,7 +235,7 @@ def test_the_reader_and_the_sae_pipeline_use_a_training_run(lightning_run) -> No
     assert metrics["model_in_the_loop"]["skipped"] is True
     assert "cannot load" in metrics["model_in_the_loop"]["reason"]
     with pytest.raises(InvalidInputError, match="cannot load"):
-        pipeline.require_loadable_model(store, summary)
+        artifacts.require_loadable_model(store, summary)
 
 
 def test_a_failed_training_keeps_its_completed_steps(tmp_path) -> None:

@@ -28,7 +28,7 @@ from kestrel.core.concepts.accumulate import FeatureAccumulator, GroupedBottomK,
 from kestrel.core.concepts.contexts import most_common_per_row
 from kestrel.core.concepts.store import FeatureReader, features_root
 from kestrel.core.errors import InvalidInputError, NotFoundError
-from kestrel.core.sae import pipeline
+from kestrel.core.sae import artifacts
 
 TINY_SAE = {"architecture": "topk", "n_latents": 64, "k": 4}
 TINY_TRAIN = {"batch_size": 256, "epochs": 2, "seed": 3}
@@ -139,7 +139,7 @@ def tiny_texts() -> list[str]:
 @pytest.fixture
 def trained(tiny_lm, store, tiny_texts) -> str:
     run = capture(tiny_lm, tiny_texts, ["model.layers.1"], store, options=CaptureOptions(dtype="fp32"))
-    pipeline.train_from_run(store, run["id"], "model.layers.1", TINY_SAE, TINY_TRAIN, sae_id="sae-a")
+    artifacts.train_from_run(store, run["id"], "model.layers.1", TINY_SAE, TINY_TRAIN, sae_id="sae-a")
     return run["id"]
 
 

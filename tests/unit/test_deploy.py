@@ -226,10 +226,10 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
 
 def test_healthcheck_keys_match_the_workers() -> None:
     from kestrel import healthcheck
-    from kestrel.workers import queues
+    from kestrel.workers import registry
 
-    assert healthcheck.WORKER_KEY == queues.WORKER_KEY
-    assert healthcheck.WORKERS_SET == queues.WORKERS_SET
+    assert healthcheck.WORKER_KEY == registry.WORKER_KEY
+    assert healthcheck.WORKERS_SET == registry.WORKERS_SET
 
 
 def test_compose_comment_commands_are_valid() -> None:

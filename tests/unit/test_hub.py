@@ -16,7 +16,7 @@ from kestrel.core import hub
 from kestrel.core.errors import HubUnavailableError, InvalidInputError
 from kestrel.core.models import DEFAULT_MODEL
 from kestrel.settings import Settings
-from kestrel.workers.model_cache import check_model_name
+from kestrel.workers.model_cache import validate_model_name
 
 
 @pytest.fixture
@@ -54,19 +54,19 @@ def test_allowlist_globs(name: str, patterns: list[str], expected: bool) -> None
 @pytest.mark.parametrize("name", ["gpt2", "0", "00", "nobody/nothing-at-all"])
 def test_fuzzed_ids_are_refused_by_default_naming_the_setting(name: str, hf_cache: Path) -> None:
     with pytest.raises(InvalidInputError) as refused:
-        check_model_name(name, {}, allowed=())
+        validate_model_name(name, {}, allowed=())
     assert "KESTREL_ALLOWED_MODELS" in refused.value.message and repr(name) in refused.value.message
     assert refused.value.details["setting"] == "KESTREL_ALLOWED_MODELS"
 
 
 def test_bundled_local_and_cached_models_need_no_allowlist(hf_cache: Path, tmp_path: Path) -> None:
-    assert check_model_name(DEFAULT_MODEL, {}) == DEFAULT_MODEL
-    assert check_model_name("tiny", {"tiny": tmp_path}) == "tiny"
+    assert validate_model_name(DEFAULT_MODEL, {}) == DEFAULT_MODEL
+    assert validate_model_name("tiny", {"tiny": tmp_path}) == "tiny"
     cache_snapshot(hf_cache, "models--openai-community--gpt2")
-    assert check_model_name("openai-community/gpt2", {}) == "openai-community/gpt2"
-    assert check_model_name("EleutherAI/pythia-70m", {}, allowed=["EleutherAI/*"]) == "EleutherAI/pythia-70m"
+    assert validate_model_name("openai-community/gpt2", {}) == "openai-community/gpt2"
+    assert validate_model_name("EleutherAI/pythia-70m", {}, allowed=["EleutherAI/*"]) == "EleutherAI/pythia-70m"
     with pytest.raises(InvalidInputError):  # a path is refused whatever the allowlist says
-        check_model_name("../models/x", {}, allowed=["*"])
+        validate_model_name("../models/x", {}, allowed=["*"])
 
 
 def test_an_empty_cache_folder_is_not_a_cached_model(hf_cache: Path) -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from kestrel.core.activations import get_manifest, iter_row_batches, list_runs
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.imports import import_activations
-from kestrel.core.sae import pipeline
+from kestrel.core.sae import artifacts
 
 N_ROWS, D = 600, 16
 
@@ -132,7 +132,7 @@ def test_an_sae_trains_on_an_imported_run(store, tmp_path) -> None:
     codes = torch.rand(2000, 8, generator=generator) * (torch.rand(2000, 8, generator=generator) < 0.3)
     path = write(tmp_path / "acts.safetensors", {"blocks.2": codes @ directions})
     run = import_activations(store, path)["id"]
-    summary = pipeline.train_from_run(
+    summary = artifacts.train_from_run(
         store,
         run,
         "blocks.2",

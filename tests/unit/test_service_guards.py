@@ -225,7 +225,7 @@ def test_engine_errors_keep_their_message_without_server_paths(tmp_path) -> None
 
 
 def test_rq_failures_without_our_error_show_only_the_exception_name() -> None:
-    from kestrel.workers.queues import _public_failure
+    from kestrel.workers.lifecycle import _public_failure
 
     text = "Traceback (most recent call last):\n  File \"/srv/kestrel/x.py\", line 3\nKeyError: '/srv/secret'"
     assert _public_failure(text) == "the job failed (KeyError); see the worker log"

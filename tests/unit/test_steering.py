@@ -163,7 +163,7 @@ def test_empty_edit_is_exactly_the_identity_and_the_error_term_matters(tiny_lm) 
 def test_identity_on_smollm2_within_1e4_and_the_error_term_report(smollm, topic_sae, record_property) -> None:
     """Acceptance: a trained SAE attached with an empty edit moves SmolLM2's logits by <= 1e-4
     (max abs, fp32); without the error term the change is reported, and is large."""
-    from kestrel.core.sae.pipeline import load_sae
+    from kestrel.core.sae.artifacts import load_sae
 
     store, _ = topic_sae
     sae, summary = load_sae(store, "topics")

@@ -361,7 +361,7 @@ def test_capture_train_evaluate_discover_on_s3(backend, tiny_lm, tmp_path, s3_en
     from kestrel.core.activations import CaptureOptions, capture, iter_batches
     from kestrel.core.concepts.dictionary import Concept, export_dictionary, update_concepts
     from kestrel.core.concepts.store import FeatureReader
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
 
     store = _settings(backend, tmp_path, s3_url, s3_endpoint).open_store()
     texts = [f"{TOPICS[i % 3]} number {i}, told again and again." * 3 for i in range(90)]
@@ -370,14 +370,14 @@ def test_capture_train_evaluate_discover_on_s3(backend, tiny_lm, tmp_path, s3_en
     assert next(iter(iter_batches(store, run["id"], "model.layers.1"))).shape[1] == 32
 
     sae = {"architecture": "topk", "n_latents": 64, "k": 4}
-    summary = pipeline.train_from_run(
+    summary = artifacts.train_from_run(
         store, run["id"], "model.layers.1", sae, {"batch_size": 256, "epochs": 1, "seed": 3}, sae_id="sae-s3"
     )
-    assert summary["status"] == "complete" and [s["id"] for s in pipeline.list_saes(store)] == ["sae-s3"]
-    loaded, _ = pipeline.load_sae(store, "sae-s3")
+    assert summary["status"] == "complete" and [s["id"] for s in artifacts.list_saes(store)] == ["sae-s3"]
+    loaded, _ = artifacts.load_sae(store, "sae-s3")
     assert loaded.n_latents == 64
-    metrics = pipeline.evaluate_sae(store, "sae-s3", tiny_lm, texts[:6])
-    assert "model_in_the_loop" in pipeline.get_sae(store, "sae-s3")["metrics"] and metrics
+    metrics = artifacts.evaluate_sae(store, "sae-s3", tiny_lm, texts[:6])
+    assert "model_in_the_loop" in artifacts.get_sae(store, "sae-s3")["metrics"] and metrics
     assert store.read_json("saes", "sae-s3", "metrics.json")["model_in_the_loop"] == metrics
 
     manifest = concepts.discover(store, "sae-s3", tiny_lm, config={"top_n": 4, "window": 2})
@@ -386,15 +386,15 @@ def test_capture_train_evaluate_discover_on_s3(backend, tiny_lm, tmp_path, s3_en
     assert reader.full("top_values")["top_values"].shape == (64, 4)
     update_concepts(store, "sae-s3", [Concept(latent=3, name="pasta")])
     assert '"pasta"' in export_dictionary(store, "sae-s3", "json")
-    archive = zipfile.ZipFile(io.BytesIO(pipeline.export_sae_zip(store, "sae-s3", "kestrel")))
+    archive = zipfile.ZipFile(io.BytesIO(artifacts.export_sae_zip(store, "sae-s3", "kestrel")))
     assert {"config.json", "weights.safetensors", "manifest.json"} <= set(archive.namelist())
 
     if isinstance(store, MirrorStore):
         remote = store.remote
         assert remote.list("saes") == ["sae-s3"] and remote.list("activations") == [run["id"]]
         assert remote.read_json("saes", "sae-s3", "features/manifest.json")["version"] == manifest["version"]
-    pipeline.delete_sae(store, "sae-s3")
-    assert pipeline.list_saes(store) == []
+    artifacts.delete_sae(store, "sae-s3")
+    assert artifacts.list_saes(store) == []
 
 
 def test_a_list_skips_an_artifact_deleted_while_it_is_read(tmp_path) -> None:

@@ -170,7 +170,7 @@ def _targets(lm: LoadedModel, config: CausalConfig, store: Store) -> tuple[list[
         for layer in config.layers:
             lm.layer(layer)  # NotFoundError naming close layers
         return [Target(layer, layer) for layer in config.layers], None, {"layers": config.layers}
-    from kestrel.core.sae.pipeline import load_sae
+    from kestrel.core.sae.artifacts import load_sae
 
     sae, summary = load_sae(store, config.sae_id, device=lm.device)
     n_latents = int(summary["config"]["n_latents"])
@@ -189,7 +189,7 @@ def _model_name(config: CausalConfig, store: Store) -> str:
     """The SAE's model when latents are ablated; a different explicit model is a mistake."""
     if config.sae_id is None:
         return config.model
-    from kestrel.core.sae.pipeline import get_sae, require_loadable_model
+    from kestrel.core.sae.artifacts import get_sae, require_loadable_model
 
     summary = get_sae(store, config.sae_id)
     require_loadable_model(store, summary)  # a run captured in training or imported: no model here

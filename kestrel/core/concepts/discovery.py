@@ -41,8 +41,8 @@ from kestrel.core.datasets import DatasetSpec, iter_texts, token_batches
 from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import LoadedModel
+from kestrel.core.sae.artifacts import load_sae
 from kestrel.core.sae.base import SAE
-from kestrel.core.sae.pipeline import load_sae
 from kestrel.core.store import Store
 
 ENCODE_CHUNK_ROWS = 4096

@@ -30,7 +30,7 @@ DType = SAEDType  # the older name
 #: A latent that has not fired for this many tokens is dead, unless the run is too short for
 #: that to mean anything (see `TrainConfig.dead_tokens_threshold`). The figure follows sparsify.
 DEAD_TOKENS_CAP = 10_000_000
-DEFAULT_BATCH_SIZE = 4096  # rows per step when the run is large enough (see pipeline.choose_batch_size)
+DEFAULT_BATCH_SIZE = 4096  # rows per step when the run is large enough (see artifacts.choose_batch_size)
 
 #: Checkpoint a training run every minute of training by default: a SIGKILLed worker, a lost
 #: machine or an OOM then costs at most about this much work (the job resumes from the checkpoint).
@@ -192,7 +192,7 @@ class TrainConfig(_Config):
         default=None,
         gt=0,
         description="rows per optimiser step; default 4096, halved on small runs down to 128 so that "
-        "training takes at least 500 steps (see kestrel.core.sae.pipeline.choose_batch_size)",
+        "training takes at least 500 steps (see kestrel.core.sae.artifacts.choose_batch_size)",
     )
     epochs: int = Field(default=1, gt=0, description="passes over the data, unless token_budget is set")
     token_budget: int | None = Field(

@@ -1,7 +1,7 @@
 """SAEs as the store holds them, read without loading one: summaries, training history, which
 model and layer an SAE reads, and deletion.
 
-Training, loading and running SAEs is `kestrel.core.sae.pipeline`; this module is torch-free, so
+Training, loading and running SAEs is `kestrel.core.sae.artifacts`; this module is torch-free, so
 the API process lists, reads and deletes SAEs and checks a request against them without torch.
 """
 

@@ -109,7 +109,7 @@ class TrainResult:
 
 def resolve_plan(sae_config: SAEConfig, train_config: TrainConfig, rows_per_epoch: int | None) -> TrainPlan:
     """Fill every "derive from the run" default. Needs the rows per epoch unless a budget is set.
-    An unset batch size is `DEFAULT_BATCH_SIZE` here (the pipeline chooses one from the run first)."""
+    An unset batch size is `DEFAULT_BATCH_SIZE` here (`artifacts` chooses one from the run first)."""
     batch = train_config.batch_size or DEFAULT_BATCH_SIZE
     if train_config.token_budget is not None:
         total_tokens = train_config.token_budget
@@ -176,7 +176,7 @@ def train_sae(
     Every check that needs no data (configs, `init`'s shape, the checkpoint's configs) runs
     before the first read.
     """
-    if train_config.batch_size is None:  # the pipeline chooses it from the run's size first
+    if train_config.batch_size is None:  # `artifacts` chooses it from the run's size first
         train_config = train_config.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE})
     _check_compatible(sae_config, train_config, init)
     loaded = read_checkpoint(Path(resume_from)) if resume_from is not None else None

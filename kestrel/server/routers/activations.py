@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Response
 from redis import Redis
 
+from kestrel.core import uploads
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.limits import Caps, check_shard_mb
 from kestrel.core.runs import delete_run, get_manifest
@@ -25,7 +26,6 @@ from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses
 from kestrel.settings import Settings
 from kestrel.workers import names as job_names
-from kestrel.workers import uploads
 
 router = APIRouter(prefix="/activations", tags=["activations"], responses=error_responses(401, 422))
 

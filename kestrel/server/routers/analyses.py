@@ -88,12 +88,12 @@ def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
     elif isinstance(request, CausalAnalysisRequest):
         _check_causal(request, settings, store)
     elif isinstance(request, CircuitConfig):
-        services.checked_model(request.model, settings)
+        services.require_allowed_model(request.model, settings)
         services.check_texts([text for p in request.pairs for text in (p.clean, p.corrupted)], settings)
 
 
 def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> None:
-    services.checked_model(request.model, settings)
+    services.require_allowed_model(request.model, settings)
     services.check_dataset(request.dataset, settings, store)
     services.check_max_length(request.max_length, settings, "max_length")
     if request.sae_id is not None:

@@ -11,7 +11,7 @@ from kestrel import __version__
 from kestrel.schemas import HealthStatus, ReadyStatus
 from kestrel.server.deps import RedisDep
 from kestrel.server.errors import ApiError, error_responses
-from kestrel.workers import queues
+from kestrel.workers import registry
 
 router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"], responses=error_responses(401, 422))
@@ -36,7 +36,7 @@ async def ready(redis: RedisDep) -> ReadyStatus:
 def _check_ready(redis) -> ReadyStatus:
     try:
         redis.ping()
-        workers = queues.workers_per_queue(queues.live_workers(redis))
+        workers = registry.workers_per_queue(registry.live_workers(redis))
     except Exception as exc:
         raise ApiError(
             503, f"Redis is not answering: {exc}", code="not_ready", details={"redis": False}

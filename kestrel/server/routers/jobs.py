@@ -23,7 +23,7 @@ from kestrel.server.deps import (
     sign_stream_token,
 )
 from kestrel.server.errors import error_responses
-from kestrel.workers import queues
+from kestrel.workers import lifecycle
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 422))
 EVENT_POLL_S = 0.25
@@ -50,7 +50,7 @@ def list_jobs(
     queue: Annotated[str | None, Query(pattern="^(interactive|batch)$")] = None,
 ) -> JobPage:
     """Jobs newest first (kept for a week after they end)."""
-    items, total = queues.list_jobs(
+    items, total = lifecycle.list_jobs(
         redis, status=status, kind=kind, queue_name=queue, limit=page.limit, offset=page.offset
     )
     return JobPage(items=items, total=total, limit=page.limit, offset=page.offset)
@@ -59,14 +59,14 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobInfo, responses=error_responses(404))
 def get_job(job_id: JobId, redis: RedisDep) -> JobInfo:
     """Status, progress 0..1 with a message, latest metrics, log tail, error and artifact ids."""
-    return queues.get_job(redis, job_id)
+    return lifecycle.get_job(redis, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobInfo, status_code=202, responses=error_responses(404, 409))
 def cancel_job(job_id: JobId, redis: RedisDep) -> JobInfo:
     """Cancel: a queued job never runs; a running one stops at its next step (training keeps a
     checkpoint, resumable with ``resume_from``)."""
-    return queues.cancel(redis, job_id)
+    return lifecycle.cancel(redis, job_id)
 
 
 @router.get(
@@ -84,7 +84,7 @@ def cancel_job(job_id: JobId, redis: RedisDep) -> JobInfo:
 )
 def job_events(job_id: JobId, request: Request, redis: RedisDep) -> StreamingResponse:
     """Server-Sent Events: the job's state as it changes, until it ends."""
-    queues.get_job(redis, job_id)  # 404 before the stream starts
+    lifecycle.get_job(redis, job_id)  # 404 before the stream starts
     return StreamingResponse(
         _events(redis, job_id, request),
         media_type="text/event-stream",
@@ -98,7 +98,7 @@ def create_events_token(
 ) -> StreamToken:
     """A short-lived URL for the job's event stream that needs no X-API-Key header (a browser's
     EventSource cannot send one); connect within a minute, the stream then runs to the end."""
-    queues.get_job(redis, job_id)
+    lifecycle.get_job(redis, job_id)
     path = request.url.path.removesuffix("/token")  # the events path, under whatever prefix
     if settings.api_key is None:
         return StreamToken(url=path)
@@ -114,7 +114,7 @@ def create_events_token(
 async def _events(redis: Redis, job_id: str, request: Request) -> AsyncIterator[str]:
     last, last_sent = "", time.monotonic()
     while not await request.is_disconnected():
-        info: JobInfo = await asyncio.to_thread(queues.get_job, redis, job_id)
+        info: JobInfo = await asyncio.to_thread(lifecycle.get_job, redis, job_id)
         payload = info.model_dump_json()
         if info.status in TERMINAL_STATES:
             yield f"event: end\ndata: {payload}\n\n"

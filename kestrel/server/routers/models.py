@@ -24,8 +24,8 @@ from kestrel.server import services
 from kestrel.server.deps import PageDep, RedisDep, SettingsDep, StoreDep
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive
 from kestrel.server.errors import error_responses
+from kestrel.workers import lifecycle
 from kestrel.workers import names as job_names
-from kestrel.workers import queues
 
 router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 422, 503))
 
@@ -48,7 +48,7 @@ async def load_model(
     """Load a model into a generate worker's cache (``queue``: or an interactive worker's); every
     worker also loads a model it lacks on first use. A first conversion may outlive the wait: 202."""
     body = body or ModelLoadRequest()
-    services.checked_model(name, settings)
+    services.require_allowed_model(name, settings)
     _, result = await run_interactive(
         redis,
         settings,
@@ -65,7 +65,7 @@ async def load_model(
 )
 async def unload_model(name: str, settings: SettingsDep, redis: RedisDep) -> ModelUnloadResult:
     """Ask every worker to drop the model; they do within a heartbeat (a few seconds)."""
-    services.checked_model(name, settings)
+    services.require_allowed_model(name, settings)
     now = time.time()
     await asyncio.to_thread(services.request_unload, redis, name, now, settings)
     return ModelUnloadResult(name=name, requested_at=now)
@@ -79,7 +79,7 @@ async def unload_model(name: str, settings: SettingsDep, redis: RedisDep) -> Mod
 )
 async def get_layers(name: str, settings: SettingsDep, redis: RedisDep) -> LayerTable:
     """The layer table (names captures and SAEs take), computed once by a worker and cached."""
-    services.checked_model(name, settings)
+    services.require_allowed_model(name, settings)
     table = await asyncio.to_thread(services.cached_layer_table, redis, name)
     if table is None:
         _, table = await run_interactive(
@@ -102,6 +102,6 @@ async def generate_text(
     one that outlives the wait answers 202 with its job, whose result then holds the generation."""
     kwargs = await asyncio.to_thread(services.prepare_generate, name, request, settings, store)
     job_id, result = await run_interactive(
-        redis, settings, job_names.GENERATE, kind="generate", kwargs=kwargs, queue_name=queues.GENERATE
+        redis, settings, job_names.GENERATE, kind="generate", kwargs=kwargs, queue_name=lifecycle.GENERATE
     )
     return GenerateResponse(**result, job_id=job_id)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
+from kestrel.core import uploads
 from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.limits import Caps
 from kestrel.core.sae import records
@@ -30,18 +31,17 @@ from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive, sub
 from kestrel.server.errors import error_responses, limit_exceeded
 from kestrel.settings import Settings
 from kestrel.workers import names as job_names
-from kestrel.workers import uploads
 
 router = APIRouter(prefix="/saes", tags=["saes"], responses=error_responses(401, 422))
 MAX_CFG_BYTES = 1 << 20
 
 
-def _pipeline():
+def _artifacts():
     """The SAE engine, imported when first used (torch): only the SAELens import and the download
     need it; every other route reads the store (`kestrel.core.sae.records`)."""
-    from kestrel.core.sae import pipeline
+    from kestrel.core.sae import artifacts
 
-    return pipeline
+    return artifacts
 
 
 @router.post("", response_model=JobInfo, status_code=202, responses=error_responses(404, 409))
@@ -101,7 +101,7 @@ def download_sae(
     format: Annotated[SAEFormat, Query(description="kestrel or saelens file layout")] = "kestrel",
 ) -> Response:
     """A zip of the SAE's files, in Kestrel's layout or SAELens's (cfg.json + sae_weights.safetensors)."""
-    data = _pipeline().export_sae_zip(store, sae_id, format)
+    data = _artifacts().export_sae_zip(store, sae_id, format)
     headers = {"Content-Disposition": f'attachment; filename="{sae_id}-{format}.zip"'}
     return Response(data, media_type="application/zip", headers=headers)
 
@@ -117,13 +117,13 @@ async def import_saelens_sae(
 ) -> SAESummary:
     """Import an SAE saved by SAELens; it gets a new id and is listed like a trained one."""
     if model is not None:
-        services.checked_model(model, settings)
+        services.require_allowed_model(model, settings)
     cfg_bytes = await _read_limited(cfg, MAX_CFG_BYTES, "cfg.json", settings)
     weight_bytes = await _read_limited(weights, settings.max_upload_bytes, "weights", settings)
     _check_weights(weights.filename or "", weight_bytes)
     try:
         summary = await asyncio.to_thread(
-            _pipeline().import_saelens,
+            _artifacts().import_saelens,
             store,
             cfg_bytes,
             weight_bytes,

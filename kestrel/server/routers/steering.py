@@ -54,7 +54,7 @@ async def preview_steering(
     touches with their names, and its direction edits."""
     config = await asyncio.to_thread(services.checked_steering, store, request.config_id, request.config)
     if request.model is not None:
-        services.checked_model(request.model, settings)
+        services.require_allowed_model(request.model, settings)
     job_id, result = await run_interactive(
         redis,
         settings,

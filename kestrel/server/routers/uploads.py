@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 
+from kestrel.core import uploads
 from kestrel.schemas import DeletedResponse, UploadInfo, UploadPage
 from kestrel.server.deps import PageDep, SettingsDep, StoreDep, UploadId
 from kestrel.server.errors import error_responses, limit_exceeded
-from kestrel.workers import uploads
 
 router = APIRouter(prefix="/uploads", tags=["uploads"], responses=error_responses(401, 422))
 

@@ -11,7 +11,7 @@ import torch
 
 from kestrel.core.activations import CaptureOptions, capture
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
-from kestrel.core.sae import pipeline
+from kestrel.core.sae import artifacts
 
 TOPICS = [
     "cooking pasta with garlic and basil",
@@ -30,28 +30,28 @@ def run(tiny_lm, store) -> str:
 
 def test_train_publish_evaluate_encode_delete(tiny_lm, store, run) -> None:
     seen = []
-    summary = pipeline.train_from_run(
+    summary = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, TRAIN, sae_id="sae-a", on_progress=seen.append
     )
     assert summary["status"] == "complete" and summary["config"]["d_in"] == 32
     assert summary["config"]["data"]["filters"]["skip_position_0"] is True
     assert 0 <= summary["metrics"]["fvu"] < 1 and "all_rows" in summary["metrics"] and seen
-    assert [s["id"] for s in pipeline.list_saes(store)] == ["sae-a"]
+    assert [s["id"] for s in artifacts.list_saes(store)] == ["sae-a"]
     directory = store.artifact_dir("saes", "sae-a")
     assert {"config.json", "weights.safetensors", "metrics.json", "history.jsonl", "manifest.json"} <= {
         p.name for p in directory.iterdir()
     }
-    metrics = pipeline.evaluate_sae(store, "sae-a", tiny_lm)
+    metrics = artifacts.evaluate_sae(store, "sae-a", tiny_lm)
     assert metrics["ce_loss_zero_ablated"] != metrics["ce_loss_clean"] and metrics["n_spliced_positions"] > 0
-    assert "model_in_the_loop" in pipeline.get_sae(store, "sae-a")["metrics"]
-    sae, _ = pipeline.load_sae(store, "sae-a")
-    tokens = pipeline.encode_prompt(tiny_lm, sae, "model.layers.1", "stars and galaxies", top_k=3)
+    assert "model_in_the_loop" in artifacts.get_sae(store, "sae-a")["metrics"]
+    sae, _ = artifacts.load_sae(store, "sae-a")
+    tokens = artifacts.encode_prompt(tiny_lm, sae, "model.layers.1", "stars and galaxies", top_k=3)
     assert len(tokens) == len(tiny_lm.tokenizer.tokenize("stars and galaxies"))
     assert all(0 < len(t["latents"]) <= 3 for t in tokens)
     values = [lat["value"] for lat in tokens[1]["latents"]]
     assert values == sorted(values, reverse=True)
-    pipeline.delete_sae(store, "sae-a")
-    assert pipeline.list_saes(store) == []
+    artifacts.delete_sae(store, "sae-a")
+    assert artifacts.list_saes(store) == []
 
 
 def test_stop_keeps_a_checkpoint_and_resume_finishes(store, run) -> None:
@@ -61,7 +61,7 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes(store, run) -> None:
         calls["n"] += 1
         return calls["n"] > 3
 
-    stopped = pipeline.train_from_run(
+    stopped = artifacts.train_from_run(
         store,
         run,
         "model.layers.1",
@@ -71,16 +71,16 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes(store, run) -> None:
         should_stop=stop_after_three,
     )
     assert stopped["status"] == "stopped" and stopped["checkpoint"]
-    assert pipeline.list_saes(store) == []
-    done = pipeline.train_from_run(
+    assert artifacts.list_saes(store) == []
+    done = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, {**TRAIN, "checkpoint_every": 100}, sae_id="sae-b", resume=True
     )
     assert done["status"] == "complete"
-    uninterrupted = pipeline.train_from_run(
+    uninterrupted = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, {**TRAIN, "checkpoint_every": 100}, sae_id="sae-c"
     )
-    a, _ = pipeline.load_sae(store, "sae-b")
-    b, _ = pipeline.load_sae(store, "sae-c")
+    a, _ = artifacts.load_sae(store, "sae-b")
+    b, _ = artifacts.load_sae(store, "sae-c")
     assert done["steps"] == uninterrupted["steps"]
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
@@ -98,35 +98,35 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes(store, run) -> None:
 )
 def test_bad_requests_fail_before_work(store, run, layer, sae, train, error, message) -> None:
     with pytest.raises(error, match=message):
-        pipeline.train_from_run(store, run, layer, sae, train)
-    assert pipeline.list_saes(store) == [] and not (store.root / "checkpoints").exists()
+        artifacts.train_from_run(store, run, layer, sae, train)
+    assert artifacts.list_saes(store) == [] and not (store.root / "checkpoints").exists()
 
 
 def test_resume_without_checkpoint_and_id_reuse(store, run) -> None:
     with pytest.raises(NotFoundError, match="no checkpoint"):
-        pipeline.train_from_run(store, run, "model.layers.1", SAE, TRAIN, sae_id="never", resume=True)
-    pipeline.train_from_run(store, run, "model.layers.1", SAE, {**TRAIN, "epochs": 1}, sae_id="once")
+        artifacts.train_from_run(store, run, "model.layers.1", SAE, TRAIN, sae_id="never", resume=True)
+    artifacts.train_from_run(store, run, "model.layers.1", SAE, {**TRAIN, "epochs": 1}, sae_id="once")
     with pytest.raises(ConflictError):
-        pipeline.train_from_run(store, run, "model.layers.1", SAE, TRAIN, sae_id="once")
+        artifacts.train_from_run(store, run, "model.layers.1", SAE, TRAIN, sae_id="once")
 
 
 def test_saelens_export_import_round_trip(store, run) -> None:
-    pipeline.train_from_run(store, run, "model.layers.1", SAE, {**TRAIN, "epochs": 1}, sae_id="orig")
-    archive = zipfile.ZipFile(io.BytesIO(pipeline.export_sae_zip(store, "orig", "saelens")))
+    artifacts.train_from_run(store, run, "model.layers.1", SAE, {**TRAIN, "epochs": 1}, sae_id="orig")
+    archive = zipfile.ZipFile(io.BytesIO(artifacts.export_sae_zip(store, "orig", "saelens")))
     assert set(archive.namelist()) == {"cfg.json", "sae_weights.safetensors"}
-    imported = pipeline.import_saelens(
+    imported = artifacts.import_saelens(
         store, archive.read("cfg.json"), archive.read("sae_weights.safetensors"), sae_id="copy"
     )
     assert imported["config"]["n_latents"] == 64
-    a, _ = pipeline.load_sae(store, "orig")
-    b, _ = pipeline.load_sae(store, "copy")
+    a, _ = artifacts.load_sae(store, "orig")
+    b, _ = artifacts.load_sae(store, "copy")
     assert all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
-    kestrel_zip = zipfile.ZipFile(io.BytesIO(pipeline.export_sae_zip(store, "orig", "kestrel")))
+    kestrel_zip = zipfile.ZipFile(io.BytesIO(artifacts.export_sae_zip(store, "orig", "kestrel")))
     assert {"config.json", "weights.safetensors", "manifest.json"} <= set(kestrel_zip.namelist())
     with pytest.raises(InvalidInputError):
-        pipeline.import_saelens(store, b"{not json", b"", sae_id="bad")
+        artifacts.import_saelens(store, b"{not json", b"", sae_id="bad")
     assert "bad" not in store.list("saes")
 
 
@@ -146,22 +146,22 @@ def test_saelens_export_import_round_trip(store, run) -> None:
 def test_batch_size_is_chosen_from_the_run_size(train, rows, batch, warned) -> None:
     from kestrel.core.sae.config import TrainConfig
 
-    chosen, warnings = pipeline.choose_batch_size(TrainConfig.from_dict(train), rows)
+    chosen, warnings = artifacts.choose_batch_size(TrainConfig.from_dict(train), rows)
     assert chosen.batch_size == batch
     steps = (train.get("token_budget") or rows * train.get("epochs", 1)) // batch
-    assert bool(warnings) == (steps < pipeline.FEW_STEPS), (steps, warnings)
+    assert bool(warnings) == (steps < artifacts.FEW_STEPS), (steps, warnings)
     if warned:
         assert warnings and f"only about {steps} optimiser steps" in warnings[0]
 
 
 def test_a_tiny_run_trains_with_a_smaller_batch_and_says_so(store, run) -> None:
     warned: list[str] = []
-    summary = pipeline.train_from_run(
+    summary = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, {"seed": 3}, sae_id="sae-small", on_warning=warned.append
     )
-    n_tokens = pipeline.get_manifest(store, run)["n_tokens"]
-    assert n_tokens < 100 * pipeline.MIN_AUTO_BATCH_SIZE  # the fixture is a tiny run
-    assert summary["train_config"]["batch_size"] == pipeline.MIN_AUTO_BATCH_SIZE
-    assert summary["steps"] >= n_tokens * 0.8 // pipeline.MIN_AUTO_BATCH_SIZE  # not 1 step of 4,096
+    n_tokens = artifacts.get_manifest(store, run)["n_tokens"]
+    assert n_tokens < 100 * artifacts.MIN_AUTO_BATCH_SIZE  # the fixture is a tiny run
+    assert summary["train_config"]["batch_size"] == artifacts.MIN_AUTO_BATCH_SIZE
+    assert summary["steps"] >= n_tokens * 0.8 // artifacts.MIN_AUTO_BATCH_SIZE  # not 1 step of 4,096
     assert summary["warnings"] == warned and "undertrained" in warned[0]
-    assert pipeline.get_sae(store, "sae-small")["warnings"] == warned
+    assert artifacts.get_sae(store, "sae-small")["warnings"] == warned

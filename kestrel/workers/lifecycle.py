@@ -20,8 +20,6 @@ queued, started, finished, failed, canceled.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -44,9 +42,6 @@ QUEUES = (INTERACTIVE, GENERATE, BATCH)
 PREFIX = "kestrel"
 JOBS_INDEX = f"{PREFIX}:jobs"  # zset: job id → created (unix time), newest last
 CANCEL_KEY = PREFIX + ":cancel:{}"
-IDEMPOTENCY_KEY = PREFIX + ":idempotency:{}"
-WORKER_KEY = PREFIX + ":worker:{}"
-WORKERS_SET = f"{PREFIX}:workers"
 UNLOAD_HASH = f"{PREFIX}:unload"
 LAYERS_KEY = PREFIX + ":layers:{}"
 TRAIN_REQUEST_KEY = PREFIX + ":train-request:{}"
@@ -117,40 +112,6 @@ def enqueue(
     )
     redis.zadd(JOBS_INDEX, {job.id: time.time()})
     return job
-
-
-def request_fingerprint(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _idempotency_redis_key(scope: str, key: str) -> str:
-    return IDEMPOTENCY_KEY.format(hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest())
-
-
-def claim_idempotency_key(
-    redis: Redis, scope: str, key: str, fingerprint: str, ttl_s: int
-) -> tuple[str, bool]:
-    """Bind ``key`` to a job id: ``(new id, True)`` for a first request, ``(bound id, False)`` after.
-
-    The first request with a key wins (SET NX); a resubmission gets the same job. The same key with
-    a different request body is a client bug, answered with 409 rather than silently ignored.
-    """
-    redis_key = _idempotency_redis_key(scope, key)
-    job_id = new_job_id()
-    if redis.set(redis_key, json.dumps({"job_id": job_id, "fingerprint": fingerprint}), nx=True, ex=ttl_s):
-        return job_id, True
-    existing = json.loads(redis.get(redis_key) or b"{}")
-    if existing.get("fingerprint") != fingerprint:
-        raise ConflictError(
-            "Idempotency-Key was already used for a different request; use a new key",
-            details={"job_id": existing.get("job_id")},
-        )
-    return existing["job_id"], False
-
-
-def release_idempotency_key(redis: Redis, scope: str, key: str) -> None:
-    """Forget a key whose job could not be enqueued, so a retry is not bound to nothing."""
-    redis.delete(_idempotency_redis_key(scope, key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,32 +289,3 @@ def cancel(redis: Redis, job_id: str) -> JobInfo:
 
 def cancel_requested(redis: Redis, job_id: str) -> bool:
     return bool(redis.exists(CANCEL_KEY.format(job_id)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Workers
-
-
-def live_workers(redis: Redis) -> list[dict[str, Any]]:
-    """Workers whose heartbeat record has not expired; stale members are removed from the set."""
-    names = [n.decode() for n in redis.smembers(WORKERS_SET)]
-    if not names:
-        return []
-    records = redis.mget([WORKER_KEY.format(n) for n in names])
-    alive, dead = [], []
-    for name, raw in zip(names, records, strict=True):
-        if raw is None:
-            dead.append(name)
-        else:
-            alive.append(json.loads(raw))
-    if dead:
-        redis.srem(WORKERS_SET, *dead)
-    return alive
-
-
-def workers_per_queue(workers: list[dict[str, Any]]) -> dict[str, int]:
-    counts = dict.fromkeys(QUEUES, 0)
-    for worker in workers:
-        for name in worker.get("queues", []):
-            counts[name] = counts.get(name, 0) + 1
-    return counts

@@ -144,7 +144,7 @@ def require_dataset_upload(store: Store, upload_id: str) -> dict[str, Any]:
     return manifest
 
 
-def dataset_source(
+def upload_file_source(
     store: Store, upload_id: str, *, format: str, text_field: str, txt_mode: str, limit: int | None
 ) -> FileSource:
     """The FileSource a worker reads for an uploaded dataset (a path made here, not by a client)."""
