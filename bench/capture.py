@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import docstring_corpus
 
-from kestrel.core.activations import CaptureOptions, capture, delete_run
+from kestrel.core.activations import capture
 from kestrel.core.datasets import token_batches
 from kestrel.core.models import LoadedModel, default_store_root, load_model
+from kestrel.core.runs import CaptureOptions, delete_run
 from kestrel.core.store import LocalStore
 
 ONE_LAYER = ["model.layers.15"]

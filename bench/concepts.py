@@ -45,10 +45,11 @@ import service_up
 from corpus import docstring_corpus
 
 from kestrel.core import steering
-from kestrel.core.activations import CaptureOptions, capture, delete_run
+from kestrel.core.activations import capture
 from kestrel.core.concepts import DiscoveryConfig, discover
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.models import default_store_root, generate, load_model
+from kestrel.core.runs import CaptureOptions, delete_run
 from kestrel.core.sae import artifacts
 from kestrel.core.store import LocalStore
 

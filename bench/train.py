@@ -30,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import docstring_corpus
 
-from kestrel.core.activations import CaptureOptions, RowFilter, capture, iter_batches
+from kestrel.core.activations import capture
 from kestrel.core.models import default_store_root, load_model
+from kestrel.core.run_reader import iter_batches
+from kestrel.core.runs import CaptureOptions, RowFilter
 from kestrel.core.sae import artifacts
 from kestrel.core.store import LocalStore
 

@@ -59,8 +59,8 @@ def discover(
     """Find each latent's top contexts, binned samples, density, histogram and logit effects."""
     from tqdm.auto import tqdm
 
-    from kestrel.core.activations import RowFilter
     from kestrel.core.concepts import discover as run_discovery
+    from kestrel.core.runs import RowFilter
 
     the_store = open_store(store)
     dataset = dataset_spec(text, file, text_field, txt_mode, limit)

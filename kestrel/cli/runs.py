@@ -24,8 +24,8 @@ from kestrel.cli.common import (
     print_table,
 )
 from kestrel.cli.config_options import ConfigGroup, config_options
-from kestrel.core.activations import CaptureOptions
 from kestrel.core.catalog import DEFAULT_MODEL
+from kestrel.core.runs import CaptureOptions
 
 #: capture's storage options (--max-length, --token-budget, --dtype, --drop-special...): one per field
 CAPTURE_OPTIONS = ConfigGroup(CaptureOptions, panel="Capture")
@@ -149,7 +149,7 @@ def capture(
 @friendly_errors
 def runs_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """List complete activation runs."""
-    from kestrel.core.activations import list_runs
+    from kestrel.core.runs import list_runs
 
     manifests = list_runs(open_store(store))
     if as_json:
@@ -173,7 +173,7 @@ def runs_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 @friendly_errors
 def runs_show(run_id: str, store: StoreOpt = None) -> None:
     """Print a run's manifest."""
-    from kestrel.core.activations import get_manifest
+    from kestrel.core.runs import get_manifest
 
     print_json(get_manifest(open_store(store), run_id))
 
@@ -182,7 +182,7 @@ def runs_show(run_id: str, store: StoreOpt = None) -> None:
 @friendly_errors
 def runs_delete(run_id: str, store: StoreOpt = None) -> None:
     """Delete a run."""
-    from kestrel.core.activations import delete_run
+    from kestrel.core.runs import delete_run
 
     delete_run(open_store(store), run_id)
     console.print(f"deleted run {run_id}")

@@ -55,9 +55,10 @@ def demo(
     store: StoreOpt = None,
 ) -> None:
     """Load the default model, capture one layer over a few sample texts, and show what was stored."""
-    from kestrel.core.activations import CaptureOptions, RowBatch, iter_row_batches
     from kestrel.core.activations import capture as run_capture
     from kestrel.core.models import load_model
+    from kestrel.core.run_reader import RowBatch, iter_row_batches
+    from kestrel.core.runs import CaptureOptions
 
     the_store = open_store(store)
     console.print(f"store: {the_store.local_root}")

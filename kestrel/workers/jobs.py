@@ -300,7 +300,7 @@ def _check_training_caps(
     ctx: JobContext, run_id: str, layer: str, n_latents: int, train: dict[str, Any]
 ) -> None:
     """The API's caps again, for a job that reached the queue some other way (one manifest read)."""
-    from kestrel.core.activations import get_manifest
+    from kestrel.core.runs import get_manifest
 
     caps = Caps.of(ctx.settings)
     limits.check_train(train, caps)

@@ -13,7 +13,8 @@ def topic_sae(smollm, tmp_path_factory):
     """SmolLM2's layer 9 over the four-topic corpus, a 512-latent TopK SAE trained on it, and its
     discovered features: ``(store, topic label of each document)``. About 30 s, made once."""
     from kestrel.core import concepts
-    from kestrel.core.activations import CaptureOptions, capture
+    from kestrel.core.activations import capture
+    from kestrel.core.runs import CaptureOptions
     from kestrel.core.sae import artifacts
     from kestrel.core.store import LocalStore
 

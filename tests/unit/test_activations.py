@@ -11,20 +11,12 @@ import textwrap
 import pytest
 import torch
 
-from kestrel.core.activations import (
-    CaptureOptions,
-    RowBatch,
-    RowFilter,
-    capture,
-    delete_run,
-    iter_batches,
-    iter_row_batches,
-    list_runs,
-    read_docs,
-)
+from kestrel.core.activations import capture
 from kestrel.core.datasets import FileSource, token_batches
 from kestrel.core.errors import CancelledError, ConflictError, InvalidInputError, NotFoundError
 from kestrel.core.models import LoadedModel
+from kestrel.core.run_reader import RowBatch, iter_batches, iter_row_batches, read_docs
+from kestrel.core.runs import CaptureOptions, RowFilter, delete_run, list_runs
 
 TOPICS = ["cooking pasta with garlic", "a football match", "stars and galaxies", "interest rates and bonds"]
 
@@ -195,7 +187,8 @@ KILL_SCRIPT = textwrap.dedent(
     from tiny_models import build
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from kestrel.core.activations import capture, CaptureOptions
+    from kestrel.core.activations import capture
+    from kestrel.core.runs import CaptureOptions
     from kestrel.core.models import LoadedModel
     from kestrel.core.store import LocalStore
     tok = Tokenizer(models.WordLevel({{"[UNK]": 0, "[PAD]": 1}}, unk_token="[UNK]"))

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kestrel.core.activations import iter_row_batches
 from kestrel.core.callbacks import KestrelCaptureCallback, TrainingCapture
 from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.run_reader import iter_row_batches
 from kestrel.core.sae import artifacts
 
 VOCAB, WIDTH, SEQ, BATCH = 64, 16, 12, 8
@@ -339,16 +339,16 @@ def test_importing_the_module_needs_no_lightning(monkeypatch: pytest.MonkeyPatch
         "import sys, kestrel.core.callbacks; assert not {'lightning', 'pytorch_lightning'} & set(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    from kestrel.core import callbacks
+    from kestrel.core import callbacks, lightning_capture
 
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     monkeypatch.setitem(sys.modules, "pytorch_lightning", None)
-    callbacks._callback_class.cache_clear()
+    lightning_capture._callback_class.cache_clear()
     try:
         with pytest.raises(InvalidInputError, match="needs Lightning"):
             callbacks.KestrelCaptureCallback  # noqa: B018 - the attribute access is the test
     finally:
-        callbacks._callback_class.cache_clear()
+        lightning_capture._callback_class.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------

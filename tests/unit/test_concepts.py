@@ -16,18 +16,13 @@ import torch
 from topic_corpus import TOPICS, topic_corpus
 
 from kestrel.core import concepts, steering
-from kestrel.core.activations import (
-    CaptureOptions,
-    RowBatch,
-    RowFilter,
-    capture,
-    get_manifest,
-    iter_row_batches,
-)
+from kestrel.core.activations import capture
 from kestrel.core.concepts.accumulate import FeatureAccumulator, GroupedBottomK, LogBins, pack_rows
 from kestrel.core.concepts.contexts import most_common_per_row
 from kestrel.core.concepts.store import FeatureReader, features_root
 from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.run_reader import RowBatch, iter_row_batches
+from kestrel.core.runs import CaptureOptions, RowFilter, get_manifest
 from kestrel.core.sae import artifacts
 
 TINY_SAE = {"architecture": "topk", "n_latents": 64, "k": 4}

@@ -64,7 +64,9 @@ def test_bundled_local_and_cached_models_need_no_allowlist(hf_cache: Path, tmp_p
     assert validate_model_name("tiny", {"tiny": tmp_path}) == "tiny"
     cache_snapshot(hf_cache, "models--openai-community--gpt2")
     assert validate_model_name("openai-community/gpt2", {}) == "openai-community/gpt2"
-    assert validate_model_name("EleutherAI/pythia-70m", {}, allowed=["EleutherAI/*"]) == "EleutherAI/pythia-70m"
+    assert (
+        validate_model_name("EleutherAI/pythia-70m", {}, allowed=["EleutherAI/*"]) == "EleutherAI/pythia-70m"
+    )
     with pytest.raises(InvalidInputError):  # a path is refused whatever the allowlist says
         validate_model_name("../models/x", {}, allowed=["*"])
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kestrel.core.activations import get_manifest, iter_row_batches, list_runs
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.imports import import_activations
+from kestrel.core.run_reader import iter_row_batches
+from kestrel.core.runs import get_manifest, list_runs
 from kestrel.core.sae import artifacts
 
 N_ROWS, D = 600, 16

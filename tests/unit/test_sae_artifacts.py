@@ -9,8 +9,9 @@ import zipfile
 import pytest
 import torch
 
-from kestrel.core.activations import CaptureOptions, capture
+from kestrel.core.activations import capture
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
+from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae import artifacts
 
 TOPICS = [

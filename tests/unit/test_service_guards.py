@@ -110,7 +110,7 @@ def test_caps_come_from_settings_and_name_the_setting() -> None:
 
 
 def test_capture_options_within_the_caps() -> None:
-    from kestrel.core.activations import CaptureOptions
+    from kestrel.core.runs import CaptureOptions
 
     with pytest.raises(LimitExceededError, match="min_shard_mb") as caught:
         check_capture_options(CaptureOptions(shard_mb=1e-9), Caps())

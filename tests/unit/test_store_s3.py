@@ -358,9 +358,11 @@ TOPICS = ["cooking pasta with garlic and basil", "a football match with two goal
 @pytest.mark.parametrize("backend", ["s3", "both"])
 def test_capture_train_evaluate_discover_on_s3(backend, tiny_lm, tmp_path, s3_endpoint, s3_url) -> None:
     from kestrel.core import concepts
-    from kestrel.core.activations import CaptureOptions, capture, iter_batches
+    from kestrel.core.activations import capture
     from kestrel.core.concepts.dictionary import Concept, export_dictionary, update_concepts
     from kestrel.core.concepts.store import FeatureReader
+    from kestrel.core.run_reader import iter_batches
+    from kestrel.core.runs import CaptureOptions
     from kestrel.core.sae import artifacts
 
     store = _settings(backend, tmp_path, s3_url, s3_endpoint).open_store()

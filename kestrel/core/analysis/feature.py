@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kestrel.core.activations import get_manifest, iter_row_batches
 from kestrel.core.analysis.common import (
     AnalysisOutput,
     ModelLoader,
@@ -32,6 +31,8 @@ from kestrel.core.analysis.report import Report, new_figure, table
 from kestrel.core.concepts.accumulate import pack_rows, unpack_rows
 from kestrel.core.concepts.contexts import iter_docs_jsonl, token_windows
 from kestrel.core.errors import InvalidInputError, KestrelError, not_found
+from kestrel.core.run_reader import iter_row_batches
+from kestrel.core.runs import get_manifest
 from kestrel.core.store import Store
 
 BATCH_ROWS = 8192

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kestrel.core.activations import get_manifest, iter_row_batches
 from kestrel.core.analysis.common import (
     AnalysisOutput,
     ProgressFn,
@@ -37,6 +36,8 @@ from kestrel.core.analysis.common import (
 from kestrel.core.analysis.config import NeuronConfig
 from kestrel.core.analysis.report import Report, new_figure, table
 from kestrel.core.errors import InvalidInputError, not_found
+from kestrel.core.run_reader import iter_row_batches
+from kestrel.core.runs import get_manifest
 from kestrel.core.store import Store
 
 BATCH_ROWS = 8192

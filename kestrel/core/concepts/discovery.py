@@ -27,7 +27,6 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from kestrel.core.activations import RowFilter, get_manifest, iter_row_batches
 from kestrel.core.activations import _as_spec as as_dataset_spec
 from kestrel.core.concepts import contexts
 from kestrel.core.concepts import store as features_store
@@ -41,6 +40,8 @@ from kestrel.core.datasets import DatasetSpec, iter_texts, token_batches
 from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import LoadedModel
+from kestrel.core.run_reader import iter_row_batches
+from kestrel.core.runs import RowFilter, get_manifest
 from kestrel.core.sae.artifacts import load_sae
 from kestrel.core.sae.base import SAE
 from kestrel.core.store import Store

@@ -23,12 +23,13 @@ from typing import Any, Literal
 
 import torch
 
-from kestrel.core.activations import RowFilter, get_manifest, iter_batches, read_docs
-from kestrel.core.activations import heldout_mask as _heldout_mask
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError, not_found
 from kestrel.core.hooks import Detector, HookManager, run_until_stopped, stop_after
 from kestrel.core.limits import Caps
 from kestrel.core.models import LoadedModel
+from kestrel.core.run_reader import heldout_mask as _heldout_mask
+from kestrel.core.run_reader import iter_batches, read_docs
+from kestrel.core.runs import RowFilter, get_manifest
 from kestrel.core.sae import io as sae_io
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.checkpoint import latest_checkpoint

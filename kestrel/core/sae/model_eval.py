@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kestrel.core.activations import RowFilter
 from kestrel.core.datasets import token_batches
 from kestrel.core.hooks import Controller, HookContext, HookManager
 from kestrel.core.models import LoadedModel
+from kestrel.core.runs import RowFilter
 from kestrel.core.sae.base import SAE
 
 

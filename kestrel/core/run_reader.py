@@ -1,0 +1,170 @@
+"""Read a stored run's rows back: batches of one layer with the metadata that traces each row to
+its text, filtered, split into train and held-out documents, optionally shuffled.
+
+Reading streams shard by shard through an optional shuffle buffer, so memory is bounded by (shard +
+buffer) whatever the run's size. The filters matter: in SmolLM2 the first token is an attention
+sink whose residual norm is ~140x the others', so any statistic over all rows measures mostly
+that token. Capture (writing runs) is ``kestrel.core.activations``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from kestrel.core.errors import InvalidInputError, not_found
+from kestrel.core.runs import KIND, ROW_META_FIELDS, RowFilter, Split, get_manifest
+from kestrel.core.store import LocalStore, validate_id
+
+
+@dataclass
+class RowBatch:
+    """Rows of one layer with the metadata that traces each back to its document."""
+
+    acts_ND: torch.Tensor
+    token_id_N: torch.Tensor
+    doc_index_N: torch.Tensor
+    position_N: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.acts_ND)
+
+    def select(self, index: torch.Tensor) -> RowBatch:
+        return RowBatch(
+            self.acts_ND[index], self.token_id_N[index], self.doc_index_N[index], self.position_N[index]
+        )
+
+    @staticmethod
+    def cat(batches: Sequence[RowBatch]) -> RowBatch:
+        return RowBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in RowBatch.__dataclass_fields__))
+
+
+def heldout_mask(doc_index_N: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A fixed pseudo-random choice of documents, so train and held-out rows never share a text."""
+    hashed = (doc_index_N.to(torch.int64) * 2654435761) % 4294967296
+    return hashed < int(fraction * 4294967296)
+
+
+def iter_row_batches(
+    store: LocalStore,
+    run_id: str,
+    layer: str,
+    *,
+    batch_size: int = 4096,
+    filters: RowFilter | None = None,
+    split: Split = "all",
+    heldout_fraction: float = 0.1,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    drop_last: bool = False,
+) -> Iterator[RowBatch]:
+    """Stream a run's rows for ``layer`` in batches, shard by shard.
+
+    With ``shuffle_buffer`` > 0, shards are visited in a seeded random order and rows pass through a
+    buffer of that many rows, so memory stays at one shard plus the buffer. The same seed gives the
+    same order, which is what lets a trainer resume mid-epoch.
+    """
+    manifest = get_manifest(store, run_id)
+    if layer not in manifest["layers"]:
+        raise not_found("layer", layer, manifest["layers"])
+    if batch_size <= 0:
+        raise InvalidInputError(f"batch_size must be > 0, got {batch_size}")
+    if not 0.0 < heldout_fraction < 1.0 and split != "all":
+        raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    filters = filters or RowFilter()
+    generator = torch.Generator().manual_seed(seed)
+    shards = [s["name"] for s in manifest["shards"]]
+    if shuffle_buffer > 0:
+        shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
+    chunks = (
+        _filtered(
+            _read_shard(store, run_id, layer, name, dtype), manifest, layer, filters, split, heldout_fraction
+        )
+        for name in shards
+    )
+    if shuffle_buffer > 0:
+        chunks = _shuffled(chunks, shuffle_buffer, generator)
+    yield from _rebatch(chunks, batch_size, drop_last)
+
+
+def iter_batches(store: LocalStore, run_id: str, layer: str, **kwargs: Any) -> Iterator[torch.Tensor]:
+    """Activation rows only, ``[B, d]`` float tensors: what an SAE trainer consumes."""
+    for batch in iter_row_batches(store, run_id, layer, **kwargs):
+        yield batch.acts_ND
+
+
+def _read_shard(store: LocalStore, run_id: str, layer: str, shard: str, dtype: torch.dtype) -> RowBatch:
+    with safe_open(store.local_path(KIND, run_id, f"{layer}/{shard}.safetensors"), "pt") as f:
+        acts_ND = f.get_tensor("acts").to(dtype)
+    with safe_open(store.local_path(KIND, run_id, f"tokens/{shard}.safetensors"), "pt") as f:
+        meta = {name: f.get_tensor(name) for name in ROW_META_FIELDS}
+    return RowBatch(acts_ND, meta["token_id"], meta["doc_index"], meta["position"])
+
+
+def _filtered(
+    rows: RowBatch, manifest: dict[str, Any], layer: str, filters: RowFilter, split: Split, fraction: float
+) -> RowBatch:
+    keep_N = torch.ones(len(rows), dtype=torch.bool)
+    if filters.skip_position_0:
+        keep_N &= rows.position_N > 0
+    if filters.skip_special and manifest["special_token_ids"]:
+        keep_N &= ~torch.isin(rows.token_id_N, torch.tensor(manifest["special_token_ids"], dtype=torch.int32))
+    median = manifest["layers"][layer].get("norm_median")
+    if filters.max_norm_multiple is not None and median:
+        keep_N &= rows.acts_ND.norm(dim=-1) <= filters.max_norm_multiple * median
+    if split != "all":
+        held = heldout_mask(rows.doc_index_N, fraction)
+        keep_N &= held if split == "heldout" else ~held
+    return rows if bool(keep_N.all()) else rows.select(keep_N)
+
+
+def _shuffled(chunks: Iterable[RowBatch], buffer_rows: int, generator: torch.Generator) -> Iterator[RowBatch]:
+    """Mix rows across shards: fill a buffer, emit a random half, refill."""
+    buffer: list[RowBatch] = []
+    held = 0
+    for chunk in chunks:
+        buffer.append(chunk)
+        held += len(chunk)
+        if held >= buffer_rows:
+            joined = RowBatch.cat(buffer)
+            order = torch.randperm(len(joined), generator=generator)
+            n_out = len(joined) - buffer_rows // 2
+            yield joined.select(order[:n_out])
+            rest = joined.select(order[n_out:])
+            buffer, held = [rest], len(rest)
+    if held:
+        joined = RowBatch.cat(buffer)
+        yield joined.select(torch.randperm(len(joined), generator=generator))
+
+
+def _rebatch(chunks: Iterable[RowBatch], batch_size: int, drop_last: bool) -> Iterator[RowBatch]:
+    pending: list[RowBatch] = []
+    held = 0
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        pending.append(chunk)
+        held += len(chunk)
+        if held < batch_size:
+            continue
+        joined = RowBatch.cat(pending) if len(pending) > 1 else pending[0]
+        n_full = len(joined) // batch_size * batch_size
+        for start in range(0, n_full, batch_size):
+            yield joined.select(slice(start, start + batch_size))
+        rest = joined.select(slice(n_full, None))
+        pending, held = ([rest], len(rest)) if len(rest) else ([], 0)
+    if held and not drop_last:
+        yield RowBatch.cat(pending)
+
+
+def read_docs(store: LocalStore, run_id: str) -> list[str]:
+    """The run's documents, by doc_index. For large runs, prefer streaming ``docs.jsonl``."""
+    path = store.local_path(KIND, validate_id(run_id, "run id"), "docs.jsonl")
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh]
