@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Response
 
+from kestrel.core.analysis.config import CircuitConfig
 from kestrel.core.errors import InvalidInputError, not_found
 from kestrel.core.runs import get_manifest
 from kestrel.core.sae.records import get_sae, require_loadable_model
@@ -19,7 +20,6 @@ from kestrel.schemas import (
     AnalysisRequest,
     AnalysisSummary,
     CausalAnalysisRequest,
-    CircuitConfig,
     DeletedResponse,
     JobInfo,
 )

@@ -1,0 +1,145 @@
+"""SAEs: training, evaluation, encoding, export, and the dashboard's reads of training history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
+
+# Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
+from kestrel.core.config import StrictModel
+from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.schemas.common import Page
+
+# ---------------------------------------------------------------------------------------------
+# SAEs
+
+
+def _fields_of(model: type[BaseModel], names: tuple[str, ...], **tighter: Any) -> dict[str, Any]:
+    """``names`` as ``model`` defines them (type, default, description), for ``create_model``;
+    ``tighter`` adds constraints a request must meet besides (a ``Field`` per name)."""
+    fields = {}
+    for name in names:
+        info = model.model_fields[name]
+        annotation = Annotated[info.annotation, tighter[name]] if name in tighter else info.annotation
+        fields[name] = (annotation, FieldInfo.merge_field_infos(info))
+    return fields
+
+
+#: What a client chooses of an SAE: `SAEConfig`'s own fields (`d_in`, `model`, `layer` and
+#: `run_id` come from the run it trains on). A request's k and l1_coefficient must also be
+#: positive up front (the config checks them per architecture, once the architecture is known).
+SAEHyperparameters: type[StrictModel] = create_model(
+    "SAEHyperparameters",
+    __base__=StrictModel,
+    __doc__="What the SAE is; `d_in`, `model`, `layer` and `run_id` come from the run it trains on.",
+    __module__=__name__,
+    **_fields_of(
+        SAEConfig,
+        ("architecture", "n_latents", "k", "l1_coefficient", "normalize_input", "dtype"),
+        k=Field(gt=0),
+        l1_coefficient=Field(gt=0),
+    ),
+)
+
+
+class TrainRequest(StrictModel):
+    """Train an SAE on one layer of a run, or resume a cancelled training with ``resume_from``.
+
+    When resuming, omitted fields are taken from the original request.
+    """
+
+    run_id: str | None = Field(None, description="the activation run to train on")
+    layer: str | None = Field(None, description="a layer the run captured")
+    sae: SAEHyperparameters | None = None
+    train: TrainConfig | None = Field(None, description="training hyperparameters; defaults if omitted")
+    resume_from: str | None = Field(None, description="id of a cancelled SAE whose checkpoint to continue")
+
+
+class SAESummary(BaseModel):
+    """An SAE as the store lists it; fields beyond these are passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    status: str = "complete"
+    config: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class SAEPage(Page[SAESummary]):
+    pass
+
+
+class EvaluateRequest(StrictModel):
+    texts: list[str] | None = Field(
+        None, description="texts to evaluate on; default: held-out documents of the SAE's run"
+    )
+
+
+class EncodeRequest(StrictModel):
+    text: str = Field(min_length=1)
+    top_k: int = Field(8, gt=0, description="latents reported per token")
+
+
+class LatentValue(BaseModel):
+    index: int
+    value: float
+
+
+class TokenLatents(BaseModel):
+    position: int
+    token: str
+    token_id: int
+    latents: list[LatentValue]
+
+
+class EncodeResponse(BaseModel):
+    sae_id: str
+    model: str
+    layer: str
+    tokens: list[TokenLatents]
+    job_id: str
+
+
+SAEFormat = Literal["kestrel", "saelens"]
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    deleted: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard reads: a job's stream token, an SAE's training history
+
+
+class StreamToken(BaseModel):
+    """A URL for a job's event stream that needs no header (a browser's EventSource sends none)."""
+
+    url: str = Field(description="GET this (with its token, if any) as text/event-stream")
+    token: str | None = Field(None, description="bound to that path; null when no API key is set")
+    expires_at: datetime | None = Field(None, description="connect before this; the stream then runs on")
+
+
+class TrainingPoint(BaseModel):
+    """One log step of an SAE's training (the trainer's progress report)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    tokens: int = Field(description="rows trained on so far")
+    # null where the value was not finite (a diverging step): JSON has no NaN
+    loss: float | None
+    fvu: float | None
+    l0: float | None
+    dead_fraction: float | None
+    lr: float | None = None
+    elapsed_s: float | None = None
+
+
+class SAEHistory(BaseModel):
+    sae_id: str
+    points: list[TrainingPoint] = Field(description="in order; empty for an imported SAE")
