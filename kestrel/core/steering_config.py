@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from kestrel.core.clientdata import read_float_vectors
 from kestrel.core.config import EngineConfig, StrictModel
 from kestrel.core.errors import InvalidInputError, NotFoundError
-from kestrel.core.sae.records import get_sae as _sae_summary
+from kestrel.core.sae.records import get_sae
 from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "steering"
@@ -137,7 +137,7 @@ class SteeringConfig(EngineConfig):
 def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
     """Validate latent ranges, layers and widths from the SAEs' summaries; fill in ``layer``."""
     if config.sae_id:
-        summary = _sae_summary(store, config.sae_id)
+        summary = get_sae(store, config.sae_id)
         n_latents, sae_layer = int(summary["config"]["n_latents"]), summary.get("layer")
         if config.layer and sae_layer and config.layer != sae_layer:
             raise InvalidInputError(
@@ -152,7 +152,7 @@ def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
         if direction.latent is None:
             continue  # a raw vector's width is checked against the model's layer when compiled
         sae_id = direction.sae_id or config.sae_id
-        summary = _sae_summary(store, sae_id)
+        summary = get_sae(store, sae_id)
         _check_latent(f"directions[{i}]", direction.latent, int(summary["config"]["n_latents"]), sae_id)
     return config
 
@@ -230,6 +230,17 @@ def edit_warnings(store: Store, config: SteeringConfig) -> list[str]:
                 f"text. Try unit max_activation with a value of 1-4"
             )
     return warnings
+
+
+def check_steered_model(sae_id: str, sae_model: str | None, model: str | None) -> None:
+    """InvalidInputError when a config's SAE reads another model than the one asked to generate:
+    its latents and decoder rows mean nothing in that model's activations. An unknown side (an SAE
+    that records no model, no model named) is not a mismatch."""
+    if sae_model and model and model != sae_model:
+        raise InvalidInputError(
+            f"sae {sae_id!r} reads {sae_model!r}; it cannot steer {model!r}",
+            details={"model": model, "sae_model": sae_model},
+        )
 
 
 def _check_latent(where: str, latent: int, n_latents: int, sae_id: str | None) -> None:

@@ -11,6 +11,7 @@ from pydantic.fields import FieldInfo
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
 from kestrel.core.config import StrictModel
 from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.sae.progress import TrainingPoint as TrainingPoint
 from kestrel.schemas.common import Page
 
 # ---------------------------------------------------------------------------------------------
@@ -122,22 +123,6 @@ class StreamToken(BaseModel):
     url: str = Field(description="GET this (with its token, if any) as text/event-stream")
     token: str | None = Field(None, description="bound to that path; null when no API key is set")
     expires_at: datetime | None = Field(None, description="connect before this; the stream then runs on")
-
-
-class TrainingPoint(BaseModel):
-    """One log step of an SAE's training (the trainer's progress report)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    step: int
-    tokens: int = Field(description="rows trained on so far")
-    # null where the value was not finite (a diverging step): JSON has no NaN
-    loss: float | None
-    fvu: float | None
-    l0: float | None
-    dead_fraction: float | None
-    lr: float | None = None
-    elapsed_s: float | None = None
 
 
 class SAEHistory(BaseModel):

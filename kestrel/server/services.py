@@ -17,9 +17,9 @@ from kestrel.core.catalog import available_models, validate_model_name
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.limits import Caps
 from kestrel.core.runs import get_manifest, list_runs
-from kestrel.core.sae.records import get_sae, sae_model
+from kestrel.core.sae.records import checkpoint_dir, get_sae, sae_model
 from kestrel.core.sources import HFSource, TextsSource
-from kestrel.core.steering_config import SteeringConfig
+from kestrel.core.steering_config import SteeringConfig, check_steered_model
 from kestrel.core.store import Store, new_id, validate_id
 from kestrel.schemas import (
     CaptureRequest,
@@ -244,7 +244,7 @@ def _merge_original(request: TrainRequest, redis: Redis, sae_id: str) -> TrainRe
 def _check_resumable(store: Store, sae_id: str) -> None:
     if store.exists("saes", sae_id):
         raise InvalidInputError(f"SAE {sae_id!r} finished training already; nothing to resume")
-    if not (store.local_root / "checkpoints" / sae_id).is_dir():
+    if not checkpoint_dir(store, sae_id).is_dir():
         raise NotFoundError(f"no checkpoint for SAE {sae_id!r} to resume from", details={"id": sae_id})
 
 
@@ -300,12 +300,7 @@ def prepare_generate(name: str, request: GenerateRequest, settings: Settings, st
     if request.steering_id is not None or request.steering is not None:
         config = checked_steering(store, request.steering_id, request.steering)
         if config.sae_id is not None:
-            sae_model_name = sae_model(get_sae(store, config.sae_id))
-            if sae_model_name and sae_model_name != name:
-                raise InvalidInputError(
-                    f"sae {config.sae_id!r} reads {sae_model_name!r}; it cannot steer {name!r}",
-                    details={"model": name, "sae_model": sae_model_name},
-                )
+            check_steered_model(config.sae_id, sae_model(get_sae(store, config.sae_id)), name)
     elif request.top_latents:
         raise InvalidInputError("top_latents needs a steering config with an SAE")
     options = request.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_p", "seed"})

@@ -18,7 +18,8 @@ from kestrel.core import hub, limits, uploads
 from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.limits import Caps
-from kestrel.core.sae.records import sae_model, sae_model_and_layer
+from kestrel.core.sae.progress import TrainingPoint
+from kestrel.core.sae.records import checkpoint_dir, sae_model, sae_model_and_layer
 from kestrel.schemas import (
     CaptureRequest,
     DiscoverRequest,
@@ -29,18 +30,6 @@ from kestrel.schemas import (
 from kestrel.workers.context import JobContext, job_function
 from kestrel.workers.lifecycle import LAYERS_KEY
 
-PROGRESS_METRICS = (
-    "step",
-    "tokens",
-    "epoch",
-    "loss",
-    "fvu",
-    "l0",
-    "dead_fraction",
-    "tokens_per_s",
-    "lr",
-    "elapsed_s",
-)
 LOG_EVERY_S = 5.0
 LAYERS_CACHE_TTL_S = 30 * 24 * 3600
 
@@ -180,17 +169,6 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
 # SAEs
 
 
-def _progress_fraction(p: Any) -> float | None:
-    fraction = getattr(p, "fraction", None)
-    if fraction is None and getattr(p, "total_steps", 0):
-        fraction = p.step / p.total_steps
-    return fraction
-
-
-def checkpoint_dir(ctx: JobContext, sae_id: str) -> Path:
-    return ctx.store.local_root / "checkpoints" / sae_id
-
-
 @job_function("train")
 def train_job(
     ctx: JobContext,
@@ -212,7 +190,7 @@ def train_job(
 
     hyper = SAEHyperparameters.model_validate(sae)
     _check_training_caps(ctx, run_id, layer, hyper.n_latents, train)
-    with writer_lock(checkpoint_dir(ctx, sae_id), ctx.should_stop) as held:
+    with writer_lock(checkpoint_dir(ctx.store, sae_id), ctx.should_stop) as held:
         if not held:
             return ctx.stopped("stopped while another run of this training let go of its checkpoint")
         if ctx.attempt > 1 and ctx.store.exists("saes", sae_id):
@@ -224,7 +202,7 @@ def _resumable(ctx: JobContext, sae_id: str) -> bool:
     """A rerun continues when an earlier run left a complete checkpoint (else it starts over)."""
     from kestrel.core.sae.checkpoint import latest_checkpoint
 
-    return ctx.attempt > 1 and latest_checkpoint(checkpoint_dir(ctx, sae_id)) is not None
+    return ctx.attempt > 1 and latest_checkpoint(checkpoint_dir(ctx.store, sae_id)) is not None
 
 
 def _published(ctx: JobContext, sae_id: str) -> dict[str, Any]:
@@ -250,7 +228,7 @@ def _train(
     from kestrel.core.sae.checkpoint import latest_checkpoint, read_checkpoint
 
     if resume:
-        newest = latest_checkpoint(checkpoint_dir(ctx, sae_id))
+        newest = latest_checkpoint(checkpoint_dir(ctx.store, sae_id))
         state = read_checkpoint(newest).meta if newest is not None else {}
         ctx.record(resumed_from={"step": state.get("step"), "elapsed_s": state.get("elapsed_s")})
         seconds = float(state.get("elapsed_s") or 0.0)
@@ -259,10 +237,9 @@ def _train(
         ctx.log(f"training {sae_id} on {run_id} {layer}")
     last_log = [0.0]
 
-    def on_progress(p: Any) -> None:
-        metrics = {name: getattr(p, name) for name in PROGRESS_METRICS if hasattr(p, name)}
+    def on_progress(p: TrainingPoint) -> None:
         message = f"step {p.step}: loss {p.loss:.4g}, fvu {p.fvu:.3f}, l0 {p.l0:.1f}"
-        ctx.update(progress=_progress_fraction(p), message=message, metrics=metrics)
+        ctx.update(progress=p.fraction, message=message, metrics=p.model_dump())
         if time.monotonic() - last_log[0] >= LOG_EVERY_S:
             last_log[0] = time.monotonic()
             ctx.log(message)
@@ -457,15 +434,12 @@ def _steering_plan(ctx: JobContext, config: Any, lm: Any):
 def _steering_model(ctx: JobContext, config: Any, model: str | None) -> str:
     from kestrel.core.models import DEFAULT_MODEL
     from kestrel.core.sae.artifacts import get_sae
+    from kestrel.core.steering_config import check_steered_model
 
     if config.sae_id is None:
         return model or DEFAULT_MODEL
     sae_model = _sae_model_name(ctx, get_sae(ctx.store, config.sae_id))
-    if model is not None and model != sae_model:
-        raise InvalidInputError(
-            f"sae {config.sae_id!r} reads {sae_model!r}; it cannot steer {model!r}",
-            details={"model": model, "sae_model": sae_model},
-        )
+    check_steered_model(config.sae_id, sae_model, model)
     return sae_model
 
 

@@ -14,9 +14,9 @@ import torch
 
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.sae import (
-    Progress,
     SAEConfig,
     TrainConfig,
+    TrainingPoint,
     create,
     export_saelens,
     import_saelens,
@@ -166,9 +166,9 @@ def test_resuming_from_a_stop_reaches_the_uninterrupted_weights(tmp_path: Path, 
 def test_should_stop_ends_the_run_within_one_step(tmp_path: Path):
     _, rows = sparse_dictionary_data(4096, n_atoms=32, d=16, active=3, seed=6)
     flag = {"stop": False}
-    seen: list[Progress] = []
+    seen: list[TrainingPoint] = []
 
-    def report(progress: Progress) -> None:
+    def report(progress: TrainingPoint) -> None:
         seen.append(progress)
         if progress.step == 3:
             flag["stop"] = True  # e.g. a cancel request arriving while step 3 ran
@@ -377,7 +377,7 @@ def test_token_budget_cycles_epochs_and_stops_on_budget():
 
 def test_progress_history_and_final_metrics(tmp_path: Path):
     _, rows = sparse_dictionary_data(8192, n_atoms=32, d=16, active=3, seed=10)
-    reports: list[Progress] = []
+    reports: list[TrainingPoint] = []
     result = train_sae(
         SAEConfig(d_in=16, n_latents=64, k=3),
         TrainConfig(batch_size=512, log_every=5),

@@ -33,15 +33,18 @@ _MODULE_OF = {
     **dict.fromkeys(("SAEConfig", "TrainConfig", "default_lr"), "config"),
     **dict.fromkeys(("export_saelens", "import_saelens", "load_sae", "save_sae"), "io"),
     "evaluate": "metrics",
-    **dict.fromkeys(("Progress", "TrainPlan", "TrainResult", "resolve_plan", "train_sae"), "trainer"),
+    "TrainingPoint": "progress",
+    **dict.fromkeys(("TrainPlan", "TrainResult", "resolve_plan", "train_sae"), "trainer"),
 }
+
+TORCH_FREE = ("config", "progress")
 
 
 def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'kestrel.core.sae' has no attribute {name!r}")
-    if module != "config":  # the engine: its architectures register themselves on import
+    if module not in TORCH_FREE:  # the engine: its architectures register themselves on import
         import_module("kestrel.core.sae.base").load_builtin_architectures()
     return getattr(import_module(f"kestrel.core.sae.{module}"), name)
 

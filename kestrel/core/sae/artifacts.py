@@ -36,6 +36,7 @@ from kestrel.core.sae.checkpoint import latest_checkpoint
 from kestrel.core.sae.config import DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig
 from kestrel.core.sae.metrics import evaluate
 from kestrel.core.sae.model_eval import ce_loss_metrics
+from kestrel.core.sae.progress import TrainingPoint
 from kestrel.core.sae.records import (
     KIND,
     get_sae,
@@ -48,7 +49,7 @@ from kestrel.core.sae.records import checkpoint_dir as _checkpoint_dir
 from kestrel.core.sae.records import delete_sae as delete_sae
 from kestrel.core.sae.records import list_saes as list_saes
 from kestrel.core.sae.records import training_history as training_history
-from kestrel.core.sae.trainer import Progress, train_sae
+from kestrel.core.sae.trainer import train_sae
 from kestrel.core.store import Store, new_id, validate_id
 
 HELDOUT_FRACTION = 0.1
@@ -185,7 +186,7 @@ def train_from_run(
     *,
     sae_id: str | None = None,
     filters: RowFilter | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[TrainingPoint], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
     on_warning: Callable[[str], None] | None = None,

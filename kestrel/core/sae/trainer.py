@@ -29,6 +29,7 @@ from kestrel.core.sae.base import SAE, LossOutput, LossSettings, create
 from kestrel.core.sae.checkpoint import LoadedCheckpoint, RunState, read_checkpoint, write_checkpoint
 from kestrel.core.sae.config import DEAD_TOKENS_CAP, DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig, default_lr
 from kestrel.core.sae.metrics import evaluate
+from kestrel.core.sae.progress import TrainingPoint
 
 DataFn = Callable[[int], Iterable[Tensor]]
 
@@ -59,35 +60,6 @@ class TrainPlan:
 
     def l1_scale_at(self, step: int) -> float:
         return min(1.0, (step + 1) / self.l1_warmup_steps) if self.l1_warmup_steps else 1.0
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One progress report, averaged over the steps since the previous one."""
-
-    step: int
-    """Optimiser steps taken so far."""
-    tokens: int
-    """Rows trained on so far."""
-    epoch: int
-    loss: float
-    """Training objective (FVU + AuxK, or MSE + L1), mean over the window."""
-    fvu: float
-    """Batch FVU, mean over the window."""
-    l0: float
-    """Non-zero latents per row, mean over the window."""
-    dead_fraction: float
-    """Latents silent for `dead_tokens_threshold` tokens or more, at this step."""
-    dead_tokens_threshold: int
-    tokens_per_s: float
-    """Throughput over the window (wall clock, data reading included)."""
-    lr: float
-    """Learning rate of the last step."""
-    total_steps: int
-    """Planned steps for the whole run."""
-    elapsed_s: float = 0.0
-    """Seconds of training so far, across resumes (what a crash after this report would redo,
-    counted from the last checkpoint's figure)."""
 
 
 @dataclass
@@ -155,7 +127,7 @@ def train_sae(
     train_config: TrainConfig,
     data: DataFn,
     *,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[TrainingPoint], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
@@ -205,7 +177,7 @@ class _Run:
         sae_config: SAEConfig,
         train_config: TrainConfig,
         plan: TrainPlan,
-        on_progress: Callable[[Progress], None] | None,
+        on_progress: Callable[[TrainingPoint], None] | None,
         checkpoint_dir: Path | None,
     ) -> None:
         self.sae_config = sae_config
@@ -390,7 +362,7 @@ class _Run:
         assert state.tokens_since_fired_N is not None
         dead = state.tokens_since_fired_N >= self.plan.dead_tokens_threshold
         progress = self.window.progress(state, float(dead.float().mean()), self.plan)
-        state.history.append(asdict(progress))
+        state.history.append(progress.model_dump())
         if self.on_progress is not None:
             self.on_progress(progress)
 
@@ -456,10 +428,10 @@ class _Window:
         self.tokens_since_clock += n_rows
         self.lr = lr
 
-    def progress(self, state: RunState, dead_fraction: float, plan: TrainPlan) -> Progress:
+    def progress(self, state: RunState, dead_fraction: float, plan: TrainPlan) -> TrainingPoint:
         loss, fvu, l0, _ = (self.sums / self.steps).tolist()
         seconds = time.perf_counter() - self.clock
-        progress = Progress(
+        progress = TrainingPoint(
             step=state.step,
             tokens=state.tokens,
             epoch=state.epoch,
