@@ -22,7 +22,13 @@ from torch import Tensor, nn
 from torch.nn.functional import linear
 
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.sae.config import SAEConfig, check_knobs, unknown_architecture
+from kestrel.core.sae.config import (
+    BUILTIN_ARCHITECTURES,
+    ArchitectureRules,
+    SAEConfig,
+    check_knobs,
+    unknown_architecture,
+)
 from kestrel.core.sae.kernels import dense_decode, gather_linear, sparse_decode
 
 
@@ -112,11 +118,21 @@ def register(name: str):
     return add
 
 
-BUILTIN_ARCHITECTURES = ("batchtopk", "relu_l1", "topk")  # modules of kestrel.core.sae
+def register_builtin(name: str):
+    """`register` for a built-in architecture: its config defaults and check are its rules in
+    `config.BUILTIN_ARCHITECTURES`, the one definition the API (no torch) checks requests with."""
+
+    def add(cls: type[SAE]) -> type[SAE]:
+        cls.rules = BUILTIN_ARCHITECTURES[name]
+        cls.config_defaults = cls.rules.defaults
+        return register(name)(cls)
+
+    return add
 
 
 def load_builtin_architectures() -> None:
-    """Import the built-in architecture modules, which register themselves (once; cheap after)."""
+    """Import the built-in architecture modules (kestrel.core.sae.<name>), which register
+    themselves (once; cheap after)."""
     for name in BUILTIN_ARCHITECTURES:
         import_module(f"kestrel.core.sae.{name}")
 
@@ -148,6 +164,9 @@ class SAE(nn.Module):
     """Values for the architecture's own config fields (`k`, `l1_coefficient`) when left unset;
     a field not named here must stay unset."""
 
+    rules: ClassVar[ArchitectureRules | None] = None
+    """A built-in architecture's config rules (set by `register_builtin`)."""
+
     unit_norm_decoder: ClassVar[bool] = True
     """Whether training keeps decoder rows at unit norm (otherwise activations and decoder norms
     trade off freely and the penalty must account for it)."""
@@ -170,7 +189,10 @@ class SAE(nn.Module):
     @classmethod
     def check_config(cls, config: SAEConfig) -> None:
         """Raise ValueError (pydantic reports it) when the config does not fit this architecture."""
-        check_knobs(cls.architecture, cls.config_defaults, config)
+        if cls.rules is not None:
+            cls.rules.check(config)
+        else:
+            check_knobs(cls.architecture, cls.config_defaults, config)
 
     # -- shapes ---------------------------------------------------------------------------------
 

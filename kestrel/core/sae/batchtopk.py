@@ -8,14 +8,12 @@ that training kept (saved as the `threshold` buffer; SAELens calls this a JumpRe
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 from torch import Tensor
 from torch.nn.functional import embedding_bag
 
-from kestrel.core.sae.base import SAE, EncoderOutput, register
-from kestrel.core.sae.config import BUILTIN_ARCHITECTURES, SAEConfig, check_k
+from kestrel.core.sae.base import SAE, EncoderOutput, register_builtin
+from kestrel.core.sae.config import SAEConfig
 
 #: Rows are first cut to their top `ROW_CAP_FACTOR * k` entries before the batch-wide choice;
 #: when some row is full at that cap the exact (slower) batch-wide selection runs instead.
@@ -23,21 +21,14 @@ ROW_CAP_FACTOR = 4
 THRESHOLD_DECAY = 0.99
 
 
-@register("batchtopk")
+@register_builtin("batchtopk")
 class BatchTopKSAE(SAE):
     """Batch-level top-k in training, a fixed threshold at inference."""
-
-    config_defaults: ClassVar[dict[str, Any]] = BUILTIN_ARCHITECTURES["batchtopk"].defaults
 
     def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(config, generator=generator)
         self.register_buffer("threshold", torch.zeros(()))
         self._cap_hint = 0
-
-    @classmethod
-    def check_config(cls, config: SAEConfig) -> None:
-        super().check_config(config)
-        check_k(config)
 
     def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
         x_centred_BD = x_BD - self.b_dec

@@ -11,28 +11,26 @@ plain matmul.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 from torch import Tensor
 from torch.nn.functional import linear
 
-from kestrel.core.sae.base import SAE, EncoderOutput, LossOutput, LossSettings, batch_total_variance, register
-from kestrel.core.sae.config import BUILTIN_ARCHITECTURES, SAEConfig, check_l1_coefficient
+from kestrel.core.sae.base import (
+    SAE,
+    EncoderOutput,
+    LossOutput,
+    LossSettings,
+    batch_total_variance,
+    register_builtin,
+)
 
 
-@register("relu_l1")
+@register_builtin("relu_l1")
 class ReLUL1SAE(SAE):
     """f(x) = ReLU((x − b_dec) W_encᵀ + b_enc); every latent may be active."""
 
-    config_defaults: ClassVar[dict[str, Any]] = BUILTIN_ARCHITECTURES["relu_l1"].defaults
     unit_norm_decoder = False
     decoder_init_norm = 0.1  # small decoder (and tied encoder) rows start with a small reconstruction
-
-    @classmethod
-    def check_config(cls, config: SAEConfig) -> None:
-        super().check_config(config)
-        check_l1_coefficient(config)
 
     def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
         x_centred_BD = x_BD - self.b_dec

@@ -6,24 +6,14 @@ activation shrinkage, and the k-sparse structure makes both decoding and the bac
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 from torch import Tensor
 
-from kestrel.core.sae.base import SAE, EncoderOutput, register
-from kestrel.core.sae.config import BUILTIN_ARCHITECTURES, SAEConfig, check_k
+from kestrel.core.sae.base import SAE, EncoderOutput, register_builtin
 
 
-@register("topk")
+@register_builtin("topk")
 class TopKSAE(SAE):
     """ReLU of the k largest pre-activations per row; the rest are zero."""
-
-    config_defaults: ClassVar[dict[str, Any]] = BUILTIN_ARCHITECTURES["topk"].defaults
-
-    @classmethod
-    def check_config(cls, config: SAEConfig) -> None:
-        super().check_config(config)
-        check_k(config)
 
     def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
         x_centred_BD = x_BD - self.b_dec
