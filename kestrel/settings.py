@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kestrel.core.catalog import DEFAULT_MODEL
+
 if TYPE_CHECKING:
     from kestrel.core.store import Store
 
@@ -129,7 +131,7 @@ class Settings(BaseSettings):
 
     # `kestrel up`.
     preload_model: str = Field(
-        "smollm2-135m",
+        DEFAULT_MODEL,
         description="model `kestrel up` asks the interactive and generate workers to load at start "
         "(empty: none), so the first encode or generate does not wait for a load",
     )

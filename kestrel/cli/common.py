@@ -10,13 +10,15 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from kestrel.core.catalog import DType
 from kestrel.core.errors import KestrelError
+from kestrel.core.sources import TxtMode
 
 console = Console()
 err_console = Console(stderr=True)
@@ -33,8 +35,13 @@ ModelOpt = Annotated[str, typer.Option(help="bundled name, local directory or hu
 # The inline-texts-or-file dataset options of capture, discover and analyze causal (see dataset_spec).
 TextsOpt = Annotated[list[str] | None, typer.Option("--text", "-t", help="an inline text (repeatable)")]
 TxtModeOpt = Annotated[str, typer.Option(help="txt files: a document per 'line' or per 'file'")]
-DatasetFileOpt = Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")]
+DatasetFileOpt = Annotated[
+    Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file (or a directory of .txt)")
+]
 TextFieldOpt = Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet")]
+LimitOpt = Annotated[int | None, typer.Option(help="documents at most")]
+# The model of a command that runs an SAE: its own unless one is named.
+SaeModelOpt = Annotated[str | None, typer.Option(help="model [default: the SAE's]")]
 
 
 def friendly_errors(fn: F) -> F:
@@ -98,20 +105,22 @@ def print_table(headers: list[str], rows: list[list[str]], *, keep: tuple[str, .
     out.print(table)
 
 
-def check_txt_mode(value: str) -> Literal["line", "file"]:
+def check_choice(value: str, option: str, choices: Any) -> Any:
+    """``value`` when it is one of the ``Literal`` type ``choices``; else the error naming them."""
     from kestrel.core.errors import InvalidInputError
 
-    if value not in ("line", "file"):
-        raise InvalidInputError(f"--txt-mode must be 'line' or 'file', got {value!r}")
-    return value  # type: ignore[return-value]
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise InvalidInputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
-def check_storage_dtype(value: str) -> Literal["fp16", "bf16", "fp32"]:
-    from kestrel.core.errors import InvalidInputError
+def check_txt_mode(value: str) -> TxtMode:
+    return check_choice(value, "--txt-mode", TxtMode)
 
-    if value not in ("fp16", "bf16", "fp32"):
-        raise InvalidInputError(f"--dtype must be fp16, bf16 or fp32, got {value!r}")
-    return value  # type: ignore[return-value]
+
+def check_storage_dtype(value: str) -> DType:
+    return check_choice(value, "--dtype", DType)
 
 
 def dataset_spec(text: list[str] | None, file: Path | None, text_field: str, mode: str, limit: int | None):

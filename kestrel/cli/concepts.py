@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
@@ -12,10 +12,13 @@ from kestrel.cli.common import (
     DatasetFileOpt,
     DeviceOpt,
     JsonOpt,
+    LimitOpt,
+    SaeModelOpt,
     StoreOpt,
     TextFieldOpt,
     TextsOpt,
     TxtModeOpt,
+    check_choice,
     console,
     dataset_spec,
     friendly_errors,
@@ -47,11 +50,11 @@ def discover(
     file: DatasetFileOpt = None,
     text_field: TextFieldOpt = "text",
     txt_mode: TxtModeOpt = "line",
-    limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
+    limit: LimitOpt = None,
     *,
     config: dict[str, Any],
     keep_sinks: Annotated[bool, typer.Option(help="include attention-sink rows (position 0, ...)")] = False,
-    model: Annotated[str | None, typer.Option(help="model [default: the SAE's]")] = None,
+    model: SaeModelOpt = None,
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -162,17 +165,16 @@ def label(
         list[int] | None, typer.Option("--latent", help="only these latents (repeatable)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace manual names too")] = False,
-    model: Annotated[str | None, typer.Option(help="model [default: the SAE's]")] = None,
+    model: SaeModelOpt = None,
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Name latents automatically; each name records its source (heuristic or model)."""
     from kestrel.core.concepts import label_features
-    from kestrel.core.errors import InvalidInputError
+    from kestrel.core.concepts.dictionary import LabelMethod
 
-    if method not in ("heuristic", "model"):
-        raise InvalidInputError(f"--method must be heuristic or model, got {method!r}")
+    check_choice(method, "--method", LabelMethod)
     the_store = open_store(store)
     lm = sae_model(the_store, sae_id, model, device) if method == "model" else None
     result = label_features(the_store, sae_id, method, lm=lm, latents=latent, overwrite=overwrite)  # type: ignore[arg-type]
@@ -181,13 +183,11 @@ def label(
     console.print(f"labelled {result['labelled']} latent(s) of {sae_id} ({method})")
 
 
-def _dictionary_format(value: str | None, path: Path | None) -> Literal["json", "csv"]:
-    from kestrel.core.errors import InvalidInputError
+def _dictionary_format(value: str | None, path: Path | None):
+    from kestrel.core.concepts.dictionary import DictionaryFormat
 
     fmt = value or (path.suffix.lstrip(".").lower() if path is not None else "json")
-    if fmt not in ("json", "csv"):
-        raise InvalidInputError(f"dictionary format must be json or csv, got {fmt!r}")
-    return fmt  # type: ignore[return-value]
+    return check_choice(fmt, "--format", DictionaryFormat)
 
 
 @concepts_app.command("import")

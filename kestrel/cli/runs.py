@@ -8,16 +8,18 @@ from typing import Annotated, Any
 import typer
 
 from kestrel.cli.common import (
+    DatasetFileOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    LimitOpt,
     ModelOpt,
     StoreOpt,
     TextsOpt,
     TxtModeOpt,
     check_storage_dtype,
-    check_txt_mode,
     console,
+    dataset_spec,
     friendly_errors,
     open_store,
     print_json,
@@ -95,9 +97,7 @@ def capture(
     layer: Annotated[list[str], typer.Option("--layer", "-l", help="layer to capture (repeatable)")],
     model: ModelOpt = DEFAULT_MODEL,
     text: TextsOpt = None,
-    file: Annotated[
-        Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file (or a directory of .txt)")
-    ] = None,
+    file: DatasetFileOpt = None,
     text_field: Annotated[
         str, typer.Option(help="text column/field of jsonl, csv, parquet, HF datasets")
     ] = "text",
@@ -105,7 +105,7 @@ def capture(
     hf: Annotated[str | None, typer.Option(help="a Hugging Face dataset name (needs network)")] = None,
     hf_config: Annotated[str | None, typer.Option(help="the HF dataset's config")] = None,
     split: Annotated[str, typer.Option(help="the HF dataset's split")] = "train",
-    limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
+    limit: LimitOpt = None,
     run_id: Annotated[str | None, typer.Option(help="id of the new run [default: generated]")] = None,
     *,
     options: dict[str, Any],
@@ -116,21 +116,16 @@ def capture(
 ) -> None:
     """Capture layers over a dataset into a new activation run."""
     from kestrel.core.activations import capture as run_capture
-    from kestrel.core.datasets import FileSource, HFSource, TextsSource
+    from kestrel.core.datasets import HFSource
     from kestrel.core.errors import InvalidInputError
     from kestrel.core.models import load_model
 
     sources = [s for s in (text, file, hf) if s]
     if len(sources) != 1:
         raise InvalidInputError("give exactly one dataset: --text (repeatable), --file or --hf")
-    if text:
-        spec: Any = TextsSource(texts=text, limit=limit)
-    elif file is not None:
-        spec = FileSource(
-            path=str(file), text_field=text_field, txt_mode=check_txt_mode(txt_mode), limit=limit
-        )
-    else:
-        spec = HFSource(name=hf, config=hf_config, split=split, text_field=text_field, limit=limit)
+    spec = dataset_spec(text, file, text_field, txt_mode, limit) or HFSource(
+        name=hf, config=hf_config, split=split, text_field=text_field, limit=limit
+    )
     the_store = open_store(store)
     lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
     manifest = run_capture(

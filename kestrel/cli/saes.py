@@ -9,6 +9,7 @@ import typer
 from kestrel.cli.common import (
     DeviceOpt,
     JsonOpt,
+    SaeModelOpt,
     StoreOpt,
     console,
     friendly_errors,
@@ -114,7 +115,7 @@ def train_command(
 @friendly_errors
 def evaluate(
     sae_id: Annotated[str, typer.Argument(help="the SAE to evaluate")],
-    model: Annotated[str | None, typer.Option(help="model [default: the one the SAE was trained on]")] = None,
+    model: SaeModelOpt = None,
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,

@@ -9,6 +9,7 @@ import typer
 from kestrel.cli.common import (
     DeviceOpt,
     JsonOpt,
+    SaeModelOpt,
     StoreOpt,
     console,
     err_console,
@@ -87,7 +88,7 @@ def steer(
     seed: Annotated[int, typer.Option(help="seed of sampling (the same for both runs)")] = 0,
     top_latents: Annotated[int, typer.Option(help="show this many SAE latents per generated token")] = 0,
     save: Annotated[bool, typer.Option(help="save the config and print its id")] = False,
-    model: Annotated[str | None, typer.Option(help="model [default: the SAE's]")] = None,
+    model: SaeModelOpt = None,
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,

@@ -22,10 +22,13 @@ __all__ = [
     "FileSource",
     "HFSource",
     "TextsSource",
+    "TxtMode",
     "describe_source",
 ]
 
 FileFormat = Literal["txt", "jsonl", "csv", "parquet"]
+#: How a .txt file splits into documents: one per non-empty line, or the whole file.
+TxtMode = Literal["line", "file"]
 
 SUFFIX_FORMATS: dict[str, FileFormat] = {
     ".txt": "txt",
@@ -55,7 +58,7 @@ class FileReading(StrictModel):
         default="auto", description="'auto' infers from the suffix; a directory with 'auto' means *.txt."
     )
     text_field: str = Field(default="text", min_length=1, description="jsonl key / csv or parquet column.")
-    txt_mode: Literal["line", "file"] = Field(
+    txt_mode: TxtMode = Field(
         default="line", description="txt only: one document per non-empty line, or per file."
     )
     limit: PositiveInt | None = None

@@ -44,7 +44,7 @@ class LatentEdit(StrictModel):
     """One edit of one SAE latent's activation f."""
 
     # non-finite values reach `_finite`, whose message also gives the magnitude bound
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
+    model_config = ConfigDict(allow_inf_nan=True)
 
     latent: int = Field(ge=0, description="latent index in the config's SAE")
     op: EditOp = Field(description="scale: f·value; clamp: f := value; add: f + value")
@@ -68,7 +68,7 @@ class LatentEdit(StrictModel):
 class DirectionEdit(StrictModel):
     """Add ``alpha`` times a direction at a layer's output, without any SAE in the loop."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)  # as LatentEdit: `_finite` says it
+    model_config = ConfigDict(allow_inf_nan=True)  # as LatentEdit: `_finite` says it
 
     layer: str = Field(min_length=1, description="module path, e.g. model.layers.10")
     alpha: float

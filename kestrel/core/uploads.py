@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from kestrel.core.clientdata import TensorInfo, safetensors_header
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.sources import FileSource
+from kestrel.core.sources import FileReading, FileSource
 from kestrel.core.store import Store, new_id, read_manifests, validate_id
 
 KIND = "uploads"
@@ -144,16 +144,14 @@ def require_dataset_upload(store: Store, upload_id: str) -> dict[str, Any]:
     return manifest
 
 
-def upload_file_source(
-    store: Store, upload_id: str, *, format: str, text_field: str, txt_mode: str, limit: int | None
-) -> FileSource:
-    """The FileSource a worker reads for an uploaded dataset (a path made here, not by a client)."""
+def upload_file_source(store: Store, upload_id: str, reading: FileReading) -> FileSource:
+    """The FileSource a worker reads for an uploaded dataset (a path made here, not by a client),
+    read as ``reading`` says (an ``UploadSource`` is one); format auto is the upload's own."""
     manifest = require_dataset_upload(store, upload_id)
     path = store.local_path(KIND, upload_id, manifest["file"])
+    format = reading.format
     return FileSource(
         path=str(path),
         format=manifest["format"] if format == "auto" else format,  # type: ignore[arg-type]
-        text_field=text_field,
-        txt_mode=txt_mode,  # type: ignore[arg-type]
-        limit=limit,
+        **reading.model_dump(include=FileReading.model_fields.keys() - {"format"}),
     )

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
 from kestrel.core.concepts.config import DiscoveryConfig
+from kestrel.core.concepts.dictionary import LabelMethod
 from kestrel.core.config import StrictModel
 from kestrel.core.steering_config import SteeringConfig
 from kestrel.schemas.common import Page
@@ -130,7 +131,7 @@ class ConceptImportResult(BaseModel):
 class LabelRequest(StrictModel):
     """Automatic names: ``heuristic`` from tokens and logit effects, ``model`` by the SAE's model."""
 
-    method: Literal["heuristic", "model"] = "heuristic"
+    method: LabelMethod = "heuristic"
     latents: list[int] | None = Field(None, max_length=4096, description="default: every latent that fired")
     overwrite: bool = Field(False, description="replace manual names too")
 

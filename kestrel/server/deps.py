@@ -187,6 +187,9 @@ RunId = Annotated[str, _id_path("run")]
 SaeId = Annotated[str, _id_path("SAE")]
 JobId = Annotated[str, _id_path("job")]
 UploadId = Annotated[str, _id_path("upload")]
+AnalysisId = Annotated[str, _id_path("analysis")]
+SteeringId = Annotated[str, _id_path("steering config")]
+Latent = Annotated[int, Path(ge=0, le=1 << 24, description="latent index")]
 IdempotencyKey = Annotated[
     str | None,
     Header(

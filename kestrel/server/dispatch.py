@@ -32,7 +32,6 @@ from kestrel.workers import idempotency, lifecycle, registry
 POLL_FAST_S = 0.005
 POLL_FAST_FOR_S = 2.0
 POLL_SLOW_S = 0.1
-ERROR_STATUS = STATUS_BY_CODE  # a failed job's code → the awaited route's status (one table)
 # OpenAPI ``responses=`` entry of every awaited route: what a client gets when the wait runs out.
 STILL_RUNNING_RESPONSE: dict[int | str, dict[str, Any]] = {
     202: {
@@ -170,6 +169,6 @@ def _job_error(info: JobInfo) -> ApiError:
     """The failed job's own error, with the HTTP status its code implies."""
     if info.error is None:
         return ApiError(500, f"job {info.id} {info.status}", details={"job_id": info.id})
-    status = ERROR_STATUS.get(info.error.code, 500)
+    status = STATUS_BY_CODE.get(info.error.code, 500)  # a failed job's code → this route's status
     details = {**info.error.details, "job_id": info.id}
     return ApiError(status, info.error.message, code=info.error.code, details=details)

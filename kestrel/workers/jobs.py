@@ -89,14 +89,7 @@ def ping_job(ctx: JobContext, payload: str = "") -> dict[str, Any]:
 def engine_source(ctx: JobContext, dataset: TextsSource | UploadSource | HubDatasetSource):
     """The engine's source for a request's dataset; only here does an upload id become a path."""
     if isinstance(dataset, UploadSource):
-        return uploads.upload_file_source(
-            ctx.store,
-            dataset.upload_id,
-            format=dataset.format,
-            text_field=dataset.text_field,
-            txt_mode=dataset.txt_mode,
-            limit=dataset.limit,
-        )
+        return uploads.upload_file_source(ctx.store, dataset.upload_id, dataset)
     if isinstance(dataset, HubDatasetSource):
         if Path(dataset.name).expanduser().exists():
             raise InvalidInputError(

@@ -49,21 +49,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'kestrel.core.analysis' has no attribute {name!r}")
 
 
-__all__ = [
-    "KIND",
-    "AnalysisConfig",
-    "AnalysisKind",
-    "CausalConfig",
-    "CircuitConfig",
-    "FeatureConfig",
-    "NeuronConfig",
-    "PromptPair",
-    "delete_analysis",
-    "get_analysis",
-    "get_results",
-    "list_analyses",
-    "parse_config",
-    "plot_path",
-    "report_path",
-    "run_analysis",
-]
+__all__ = sorted((*_CONFIG_NAMES, *_RECORD_NAMES, *_RUNNER_NAMES))

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from kestrel.core.config import EngineConfig
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.runs import RowFilter
-from kestrel.core.sae.config import _Config
 
 if TYPE_CHECKING:
     from kestrel.core.concepts.accumulate import LogBins
@@ -22,7 +22,7 @@ MAX_HIST_BINS = 240
 MAX_STATE_ENTRIES = 200_000_000  # about 3 GiB at 16 bytes an entry
 
 
-class DiscoveryConfig(_Config):
+class DiscoveryConfig(EngineConfig):
     """How discovery runs; one object for the CLI, the API request and the stored summary."""
 
     top_n: int = Field(20, ge=1, le=256, description="top-activating contexts kept per latent")

@@ -25,12 +25,15 @@ from typing import Any, Literal, get_args
 from pydantic import Field, field_validator
 
 from kestrel.core.concepts.store import FEATURES_DIR, SAE_KIND
+from kestrel.core.config import EngineConfig
 from kestrel.core.errors import InvalidInputError, NotFoundError
-from kestrel.core.sae.config import _Config
 from kestrel.core.store import Store, validate_id
 
 DICTIONARY_FILE = "dictionary.json"
 LOCK_FILE = ".dictionary.lock"
+#: How a name can be made automatically (`kestrel.core.concepts.labels`).
+LabelMethod = Literal["heuristic", "model"]
+#: Who made a name: a person, or one of the label methods.
 LabelSource = Literal["manual", "heuristic", "model"]
 LABEL_SOURCES: tuple[str, ...] = get_args(LabelSource)
 CSV_COLUMNS = ("latent", "name", "description", "tags", "source")
@@ -39,7 +42,7 @@ MAX_NAME_CHARS = 200
 MAX_DESCRIPTION_CHARS = 4000
 
 
-class Concept(_Config):
+class Concept(EngineConfig):
     """What one latent means, and who said so."""
 
     latent: int = Field(ge=0, description="latent index")

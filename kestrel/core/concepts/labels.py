@@ -15,18 +15,17 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from kestrel.core.concepts.contexts import PAD_TOKEN
-from kestrel.core.concepts.dictionary import Concept, update_concepts
+from kestrel.core.concepts.dictionary import Concept, LabelMethod, update_concepts
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.models import LoadedModel, generate
 from kestrel.core.store import Store
 
-LabelMethod = Literal["heuristic", "model"]
 MODEL_CONTEXTS = 6
 MODEL_BATCH = 8
 MODEL_NEW_TOKENS = 10

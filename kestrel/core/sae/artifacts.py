@@ -95,27 +95,15 @@ def choose_batch_size(train_cfg: TrainConfig, train_rows: int) -> tuple[TrainCon
     ]
 
 
-def _train_data(store: Store, run_id: str, layer: str, filters: RowFilter, seed: int):
-    """``data(epoch)`` for the trainer: the same rows in the same order for the same epoch."""
+def _run_rows(
+    store: Store, run_id: str, layer: str, filters: RowFilter | None, split: str, seed: int | None = None
+):
+    """``data(epoch)`` over one split of a run's layer, in READ_CHUNK_ROWS chunks; training and
+    evaluation split off the same HELDOUT_FRACTION. With a seed (training) the rows are shuffled,
+    the same way for the same epoch."""
 
-    def data(epoch: int) -> Iterator[torch.Tensor]:
-        return iter_batches(
-            store,
-            run_id,
-            layer,
-            batch_size=READ_CHUNK_ROWS,
-            filters=filters,
-            split="train",
-            heldout_fraction=HELDOUT_FRACTION,
-            shuffle_buffer=SHUFFLE_BUFFER_ROWS,
-            seed=seed * 1000 + epoch,
-        )
-
-    return data
-
-
-def _heldout_data(store: Store, run_id: str, layer: str, filters: RowFilter | None, split: str):
-    def data() -> Iterator[torch.Tensor]:
+    def data(epoch: int = 0) -> Iterator[torch.Tensor]:
+        order = {} if seed is None else {"shuffle_buffer": SHUFFLE_BUFFER_ROWS, "seed": seed * 1000 + epoch}
         return iter_batches(
             store,
             run_id,
@@ -124,6 +112,7 @@ def _heldout_data(store: Store, run_id: str, layer: str, filters: RowFilter | No
             filters=filters,
             split=split,  # type: ignore[arg-type]
             heldout_fraction=HELDOUT_FRACTION,
+            **order,
         )
 
     return data
@@ -220,12 +209,12 @@ def train_from_run(
     result = train_sae(
         sae_cfg,
         train_cfg,
-        _train_data(store, run_id, layer, filters, train_cfg.seed),
+        _run_rows(store, run_id, layer, filters, "train", train_cfg.seed),
         on_progress=on_progress,
         should_stop=should_stop,
         checkpoint_dir=checkpoints,
         resume_from=resume_from,
-        eval_data=_heldout_data(store, run_id, layer, filters, "heldout"),
+        eval_data=_run_rows(store, run_id, layer, filters, "heldout"),
     )
     if result.stopped:
         return {
@@ -238,7 +227,7 @@ def train_from_run(
         }
     metrics = dict(result.metrics)
     metrics["all_rows"] = evaluate(
-        result.sae, _heldout_data(store, run_id, layer, None, "all")(), max_rows=EVAL_MAX_ROWS
+        result.sae, _run_rows(store, run_id, layer, None, "all")(), max_rows=EVAL_MAX_ROWS
     )
     metrics["all_rows"]["note"] = (
         "every row of the run, attention sinks included: not what the SAE was trained on"

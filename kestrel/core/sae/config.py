@@ -37,11 +37,7 @@ DEFAULT_BATCH_SIZE = 4096  # rows per step when the run is large enough (see art
 DEFAULT_CHECKPOINT_EVERY_S = 60.0
 
 
-# The engine's config base, under the name the engine's modules import it by.
-_Config = EngineConfig
-
-
-class SAEConfig(_Config):
+class SAEConfig(EngineConfig):
     """What the autoencoder is: shape, sparsity mechanism and where its training data came from.
 
     `k` applies to the k-sparse architectures (topk, batchtopk) and `l1_coefficient` to relu_l1;
@@ -184,7 +180,7 @@ def default_lr(n_latents: int, d_in: int) -> float:
     return 2e-4 * math.sqrt(2**14 / n_latents) * math.sqrt(768 / d_in)
 
 
-class TrainConfig(_Config):
+class TrainConfig(EngineConfig):
     """How the SAE is trained. `None` means "derive from the run" (see `resolve_plan`)."""
 
     lr: float | None = Field(default=None, gt=0, description="Adam learning rate; default scales with width")

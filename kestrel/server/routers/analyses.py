@@ -24,16 +24,13 @@ from kestrel.schemas import (
     JobInfo,
 )
 from kestrel.server import services
-from kestrel.server.deps import ID_PATTERN, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
+from kestrel.server.deps import AnalysisId, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses
 from kestrel.settings import Settings
 from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/analyses", tags=["analyses"], responses=error_responses(401, 422))
-AnalysisId = Annotated[
-    str, Path(pattern=ID_PATTERN, max_length=64, description="analysis id ([a-z0-9-], server-generated)")
-]
 PlotName = Annotated[
     str,
     Path(

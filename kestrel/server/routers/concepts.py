@@ -4,10 +4,11 @@ automatic labels (a batch job)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Annotated, get_args
 
-from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
+from kestrel.core.concepts.dictionary import DictionaryFormat
 from kestrel.core.errors import InvalidInputError
 from kestrel.schemas import (
     ConceptImportResult,
@@ -18,14 +19,12 @@ from kestrel.schemas import (
     JobInfo,
     LabelRequest,
 )
-from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
+from kestrel.server.deps import IdempotencyKey, Latent, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
 from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/saes", tags=["concepts"], responses=error_responses(401, 422))
-Latent = Annotated[int, Path(ge=0, le=1 << 24, description="latent index")]
-DictionaryFormat = Literal["json", "csv"]
 MAX_DICTIONARY_BYTES = 16 << 20
 MEDIA_TYPES = {"json": "application/json", "csv": "text/csv"}
 
@@ -94,7 +93,7 @@ async def import_concepts(
 
 def _format_from_name(filename: str) -> DictionaryFormat:
     suffix = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
-    if suffix not in ("json", "csv"):
+    if suffix not in get_args(DictionaryFormat):
         raise InvalidInputError(f"cannot tell the format of {filename!r}; send format=json or format=csv")
     return suffix  # type: ignore[return-value]
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from kestrel.schemas import DiscoverRequest, FeatureDetail, FeaturePage, JobInfo
 from kestrel.server import services
-from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
+from kestrel.server.deps import IdempotencyKey, Latent, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses
 from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/saes", tags=["features"], responses=error_responses(401, 422))
-Latent = Annotated[int, Path(ge=0, le=1 << 24, description="latent index")]
 
 
 def _concepts():

@@ -4,9 +4,8 @@ model too), list, read, delete. Generation with a config is ``POST /v1/models/{n
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 
 from kestrel.core.steering_config import SteeringConfig
 from kestrel.schemas import (
@@ -17,16 +16,12 @@ from kestrel.schemas import (
     SteeringRecord,
 )
 from kestrel.server import services
-from kestrel.server.deps import ID_PATTERN, PageDep, RedisDep, SettingsDep, StoreDep
+from kestrel.server.deps import PageDep, RedisDep, SettingsDep, SteeringId, StoreDep
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive
 from kestrel.server.errors import error_responses
 from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/steering", tags=["steering"], responses=error_responses(401, 422))
-SteeringId = Annotated[
-    str,
-    Path(pattern=ID_PATTERN, max_length=64, description="steering config id ([a-z0-9-], server-generated)"),
-]
 
 
 def _steering():

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
 
 from fastapi import APIRouter, Request
-from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from kestrel import __version__
-from kestrel.server.deps import ID_PATTERN
+from kestrel.server.deps import AnalysisId, Latent, SaeId
 from kestrel.server.errors import ApiError
 
 HERE = Path(__file__).resolve().parent
@@ -34,9 +32,6 @@ templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-SaeId = Annotated[str, PathParam(pattern=ID_PATTERN, max_length=64)]
-Latent = Annotated[int, PathParam(ge=0, le=1 << 24)]
-AnalysisId = Annotated[str, PathParam(pattern=ID_PATTERN, max_length=64)]
 
 
 def _page(request: Request, template: str, title: str, **context: object) -> HTMLResponse:
