@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from kestrel.core.catalog import DEFAULT_MODEL
+
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers")
 
@@ -100,7 +102,7 @@ SLIM_PROBE = textwrap.dedent(
     run = root / "activations" / "run-abc"
     run.mkdir(parents=True)
     (run / "manifest.json").write_text(json.dumps({{
-        "id": "run-abc", "created": "2026-01-01T00:00:00Z", "model": {{"name": "smollm2-135m"}},
+        "id": "run-abc", "created": "2026-01-01T00:00:00Z", "model": {{"name": {model!r}}},
         "layers": {{"model.layers.3": {{"d": 8}}}}, "d_model": 8, "dtype": "fp16", "n_tokens": 10,
         "n_docs": 2, "shards": [], "dataset": {{"kind": "texts"}}, "options": {{}},
     }}))
@@ -145,7 +147,7 @@ SLIM_PROBE = textwrap.dedent(
 def test_slim_api_serves_without_the_engine(tmp_path: Path) -> None:
     from kestrel.server.errors import ENGINE_MODULES
 
-    probe = SLIM_PROBE.format(engine=sorted(ENGINE_MODULES))
+    probe = SLIM_PROBE.format(engine=sorted(ENGINE_MODULES), model=DEFAULT_MODEL)
     done = subprocess.run(
         [sys.executable, "-c", probe, str(tmp_path / "store")],
         cwd=REPO,
