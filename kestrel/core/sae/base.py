@@ -112,6 +112,8 @@ def register(name: str):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"architecture {name!r} is already registered by {_REGISTRY[name].__name__}")
         cls.architecture = name
+        # Only rules of its own: a subclass of a built-in is checked by its own config_defaults.
+        cls.rules = cls.__dict__.get("rules")
         _REGISTRY[name] = cls
         return cls
 
