@@ -387,6 +387,7 @@ def test_progress_history_and_final_metrics(tmp_path: Path):
     )
     assert [p.step for p in reports] == [5, 10, 12]
     assert [h["step"] for h in result.history] == [5, 10, 12]
+    assert [TrainingPoint.model_validate(h) for h in result.history] == reports  # a line is a point
     last = reports[-1]
     assert last.tokens == 12 * 512 and last.l0 == pytest.approx(3.0) and last.tokens_per_s > 0
     assert 0 <= last.dead_fraction <= 1 and last.total_steps == 12 and 0 < last.fvu < 1.5

@@ -118,6 +118,20 @@ def test_check_config_against_the_sae(store, saved_sae) -> None:
         steering.check_config(store, SteeringConfig(sae_id="missing-sae"))
 
 
+def test_an_sae_steers_only_the_model_it_reads() -> None:
+    """The one check the API (before queueing) and the generate job (before loading) both make."""
+    from kestrel.core.steering_config import check_steered_model
+
+    check_steered_model("sae-a", "model-a", "model-a")
+    check_steered_model("sae-a", None, "model-b")  # an SAE that records no model: nothing to compare
+    check_steered_model("sae-a", "model-a", None)  # no model named: the SAE's is used
+    with pytest.raises(
+        InvalidInputError, match="sae 'sae-a' reads 'model-a'; it cannot steer 'model-b'"
+    ) as e:
+        check_steered_model("sae-a", "model-a", "model-b")
+    assert e.value.details == {"model": "model-b", "sae_model": "model-a"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The SAE edit
 
