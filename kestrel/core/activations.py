@@ -45,6 +45,7 @@ from kestrel.core.runs import (
     ROW_META_FIELDS,
     RUN_FILE_NAMES,
     CaptureOptions,
+    RunManifest,
 )
 
 # Re-exported: defined in the torch-free module and the reader, still importable from here.
@@ -277,10 +278,10 @@ class RunWriter:
         if not self._docs.closed:
             self._docs.close()
 
-    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, manifest: RunManifest) -> RunManifest:
         """Publish the run, manifest last; nothing is visible to readers before this."""
         self.close_rows()
-        self._staged.commit(manifest)
+        self._staged.commit(manifest.to_json())
         self._committed = True
         return manifest
 
@@ -323,7 +324,7 @@ def capture(
     should_stop: Callable[[], bool] | None = None,
     progress_bar: bool = False,
     dataset_record: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Capture ``layers`` of ``lm`` over ``dataset`` into a new run; return its manifest.
 
     ``dataset_record`` replaces the dataset's description in the manifest: the service records
@@ -345,7 +346,7 @@ def capture(
         run.close_rows()
         manifest = _manifest(lm, spec, run, options, result)
         if dataset_record is not None:
-            manifest["dataset"] = dataset_record
+            manifest.dataset = dataset_record
         run.commit(manifest)
     return manifest
 
@@ -450,9 +451,9 @@ def _manifest(
     run: RunWriter,
     options: CaptureOptions,
     result: _CaptureResult,
-) -> dict[str, Any]:
+) -> RunManifest:
     tokenizer = lm.tokenizer
-    return {
+    record = {
         **run.identity(),
         "model": lm.describe(),
         "layers": run.layer_records({name: lm.layer(name).kind for name in run.layers}),
@@ -468,6 +469,7 @@ def _manifest(
         "options": options.model_dump(),
         "capture_seconds": round(result.seconds, 3),
     }
+    return RunManifest.model_validate(record)
 
 
 def _describe_dataset(spec: DatasetSpec) -> dict[str, Any]:

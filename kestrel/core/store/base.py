@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict
+
 from kestrel.core.errors import InvalidInputError
 
 ArtifactKind = Literal["activations", "saes", "steering", "analyses", "uploads"]
@@ -158,6 +160,21 @@ class Store(Protocol):
     def gc(self, older_than_s: float = 3600.0) -> list[Any]:
         """Remove leftovers of writers that died more than ``older_than_s`` ago; return what went."""
         ...
+
+
+class StoredManifest(BaseModel):
+    """Base of the typed manifests (`RunManifest`, `SAEManifest`, `AnalysisManifest`).
+
+    Every field Kestrel knows is typed; a field this version does not know (written by a newer or
+    an older one) passes through a read and a rewrite unchanged (``extra="allow"``). ``to_json``
+    writes back exactly the keys that were read or set, so the file on disk keeps its format.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest.json object: the keys read or set (none filled from defaults), by alias."""
+        return self.model_dump(by_alias=True, exclude_unset=True)
 
 
 def read_manifests(store: Store, kind: str) -> list[dict[str, Any]]:

@@ -63,11 +63,10 @@ async def import_run(
     Answered directly (201), not as a job: the file is at most ``max_upload_mb`` and needs no model,
     so the conversion takes about as long as copying it. Each problem is a 422 naming the tensor.
     """
-    manifest = await asyncio.to_thread(_import_upload, request, settings, redis, store)
-    return RunManifest(**manifest)
+    return await asyncio.to_thread(_import_upload, request, settings, redis, store)
 
 
-def _import_upload(request: RunImportRequest, settings: Settings, redis: Redis, store: Store) -> dict:
+def _import_upload(request: RunImportRequest, settings: Settings, redis: Redis, store: Store) -> RunManifest:
     from kestrel.core.imports import import_activations  # torch, imported on the first import
 
     check_shard_mb(request.shard_mb, Caps.of(settings))
@@ -107,7 +106,7 @@ async def list_activation_runs(store: StoreDep, page: PageDep) -> RunPage:
 @router.get("/{run_id}", response_model=RunManifest, responses=error_responses(404), operation_id="get_run")
 def get_activation_run(run_id: RunId, store: StoreDep) -> RunManifest:
     """A run's manifest: model, layers, widths, token counts, shards, dataset, options."""
-    return RunManifest(**get_manifest(store, run_id))
+    return get_manifest(store, run_id)
 
 
 @router.delete(
