@@ -319,8 +319,8 @@ def test_cli_analyze_neuron_prints_where_the_report_is(store) -> None:
     result = runner.invoke(app, ["analyze", "neuron", "run-cli", "-l", LAYER, "--store", str(store.root)])
     assert result.exit_code == 0, result.output
     (analysis,) = list_analyses(store)
-    assert f"analysis {analysis['id']}" in result.output
-    assert "report.md" in result.output and str(report_path(store, analysis["id"])) in result.output.replace(
+    assert f"analysis {analysis.id}" in result.output
+    assert "report.md" in result.output and str(report_path(store, analysis.id)) in result.output.replace(
         "\n", ""
     )
     bad = runner.invoke(app, ["analyze", "circuit", "--clean", "a", "--store", str(store.root)])
