@@ -161,10 +161,8 @@ class RunManifest(StoredManifest):
     row_fields: dict[str, str] = Field(default_factory=dict, description="row metadata tensors and dtypes")
     special_token_ids: list[int] = Field(default_factory=list)
     bos_token_id: int | None = None
-    dataset: dict[str, Any] = Field(
-        default_factory=dict, description="the dataset as requested (inline texts summarised)"
-    )
-    options: RunOptions = Field(default_factory=RunOptions)
+    dataset: dict[str, Any] = Field(description="the dataset as requested (inline texts summarised)")
+    options: RunOptions
     capture_seconds: float | None = None
     source: TrainingSource | None = Field(None, description="a run written during training")
     steps: list[int] | None = Field(None, description="a training capture's steps, in order")
