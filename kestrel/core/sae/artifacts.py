@@ -282,9 +282,7 @@ def evaluate_sae(
         texts = heldout_texts(store, run.id)
     if not texts:
         raise InvalidInputError("no texts to evaluate on")
-    filters = RowFilter(
-        **summary.config.get("data", {}).get("filters", RowFilter.recommended().model_dump())
-    )
+    filters = RowFilter(**summary.config.get("data", {}).get("filters", RowFilter.recommended().model_dump()))
     norm_median = run.layers[layer].norm_median if run and layer in run.layers else None
     metrics = ce_loss_metrics(
         lm, sae, layer, texts, filters=filters, norm_median=norm_median, on_progress=on_progress

@@ -1,5 +1,6 @@
-"""SAEs as the store holds them, read without loading one: summaries, training history, which
-model and layer an SAE reads, and deletion.
+"""SAEs as the store holds them, read without loading one: summaries (`SAEManifest`, with which
+model and layer an SAE reads), training history, deletion, and the check of a training's configs
+against its run (`training_configs`, shared by the API and the engine).
 
 Training, loading and running SAEs is `kestrel.core.sae.artifacts`; this module is torch-free, so
 the API process lists, reads and deletes SAEs and checks a request against them without torch.

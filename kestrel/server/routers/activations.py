@@ -54,7 +54,15 @@ def start_capture(
     )
 
 
-@router.post("/imports", response_model=RunManifest, status_code=201, responses=error_responses(404, 409))
+# Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is
+# left out, not sent as null.
+@router.post(
+    "/imports",
+    response_model=RunManifest,
+    response_model_exclude_unset=True,
+    status_code=201,
+    responses=error_responses(404, 409),
+)
 async def import_run(
     request: RunImportRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
 ) -> RunManifest:
@@ -103,7 +111,13 @@ async def list_activation_runs(store: StoreDep, page: PageDep) -> RunPage:
     return RunPage(**page.page(await asyncio.to_thread(services.run_summaries, store)))
 
 
-@router.get("/{run_id}", response_model=RunManifest, responses=error_responses(404), operation_id="get_run")
+@router.get(
+    "/{run_id}",
+    response_model=RunManifest,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+    operation_id="get_run",
+)
 def get_activation_run(run_id: RunId, store: StoreDep) -> RunManifest:
     """A run's manifest: model, layers, widths, token counts, shards, dataset, options."""
     return get_manifest(store, run_id)

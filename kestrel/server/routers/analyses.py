@@ -105,7 +105,9 @@ def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> 
             )
 
 
-@router.get("", response_model=AnalysisPage)
+# Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is
+# left out, not sent as null.
+@router.get("", response_model=AnalysisPage, response_model_exclude_unset=True)
 async def list_analyses(
     store: StoreDep,
     page: PageDep,
@@ -119,7 +121,12 @@ async def list_analyses(
     return AnalysisPage(**page.page(rows))
 
 
-@router.get("/{analysis_id}", response_model=AnalysisDetail, responses=error_responses(404))
+@router.get(
+    "/{analysis_id}",
+    response_model=AnalysisDetail,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+)
 async def get_analysis(analysis_id: AnalysisId, store: StoreDep) -> AnalysisDetail:
     """The manifest (source, config, key numbers, plot names) and every result."""
     a = _analysis()

@@ -67,14 +67,21 @@ def start_training(
     )
 
 
-@router.get("", response_model=SAEPage)
+# Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is
+# left out, not sent as null.
+@router.get("", response_model=SAEPage, response_model_exclude_unset=True)
 async def list_saes(store: StoreDep, page: PageDep) -> SAEPage:
     """Complete SAEs (a training in progress or cancelled is not listed)."""
     rows = await asyncio.to_thread(records.list_saes, store)
     return SAEPage(**page.page(rows))
 
 
-@router.get("/{sae_id}", response_model=SAEManifest, responses=error_responses(404))
+@router.get(
+    "/{sae_id}",
+    response_model=SAEManifest,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+)
 def get_sae(sae_id: SaeId, store: StoreDep) -> SAEManifest:
     """Config and metrics of one SAE."""
     return records.get_sae(store, sae_id)
@@ -105,7 +112,13 @@ def download_sae(
     return Response(data, media_type="application/zip", headers=headers)
 
 
-@router.post("/import", response_model=SAEManifest, status_code=201, responses=error_responses(413))
+@router.post(
+    "/import",
+    response_model=SAEManifest,
+    response_model_exclude_unset=True,
+    status_code=201,
+    responses=error_responses(413),
+)
 async def import_saelens_sae(
     settings: SettingsDep,
     store: StoreDep,
