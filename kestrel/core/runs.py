@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kestrel.core.catalog import DType
 from kestrel.core.errors import InvalidInputError, not_found
-from kestrel.core.store import LocalStore, StoredManifest, read_manifests, validate_id
+from kestrel.core.store import LocalStore, StoredManifest, read_typed_manifests, validate_id
 
 FORMAT_VERSION = 1
 KIND = "activations"
@@ -202,7 +202,7 @@ class RunManifest(StoredManifest):
 
 def list_runs(store: LocalStore) -> list[RunManifest]:
     """Manifests of every complete run, oldest id first."""
-    return [RunManifest.model_validate(m) for m in read_manifests(store, KIND)]
+    return read_typed_manifests(store, KIND, RunManifest)
 
 
 def get_manifest(store: LocalStore, run_id: str) -> RunManifest:

@@ -295,3 +295,19 @@ def test_training_configs_check_the_run_layer_and_width(store) -> None:
         training_configs(store, "run-captured", "model.layers.3", {"n_latents": 0, "k": 4}, {})
     with pytest.raises(InvalidInputError, match="invalid run id"):
         training_configs(store, "../etc", "model.layers.3", {"n_latents": 64, "k": 4}, {})
+
+
+def test_a_manifest_that_does_not_parse_is_left_out_of_lists_and_named_when_read(store, caplog) -> None:
+    from pydantic import ValidationError
+
+    from kestrel.core.sae.records import training_history
+
+    publish(store, "saes", {"id": "sae-broken", "kind": "sae"})  # no config: not an SAE this version reads
+    with caplog.at_level("WARNING"):
+        assert [sae.id for sae in list_saes(store)] == ["sae-imported", "sae-trained"]
+    assert "'sae-broken' left out of the list" in caplog.text
+    with pytest.raises(ValidationError, match="config"):
+        get_sae(store, "sae-broken")
+    assert training_history(store, "sae-broken") == [], "its history needs only that it exists"
+    with pytest.raises(NotFoundError):
+        training_history(store, "sae-missing")

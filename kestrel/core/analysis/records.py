@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from kestrel.core.errors import NotFoundError
-from kestrel.core.store import Store, StoredManifest, read_manifests, validate_id
+from kestrel.core.store import Store, StoredManifest, read_typed_manifests, validate_id
 
 KIND = "analyses"
 FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ class AnalysisManifest(StoredManifest):
 
 def list_analyses(store: Store) -> list[AnalysisManifest]:
     """Manifests of every complete analysis, newest first."""
-    manifests = [AnalysisManifest.model_validate(m) for m in read_manifests(store, KIND)]
+    manifests = read_typed_manifests(store, KIND, AnalysisManifest)
     return sorted(manifests, key=lambda m: (m.created, m.id), reverse=True)
 
 

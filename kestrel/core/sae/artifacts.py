@@ -29,7 +29,7 @@ from kestrel.core.limits import Caps
 from kestrel.core.models import LoadedModel
 from kestrel.core.run_reader import heldout_mask as _heldout_mask
 from kestrel.core.run_reader import iter_batches, read_docs
-from kestrel.core.runs import RowFilter, RunManifest, get_manifest
+from kestrel.core.runs import RowFilter, get_manifest
 from kestrel.core.sae import io as sae_io
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.checkpoint import latest_checkpoint
@@ -130,23 +130,14 @@ def _heldout_data(store: Store, run_id: str, layer: str, filters: RowFilter | No
     return data
 
 
-def prepare_training(
-    store: Store,
-    run_id: str,
-    layer: str,
-    sae_config: dict[str, Any] | SAEConfig,
-    train_config: dict[str, Any] | TrainConfig,
-    filters: RowFilter,
-) -> tuple[SAEConfig, TrainConfig, RunManifest]:
-    """Every check that needs no training (`training_configs`: the run and layer exist, the configs
-    are valid, d matches), with the record of which rows train the SAE in its config."""
-    data_record = {
+def _data_record(filters: RowFilter) -> dict[str, Any]:
+    """Which rows train the SAE, as its config records them."""
+    return {
         "filters": filters.model_dump(),
         "split": "train",
         "heldout_fraction": HELDOUT_FRACTION,
         "heldout_by": "document",
     }
-    return training_configs(store, run_id, layer, sae_config, train_config, data=data_record)
 
 
 def _checkpoint_batch_size(checkpoint: Path) -> int | None:
@@ -170,13 +161,17 @@ def train_from_run(
     resume: bool = False,
     on_warning: Callable[[str], None] | None = None,
 ) -> SAEManifest | TrainingStopped:
-    """Train an SAE on ``layer`` of a stored run; publish it, or keep a checkpoint if stopped.
+    """Train an SAE on ``layer`` of a stored run; publish it and return its manifest, or keep a
+    checkpoint if stopped and return `TrainingStopped` (nothing is published then).
 
     An unset ``batch_size`` is chosen from the run's size (`choose_batch_size`); its warnings go
     to ``on_warning`` before training starts and into the summary (``warnings``).
     """
     filters = filters or RowFilter.recommended()
-    sae_cfg, train_cfg, manifest = prepare_training(store, run_id, layer, sae_config, train_config, filters)
+    # every check that needs no training, the API's own (the run, the layer, d, valid configs)
+    sae_cfg, train_cfg, manifest = training_configs(
+        store, run_id, layer, sae_config, train_config, data=_data_record(filters)
+    )
     sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.runs import RunManifest, get_manifest
 from kestrel.core.sae.config import SAEConfig, TrainConfig
-from kestrel.core.store import Store, StoredManifest, read_manifests, validate_id
+from kestrel.core.store import Store, StoredManifest, read_typed_manifests, validate_id
 
 KIND = "saes"
 HISTORY_FILE = "history.jsonl"
@@ -88,7 +88,7 @@ def checkpoint_dir(store: Store, sae_id: str) -> Path:
 
 
 def list_saes(store: Store) -> list[SAEManifest]:
-    return [SAEManifest.model_validate(m) for m in read_manifests(store, KIND)]
+    return read_typed_manifests(store, KIND, SAEManifest)
 
 
 def get_sae(store: Store, sae_id: str) -> SAEManifest:
@@ -97,7 +97,7 @@ def get_sae(store: Store, sae_id: str) -> SAEManifest:
 
 def training_history(store: Store, sae_id: str) -> list[dict[str, Any]]:
     """The trainer's progress lines (history.jsonl), for curves; empty for an imported SAE."""
-    get_sae(store, sae_id)  # NotFoundError for an unknown id, rather than an empty history
+    store.read_json(KIND, validate_id(sae_id, "sae id"))  # NotFoundError for an unknown id, not []
     try:
         path = store.local_path(KIND, sae_id, HISTORY_FILE)
     except NotFoundError:
@@ -164,8 +164,3 @@ def read_history(directory: Path) -> list[dict[str, Any]]:
 def sae_model(summary: SAEManifest) -> str | None:
     """``summary.model_name``, for callers that take a function."""
     return summary.model_name
-
-
-def sae_model_and_layer(summary: SAEManifest) -> tuple[str, str]:
-    """``summary.model_and_layer()``, for callers that take a function."""
-    return summary.model_and_layer()

@@ -12,6 +12,7 @@ from kestrel.core.store.base import (
     StoredManifest,
     new_id,
     read_manifests,
+    read_typed_manifests,
     validate_id,
 )
 from kestrel.core.store.factory import StoreBackend, open_store, parse_s3_url
@@ -29,6 +30,7 @@ __all__ = [
     "open_store",
     "parse_s3_url",
     "read_manifests",
+    "read_typed_manifests",
     "validate_id",
     "write_json_atomic",
 ]
