@@ -89,8 +89,19 @@ class RunModel(_Record):
     note: str | None = None
 
 
+def _fields_unlisted(schema: dict[str, Any]) -> None:
+    """Show `RunLayer` in the OpenAPI document as a plain object, as it always was: a component
+    with a property named "d" breaks the generated Python SDK (openapi-python-client 0.29 names
+    its own local variable "d" in ``from_dict``). Python code still reads the fields typed."""
+    schema.pop("properties", None)
+    schema.pop("required", None)
+
+
 class RunLayer(_Record):
-    """One captured layer."""
+    """One captured layer: d (width of its rows), kind (block, mlp, attention, ...), norm_median
+    (median row norm, position 0 excluded, from a uniform sample of rows; null if none)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_fields_unlisted)
 
     d: int = Field(description="width of its rows")
     kind: str = Field("other", description="block, mlp, attention, ...")
