@@ -45,7 +45,9 @@ from kestrel.core.runs import (
     ROW_META_FIELDS,
     RUN_FILE_NAMES,
     CaptureOptions,
+    RunLayer,
     RunManifest,
+    RunShard,
 )
 
 # Re-exported: defined in the torch-free module and the reader, still importable from here.
@@ -127,7 +129,7 @@ class _ShardWriter:
         self.shard_rows = shard_rows
         self.pending: dict[str, list[torch.Tensor]] = {name: [] for name in [*self.layers, *ROW_META_FIELDS]}
         self.pending_rows = 0
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[RunShard] = []
         for name in [*self.layers, "tokens"]:
             (directory / name).mkdir(parents=True, exist_ok=True)
 
@@ -150,7 +152,7 @@ class _ShardWriter:
         meta = {name: heads[name] for name in ROW_META_FIELDS}
         save_file(meta, str(self.directory / "tokens" / f"{shard}.safetensors"))
         self.pending_rows -= n_rows
-        self.shards.append({"name": shard, "n_tokens": n_rows})
+        self.shards.append(RunShard(name=shard, n_tokens=n_rows))
 
     def _take(self, name: str, n_rows: int) -> torch.Tensor:
         """The first ``n_rows`` pending rows of ``name``; the rest stay pending."""
@@ -208,7 +210,7 @@ class RunWriter:
         self._committed = False
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
+    def shards(self) -> list[RunShard]:
         return self._shards.shards if self._shards is not None else []
 
     def write_doc(self, doc_index: int, text: str, **extra: Any) -> None:
@@ -237,7 +239,7 @@ class RunWriter:
         self._shards.add({name: rows[name] for name in self.layers}, meta)
         self.n_tokens += len(meta["token_id"])
 
-    def end_shard(self, **fields: Any) -> list[dict[str, Any]]:
+    def end_shard(self, **fields: Any) -> list[RunShard]:
         """Close the current shard early and tag every shard since the last call with ``fields``.
 
         A training capture ends a shard at each captured step, so a shard never mixes steps.
@@ -247,7 +249,8 @@ class RunWriter:
         self._shards.close()
         new = self.shards[self._untagged :]
         for shard in new:
-            shard.update(fields)
+            for name, value in fields.items():
+                setattr(shard, name, value)
         self._untagged = len(self.shards)
         return new
 
@@ -263,11 +266,11 @@ class RunWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
-    def layer_records(self, kinds: dict[str, str]) -> dict[str, dict[str, Any]]:
+    def layer_records(self, kinds: dict[str, str]) -> dict[str, RunLayer]:
         """The manifest's ``layers``: width, kind and median row norm of each layer, in order."""
         medians = self.norm_medians()
         return {
-            name: {"d": self.widths[name], "kind": kinds.get(name, "other"), "norm_median": medians[name]}
+            name: RunLayer(d=self.widths[name], kind=kinds.get(name, "other"), norm_median=medians[name])
             for name in self.layers
         }
 
