@@ -80,9 +80,9 @@ def bench_layers(
             started = time.perf_counter()
             manifest = capture(lm, texts, layers, store, options=options)
             kestrel.append(time.perf_counter() - started)
-            assert manifest["n_tokens"] == n_tokens
-            bytes_per_token = storage_bytes(store, manifest["id"]) / n_tokens
-            delete_run(store, manifest["id"])
+            assert manifest.n_tokens == n_tokens
+            bytes_per_token = storage_bytes(store, manifest.id) / n_tokens
+            delete_run(store, manifest.id)
     bare_tps, capture_tps = n_tokens / min(bare), n_tokens / min(kestrel)
     d = lm.d_model
     return {

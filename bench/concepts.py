@@ -78,8 +78,8 @@ def time_capture(lm, texts: list[str]) -> tuple[float, int]:
         started = time.perf_counter()
         manifest = capture(lm, texts, [LAYER], store, options=CaptureOptions(max_length=MAX_LENGTH))
         seconds = time.perf_counter() - started
-        delete_run(store, manifest["id"])
-    return seconds, manifest["n_tokens"]
+        delete_run(store, manifest.id)
+    return seconds, manifest.n_tokens
 
 
 def time_discovery(store: LocalStore, lm, texts: list[str]) -> tuple[float, dict]:

@@ -133,7 +133,7 @@ def peak_rss_mb(store_root: Path, run_id: str, sae: dict, batch: int, threads: i
         f"store = LocalStore({str(store_root)!r})\n"
         f"train = {{'batch_size': {batch}, 'epochs': 1}}\n"
         f"s = artifacts.train_from_run(store, {run_id!r}, {LAYER!r}, {sae!r}, train)\n"
-        "artifacts.delete_sae(store, s['id'])\n"
+        "artifacts.delete_sae(store, s.id)\n"
         # VmHWM, not ru_maxrss: after fork+exec ru_maxrss still counts the parent's pages
         "print([int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')][0] / 1024)\n"
     )
@@ -181,19 +181,19 @@ def main() -> None:
     started = time.perf_counter()
     summary = artifacts.train_from_run(store, LARGE, LAYER, sae, train, on_progress=reports.append)
     seconds = time.perf_counter() - started
-    ce = artifacts.evaluate_sae(store, summary["id"], lm)
+    ce = artifacts.evaluate_sae(store, summary.id, lm)
     # steady-state step throughput (data reading included), as the progress reports measure it;
     # the wall time above also holds the row count before epoch 1 and the held-out evaluations
     steady = sorted(r.tokens_per_s for r in reports[1:])
     tokens_per_s = steady[len(steady) // 2]
-    metrics = summary["metrics"]
+    metrics = summary.metrics
     result = {
         "machine": {"threads": args.threads, "torch": torch.__version__},
         "run_tokens": sizes,
-        "sae": {**sae, "epochs": args.epochs, "batch_size": args.batch, "id": summary["id"]},
-        "train_tokens": summary["tokens"],
+        "sae": {**sae, "epochs": args.epochs, "batch_size": args.batch, "id": summary.id},
+        "train_tokens": summary.tokens,
         "train_seconds": round(seconds, 1),
-        "train_wall_tokens_per_s": round(summary["tokens"] / seconds),
+        "train_wall_tokens_per_s": round(summary.tokens / seconds),
         "tokens_per_s": round(tokens_per_s),
         "reference_tokens_per_s": round(reference),
         "speedup": round(tokens_per_s / reference, 2),

@@ -69,9 +69,9 @@ def _run_analysis_cli(store: Path | None, config: dict[str, Any], device: str, a
         bar.close()
     manifest = get_analysis(the_store, analysis_id)
     if as_json:
-        return print_json({**manifest, "report": str(report_path(the_store, analysis_id))})
-    console.print(f"[green]analysis {analysis_id}[/] ({manifest['kind']}): {manifest['title']}")
-    for key, value in manifest["key_numbers"].items():
+        return print_json({**manifest.to_json(), "report": str(report_path(the_store, analysis_id))})
+    console.print(f"[green]analysis {analysis_id}[/] ({manifest.kind}): {manifest.title}")
+    for key, value in manifest.key_numbers.items():
         console.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     console.print(f"report: {report_path(the_store, analysis_id)}", soft_wrap=True, highlight=False)
 

@@ -75,7 +75,22 @@ SHORT_CELL = 20  # a column whose cells all fit this many characters never wraps
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """``obj`` as JSON; a manifest prints as its manifest.json holds it."""
+    sys.stdout.write(json.dumps(_plain(obj), indent=2, default=str) + "\n")
+
+
+def _plain(obj: Any) -> Any:
+    from pydantic import BaseModel
+
+    from kestrel.core.store import StoredManifest
+
+    if isinstance(obj, StoredManifest):
+        return obj.to_json()
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json", by_alias=True)
+    if isinstance(obj, list):
+        return [_plain(item) for item in obj]
+    return obj
 
 
 def print_table(headers: list[str], rows: list[list[str]], *, keep: tuple[str, ...] = ("id",)) -> None:
@@ -142,6 +157,5 @@ def sae_model(the_store, sae_id: str, model: str | None, device: str):
     from kestrel.core.models import load_model
     from kestrel.core.sae import artifacts
 
-    summary = artifacts.get_sae(the_store, sae_id)
-    name = model or summary.get("model") or summary["config"].get("model")
+    name = model or artifacts.get_sae(the_store, sae_id).model_name
     return load_model(name, device=device, store_root=the_store.local_root)

@@ -135,8 +135,8 @@ def capture(
         return print_json(manifest)
     m = manifest
     console.print(
-        f"[green]run {m['id']}[/]: {m['n_tokens']:,} tokens from {m['n_docs']:,} documents, "
-        f"{len(m['layers'])} layer(s), {len(m['shards'])} shard(s) in {m['capture_seconds']:.1f} s"
+        f"[green]run {m.id}[/]: {m.n_tokens:,} tokens from {m.n_docs:,} documents, "
+        f"{len(m.layers)} layer(s), {len(m.shards)} shard(s) in {m.capture_seconds or 0:.1f} s"
     )
 
 
@@ -150,15 +150,7 @@ def runs_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         return print_json(manifests)
     rows = [
-        [
-            m["id"],
-            m["model"]["name"],
-            ", ".join(m["layers"]),
-            f"{m['n_tokens']:,}",
-            f"{m['n_docs']:,}",
-            m["dtype"],
-            m["created"],
-        ]
+        [m.id, m.model.name, ", ".join(m.layers), f"{m.n_tokens:,}", f"{m.n_docs:,}", m.dtype, m.created]
         for m in manifests
     ]
     print_table(["id", "model", "layers", "tokens", "docs", "dtype", "created"], rows)
@@ -228,8 +220,8 @@ def runs_import(
     )
     if as_json:
         return print_json(manifest)
-    layers = ", ".join(f"{name} (d={info['d']})" for name, info in manifest["layers"].items())
-    console.print(f"imported run {manifest['id']}: {manifest['n_tokens']:,} rows of {layers}")
+    layers = ", ".join(f"{name} (d={info.d})" for name, info in manifest.layers.items())
+    console.print(f"imported run {manifest.id}: {manifest.n_tokens:,} rows of {layers}")
 
 
 def _model_source(model: str | None) -> str | None:

@@ -99,14 +99,12 @@ def train_command(
         bar.close()
     if as_json:
         return print_json(summary)
-    if summary["status"] != "complete":
-        console.print(
-            f"[yellow]sae {summary['id']} stopped[/] at step {summary['step']}; resume with --resume"
-        )
+    if isinstance(summary, artifacts.TrainingStopped):
+        console.print(f"[yellow]sae {summary.id} stopped[/] at step {summary.step}; resume with --resume")
         return None
-    m = summary["metrics"]
+    m = summary.metrics
     console.print(
-        f"[green]sae {summary['id']}[/]: held-out FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, "
+        f"[green]sae {summary.id}[/]: held-out FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, "
         f"dead {m['dead_fraction']:.1%}"
     )
 
@@ -126,7 +124,7 @@ def evaluate(
 
     the_store = open_store(store)
     summary = artifacts.get_sae(the_store, sae_id)
-    lm = load_model(model or summary["model"], device=device, store_root=the_store.local_root)
+    lm = load_model(model or summary.model_name, device=device, store_root=the_store.local_root)
     metrics = artifacts.evaluate_sae(the_store, sae_id, lm)
     if as_json:
         return print_json(metrics)
@@ -149,17 +147,17 @@ def saes_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
         return print_json(rows)
     cells = []
     for r in rows:
-        c, m = r["config"], r.get("metrics", {})
+        m = r.metrics
         cells.append(
             [
-                r["id"],
-                r["status"],
-                str(r.get("layer")),
-                str(c["n_latents"]),
-                str(c.get("k")),
+                r.id,
+                r.status,
+                str(r.layer),
+                str(r.n_latents),
+                str(r.config.get("k")),
                 f"{m['fvu']:.3f}" if "fvu" in m else "",
                 f"{m['dead_fraction']:.1%}" if "dead_fraction" in m else "",
-                r["created"],
+                str(r.created),
             ]
         )
     print_table(

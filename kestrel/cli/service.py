@@ -68,12 +68,12 @@ def demo(
         f"{lm.n_blocks} blocks, d_model {lm.d_model}"
     )
     manifest = run_capture(lm, DEMO_TEXTS, [layer], the_store, options=CaptureOptions(), progress_bar=True)
-    rows = RowBatch.cat(list(iter_row_batches(the_store, manifest["id"], layer)))
+    rows = RowBatch.cat(list(iter_row_batches(the_store, manifest.id, layer)))
     norms = rows.acts_ND.float().norm(dim=-1)
     sink = float(norms[rows.position_N == 0].mean() / norms[rows.position_N > 0].mean())
     console.print(
-        f"[green]run {manifest['id']}[/]: {manifest['n_tokens']} tokens of {layer} "
-        f"({manifest['dtype']}, d={manifest['layers'][layer]['d']}); "
+        f"[green]run {manifest.id}[/]: {manifest.n_tokens} tokens of {layer} "
+        f"({manifest.dtype}, d={manifest.layer_width(layer)}); "
         f"first-token norm is {sink:.0f}x the others' "
         "(an attention sink: readers can skip it with RowFilter.recommended())"
     )

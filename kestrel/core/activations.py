@@ -45,6 +45,9 @@ from kestrel.core.runs import (
     ROW_META_FIELDS,
     RUN_FILE_NAMES,
     CaptureOptions,
+    RunLayer,
+    RunManifest,
+    RunShard,
 )
 
 # Re-exported: defined in the torch-free module and the reader, still importable from here.
@@ -126,7 +129,7 @@ class _ShardWriter:
         self.shard_rows = shard_rows
         self.pending: dict[str, list[torch.Tensor]] = {name: [] for name in [*self.layers, *ROW_META_FIELDS]}
         self.pending_rows = 0
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[RunShard] = []
         for name in [*self.layers, "tokens"]:
             (directory / name).mkdir(parents=True, exist_ok=True)
 
@@ -149,7 +152,7 @@ class _ShardWriter:
         meta = {name: heads[name] for name in ROW_META_FIELDS}
         save_file(meta, str(self.directory / "tokens" / f"{shard}.safetensors"))
         self.pending_rows -= n_rows
-        self.shards.append({"name": shard, "n_tokens": n_rows})
+        self.shards.append(RunShard(name=shard, n_tokens=n_rows))
 
     def _take(self, name: str, n_rows: int) -> torch.Tensor:
         """The first ``n_rows`` pending rows of ``name``; the rest stay pending."""
@@ -207,7 +210,7 @@ class RunWriter:
         self._committed = False
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
+    def shards(self) -> list[RunShard]:
         return self._shards.shards if self._shards is not None else []
 
     def write_doc(self, doc_index: int, text: str, **extra: Any) -> None:
@@ -236,7 +239,7 @@ class RunWriter:
         self._shards.add({name: rows[name] for name in self.layers}, meta)
         self.n_tokens += len(meta["token_id"])
 
-    def end_shard(self, **fields: Any) -> list[dict[str, Any]]:
+    def end_shard(self, **fields: Any) -> list[RunShard]:
         """Close the current shard early and tag every shard since the last call with ``fields``.
 
         A training capture ends a shard at each captured step, so a shard never mixes steps.
@@ -246,7 +249,8 @@ class RunWriter:
         self._shards.close()
         new = self.shards[self._untagged :]
         for shard in new:
-            shard.update(fields)
+            for name, value in fields.items():
+                setattr(shard, name, value)
         self._untagged = len(self.shards)
         return new
 
@@ -262,11 +266,11 @@ class RunWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
-    def layer_records(self, kinds: dict[str, str]) -> dict[str, dict[str, Any]]:
+    def layer_records(self, kinds: dict[str, str]) -> dict[str, RunLayer]:
         """The manifest's ``layers``: width, kind and median row norm of each layer, in order."""
         medians = self.norm_medians()
         return {
-            name: {"d": self.widths[name], "kind": kinds.get(name, "other"), "norm_median": medians[name]}
+            name: RunLayer(d=self.widths[name], kind=kinds.get(name, "other"), norm_median=medians[name])
             for name in self.layers
         }
 
@@ -277,10 +281,10 @@ class RunWriter:
         if not self._docs.closed:
             self._docs.close()
 
-    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, manifest: RunManifest) -> RunManifest:
         """Publish the run, manifest last; nothing is visible to readers before this."""
         self.close_rows()
-        self._staged.commit(manifest)
+        self._staged.commit(manifest.to_json())
         self._committed = True
         return manifest
 
@@ -323,7 +327,7 @@ def capture(
     should_stop: Callable[[], bool] | None = None,
     progress_bar: bool = False,
     dataset_record: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Capture ``layers`` of ``lm`` over ``dataset`` into a new run; return its manifest.
 
     ``dataset_record`` replaces the dataset's description in the manifest: the service records
@@ -345,7 +349,7 @@ def capture(
         run.close_rows()
         manifest = _manifest(lm, spec, run, options, result)
         if dataset_record is not None:
-            manifest["dataset"] = dataset_record
+            manifest.dataset = dataset_record
         run.commit(manifest)
     return manifest
 
@@ -450,9 +454,9 @@ def _manifest(
     run: RunWriter,
     options: CaptureOptions,
     result: _CaptureResult,
-) -> dict[str, Any]:
+) -> RunManifest:
     tokenizer = lm.tokenizer
-    return {
+    record = {
         **run.identity(),
         "model": lm.describe(),
         "layers": run.layer_records({name: lm.layer(name).kind for name in run.layers}),
@@ -468,6 +472,7 @@ def _manifest(
         "options": options.model_dump(),
         "capture_seconds": round(result.seconds, 3),
     }
+    return RunManifest.model_validate(record)
 
 
 def _describe_dataset(spec: DatasetSpec) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from kestrel.core.catalog import DType
 from kestrel.core.errors import ConflictError, InvalidInputError
 from kestrel.core.hooks import Detector, HookContext, HookManager
 from kestrel.core.models import TORCH_DTYPES, _candidate_layers
+from kestrel.core.runs import RunManifest
 from kestrel.core.store import Store, new_id, validate_id
 
 __all__ = ["StoreLocation", "TrainingCapture", "describe_user_model", "open_capture_store"]
@@ -204,7 +205,7 @@ class TrainingCapture:
         self.seed = seed
         self.framework = framework
         self.steps: list[int] = []
-        self.manifest: dict[str, Any] | None = None
+        self.manifest: RunManifest | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._run: RunWriter | None = None
         self._pending: _StepRows | None = None
@@ -281,7 +282,7 @@ class TrainingCapture:
 
     # --- publishing --------------------------------------------------------------------------
 
-    def close(self, status: CaptureStatus = "complete", error: str | None = None) -> dict[str, Any] | None:
+    def close(self, status: CaptureStatus = "complete", error: str | None = None) -> RunManifest | None:
         """Publish the run (its manifest), or None when no step was captured (nothing is kept).
 
         ``status="interrupted"`` (training failed) keeps the completed steps and records ``error``.
@@ -402,7 +403,7 @@ class TrainingCapture:
             self.steps.append(pending.step)
         return n_rows
 
-    def _manifest(self, run: RunWriter, status: CaptureStatus, error: str | None) -> dict[str, Any]:
+    def _manifest(self, run: RunWriter, status: CaptureStatus, error: str | None) -> RunManifest:
         model = describe_user_model(self.model, self.model_name, run.widths, self.d_model)
         special, bos = _special_tokens(self.tokenizer)
         options = {
@@ -412,7 +413,7 @@ class TrainingCapture:
             "dtype": self.dtype,
             "seed": self.seed,
         }
-        return {
+        record = {
             **run.identity(),
             "model": model,
             "layers": run.layer_records(layer_kinds(self.model)),
@@ -437,6 +438,7 @@ class TrainingCapture:
             },
             "steps": list(self.steps),
         }
+        return RunManifest.model_validate(record)
 
     def _require_open(self) -> None:
         if self._closed:

@@ -37,6 +37,7 @@ from kestrel.core.catalog import DType
 from kestrel.core.clientdata import TensorInfo
 from kestrel.core.errors import InvalidInputError, close_matches
 from kestrel.core.models import TORCH_DTYPES
+from kestrel.core.runs import RunManifest
 from kestrel.core.store import Store, new_id, validate_id
 
 ROW_FIELDS = ("token_id", "doc_index", "position")
@@ -306,7 +307,7 @@ def import_activations(
     run_id: str | None = None,
     shard_mb: float = 64.0,
     source: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Write the activations in the safetensors file at ``path`` as a new run; return its manifest.
 
     ``model`` names the model the activations came from; ``model_source`` says how a worker can
@@ -384,9 +385,9 @@ def _manifest(
     source: dict[str, Any] | None,
     shard_mb: float,
     started: float,
-) -> dict[str, Any]:
+) -> RunManifest:
     d_model = max(plan.widths.values())
-    return {
+    record = {
         **run.identity(),
         "model": {
             "name": model or "unknown",
@@ -412,3 +413,4 @@ def _manifest(
         },
         "capture_seconds": round(time.perf_counter() - started, 3),
     }
+    return RunManifest.model_validate(record)

@@ -18,6 +18,7 @@ from torch import nn
 
 from kestrel.core.callbacks import StoreLocation, TrainingCapture, _check_layer_names
 from kestrel.core.errors import InvalidInputError
+from kestrel.core.runs import RunManifest
 
 BatchTokens = Callable[[Any], tuple[torch.Tensor | None, torch.Tensor | None]]
 
@@ -59,7 +60,7 @@ class _CaptureCallbackMixin:
         self.tokens = tokens
         self.options = options
         self.capture: TrainingCapture | None = None
-        self.manifest: dict[str, Any] | None = None
+        self.manifest: RunManifest | None = None
 
     @property
     def run_id(self) -> str | None:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kestrel.core.errors import InvalidInputError, not_found
-from kestrel.core.runs import KIND, ROW_META_FIELDS, RowFilter, Split, get_manifest
+from kestrel.core.errors import InvalidInputError
+from kestrel.core.runs import KIND, ROW_META_FIELDS, RowFilter, RunManifest, Split, get_manifest
 from kestrel.core.store import LocalStore, validate_id
 
 
@@ -71,15 +71,14 @@ def iter_row_batches(
     same order, which is what lets a trainer resume mid-epoch.
     """
     manifest = get_manifest(store, run_id)
-    if layer not in manifest["layers"]:
-        raise not_found("layer", layer, manifest["layers"])
+    manifest.layer(layer)  # NotFoundError naming the run's layers
     if batch_size <= 0:
         raise InvalidInputError(f"batch_size must be > 0, got {batch_size}")
     if not 0.0 < heldout_fraction < 1.0 and split != "all":
         raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     filters = filters or RowFilter()
     generator = torch.Generator().manual_seed(seed)
-    shards = [s["name"] for s in manifest["shards"]]
+    shards = [s.name for s in manifest.shards]
     if shuffle_buffer > 0:
         shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
     chunks = (
@@ -108,14 +107,14 @@ def _read_shard(store: LocalStore, run_id: str, layer: str, shard: str, dtype: t
 
 
 def _filtered(
-    rows: RowBatch, manifest: dict[str, Any], layer: str, filters: RowFilter, split: Split, fraction: float
+    rows: RowBatch, manifest: RunManifest, layer: str, filters: RowFilter, split: Split, fraction: float
 ) -> RowBatch:
     keep_N = torch.ones(len(rows), dtype=torch.bool)
     if filters.skip_position_0:
         keep_N &= rows.position_N > 0
-    if filters.skip_special and manifest["special_token_ids"]:
-        keep_N &= ~torch.isin(rows.token_id_N, torch.tensor(manifest["special_token_ids"], dtype=torch.int32))
-    median = manifest["layers"][layer].get("norm_median")
+    if filters.skip_special and manifest.special_token_ids:
+        keep_N &= ~torch.isin(rows.token_id_N, torch.tensor(manifest.special_token_ids, dtype=torch.int32))
+    median = manifest.layers[layer].norm_median
     if filters.max_norm_multiple is not None and median:
         keep_N &= rows.acts_ND.norm(dim=-1) <= filters.max_norm_multiple * median
     if split != "all":

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from kestrel.core.catalog import DType
-from kestrel.core.errors import InvalidInputError
-from kestrel.core.store import LocalStore, read_manifests, validate_id
+from kestrel.core.errors import InvalidInputError, not_found
+from kestrel.core.store import LocalStore, StoredManifest, read_typed_manifests, validate_id
 
 FORMAT_VERSION = 1
 KIND = "activations"
@@ -62,13 +62,162 @@ class RowFilter(BaseModel):
 Split = Literal["all", "train", "heldout"]
 
 
-def list_runs(store: LocalStore) -> list[dict[str, Any]]:
+# ---------------------------------------------------------------------------------------------
+# The manifest (docs/store-format.md)
+
+
+class _Record(BaseModel):
+    """A part of a manifest: typed where known, other fields passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class RunModel(_Record):
+    """The model the activations came from, as the run records it."""
+
+    name: str = Field(description="bundled name, hub id, local name, or the user's name for it")
+    source: str | None = Field(
+        None, description="bundled, local, hub; training (a user's own loop); external (an import)"
+    )
+    architecture: str | None = Field(None, description="the model's class")
+    model_type: str | None = None
+    d_model: int | None = None
+    n_blocks: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    loadable: bool = Field(True, description="false: the service has no such model (no CE-loss, no forward)")
+    note: str | None = None
+
+
+def _fields_unlisted(schema: dict[str, Any]) -> None:
+    """Show `RunLayer` in the OpenAPI document as a plain object, as it always was: a component
+    with a property named "d" breaks the generated Python SDK (openapi-python-client 0.29 names
+    its own local variable "d" in ``from_dict``). Python code still reads the fields typed."""
+    schema.pop("properties", None)
+    schema.pop("required", None)
+
+
+class RunLayer(_Record):
+    """One captured layer: d (width of its rows), kind (block, mlp, attention, ...), norm_median
+    (median row norm, position 0 excluded, from a uniform sample of rows; null if none)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_fields_unlisted)
+
+    d: int = Field(description="width of its rows")
+    kind: str = Field("other", description="block, mlp, attention, ...")
+    norm_median: float | None = Field(
+        None, description="median row norm, position 0 excluded, from a uniform sample of rows"
+    )
+
+
+class RunShard(_Record):
+    """One shard: the same rows in every layer directory and in tokens/."""
+
+    name: str
+    n_tokens: int
+    step: int | None = Field(None, description="the training step its rows come from (a training capture)")
+
+
+class RunOptions(_Record):
+    """How the run was written: `CaptureOptions` for a capture; the schedule for a training
+    capture; dtype and shard size for an import."""
+
+    max_length: int | None = None
+    token_budget: int | None = None
+    max_batch_size: int | None = None
+    dtype: str | None = None
+    drop_bos: bool | None = None
+    drop_special: bool | None = None
+    shard_mb: float | None = None
+    every_n_steps: int | None = None
+    rows_per_shard: int | None = None
+    max_rows_per_step: int | None = None
+    seed: int | None = None
+
+
+class TrainingSource(_Record):
+    """Where a run written during a user's own training came from, and how the training ended."""
+
+    kind: str = "training"
+    framework: str = Field(description="manual or lightning")
+    status: Literal["complete", "interrupted"] = "complete"
+    error: str | None = None
+    every_n_steps: int | None = None
+    last_step_seen: int | None = None
+
+
+class RunImport(_Record):
+    """How an uploaded safetensors file became the run."""
+
+    tensors: dict[str, str] = Field(default_factory=dict, description="tensor in the file -> layer")
+    row_fields: dict[str, str] = Field(default_factory=dict, description="row field -> tensor in the file")
+    synthetic_row_fields: list[str] = Field(default_factory=list, description="row fields made up")
+
+
+class RunManifest(StoredManifest):
+    """A run's manifest.json (docs/store-format.md): written by `RunWriter`'s producers (capture,
+    a training capture, an import), read by everything that uses the run."""
+
+    format_version: int = FORMAT_VERSION
+    id: str
+    kind: str = KIND
+    created: str
+    model: RunModel
+    layers: dict[str, RunLayer] = Field(description="per layer, in capture order")
+    d_model: int
+    dtype: str = Field(description="storage dtype of the activations")
+    n_tokens: int = Field(description="rows stored")
+    n_docs: int = Field(description="documents read")
+    shards: list[RunShard]
+    row_fields: dict[str, str] = Field(default_factory=dict, description="row metadata tensors and dtypes")
+    special_token_ids: list[int] = Field(default_factory=list)
+    bos_token_id: int | None = None
+    dataset: dict[str, Any] = Field(description="the dataset as requested (inline texts summarised)")
+    options: RunOptions
+    capture_seconds: float | None = None
+    source: TrainingSource | None = Field(None, description="a run written during training")
+    steps: list[int] | None = Field(None, description="a training capture's steps, in order")
+    import_: RunImport | None = Field(None, alias="import", description="an imported run")
+
+    def layer(self, name: str) -> RunLayer:
+        """The layer's record; NotFoundError naming the run's layers (close matches first)."""
+        if name not in self.layers:
+            raise not_found("layer", name, self.layers)
+        return self.layers[name]
+
+    def layer_width(self, name: str) -> int:
+        """Width ``d`` of a captured layer; NotFoundError for a layer the run did not capture."""
+        return self.layer(name).d
+
+    def unloadable_model_reason(self) -> str | None:
+        """Why the service cannot load the model this run came from (None when it can).
+
+        A run written during a user's own training (``kestrel.core.callbacks``) or imported from a
+        file without a model the service knows marks its model ``loadable: false``: nothing that
+        needs it in the loop (CE-loss recovered, KL) can be computed, and loading a model by its
+        name could even pick an unrelated one.
+        """
+        if self.model.loadable:
+            return None
+        if self.import_ is not None:
+            origin = "imported from a file of"
+        elif self.source is not None and self.source.kind == "training":
+            origin = "captured during training from"
+        else:
+            origin = "recorded from"
+        return (
+            f"run {self.id!r} was {origin} the model {self.model.name!r}, which the service "
+            "cannot load; model-in-the-loop work (CE-loss recovered, encode, discovery, steering) needs it"
+        )
+
+
+def list_runs(store: LocalStore) -> list[RunManifest]:
     """Manifests of every complete run, oldest id first."""
-    return read_manifests(store, KIND)
+    return read_typed_manifests(store, KIND, RunManifest)
 
 
-def get_manifest(store: LocalStore, run_id: str) -> dict[str, Any]:
-    return store.read_json(KIND, validate_id(run_id, "run id"))
+def get_manifest(store: LocalStore, run_id: str) -> RunManifest:
+    return RunManifest.model_validate(store.read_json(KIND, validate_id(run_id, "run id")))
 
 
 def delete_run(store: LocalStore, run_id: str) -> None:

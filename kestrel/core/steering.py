@@ -42,6 +42,7 @@ from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import Controller, Detector, HookContext
 from kestrel.core.models import ForwardResult, LoadedModel, forward, generate
 from kestrel.core.sae.base import SAE
+from kestrel.core.sae.records import SAEManifest
 
 # Re-exported: defined in the torch-free module, still importable from here.
 from kestrel.core.steering_config import KIND as KIND
@@ -171,19 +172,20 @@ class SteeringPlan:
         return self.config.layer
 
 
-SAELoader = Callable[[str], tuple[SAE, dict[str, Any]]]
+SAELoader = Callable[[str], tuple[SAE, SAEManifest]]
 
 
 def compile_plan(
     config: SteeringConfig, lm: LoadedModel, *, load_sae: SAELoader, sae: SAE | None = None
 ) -> SteeringPlan:
     """Resolve ``config`` against the model and its SAEs (``load_sae(id) -> (sae, summary)``)."""
-    summaries: dict[str, dict[str, Any]] = {}
+    sae_layers: dict[str, str | None] = {}  # each SAE's layer, as its summary records it
     loaded: dict[str, SAE] = {}
 
     def get(sae_id: str) -> SAE:
         if sae_id not in loaded:
-            loaded[sae_id], summaries[sae_id] = load_sae(sae_id)
+            loaded[sae_id], summary = load_sae(sae_id)
+            sae_layers[sae_id] = summary.layer
         return loaded[sae_id]
 
     unresolved = [i for i, e in enumerate(config.edits) if e.unit != "absolute"]
@@ -193,11 +195,11 @@ def compile_plan(
             "discovery result first (resolve_edits)"
         )
     if config.sae_id and sae is not None:
-        loaded[config.sae_id], summaries[config.sae_id] = sae, {"layer": sae.config.layer}
+        loaded[config.sae_id], sae_layers[config.sae_id] = sae, sae.config.layer
     main = get(config.sae_id) if config.sae_id else None
     layer = config.layer
     if main is not None:
-        layer = layer or summaries[config.sae_id].get("layer") or main.config.layer
+        layer = layer or sae_layers[config.sae_id] or main.config.layer
         if not layer:
             raise InvalidInputError(f"sae {config.sae_id!r} does not record its layer; give layer")
         _check_width(lm, layer, main.d_in, f"sae {config.sae_id!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from kestrel.core.hub import HUB_ID as HUB_ID
 from kestrel.schemas.analyses import _ANALYSIS_REQUEST as _ANALYSIS_REQUEST
 from kestrel.schemas.analyses import AnalysisDetail as AnalysisDetail
+from kestrel.schemas.analyses import AnalysisManifest as AnalysisManifest
 from kestrel.schemas.analyses import AnalysisPage as AnalysisPage
 from kestrel.schemas.analyses import AnalysisRequest as AnalysisRequest
 from kestrel.schemas.analyses import AnalysisSummary as AnalysisSummary
@@ -89,6 +90,7 @@ from kestrel.schemas.saes import LatentValue as LatentValue
 from kestrel.schemas.saes import SAEFormat as SAEFormat
 from kestrel.schemas.saes import SAEHistory as SAEHistory
 from kestrel.schemas.saes import SAEHyperparameters as SAEHyperparameters
+from kestrel.schemas.saes import SAEManifest as SAEManifest
 from kestrel.schemas.saes import SAEPage as SAEPage
 from kestrel.schemas.saes import SAESummary as SAESummary
 from kestrel.schemas.saes import StreamToken as StreamToken

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
 from kestrel.core.analysis.config import CausalConfig, CircuitConfig, FeatureConfig, NeuronConfig
+from kestrel.core.analysis.records import AnalysisManifest
 from kestrel.schemas.common import Page
 from kestrel.schemas.runs import CaptureDataset
 
@@ -32,24 +33,13 @@ def parse_analysis_request(data: Any) -> NeuronConfig | FeatureConfig | CausalAn
     return _ANALYSIS_REQUEST.validate_python(data)
 
 
-class AnalysisSummary(BaseModel):
-    """An analysis's manifest.json (docs/store-format.md); fields beyond these are passed through."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    kind: Literal["neuron", "feature", "causal", "circuit"]
-    title: str
-    created: str
-    source: dict[str, Any] = Field(description="what was analysed: run, model, layer(s), SAE, dataset")
-    config: dict[str, Any]
-    key_numbers: dict[str, Any] = Field(description="the headline figures of the report")
-    plots: list[str] = Field(description="names for GET /v1/analyses/{id}/plots/{name}")
+#: An analysis as the store holds and lists it: the engine's manifest model, returned as it is.
+AnalysisSummary = AnalysisManifest
 
 
-class AnalysisPage(Page[AnalysisSummary]):
+class AnalysisPage(Page[AnalysisManifest]):
     pass
 
 
-class AnalysisDetail(AnalysisSummary):
+class AnalysisDetail(AnalysisManifest):
     results: dict[str, Any] = Field(description="everything measured: results.json")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
@@ -13,6 +13,7 @@ from kestrel.core.catalog import DType as ModelDType
 from kestrel.core.config import StrictModel
 from kestrel.core.hub import validate_hub_id
 from kestrel.core.runs import CaptureOptions
+from kestrel.core.runs import RunManifest as RunManifest  # the engine's manifest, returned as it is
 from kestrel.core.sources import FileReading, HFSource, TextsSource
 from kestrel.schemas.common import PACKAGED_BUILDERS, Page
 
@@ -93,24 +94,6 @@ class RunSummary(BaseModel):
 
 class RunPage(Page[RunSummary]):
     pass
-
-
-class RunManifest(BaseModel):
-    """A run's manifest.json (docs/store-format.md); fields beyond these are passed through."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    created: str
-    model: dict[str, Any]
-    layers: dict[str, dict[str, Any]]
-    d_model: int
-    dtype: str
-    n_tokens: int
-    n_docs: int
-    shards: list[dict[str, Any]]
-    dataset: dict[str, Any]
-    options: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------

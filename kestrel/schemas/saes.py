@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field, create_model
 from pydantic.fields import FieldInfo
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
 from kestrel.core.config import StrictModel
 from kestrel.core.sae.config import SAEConfig, TrainConfig
 from kestrel.core.sae.progress import TrainingPoint as TrainingPoint
+from kestrel.core.sae.records import SAEManifest
 from kestrel.schemas.common import Page
 
 # ---------------------------------------------------------------------------------------------
@@ -59,18 +60,11 @@ class TrainRequest(StrictModel):
     resume_from: str | None = Field(None, description="id of a cancelled SAE whose checkpoint to continue")
 
 
-class SAESummary(BaseModel):
-    """An SAE as the store lists it; fields beyond these are passed through."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    status: str = "complete"
-    config: dict[str, Any]
-    metrics: dict[str, Any] = Field(default_factory=dict)
+#: An SAE as the store holds and lists it: the engine's manifest model, returned as it is.
+SAESummary = SAEManifest
 
 
-class SAEPage(Page[SAESummary]):
+class SAEPage(Page[SAEManifest]):
     pass
 
 

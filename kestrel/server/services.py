@@ -14,10 +14,10 @@ from redis import Redis
 
 from kestrel.core import hub, limits, uploads
 from kestrel.core.catalog import available_models, validate_model_name
-from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
+from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.limits import Caps
 from kestrel.core.runs import get_manifest, list_runs
-from kestrel.core.sae.records import checkpoint_dir, get_sae, sae_model
+from kestrel.core.sae.records import checkpoint_dir, get_sae, training_configs
 from kestrel.core.sources import HFSource, TextsSource
 from kestrel.core.steering_config import SteeringConfig, check_steered_model
 from kestrel.core.store import Store, new_id, validate_id
@@ -176,16 +176,16 @@ def prepare_capture(request: CaptureRequest, settings: Settings, store: Store) -
 def run_summaries(store: Store) -> list[RunSummary]:
     return [
         RunSummary(
-            id=m["id"],
-            model=m["model"]["name"],
-            layers=list(m["layers"]),
-            d_model=m["d_model"],
-            dtype=m["dtype"],
-            n_tokens=m["n_tokens"],
-            n_docs=m["n_docs"],
-            created=m["created"],
+            id=m.id,
+            model=m.model.name,
+            layers=list(m.layers),
+            d_model=m.d_model,
+            dtype=m.dtype,
+            n_tokens=m.n_tokens,
+            n_docs=m.n_docs,
+            created=m.created,
         )
-        for m in sorted(list_runs(store), key=lambda m: m["created"], reverse=True)
+        for m in sorted(list_runs(store), key=lambda m: m.created, reverse=True)
     ]
 
 
@@ -193,13 +193,16 @@ def run_summaries(store: Store) -> list[RunSummary]:
 # SAEs
 
 
-def prepare_training(request: TrainRequest, redis: Redis, store: Store, settings: Settings) -> dict[str, Any]:
-    """Validate a training request against its run; return the job's kwargs.
+def training_job_kwargs(
+    request: TrainRequest, redis: Redis, store: Store, settings: Settings
+) -> dict[str, Any]:
+    """Validate a training request against its run and the caps; return the job's kwargs.
 
     A resume (``resume_from``) continues a cancelled training under the same SAE id; fields the
-    request leaves out are taken from the original request.
+    request leaves out are taken from the original request. The run, layer and config checks are
+    the engine's own (`training_configs`), so the API and the worker cannot disagree.
     """
-    from kestrel.core.sae.config import SAEConfig, TrainConfig
+    from kestrel.core.sae.config import TrainConfig
 
     resume = request.resume_from is not None
     if resume:
@@ -210,17 +213,13 @@ def prepare_training(request: TrainRequest, redis: Redis, store: Store, settings
         sae_id = new_id("sae")
     if request.run_id is None or request.layer is None or request.sae is None:
         raise InvalidInputError("run_id, layer and sae are required (unless resuming a known SAE)")
-    manifest = get_manifest(store, validate_id(request.run_id, "run id"))
-    if request.layer not in manifest["layers"]:
-        raise not_found("layer", request.layer, manifest["layers"])
     sae = request.sae.model_dump(exclude_none=True)
     train = (request.train or TrainConfig()).model_dump(mode="json")
-    d_in = manifest["layers"][request.layer]["d"]
+    # 404 for an unknown run or layer, 422 for a bad config: before anything is queued
+    sae_config, _, _ = training_configs(store, request.run_id, request.layer, sae, train)
     caps = Caps.of(settings)
-    limits.check_sae_size(d_in, request.sae.n_latents, caps)
+    limits.check_sae_size(sae_config.d_in, sae_config.n_latents, caps)
     limits.check_train(train, caps)
-    SAEConfig.from_dict({**sae, "d_in": d_in})  # InvalidInputError (422) before anything is queued
-    TrainConfig.from_dict(train)
     kwargs = {"run_id": request.run_id, "layer": request.layer, "sae": sae, "train": train, "sae_id": sae_id}
     original = {k: v for k, v in kwargs.items() if k != "sae_id"}
     redis.set(lifecycle.TRAIN_REQUEST_KEY.format(sae_id), json.dumps(original), ex=TRAIN_REQUEST_TTL_S)
@@ -263,16 +262,14 @@ def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings,
     limits.check_batch_tokens(request.config.token_budget, Caps.of(settings), "config.token_budget")
     limits.check_batch_size(request.config.batch_rows, Caps.of(settings), "config.batch_rows")
     run_id = request.run_id if dataset is None else None
-    run_id = run_id or (summary.get("run_id") if dataset is None else None)
+    run_id = run_id or (summary.run_id if dataset is None else None)
     if dataset is None:
         if not run_id:
             raise InvalidInputError(f"sae {sae_id!r} has no training run; give run_id or a dataset")
         manifest = get_manifest(store, validate_id(run_id, "run id"))
-        if summary.get("layer") not in manifest["layers"]:
-            raise InvalidInputError(
-                f"run {run_id!r} did not capture the SAE's layer {summary.get('layer')!r}"
-            )
-    request.config.check_size(int(summary["config"]["n_latents"]))  # histogram and state bounds
+        if summary.layer not in manifest.layers:
+            raise InvalidInputError(f"run {run_id!r} did not capture the SAE's layer {summary.layer!r}")
+    request.config.check_size(summary.n_latents)  # histogram and state bounds
     return {"sae_id": sae_id, "request": request.model_dump(mode="json")}
 
 
@@ -300,7 +297,7 @@ def prepare_generate(name: str, request: GenerateRequest, settings: Settings, st
     if request.steering_id is not None or request.steering is not None:
         config = checked_steering(store, request.steering_id, request.steering)
         if config.sae_id is not None:
-            check_steered_model(config.sae_id, sae_model(get_sae(store, config.sae_id)), name)
+            check_steered_model(config.sae_id, get_sae(store, config.sae_id).model_name, name)
     elif request.top_latents:
         raise InvalidInputError("top_latents needs a steering config with an SAE")
     options = request.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_p", "seed"})

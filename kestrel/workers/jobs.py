@@ -19,7 +19,7 @@ from kestrel.core.datasets import HFSource, TextsSource
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.limits import Caps
 from kestrel.core.sae.progress import TrainingPoint
-from kestrel.core.sae.records import checkpoint_dir, sae_model, sae_model_and_layer
+from kestrel.core.sae.records import SAEManifest, checkpoint_dir
 from kestrel.schemas import (
     CaptureRequest,
     DiscoverRequest,
@@ -151,11 +151,11 @@ def capture_job(ctx: JobContext, request: dict[str, Any], run_id: str) -> dict[s
     )
     # The last progress report may not have been saved (meta writes are throttled): the final
     # figures are the run's own, and the job's last message and metrics state them.
-    stored = f"{manifest['n_docs']} documents, {manifest['n_tokens']} tokens"
-    ctx.update(metrics={**last, "docs": manifest["n_docs"], "tokens": manifest["n_tokens"]})
+    stored = f"{manifest.n_docs} documents, {manifest.n_tokens} tokens"
+    ctx.update(metrics={**last, "docs": manifest.n_docs, "tokens": manifest.n_tokens})
     ctx.outcome = f"{stored} in run {run_id}"
     ctx.log(f"stored {stored}", force=True)
-    return {"run_id": run_id, "n_tokens": manifest["n_tokens"], "n_docs": manifest["n_docs"]}
+    return {"run_id": run_id, "n_tokens": manifest.n_tokens, "n_docs": manifest.n_docs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +204,8 @@ def _published(ctx: JobContext, sae_id: str) -> dict[str, Any]:
 
     summary = get_sae(ctx.store, sae_id)
     ctx.log(f"{sae_id} was published by an earlier run of this job", force=True)
-    ctx.update(metrics=dict(summary.get("metrics") or {}), force=True)
-    return {"sae_id": sae_id, "status": "complete", "metrics": summary.get("metrics", {})}
+    ctx.update(metrics=dict(summary.metrics), force=True)
+    return {"sae_id": sae_id, "status": "complete", "metrics": summary.metrics}
 
 
 def _train(
@@ -217,7 +217,7 @@ def _train(
     sae_id: str,
     resume: bool,
 ) -> dict[str, Any]:
-    from kestrel.core.sae.artifacts import train_from_run
+    from kestrel.core.sae.artifacts import TrainingStopped, train_from_run
     from kestrel.core.sae.checkpoint import latest_checkpoint, read_checkpoint
 
     if resume:
@@ -249,21 +249,16 @@ def _train(
         resume=resume,
         on_warning=lambda warning: ctx.log(f"warning: {warning}", force=True),
     )
-    if result.get("status") == "stopped":
+    if isinstance(result, TrainingStopped):
         return ctx.stopped(
             f"checkpoint kept; resume with resume_from={sae_id!r}",
-            {"sae_id": sae_id, "checkpoint": str(result.get("checkpoint") or ""), "resumable": True},
+            {"sae_id": sae_id, "checkpoint": result.checkpoint or "", "resumable": True},
         )
-    skipped = (result.get("metrics") or {}).get("model_in_the_loop", {})
+    skipped = result.metrics.get("model_in_the_loop", {})
     if skipped.get("skipped"):
         ctx.log(f"model-in-the-loop evaluation skipped: {skipped['reason']}", force=True)
-    ctx.update(metrics=dict(result.get("metrics") or {}), force=True)
-    return {
-        "sae_id": result.get("id", sae_id),
-        "status": "complete",
-        "metrics": result.get("metrics", {}),
-        "warnings": result.get("warnings", []),
-    }
+    ctx.update(metrics=dict(result.metrics), force=True)
+    return {"sae_id": result.id, "status": "complete", "metrics": result.metrics, "warnings": result.warnings}
 
 
 def _check_training_caps(
@@ -274,9 +269,9 @@ def _check_training_caps(
 
     caps = Caps.of(ctx.settings)
     limits.check_train(train, caps)
-    layers = get_manifest(ctx.store, run_id).get("layers", {})
+    layers = get_manifest(ctx.store, run_id).layers
     if layer in layers:
-        limits.check_sae_size(int(layers[layer]["d"]), n_latents, caps)
+        limits.check_sae_size(layers[layer].d, n_latents, caps)
 
 
 @job_function("evaluate")
@@ -285,7 +280,7 @@ def evaluate_job(ctx: JobContext, sae_id: str, texts: list[str] | None = None) -
 
     summary = get_sae(ctx.store, sae_id)
     require_loadable_model(ctx.store, summary)  # a run captured during training: no model to load
-    lm = ctx.models.get(summary["config"]["model"])
+    lm = ctx.models.get(summary.model_name)
     ctx.log(f"evaluating {sae_id} with {lm.name}")
 
     def on_progress(p: Any) -> None:
@@ -302,7 +297,7 @@ def encode_job(ctx: JobContext, sae_id: str, text: str, top_k: int = 8) -> dict[
     from kestrel.core.sae.artifacts import encode_prompt
 
     sae, summary = sae_cache.get(ctx, sae_id)
-    model, layer = sae_model_and_layer(summary)
+    model, layer = summary.model_and_layer()
     lm = ctx.models.get(model)  # sae_cache checked the model is one the service can load
     tokens = encode_prompt(lm, sae, layer, text, top_k=top_k)
     return {"sae_id": sae_id, "model": model, "layer": layer, "tokens": tokens}
@@ -316,9 +311,9 @@ class _SAECache:
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._items: dict[str, tuple[str, Any, dict[str, Any]]] = {}
+        self._items: dict[str, tuple[str, Any, SAEManifest]] = {}
 
-    def get(self, ctx: JobContext, sae_id: str) -> tuple[Any, dict[str, Any]]:
+    def get(self, ctx: JobContext, sae_id: str) -> tuple[Any, SAEManifest]:
         from kestrel.core.sae.artifacts import load_sae, require_loadable_model
 
         stamp = ctx.store.stat("saes", sae_id, "manifest.json").version
@@ -341,14 +336,14 @@ sae_cache = _SAECache()
 # Concepts and steering
 
 
-def _sae_model_name(ctx: JobContext, summary: dict[str, Any]) -> str:
+def _sae_model_name(ctx: JobContext, summary: SAEManifest) -> str:
     """The model an SAE reads, refusing SAEs of runs whose model the service cannot load."""
     from kestrel.core.sae.artifacts import require_loadable_model
 
     require_loadable_model(ctx.store, summary)
-    name = sae_model(summary)
+    name = summary.model_name
     if not name:
-        raise InvalidInputError(f"sae {summary.get('id')!r} does not record the model it reads")
+        raise InvalidInputError(f"sae {summary.id!r} does not record the model it reads")
     return name
 
 
@@ -515,6 +510,6 @@ def analysis_job(ctx: JobContext, request: dict[str, Any], analysis_id: str) -> 
         record=request,  # an upload stays an id in the manifest, never the worker's path to it
     )
     manifest = get_analysis(ctx.store, analysis_id)
-    ctx.update(metrics=manifest["key_numbers"], force=True)
+    ctx.update(metrics=manifest.key_numbers, force=True)
     ctx.log(f"report: /v1/analyses/{analysis_id}/report", force=True)
-    return {"analysis_id": analysis_id, "kind": config.kind, "key_numbers": manifest["key_numbers"]}
+    return {"analysis_id": analysis_id, "kind": config.kind, "key_numbers": manifest.key_numbers}

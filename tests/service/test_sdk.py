@@ -103,7 +103,7 @@ def test_generated_sdk_drives_a_workflow(sdk, service: Stack) -> None:
         job = wait_finished(sdk, client, sdk("api.saes.start_training").sync(client=client, body=train).id)
         sae_id = job.artifacts["sae_id"]
         sae = sdk("api.saes.get_sae").sync(sae_id, client=client)
-        assert isinstance(sae, m.SAESummary) and sae.config["n_latents"] == 64
+        assert isinstance(sae, m.SAEManifest) and sae.config["n_latents"] == 64
         encoded = sdk("api.saes.encode_text").sync(
             sae_id, client=client, body=m.EncodeRequest(text="The cat sat on the mat.", top_k=3)
         )

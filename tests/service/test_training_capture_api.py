@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kestrel.core.callbacks import KestrelCaptureCallback
+from kestrel.core.runs import RunManifest
 
 VOCAB, WIDTH, SEQ, BATCH, STEPS, EVERY = 64, 16, 12, 8, 120, 20
 LAYER = "blocks.1"
@@ -44,7 +45,7 @@ class TinyLM(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def train_with_capture(store_root) -> dict:
+def train_with_capture(store_root) -> RunManifest:
     """The user's side: fit with the callback writing into the service's store; the manifest."""
     ids_NT = torch.randint(0, VOCAB, (BATCH * STEPS, SEQ), generator=torch.Generator().manual_seed(0))
     callback = KestrelCaptureCallback(
@@ -69,7 +70,7 @@ def train_with_capture(store_root) -> dict:
 def test_the_service_trains_an_sae_on_a_run_captured_during_training(
     client: httpx.Client, service: Stack
 ) -> None:
-    run_id = train_with_capture(service.store_root)["id"]
+    run_id = train_with_capture(service.store_root).id
 
     run = client.get(f"/v1/activations/{run_id}")
     assert run.status_code == 200, run.text

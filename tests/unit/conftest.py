@@ -23,6 +23,6 @@ def topic_sae(smollm, tmp_path_factory):
     run = capture(smollm, texts, [TOPIC_LAYER], store, options=CaptureOptions(dtype="fp32"))
     sae_config = {"architecture": "topk", "n_latents": 512, "k": 16}
     train = {"batch_size": 512, "epochs": 8, "seed": 0}
-    artifacts.train_from_run(store, run["id"], TOPIC_LAYER, sae_config, train, sae_id="topics")
+    artifacts.train_from_run(store, run.id, TOPIC_LAYER, sae_config, train, sae_id="topics")
     concepts.discover(store, "topics", smollm)
     return store, labels

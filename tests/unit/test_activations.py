@@ -43,8 +43,8 @@ def test_capture_equals_output_hidden_states(smollm: LoadedModel, store) -> None
     layers = ["model.layers.15", "model.layers.3"]
     options = CaptureOptions(dtype="fp32", token_budget=4096)
     manifest = capture(smollm, texts, layers, store, options=options)
-    assert list(manifest["layers"]) == ["model.layers.3", "model.layers.15"]  # execution order
-    assert manifest["n_docs"] == len(texts)
+    assert list(manifest.layers) == ["model.layers.3", "model.layers.15"]  # execution order
+    assert manifest.n_docs == len(texts)
     expected: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     token_ids = []
     for batch in token_batches(texts, smollm.tokenizer, max_length=512, token_budget=4096):
@@ -58,12 +58,12 @@ def test_capture_equals_output_hidden_states(smollm: LoadedModel, store) -> None
         expected["model.layers.15"].append(hidden[16][mask])
         expected["model.layers.3"].append(hidden[4][mask])
         token_ids.append(batch.input_ids_BT[mask])
-    assert manifest["n_tokens"] == sum(len(t) for t in token_ids)
+    assert manifest.n_tokens == sum(len(t) for t in token_ids)
     for layer in layers:
-        rows = all_rows(store, manifest["id"], layer)
+        rows = all_rows(store, manifest.id, layer)
         assert (rows.acts_ND - torch.cat(expected[layer])).abs().max() <= 1e-5
         assert torch.equal(rows.token_id_N.long(), torch.cat(token_ids))
-    assert read_docs(store, manifest["id"]) == texts
+    assert read_docs(store, manifest.id) == texts
     # every row traces back to its text: re-tokenizing the document gives the stored token
     docs = smollm.tokenizer(texts)["input_ids"]
     for doc, pos, tok in zip(
@@ -81,30 +81,30 @@ def test_padded_batches_equal_one_text_at_a_time(smollm: LoadedModel, store) -> 
     single = capture(
         smollm, texts, ["model.layers.15"], store, options=CaptureOptions(dtype="fp32", max_batch_size=1)
     )
-    a = by_doc_and_position(all_rows(store, batched["id"], "model.layers.15"))
-    b = by_doc_and_position(all_rows(store, single["id"], "model.layers.15"))
+    a = by_doc_and_position(all_rows(store, batched.id, "model.layers.15"))
+    b = by_doc_and_position(all_rows(store, single.id, "model.layers.15"))
     assert torch.equal(a.token_id_N, b.token_id_N) and torch.equal(a.position_N, b.position_N)
     torch.testing.assert_close(a.acts_ND, b.acts_ND, rtol=1e-5, atol=1e-4)
 
 
 def test_attention_sink_and_recommended_filter(smollm: LoadedModel, store) -> None:
     manifest = capture(smollm, corpus(40), ["model.layers.15"], store)
-    rows = all_rows(store, manifest["id"], "model.layers.15")
+    rows = all_rows(store, manifest.id, "model.layers.15")
     norms = rows.acts_ND.float().norm(dim=-1)
     ratio = norms[rows.position_N == 0].mean() / norms[rows.position_N > 0].mean()
     assert ratio > 50, "SmolLM2's first token is an attention sink"
-    kept = all_rows(store, manifest["id"], "model.layers.15", filters=RowFilter.recommended())
+    kept = all_rows(store, manifest.id, "model.layers.15", filters=RowFilter.recommended())
     assert (kept.position_N > 0).all() and len(kept) == int((rows.position_N > 0).sum())
     kept_norms = kept.acts_ND.float().norm(dim=-1)
-    assert kept_norms.max() <= 10 * manifest["layers"]["model.layers.15"]["norm_median"]
+    assert kept_norms.max() <= 10 * manifest.layers["model.layers.15"].norm_median
 
 
 def test_storage_layout_and_bounded_shards(tiny_lm: LoadedModel, store) -> None:
     options = CaptureOptions(dtype="fp16", shard_mb=0.01)  # 0.01 MiB / (32 * 2 B) = 163 rows a shard
     manifest = capture(tiny_lm, corpus(60), ["model.layers.1", "model.layers.0.mlp"], store, options=options)
-    run_dir = store.artifact_dir("activations", manifest["id"])
-    shard_rows = [s["n_tokens"] for s in manifest["shards"]]
-    assert len(shard_rows) > 3 and max(shard_rows) == 163 and sum(shard_rows) == manifest["n_tokens"]
+    run_dir = store.artifact_dir("activations", manifest.id)
+    shard_rows = [s.n_tokens for s in manifest.shards]
+    assert len(shard_rows) > 3 and max(shard_rows) == 163 and sum(shard_rows) == manifest.n_tokens
     from safetensors.torch import load_file
 
     acts = load_file(run_dir / "model.layers.1" / "00000.safetensors")["acts"]
@@ -115,9 +115,9 @@ def test_storage_layout_and_bounded_shards(tiny_lm: LoadedModel, store) -> None:
     )
     row_bytes = sum(v.element_size() for v in meta.values())
     assert row_bytes <= 16
-    assert json.loads((run_dir / "manifest.json").read_text())["n_tokens"] == manifest["n_tokens"]
-    assert [m["id"] for m in list_runs(store)] == [manifest["id"]]
-    delete_run(store, manifest["id"])
+    assert json.loads((run_dir / "manifest.json").read_text())["n_tokens"] == manifest.n_tokens
+    assert [m.id for m in list_runs(store)] == [manifest.id]
+    delete_run(store, manifest.id)
     assert list_runs(store) == [] and not run_dir.exists()
 
 
@@ -125,17 +125,17 @@ def test_drop_special_tokens(tiny_lm: LoadedModel, store) -> None:
     texts = ["<|im_start|>user hello<|im_end|>", "plain words"]
     kept = capture(tiny_lm, texts, ["model.layers.0"], store, options=CaptureOptions(drop_special=True))
     everything = capture(tiny_lm, texts, ["model.layers.0"], store)
-    rows = all_rows(store, kept["id"], "model.layers.0")
+    rows = all_rows(store, kept.id, "model.layers.0")
     special = torch.tensor(tiny_lm.tokenizer.all_special_ids, dtype=torch.int32)
     assert not torch.isin(rows.token_id_N, special).any()
-    assert kept["n_tokens"] == everything["n_tokens"] - 2
+    assert kept.n_tokens == everything.n_tokens - 2
     # positions still count the dropped tokens, so each row traces back to its place in the text
     assert 0 not in rows.position_N[rows.doc_index_N == 0].tolist()
 
 
 def test_shuffle_and_splits(tiny_lm: LoadedModel, store) -> None:
     manifest = capture(tiny_lm, corpus(80), ["model.layers.2"], store, options=CaptureOptions(shard_mb=0.01))
-    run, layer = manifest["id"], "model.layers.2"
+    run, layer = manifest.id, "model.layers.2"
     plain = all_rows(store, run, layer)
     shuffled = [
         b.acts_ND for b in iter_row_batches(store, run, layer, batch_size=64, shuffle_buffer=300, seed=1)
@@ -251,4 +251,4 @@ def test_missing_text_field_lists_the_fields(tiny_lm: LoadedModel, store, tmp_pa
 def test_reader_rejects_unknown_layer(tiny_lm: LoadedModel, store) -> None:
     manifest = capture(tiny_lm, ["text"], ["model.layers.1"], store)
     with pytest.raises(NotFoundError, match=r"did you mean 'model\.layers\.1'"):
-        next(iter_batches(store, manifest["id"], "model.layers.11"))
+        next(iter_batches(store, manifest.id, "model.layers.11"))

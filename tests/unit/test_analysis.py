@@ -93,8 +93,8 @@ def check_report(store, analysis_id: str, *must_contain: str) -> str:
         assert heading in report
     for text in must_contain:
         assert text in report, text
-    assert manifest["plots"]
-    for name in manifest["plots"]:
+    assert manifest.plots
+    for name in manifest.plots:
         assert f"](plots/{name}.png)" in report
         assert plot_path(store, analysis_id, name).read_bytes().startswith(PNG_MAGIC)
     return report
@@ -124,15 +124,15 @@ def test_neuron_stats_match_numpy_and_name_the_planted_outlier(store) -> None:
     np.testing.assert_allclose(per_dim["fraction_active"], (x > 0).mean(0))
     np.testing.assert_allclose(per_dim["kurtosis"], kurtosis(x, axis=0, fisher=True, bias=True), rtol=1e-7)
     manifest = get_analysis(store, analysis_id)
-    assert manifest["kind"] == "neuron" and manifest["source"]["n_rows"] == 3000
-    assert set(manifest["key_numbers"]["outlier_dimensions"]) == {3, 7}
+    assert manifest.kind == "neuron" and manifest.source["n_rows"] == 3000
+    assert set(manifest.key_numbers["outlier_dimensions"]) == {3, 7}
     check_report(store, analysis_id, "run-synthetic", LAYER, "excess", "outlier")
 
 
 def test_neuron_max_rows_filters_and_cancel(store) -> None:
     write_run(store, "run-small", torch.randn(200, 4))
     limited = run_analysis(store, {"kind": "neuron", "run_id": "run-small", "layer": LAYER, "max_rows": 50})
-    assert get_analysis(store, limited)["source"]["n_rows"] == 50
+    assert get_analysis(store, limited).source["n_rows"] == 50
     with pytest.raises(NotFoundError, match="unknown layer"):
         run_analysis(store, {"kind": "neuron", "run_id": "run-small", "layer": "model.layers.9"})
     with pytest.raises(InvalidInputError, match="outlier_factor"):
@@ -141,7 +141,7 @@ def test_neuron_max_rows_filters_and_cancel(store) -> None:
         run_analysis(
             store, {"kind": "neuron", "run_id": "run-small", "layer": LAYER}, should_stop=lambda: True
         )
-    assert [m["id"] for m in list_analyses(store)] == [limited]  # a cancelled analysis leaves nothing
+    assert [m.id for m in list_analyses(store)] == [limited]  # a cancelled analysis leaves nothing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_feature_pca_variance_and_planted_clusters(store, tokenizer) -> None:
     ratio = np.array(results["explained_variance_ratio"])
     assert np.all(np.diff(ratio) <= 1e-12) and ratio.sum() == pytest.approx(1.0, abs=1e-6)
     assert ratio[:3].sum() > 0.95  # four blobs span three directions
-    assert get_analysis(store, analysis_id)["key_numbers"]["components_for_90pct"] <= 3
+    assert get_analysis(store, analysis_id).key_numbers["components_for_90pct"] <= 3
     clusters = results["clusters"]
     assert sorted(c["size"] for c in clusters) == [200, 200, 200, 200]
     for cluster in clusters:
@@ -276,7 +276,7 @@ def test_patching_the_answer_layer_at_the_last_position_restores_the_logit_diffe
     assert fraction_LT.shape == (2, 5)
     assert fraction_LT[1, -1] >= 0.9
     assert np.abs(fraction_LT[0]).max() < 1e-6 and np.abs(fraction_LT[1, :-1]).max() < 0.05
-    key = get_analysis(store, analysis_id)["key_numbers"]
+    key = get_analysis(store, analysis_id).key_numbers
     assert (key["best_layer"], key["best_position"]) == ("model.layers.1.mlp", 4)
     assert results["positions"][-1] == " cat→ dog"
     check_report(store, analysis_id, "fraction", "model.layers.1.mlp", "plots/patching.png")
@@ -319,8 +319,8 @@ def test_cli_analyze_neuron_prints_where_the_report_is(store) -> None:
     result = runner.invoke(app, ["analyze", "neuron", "run-cli", "-l", LAYER, "--store", str(store.root)])
     assert result.exit_code == 0, result.output
     (analysis,) = list_analyses(store)
-    assert f"analysis {analysis['id']}" in result.output
-    assert "report.md" in result.output and str(report_path(store, analysis["id"])) in result.output.replace(
+    assert f"analysis {analysis.id}" in result.output
+    assert "report.md" in result.output and str(report_path(store, analysis.id)) in result.output.replace(
         "\n", ""
     )
     bad = runner.invoke(app, ["analyze", "circuit", "--clean", "a", "--store", str(store.root)])
@@ -359,7 +359,7 @@ def test_causal_ablates_sae_latents_keeping_the_error(store, answer_lm: LoadedMo
     assert [r["latent"] for r in ranking] == [0, 1]
     assert ranking[0]["methods"]["zero"]["delta_loss"] > 1.0
     assert ranking[1]["methods"]["zero"]["kl"] < ranking[0]["methods"]["zero"]["kl"] / 10
-    assert get_analysis(store, analysis_id)["source"]["sae_id"] == "answer-sae"
+    assert get_analysis(store, analysis_id).source["sae_id"] == "answer-sae"
     with pytest.raises(InvalidInputError, match=r"latents \[9\] are out of range"):
         run_analysis(store, {**request, "latents": [9]}, model_loader=loader(answer_lm))
     with pytest.raises(InvalidInputError, match="reads 'answer-llama', not 'other'"):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from kestrel.core.callbacks import KestrelCaptureCallback, TrainingCapture
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.run_reader import iter_row_batches
+from kestrel.core.runs import RunManifest, get_manifest
 from kestrel.core.sae import artifacts
 
 VOCAB, WIDTH, SEQ, BATCH = 64, 16, 12, 8
@@ -150,15 +151,15 @@ def docs_of(store, run_id: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def step_rows(store, manifest: dict, layer: str, step: int) -> dict[str, torch.Tensor]:
+def step_rows(store, manifest: RunManifest, layer: str, step: int) -> dict[str, torch.Tensor]:
     """Acts and metadata of every shard of one step, concatenated."""
-    names = [s["name"] for s in manifest["shards"] if s["step"] == step]
+    names = [s.name for s in manifest.shards if s.step == step]
     parts = [
         {
-            "acts": load_file(store.local_path("activations", manifest["id"], f"{layer}/{n}.safetensors"))[
+            "acts": load_file(store.local_path("activations", manifest.id, f"{layer}/{n}.safetensors"))[
                 "acts"
             ],
-            **load_file(store.local_path("activations", manifest["id"], f"tokens/{n}.safetensors")),
+            **load_file(store.local_path("activations", manifest.id, f"tokens/{n}.safetensors")),
         }
         for n in names
     ]
@@ -168,41 +169,41 @@ def step_rows(store, manifest: dict, layer: str, step: int) -> dict[str, torch.T
 def test_lightning_callback_writes_the_configured_steps(lightning_run) -> None:
     store, manifest, _ = lightning_run
     assert manifest is not None and store.list("activations") == ["tiny-training"]
-    assert manifest == store.read_json("activations", "tiny-training")
-    assert manifest["steps"] == CAPTURE_STEPS
-    assert sorted({s["step"] for s in manifest["shards"]}) == CAPTURE_STEPS
-    per_step = {step: [s for s in manifest["shards"] if s["step"] == step] for step in CAPTURE_STEPS}
+    assert manifest.to_json() == store.read_json("activations", "tiny-training")
+    assert manifest.steps == CAPTURE_STEPS
+    assert sorted({s.step for s in manifest.shards}) == CAPTURE_STEPS
+    per_step = {step: [s for s in manifest.shards if s.step == step] for step in CAPTURE_STEPS}
     # 40 sampled rows a step in shards of at most 32: two shards per step, never mixing steps
     assert all(
-        [s["n_tokens"] for s in shards] == [SHARD_ROWS, MAX_ROWS - SHARD_ROWS] for shards in per_step.values()
+        [s.n_tokens for s in shards] == [SHARD_ROWS, MAX_ROWS - SHARD_ROWS] for shards in per_step.values()
     )
-    assert [s["name"] for s in manifest["shards"]] == [f"{i:05d}" for i in range(2 * len(CAPTURE_STEPS))]
-    assert manifest["n_tokens"] == MAX_ROWS * len(CAPTURE_STEPS)
-    assert manifest["n_docs"] == BATCH * len(CAPTURE_STEPS)
+    assert [s.name for s in manifest.shards] == [f"{i:05d}" for i in range(2 * len(CAPTURE_STEPS))]
+    assert manifest.n_tokens == MAX_ROWS * len(CAPTURE_STEPS)
+    assert manifest.n_docs == BATCH * len(CAPTURE_STEPS)
     for layer in LAYERS:
-        for shard in manifest["shards"]:
-            assert store.local_path("activations", manifest["id"], f"{layer}/{shard['name']}.safetensors")
-    assert {name: info["d"] for name, info in manifest["layers"].items()} == {
+        for shard in manifest.shards:
+            assert store.local_path("activations", manifest.id, f"{layer}/{shard.name}.safetensors")
+    assert {name: info.d for name, info in manifest.layers.items()} == {
         "blocks.0": WIDTH,
         "blocks.1.mlp": WIDTH,
     }
-    assert all(info["norm_median"] > 0 for info in manifest["layers"].values())
-    assert manifest["source"]["kind"] == "training" and manifest["source"]["status"] == "complete"
-    assert manifest["source"]["framework"] == "lightning"
-    model = manifest["model"]
-    assert (model["name"], model["architecture"], model["d_model"], model["loadable"]) == (
+    assert all(info.norm_median > 0 for info in manifest.layers.values())
+    assert manifest.source.kind == "training" and manifest.source.status == "complete"
+    assert manifest.source.framework == "lightning"
+    model = manifest.model
+    assert (model.name, model.architecture, model.d_model, model.loadable) == (
         "tiny-net",
         "TinyNet",
         WIDTH,
         False,
     )
-    assert manifest["dtype"] == "fp32" and manifest["options"]["every_n_steps"] == EVERY
+    assert manifest.dtype == "fp32" and manifest.options.every_n_steps == EVERY
 
 
 def test_rows_equal_what_the_layer_produced(lightning_run) -> None:
     store, manifest, module = lightning_run
-    docs = docs_of(store, manifest["id"])
-    assert [d["doc_index"] for d in docs] == list(range(manifest["n_docs"]))
+    docs = docs_of(store, manifest.id)
+    assert [d["doc_index"] for d in docs] == list(range(manifest.n_docs))
     assert set(module.reference) == REFERENCE_STEPS
     for step in REFERENCE_STEPS:
         rows = step_rows(store, manifest, "blocks.0", step)
@@ -219,18 +220,18 @@ def test_rows_equal_what_the_layer_produced(lightning_run) -> None:
 
 def test_the_reader_and_the_sae_pipeline_use_a_training_run(lightning_run) -> None:
     store, manifest, _ = lightning_run
-    rows = list(iter_row_batches(store, manifest["id"], "blocks.0", batch_size=10_000))
-    assert sum(len(b) for b in rows) == manifest["n_tokens"]
+    rows = list(iter_row_batches(store, manifest.id, "blocks.0", batch_size=10_000))
+    assert sum(len(b) for b in rows) == manifest.n_tokens
     summary = artifacts.train_from_run(
         store,
-        manifest["id"],
+        manifest.id,
         "blocks.0",
         {"architecture": "topk", "n_latents": 32, "k": 4},
         {"batch_size": 32, "token_budget": 2000, "device": "cpu"},
         sae_id="tiny-sae",
     )
-    metrics = summary["metrics"]
-    assert summary["status"] == "complete" and summary["model"] == "tiny-net"
+    metrics = summary.metrics
+    assert summary.status == "complete" and summary.model == "tiny-net"
     assert 0 <= metrics["fvu"] < 2 and metrics["l0"] <= 4
     assert metrics["model_in_the_loop"]["skipped"] is True
     assert "cannot load" in metrics["model_in_the_loop"]["reason"]
@@ -247,10 +248,10 @@ def test_a_failed_training_keeps_its_completed_steps(tmp_path) -> None:
     )
     with pytest.raises(RuntimeError, match="training failed"):
         fit(TinyLightning(fail_at=25), callback, max_steps=40)
-    manifest = store.read_json("activations", "crashed")
-    assert manifest["steps"] == [0, 10, 20]
-    assert manifest["source"]["status"] == "interrupted"
-    assert "RuntimeError: the user's training failed" in manifest["source"]["error"]
+    manifest = get_manifest(store, "crashed")
+    assert manifest.steps == [0, 10, 20]
+    assert manifest.source.status == "interrupted"
+    assert "RuntimeError: the user's training failed" in manifest.source.error
     assert not list((store.root / "activations").glob(".staging-*"))
 
 
@@ -285,11 +286,11 @@ def test_manual_loop_hooks(tmp_path) -> None:
             optimizer.step()
     assert hooked_steps == [0, 7, 14, 21, 28] and hooks_on(net) == 0, "hooks only on capture steps"
     manifest = capture.manifest
-    assert manifest["steps"] == [0, 7, 14, 21, 28] and manifest["source"]["framework"] == "manual"
-    real = [int(data.mask_NT[s * BATCH : (s + 1) * BATCH].sum()) for s in manifest["steps"]]
-    assert [s["n_tokens"] for s in manifest["shards"]] == real  # every real token, padding left out
-    assert list(manifest["layers"]) == ["blocks.1", "embed"]
-    assert manifest["layers"]["embed"]["kind"] == "embedding"
+    assert manifest.steps == [0, 7, 14, 21, 28] and manifest.source.framework == "manual"
+    real = [int(data.mask_NT[s * BATCH : (s + 1) * BATCH].sum()) for s in manifest.steps]
+    assert [s.n_tokens for s in manifest.shards] == real  # every real token, padding left out
+    assert list(manifest.layers) == ["blocks.1", "embed"]
+    assert manifest.layers["embed"].kind == "embedding"
     with pytest.raises(InvalidInputError, match="closed"):
         capture.begin_step(35)
 
@@ -303,8 +304,8 @@ def test_outputs_without_a_sequence_axis(tmp_path) -> None:
         with capture.step(step):
             net(torch.randn(7, 6))
     manifest = capture.close()
-    assert manifest["steps"] == [0, 2] and manifest["n_docs"] == 2 and manifest["d_model"] == 10
-    assert [(s["step"], s["n_tokens"]) for s in manifest["shards"]] == [(0, 5), (0, 2), (2, 5), (2, 2)]
+    assert manifest.steps == [0, 2] and manifest.n_docs == 2 and manifest.d_model == 10
+    assert [(s.step, s.n_tokens) for s in manifest.shards] == [(0, 5), (0, 2), (2, 5), (2, 2)]
     meta = load_file(capture.store.local_path("activations", "mlp", "tokens/00002.safetensors"))
     assert meta["token_id"].tolist() == [-1] * 5 and meta["doc_index"].tolist() == [1] * 5
     assert meta["position"].tolist() == [0, 1, 2, 3, 4]
@@ -384,12 +385,12 @@ def test_runs_go_to_s3_and_to_both(s3_endpoint: str, tmp_path) -> None:
 
     remote = manual_run(url, tmp_path, run_id="on-s3", endpoint_url=s3_endpoint)
     reader = open_store(url, endpoint_url=s3_endpoint, local_root=tmp_path / "reader")
-    assert reader.read_json("activations", "on-s3") == remote and remote["steps"] == [0, 3]
+    assert reader.read_json("activations", "on-s3") == remote.to_json() and remote.steps == [0, 3]
     rows = list(iter_row_batches(reader, "on-s3", "blocks.0", batch_size=10_000))
-    assert sum(len(b) for b in rows) == remote["n_tokens"] > 0
+    assert sum(len(b) for b in rows) == remote.n_tokens > 0
 
     both = manual_run((tmp_path / "mirror", url), tmp_path, run_id="on-both", endpoint_url=s3_endpoint)
-    assert LocalStore(tmp_path / "mirror").read_json("activations", "on-both") == both
+    assert LocalStore(tmp_path / "mirror").read_json("activations", "on-both") == both.to_json()
     assert reader.exists("activations", "on-both")
 
 
@@ -404,14 +405,14 @@ def test_a_hugging_face_model_is_addressed_by_kestrels_layer_names(tmp_path) -> 
     with capture.step(0, input_ids=ids_BT):
         llama(input_ids=ids_BT).logits.sum().backward()
     manifest = capture.close()
-    kinds = {name: info["kind"] for name, info in manifest["layers"].items()}
+    kinds = {name: info.kind for name, info in manifest.layers.items()}
     assert kinds == {"model.layers.1": "block", "model.layers.0.mlp": "mlp"}
-    model = manifest["model"]
-    assert (model["model_type"], model["d_model"], model["n_blocks"], model["loadable"]) == (
+    model = manifest.model
+    assert (model.model_type, model.d_model, model.n_blocks, model.loadable) == (
         "llama",
         32,
         3,
         False,
     )
-    rows = next(iter_row_batches(capture.store, manifest["id"], "model.layers.1", batch_size=100))
+    rows = next(iter_row_batches(capture.store, manifest.id, "model.layers.1", batch_size=100))
     assert torch.equal(rows.token_id_N.long(), ids_BT.flatten()) and rows.acts_ND.dtype == torch.float32

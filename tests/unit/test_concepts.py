@@ -134,8 +134,8 @@ def tiny_texts() -> list[str]:
 @pytest.fixture
 def trained(tiny_lm, store, tiny_texts) -> str:
     run = capture(tiny_lm, tiny_texts, ["model.layers.1"], store, options=CaptureOptions(dtype="fp32"))
-    artifacts.train_from_run(store, run["id"], "model.layers.1", TINY_SAE, TINY_TRAIN, sae_id="sae-a")
-    return run["id"]
+    artifacts.train_from_run(store, run.id, "model.layers.1", TINY_SAE, TINY_TRAIN, sae_id="sae-a")
+    return run.id
 
 
 def test_discover_over_a_run_layout_contexts_and_sinks(tiny_lm, store, trained) -> None:
@@ -206,7 +206,7 @@ def test_discovery_progress_moves_during_the_streaming_pass(
     assert len(streaming) > 3 and 0 < streaming[0] < 0.5 and streaming[-1] == pytest.approx(0.9)
     if source == "run":  # rows: every token but each document's position 0
         manifest = get_manifest(store, trained)
-        assert seen[-1].unit == "rows" and seen[-1].done <= manifest["n_tokens"] - manifest["n_docs"]
+        assert seen[-1].unit == "rows" and seen[-1].done <= manifest.n_tokens - manifest.n_docs
     else:
         assert seen[-1].unit == "documents"
         assert seen[-1].done == seen[-1].total == len(tiny_texts) - (10 if source == "file" else 0)

@@ -46,15 +46,20 @@ def test_run_equals_the_file_with_metadata(store, tmp_path, acts) -> None:
     path = write(tmp_path / "acts.safetensors", {**acts, **meta})
     manifest = import_activations(store, path, dtype="fp32", shard_mb=0.01, model="some-model")
 
-    assert [m["id"] for m in list_runs(store)] == [manifest["id"]]
-    assert get_manifest(store, manifest["id"]) == manifest
-    assert set(manifest["layers"]) == {"resid.3", "mlp.3"} and manifest["n_tokens"] == N_ROWS
-    assert manifest["layers"]["mlp.3"]["d"] == 2 * D and manifest["d_model"] == 2 * D
-    assert len(manifest["shards"]) > 1, "small shard_mb splits the rows into several shards"
-    assert manifest["n_docs"] == 20 and manifest["import"]["synthetic_row_fields"] == []
-    assert manifest["model"] == {"name": "some-model", "source": "external", "loadable": False, "d_model": 32}
+    assert [m.id for m in list_runs(store)] == [manifest.id]
+    assert get_manifest(store, manifest.id) == manifest
+    assert set(manifest.layers) == {"resid.3", "mlp.3"} and manifest.n_tokens == N_ROWS
+    assert manifest.layers["mlp.3"].d == 2 * D and manifest.d_model == 2 * D
+    assert len(manifest.shards) > 1, "small shard_mb splits the rows into several shards"
+    assert manifest.n_docs == 20 and manifest.import_.synthetic_row_fields == []
+    assert manifest.model.model_dump(exclude_unset=True) == {
+        "name": "some-model",
+        "source": "external",
+        "loadable": False,
+        "d_model": 32,
+    }
     for layer, tensor in acts.items():
-        rows = all_rows(store, manifest["id"], layer)
+        rows = all_rows(store, manifest.id, layer)
         torch.testing.assert_close(rows.acts_ND, tensor, rtol=0, atol=0)
         assert torch.equal(rows.token_id_N.long(), meta["token_id"])
         assert torch.equal(rows.doc_index_N.long(), doc_index)
@@ -64,9 +69,9 @@ def test_run_equals_the_file_with_metadata(store, tmp_path, acts) -> None:
 def test_defaults_keep_the_files_dtype_and_make_up_metadata(store, tmp_path, acts) -> None:
     path = write(tmp_path / "acts.safetensors", {"resid.3": acts["resid.3"].half()})
     manifest = import_activations(store, path, tensors={"resid.3": "model.layers.3"})
-    assert manifest["dtype"] == "fp16" and list(manifest["layers"]) == ["model.layers.3"]
-    assert manifest["import"]["synthetic_row_fields"] == ["token_id", "doc_index", "position"]
-    rows = all_rows(store, manifest["id"], "model.layers.3")
+    assert manifest.dtype == "fp16" and list(manifest.layers) == ["model.layers.3"]
+    assert manifest.import_.synthetic_row_fields == ["token_id", "doc_index", "position"]
+    rows = all_rows(store, manifest.id, "model.layers.3")
     assert torch.equal(rows.acts_ND, acts["resid.3"].half().float())
     assert torch.equal(rows.doc_index_N, torch.arange(N_ROWS, dtype=torch.int32)), "a document per row"
     assert bool((rows.position_N == 1).all()) and bool((rows.token_id_N == -1).all())
@@ -75,12 +80,12 @@ def test_defaults_keep_the_files_dtype_and_make_up_metadata(store, tmp_path, act
 def test_positions_follow_documents_and_documents_follow_positions(store, tmp_path, acts) -> None:
     doc_index = torch.tensor([0, 0, 0, 1, 1, 2] * 100)
     path = write(tmp_path / "docs.safetensors", {"x": acts["resid.3"], "doc_index": doc_index})
-    run = import_activations(store, path)["id"]
+    run = import_activations(store, path).id
     assert all_rows(store, run, "x").position_N[:6].tolist() == [0, 1, 2, 0, 1, 0]
 
     position = torch.tensor([0, 1, 2, 0, 1, 5] * 100)
     path = write(tmp_path / "positions.safetensors", {"x": acts["resid.3"], "position": position})
-    run = import_activations(store, path)["id"]
+    run = import_activations(store, path).id
     assert all_rows(store, run, "x").doc_index_N[:7].tolist() == [0, 0, 0, 1, 1, 1, 2]
 
 
@@ -132,7 +137,7 @@ def test_an_sae_trains_on_an_imported_run(store, tmp_path) -> None:
     directions = torch.randn(8, D, generator=generator)
     codes = torch.rand(2000, 8, generator=generator) * (torch.rand(2000, 8, generator=generator) < 0.3)
     path = write(tmp_path / "acts.safetensors", {"blocks.2": codes @ directions})
-    run = import_activations(store, path)["id"]
+    run = import_activations(store, path).id
     summary = artifacts.train_from_run(
         store,
         run,
@@ -140,9 +145,9 @@ def test_an_sae_trains_on_an_imported_run(store, tmp_path) -> None:
         {"architecture": "topk", "n_latents": 32, "k": 4},
         {"batch_size": 256, "epochs": 2, "seed": 0},
     )
-    assert summary["status"] == "complete" and summary["config"]["d_in"] == D
-    assert summary["model"] == "unknown" and summary["run_id"] == run
-    assert 0 <= summary["metrics"]["fvu"] < 1
+    assert summary.status == "complete" and summary.config["d_in"] == D
+    assert summary.model == "unknown" and summary.run_id == run
+    assert 0 <= summary.metrics["fvu"] < 1
 
 
 def test_cli_runs_import(store, tmp_path, acts) -> None:
@@ -156,7 +161,7 @@ def test_cli_runs_import(store, tmp_path, acts) -> None:
     result = runner.invoke(app, [*args, "--dtype", "bf16"])
     assert result.exit_code == 0, result.output
     run = list_runs(store)[0]
-    assert list(run["layers"]) == ["model.layers.3"] and run["dtype"] == "bf16"
+    assert list(run.layers) == ["model.layers.3"] and run.dtype == "bf16"
     bad = runner.invoke(app, ["runs", "import", str(path), "--store", str(store.root), "-t", "resid.3"])
     assert bad.exit_code == 2 and "--tensor takes KEY=VALUE" in bad.output
 
@@ -170,9 +175,9 @@ def test_import_through_the_s3_store(tmp_path, s3_endpoint, acts) -> None:
     store = open_store(new_bucket(s3_endpoint), endpoint_url=s3_endpoint, local_root=tmp_path / "local")
     path = write(tmp_path / "acts.safetensors", acts)
     manifest = import_activations(store, path, dtype="fp32", shard_mb=0.01)
-    assert [m["id"] for m in list_runs(store)] == [manifest["id"]] and len(manifest["shards"]) > 1
+    assert [m.id for m in list_runs(store)] == [manifest.id] and len(manifest.shards) > 1
     for layer, tensor in acts.items():
-        assert torch.equal(all_rows(store, manifest["id"], layer).acts_ND, tensor)
+        assert torch.equal(all_rows(store, manifest.id, layer).acts_ND, tensor)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ TRAIN = {"batch_size": 256, "epochs": 2, "seed": 3}
 @pytest.fixture
 def run(tiny_lm, store) -> str:
     texts = [f"{TOPICS[i % 3]} number {i}, told again and again." * 3 for i in range(120)]
-    return capture(tiny_lm, texts, ["model.layers.1"], store, options=CaptureOptions(dtype="fp32"))["id"]
+    return capture(tiny_lm, texts, ["model.layers.1"], store, options=CaptureOptions(dtype="fp32")).id
 
 
 def test_train_publish_evaluate_encode_delete(tiny_lm, store, run) -> None:
@@ -34,17 +34,17 @@ def test_train_publish_evaluate_encode_delete(tiny_lm, store, run) -> None:
     summary = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, TRAIN, sae_id="sae-a", on_progress=seen.append
     )
-    assert summary["status"] == "complete" and summary["config"]["d_in"] == 32
-    assert summary["config"]["data"]["filters"]["skip_position_0"] is True
-    assert 0 <= summary["metrics"]["fvu"] < 1 and "all_rows" in summary["metrics"] and seen
-    assert [s["id"] for s in artifacts.list_saes(store)] == ["sae-a"]
+    assert summary.status == "complete" and summary.config["d_in"] == 32
+    assert summary.config["data"]["filters"]["skip_position_0"] is True
+    assert 0 <= summary.metrics["fvu"] < 1 and "all_rows" in summary.metrics and seen
+    assert [s.id for s in artifacts.list_saes(store)] == ["sae-a"]
     directory = store.artifact_dir("saes", "sae-a")
     assert {"config.json", "weights.safetensors", "metrics.json", "history.jsonl", "manifest.json"} <= {
         p.name for p in directory.iterdir()
     }
     metrics = artifacts.evaluate_sae(store, "sae-a", tiny_lm)
     assert metrics["ce_loss_zero_ablated"] != metrics["ce_loss_clean"] and metrics["n_spliced_positions"] > 0
-    assert "model_in_the_loop" in artifacts.get_sae(store, "sae-a")["metrics"]
+    assert "model_in_the_loop" in artifacts.get_sae(store, "sae-a").metrics
     sae, _ = artifacts.load_sae(store, "sae-a")
     tokens = artifacts.encode_prompt(tiny_lm, sae, "model.layers.1", "stars and galaxies", top_k=3)
     assert len(tokens) == len(tiny_lm.tokenizer.tokenize("stars and galaxies"))
@@ -71,18 +71,18 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes(store, run) -> None:
         sae_id="sae-b",
         should_stop=stop_after_three,
     )
-    assert stopped["status"] == "stopped" and stopped["checkpoint"]
+    assert stopped.status == "stopped" and stopped.checkpoint
     assert artifacts.list_saes(store) == []
     done = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, {**TRAIN, "checkpoint_every": 100}, sae_id="sae-b", resume=True
     )
-    assert done["status"] == "complete"
+    assert done.status == "complete"
     uninterrupted = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, {**TRAIN, "checkpoint_every": 100}, sae_id="sae-c"
     )
     a, _ = artifacts.load_sae(store, "sae-b")
     b, _ = artifacts.load_sae(store, "sae-c")
-    assert done["steps"] == uninterrupted["steps"]
+    assert done.steps == uninterrupted.steps
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -118,7 +118,7 @@ def test_saelens_export_import_round_trip(store, run) -> None:
     imported = artifacts.import_saelens(
         store, archive.read("cfg.json"), archive.read("sae_weights.safetensors"), sae_id="copy"
     )
-    assert imported["config"]["n_latents"] == 64
+    assert imported.config["n_latents"] == 64
     a, _ = artifacts.load_sae(store, "orig")
     b, _ = artifacts.load_sae(store, "copy")
     assert all(
@@ -160,9 +160,9 @@ def test_a_tiny_run_trains_with_a_smaller_batch_and_says_so(store, run) -> None:
     summary = artifacts.train_from_run(
         store, run, "model.layers.1", SAE, {"seed": 3}, sae_id="sae-small", on_warning=warned.append
     )
-    n_tokens = artifacts.get_manifest(store, run)["n_tokens"]
+    n_tokens = artifacts.get_manifest(store, run).n_tokens
     assert n_tokens < 100 * artifacts.MIN_AUTO_BATCH_SIZE  # the fixture is a tiny run
-    assert summary["train_config"]["batch_size"] == artifacts.MIN_AUTO_BATCH_SIZE
-    assert summary["steps"] >= n_tokens * 0.8 // artifacts.MIN_AUTO_BATCH_SIZE  # not 1 step of 4,096
-    assert summary["warnings"] == warned and "undertrained" in warned[0]
-    assert artifacts.get_sae(store, "sae-small")["warnings"] == warned
+    assert summary.train_config["batch_size"] == artifacts.MIN_AUTO_BATCH_SIZE
+    assert summary.steps >= n_tokens * 0.8 // artifacts.MIN_AUTO_BATCH_SIZE  # not 1 step of 4,096
+    assert summary.warnings == warned and "undertrained" in warned[0]
+    assert artifacts.get_sae(store, "sae-small").warnings == warned

@@ -16,6 +16,8 @@ from kestrel.core.hooks import Controller, HookContext, add_vector
 from kestrel.core.models import forward
 from kestrel.core.sae import SAEConfig, create
 from kestrel.core.sae import io as sae_io
+from kestrel.core.sae.base import SAE
+from kestrel.core.sae.records import SAEManifest
 from kestrel.core.steering import LatentEdit, SteeringConfig
 
 LAYER = "model.layers.1"
@@ -34,7 +36,11 @@ def make_sae(d_in: int, n_latents: int = 64, k: int = 4, layer: str = LAYER, see
 
 
 def loader(sae):
-    return lambda sae_id: (sae, {"layer": sae.config.layer})
+    def load(sae_id: str) -> tuple[SAE, SAEManifest]:
+        summary = SAEManifest(id=sae_id, layer=sae.config.layer, config=sae.config.model_dump(mode="json"))
+        return sae, summary
+
+    return load
 
 
 @pytest.fixture

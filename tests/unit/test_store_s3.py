@@ -368,18 +368,18 @@ def test_capture_train_evaluate_discover_on_s3(backend, tiny_lm, tmp_path, s3_en
     store = _settings(backend, tmp_path, s3_url, s3_endpoint).open_store()
     texts = [f"{TOPICS[i % 3]} number {i}, told again and again." * 3 for i in range(90)]
     run = capture(tiny_lm, texts, ["model.layers.1"], store, options=CaptureOptions(dtype="fp32"))
-    assert store.list("activations") == [run["id"]]
-    assert next(iter(iter_batches(store, run["id"], "model.layers.1"))).shape[1] == 32
+    assert store.list("activations") == [run.id]
+    assert next(iter(iter_batches(store, run.id, "model.layers.1"))).shape[1] == 32
 
     sae = {"architecture": "topk", "n_latents": 64, "k": 4}
     summary = artifacts.train_from_run(
-        store, run["id"], "model.layers.1", sae, {"batch_size": 256, "epochs": 1, "seed": 3}, sae_id="sae-s3"
+        store, run.id, "model.layers.1", sae, {"batch_size": 256, "epochs": 1, "seed": 3}, sae_id="sae-s3"
     )
-    assert summary["status"] == "complete" and [s["id"] for s in artifacts.list_saes(store)] == ["sae-s3"]
+    assert summary.status == "complete" and [s.id for s in artifacts.list_saes(store)] == ["sae-s3"]
     loaded, _ = artifacts.load_sae(store, "sae-s3")
     assert loaded.n_latents == 64
     metrics = artifacts.evaluate_sae(store, "sae-s3", tiny_lm, texts[:6])
-    assert "model_in_the_loop" in artifacts.get_sae(store, "sae-s3")["metrics"] and metrics
+    assert "model_in_the_loop" in artifacts.get_sae(store, "sae-s3").metrics and metrics
     assert store.read_json("saes", "sae-s3", "metrics.json")["model_in_the_loop"] == metrics
 
     manifest = concepts.discover(store, "sae-s3", tiny_lm, config={"top_n": 4, "window": 2})
@@ -393,7 +393,7 @@ def test_capture_train_evaluate_discover_on_s3(backend, tiny_lm, tmp_path, s3_en
 
     if isinstance(store, MirrorStore):
         remote = store.remote
-        assert remote.list("saes") == ["sae-s3"] and remote.list("activations") == [run["id"]]
+        assert remote.list("saes") == ["sae-s3"] and remote.list("activations") == [run.id]
         assert remote.read_json("saes", "sae-s3", "features/manifest.json")["version"] == manifest["version"]
     artifacts.delete_sae(store, "sae-s3")
     assert artifacts.list_saes(store) == []

@@ -50,7 +50,6 @@ from kestrel.core.hooks import (
     zero_ablate,
 )
 from kestrel.core.models import LoadedModel, tokenize
-from kestrel.core.sae import records
 from kestrel.core.store import Store
 
 PLOT_TARGETS = 30
@@ -173,13 +172,13 @@ def _targets(lm: LoadedModel, config: CausalConfig, store: Store) -> tuple[list[
     from kestrel.core.sae.artifacts import load_sae
 
     sae, summary = load_sae(store, config.sae_id, device=lm.device)
-    n_latents = int(summary["config"]["n_latents"])
+    n_latents = summary.n_latents
     bad = [latent for latent in config.latents if latent >= n_latents]
     if bad:
         raise InvalidInputError(
             f"latents {bad} are out of range: sae {config.sae_id!r} has {n_latents} latents"
         )
-    layer = summary.get("layer") or summary["config"]["layer"]
+    layer = summary.layer_name
     lm.layer(layer)
     targets = [Target(f"latent {latent}", layer, latent) for latent in dict.fromkeys(config.latents)]
     return targets, sae.eval(), {"sae_id": config.sae_id, "layer": layer, "latents": config.latents}
@@ -193,7 +192,7 @@ def _model_name(config: CausalConfig, store: Store) -> str:
 
     summary = get_sae(store, config.sae_id)
     require_loadable_model(store, summary)  # a run captured in training or imported: no model here
-    sae_model = records.sae_model(summary)
+    sae_model = summary.model_name
     if "model" in config.model_fields_set and sae_model and config.model != sae_model:
         raise InvalidInputError(f"sae {config.sae_id!r} reads {sae_model!r}, not {config.model!r}")
     return sae_model or config.model

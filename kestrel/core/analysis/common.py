@@ -8,6 +8,7 @@ from typing import Any
 
 from kestrel.core.analysis.report import Report
 from kestrel.core.errors import CancelledError, InvalidInputError
+from kestrel.core.runs import RunManifest
 
 ProgressFn = Callable[[float | None, str], None]
 StopFn = Callable[[], bool]
@@ -44,12 +45,12 @@ def require_loader(model_loader: ModelLoader | None, kind: str) -> ModelLoader:
     return model_loader
 
 
-def stored_run_source(config: Any, manifest: dict[str, Any], d: int, **counts: int) -> dict[str, Any]:
+def stored_run_source(config: Any, manifest: RunManifest, d: int, **counts: int) -> dict[str, Any]:
     """The ``source`` of an analysis over a stored run (neuron, feature): run, layer, what was read."""
     return {
         "run_id": config.run_id,
         "layer": config.layer,
-        "model": manifest["model"].get("name"),
+        "model": manifest.model.name,
         "d": d,
         **counts,
         "filters": config.filters.model_dump(),

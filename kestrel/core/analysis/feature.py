@@ -30,9 +30,9 @@ from kestrel.core.analysis.config import FeatureConfig
 from kestrel.core.analysis.report import Report, new_figure, table
 from kestrel.core.concepts.accumulate import pack_rows, unpack_rows
 from kestrel.core.concepts.contexts import iter_docs_jsonl, token_windows
-from kestrel.core.errors import InvalidInputError, KestrelError, not_found
+from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.run_reader import iter_row_batches
-from kestrel.core.runs import get_manifest
+from kestrel.core.runs import RunManifest, get_manifest
 from kestrel.core.store import Store
 
 BATCH_ROWS = 8192
@@ -70,7 +70,7 @@ def uniform_sample(
 
 
 def contexts(
-    store: Store, run_id: str, manifest: dict[str, Any], rows_R: torch.Tensor, tokenizer: Any, window: int
+    store: Store, run_id: str, manifest: RunManifest, rows_R: torch.Tensor, tokenizer: Any, window: int
 ) -> list[str]:
     """Each packed row as a readable context: tokens around it with the token in «»."""
     docs_path = store.local_path("activations", run_id, "docs.jsonl")
@@ -85,7 +85,7 @@ def contexts(
             for d, p in zip(doc_U.tolist(), position_U.tolist(), strict=True)
         ]
     else:
-        max_length = int(manifest.get("options", {}).get("max_length", 512))
+        max_length = manifest.options.max_length or 512
         windows_UW = token_windows(
             unique_U, iter_docs_jsonl(docs_path), tokenizer, max_length=max_length, window=window
         )
@@ -116,9 +116,8 @@ def analyze(
     from sklearn.decomposition import PCA
 
     manifest = get_manifest(store, config.run_id)
-    if config.layer not in manifest["layers"]:
-        raise not_found("layer", config.layer, manifest["layers"])
-    acts_SD, rows_S = uniform_sample(store, config, int(manifest["n_tokens"]), progress, should_stop)
+    manifest.layer(config.layer)  # NotFoundError naming the run's layers
+    acts_SD, rows_S = uniform_sample(store, config, manifest.n_tokens, progress, should_stop)
     x_SD = acts_SD.numpy().astype(np.float64)
     n, d = x_SD.shape
     n_components = min(config.n_components, d, n)
@@ -186,11 +185,11 @@ def analyze(
     return AnalysisOutput(source, key_numbers, results, report)
 
 
-def _tokenizer(model_loader, manifest: dict[str, Any]):
+def _tokenizer(model_loader, manifest: RunManifest):
     """The run's tokenizer, to show tokens in context; None (document text instead) when the
     run's model cannot be loaded here, e.g. a run captured inside someone's training loop."""
-    name = manifest.get("model", {}).get("name")
-    if model_loader is None or not name or manifest.get("model", {}).get("loadable", True) is False:
+    name = manifest.model.name
+    if model_loader is None or not name or not manifest.model.loadable:
         return None  # the name is not one the service can load, and could name an unrelated model
     try:
         return model_loader(name).tokenizer

@@ -35,7 +35,7 @@ from kestrel.core.analysis.common import (
 )
 from kestrel.core.analysis.config import NeuronConfig
 from kestrel.core.analysis.report import Report, new_figure, table
-from kestrel.core.errors import InvalidInputError, not_found
+from kestrel.core.errors import InvalidInputError
 from kestrel.core.run_reader import iter_row_batches
 from kestrel.core.runs import get_manifest
 from kestrel.core.store import Store
@@ -161,9 +161,8 @@ def analyze(
     **_: object,
 ) -> AnalysisOutput:
     manifest = get_manifest(store, config.run_id)
-    if config.layer not in manifest["layers"]:
-        raise not_found("layer", config.layer, manifest["layers"])
-    total = min(int(manifest["n_tokens"]), config.max_rows or int(manifest["n_tokens"]))
+    manifest.layer(config.layer)  # NotFoundError naming the run's layers
+    total = min(manifest.n_tokens, config.max_rows or manifest.n_tokens)
     moments = stream_moments(store, config.run_id, config.layer, config, total, progress, should_stop)
     stats = {
         "mean": moments.mean_D,

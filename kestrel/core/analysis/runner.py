@@ -21,7 +21,7 @@ import numpy as np
 from kestrel.core.analysis import causal, circuit, feature, neuron
 from kestrel.core.analysis.common import AnalysisOutput, ModelLoader, ProgressFn, StopFn, check_stop
 from kestrel.core.analysis.config import parse_config
-from kestrel.core.analysis.records import KIND
+from kestrel.core.analysis.records import FORMAT_VERSION, KIND, AnalysisManifest
 
 # Re-exported: the store reads live in the torch-free records module.
 from kestrel.core.analysis.records import PLOT_NAME as PLOT_NAME
@@ -34,7 +34,6 @@ from kestrel.core.analysis.records import report_path as report_path
 from kestrel.core.errors import ConflictError
 from kestrel.core.store import Store, new_id, validate_id
 
-FORMAT_VERSION = 1
 ANALYZERS = {
     "neuron": neuron.analyze,
     "feature": feature.analyze,
@@ -76,33 +75,35 @@ def run_analysis(
     check_stop(should_stop, "writing the report")
     manifest = _manifest(analysis_id, config, output, time.perf_counter() - started)
     if record is not None:
-        manifest["config"] = jsonable(record)
+        manifest.config = jsonable(record)
     _publish(store, analysis_id, output, manifest)
     if progress is not None:
         progress(1.0, "written")
     return analysis_id
 
 
-def _manifest(analysis_id: str, config: Any, output: AnalysisOutput, seconds: float) -> dict[str, Any]:
-    return jsonable(
-        {
-            "format_version": FORMAT_VERSION,
-            "id": analysis_id,
-            "kind": config.kind,
-            "title": output.report.title,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "source": output.source,
-            "config": config.model_dump(mode="json"),
-            "key_numbers": output.key_numbers,
-            "plots": [plot.name for plot in output.report.plots],
-            "files": ["results.json", "report.md"]
-            + [f"plots/{plot.name}.png" for plot in output.report.plots],
-            "seconds": round(seconds, 3),
-        }
+def _manifest(analysis_id: str, config: Any, output: AnalysisOutput, seconds: float) -> AnalysisManifest:
+    return AnalysisManifest.model_validate(
+        jsonable(
+            {
+                "format_version": FORMAT_VERSION,
+                "id": analysis_id,
+                "kind": config.kind,
+                "title": output.report.title,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "source": output.source,
+                "config": config.model_dump(mode="json"),
+                "key_numbers": output.key_numbers,
+                "plots": [plot.name for plot in output.report.plots],
+                "files": ["results.json", "report.md"]
+                + [f"plots/{plot.name}.png" for plot in output.report.plots],
+                "seconds": round(seconds, 3),
+            }
+        )
     )
 
 
-def _publish(store: Store, analysis_id: str, output: AnalysisOutput, manifest: dict[str, Any]) -> None:
+def _publish(store: Store, analysis_id: str, output: AnalysisOutput, manifest: AnalysisManifest) -> None:
     with store.writer(KIND, analysis_id) as writer:
         directory = Path(writer.directory)
         (directory / "results.json").write_text(json.dumps(jsonable(output.results), indent=1))
@@ -110,7 +111,7 @@ def _publish(store: Store, analysis_id: str, output: AnalysisOutput, manifest: d
         (directory / "plots").mkdir()
         for plot in output.report.plots:
             (directory / "plots" / f"{plot.name}.png").write_bytes(plot.png)
-        writer.commit(manifest)
+        writer.commit(manifest.to_json())
 
 
 def jsonable(value: Any) -> Any:

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from kestrel.core.concepts.store import FEATURES_DIR, SAE_KIND
 from kestrel.core.config import EngineConfig
 from kestrel.core.errors import InvalidInputError, NotFoundError
+from kestrel.core.sae.records import get_sae
 from kestrel.core.store import Store, validate_id
 
 DICTIONARY_FILE = "dictionary.json"
@@ -71,8 +72,7 @@ DICTIONARY_REL = f"{FEATURES_DIR}/{DICTIONARY_FILE}"
 
 def sae_latent_count(store: Store, sae_id: str) -> int:
     """The SAE's latent count, from its summary (no weights loaded)."""
-    summary = store.read_json(SAE_KIND, validate_id(sae_id, "sae id"))
-    return int(summary["config"]["n_latents"])
+    return get_sae(store, sae_id).n_latents
 
 
 def read_dictionary(store: Store, sae_id: str) -> dict[int, Concept]:

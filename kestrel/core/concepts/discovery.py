@@ -41,9 +41,10 @@ from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import LoadedModel
 from kestrel.core.run_reader import iter_row_batches
-from kestrel.core.runs import RowFilter, get_manifest
+from kestrel.core.runs import RowFilter, RunManifest, get_manifest
 from kestrel.core.sae.artifacts import load_sae
 from kestrel.core.sae.base import SAE
+from kestrel.core.sae.records import SAEManifest
 from kestrel.core.store import Store
 
 ENCODE_CHUNK_ROWS = 4096
@@ -118,7 +119,7 @@ def discover(
     log_bins = config.log_bins()
     sae, summary = load_sae(store, sae_id, device=lm.device)
     config.check_size(sae.n_latents)
-    layer = summary.get("layer") or sae.config.layer
+    layer = summary.layer or sae.config.layer
     if not layer:
         raise InvalidInputError(f"sae {sae_id!r} does not record the layer it reads")
     if dataset is not None and run_id is not None:
@@ -215,7 +216,7 @@ def _as_config(config: DiscoveryConfig | dict[str, Any] | None) -> DiscoveryConf
 
 def _source(
     store: Store,
-    summary: dict[str, Any],
+    summary: SAEManifest,
     lm: LoadedModel,
     layer: str,
     sae: SAE,
@@ -241,24 +242,24 @@ def _source(
             "total": _expected_docs(spec),
             "unit": "documents",
         }
-    run_id = run_id or summary.get("run_id")
+    run_id = run_id or summary.run_id
     if not run_id:
         raise InvalidInputError(
-            f"sae {summary.get('id')!r} has no capture run of its own; give a run id or a dataset"
+            f"sae {summary.id!r} has no capture run of its own; give a run id or a dataset"
         )
     manifest = get_manifest(store, run_id)
-    if layer not in manifest["layers"]:
+    if layer not in manifest.layers:
         raise InvalidInputError(
-            f"run {run_id!r} has no layer {layer!r} (it has {', '.join(manifest['layers'])})"
+            f"run {run_id!r} has no layer {layer!r} (it has {', '.join(manifest.layers)})"
         )
-    if int(manifest["layers"][layer]["d"]) != sae.d_in:
+    if manifest.layers[layer].d != sae.d_in:
         raise InvalidInputError(
-            f"layer {layer!r} of run {run_id!r} has width {manifest['layers'][layer]['d']}, "
+            f"layer {layer!r} of run {run_id!r} has width {manifest.layers[layer].d}, "
             f"the SAE reads {sae.d_in}"
         )
-    if manifest["model"]["name"] != lm.name:
+    if manifest.model.name != lm.name:
         raise InvalidInputError(
-            f"run {run_id!r} was captured with {manifest['model']['name']!r} but the model given is "
+            f"run {run_id!r} was captured with {manifest.model.name!r} but the model given is "
             f"{lm.name!r}: contexts need the same tokenizer"
         )
     return {
@@ -266,19 +267,18 @@ def _source(
         "store": store,
         "run_id": run_id,
         "docs_path": store.local_path("activations", run_id, "docs.jsonl"),
-        "max_length": int(manifest["options"]["max_length"]),
-        "n_tokens": int(manifest["n_tokens"]),
+        "max_length": manifest.options.max_length,
+        "n_tokens": manifest.n_tokens,
         "total": _expected_rows(manifest, config_filters),
         "unit": "rows",
         "describe": {"kind": "run", "run_id": run_id},
     }
 
 
-def _expected_rows(manifest: dict[str, Any], filters: RowFilter) -> int:
+def _expected_rows(manifest: RunManifest, filters: RowFilter) -> int:
     """Rows a filtered read of the run yields, near enough for progress: every token, less one
     position-0 row per document when those are skipped."""
-    n_tokens = int(manifest["n_tokens"])
-    return n_tokens - int(manifest["n_docs"]) if filters.skip_position_0 else n_tokens
+    return manifest.n_tokens - manifest.n_docs if filters.skip_position_0 else manifest.n_tokens
 
 
 def _expected_docs(spec: Any) -> int | None:
@@ -298,15 +298,15 @@ def _describe(spec: Any) -> dict[str, Any]:
     return described
 
 
-def _training_norm_median(store: Store, summary: dict[str, Any], layer: str, model: str) -> float | None:
+def _training_norm_median(store: Store, summary: SAEManifest, layer: str, model: str) -> float | None:
     """The layer's median row norm from the SAE's training run, if it is the same model and layer."""
-    run_id = summary.get("run_id")
+    run_id = summary.run_id
     if not run_id or not store.exists("activations", run_id):
         return None
     manifest = get_manifest(store, run_id)
-    if manifest["model"]["name"] != model or layer not in manifest["layers"]:
+    if manifest.model.name != model or layer not in manifest.layers:
         return None
-    return manifest["layers"][layer].get("norm_median")
+    return manifest.layers[layer].norm_median
 
 
 def _stream(

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError, not_found
+from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookManager, run_until_stopped, stop_after
 from kestrel.core.limits import Caps
 from kestrel.core.models import LoadedModel
@@ -39,9 +39,11 @@ from kestrel.core.sae.model_eval import ce_loss_metrics
 from kestrel.core.sae.progress import TrainingPoint
 from kestrel.core.sae.records import (
     KIND,
+    SAEManifest,
+    TrainingStopped,
     get_sae,
     require_loadable_model,
-    unloadable_model_reason,
+    training_configs,
 )
 from kestrel.core.sae.records import checkpoint_dir as _checkpoint_dir
 
@@ -118,45 +120,14 @@ def _run_rows(
     return data
 
 
-def prepare_training(
-    store: Store,
-    run_id: str,
-    layer: str,
-    sae_config: dict[str, Any] | SAEConfig,
-    train_config: dict[str, Any] | TrainConfig,
-    filters: RowFilter,
-) -> tuple[SAEConfig, TrainConfig, dict[str, Any]]:
-    """Every check that needs no training: the run and layer exist, the configs are valid, d matches."""
-    manifest = get_manifest(store, run_id)
-    if layer not in manifest["layers"]:
-        raise not_found("layer", layer, manifest["layers"])
-    d_in = int(manifest["layers"][layer]["d"])
-    raw = sae_config.model_dump() if isinstance(sae_config, SAEConfig) else dict(sae_config)
-    if raw.get("d_in") not in (None, d_in):
-        raise InvalidInputError(
-            f"d_in {raw['d_in']} does not match the run: layer {layer!r} of run {run_id!r} has width {d_in}",
-            details={"d_in": raw["d_in"], "run_width": d_in},
-        )
-    data_record = {
+def _data_record(filters: RowFilter) -> dict[str, Any]:
+    """Which rows train the SAE, as its config records them."""
+    return {
         "filters": filters.model_dump(),
         "split": "train",
         "heldout_fraction": HELDOUT_FRACTION,
         "heldout_by": "document",
     }
-    sae_cfg = SAEConfig.from_dict(
-        {
-            **raw,
-            "d_in": d_in,
-            "model": manifest["model"]["name"],
-            "layer": layer,
-            "run_id": run_id,
-            "data": data_record,
-        }
-    )
-    train_cfg = (
-        train_config if isinstance(train_config, TrainConfig) else TrainConfig.from_dict(dict(train_config))
-    )
-    return sae_cfg, train_cfg, manifest
 
 
 def _checkpoint_batch_size(checkpoint: Path) -> int | None:
@@ -179,14 +150,18 @@ def train_from_run(
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
     on_warning: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Train an SAE on ``layer`` of a stored run; publish it, or keep a checkpoint if stopped.
+) -> SAEManifest | TrainingStopped:
+    """Train an SAE on ``layer`` of a stored run; publish it and return its manifest, or keep a
+    checkpoint if stopped and return `TrainingStopped` (nothing is published then).
 
     An unset ``batch_size`` is chosen from the run's size (`choose_batch_size`); its warnings go
     to ``on_warning`` before training starts and into the summary (``warnings``).
     """
     filters = filters or RowFilter.recommended()
-    sae_cfg, train_cfg, manifest = prepare_training(store, run_id, layer, sae_config, train_config, filters)
+    # every check that needs no training, the API's own (the run, the layer, d, valid configs)
+    sae_cfg, train_cfg, manifest = training_configs(
+        store, run_id, layer, sae_config, train_config, data=_data_record(filters)
+    )
     sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
@@ -200,7 +175,7 @@ def train_from_run(
         shutil.rmtree(checkpoints)  # an abandoned earlier attempt under this id
     if resume_from is not None and train_cfg.batch_size is None:
         train_cfg = train_cfg.model_copy(update={"batch_size": _checkpoint_batch_size(resume_from)})
-    train_rows = int(int(manifest["n_tokens"]) * (1 - HELDOUT_FRACTION))
+    train_rows = int(manifest.n_tokens * (1 - HELDOUT_FRACTION))
     train_cfg, warnings = choose_batch_size(train_cfg, train_rows)
     if on_warning is not None:
         for warning in warnings:
@@ -217,14 +192,13 @@ def train_from_run(
         eval_data=_run_rows(store, run_id, layer, filters, "heldout"),
     )
     if result.stopped:
-        return {
-            "id": sae_id,
-            "status": "stopped",
-            "step": result.step,
-            "tokens": result.tokens,
-            "checkpoint": str(result.checkpoint.relative_to(store.local_root)) if result.checkpoint else None,
-            "warnings": warnings,
-        }
+        return TrainingStopped(
+            id=sae_id,
+            step=result.step,
+            tokens=result.tokens,
+            checkpoint=str(result.checkpoint.relative_to(store.local_root)) if result.checkpoint else None,
+            warnings=warnings,
+        )
     metrics = dict(result.metrics)
     metrics["all_rows"] = evaluate(
         result.sae, _run_rows(store, run_id, layer, None, "all")(), max_rows=EVAL_MAX_ROWS
@@ -232,33 +206,33 @@ def train_from_run(
     metrics["all_rows"]["note"] = (
         "every row of the run, attention sinks included: not what the SAE was trained on"
     )
-    skipped = unloadable_model_reason(manifest)
+    skipped = manifest.unloadable_model_reason()
     if skipped is not None:
         metrics["model_in_the_loop"] = {"skipped": True, "reason": skipped}
-    summary = {
-        "id": sae_id,
-        "status": "complete",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": manifest["model"]["name"],
-        "run_id": run_id,
-        "layer": layer,
-        "config": result.sae.config.model_dump(mode="json"),
-        "train_config": train_cfg.model_dump(mode="json"),
-        "metrics": metrics,
-        "steps": result.step,
-        "tokens": result.tokens,
-        "train_seconds": round(time.perf_counter() - started, 2),
-        "warnings": warnings,
-    }
+    summary = SAEManifest(
+        id=sae_id,
+        status="complete",
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=manifest.model.name,
+        run_id=run_id,
+        layer=layer,
+        config=result.sae.config.model_dump(mode="json"),
+        train_config=train_cfg.model_dump(mode="json"),
+        metrics=metrics,
+        steps=result.step,
+        tokens=result.tokens,
+        train_seconds=round(time.perf_counter() - started, 2),
+        warnings=warnings,
+    )
     with store.writer(KIND, sae_id) as writer:
         sae_io.save_sae(result.sae, writer.directory, metrics=metrics, history=result.history)
         if checkpoints.is_dir():
             os.rename(checkpoints, writer.directory / "checkpoints")
-        writer.commit(summary)
+        writer.commit(summary.to_json())
     return summary
 
 
-def load_sae(store: Store, sae_id: str, *, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
+def load_sae(store: Store, sae_id: str, *, device: str | torch.device = "cpu") -> tuple[SAE, SAEManifest]:
     summary = get_sae(store, sae_id)
     directory = store.local_dir(KIND, sae_id, [sae_io.CONFIG_FILE, sae_io.WEIGHTS_FILE])
     return sae_io.load_sae(directory, device=device), summary
@@ -282,19 +256,19 @@ def evaluate_sae(
     """Model-in-the-loop metrics (CE-loss recovered, KL) on held-out texts, stored with the SAE."""
     sae, summary = load_sae(store, sae_id, device=lm.device)
     require_loadable_model(store, summary)
-    run = get_manifest(store, summary["run_id"]) if summary.get("run_id") else None
-    layer = summary["layer"]
+    run = get_manifest(store, summary.run_id) if summary.run_id else None
+    layer = summary.layer_name
+    if layer is None:
+        raise InvalidInputError(f"sae {sae_id!r} does not record the layer it reads")
     lm.layer(layer)
     if texts is None:
         if run is None:
             raise InvalidInputError(f"sae {sae_id!r} has no capture run; give texts to evaluate on")
-        texts = heldout_texts(store, summary["run_id"])
+        texts = heldout_texts(store, run.id)
     if not texts:
         raise InvalidInputError("no texts to evaluate on")
-    filters = RowFilter(
-        **summary["config"].get("data", {}).get("filters", RowFilter.recommended().model_dump())
-    )
-    norm_median = run["layers"][layer].get("norm_median") if run else None
+    filters = RowFilter(**summary.config.get("data", {}).get("filters", RowFilter.recommended().model_dump()))
+    norm_median = run.layers[layer].norm_median if run and layer in run.layers else None
     metrics = ce_loss_metrics(
         lm, sae, layer, texts, filters=filters, norm_median=norm_median, on_progress=on_progress
     )
@@ -304,8 +278,8 @@ def evaluate_sae(
         stored = {}
     stored["model_in_the_loop"] = metrics
     store.put_json(KIND, sae_id, sae_io.METRICS_FILE, stored)
-    summary.setdefault("metrics", {})["model_in_the_loop"] = metrics
-    store.put_json(KIND, sae_id, "manifest.json", summary)  # the summary last, as at publishing
+    summary.metrics = {**summary.metrics, "model_in_the_loop": metrics}
+    store.put_json(KIND, sae_id, "manifest.json", summary.to_json())  # the summary last, as at publishing
     return metrics
 
 
@@ -338,7 +312,7 @@ def import_saelens(
     model: str | None = None,
     layer: str | None = None,
     caps: Caps | None = None,
-) -> dict[str, Any]:
+) -> SAEManifest:
     """Publish an SAE from SAELens files (``cfg.json`` + ``sae_weights.safetensors``).
 
     Everything is checked (shapes from the header against cfg.json and ``caps``, finite weights)
@@ -351,19 +325,19 @@ def import_saelens(
     updates = {key: value for key, value in (("model", model), ("layer", layer)) if value}
     if updates:
         sae.config = sae.config.model_copy(update=updates)
-    summary = {
-        "id": sae_id,
-        "status": "imported",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": sae.config.model,
-        "run_id": sae.config.run_id,
-        "layer": sae.config.layer,
-        "config": sae.config.model_dump(mode="json"),
-        "metrics": {},
-    }
+    summary = SAEManifest(
+        id=sae_id,
+        status="imported",
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=sae.config.model,
+        run_id=sae.config.run_id,
+        layer=sae.config.layer,
+        config=sae.config.model_dump(mode="json"),
+        metrics={},
+    )
     with store.writer(KIND, sae_id) as writer:
         sae_io.save_sae(sae, writer.directory, metrics={})
-        writer.commit(summary)
+        writer.commit(summary.to_json())
     return summary
 
 

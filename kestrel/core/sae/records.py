@@ -1,5 +1,6 @@
-"""SAEs as the store holds them, read without loading one: summaries, training history, which
-model and layer an SAE reads, and deletion.
+"""SAEs as the store holds them, read without loading one: summaries (`SAEManifest`, with which
+model and layer an SAE reads), training history, deletion, and the check of a training's configs
+against its run (`training_configs`, shared by the API and the engine).
 
 Training, loading and running SAEs is `kestrel.core.sae.artifacts`; this module is torch-free, so
 the API process lists, reads and deletes SAEs and checks a request against them without torch.
@@ -12,12 +13,73 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from kestrel.core.errors import InvalidInputError, NotFoundError
-from kestrel.core.runs import get_manifest
-from kestrel.core.store import Store, read_manifests, validate_id
+from kestrel.core.runs import RunManifest, get_manifest
+from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.store import Store, StoredManifest, read_typed_manifests, validate_id
 
 KIND = "saes"
 HISTORY_FILE = "history.jsonl"
+
+
+class SAEManifest(StoredManifest):
+    """An SAE's manifest.json: written when a training publishes it (`train_from_run`), by an
+    import (`import_saelens`), and rewritten when an evaluation adds model-in-the-loop metrics."""
+
+    id: str
+    status: str = Field("complete", description="complete (trained here) or imported")
+    created: str | None = None
+    model: str | None = Field(None, description="the model it reads (None for an import that names none)")
+    run_id: str | None = Field(None, description="the activation run it was trained on")
+    layer: str | None = Field(None, description="the layer (module path) it reads")
+    config: dict[str, Any] = Field(description="its SAEConfig, as saved (SAEConfig.from_dict reads it)")
+    train_config: dict[str, Any] | None = Field(None, description="its TrainConfig, as trained")
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="held-out evaluation; model_in_the_loop once evaluated"
+    )
+    steps: int | None = Field(None, description="optimiser steps trained")
+    tokens: int | None = Field(None, description="rows trained on")
+    train_seconds: float | None = None
+    warnings: list[str] = Field(default_factory=list, description="what training warned about")
+
+    @property
+    def n_latents(self) -> int:
+        return int(self.config["n_latents"])
+
+    @property
+    def model_name(self) -> str | None:
+        """The model it reads: the summary's own field, else its config's (older summaries)."""
+        return self.model or self.config.get("model")
+
+    @property
+    def layer_name(self) -> str | None:
+        """The layer it reads: the summary's own field, else its config's."""
+        return self.layer or self.config.get("layer")
+
+    def model_and_layer(self) -> tuple[str, str]:
+        """The model and layer it reads; InvalidInputError for one imported without them."""
+        model, layer = self.model_name, self.layer_name
+        if not model or not layer:
+            missing = " and ".join(what for what, value in (("model", model), ("layer", layer)) if not value)
+            raise InvalidInputError(
+                f"sae {self.id!r} does not record the {missing} it reads (an import whose cfg.json "
+                "names none): import it again with the model and layer form fields to run it on text",
+                details={"sae_id": self.id, "missing": missing.split(" and ")},
+            )
+        return model, layer
+
+
+class TrainingStopped(BaseModel):
+    """What a training stopped before the end leaves: no SAE, a checkpoint to resume from."""
+
+    id: str
+    status: str = "stopped"
+    step: int
+    tokens: int
+    checkpoint: str | None = Field(None, description="relative to the store's local root")
+    warnings: list[str] = Field(default_factory=list)
 
 
 def checkpoint_dir(store: Store, sae_id: str) -> Path:
@@ -25,17 +87,17 @@ def checkpoint_dir(store: Store, sae_id: str) -> Path:
     return store.local_root / "checkpoints" / sae_id
 
 
-def list_saes(store: Store) -> list[dict[str, Any]]:
-    return read_manifests(store, KIND)
+def list_saes(store: Store) -> list[SAEManifest]:
+    return read_typed_manifests(store, KIND, SAEManifest)
 
 
-def get_sae(store: Store, sae_id: str) -> dict[str, Any]:
-    return store.read_json(KIND, validate_id(sae_id, "sae id"))
+def get_sae(store: Store, sae_id: str) -> SAEManifest:
+    return SAEManifest.model_validate(store.read_json(KIND, validate_id(sae_id, "sae id")))
 
 
 def training_history(store: Store, sae_id: str) -> list[dict[str, Any]]:
     """The trainer's progress lines (history.jsonl), for curves; empty for an imported SAE."""
-    get_sae(store, sae_id)  # NotFoundError for an unknown id, rather than an empty history
+    store.read_json(KIND, validate_id(sae_id, "sae id"))  # NotFoundError for an unknown id, not []
     try:
         path = store.local_path(KIND, sae_id, HISTORY_FILE)
     except NotFoundError:
@@ -50,36 +112,45 @@ def delete_sae(store: Store, sae_id: str) -> None:
     checkpoints.with_name(f"{sae_id}.lock").unlink(missing_ok=True)  # see checkpoint.writer_lock
 
 
-def unloadable_model_reason(run: dict[str, Any]) -> str | None:
-    """Why the service cannot load the model a run came from (None when it can).
-
-    A run written during a user's own training (``kestrel.core.callbacks``) marks its model
-    ``loadable: false``: a model the service never had, so nothing that needs it in the loop
-    (CE-loss recovered, KL) can be computed, and loading a model by its name could even pick an
-    unrelated one.
-    """
-    model = run.get("model") or {}
-    if model.get("loadable", True):
-        return None
-    if "import" in run:
-        origin = "imported from a file of"
-    elif (run.get("source") or {}).get("kind") == "training":
-        origin = "captured during training from"
-    else:
-        origin = "recorded from"
-    return (
-        f"run {run.get('id')!r} was {origin} the model {model.get('name')!r}, which the service "
-        "cannot load; model-in-the-loop work (CE-loss recovered, encode, discovery, steering) needs it"
-    )
-
-
-def require_loadable_model(store: Store, summary: dict[str, Any]) -> None:
+def require_loadable_model(store: Store, summary: SAEManifest) -> None:
     """InvalidInputError before a job loads a model for an SAE whose run's model is not loadable."""
-    run_id = summary.get("run_id")
+    run_id = summary.run_id
     if run_id and store.exists("activations", run_id):
-        reason = unloadable_model_reason(get_manifest(store, run_id))
+        reason = get_manifest(store, run_id).unloadable_model_reason()
         if reason is not None:
-            raise InvalidInputError(reason, details={"sae_id": summary.get("id"), "run_id": run_id})
+            raise InvalidInputError(reason, details={"sae_id": summary.id, "run_id": run_id})
+
+
+def training_configs(
+    store: Store,
+    run_id: str,
+    layer: str,
+    sae_config: dict[str, Any] | SAEConfig,
+    train_config: dict[str, Any] | TrainConfig,
+    *,
+    data: dict[str, Any] | None = None,
+) -> tuple[SAEConfig, TrainConfig, RunManifest]:
+    """The configs of a training on ``layer`` of a run, checked against it (no torch, no rows).
+
+    The one check the API (before queueing) and the engine (before training) share: the run and
+    its layer exist (NotFoundError naming the layers), a given ``d_in`` is the layer's width, and
+    both configs are valid (InvalidInputError). The SAE config gets ``d_in``, ``model``, ``layer``
+    and ``run_id`` from the run, and ``data`` (which rows train it) when given.
+    """
+    manifest = get_manifest(store, validate_id(run_id, "run id"))
+    d_in = manifest.layer_width(layer)
+    raw = sae_config.model_dump() if isinstance(sae_config, SAEConfig) else dict(sae_config)
+    if raw.get("d_in") not in (None, d_in):
+        raise InvalidInputError(
+            f"d_in {raw['d_in']} does not match the run: layer {layer!r} of run {run_id!r} has width {d_in}",
+            details={"d_in": raw["d_in"], "run_width": d_in},
+        )
+    from_run = {"d_in": d_in, "model": manifest.model.name, "layer": layer, "run_id": run_id}
+    sae_cfg = SAEConfig.from_dict({**raw, **from_run, **({"data": data} if data is not None else {})})
+    train_cfg = (
+        train_config if isinstance(train_config, TrainConfig) else TrainConfig.from_dict(dict(train_config))
+    )
+    return sae_cfg, train_cfg, manifest
 
 
 def read_history(directory: Path) -> list[dict[str, Any]]:
@@ -88,23 +159,3 @@ def read_history(directory: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def sae_model(summary: dict[str, Any]) -> str | None:
-    """The model an SAE reads, as its summary records it (top level, else in its config)."""
-    return summary.get("model") or (summary.get("config") or {}).get("model")
-
-
-def sae_model_and_layer(summary: dict[str, Any]) -> tuple[str, str]:
-    """The model and layer an SAE reads; InvalidInputError for one imported without them."""
-    config = summary.get("config") or {}
-    model = sae_model(summary)
-    layer = summary.get("layer") or config.get("layer")
-    if not model or not layer:
-        missing = " and ".join(what for what, value in (("model", model), ("layer", layer)) if not value)
-        raise InvalidInputError(
-            f"sae {summary.get('id')!r} does not record the {missing} it reads (an import whose cfg.json "
-            "names none): import it again with the model and layer form fields to run it on text",
-            details={"sae_id": summary.get("id"), "missing": missing.split(" and ")},
-        )
-    return model, layer

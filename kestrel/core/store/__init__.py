@@ -9,8 +9,10 @@ from kestrel.core.store.base import (
     ArtifactWriter,
     Store,
     StoredFile,
+    StoredManifest,
     new_id,
     read_manifests,
+    read_typed_manifests,
     validate_id,
 )
 from kestrel.core.store.factory import StoreBackend, open_store, parse_s3_url
@@ -23,10 +25,12 @@ __all__ = [
     "Store",
     "StoreBackend",
     "StoredFile",
+    "StoredManifest",
     "new_id",
     "open_store",
     "parse_s3_url",
     "read_manifests",
+    "read_typed_manifests",
     "validate_id",
     "write_json_atomic",
 ]

@@ -8,15 +8,19 @@ Ids are generated server-side and always validated: a client never passes a file
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kestrel.core.errors import InvalidInputError
 
+log = logging.getLogger(__name__)
 ArtifactKind = Literal["activations", "saes", "steering", "analyses", "uploads"]
 ARTIFACT_KINDS: tuple[str, ...] = ("activations", "saes", "steering", "analyses", "uploads")
 _ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -160,6 +164,24 @@ class Store(Protocol):
         ...
 
 
+class StoredManifest(BaseModel):
+    """Base of the typed manifests (`RunManifest`, `SAEManifest`, `AnalysisManifest`).
+
+    Every field Kestrel knows is typed; a field this version does not know (written by a newer or
+    an older one) passes through a read and a rewrite unchanged (``extra="allow"``). ``to_json``
+    writes back exactly the keys that were read or set, so the file on disk keeps its format.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest.json object: the keys read or set (none filled from defaults), by alias."""
+        return self.model_dump(by_alias=True, exclude_unset=True)
+
+
+M = TypeVar("M", bound="StoredManifest")
+
+
 def read_manifests(store: Store, kind: str) -> list[dict[str, Any]]:
     """The manifests of every published artifact of one kind, in ``list`` order.
 
@@ -175,3 +197,20 @@ def read_manifests(store: Store, kind: str) -> list[dict[str, Any]]:
         except NotFoundError:
             continue
     return manifests
+
+
+def read_typed_manifests(store: Store, kind: str, model: type[M]) -> list[M]:
+    """`read_manifests` parsed as ``model``; a manifest that does not parse is left out, logged.
+
+    One artifact this version cannot read (a required field missing, say) must not turn every list
+    request into a 500; reading that artifact by its id still fails, naming the problem.
+    """
+    parsed = []
+    for manifest in read_manifests(store, kind):
+        try:
+            parsed.append(model.model_validate(manifest))
+        except ValidationError as error:
+            log.warning(
+                "%s %r left out of the list: its manifest does not parse: %s", kind, manifest.get("id"), error
+            )
+    return parsed

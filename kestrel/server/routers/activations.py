@@ -54,7 +54,15 @@ def start_capture(
     )
 
 
-@router.post("/imports", response_model=RunManifest, status_code=201, responses=error_responses(404, 409))
+# Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is
+# left out, not sent as null.
+@router.post(
+    "/imports",
+    response_model=RunManifest,
+    response_model_exclude_unset=True,
+    status_code=201,
+    responses=error_responses(404, 409),
+)
 async def import_run(
     request: RunImportRequest, settings: SettingsDep, redis: RedisDep, store: StoreDep
 ) -> RunManifest:
@@ -63,11 +71,10 @@ async def import_run(
     Answered directly (201), not as a job: the file is at most ``max_upload_mb`` and needs no model,
     so the conversion takes about as long as copying it. Each problem is a 422 naming the tensor.
     """
-    manifest = await asyncio.to_thread(_import_upload, request, settings, redis, store)
-    return RunManifest(**manifest)
+    return await asyncio.to_thread(_import_upload, request, settings, redis, store)
 
 
-def _import_upload(request: RunImportRequest, settings: Settings, redis: Redis, store: Store) -> dict:
+def _import_upload(request: RunImportRequest, settings: Settings, redis: Redis, store: Store) -> RunManifest:
     from kestrel.core.imports import import_activations  # torch, imported on the first import
 
     check_shard_mb(request.shard_mb, Caps.of(settings))
@@ -104,10 +111,16 @@ async def list_activation_runs(store: StoreDep, page: PageDep) -> RunPage:
     return RunPage(**page.page(await asyncio.to_thread(services.run_summaries, store)))
 
 
-@router.get("/{run_id}", response_model=RunManifest, responses=error_responses(404), operation_id="get_run")
+@router.get(
+    "/{run_id}",
+    response_model=RunManifest,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+    operation_id="get_run",
+)
 def get_activation_run(run_id: RunId, store: StoreDep) -> RunManifest:
     """A run's manifest: model, layers, widths, token counts, shards, dataset, options."""
-    return RunManifest(**get_manifest(store, run_id))
+    return get_manifest(store, run_id)
 
 
 @router.delete(

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Response
 
 from kestrel.core.analysis.config import CircuitConfig
-from kestrel.core.errors import InvalidInputError, not_found
+from kestrel.core.errors import InvalidInputError
 from kestrel.core.runs import get_manifest
 from kestrel.core.sae.records import get_sae, require_loadable_model
 from kestrel.core.store import new_id, validate_id
@@ -18,7 +18,6 @@ from kestrel.schemas import (
     AnalysisDetail,
     AnalysisPage,
     AnalysisRequest,
-    AnalysisSummary,
     CausalAnalysisRequest,
     DeletedResponse,
     JobInfo,
@@ -79,9 +78,7 @@ def start_analysis(
 def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
     """Everything a request names that exists without a model: 404 / 422 / 413 before queueing."""
     if request.kind in ("neuron", "feature"):
-        manifest = get_manifest(store, validate_id(request.run_id, "run id"))
-        if request.layer not in manifest["layers"]:
-            raise not_found("layer", request.layer, manifest["layers"])
+        get_manifest(store, validate_id(request.run_id, "run id")).layer(request.layer)
     elif isinstance(request, CausalAnalysisRequest):
         _check_causal(request, settings, store)
     elif isinstance(request, CircuitConfig):
@@ -96,7 +93,7 @@ def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> 
     if request.sae_id is not None:
         summary = get_sae(store, validate_id(request.sae_id, "sae id"))
         require_loadable_model(store, summary)
-        n_latents = int(summary["config"]["n_latents"])
+        n_latents = summary.n_latents
         bad = [latent for latent in request.latents or [] if latent >= n_latents]
         if bad:
             raise InvalidInputError(
@@ -105,7 +102,9 @@ def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> 
             )
 
 
-@router.get("", response_model=AnalysisPage)
+# Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is
+# left out, not sent as null.
+@router.get("", response_model=AnalysisPage, response_model_exclude_unset=True)
 async def list_analyses(
     store: StoreDep,
     page: PageDep,
@@ -115,17 +114,22 @@ async def list_analyses(
 ) -> AnalysisPage:
     """Complete analyses, newest first (a running or cancelled one is not listed)."""
     manifests = await asyncio.to_thread(_analysis().list_analyses, store)
-    rows = [AnalysisSummary(**m) for m in manifests if kind is None or m.get("kind") == kind]
+    rows = [m for m in manifests if kind is None or m.kind == kind]
     return AnalysisPage(**page.page(rows))
 
 
-@router.get("/{analysis_id}", response_model=AnalysisDetail, responses=error_responses(404))
+@router.get(
+    "/{analysis_id}",
+    response_model=AnalysisDetail,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+)
 async def get_analysis(analysis_id: AnalysisId, store: StoreDep) -> AnalysisDetail:
     """The manifest (source, config, key numbers, plot names) and every result."""
     a = _analysis()
     manifest = await asyncio.to_thread(a.get_analysis, store, analysis_id)
     results = await asyncio.to_thread(a.get_results, store, analysis_id)
-    return AnalysisDetail(**manifest, results=results)
+    return AnalysisDetail(**manifest.to_json(), results=results)
 
 
 @router.get(

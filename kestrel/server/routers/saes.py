@@ -11,7 +11,6 @@ from kestrel.core import uploads
 from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.limits import Caps
 from kestrel.core.sae import records
-from kestrel.core.sae.records import sae_model_and_layer
 from kestrel.core.store import new_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -21,8 +20,8 @@ from kestrel.schemas import (
     JobInfo,
     SAEFormat,
     SAEHistory,
+    SAEManifest,
     SAEPage,
-    SAESummary,
     TrainRequest,
 )
 from kestrel.server import services
@@ -54,7 +53,7 @@ def start_training(
     idempotency_key: IdempotencyKey = None,
 ) -> JobInfo:
     """Train an SAE on one layer of a run (or resume a cancelled one); ``artifacts.sae_id`` names it."""
-    kwargs = services.prepare_training(request, redis, store, settings)
+    kwargs = services.training_job_kwargs(request, redis, store, settings)
     return submit_batch(
         redis,
         settings,
@@ -68,17 +67,24 @@ def start_training(
     )
 
 
-@router.get("", response_model=SAEPage)
+# Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is
+# left out, not sent as null.
+@router.get("", response_model=SAEPage, response_model_exclude_unset=True)
 async def list_saes(store: StoreDep, page: PageDep) -> SAEPage:
     """Complete SAEs (a training in progress or cancelled is not listed)."""
     rows = await asyncio.to_thread(records.list_saes, store)
-    return SAEPage(**page.page([SAESummary(**row) for row in rows]))
+    return SAEPage(**page.page(rows))
 
 
-@router.get("/{sae_id}", response_model=SAESummary, responses=error_responses(404))
-def get_sae(sae_id: SaeId, store: StoreDep) -> SAESummary:
+@router.get(
+    "/{sae_id}",
+    response_model=SAEManifest,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+)
+def get_sae(sae_id: SaeId, store: StoreDep) -> SAEManifest:
     """Config and metrics of one SAE."""
-    return SAESummary(**records.get_sae(store, sae_id))
+    return records.get_sae(store, sae_id)
 
 
 @router.delete("/{sae_id}", response_model=DeletedResponse, responses=error_responses(404))
@@ -106,7 +112,13 @@ def download_sae(
     return Response(data, media_type="application/zip", headers=headers)
 
 
-@router.post("/import", response_model=SAESummary, status_code=201, responses=error_responses(413))
+@router.post(
+    "/import",
+    response_model=SAEManifest,
+    response_model_exclude_unset=True,
+    status_code=201,
+    responses=error_responses(413),
+)
 async def import_saelens_sae(
     settings: SettingsDep,
     store: StoreDep,
@@ -114,7 +126,7 @@ async def import_saelens_sae(
     weights: Annotated[UploadFile, File(description="SAELens sae_weights.safetensors")],
     model: Annotated[str | None, Form(description="model it reads, if cfg.json does not say")] = None,
     layer: Annotated[str | None, Form(description="layer (module path) it reads")] = None,
-) -> SAESummary:
+) -> SAEManifest:
     """Import an SAE saved by SAELens; it gets a new id and is listed like a trained one."""
     if model is not None:
         services.require_allowed_model(model, settings)
@@ -136,7 +148,7 @@ async def import_saelens_sae(
         raise
     except Exception as exc:  # client files that parse but do not make an SAE: the client's 422
         raise InvalidInputError(f"could not import the SAELens files: {type(exc).__name__}: {exc}") from exc
-    return SAESummary(**summary)
+    return summary
 
 
 async def _read_limited(file: UploadFile, max_bytes: int, what: str, settings: Settings) -> bytes:
@@ -200,7 +212,7 @@ async def encode_text(
     services.check_texts([request.text], settings)
     services.check_top_k(request.top_k, settings)
     summary = await asyncio.to_thread(records.get_sae, store, sae_id)
-    sae_model_and_layer(summary)  # an imported SAE without a model: 422 before any job
+    summary.model_and_layer()  # an imported SAE without a model: 422 before any job
     job_id, result = await run_interactive(
         redis,
         settings,
