@@ -449,7 +449,8 @@ def _steering_plan(ctx: JobContext, config: Any, lm: Any):
 
     def load(sae_id: str):
         sae, summary = sae_cache.get(ctx, sae_id)
-        return sae.to(lm.device), summary
+        layer = config.layer if sae_id == config.sae_id else None
+        return steering.sae_on_layer_device(lm, sae, summary, layer)
 
     return steering.compile_plan(steering.resolve_edits(ctx.store, config), lm, load_sae=load)
 

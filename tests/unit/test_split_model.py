@@ -1,0 +1,193 @@
+"""A model split across devices computes what the whole one does.
+
+On a CPU-only machine the split goes through the same machinery as a multi-GPU one: the tiny
+Llama loads with a ``device_map`` dict that keeps some blocks on the CPU and offloads the others
+to disk, so accelerate dispatches it (an ``AlignDevicesHook`` on every module, offloaded weights
+on the ``meta`` device between forwards, read back for each block). Every consumer of a hook's
+tensor must then find the layer's execution device itself: a consumer that asked the layer's
+weights where to compute would get ``meta``. What must hold: captures, SAE steering, SAE encoding
+and the SAE's model-in-the-loop metrics equal the unsplit model's, within float32 tolerance.
+``tests/unit/test_gpu.py`` runs the same with real GPUs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kestrel.core import loading
+from kestrel.core.activations import capture
+from kestrel.core.devices import layer_device, model_devices
+from kestrel.core.errors import InvalidInputError
+from kestrel.core.loading import LoadConfig, parse_device_map, parse_gpu_ids
+from kestrel.core.models import BUNDLED, DEFAULT_MODEL, ensure_bundled_cache, forward, load_model
+from kestrel.core.run_reader import iter_row_batches
+from kestrel.core.runs import CaptureOptions
+from kestrel.core.sae import SAEConfig, create
+from kestrel.core.sae.artifacts import encode_prompt
+from kestrel.core.sae.model_eval import ce_loss_metrics
+from kestrel.core.steering import (
+    LatentEdit,
+    SteeringConfig,
+    compile_plan,
+    sae_on_layer_device,
+    steered_forward,
+)
+from kestrel.core.store import LocalStore
+
+LAYERS = ["model.layers.0", "model.layers.1", "model.layers.2.mlp"]
+TEXTS = ["The cat sat on the mat.", "Rivers run to the sea, and the sea is never full.", "Hi"]
+#: Block 0 stays on the CPU; blocks 1 and 2 live on disk and are read back for each forward.
+SPLIT = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(model_cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama checkpoint with SmolLM2's tokenizer, as an operator's local model."""
+    import transformers as tf
+    from tiny_models import tiny_llama_config
+
+    bundled = ensure_bundled_cache(BUNDLED[DEFAULT_MODEL], model_cache_root)
+    target = tmp_path_factory.mktemp("split") / "tiny-llama"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tiny_llama_config(vocab_size=49152)).save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bundled / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_dir: Path):
+    return load_model(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def split(tiny_dir: Path):
+    return load_model(str(tiny_dir), device="cpu", device_map=SPLIT)
+
+
+def make_sae(layer: str = "model.layers.1", seed: int = 0):
+    sae = create(
+        SAEConfig(d_in=32, n_latents=64, k=4, layer=layer), generator=torch.Generator().manual_seed(seed)
+    )
+    with torch.no_grad():
+        sae.b_enc.fill_(0.1)  # some latents fire on random inputs
+    return sae.eval().requires_grad_(False)
+
+
+def test_the_split_model_is_dispatched_with_offloaded_blocks(split) -> None:
+    """The premise of every test below: accelerate runs the model, and blocks 1-2 keep no weights
+    on a real device between forwards."""
+    offloaded = split.model.get_submodule("model.layers.1.mlp.up_proj")
+    assert hasattr(split.model, "_hf_hook") and offloaded.weight.device.type == "meta"
+    assert layer_device(split, "model.layers.1") == torch.device("cpu")  # its execution device
+    assert layer_device(split, "model.layers.2.mlp") == torch.device("cpu")
+    assert split.device == torch.device("cpu") and model_devices(split.model) == ["cpu"]
+    assert split.placement is not None and split.placement.key().startswith("map:{")
+    assert Path(split._offload.name).is_dir()  # the offload folder lives as long as the model
+
+
+def test_the_split_model_has_the_same_layer_table_and_logits(whole, split) -> None:
+    assert [(i.name, i.width) for i in split.layers] == [(i.name, i.width) for i in whole.layers]
+    torch.testing.assert_close(forward(split, TEXTS).logits_BTV, forward(whole, TEXTS).logits_BTV)
+
+
+def test_the_split_model_captures_the_same_activations(whole, split, tmp_path: Path) -> None:
+    options = CaptureOptions(dtype="fp32", token_budget=64)  # several batches; exact storage
+    runs = {}
+    for name, lm in (("whole", whole), ("split", split)):
+        store = LocalStore(tmp_path / name)
+        manifest = capture(lm, TEXTS, LAYERS, store, run_id="run", options=options)
+        runs[name] = (store, manifest)
+    assert runs["split"][1]["n_tokens"] == runs["whole"][1]["n_tokens"] > 10
+    for layer in LAYERS:
+        got = [
+            torch.cat([b.acts_ND for b in iter_row_batches(store, "run", layer)])
+            for store, _ in runs.values()
+        ]
+        assert got[0].shape == got[1].shape and got[0].abs().sum() > 0
+        torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-5)
+
+
+def test_steering_a_split_model_with_an_sae_gives_the_same_output(whole, split) -> None:
+    sae = make_sae()
+    config = SteeringConfig(sae_id="s", edits=[LatentEdit(latent=3, op="clamp", value=8.0)])
+    outputs = []
+    for lm in (whole, split):
+        plan = compile_plan(config, lm, load_sae=lambda _id, lm=lm: sae_on_layer_device(lm, sae, {}))
+        outputs.append(steered_forward(lm, TEXTS, plan).logits_BTV)
+    torch.testing.assert_close(outputs[1], outputs[0])
+    unsteered = forward(whole, TEXTS).logits_BTV
+    assert (outputs[0] - unsteered).abs().max() > 1e-3  # the edit did something
+
+
+def test_an_sae_encodes_and_is_evaluated_the_same_on_a_split_model(whole, split) -> None:
+    sae = make_sae("model.layers.2")
+    encoded = [encode_prompt(lm, sae, "model.layers.2", TEXTS[1], top_k=3) for lm in (whole, split)]
+    assert any(token["latents"] for token in encoded[0])
+    for mine, theirs in zip(encoded[1], encoded[0], strict=True):
+        assert [x["index"] for x in mine["latents"]] == [x["index"] for x in theirs["latents"]]
+        assert [x["value"] for x in mine["latents"]] == pytest.approx(
+            [x["value"] for x in theirs["latents"]], rel=1e-4, abs=1e-5
+        )
+    metrics = [ce_loss_metrics(lm, sae, "model.layers.2", TEXTS) for lm in (whole, split)]
+    assert metrics[1]["n_spliced_positions"] == metrics[0]["n_spliced_positions"] > 0
+    for key in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero_ablated", "kl_sae"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-4, abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------
+# The load configuration
+
+
+@pytest.mark.parametrize(
+    ("device_map", "message"),
+    [
+        ({}, "empty"),
+        ({"model.layers.0/../x": "cpu"}, "module path"),
+        ({"model.layers.0": "tpu"}, "cpu, disk"),
+        ({"model.layers.0": -1}, ">= 0"),
+    ],
+)
+def test_a_bad_device_map_is_refused_by_name(device_map, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        LoadConfig(device_map=device_map)
+
+
+def test_the_placement_key_ignores_dict_order_and_names_quantization() -> None:
+    a = LoadConfig(device_map={"lm_head": 1, "model": 0})
+    b = LoadConfig(device_map={"model": 0, "lm_head": 1})
+    assert a.key() == b.key() == 'map:{"lm_head":1,"model":0}'
+    assert LoadConfig(device="cuda:0", quantization="4bit").key() == "cuda:0+4bit"
+    assert LoadConfig(device="cpu").key() == "cpu" and not LoadConfig(device="cpu").split
+
+
+def test_device_maps_and_gpu_lists_as_an_operator_writes_them() -> None:
+    assert parse_device_map(" auto ") == "auto" and parse_device_map("") is None
+    assert parse_device_map('{"model": 0, "lm_head": "cuda:1"}') == {"model": 0, "lm_head": "cuda:1"}
+    for bad in ("[0, 1]", "{model: 0}", '{"model": "gpu"}'):
+        with pytest.raises(InvalidInputError):
+            parse_device_map(bad)
+    assert parse_gpu_ids("0, 1") == "0,1" and parse_gpu_ids("none") == "" and parse_gpu_ids("") is None
+    with pytest.raises(InvalidInputError):
+        parse_gpu_ids("0;1")
+
+
+def test_a_missing_package_names_the_extra_to_install(monkeypatch, tiny_dir: Path) -> None:
+    real = loading.importlib.util.find_spec
+    monkeypatch.setattr(
+        loading.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name)
+    )
+    with pytest.raises(InvalidInputError, match=r"quantization='8bit' needs bitsandbytes.*kestrel\[gpu\]"):
+        load_model(str(tiny_dir), device="cpu", quantization="8bit")
