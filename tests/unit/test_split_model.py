@@ -12,7 +12,7 @@ and the SAE's model-in-the-loop metrics equal the unsplit model's, within float3
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from kestrel.core.activations import capture
 from kestrel.core.devices import layer_device, model_devices
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.loading import LoadConfig, parse_device_map, parse_gpu_ids
-from kestrel.core.models import BUNDLED, DEFAULT_MODEL, ensure_bundled_cache, forward, load_model
+from kestrel.core.models import forward, load_model
 from kestrel.core.run_reader import iter_row_batches
 from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae import SAEConfig, create
@@ -53,18 +53,8 @@ SPLIT = {
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(model_cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama checkpoint with SmolLM2's tokenizer, as an operator's local model."""
-    import transformers as tf
-    from tiny_models import tiny_llama_config
-
-    bundled = ensure_bundled_cache(BUNDLED[DEFAULT_MODEL], model_cache_root)
-    target = tmp_path_factory.mktemp("split") / "tiny-llama"
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(tiny_llama_config(vocab_size=49152)).save_pretrained(target)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundled / name, target / name)
-    return target
+def tiny_dir(tiny_llama_dir: Path) -> Path:
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +181,50 @@ def test_a_missing_package_names_the_extra_to_install(monkeypatch, tiny_dir: Pat
     )
     with pytest.raises(InvalidInputError, match=r"quantization='8bit' needs bitsandbytes.*kestrel\[gpu\]"):
         load_model(str(tiny_dir), device="cpu", quantization="8bit")
+
+
+# ---------------------------------------------------------------------------------------------
+# A worker's settings and model cache
+
+
+def test_the_model_cache_keeps_a_split_and_a_whole_copy_apart(tiny_dir: Path, tmp_path: Path) -> None:
+    from kestrel.workers.model_cache import ModelCache
+
+    cache = ModelCache(
+        tmp_path, default_device="cpu", device_map=SPLIT, local_models=lambda: {"tiny": tiny_dir}
+    )
+    split_lm = cache.get("tiny")  # a job that names no device: the worker's device map
+    assert split_lm.placement.device_map == SPLIT and split_lm.name == "tiny"
+    whole_lm = cache.get("tiny", device="cpu", dtype="fp32")  # a job that names a device: unsplit
+    assert whole_lm is not split_lm and whole_lm.placement.device_map is None
+    assert {key[1] for key in cache._models} == {"cpu", cache.placement(None, "fp32").key()}
+    assert [m["device"] for m in cache.describe()] == ["cpu", "cpu"]
+
+
+def test_worker_settings_for_gpus_and_placement(monkeypatch) -> None:
+    from kestrel.settings import Settings
+
+    monkeypatch.setenv("KESTREL_WORKER_GPUS", "2,3")
+    monkeypatch.setenv("KESTREL_DEVICE_MAP", '{"model": 0, "lm_head": 1}')
+    monkeypatch.setenv("KESTREL_MODEL_DTYPE", "bf16")
+    settings = Settings()
+    assert settings.worker_gpus == "2,3" and settings.device_map == {"model": 0, "lm_head": 1}
+    assert settings.model_dtype == "bf16" and settings.quantization == "none"
+    monkeypatch.setenv("KESTREL_DEVICE_MAP", '{"model": "gpu"}')
+    with pytest.raises(ValueError, match="cpu, disk"):
+        Settings()
+
+
+def test_a_worker_owns_its_gpus_before_cuda_starts(monkeypatch) -> None:
+    from kestrel.workers.worker import own_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    own_gpus(None)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # unset: every GPU it was given
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA is up in this process: own_gpus refuses to change it (tested below)")
+    own_gpus("2,3")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    own_gpus("")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # 'none': no GPU at all
