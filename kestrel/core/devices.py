@@ -14,7 +14,11 @@ CPU or disk). So a hook's tensor lives on its layer's execution device, not on `
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,23 +81,25 @@ def model_devices(model: nn.Module) -> list[str]:
     return list(found)
 
 
-def dispatch_kwargs(config: LoadConfig, device: torch.device, torch_dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments for a split or quantized load (none for a plain one).
+def dispatch_kwargs(
+    config: LoadConfig, device: torch.device, torch_dtype: torch.dtype, scratch: Path
+) -> tuple[dict[str, Any], tempfile.TemporaryDirectory | None]:
+    """``from_pretrained`` keyword arguments for a split or quantized load (none for a plain one),
+    and the disk offload folder they name, if any.
 
     A quantized model without a device map goes whole onto ``device`` (bitsandbytes places its
-    weights at load time; ``.to()`` afterwards is refused). A map with ``disk`` entries gets an
-    offload folder that lives as long as the returned ``TemporaryDirectory`` (kept on the
-    LoadedModel).
+    weights at load time; ``.to()`` afterwards is refused). A map that may offload to disk gets a
+    folder under ``scratch`` (``offload_folder``) that lives as long as the model holds it.
     """
     if not config.split:
-        return {}
+        return {}, None
     require_packages(config)
     device_map: Any = config.device_map if config.device_map is not None else {"": str(device)}
     kwargs: dict[str, Any] = {"device_map": device_map}
+    offload = None
     if device_map == "auto" or "disk" in device_map.values():  # "auto" may spill to disk too
-        offload = tempfile.TemporaryDirectory(prefix="kestrel-offload-")
+        offload = offload_folder(scratch)
         kwargs["offload_folder"] = offload.name
-        kwargs["_offload"] = offload  # popped by the caller; keeps the folder alive
     if config.quantization != "none":
         from transformers import BitsAndBytesConfig
 
@@ -103,4 +109,30 @@ def dispatch_kwargs(config: LoadConfig, device: torch.device, torch_dtype: torch
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_type="nf4"
             )
-    return kwargs
+    return kwargs, offload
+
+
+def offload_folder(scratch: Path) -> tempfile.TemporaryDirectory:
+    """A fresh folder for one model's disk-offloaded weights, removed when the model is dropped.
+
+    A worker that was killed never removed its folders (they hold whole blocks of weights), so
+    each new one first removes this host's folders whose process is gone. The name carries host
+    and pid, so a store root shared by several hosts never loses another host's live folder.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname().replace("-", "_")
+    for stale in scratch.glob(f"{host}-*-*"):
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{host}-{os.getpid()}-", dir=scratch)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

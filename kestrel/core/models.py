@@ -93,6 +93,12 @@ class LoadedModel:
         return model_devices(self.model)
 
     @property
+    def placement_label(self) -> str:
+        """What listings show: ``cuda:0``, or a split model's devices, ``cuda:0+cuda:1``."""
+        split = self.placement is not None and self.placement.split
+        return "+".join(self.devices) if split else str(self.device)
+
+    @property
     def layers(self) -> list[LayerInfo]:
         if self._layers is None:
             self._layers = layer_table(self.model, self.tokenizer)
@@ -183,11 +189,11 @@ def load_model(
         raise InvalidInputError("model name is empty")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     placement = LoadConfig(device=device, device_map=device_map, dtype=dtype, quantization=quantization)
-    dispatch = dispatch_kwargs(placement, torch_device, torch_dtype)
-    offload = dispatch.pop("_offload", None)
+    root = store_root or default_store_root()
+    dispatch, offload = dispatch_kwargs(placement, torch_device, torch_dtype, root / "offload")
     started = time.perf_counter()
     if name in BUNDLED:
-        directory, source = ensure_bundled_cache(BUNDLED[name], store_root or default_store_root()), "bundled"
+        directory, source = ensure_bundled_cache(BUNDLED[name], root), "bundled"
     elif Path(name).expanduser().is_dir():
         directory, source = Path(name).expanduser(), "local"
     else:

@@ -143,7 +143,7 @@ class ModelCache:
                 quantization=placement.quantization,
             )
             lm.name = name  # manifests and SAE configs record the public name, never a local path
-            shown = "+".join(lm.devices) if placement.split else placement.device
+            shown = lm.placement_label if placement.split else placement.device
             with self._lock:
                 self._models[key] = CachedModel(lm, shown, dtype, time.time())
                 while len(self._models) > self.max_models:

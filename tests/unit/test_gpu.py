@@ -100,7 +100,9 @@ def reference(tiny_llama_dir: Path) -> LoadedModel:
 
 def test_auto_device_map_in_bf16_captures_what_one_gpu_does(tiny_llama_dir: Path, tmp_path: Path) -> None:
     plain = load_model(str(tiny_llama_dir), device="cuda:0", dtype="bf16")
-    auto = load_model(str(tiny_llama_dir), device="cuda", device_map="auto", dtype="bf16")
+    auto = load_model(
+        str(tiny_llama_dir), device="cuda", device_map="auto", dtype="bf16", store_root=tmp_path
+    )
     assert auto.dtype == torch.bfloat16 and auto.device.type == "cuda"
     assert all(device.startswith("cuda") for device in auto.devices), auto.devices
     assert_same_captures(auto, plain, tmp_path, BF16_TOL)
@@ -113,7 +115,7 @@ def test_a_block_offloaded_to_the_cpu_runs_on_the_gpu(
     """accelerate's CPU offload: block 1's weights stay in CPU memory and are brought to cuda:0 for
     its forward; its hooks see cuda:0 tensors."""
     device_map = {**{k: 0 for k in two_gpu_map()}, "model.layers.1": "cpu"}
-    offloaded = load_model(str(tiny_llama_dir), device="cuda", device_map=device_map)
+    offloaded = load_model(str(tiny_llama_dir), device="cuda", device_map=device_map, store_root=tmp_path)
     assert layer_device(offloaded, "model.layers.1") == torch.device("cuda:0")
     assert_same_captures(offloaded, reference, tmp_path, FP32_TOL)
 
@@ -122,7 +124,7 @@ def test_a_block_offloaded_to_the_cpu_runs_on_the_gpu(
 def test_a_model_split_across_two_gpus_computes_what_one_gpu_does(
     tiny_llama_dir: Path, reference: LoadedModel, tmp_path: Path
 ) -> None:
-    split = load_model(str(tiny_llama_dir), device="cuda", device_map=two_gpu_map())
+    split = load_model(str(tiny_llama_dir), device="cuda", device_map=two_gpu_map(), store_root=tmp_path)
     last = torch.device(f"cuda:{torch.cuda.device_count() - 1}")
     assert split.device == torch.device("cuda:0") and layer_device(split, "model.layers.2") == last
     assert split.devices == ["cuda:0", str(last)]
@@ -148,7 +150,9 @@ def test_quantized_models_take_hooks(
     tiny_llama_dir: Path, quantization: str, dtype: str, tmp_path: Path
 ) -> None:
     """Quantized weights, activations in ``dtype``: capture and SAE steering work on them."""
-    lm = load_model(str(tiny_llama_dir), device="cuda:0", dtype=dtype, quantization=quantization)
+    lm = load_model(
+        str(tiny_llama_dir), device="cuda:0", dtype=dtype, quantization=quantization, store_root=tmp_path
+    )
     rows = captured(lm, tmp_path)
     assert all(torch.isfinite(r).all() and r.abs().sum() > 0 for r in rows.values())
     assert torch.isfinite(steered(lm)).all()

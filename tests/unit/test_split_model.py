@@ -63,8 +63,9 @@ def whole(tiny_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def split(tiny_dir: Path):
-    return load_model(str(tiny_dir), device="cpu", device_map=SPLIT)
+def split(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("split-store")  # offloaded blocks go under <root>/offload
+    return load_model(str(tiny_dir), device="cpu", device_map=SPLIT, store_root=root)
 
 
 def make_sae(layer: str = "model.layers.1", seed: int = 0):
@@ -85,7 +86,10 @@ def test_the_split_model_is_dispatched_with_offloaded_blocks(split) -> None:
     assert layer_device(split, "model.layers.2.mlp") == torch.device("cpu")
     assert split.device == torch.device("cpu") and model_devices(split.model) == ["cpu"]
     assert split.placement is not None and split.placement.key().startswith("map:{")
-    assert Path(split._offload.name).is_dir()  # the offload folder lives as long as the model
+    # transformers reads safetensors blocks back from the checkpoint itself; the folder (under the
+    # store root, living as long as the model) takes any other weights accelerate offloads
+    offload = Path(split._offload.name)
+    assert offload.is_dir() and offload.parent.name == "offload"
 
 
 def test_the_split_model_has_the_same_layer_table_and_logits(whole, split) -> None:
@@ -185,6 +189,31 @@ def test_a_missing_package_names_the_extra_to_install(monkeypatch, tiny_dir: Pat
 
 # ---------------------------------------------------------------------------------------------
 # A worker's settings and model cache
+
+
+def test_a_killed_workers_offload_folders_are_swept(tmp_path: Path) -> None:
+    """Offloaded weights of a worker that was SIGKILLed are removed by the next split load on the
+    host; a live process's folder and another host's are kept."""
+    import socket
+    import subprocess
+    import sys
+
+    from kestrel.core.devices import offload_folder
+
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    scratch = tmp_path / "offload"
+    stale = scratch / f"{host}-{dead.pid}-abc"
+    live = scratch / f"{host}-{os.getpid()}-def"
+    elsewhere = scratch / f"otherhost-{dead.pid}-ghi"
+    for folder in (stale, live, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "weights.dat").write_bytes(b"x" * 64)
+    fresh = offload_folder(scratch)
+    assert not stale.exists() and live.is_dir() and elsewhere.is_dir()
+    assert Path(fresh.name).parent == scratch
+    fresh.cleanup()
 
 
 def test_the_model_cache_keeps_a_split_and_a_whole_copy_apart(tiny_dir: Path, tmp_path: Path) -> None:
