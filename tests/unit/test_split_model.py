@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +142,47 @@ def test_an_sae_encodes_and_is_evaluated_the_same_on_a_split_model(whole, split)
         assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-4, abs=1e-6), key
 
 
+def test_causal_and_circuit_analyses_agree_on_a_split_model(whole, split, tmp_path: Path) -> None:
+    """Ablation (layers, and SAE latents: mean pass, error-preserving clamp) and activation
+    patching read and edit blocks 1-2, which the split model runs from disk-offloaded weights."""
+    from kestrel.core.analysis import get_results, run_analysis
+    from kestrel.core.sae import io as sae_io
+
+    sae = make_sae("model.layers.1")
+    store = LocalStore(tmp_path / "store")
+    with store.writer("saes", "split-sae") as writer:
+        sae_io.save_sae(sae, writer.directory, metrics={})
+        config = sae.config.model_dump(mode="json")
+        writer.commit({"id": "split-sae", "layer": "model.layers.1", "model": "tiny", "config": config})
+    dataset = {"kind": "texts", "texts": TEXTS}
+    pair = {
+        "clean": "The animal is a cat",
+        "corrupted": "The animal is a dog",
+        "correct": " yes",
+        "wrong": " no",
+    }
+    requests = [
+        {"kind": "causal", "layers": ["model.layers.0.mlp", "model.layers.2"], "dataset": dataset},
+        {"kind": "causal", "sae_id": "split-sae", "latents": [0, 3, 7], "dataset": dataset},
+        {"kind": "circuit", "pairs": [pair], "layers": ["model.layers.0", "model.layers.2.mlp"]},
+    ]
+    for request in requests:
+        results = [
+            get_results(store, run_analysis(store, request, model_loader=lambda *_, lm=lm: lm))
+            for lm in (whole, split)
+        ]
+        if request["kind"] == "causal":
+            assert results[1]["clean_loss"] == pytest.approx(results[0]["clean_loss"], rel=1e-5)
+            for mine, theirs in zip(results[1]["ranking"], results[0]["ranking"], strict=True):
+                assert mine["target"] == theirs["target"]
+                for method, figures in theirs["methods"].items():
+                    assert mine["methods"][method]["kl"] == pytest.approx(figures["kl"], rel=1e-3, abs=1e-6)
+        else:
+            np.testing.assert_allclose(
+                results[1]["patched_logit_diff"], results[0]["patched_logit_diff"], atol=1e-5
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # The load configuration
 
@@ -257,3 +299,11 @@ def test_a_worker_owns_its_gpus_before_cuda_starts(monkeypatch) -> None:
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     own_gpus("")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # 'none': no GPU at all
+
+
+def test_the_worker_command_refuses_a_bad_gpu_list_before_starting(monkeypatch) -> None:
+    from cli_runner import invoke
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # never reached
+    result = invoke("worker", "--queue", "batch", "--gpus", "0;1")
+    assert result.exit_code == 2 and "worker GPUs '0;1'" in result.output
