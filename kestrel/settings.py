@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Torch-free (the API reads these settings too).
+from kestrel.core.catalog import DType
+from kestrel.core.loading import DeviceMap, Quantization, parse_device_map, parse_gpu_ids
+
 if TYPE_CHECKING:
     from kestrel.core.store import Store
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 WEEK_S = 7 * 24 * 3600
 _LOCAL_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-#: ``KESTREL_DEVICE_MAP``: "auto", {module path: device or CUDA index}, or None (one device).
-DeviceMapSetting = Literal["auto"] | dict[str, str | int] | None
 
 
 class Settings(BaseSettings):
@@ -136,30 +138,26 @@ class Settings(BaseSettings):
         description="GPUs this worker owns, as CUDA_VISIBLE_DEVICES (indices or UUIDs: '0,1'; "
         "'none': no GPU), set before the worker initialises CUDA; empty: every GPU it sees",
     )
-    device_map: Annotated[DeviceMapSetting, NoDecode] = Field(
+    device_map: Annotated[DeviceMap | None, NoDecode] = Field(
         None,
         description="split each model a job loads across the worker's devices: 'auto' (accelerate "
         "fills the GPUs, then CPU) or a JSON object {module: device}; empty: one device (device)",
     )
-    model_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+    model_dtype: DType = Field(
         "fp32", description="dtype a worker loads a model in when the request names none"
     )
-    quantization: Literal["none", "8bit", "4bit"] = Field(
+    quantization: Quantization = Field(
         "none", description="load weights in 8 or 4 bits (bitsandbytes, the `gpu` extra; a CUDA host)"
     )
 
     @field_validator("worker_gpus", mode="before")
     @classmethod
     def _gpu_ids(cls, value: object) -> object:
-        from kestrel.core.loading import parse_gpu_ids
-
         return parse_gpu_ids(value) if isinstance(value, str) else value
 
     @field_validator("device_map", mode="before")
     @classmethod
     def _device_map(cls, value: object) -> object:
-        from kestrel.core.loading import parse_device_map
-
         return parse_device_map(value) if isinstance(value, str | dict) else value
 
     # `kestrel up`.
