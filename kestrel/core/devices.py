@@ -18,6 +18,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,24 @@ def layer_device(lm: LoadedModel, layer: str) -> torch.device:
     module = dict(lm.model.named_modules()).get(layer)
     device = module_device(module) if module is not None else None
     return device if device is not None else lm.device
+
+
+@contextmanager
+def onloaded(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with its own weights on its execution device for the duration.
+
+    A split model may keep an offloaded module's weights on ``meta`` between forwards (accelerate
+    reads them back for each forward); code that reads weights rather than running the module
+    (the unembedding and final norm behind logit effects) reads them inside this. A tensor taken
+    inside stays valid after: offloading swaps the module's parameter, not the tensor's data.
+    """
+    if not hasattr(module, "_hf_hook"):
+        yield module
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield module
 
 
 def model_devices(model: nn.Module) -> list[str]:

@@ -41,15 +41,16 @@ from kestrel.core.store import LocalStore
 
 LAYERS = ["model.layers.0", "model.layers.1", "model.layers.2.mlp"]
 TEXTS = ["The cat sat on the mat.", "Rivers run to the sea, and the sea is never full.", "Hi"]
-#: Block 0 stays on the CPU; blocks 1 and 2 live on disk and are read back for each forward.
+#: Block 0 stays on the CPU; blocks 1 and 2, the final norm and the head live on disk and are
+#: read back for each forward (their weights sit on ``meta`` in between).
 SPLIT = {
     "model.embed_tokens": "cpu",
     "model.rotary_emb": "cpu",
     "model.layers.0": "cpu",
     "model.layers.1": "disk",
     "model.layers.2": "disk",
-    "model.norm": "cpu",
-    "lm_head": "cpu",
+    "model.norm": "disk",
+    "lm_head": "disk",
 }
 
 
@@ -67,6 +68,16 @@ def whole(tiny_dir: Path):
 def split(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("split-store")  # offloaded blocks go under <root>/offload
     return load_model(str(tiny_dir), device="cpu", device_map=SPLIT, store_root=root)
+
+
+def publish_sae(store: LocalStore, sae, sae_id: str) -> None:
+    """Put ``sae`` in the store as training would (its layer and model recorded)."""
+    from kestrel.core.sae import io as sae_io
+
+    with store.writer("saes", sae_id) as writer:
+        sae_io.save_sae(sae, writer.directory, metrics={})
+        config = sae.config.model_dump(mode="json")
+        writer.commit({"id": sae_id, "layer": sae.config.layer, "model": "tiny", "config": config})
 
 
 def make_sae(layer: str = "model.layers.1", seed: int = 0):
@@ -146,14 +157,9 @@ def test_causal_and_circuit_analyses_agree_on_a_split_model(whole, split, tmp_pa
     """Ablation (layers, and SAE latents: mean pass, error-preserving clamp) and activation
     patching read and edit blocks 1-2, which the split model runs from disk-offloaded weights."""
     from kestrel.core.analysis import get_results, run_analysis
-    from kestrel.core.sae import io as sae_io
 
-    sae = make_sae("model.layers.1")
     store = LocalStore(tmp_path / "store")
-    with store.writer("saes", "split-sae") as writer:
-        sae_io.save_sae(sae, writer.directory, metrics={})
-        config = sae.config.model_dump(mode="json")
-        writer.commit({"id": "split-sae", "layer": "model.layers.1", "model": "tiny", "config": config})
+    publish_sae(store, make_sae("model.layers.1"), "split-sae")
     dataset = {"kind": "texts", "texts": TEXTS}
     pair = {
         "clean": "The animal is a cat",
@@ -181,6 +187,26 @@ def test_causal_and_circuit_analyses_agree_on_a_split_model(whole, split, tmp_pa
             np.testing.assert_allclose(
                 results[1]["patched_logit_diff"], results[0]["patched_logit_diff"], atol=1e-5
             )
+
+
+def test_discovery_over_a_dataset_agrees_on_a_split_model(whole, split, tmp_path: Path) -> None:
+    """Streaming discovery (masks beside the inputs, activations on the layer's device) and logit
+    effects, which read the offloaded head and final norm directly rather than running them."""
+    from kestrel.core.concepts import discover
+    from kestrel.core.concepts.store import FeatureReader
+
+    names = ("top_values", "top_rows", "fire_count", "logit_pos_ids", "logit_pos_values")
+    tables = []
+    for lm in (whole, split):
+        store = LocalStore(tmp_path / lm.placement.key().replace("/", "_")[:40])
+        publish_sae(store, make_sae("model.layers.2"), "split-sae")
+        discover(store, "split-sae", lm, dataset=TEXTS * 4, config={"top_n": 4, "window": 2})
+        tables.append(FeatureReader(store, "split-sae").full(*names))
+    assert tables[0]["fire_count"].sum() > 0 and tables[0]["logit_pos_values"].abs().sum() > 0
+    assert torch.equal(tables[1]["fire_count"], tables[0]["fire_count"])
+    assert torch.equal(tables[1]["logit_pos_ids"], tables[0]["logit_pos_ids"])
+    for name in ("top_values", "logit_pos_values"):
+        torch.testing.assert_close(tables[1][name], tables[0][name], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
