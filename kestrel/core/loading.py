@@ -101,8 +101,10 @@ class LoadConfig(EngineConfig):
 def parse_device_map(text: str | dict | None) -> DeviceMap | None:
     """A device map as an operator writes it in an env var: empty or ``none`` (no split),
     ``auto``, or a JSON object ``{"model.layers.0": 0, ...}``."""
-    if text is None or isinstance(text, dict):
-        return text
+    if text is None:
+        return None
+    if isinstance(text, dict):
+        return LoadConfig(device_map=text).device_map
     stripped = text.strip()
     if stripped.lower() in ("", "none"):
         return None

@@ -50,7 +50,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from kestrel.core.loading import parse_gpu_ids
+from kestrel.core.loading import LoadConfig, parse_gpu_ids, require_packages
 from kestrel.settings import Settings, get_settings
 from kestrel.workers import lifecycle, registry
 from kestrel.workers.context import (
@@ -275,10 +275,13 @@ def run_worker(
 ) -> bool:
     """Entry point of ``kestrel worker``: work until stopped (or, with ``burst``, until idle).
 
-    ``gpus`` (else ``KESTREL_WORKER_GPUS``) are the GPUs this worker owns (``own_gpus``).
+    ``gpus`` (else ``KESTREL_WORKER_GPUS``) are the GPUs this worker owns (``own_gpus``). A device
+    map or quantization whose packages are missing stops the worker here, before it takes a job
+    that would fail on them.
     """
     settings = get_settings()
     own_gpus(parse_gpu_ids(gpus) if gpus is not None else settings.worker_gpus)
+    require_packages(LoadConfig(device_map=settings.device_map, quantization=settings.quantization))
     _quiet_libraries()
     redis = lifecycle.connect(settings.redis_url)
     cache = model_cache(settings)

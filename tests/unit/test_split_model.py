@@ -333,3 +333,22 @@ def test_the_worker_command_refuses_a_bad_gpu_list_before_starting(monkeypatch) 
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # never reached
     result = invoke("worker", "--queue", "batch", "--gpus", "0;1")
     assert result.exit_code == 2 and "worker GPUs '0;1'" in result.output
+
+
+def test_a_worker_without_bitsandbytes_refuses_to_start_quantized(monkeypatch) -> None:
+    from cli_runner import invoke
+
+    from kestrel.settings import get_settings
+
+    real = loading.importlib.util.find_spec
+    monkeypatch.setattr(
+        loading.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name)
+    )
+    monkeypatch.setenv("KESTREL_QUANTIZATION", "4bit")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # never reached
+    get_settings.cache_clear()
+    try:
+        result = invoke("worker", "--queue", "batch")
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2 and "kestrel[gpu]" in result.output
