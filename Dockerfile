@@ -79,6 +79,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY kestrel ./kestrel
 RUN pip install .
+# The CUDA image can also load 8-bit/4-bit weights (bitsandbytes: the `gpu` extra).
+RUN if [ "$DEVICE" = "cuda" ]; then pip install ".[gpu]"; fi
 
 # Non-root; the store (runs, SAEs, uploads, converted models, HF cache) is the /data volume.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin kestrel \

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kestrel.core.catalog import DEFAULT_MODEL
+# Torch-free (the API reads these settings too).
+from kestrel.core.catalog import DEFAULT_MODEL, DType
+from kestrel.core.loading import DeviceMap, Quantization, parse_device_map, parse_gpu_ids
 
 if TYPE_CHECKING:
     from kestrel.core.store import Store
@@ -128,6 +130,35 @@ class Settings(BaseSettings):
         description="let `kestrel serve` listen on a non-loopback address without an API key "
         "(only behind something else that authenticates, or on a host port bound to 127.0.0.1)",
     )
+
+    # Scale: the GPUs a worker owns, and how it places models too large for one
+    # (kestrel.core.loading, docs/scaling.md).
+    worker_gpus: str | None = Field(
+        None,
+        description="GPUs this worker owns, as CUDA_VISIBLE_DEVICES (indices or UUIDs: '0,1'; "
+        "'none': no GPU), set before the worker initialises CUDA; empty: every GPU it sees",
+    )
+    device_map: Annotated[DeviceMap | None, NoDecode] = Field(
+        None,
+        description="split each model a job loads across the worker's devices: 'auto' (accelerate "
+        "fills the GPUs, then CPU) or a JSON object {module: device}; empty: one device (device)",
+    )
+    model_dtype: DType = Field(
+        "fp32", description="dtype a worker loads a model in when the request names none"
+    )
+    quantization: Quantization = Field(
+        "none", description="load weights in 8 or 4 bits (bitsandbytes, the `gpu` extra; a CUDA host)"
+    )
+
+    @field_validator("worker_gpus", mode="before")
+    @classmethod
+    def _gpu_ids(cls, value: object) -> object:
+        return parse_gpu_ids(value) if isinstance(value, str) else value
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _device_map(cls, value: object) -> object:
+        return parse_device_map(value) if isinstance(value, str | dict) else value
 
     # `kestrel up`.
     preload_model: str = Field(

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kestrel.core.catalog import DType
@@ -52,7 +53,8 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KestrelError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.message}")
+            # escaped: a message may hold brackets (a list, "kestrel[gpu]") that rich would eat
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}")
             raise typer.Exit(2) from exc
 
     return wrapper  # type: ignore[return-value]

@@ -89,6 +89,10 @@ def worker(
     ] = None,
     name: Annotated[str | None, typer.Option(help="worker name [default: random]")] = None,
     burst: Annotated[bool, typer.Option(help="exit once the queues are empty")] = False,
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="GPUs this worker owns: 0,1 or none [default: KESTREL_WORKER_GPUS, else all]"),
+    ] = None,
 ) -> None:
     """Run a worker: takes jobs from the queues and keeps loaded models between them."""
     from kestrel.core.errors import InvalidInputError
@@ -99,7 +103,7 @@ def worker(
     unknown = [q for q in queues if q not in QUEUES]
     if unknown:
         raise InvalidInputError(f"unknown queue(s) {unknown}; use {', '.join(QUEUES)}")
-    run_worker(queues, name=name, burst=burst)
+    run_worker(queues, name=name, burst=burst, gpus=gpus)
 
 
 def is_loopback(host: str) -> bool:

@@ -397,7 +397,8 @@ def _capture_rows(
     rows: dict[str, torch.Tensor] = {}
 
     def record(acts_BTD: torch.Tensor, ctx: HookContext) -> None:
-        acts_ND = acts_BTD.detach()[keep["mask_BT"]]
+        # A split model runs this layer on its own device; the mask was built beside the inputs.
+        acts_ND = acts_BTD.detach()[keep["mask_BT"].to(acts_BTD.device)]
         rows[ctx.layer] = acts_ND.to(device="cpu", dtype=storage_dtype, non_blocking=True)
 
     hooks = [Detector(name, record) for name in layers] + [stop_after(layers[-1])]

@@ -49,9 +49,11 @@ from kestrel.core.catalog import available_models as available_models
 from kestrel.core.catalog import cache_complete as _cache_complete
 from kestrel.core.catalog import cache_dir as _cache_dir
 from kestrel.core.catalog import needs_conversion as needs_conversion
+from kestrel.core.devices import dispatch_kwargs, input_device, model_devices
 from kestrel.core.errors import InvalidInputError, NotFoundError, not_found
 from kestrel.core.hooks import Controller, Detector, HookManager
 from kestrel.core.hub import DEFAULT_PROBE_TIMEOUT_S
+from kestrel.core.loading import DeviceMap, LoadConfig, Quantization
 
 Device = Literal["cpu", "cuda", "auto"]
 LayerKind = Literal["embedding", "block", "attention", "mlp", "norm", "head", "other"]
@@ -77,11 +79,24 @@ class LoadedModel:
     name: str
     model: nn.Module
     tokenizer: Any
-    device: torch.device
+    device: torch.device  # where input ids go; a split model's blocks run elsewhere too (layer_device)
     dtype: torch.dtype
     source: str  # "bundled", "local" or "hub"
     load_seconds: float = 0.0
+    placement: LoadConfig | None = None  # how it was loaded (device map, quantization)
     _layers: list[LayerInfo] | None = field(default=None, repr=False)
+    _offload: Any = field(default=None, repr=False)  # a disk offload folder, removed with the model
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device the model computes on, in module order (one for an unsplit model)."""
+        return model_devices(self.model)
+
+    @property
+    def placement_label(self) -> str:
+        """What listings show: ``cuda:0``, or a split model's devices, ``cuda:0+cuda:1``."""
+        split = self.placement is not None and self.placement.split
+        return "+".join(self.devices) if split else str(self.device)
 
     @property
     def layers(self) -> list[LayerInfo]:
@@ -161,23 +176,34 @@ def load_model(
     dtype: str = "fp32",
     store_root: Path | None = None,
     hub_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+    device_map: DeviceMap | None = None,
+    quantization: Quantization = "none",
 ) -> LoadedModel:
     """Load a model and tokenizer by bundled name, local directory or hub id (see module docstring).
 
     ``hub_timeout_s`` bounds the probe of the hub before a download (a hub id not in the cache).
+    ``device_map`` splits the model across devices and ``quantization`` loads 8/4-bit weights
+    (``kestrel.core.loading``); then ``device`` only places a quantized model that has no map.
     """
     if not name or not name.strip():
         raise InvalidInputError("model name is empty")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    placement = LoadConfig(device=device, device_map=device_map, dtype=dtype, quantization=quantization)
+    root = store_root or default_store_root()
+    dispatch, offload = dispatch_kwargs(placement, torch_device, torch_dtype, root / "offload")
     started = time.perf_counter()
     if name in BUNDLED:
-        directory, source = ensure_bundled_cache(BUNDLED[name], store_root or default_store_root()), "bundled"
+        directory, source = ensure_bundled_cache(BUNDLED[name], root), "bundled"
     elif Path(name).expanduser().is_dir():
         directory, source = Path(name).expanduser(), "local"
     else:
         directory, source = None, "hub"
-    model, tokenizer = _from_pretrained(name, directory, torch_dtype, hub_timeout_s)
-    model.to(torch_device).eval()
+    model, tokenizer = _from_pretrained(name, directory, torch_dtype, hub_timeout_s, dispatch)
+    if dispatch:  # accelerate placed it (moving a dispatched model is refused)
+        model.eval()
+        torch_device = input_device(model)
+    else:
+        model.to(torch_device).eval()
     return LoadedModel(
         name=name,
         model=model,
@@ -186,23 +212,30 @@ def load_model(
         dtype=torch_dtype,
         source=source,
         load_seconds=time.perf_counter() - started,
+        placement=placement,
+        _offload=offload,
     )
 
 
 def _from_pretrained(
-    name: str, directory: Path | None, torch_dtype: torch.dtype, hub_timeout_s: float
+    name: str,
+    directory: Path | None,
+    torch_dtype: torch.dtype,
+    hub_timeout_s: float,
+    dispatch: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
     """From the directory or the local HF cache; a hub id not cached only after the hub answered."""
     target = str(directory) if directory is not None else name
+    dispatch = dispatch or {}
     try:
-        return _pretrained_pair(target, torch_dtype, local_files_only=True)
+        return _pretrained_pair(target, torch_dtype, local_files_only=True, **dispatch)
     except (OSError, ValueError) as exc:
         if directory is not None:
             raise InvalidInputError(f"could not load a causal LM from {target!r}: {exc}") from exc
         cached_error = exc
     hub.require_reachable(name, "model", hub_timeout_s)  # offline or no answer: 424 now, not later
     try:
-        return _pretrained_pair(target, torch_dtype, local_files_only=False)
+        return _pretrained_pair(target, torch_dtype, local_files_only=False, **dispatch)
     except (OSError, ValueError) as exc:
         raise NotFoundError(
             f"unknown model {name!r}: not a bundled model ({', '.join(BUNDLED)}), not a local "
@@ -212,12 +245,14 @@ def _from_pretrained(
 
 
 def _pretrained_pair(
-    target: str, torch_dtype: torch.dtype, *, local_files_only: bool
+    target: str, torch_dtype: torch.dtype, *, local_files_only: bool, **dispatch: Any
 ) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_files_only)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(
+        target, dtype=torch_dtype, local_files_only=local_files_only, **dispatch
+    )
     return model, tokenizer
 
 
@@ -365,7 +400,7 @@ def layer_table(model: nn.Module, tokenizer: Any | None = None) -> list[LayerInf
     def record(x: torch.Tensor, ctx: Any) -> None:
         widths.setdefault(ctx.layer, int(x.shape[-1]))
 
-    device = next(model.parameters()).device
+    device = input_device(model)  # a split model's first parameter may be offloaded (meta)
     input_ids = torch.tensor([[_probe_token(tokenizer), _probe_token(tokenizer)]], device=device)
     with HookManager(model, [Detector(name, record) for name, *_ in candidates]), torch.no_grad():
         model(input_ids=input_ids)

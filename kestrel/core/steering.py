@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kestrel.core.devices import layer_device
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import Controller, Detector, HookContext
 from kestrel.core.models import ForwardResult, LoadedModel, forward, generate
@@ -111,7 +112,9 @@ def sae_edit_controller(
     def edit(x: Tensor, ctx: HookContext) -> Tensor | None:
         if not acts_on(positions, ctx.call):
             return None
-        x_f = x.to(sae.W_dec.dtype)
+        # Computed where the SAE lives (a split model's layer may run elsewhere); the hook
+        # manager moves the result back to the layer's device and dtype.
+        x_f = x.to(device=device, dtype=sae.W_dec.dtype)
         encoded = sae.encode(x_f)
         current_E = _latent_values(encoded.acts, encoded.indices, latents_E)
         delta_D = (_apply_ops(current_E, ops_E, values_E) - current_E) @ directions_ED
@@ -246,22 +249,33 @@ def _direction_vector(
         )
     if direction.normalize:
         vector = vector / vector.norm().clamp_min(1e-12)
-    return vector.to(lm.device)
+    return vector.to(layer_device(lm, direction.layer))
 
 
 def plan_from_store(
     store: Store, lm: LoadedModel, config: SteeringConfig, sae: SAE | None = None
 ) -> SteeringPlan:
     """`compile_plan` with relative edits resolved and SAEs loaded from the store onto the
-    model's device."""
+    device of the layer they edit (``sae_on_layer_device``)."""
     from kestrel.core.sae.artifacts import load_sae
 
     return compile_plan(
         resolve_edits(store, config),
         lm,
-        load_sae=lambda sae_id: load_sae(store, sae_id, device=lm.device),
+        load_sae=lambda sae_id: sae_on_layer_device(
+            lm, *load_sae(store, sae_id), config.layer if sae_id == config.sae_id else None
+        ),
         sae=sae,
     )
+
+
+def sae_on_layer_device(
+    lm: LoadedModel, sae: SAE, summary: dict[str, Any], layer: str | None = None
+) -> tuple[SAE, dict[str, Any]]:
+    """The SAE moved to where ``layer`` (default: the one it was trained on) runs: on a model split
+    across devices its controller then edits without copying activations between devices."""
+    where = layer or summary.get("layer") or sae.config.layer
+    return sae.to(layer_device(lm, where) if where else lm.device), summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +306,7 @@ class _LatentTrace:
 
     def detector(self) -> Detector:
         def record(x: Tensor, _: HookContext) -> None:
-            encoded = self.sae.encode(x[:, -1].to(self.sae.W_dec.dtype))
+            encoded = self.sae.encode(x[:, -1].to(device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype))
             k = min(self.top_k, encoded.acts.shape[-1])
             values_BK, order_BK = encoded.acts.topk(k, dim=-1)
             self.steps.append((values_BK.cpu(), encoded.indices.gather(-1, order_BK).cpu()))

@@ -52,12 +52,12 @@ def load_model_job(
     ctx.update(progress=0.1, message=stage, force=True)
     ctx.log(stage, force=True)
     lm = ctx.models.get(name, device=device, dtype=dtype)
-    ctx.log(f"{name} loaded on {lm.device} in {lm.load_seconds:.1f} s", force=True)
+    ctx.log(f"{name} loaded on {lm.placement_label} in {lm.load_seconds:.1f} s", force=True)
     worker = ctx.job.worker_name if ctx.job is not None else ""
     return {
         "name": name,
         "worker": worker or "",
-        "device": str(lm.device),
+        "device": lm.placement_label,
         "dtype": dtype,
         "load_seconds": round(lm.load_seconds, 3),
         "d_model": lm.d_model,
@@ -414,7 +414,8 @@ def _steering_plan(ctx: JobContext, config: Any, lm: Any):
 
     def load(sae_id: str):
         sae, summary = sae_cache.get(ctx, sae_id)
-        return sae.to(lm.device), summary
+        layer = config.layer if sae_id == config.sae_id else None
+        return steering.sae_on_layer_device(lm, sae, summary, layer)
 
     return steering.compile_plan(steering.resolve_edits(ctx.store, config), lm, load_sae=load)
 

@@ -22,6 +22,7 @@ from typing import Any
 from kestrel.core import hub
 from kestrel.core.catalog import validate_model_name
 from kestrel.core.errors import InvalidInputError
+from kestrel.core.loading import DeviceMap, LoadConfig, Quantization
 from kestrel.core.models import BUNDLED, LoadedModel, load_model, resolve_device
 
 
@@ -42,13 +43,18 @@ def load_target(name: str, local_models: dict[str, Path], allowed: Sequence[str]
 @dataclass
 class CachedModel:
     lm: LoadedModel
-    device: str
+    device: str  # what the worker record shows: "cuda:0", or a split model's "cuda:0+cuda:1"
     dtype: str
     loaded_at: float
 
 
 class ModelCache:
-    """Loaded models keyed by (name, device, dtype), least recently used evicted past ``max_models``."""
+    """Loaded models keyed by (name, placement, dtype), least recently used evicted past ``max_models``.
+
+    The placement is the device of an unsplit model (``cuda:0``) or the worker's device map and
+    quantization (``LoadConfig.key``): a model loaded split is never handed to a job that asked
+    for it on one device, and the other way round.
+    """
 
     def __init__(
         self,
@@ -56,6 +62,9 @@ class ModelCache:
         *,
         max_models: int = 2,
         default_device: str = "auto",
+        default_dtype: str = "fp32",
+        device_map: DeviceMap | None = None,
+        quantization: Quantization = "none",
         local_models: Callable[[], dict[str, Path]] = dict,
         allowed_models: Sequence[str] = (),
         hub_timeout_s: float = hub.DEFAULT_PROBE_TIMEOUT_S,
@@ -65,6 +74,9 @@ class ModelCache:
         self.hub_timeout_s = hub_timeout_s
         self.max_models = max_models
         self.default_device = default_device
+        self.default_dtype = default_dtype
+        self.device_map = device_map
+        self.quantization: Quantization = quantization
         self.local_models = local_models
         self._models: OrderedDict[tuple[str, str, str], CachedModel] = OrderedDict()
         self._lock = threading.RLock()  # guards the dict only; held for microseconds
@@ -74,7 +86,8 @@ class ModelCache:
         """The model, loaded now if this worker does not hold it yet.
 
         ``device``/``dtype`` of None mean "whichever copy is loaded" (so an encode uses the copy a
-        load request made), else the worker's default device and fp32.
+        load request made), else the worker's defaults: its device map if it has one (a job that
+        names no device gets the split model), else its device; its dtype.
         """
         if device is None or dtype is None:
             with self._lock:
@@ -86,7 +99,19 @@ class ModelCache:
                     ):
                         self._models.move_to_end((cached_name, cached_device, cached_dtype))
                         return cached.lm
-        return self._load(name, device, dtype or "fp32")
+        return self._load(name, device, dtype or self.default_dtype)
+
+    def placement(self, device: str | None, dtype: str) -> LoadConfig:
+        """How a load asked for with ``device`` (None: the worker's default) is placed."""
+        if device is None and self.device_map is not None:
+            return LoadConfig(
+                device=self.default_device,
+                device_map=self.device_map,
+                dtype=dtype,
+                quantization=self.quantization,
+            )
+        concrete = str(resolve_device(device or self.default_device))
+        return LoadConfig(device=concrete, dtype=dtype, quantization=self.quantization)
 
     def _load(self, name: str, device: str | None, dtype: str) -> LoadedModel:
         """Load under a lock of its own key, never under the cache's lock.
@@ -95,8 +120,8 @@ class ModelCache:
         the cache (``describe``) every few seconds, and a worker whose heartbeat waited on a load
         would be declared dead and its job failed while it was working.
         """
-        concrete = str(resolve_device(device or self.default_device))
-        key = (name, concrete, dtype)
+        placement = self.placement(device, dtype)
+        key = (name, placement.key(), dtype)
         with self._lock:
             cached = self._hit(key)
             if cached is not None:
@@ -110,14 +135,17 @@ class ModelCache:
             target = load_target(name, self.local_models(), self.allowed_models)
             lm = load_model(
                 target,
-                device=concrete,
+                device=placement.device,
                 dtype=dtype,
                 store_root=self.store_root,
                 hub_timeout_s=self.hub_timeout_s,
+                device_map=placement.device_map,
+                quantization=placement.quantization,
             )
             lm.name = name  # manifests and SAE configs record the public name, never a local path
+            shown = lm.placement_label if placement.split else placement.device
             with self._lock:
-                self._models[key] = CachedModel(lm, concrete, dtype, time.time())
+                self._models[key] = CachedModel(lm, shown, dtype, time.time())
                 while len(self._models) > self.max_models:
                     self._models.popitem(last=False)
                 self._loading.pop(key, None)

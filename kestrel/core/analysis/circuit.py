@@ -87,6 +87,7 @@ def logit_diff(lm: LoadedModel, ids_PT: Tensor, correct_P: Tensor, wrong_P: Tens
     with hooks(lm.model, *controls), torch.no_grad():
         logits_PV = lm.model(input_ids=ids_PT, attention_mask=torch.ones_like(ids_PT)).logits[:, -1].float()
     rows = torch.arange(len(ids_PT), device=logits_PV.device)
+    correct_P, wrong_P = correct_P.to(logits_PV.device), wrong_P.to(logits_PV.device)
     return (logits_PV[rows, correct_P] - logits_PV[rows, wrong_P]).cpu()
 
 
@@ -97,7 +98,7 @@ def patch_position(layer: str, clean_PTD: Tensor, position: int) -> Controller:
         if x.shape[:2] != clean_PTD.shape[:2]:
             raise InvalidInputError(f"layer {layer!r} output {tuple(x.shape)} is not [pairs, tokens, ...]")
         out = x.clone()
-        out[:, position] = clean_PTD[:, position].to(x.dtype)
+        out[:, position] = clean_PTD[:, position].to(device=x.device, dtype=x.dtype)
         return out
 
     return Controller(layer, patch)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kestrel.core.concepts.accumulate import unpack_rows
 from kestrel.core.datasets import encode_texts
+from kestrel.core.devices import onloaded
 from kestrel.core.errors import InvalidInputError
 
 PAD_TOKEN = -1
@@ -112,10 +113,13 @@ def final_norm_scale(model: torch.nn.Module, d_model: int) -> Tensor | None:
     """The final norm's elementwise gain, which the unembedding sees (Gemma stores gain − 1)."""
     for name in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm"):
         module = dict(model.named_modules()).get(name)
-        weight = getattr(module, "weight", None) if module is not None else None
-        if isinstance(weight, Tensor) and weight.shape == (d_model,):
-            gain = weight.detach().float()
-            return gain + 1 if "Gemma" in type(module).__name__ else gain
+        if module is None:
+            continue
+        with onloaded(module):  # a split model may have offloaded it (weights on meta)
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, Tensor) and weight.shape == (d_model,):
+                gain = weight.detach().float()
+                return gain + 1 if "Gemma" in type(module).__name__ else gain
     return None
 
 

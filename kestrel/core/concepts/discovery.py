@@ -37,6 +37,7 @@ from kestrel.core.concepts.config import MAX_HIST_BINS as MAX_HIST_BINS
 from kestrel.core.concepts.config import MAX_STATE_ENTRIES as MAX_STATE_ENTRIES
 from kestrel.core.concepts.config import DiscoveryConfig
 from kestrel.core.datasets import DatasetSpec, iter_texts, token_batches
+from kestrel.core.devices import layer_device, onloaded
 from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import LoadedModel
@@ -122,6 +123,7 @@ def discover(
     layer = summary.layer or sae.config.layer
     if not layer:
         raise InvalidInputError(f"sae {sae_id!r} does not record the layer it reads")
+    sae = sae.to(layer_device(lm, layer))  # a split model: where the layer's activations are
     if dataset is not None and run_id is not None:
         raise InvalidInputError("give a dataset or a run, not both")
     source = _source(store, summary, lm, layer, sae, run_id, dataset, config.filters)
@@ -368,13 +370,14 @@ def _dataset_batches(
                     keep_BT &= positions_BT > 0
                 if config.filters.skip_special:
                     keep_BT &= ~torch.isin(ids_BT, special_ids)
-                acts_ND = seen.pop("acts_BTD")[keep_BT].float()
+                acts_BTD = seen.pop("acts_BTD")  # on the layer's device (a split model's may differ)
+                acts_ND = acts_BTD[keep_BT.to(acts_BTD.device)].float()
                 if config.filters.max_norm_multiple is not None and len(acts_ND):
                     norms_N = acts_ND.norm(dim=-1)
                     if norm_median is None:  # no training run to ask: the first batch's median
                         norm_median = float(norms_N.median())
                     small_N = norms_N <= config.filters.max_norm_multiple * norm_median
-                    keep_BT[keep_BT.clone()] = small_N
+                    keep_BT[keep_BT.clone()] = small_N.to(keep_BT.device)
                     acts_ND = acts_ND[small_N]
                 doc_BT = batch.doc_index_B.to(lm.device)[:, None].expand_as(ids_BT)
                 rows_N = pack_rows(doc_BT[keep_BT], positions_BT[keep_BT])
@@ -490,9 +493,10 @@ def _logit_effects(store: Store, sae_id: str, sae: SAE, lm: LoadedModel, k: int)
     if unembed is None or not hasattr(unembed, "weight"):
         raise InvalidInputError(f"model {lm.name!r} has no output embedding to read logit effects through")
     with torch.inference_mode():
-        return contexts.logit_effects(
-            sae.W_dec.detach(), unembed.weight.detach(), contexts.final_norm_scale(lm.model, sae.d_in), k
-        )
+        with onloaded(unembed):  # a split model may have offloaded the head (weights on meta)
+            unembed_VD = unembed.weight.detach()
+        norm_scale_D = contexts.final_norm_scale(lm.model, sae.d_in)
+        return contexts.logit_effects(sae.W_dec.detach(), unembed_VD, norm_scale_D, k)
 
 
 def _vocab(lm: LoadedModel, tensors: dict[str, Tensor]) -> dict[str, str]:

@@ -356,7 +356,7 @@ def encode_prompt(
     with HookManager(lm.model, hooks), torch.inference_mode():
         run_until_stopped(lambda: lm.model(**encoded, use_cache=False))
         h_TD = seen["h"][0].float()
-        out = sae.to(lm.device)(h_TD)
+        out = sae.to(h_TD.device)(h_TD)  # where the layer ran (a split model's own device)
     values_TK, order_TK = out.latent_acts.topk(min(top_k, out.latent_acts.shape[-1]), dim=-1)
     indices_TK = out.latent_indices.gather(-1, order_TK)
     ids = encoded["input_ids"][0].tolist()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kestrel.core.datasets import token_batches
+from kestrel.core.devices import layer_device
 from kestrel.core.hooks import Controller, HookContext, HookManager
 from kestrel.core.models import LoadedModel
 from kestrel.core.runs import RowFilter
@@ -60,13 +61,13 @@ def _splicer(
     counts: _Sums | None,
 ) -> Controller:
     def splice(h_BTD: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        where_BT = mask["BT"]
+        where_BT = mask["BT"].to(h_BTD.device)  # a split model runs the layer on its own device
         if max_norm is not None:
             where_BT = where_BT & (h_BTD.float().norm(dim=-1) <= max_norm)
         if counts is not None:
             counts.spliced += int(where_BT.sum())
         out_BTD = h_BTD.clone()
-        out_BTD[where_BT] = replacement(h_BTD[where_BT]).to(h_BTD.dtype)
+        out_BTD[where_BT] = replacement(h_BTD[where_BT]).to(device=h_BTD.device, dtype=h_BTD.dtype)
         return out_BTD
 
     return Controller(layer, splice)
@@ -96,10 +97,10 @@ def ce_loss_metrics(
     filters = filters or RowFilter.recommended()
     max_norm = filters.max_norm_multiple * norm_median if filters.max_norm_multiple and norm_median else None
     special_ids = list(lm.tokenizer.all_special_ids) if filters.skip_special else []
-    sae = sae.to(lm.device).eval()
+    sae = sae.to(layer_device(lm, layer)).eval()  # where the spliced layer runs
     sums = _Sums()
     mask: dict[str, torch.Tensor] = {}
-    reconstruct = lambda h_ND: sae(h_ND.float()).reconstruction  # noqa: E731
+    reconstruct = lambda h_ND: sae(h_ND.to(sae.W_dec.device).float()).reconstruction  # noqa: E731
     with_sae = [_splicer(layer, mask, reconstruct, max_norm, sums)]
     zeroed = [_splicer(layer, mask, torch.zeros_like, max_norm, None)]
     batches = list(token_batches(texts, lm.tokenizer, max_length=max_length, token_budget=token_budget))
