@@ -31,7 +31,8 @@ _MODULE_OF = {
     ),
     "latest_checkpoint": "checkpoint",
     **dict.fromkeys(("SAEConfig", "TrainConfig", "default_lr"), "config"),
-    **dict.fromkeys(("export_saelens", "import_saelens", "load_sae", "save_sae"), "io"),
+    **dict.fromkeys(("load_sae", "save_sae"), "io"),
+    **dict.fromkeys(("export_saelens", "import_saelens"), "saelens"),
     "evaluate": "metrics",
     **dict.fromkeys(("Progress", "TrainPlan", "TrainResult", "resolve_plan", "train_sae"), "trainer"),
 }

@@ -112,7 +112,7 @@ def register(name: str):
     return add
 
 
-BUILTIN_ARCHITECTURES = ("batchtopk", "relu_l1", "topk")  # modules of kestrel.core.sae
+BUILTIN_ARCHITECTURES = ("batchtopk", "jumprelu", "relu_l1", "topk")  # modules of kestrel.core.sae
 
 
 def load_builtin_architectures() -> None:
