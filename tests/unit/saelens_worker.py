@@ -21,11 +21,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 import sae_lens
+import torch
 from sae_lens import SAE
+from safetensors.torch import load_file, save_file
 
 D_IN, D_SAE = 12, 40
 SCALING_FACTOR = 0.37
@@ -66,11 +65,17 @@ BUILT = {
     "standard_no_b_dec_in": (_cfg("standard", apply_b_dec_to_input=False), 4, False),
     "jumprelu": (_cfg("jumprelu"), 5, False),
     "topk_expected_average": (
-        _cfg("topk", k=5, rescale_acts_by_decoder_norm=True, normalize_activations="expected_average_only_in"),
+        _cfg(
+            "topk", k=5, rescale_acts_by_decoder_norm=True, normalize_activations="expected_average_only_in"
+        ),
         6,
         True,
     ),
-    "jumprelu_expected_average": (_cfg("jumprelu", normalize_activations="expected_average_only_in"), 7, False),
+    "jumprelu_expected_average": (
+        _cfg("jumprelu", normalize_activations="expected_average_only_in"),
+        7,
+        False,
+    ),
 }
 
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kestrel.core.catalog import cache_complete, cache_dir
 from kestrel.core.sae import SAE, SAEConfig, create
 from kestrel.core.sae.exchange import files_from_directory, model_metadata, sae_from_files
 from kestrel.core.sae.saelens import export_saelens, import_saelens
@@ -87,7 +88,7 @@ def _assert_encodes_alike(ours: torch.Tensor, theirs: torch.Tensor, what: str) -
 
 
 @pytest.fixture(scope="module")
-def roundtrip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+def roundtrip(tmp_path_factory: pytest.TempPathFactory, model_cache_root: Path) -> tuple[Path, torch.Tensor]:
     python = saelens_python()
     if python is None:
         pytest.skip("no sae-lens virtualenv: run `make saelens-venv` or set KESTREL_SAELENS_PYTHON")
@@ -96,7 +97,8 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Ten
     save_file({"x": x}, workdir / "x.safetensors")
     for seed, architecture in enumerate(("topk", "relu_l1", "jumprelu", "batchtopk")):
         sae = _kestrel_sae(architecture, seed)
-        export_saelens(sae, workdir / "kestrel" / architecture, metadata=model_metadata(sae.config.model))
+        metadata = model_metadata(sae.config.model, model_cache_root)
+        export_saelens(sae, workdir / "kestrel" / architecture, metadata=metadata)
         save_file({"encoded": _dense(sae, x)}, workdir / f"kestrel-{architecture}.safetensors")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # sae-lens's side stands alone
     done = subprocess.run(
@@ -118,9 +120,16 @@ def test_the_installed_sae_lens_is_the_version_checked(roundtrip) -> None:
 
 @pytest.mark.parametrize(
     ("architecture", "saelens_class"),
-    [("topk", "TopKSAE"), ("relu_l1", "StandardSAE"), ("jumprelu", "JumpReLUSAE"), ("batchtopk", "JumpReLUSAE")],
+    [
+        ("topk", "TopKSAE"),
+        ("relu_l1", "StandardSAE"),
+        ("jumprelu", "JumpReLUSAE"),
+        ("batchtopk", "JumpReLUSAE"),
+    ],
 )
-def test_kestrel_exports_load_in_sae_lens_and_encode_alike(roundtrip, architecture: str, saelens_class: str):
+def test_kestrel_exports_load_in_sae_lens_and_encode_alike(
+    roundtrip, model_cache_root: Path, architecture: str, saelens_class: str
+):
     workdir, _ = roundtrip
     encoded = load_file(workdir / "encoded.safetensors")
     ours = load_file(workdir / f"kestrel-{architecture}.safetensors")["encoded"]
@@ -131,8 +140,10 @@ def test_kestrel_exports_load_in_sae_lens_and_encode_alike(roundtrip, architectu
     assert metadata["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert metadata["model_class_name"] == "AutoModelForCausalLM"
     assert metadata["hook_name"] == "model.layers.3"
-    if "prepend_bos" in metadata:  # known when the bundled model's tokenizer is on this machine
+    if cache_complete(cache_dir(model_cache_root, "smollm2-135m")):  # its tokenizer is here
         assert metadata["prepend_bos"] is False  # SmolLM2's tokenizer adds no BOS
+    else:
+        assert "prepend_bos" not in metadata  # unknown, so not claimed
 
 
 @pytest.mark.parametrize(
@@ -176,4 +187,3 @@ def test_the_same_files_import_through_the_generic_reader(roundtrip):
     assert layout == "saelens"
     encoded = load_file(workdir / "encoded.safetensors")
     _assert_encodes_alike(_dense(sae, x), encoded["saelens/topk_expected_average"], "generic reader")
-
