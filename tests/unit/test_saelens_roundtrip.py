@@ -38,14 +38,15 @@ SCALING_FACTOR = 0.37
 
 
 def saelens_python() -> Path | None:
-    """``$KESTREL_SAELENS_PYTHON``, else the venv ``make saelens-venv`` builds, else the shared one
-    on the development machine."""
-    candidates = [os.environ.get("KESTREL_SAELENS_PYTHON"), ROOT / ".venv-saelens/bin/python"]
-    candidates.append("/work/.saelens-venv/bin/python")
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    """``$KESTREL_SAELENS_PYTHON`` when set (only it), else the venv ``make saelens-venv`` builds,
+    else the shared one on the development machine."""
+    named = os.environ.get("KESTREL_SAELENS_PYTHON")
+    candidates = (
+        [Path(named)]
+        if named
+        else [ROOT / ".venv-saelens/bin/python", Path("/work/.saelens-venv/bin/python")]
+    )
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def _kestrel_sae(architecture: str, seed: int) -> SAE:
@@ -91,7 +92,9 @@ def _assert_encodes_alike(ours: torch.Tensor, theirs: torch.Tensor, what: str) -
 def roundtrip(tmp_path_factory: pytest.TempPathFactory, model_cache_root: Path) -> tuple[Path, torch.Tensor]:
     python = saelens_python()
     if python is None:
-        pytest.skip("no sae-lens virtualenv: run `make saelens-venv` or set KESTREL_SAELENS_PYTHON")
+        named = os.environ.get("KESTREL_SAELENS_PYTHON")
+        where = f"KESTREL_SAELENS_PYTHON={named} does not exist" if named else "no sae-lens virtualenv"
+        pytest.skip(f"{where}: run `make saelens-venv` (or set KESTREL_SAELENS_PYTHON)")
     workdir = tmp_path_factory.mktemp("saelens")
     x = torch.randn(24, D_IN, generator=torch.Generator().manual_seed(0)) * 1.5
     save_file({"x": x}, workdir / "x.safetensors")
