@@ -12,6 +12,7 @@ from kestrel.core import uploads
 from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.limits import Caps
 from kestrel.core.sae import records
+from kestrel.core.sae.filesets import LAYOUTS, files_from_zip
 from kestrel.core.sae.records import sae_model_and_layer
 from kestrel.core.store import new_id
 from kestrel.schemas import (
@@ -161,14 +162,6 @@ async def import_saelens_sae(  # the operation id SDKs know it by (it predates o
     return SAESummary(**summary)
 
 
-#: The file names each layout's two uploads stand for (what a zip of it would hold).
-_TWO_FILE_NAMES = {
-    "saelens": ("cfg.json", "sae_weights.safetensors"),
-    "sparsify": ("cfg.json", "sae.safetensors"),
-    "kestrel": ("config.json", "weights.safetensors"),
-}
-
-
 async def _import_files(
     archive: UploadFile | None,
     cfg: UploadFile | None,
@@ -181,8 +174,6 @@ async def _import_files(
         if cfg is not None or weights is not None:
             raise InvalidInputError("send either a zip (archive) or cfg + weights, not both")
         data = await _read_limited(archive, settings.max_upload_bytes, "archive", settings)
-        from kestrel.core.sae.exchange import files_from_zip  # the engine side (torch)
-
         return await asyncio.to_thread(files_from_zip, data, max_bytes=settings.max_upload_bytes)
     if cfg is None or weights is None:
         raise InvalidInputError(
@@ -192,7 +183,7 @@ async def _import_files(
     cfg_bytes = await _read_limited(cfg, MAX_CFG_BYTES, "cfg.json", settings)
     weight_bytes = await _read_limited(weights, settings.max_upload_bytes, "weights", settings)
     _check_weights(weights.filename or "", weight_bytes)
-    config_name, weights_name = _TWO_FILE_NAMES[layout]
+    config_name, weights_name = LAYOUTS[layout]  # the names the two uploads stand for
     return {config_name: cfg_bytes, weights_name: weight_bytes}
 
 
