@@ -8,7 +8,6 @@ allocated or stored (see each layout's reader).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -127,12 +126,25 @@ def hub_id(model: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=32)
+_BOS_CACHE: dict[tuple[str, str], bool] = {}
+
+
 def tokenizer_prepends_bos(model: str, store_root: str) -> bool | None:
     """Whether the tokenizer Kestrel loads for ``model`` starts a text with BOS (as capture
-    tokenizes: special tokens on); None when no tokenizer for it is on this machine."""
+    tokenizes: special tokens on); None when no tokenizer for it is on this machine (not cached:
+    the model may be fetched later)."""
+    key = (model, store_root)
+    if key not in _BOS_CACHE:
+        found = _probe_bos(model, Path(store_root))
+        if found is None:
+            return None
+        _BOS_CACHE[key] = found
+    return _BOS_CACHE[key]
+
+
+def _probe_bos(model: str, store_root: Path) -> bool | None:
     if model in catalog.BUNDLED:
-        directory = catalog.cache_dir(Path(store_root), model)
+        directory = catalog.cache_dir(store_root, model)
         if not catalog.cache_complete(directory):
             return None
         target = str(directory)
@@ -143,7 +155,7 @@ def tokenizer_prepends_bos(model: str, store_root: str) -> bool | None:
 
         tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
         ids = tokenizer("a")["input_ids"]
-    except Exception:
+    except Exception:  # any failure to load means "unknown", which is reported as such
         return None
     bos = tokenizer.bos_token_id
     return bool(ids) and bos is not None and ids[0] == bos
