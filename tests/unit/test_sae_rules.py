@@ -15,9 +15,10 @@ from kestrel.core.sae.base import lookup_architecture
 def test_builtin_rules_match_the_classes(name: str) -> None:
     rules, sae_class = sae_config.BUILTIN_ARCHITECTURES[name], lookup_architecture(name)
     assert rules.defaults == sae_class.config_defaults
-    for k, l1 in itertools.product((None, -1, 0, 4, 64, 65), (None, -1.0, 0.0, 0.5)):
+    knobs = itertools.product((None, -1, 0, 4, 64, 65), (None, -1.0, 0.0, 0.5), (None, 0.0, 2.0))
+    for k, l1, l0 in knobs:
         config = sae_config.SAEConfig.model_construct(
-            architecture=name, d_in=8, n_latents=64, k=k, l1_coefficient=l1
+            architecture=name, d_in=8, n_latents=64, k=k, l1_coefficient=l1, l0_coefficient=l0
         )
         outcomes = []
         for check in (rules.check, sae_class.check_config):
@@ -26,7 +27,7 @@ def test_builtin_rules_match_the_classes(name: str) -> None:
                 outcomes.append(None)
             except ValueError as error:
                 outcomes.append(str(error))
-        assert outcomes[0] == outcomes[1], (name, k, l1)
+        assert outcomes[0] == outcomes[1], (name, k, l1, l0)
 
 
 def test_unknown_architecture_reads_the_same_with_and_without_the_engine() -> None:
