@@ -130,6 +130,11 @@ def test_per_latent_jumprelu_thresholds_import_as_jumprelu():
     expected = hidden_pre.relu() * (hidden_pre > weights["threshold"])
     assert 0 < int((expected > 0).sum()) < expected.numel()  # the thresholds do cut
     torch.testing.assert_close(_dense(sae, X), expected, rtol=1e-5, atol=1e-6)
+    # An older SAELens training checkpoint stores log(threshold) instead.
+    logged = {k: v for k, v in weights.items() if k != "threshold"} | {
+        "log_threshold": weights["threshold"].log()
+    }
+    torch.testing.assert_close(_dense(_read(_cfg("jumprelu"), logged), X), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_imports_record_only_what_the_file_says():

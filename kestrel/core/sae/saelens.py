@@ -193,12 +193,12 @@ def saelens_from_bytes(
     d_model, d_sae = _saelens_shape(safetensors_header(weights), architecture)
     _check_claimed_shape(cfg, d_model, d_sae)
     check_sae_size(d_model, d_sae, caps or Caps())
-    tensors = _load_tensors(weights)
-    _check_finite(tensors)
-    ours = _kestrel_weights(cfg, tensors, architecture, scale=scale, rescale=rescale)
     config = _config(cfg, architecture, d_model, d_sae, scale=scale, rescale=rescale)
     if d_in is not None:
         config.validate_against(d_in)
+    tensors = _load_tensors(weights)
+    _check_finite(tensors)
+    ours = _kestrel_weights(cfg, tensors, architecture, scale=scale, rescale=rescale)
     if config.architecture == "batchtopk":
         ours["threshold"] = ours["threshold"].reshape(-1)[0].to(torch.float32)
     return _build(config, ours, device, source=SAELENS_WEIGHTS_FILE)
@@ -403,10 +403,11 @@ def _kestrel_weights(
 ) -> dict[str, Tensor]:
     """Kestrel's tensors for the function SAELens computes, in SAELens's order of folds.
 
-    Work in float64 so the folds add no rounding of their own beyond the final cast.
+    In float32, as SAELens folds (a float32 file's weights are used as they are: no copy in a
+    wider type, whose size an SAE near the caps could not afford).
     """
-    w_enc = tensors["W_enc"].double()  # [d_in, d_sae]
-    b_enc, w_dec, b_dec = (tensors[name].double() for name in ("b_enc", "W_dec", "b_dec"))
+    w_enc = tensors["W_enc"].float()  # [d_in, d_sae]
+    b_enc, w_dec, b_dec = (tensors[name].float() for name in ("b_enc", "W_dec", "b_dec"))
     if "scaling_factor" in tensors and not bool((tensors["scaling_factor"] == 1).all()):
         raise InvalidInputError(
             "the weights hold a finetuning scaling_factor other than 1, which Kestrel does not read"
@@ -422,9 +423,9 @@ def _kestrel_weights(
     if architecture in ("jumprelu", "batchtopk"):
         threshold = tensors.get("threshold")
         ours["threshold"] = (
-            threshold.double() if threshold is not None else tensors["log_threshold"].double().exp()
+            threshold.float() if threshold is not None else tensors["log_threshold"].float().exp()
         )
-    return {name: tensor.float() for name, tensor in ours.items()}
+    return ours
 
 
 def _config(
