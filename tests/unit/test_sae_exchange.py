@@ -166,6 +166,8 @@ def test_pre_6_configs_are_read_as_sae_lens_converts_them():
     assert sae.config.layer == "blocks.1.hook_resid_pre"
     with pytest.raises(InvalidInputError, match="activation_fn 'tanh-relu' is not supported"):
         _read({**cfg, "activation_fn_str": "tanh-relu"}, _saelens_weights())
+    with pytest.raises(InvalidInputError, match=r"gives no activation_fn_kwargs\.k"):
+        _read({**cfg, "activation_fn_kwargs": {}}, _saelens_weights())  # SAELens would run a ReLU
 
 
 @pytest.mark.parametrize(

@@ -233,6 +233,8 @@ def _as_6x(cfg: dict[str, Any]) -> dict[str, Any]:
         raise InvalidInputError("cfg.json's activation_fn_kwargs must be an object")
     if activation == "topk" and kwargs.get("k") is not None:
         renamed["architecture"], renamed["k"] = "topk", kwargs["k"]
+    elif activation == "topk":
+        raise InvalidInputError("cfg.json names a topk activation but gives no activation_fn_kwargs.k")
     elif activation not in ("relu", None):
         raise InvalidInputError(
             f"SAELens activation_fn {activation!r} is not supported (Kestrel reads relu and topk)",
