@@ -31,11 +31,12 @@ $(DEV_STAMP): $(STAMP)
 	$(PIP) -e ".[dev]"
 	touch $(DEV_STAMP)
 
-# sae-lens for tests/unit/test_saelens_roundtrip.py, in its own venv (it pins transformer-lens and
-# friends): .venv's packages are visible to it through a .pth file, so its torch is reused, and a
-# constraints file keeps pip from replacing what .venv has. Not part of `make test`.
+# sae-lens (and EleutherAI's sparsify) for tests/unit/test_saelens_roundtrip.py, in their own venv
+# (sae-lens pins transformer-lens and friends): .venv's packages are visible to it through a .pth
+# file, so its torch is reused, and a constraints file keeps pip from replacing what .venv has.
+# Not part of `make test`.
 SAELENS_VENV ?= .venv-saelens
-SAELENS_SPEC ?= sae-lens==6.54.12
+SAELENS_SPEC ?= sae-lens==6.54.12 eai-sparsify==1.3.3
 saelens-venv: $(SAELENS_VENV)/.installed
 
 $(SAELENS_VENV)/.installed: $(STAMP)
@@ -45,7 +46,7 @@ $(SAELENS_VENV)/.installed: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|tokenizers|safetensors|numpy)==' \
 	  > $(SAELENS_VENV)/constraints.txt
 	$(SAELENS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-	  -c $(SAELENS_VENV)/constraints.txt "$(SAELENS_SPEC)"
+	  -c $(SAELENS_VENV)/constraints.txt $(SAELENS_SPEC)
 	$(SAELENS_VENV)/bin/python -c "import sae_lens, torch; print('sae-lens', sae_lens.__version__, 'torch', torch.__version__, 'from', torch.__file__)"
 	touch $@
 

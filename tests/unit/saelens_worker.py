@@ -13,6 +13,10 @@ Kestrel exported. This script
 
 and writes every encoding to ``encoded.safetensors`` (keys ``kestrel/<name>``, ``saelens/<name>``)
 and what it loaded to ``loaded.json`` (architecture, metadata, the version sae-lens reports).
+
+When EleutherAI's sparsify is installed too, it does the same for ``kestrel_sparsify/<name>``
+(``SparseCoder.load_from_disk``) and a ``SparseCoder`` it builds and saves under
+``sparsify/topk`` (keys ``kestrel_sparsify/<name>``, ``sparsify/topk``).
 """
 
 from __future__ import annotations
@@ -109,8 +113,37 @@ def main(workdir: Path) -> None:
         with torch.no_grad():
             encoded[f"saelens/{name}"] = reference.encode(x).contiguous()
             encoded[f"saelens/{name}/decoded"] = reference(x).contiguous()
+    loaded["sparsify_version"] = _sparsify(workdir, x, encoded)
     save_file(encoded, workdir / "encoded.safetensors")
     (workdir / "loaded.json").write_text(json.dumps(loaded, indent=2))
+
+
+def _sparsify(workdir: Path, x: torch.Tensor, encoded: dict[str, torch.Tensor]) -> str | None:
+    """The sparsify legs, when the package is there; its version (None when it is not)."""
+    try:
+        from importlib.metadata import version
+
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+
+    def dense(coder: SparseCoder) -> torch.Tensor:
+        with torch.no_grad():
+            out = coder.encode(x)
+        return torch.zeros(x.shape[0], coder.num_latents).scatter(-1, out.top_indices, out.top_acts)
+
+    for path in sorted((workdir / "kestrel_sparsify").iterdir()):
+        encoded[f"kestrel_sparsify/{path.name}"] = dense(SparseCoder.load_from_disk(path))
+    coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=5))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        coder.encoder.weight.copy_(torch.randn(D_SAE, D_IN, generator=g) / D_IN**0.5)
+        coder.encoder.bias.copy_(torch.randn(D_SAE, generator=g) * 0.2)
+        coder.W_dec.copy_(torch.randn(D_SAE, D_IN, generator=g))
+        coder.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.3)
+    coder.save_to_disk(workdir / "sparsify" / "topk")
+    encoded["sparsify/topk"] = dense(coder)
+    return version("eai-sparsify")
 
 
 def _jsonable(value) -> bool:

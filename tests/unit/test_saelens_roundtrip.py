@@ -29,6 +29,7 @@ from kestrel.core.catalog import cache_complete, cache_dir
 from kestrel.core.sae import SAE, SAEConfig, create
 from kestrel.core.sae.exchange import files_from_directory, model_metadata, sae_from_files
 from kestrel.core.sae.saelens import export_saelens, import_saelens
+from kestrel.core.sae.sparsify import sparsify_files
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("saelens_worker.py")
@@ -72,6 +73,12 @@ def _kestrel_sae(architecture: str, seed: int) -> SAE:
     return sae.eval()
 
 
+def _write(directory: Path, files: dict[str, bytes]) -> None:
+    directory.mkdir(parents=True)
+    for name, payload in files.items():
+        (directory / name).write_bytes(payload)
+
+
 def _dense(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         enc = sae.encode(x)
@@ -102,6 +109,8 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory, model_cache_root: Path) 
         sae = _kestrel_sae(architecture, seed)
         metadata = model_metadata(sae.config.model, model_cache_root)
         export_saelens(sae, workdir / "kestrel" / architecture, metadata=metadata)
+        if architecture == "topk":  # the one architecture sparsify runs
+            _write(workdir / "kestrel_sparsify" / architecture, sparsify_files(sae))
         save_file({"encoded": _dense(sae, x)}, workdir / f"kestrel-{architecture}.safetensors")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # sae-lens's side stands alone
     done = subprocess.run(
@@ -190,3 +199,27 @@ def test_the_same_files_import_through_the_generic_reader(roundtrip):
     assert layout == "saelens"
     encoded = load_file(workdir / "encoded.safetensors")
     _assert_encodes_alike(_dense(sae, x), encoded["saelens/topk_expected_average"], "generic reader")
+
+
+def _require_sparsify(workdir: Path) -> None:
+    if json.loads((workdir / "loaded.json").read_text())["sparsify_version"] is None:
+        pytest.skip(
+            "eai-sparsify is not installed in the sae-lens virtualenv (make saelens-venv installs it)"
+        )
+
+
+def test_kestrel_topk_exports_load_in_sparsify_and_encode_alike(roundtrip):
+    workdir, _ = roundtrip
+    _require_sparsify(workdir)
+    encoded = load_file(workdir / "encoded.safetensors")
+    ours = load_file(workdir / "kestrel-topk.safetensors")["encoded"]
+    _assert_encodes_alike(ours, encoded["kestrel_sparsify/topk"], "sparsify topk")
+
+
+def test_sparsify_saes_import_and_encode_alike(roundtrip):
+    workdir, x = roundtrip
+    _require_sparsify(workdir)
+    sae, layout = sae_from_files(files_from_directory(workdir / "sparsify" / "topk"))
+    assert layout == "sparsify" and sae.config.k == 5 and sae.config.architecture == "topk"
+    encoded = load_file(workdir / "encoded.safetensors")
+    _assert_encodes_alike(_dense(sae, x), encoded["sparsify/topk"], "sparsify import")
