@@ -110,7 +110,7 @@ def download_sae(
     return Response(data, media_type="application/zip", headers=headers)
 
 
-@router.post("/import", response_model=SAESummary, status_code=201, responses=error_responses(409, 413))
+@router.post("/import", response_model=SAESummary, status_code=201, responses=error_responses(413))
 async def import_saelens_sae(  # the operation id SDKs know it by (it predates other layouts)
     settings: SettingsDep,
     store: StoreDep,
