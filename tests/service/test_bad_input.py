@@ -8,9 +8,11 @@ the shared stack's real interactive worker.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,98 @@ def test_encode_of_an_imported_sae_without_a_model_is_a_422(http) -> None:
     assert "does not record the model and layer it reads" in error["message"]
     assert error["details"] == {"sae_id": sae_id, "missing": ["model", "layer"]}
     assert_nothing_queued(http)
+
+
+def zipped(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, payload in files.items():
+            archive.writestr(name, payload)
+    return buffer.getvalue()
+
+
+def import_zip(http, data: bytes, **form: str):
+    return http.post("/v1/saes/import", files={"archive": ("sae.zip", data, "application/zip")}, data=form)
+
+
+def test_a_zip_imports_and_downloads_import_back_in_every_layout(http) -> None:
+    cfg, weights = saelens_files()
+    imported = import_zip(http, zipped({"my-sae/cfg.json": cfg, "my-sae/sae_weights.safetensors": weights}))
+    assert imported.status_code == 201, imported.text
+    first = imported.json()
+    assert first["imported_from"] == "saelens" and first["config"]["k"] == 4
+    assert first["config"]["l1_coefficient"] is None and first["config"]["normalize_input"] is None
+    for fmt in ("kestrel", "saelens", "sparsify"):
+        download = http.get(f"/v1/saes/{first['id']}/download", params={"format": fmt})
+        assert download.status_code == 200, download.text
+        again = import_zip(http, download.content)
+        assert again.status_code == 201, (fmt, again.text)
+        assert again.json()["imported_from"] == fmt and again.json()["config"]["n_latents"] == N_LATENTS
+    assert http.get("/v1/saes").json()["total"] == 4
+
+
+def test_expected_average_only_in_imports_with_its_scaling_factor(http) -> None:
+    cfg, weights = saelens_files(normalize_activations="expected_average_only_in")
+    error = assert_error(import_sae(http, cfg, weights), 422, "invalid_input")
+    assert (
+        "give its norm_scaling_factor" in error["message"]
+        and error["details"]["missing"] == "norm_scaling_factor"
+    )
+    for bad in ("0", "-1", "nan", "inf"):
+        assert_error(import_sae(http, cfg, weights, norm_scaling_factor=bad), 422)
+    assert tree(http, "saes") == []
+    imported = import_sae(http, cfg, weights, norm_scaling_factor="0.5")
+    assert imported.status_code == 201, imported.text
+    assert (
+        imported.json()["config"]["input_scale"] == 0.5
+        and imported.json()["config"]["normalize_input"] is True
+    )
+    scaler = json.dumps({"scaling_factor": 0.5, "has_whitening": False}).encode()
+    from_zip = import_zip(
+        http, zipped({"cfg.json": cfg, "sae_weights.safetensors": weights, "activation_scaler.json": scaler})
+    )
+    assert from_zip.status_code == 201 and from_zip.json()["config"]["input_scale"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("send", "message"),
+    [
+        (lambda http: import_zip(http, b"not a zip"), "not a zip file"),
+        (lambda http: import_zip(http, zipped({"cfg.json": b"{}"})), "cannot tell the SAE's layout"),
+        (
+            lambda http: import_zip(http, zipped({"a/cfg.json": b"{}", "b/sae_weights.safetensors": b""})),
+            "all in one folder",
+        ),
+        (
+            lambda http: http.post(
+                "/v1/saes/import",
+                files={"archive": ("sae.zip", zipped({}), "application/zip"), "cfg": ("cfg.json", b"{}")},
+            ),
+            "not both",
+        ),
+        (lambda http: http.post("/v1/saes/import", data={"model": DEFAULT_MODEL}), "as a zip (archive) or"),
+        (
+            lambda http: import_sae(
+                http, *saelens_files(rescale_acts_by_decoder_norm=True, architecture="standard")
+            ),
+            "rescale_acts_by_decoder_norm is set on a 'standard' SAE",
+        ),
+    ],
+    ids=["not-zip", "no-layout", "two-folders", "zip-and-files", "nothing", "rescale-standard"],
+)
+def test_bad_sae_imports_say_what_is_wrong_and_store_nothing(http, send, message: str) -> None:
+    error = assert_error(send(http), 422)
+    assert message in error["message"], error
+    assert tree(http, "saes") == [] and http.get("/v1/saes").json()["total"] == 0
+
+
+def test_a_zip_bomb_costs_no_more_than_the_upload_limit(make_client) -> None:
+    http = make_client(max_upload_mb=1)
+    bomb = zipped({"cfg.json": b"{}", "sae_weights.safetensors": bytes(8 << 20)})
+    assert len(bomb) < 64 << 10
+    error = assert_error(import_zip(http, bomb), 422, "invalid_input")
+    assert "exceed 1,048,576 bytes uncompressed" in error["message"]
+    assert tree(http, "saes") == []
 
 
 # ---------------------------------------------------------------------------------------------

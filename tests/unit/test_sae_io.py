@@ -26,7 +26,7 @@ from kestrel.core.sae.metrics import StreamingFVU
 
 def _trained_looking(architecture: str, seed: int = 0, **fields) -> SAE:
     """An SAE with every tensor non-trivial (random biases, a set threshold, metadata)."""
-    if architecture != "relu_l1":
+    if architecture in ("topk", "batchtopk"):
         fields.setdefault("k", 4)
     config = SAEConfig(
         architecture=architecture,
@@ -46,6 +46,8 @@ def _trained_looking(architecture: str, seed: int = 0, **fields) -> SAE:
         sae.b_dec.copy_(torch.randn(12, generator=g))
         if architecture == "batchtopk":
             sae.threshold.fill_(0.375)
+        if architecture == "jumprelu":
+            sae.threshold.copy_(torch.rand(40, generator=g))
     return sae.eval()
 
 
@@ -56,7 +58,7 @@ def _assert_identical(a: SAE, b: SAE) -> None:
         assert torch.equal(tensor, b.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1", "jumprelu"])
 def test_saelens_export_then_import_is_exact(tmp_path: Path, architecture: str):
     sae = _trained_looking(architecture)
     export_saelens(sae, tmp_path / "lens")
@@ -72,10 +74,12 @@ def test_saelens_files_use_saelens_names_shapes_and_semantics(tmp_path: Path):
     sae = _trained_looking("topk")
     export_saelens(sae, tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["activation_fn_kwargs"] == {"k": 4}
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["rescale_acts_by_decoder_norm"] is False
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (12, 40, "float32")
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
-    assert cfg["metadata"]["hook_name"] == "model.layers.3"
+    metadata = cfg["metadata"]
+    assert metadata["hook_name"] == metadata["hf_hook_name"] == "model.layers.3"
+    assert metadata["model_class_name"] == "AutoModelForCausalLM" and metadata["sae_lens_version"] >= "6"
     weights = load_file(tmp_path / "sae_weights.safetensors")
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
         "W_enc": (12, 40),
@@ -121,26 +125,17 @@ def test_importing_a_foreign_saelens_sae(tmp_path: Path):
     with torch.no_grad():
         torch.testing.assert_close(sae(x_BD).reconstruction, expected, rtol=1e-5, atol=1e-5)
 
-    cfg["normalize_activations"] = "expected_average_only_in"
+    # What the file does not say is not invented: no L1 coefficient, no input normalisation.
+    assert sae.config.l1_coefficient is None and sae.config.normalize_input is None
+    assert sae.config.data["imported_from"] == "saelens"
+
+    cfg["normalize_activations"] = "layer_norm"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(InvalidInputError, match="normalize_activations"):
+    with pytest.raises(InvalidInputError, match="normalize_activations='layer_norm' is not supported"):
         import_saelens(tmp_path)
 
 
-def test_jumprelu_with_per_latent_thresholds_is_refused(tmp_path: Path):
-    sae = _trained_looking("batchtopk")
-    export_saelens(sae, tmp_path)
-    weights = load_file(tmp_path / "sae_weights.safetensors")
-    weights["threshold"] = torch.linspace(0.1, 1.0, 40)
-    save_file(weights, tmp_path / "sae_weights.safetensors")
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    del cfg["kestrel"]
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(InvalidInputError, match="one shared threshold"):
-        import_saelens(tmp_path)
-
-
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1", "jumprelu"])
 def test_save_then_load_is_exact_with_metrics_and_history(tmp_path: Path, architecture: str):
     sae = _trained_looking(architecture)
     target = tmp_path / "saes" / "sae-1"

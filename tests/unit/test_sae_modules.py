@@ -19,7 +19,7 @@ from kestrel.core.sae.kernels import dense_decode, gather_linear, gather_linear_
 def _sae(
     architecture: str = "topk", d_in: int = 16, n_latents: int = 64, seed: int = 0, **fields: Any
 ) -> SAE:
-    if architecture != "relu_l1":
+    if architecture in ("topk", "batchtopk"):
         fields.setdefault("k", 4)
     config = SAEConfig(architecture=architecture, d_in=d_in, n_latents=n_latents, **fields)
     sae = create(config, generator=torch.Generator().manual_seed(seed))
@@ -195,11 +195,13 @@ def test_aux_k_loss_follows_its_definition_and_reaches_only_dead_latents(n_dead:
 # -- architectures ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1", "jumprelu"])
 def test_decode_and_forward_agree_with_the_dense_twin(architecture: str):
     sae = _sae(architecture).eval()
     if architecture == "batchtopk":
         sae.threshold.fill_(0.2)
+    if architecture == "jumprelu":
+        sae.threshold.data.copy_(torch.rand(64, generator=torch.Generator().manual_seed(4)) * 0.4)
     x_BD = torch.randn(20, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = sae(x_BD)
@@ -279,11 +281,13 @@ def test_relu_l1_penalty_weights_activations_by_decoder_norm():
     torch.testing.assert_close(out.loss, mse + 3.0 * 0.5 * penalty)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1", "jumprelu"])
 def test_folding_the_input_scale_keeps_the_function(architecture: str):
     sae = _sae(architecture).eval()
     if architecture == "batchtopk":
         sae.threshold.fill_(0.1)
+    if architecture == "jumprelu":
+        sae.threshold.data.copy_(torch.rand(64, generator=torch.Generator().manual_seed(4)) * 0.4)
     x_BD = torch.randn(12, 16, generator=torch.Generator().manual_seed(8)) * 30
     scale = 0.07
     with torch.no_grad():

@@ -86,7 +86,7 @@ def test_default_training_recovers_a_known_dictionary(architecture: str, epochs:
 
 
 def _k(architecture: str, k: int) -> dict:
-    return {} if architecture == "relu_l1" else {"k": k}
+    return {"k": k} if architecture in ("topk", "batchtopk") else {}
 
 
 # -- initialisation and constraints ----------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_geometric_median_init_is_robust_to_outliers():
 # -- control: stop, checkpoints, resume ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1", "jumprelu"])
 def test_resuming_from_a_stop_reaches_the_uninterrupted_weights(tmp_path: Path, architecture: str):
     _, rows = sparse_dictionary_data(2400, n_atoms=64, d=32, active=4, seed=5)
     sae_config = SAEConfig(architecture=architecture, d_in=32, n_latents=128, **_k(architecture, 8))

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from kestrel.core.models import LoadedModel
 from kestrel.core.run_reader import heldout_mask as _heldout_mask
 from kestrel.core.run_reader import iter_batches, read_docs
 from kestrel.core.runs import RowFilter, get_manifest
+from kestrel.core.sae import exchange
 from kestrel.core.sae import io as sae_io
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.checkpoint import latest_checkpoint
@@ -283,23 +283,29 @@ def evaluate_sae(
     return metrics
 
 
-def export_sae_zip(store: Store, sae_id: str, fmt: Literal["kestrel", "saelens"]) -> bytes:
-    """The SAE's files as a zip: Kestrel's own layout, or SAELens's ``cfg.json`` + weights."""
+def export_sae_zip(store: Store, sae_id: str, fmt: Literal["kestrel", "saelens", "sparsify"]) -> bytes:
+    """The SAE's files as a zip: Kestrel's own layout, SAELens's (``cfg.json`` + weights, with
+    6.x metadata naming the model's Hugging Face id) or sparsify's (a topk SAE)."""
     sae_id = validate_id(sae_id, "sae id")
     top_level = [f.rel for f in store.list_files(KIND, sae_id) if "/" not in f.rel]
+    if fmt not in ("kestrel", *exchange.EXPORT_FORMATS):
+        raise InvalidInputError(
+            f"unknown export format {fmt!r}; use 'kestrel', 'saelens' or 'sparsify'",
+            details={"format": fmt, "supported": ["kestrel", *exchange.EXPORT_FORMATS]},
+        )
     directory = store.local_dir(KIND, sae_id, top_level)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         if fmt == "kestrel":
             for rel in top_level:
                 archive.write(directory / rel, rel)
-        elif fmt == "saelens":
-            with tempfile.TemporaryDirectory() as tmp:
-                out = sae_io.export_saelens(sae_io.load_sae(directory), Path(tmp) / "sae")
-                for path in sorted(out.iterdir()):
-                    archive.write(path, path.name)
         else:
-            raise InvalidInputError(f"unknown export format {fmt!r}; use 'kestrel' or 'saelens'")
+            sae = sae_io.load_sae(directory)
+            metadata = (
+                exchange.model_metadata(sae.config.model, store.local_root) if fmt == "saelens" else None
+            )
+            for name, payload in exchange.export_files(sae, fmt, metadata=metadata).items():
+                archive.writestr(name, payload)
     return buffer.getvalue()
 
 
@@ -312,16 +318,41 @@ def import_saelens(
     model: str | None = None,
     layer: str | None = None,
     caps: Caps | None = None,
+    norm_scaling_factor: float | None = None,
 ) -> SAEManifest:
-    """Publish an SAE from SAELens files (``cfg.json`` + ``sae_weights.safetensors``).
+    """Publish an SAE from SAELens files (``cfg.json`` + ``sae_weights.safetensors``)."""
+    files = {sae_io.SAELENS_CONFIG_FILE: cfg_json, sae_io.SAELENS_WEIGHTS_FILE: weights}
+    return import_sae_files(
+        store,
+        files,
+        sae_id=sae_id,
+        model=model,
+        layer=layer,
+        caps=caps,
+        norm_scaling_factor=norm_scaling_factor,
+    )
 
-    Everything is checked (shapes from the header against cfg.json and ``caps``, finite weights)
-    before the store is touched: a bad file publishes nothing.
+
+def import_sae_files(
+    store: Store,
+    files: dict[str, bytes],
+    *,
+    sae_id: str | None = None,
+    model: str | None = None,
+    layer: str | None = None,
+    caps: Caps | None = None,
+    norm_scaling_factor: float | None = None,
+) -> SAEManifest:
+    """Publish an SAE from a file set in any layout `exchange.detect_layout` knows.
+
+    Everything is checked (layout, shapes from the header against the config and ``caps``,
+    finite weights, what the config means) before the store is touched: a bad file publishes
+    nothing, and the store's writer publishes in one rename, so a crash leaves nothing visible.
     """
     sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
-    sae = sae_io.saelens_from_bytes(cfg_json, weights, caps=caps)
+    sae, layout = exchange.sae_from_files(files, caps=caps, norm_scaling_factor=norm_scaling_factor)
     updates = {key: value for key, value in (("model", model), ("layer", layer)) if value}
     if updates:
         sae.config = sae.config.model_copy(update=updates)
@@ -334,6 +365,7 @@ def import_saelens(
         layer=sae.config.layer,
         config=sae.config.model_dump(mode="json"),
         metrics={},
+        imported_from=layout,
     )
     with store.writer(KIND, sae_id) as writer:
         sae_io.save_sae(sae, writer.directory, metrics={})

@@ -40,21 +40,30 @@ DEFAULT_CHECKPOINT_EVERY_S = 60.0
 class SAEConfig(EngineConfig):
     """What the autoencoder is: shape, sparsity mechanism and where its training data came from.
 
-    `k` applies to the k-sparse architectures (topk, batchtopk) and `l1_coefficient` to relu_l1;
-    each architecture fills its own default and rejects the other's field, so a saved config never
-    carries a knob that had no effect.
+    `k` applies to the k-sparse architectures (topk, batchtopk), `l1_coefficient` to relu_l1 and
+    `l0_coefficient` to jumprelu; each architecture fills its own default and rejects the others'
+    fields, so a saved config never carries a knob that had no effect.
+
+    An imported SAE (``data.imported_from`` set) records only what its files say: no default is
+    filled in for a training knob (`l1_coefficient`, `l0_coefficient`) or `normalize_input`, which
+    stay None when the file does not give them. `k` is never optional where it applies: it is
+    part of how a k-sparse SAE encodes.
     """
 
-    architecture: str = Field("topk", description="topk, batchtopk or relu_l1")
+    architecture: str = Field("topk", description="topk, batchtopk, relu_l1 or jumprelu")
     d_in: int = Field(gt=0, description="width of the activations the SAE reads")
     n_latents: int = Field(gt=0, description="dictionary size")
     k: int | None = Field(default=None, description="active latents per row (topk) or on average (batchtopk)")
     l1_coefficient: float | None = Field(default=None, description="sparsity penalty weight (relu_l1)")
-    normalize_input: bool = Field(
+    l0_coefficient: float | None = Field(
+        default=None, description="weight of the L0 penalty on active latents per row (jumprelu)"
+    )
+    normalize_input: bool | None = Field(
         default=True,
         description=(
             "train on inputs scaled so their mean norm is sqrt(d_in), which makes the default learning "
-            "rate and L1 coefficient work across layers; the factor is folded into the saved weights"
+            "rate and L1 coefficient work across layers; the factor is folded into the saved weights "
+            "(None on an imported SAE whose files do not say)"
         ),
     )
     input_scale: float | None = Field(
@@ -75,6 +84,8 @@ class SAEConfig(EngineConfig):
             return values
         rules = architecture_rules(values.get("architecture", "topk"))
         filled = dict(values)
+        if is_imported(filled):
+            return filled  # record only what the files said (`check` still requires k)
         for key, default in rules.defaults.items():
             if filled.get(key) is None:
                 filled[key] = default
@@ -94,6 +105,12 @@ class SAEConfig(EngineConfig):
             )
 
 
+def is_imported(values: dict[str, Any]) -> bool:
+    """Whether raw config values describe an SAE imported from files (``data.imported_from``)."""
+    data = values.get("data")
+    return isinstance(data, dict) and bool(data.get("imported_from"))
+
+
 # ---------------------------------------------------------------------------------------------
 # What each architecture accepts, without importing it (torch)
 
@@ -107,7 +124,7 @@ class ArchitectureRules:
 
 
 #: The sparsity knobs; an architecture accepts those in its defaults and rejects the others.
-SPARSITY_KNOBS = ("k", "l1_coefficient")
+SPARSITY_KNOBS = ("k", "l1_coefficient", "l0_coefficient")
 
 
 def check_knobs(architecture: str, defaults: dict[str, Any], config: SAEConfig) -> None:
@@ -126,8 +143,19 @@ def check_k(config: SAEConfig) -> None:
 
 
 def check_l1_coefficient(config: SAEConfig) -> None:
-    if config.l1_coefficient is None or config.l1_coefficient <= 0:
+    """Positive; None only on an imported SAE (a training config has its default filled in)."""
+    if config.l1_coefficient is None and not is_imported({"data": config.data}):
+        raise ValueError("l1_coefficient must be positive, got None")
+    if config.l1_coefficient is not None and not config.l1_coefficient > 0:
         raise ValueError(f"l1_coefficient must be positive, got {config.l1_coefficient}")
+
+
+def check_l0_coefficient(config: SAEConfig) -> None:
+    """Positive; None only on an imported SAE (as `check_l1_coefficient`)."""
+    if config.l0_coefficient is None and not is_imported({"data": config.data}):
+        raise ValueError("l0_coefficient must be positive, got None")
+    if config.l0_coefficient is not None and not config.l0_coefficient > 0:
+        raise ValueError(f"l0_coefficient must be positive, got {config.l0_coefficient}")
 
 
 def _builtin(name: str, defaults: dict[str, Any], check: Callable[[SAEConfig], None]) -> ArchitectureRules:
@@ -144,6 +172,9 @@ BUILTIN_ARCHITECTURES: dict[str, ArchitectureRules] = {
     "topk": _builtin("topk", {"k": 32}, check_k),
     "batchtopk": _builtin("batchtopk", {"k": 32}, check_k),
     "relu_l1": _builtin("relu_l1", {"l1_coefficient": 2.0}, check_l1_coefficient),
+    # SAELens's default l0_coefficient, on the same loss scale (summed squared error per row of
+    # inputs normalised to mean norm sqrt(d_in)).
+    "jumprelu": _builtin("jumprelu", {"l0_coefficient": 1.0}, check_l0_coefficient),
 }
 
 
@@ -211,7 +242,9 @@ class TrainConfig(EngineConfig):
         ),
     )
     l1_warmup_steps: int | None = Field(
-        default=None, ge=0, description="relu_l1: the L1 weight ramps up linearly; default 5% of steps"
+        default=None,
+        ge=0,
+        description="relu_l1 (L1), jumprelu (L0): the penalty weight ramps up linearly; default 5% of steps",
     )
     grad_clip: float | None = Field(default=1.0, gt=0, description="max global gradient norm (None: off)")
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -1,4 +1,5 @@
-"""SAEs: train (202 + job), list, read, delete, download, import SAELens, evaluate, encode."""
+"""SAEs: train (202 + job), list, read, delete, download, import (SAELens, sparsify, Kestrel), evaluate,
+encode."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from kestrel.core import uploads
 from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.limits import Caps
 from kestrel.core.sae import records
+from kestrel.core.sae.filesets import LAYOUTS, files_from_zip
 from kestrel.core.store import new_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -20,6 +22,7 @@ from kestrel.schemas import (
     JobInfo,
     SAEFormat,
     SAEHistory,
+    SAEImportFormat,
     SAEManifest,
     SAEPage,
     TrainRequest,
@@ -104,9 +107,10 @@ def delete_sae(sae_id: SaeId, store: StoreDep) -> DeletedResponse:
 def download_sae(
     sae_id: SaeId,
     store: StoreDep,
-    format: Annotated[SAEFormat, Query(description="kestrel or saelens file layout")] = "kestrel",
+    format: Annotated[SAEFormat, Query(description="kestrel, saelens or sparsify file layout")] = "kestrel",
 ) -> Response:
-    """A zip of the SAE's files, in Kestrel's layout or SAELens's (cfg.json + sae_weights.safetensors)."""
+    """A zip of the SAE's files, in Kestrel's layout, SAELens's (cfg.json + sae_weights.safetensors,
+    6.x metadata naming the model's Hugging Face id) or sparsify's (cfg.json + sae.safetensors)."""
     data = _artifacts().export_sae_zip(store, sae_id, format)
     headers = {"Content-Disposition": f'attachment; filename="{sae_id}-{format}.zip"'}
     return Response(data, media_type="application/zip", headers=headers)
@@ -119,36 +123,80 @@ def download_sae(
     status_code=201,
     responses=error_responses(413),
 )
-async def import_saelens_sae(
+async def import_saelens_sae(  # the operation id SDKs know it by (it predates other layouts)
     settings: SettingsDep,
     store: StoreDep,
-    cfg: Annotated[UploadFile, File(description="SAELens cfg.json")],
-    weights: Annotated[UploadFile, File(description="SAELens sae_weights.safetensors")],
-    model: Annotated[str | None, Form(description="model it reads, if cfg.json does not say")] = None,
+    archive: Annotated[
+        UploadFile | None,
+        File(
+            description="a zip of the SAE's files, whose names say the layout: Kestrel's own download "
+            "(config.json + weights.safetensors), SAELens's (cfg.json + sae_weights.safetensors, with "
+            "activation_scaler.json if it has one) or sparsify's (cfg.json + sae.safetensors)"
+        ),
+    ] = None,
+    cfg: Annotated[UploadFile | None, File(description="the config file, instead of a zip")] = None,
+    weights: Annotated[UploadFile | None, File(description="the .safetensors weights, with cfg")] = None,
+    format: Annotated[SAEImportFormat, Form(description="layout of cfg + weights")] = "saelens",
+    model: Annotated[str | None, Form(description="model it reads, if the config does not say")] = None,
     layer: Annotated[str | None, Form(description="layer (module path) it reads")] = None,
+    norm_scaling_factor: Annotated[
+        float | None,
+        Form(
+            gt=0,
+            allow_inf_nan=False,
+            description="SAELens normalize_activations='expected_average_only_in': the factor the SAE's "
+            "inputs were scaled by (folded into the weights); read from activation_scaler.json when the "
+            "zip has one",
+        ),
+    ] = None,
 ) -> SAEManifest:
-    """Import an SAE saved by SAELens; it gets a new id and is listed like a trained one."""
+    """Import an SAE saved by SAELens, sparsify or another Kestrel; it gets a new id and is listed
+    like a trained one. What its files mean is folded into the weights, or the import is refused
+    (422) saying what Kestrel cannot reproduce; nothing is stored unless everything checks out."""
     if model is not None:
         services.require_allowed_model(model, settings)
-    cfg_bytes = await _read_limited(cfg, MAX_CFG_BYTES, "cfg.json", settings)
-    weight_bytes = await _read_limited(weights, settings.max_upload_bytes, "weights", settings)
-    _check_weights(weights.filename or "", weight_bytes)
+    files = await _import_files(archive, cfg, weights, format, settings)
     try:
         summary = await asyncio.to_thread(
-            _artifacts().import_saelens,
+            _artifacts().import_sae_files,
             store,
-            cfg_bytes,
-            weight_bytes,
+            files,
             sae_id=new_id("sae"),
             model=model,
             layer=layer,
             caps=Caps.of(settings),
+            norm_scaling_factor=norm_scaling_factor,
         )
     except KestrelError:
         raise
     except Exception as exc:  # client files that parse but do not make an SAE: the client's 422
-        raise InvalidInputError(f"could not import the SAELens files: {type(exc).__name__}: {exc}") from exc
+        raise InvalidInputError(f"could not import the SAE's files: {type(exc).__name__}: {exc}") from exc
     return summary
+
+
+async def _import_files(
+    archive: UploadFile | None,
+    cfg: UploadFile | None,
+    weights: UploadFile | None,
+    layout: str,
+    settings: Settings,
+) -> dict[str, bytes]:
+    """The file set of an import: a zip's files, or the two uploads under their layout's names."""
+    if archive is not None:
+        if cfg is not None or weights is not None:
+            raise InvalidInputError("send either a zip (archive) or cfg + weights, not both")
+        data = await _read_limited(archive, settings.max_upload_bytes, "archive", settings)
+        return await asyncio.to_thread(files_from_zip, data, max_bytes=settings.max_upload_bytes)
+    if cfg is None or weights is None:
+        raise InvalidInputError(
+            "send the SAE as a zip (archive) or as two files (cfg + weights)",
+            details={"missing": [name for name, f in (("cfg", cfg), ("weights", weights)) if f is None]},
+        )
+    cfg_bytes = await _read_limited(cfg, MAX_CFG_BYTES, "cfg.json", settings)
+    weight_bytes = await _read_limited(weights, settings.max_upload_bytes, "weights", settings)
+    _check_weights(weights.filename or "", weight_bytes)
+    config_name, weights_name = LAYOUTS[layout]  # the names the two uploads stand for
+    return {config_name: cfg_bytes, weights_name: weight_bytes}
 
 
 async def _read_limited(file: UploadFile, max_bytes: int, what: str, settings: Settings) -> bytes:
