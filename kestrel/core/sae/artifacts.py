@@ -18,6 +18,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +49,7 @@ from kestrel.core.sae.records import checkpoint_dir as _checkpoint_dir
 from kestrel.core.sae.records import delete_sae as delete_sae
 from kestrel.core.sae.records import list_saes as list_saes
 from kestrel.core.sae.records import training_history as training_history
-from kestrel.core.sae.trainer import Progress, train_sae
+from kestrel.core.sae.trainer import Progress, TrainResult, train_sae
 from kestrel.core.store import Store, new_id, validate_id
 
 HELDOUT_FRACTION = 0.1
@@ -94,7 +95,9 @@ def choose_batch_size(train_cfg: TrainConfig, train_rows: int) -> tuple[TrainCon
     ]
 
 
-def _train_data(store: Store, run_id: str, layer: str, filters: RowFilter, seed: int):
+def _train_data(
+    store: Store, run_id: str, layer: str, filters: RowFilter, seed: int, replay: StreamReplay | None = None
+):
     """``data(epoch)`` for the trainer: the same rows in the same order for the same epoch."""
 
     def data(epoch: int) -> Iterator[torch.Tensor]:
@@ -106,14 +109,33 @@ def _train_data(store: Store, run_id: str, layer: str, filters: RowFilter, seed:
             filters=filters,
             split="train",
             heldout_fraction=HELDOUT_FRACTION,
-            shuffle_buffer=SHUFFLE_BUFFER_ROWS,
+            shuffle_buffer=SHUFFLE_BUFFER_ROWS if replay is None else replay.shuffle_buffer,
             seed=seed * 1000 + epoch,
+            shuffle_shards=replay is None,
+            norm_median=None if replay is None else replay.norm_median,
         )
 
     return data
 
 
-def _heldout_data(store: Store, run_id: str, layer: str, filters: RowFilter | None, split: str):
+@dataclass(frozen=True)
+class StreamReplay:
+    """Read a run the way the stream trainer that spilled it saw its rows (`kestrel.core.sae.
+    stream`): shards in stored order, the norm filter against the stream's calibration median
+    (an SAE's ``config.data["norm_median"]``). Same seed and configs: same weights."""
+
+    norm_median: float | None
+    shuffle_buffer: int = SHUFFLE_BUFFER_ROWS
+
+
+def _heldout_data(
+    store: Store,
+    run_id: str,
+    layer: str,
+    filters: RowFilter | None,
+    split: str,
+    norm_median: float | None = None,
+):
     def data() -> Iterator[torch.Tensor]:
         return iter_batches(
             store,
@@ -123,6 +145,7 @@ def _heldout_data(store: Store, run_id: str, layer: str, filters: RowFilter | No
             filters=filters,
             split=split,  # type: ignore[arg-type]
             heldout_fraction=HELDOUT_FRACTION,
+            norm_median=norm_median,
         )
 
     return data
@@ -189,14 +212,20 @@ def train_from_run(
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    replay: StreamReplay | None = None,
 ) -> dict[str, Any]:
     """Train an SAE on ``layer`` of a stored run; publish it, or keep a checkpoint if stopped.
 
     An unset ``batch_size`` is chosen from the run's size (`choose_batch_size`); its warnings go
-    to ``on_warning`` before training starts and into the summary (``warnings``).
+    to ``on_warning`` before training starts and into the summary (``warnings``). ``replay``
+    reads a spilled run in the order its stream trainer saw it.
     """
     filters = filters or RowFilter.recommended()
     sae_cfg, train_cfg, manifest = prepare_training(store, run_id, layer, sae_config, train_config, filters)
+    if replay is not None:
+        data = {**sae_cfg.data, "order": "stream", "norm_median": replay.norm_median}
+        data["shuffle_buffer"] = replay.shuffle_buffer
+        sae_cfg = sae_cfg.model_copy(update={"data": data})
     sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
@@ -219,12 +248,12 @@ def train_from_run(
     result = train_sae(
         sae_cfg,
         train_cfg,
-        _train_data(store, run_id, layer, filters, train_cfg.seed),
+        _train_data(store, run_id, layer, filters, train_cfg.seed, replay),
         on_progress=on_progress,
         should_stop=should_stop,
         checkpoint_dir=checkpoints,
         resume_from=resume_from,
-        eval_data=_heldout_data(store, run_id, layer, filters, "heldout"),
+        eval_data=_heldout_data(store, run_id, layer, filters, "heldout", replay and replay.norm_median),
     )
     if result.stopped:
         return {
@@ -260,8 +289,15 @@ def train_from_run(
         "train_seconds": round(time.perf_counter() - started, 2),
         "warnings": warnings,
     }
+    return publish_sae(store, sae_id, result, summary)
+
+
+def publish_sae(store: Store, sae_id: str, result: TrainResult, summary: dict[str, Any]) -> dict[str, Any]:
+    """Publish a trained SAE in one rename (weights, metrics, history, its checkpoints, the
+    summary as manifest last): it appears whole or not at all."""
+    checkpoints = _checkpoint_dir(store, sae_id)
     with store.writer(KIND, sae_id) as writer:
-        sae_io.save_sae(result.sae, writer.directory, metrics=metrics, history=result.history)
+        sae_io.save_sae(result.sae, writer.directory, metrics=summary["metrics"], history=result.history)
         if checkpoints.is_dir():
             os.rename(checkpoints, writer.directory / "checkpoints")
         writer.commit(summary)
