@@ -91,7 +91,12 @@ def main() -> None:
         "docs": len(texts),
         "tokens": tokens,
         "threads": torch.get_num_threads(),
-        "sae": {"architecture": "topk", "n_latents": args.latents, "k": args.k, "batch_size": args.batch_size},
+        "sae": {
+            "architecture": "topk",
+            "n_latents": args.latents,
+            "k": args.k,
+            "batch_size": args.batch_size,
+        },
         "forward_tokens_per_s": round(forward, 1),
         "forward_runs_tokens_per_s": [round(before, 1), round(after, 1)],
         "stream_tokens_per_s": round(stream, 1),

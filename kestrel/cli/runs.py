@@ -116,21 +116,9 @@ def capture(
 ) -> None:
     """Capture layers over a dataset into a new activation run."""
     from kestrel.core.activations import capture as run_capture
-    from kestrel.core.datasets import FileSource, HFSource, TextsSource
-    from kestrel.core.errors import InvalidInputError
     from kestrel.core.models import load_model
 
-    sources = [s for s in (text, file, hf) if s]
-    if len(sources) != 1:
-        raise InvalidInputError("give exactly one dataset: --text (repeatable), --file or --hf")
-    if text:
-        spec: Any = TextsSource(texts=text, limit=limit)
-    elif file is not None:
-        spec = FileSource(
-            path=str(file), text_field=text_field, txt_mode=check_txt_mode(txt_mode), limit=limit
-        )
-    else:
-        spec = HFSource(name=hf, config=hf_config, split=split, text_field=text_field, limit=limit)
+    spec = dataset_spec(text, file, text_field, txt_mode, hf, hf_config, split, limit)
     the_store = open_store(store)
     lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
     manifest = run_capture(
@@ -143,6 +131,32 @@ def capture(
         f"[green]run {m['id']}[/]: {m['n_tokens']:,} tokens from {m['n_docs']:,} documents, "
         f"{len(m['layers'])} layer(s), {len(m['shards'])} shard(s) in {m['capture_seconds']:.1f} s"
     )
+
+
+def dataset_spec(
+    text: list[str] | None,
+    file: Path | None,
+    text_field: str,
+    txt_mode: str,
+    hf: str | None,
+    hf_config: str | None,
+    split: str,
+    limit: int | None,
+) -> Any:
+    """The one dataset the --text / --file / --hf options name (capture, train-stream)."""
+    from kestrel.core.datasets import FileSource, HFSource, TextsSource
+    from kestrel.core.errors import InvalidInputError
+
+    sources = [s for s in (text, file, hf) if s]
+    if len(sources) != 1:
+        raise InvalidInputError("give exactly one dataset: --text (repeatable), --file or --hf")
+    if text:
+        return TextsSource(texts=text, limit=limit)
+    if file is not None:
+        return FileSource(
+            path=str(file), text_field=text_field, txt_mode=check_txt_mode(txt_mode), limit=limit
+        )
+    return HFSource(name=hf, config=hf_config, split=split, text_field=text_field, limit=limit)
 
 
 @runs_app.command("list")

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -103,7 +103,7 @@ def train_stream(
     filters: RowFilter | None = None,
     spill_run_id: str | None = None,
     shuffle_buffer: int = SHUFFLE_BUFFER_ROWS,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     on_progress: Callable[[str, Progress], None] | None = None,
     should_stop: Callable[[str], bool] | None = None,
     dataset_record: dict[str, Any] | None = None,
@@ -111,6 +111,8 @@ def train_stream(
     """Train every SAE in ``saes`` from one pass of ``lm`` over ``dataset``; one summary each
     (``status`` "complete" and published, or "stopped" with its checkpoint).
 
+    ``resume=True`` continues each SAE from its newest checkpoint (NotFoundError without one);
+    ``"auto"`` continues those that have one and starts the others afresh (a requeued job).
     ``shuffle_buffer`` rows are held per (layer, seed) before the first step: the stored-run
     default mixes rows of hundreds of documents."""
     if shuffle_buffer <= 0:
@@ -128,7 +130,7 @@ def train_stream(
     layers = _check_layers(lm, sorted({t.layer for t in trainees}))
     _plan(lm, spec, trainees, options, filters)  # every check that needs no forward, first
     stream = _Stream(lm, layers, trainees, options, filters, on_progress, should_stop, spill_run_id, record)
-    stream.shuffle_buffer = shuffle_buffer
+    stream.shuffle_buffer = shuffle_buffer  # one buffer per (layer, seed), made on first use
     if spill_run_id is None:
         stream.run(iter_texts(spec), None)
     else:
@@ -142,7 +144,7 @@ def train_stream(
 
 
 def _trainees(
-    lm: LoadedModel, saes: Sequence[StreamSAE | dict[str, Any]], store: Store, resume: bool
+    lm: LoadedModel, saes: Sequence[StreamSAE | dict[str, Any]], store: Store, resume: bool | Literal["auto"]
 ) -> list[_Trainee]:
     if not saes:
         raise InvalidInputError("no SAEs given; a stream job trains at least one")
@@ -180,15 +182,15 @@ def _trainees(
     return trainees
 
 
-def _resume_point(store: Store, sae_id: str, resume: bool) -> Path | None:
+def _resume_point(store: Store, sae_id: str, resume: bool | Literal["auto"]) -> Path | None:
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
     checkpoints = _checkpoint_dir(store, sae_id)
-    if not resume:
+    found = latest_checkpoint(checkpoints) if resume and checkpoints.is_dir() else None
+    if found is None and resume != True:  # noqa: E712 (False or "auto")
         if checkpoints.exists():
             shutil.rmtree(checkpoints)  # an abandoned earlier attempt under this id
         return None
-    found = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
     if found is None:
         raise NotFoundError(f"no checkpoint to resume for sae {sae_id!r}", details={"id": sae_id})
     return found
