@@ -129,8 +129,8 @@ def train_stream(
     trainees = _trainees(lm, saes, store, resume)
     layers = _check_layers(lm, sorted({t.layer for t in trainees}))
     _plan(lm, spec, trainees, options, filters)  # every check that needs no forward, first
-    stream = _Stream(lm, layers, trainees, options, filters, on_progress, should_stop, spill_run_id, record)
-    stream.shuffle_buffer = shuffle_buffer  # one buffer per (layer, seed), made on first use
+    stream = _Stream(lm, layers, trainees, options, filters, shuffle_buffer, spill_run_id, record)
+    stream.on_progress, stream.should_stop = on_progress, should_stop  # per-SAE callbacks
     if spill_run_id is None:
         stream.run(iter_texts(spec), None)
     else:
@@ -262,14 +262,14 @@ class _Stream:
         trainees: list[_Trainee],
         options: CaptureOptions,
         filters: RowFilter,
-        on_progress: Callable[[str, Progress], None] | None,
-        should_stop: Callable[[str], bool] | None,
+        shuffle_buffer: int,
         spill_run_id: str | None,
         dataset_record: dict[str, Any],
     ) -> None:
         self.lm, self.layers, self.trainees = lm, layers, trainees
-        self.options, self.filters = options, filters
-        self.on_progress, self.should_stop = on_progress, should_stop
+        self.options, self.filters, self.shuffle_buffer = options, filters, shuffle_buffer
+        self.on_progress: Callable[[str, Progress], None] | None = None
+        self.should_stop: Callable[[str], bool] | None = None
         self.spill_run_id, self.dataset_record = spill_run_id, dataset_record
         self.storage_dtype = TORCH_DTYPES[options.dtype]
         self.special = sorted(int(i) for i in lm.tokenizer.all_special_ids)
@@ -277,7 +277,6 @@ class _Stream:
         self.buffers: dict[tuple[str, int], ShuffleBuffer] = {}
         self.heldout: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         self.heldout_rows = dict.fromkeys(layers, 0)
-        self.shuffle_buffer = SHUFFLE_BUFFER_ROWS
         self.n_docs = 0
         self.started = time.perf_counter()
 
