@@ -60,8 +60,8 @@ def forward_tokens_per_s(lm: LoadedModel, texts: list[str], options: CaptureOpti
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--docs", type=int, default=5000)
-    parser.add_argument("--latents", type=int, default=2304)
+    parser.add_argument("--docs", type=int, default=3000)
+    parser.add_argument("--latents", type=int, default=1152)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=512)
     args = parser.parse_args()
