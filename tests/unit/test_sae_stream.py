@@ -136,3 +136,43 @@ def test_bad_requests_fail_before_any_forward(tiny_lm, store, saes, kwargs, erro
             train_stream(tiny_lm, TEXTS, saes, store, **kwargs)
     finally:
         tiny_lm.model.forward = forward
+
+
+def test_one_sae_stops_the_others_finish_and_auto_resume_completes_it(tiny_lm, store) -> None:
+    """A requeued job's rerun: the stopped SAE continues from its checkpoint, a missing one starts."""
+    saes = _saes("p")[:2]
+    stopped_id = saes[0]["sae_id"]
+    calls = {"n": 0}
+
+    def stop_the_first(sae_id: str) -> bool:
+        calls["n"] += sae_id == stopped_id
+        return sae_id == stopped_id and calls["n"] > 3
+
+    first = train_stream(
+        tiny_lm,
+        TEXTS,
+        saes,
+        store,
+        options=OPTIONS,
+        spill_run_id="partial",
+        shuffle_buffer=BUFFER,
+        should_stop=stop_the_first,
+    )
+    assert [s["status"] for s in first] == ["stopped", "complete"] and first[0]["step"] == 3
+    assert store.exists("activations", "partial")  # the pass ran to the end for the other SAE
+    fresh_id = "p-new"
+    again = train_stream(
+        tiny_lm,
+        TEXTS,
+        [saes[0], {**saes[1], "sae_id": fresh_id}],
+        store,
+        options=OPTIONS,
+        shuffle_buffer=BUFFER,
+        resume="auto",
+    )
+    assert [s["status"] for s in again] == ["complete", "complete"]
+    reference = train_stream(tiny_lm, TEXTS, _saes("q")[:1], store, options=OPTIONS, shuffle_buffer=BUFFER)
+    for name, tensor in _weights(store, stopped_id).items():
+        torch.testing.assert_close(tensor, _weights(store, reference[0]["id"])[name], msg=name)
+    for name, tensor in _weights(store, fresh_id).items():
+        torch.testing.assert_close(tensor, _weights(store, saes[1]["sae_id"])[name], msg=name)
