@@ -16,6 +16,7 @@ from kestrel.cli.common import (
     TextsOpt,
     TxtModeOpt,
     console,
+    err_console,
     friendly_errors,
     open_store,
     print_json,
@@ -183,11 +184,9 @@ def train_stream_command(
     ]
     the_store = open_store(store)
     lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
-    steps: dict[str, int] = {}
 
-    def show(sae_id: str, progress) -> None:
-        steps[sae_id] = progress.step
-        console.print(f"{sae_id} step {progress.step}/{progress.total_steps}: fvu {progress.fvu:.3f}")
+    def show(sae_id: str, progress) -> None:  # on stderr: --json keeps stdout to the summaries
+        err_console.print(f"{sae_id} step {progress.step}/{progress.total_steps}: fvu {progress.fvu:.3f}")
 
     summaries = train_stream(
         lm,
