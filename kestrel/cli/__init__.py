@@ -42,6 +42,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "kestrel.cli.saes",
         "Train an SAE on one layer of a capture run (attention-sink rows skipped).",
     ),
+    "train-stream": (
+        "kestrel.cli.saes",
+        "Train SAEs on several layers (and a sweep of k / sizes per layer) from one model pass.",
+    ),
     "eval": (
         "kestrel.cli.saes",
         "CE-loss recovered and KL with the model in the loop, on the run's held-out texts.",

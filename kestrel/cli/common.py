@@ -154,6 +154,27 @@ def dataset_spec(text: list[str] | None, file: Path | None, text_field: str, mod
     return None
 
 
+def capture_dataset(
+    text: list[str] | None,
+    file: Path | None,
+    text_field: str,
+    txt_mode: str,
+    hf: str | None,
+    hf_config: str | None,
+    split: str,
+    limit: int | None,
+) -> Any:
+    """Exactly one dataset from --text / --file / --hf (capture, train-stream)."""
+    from kestrel.core.datasets import HFSource
+    from kestrel.core.errors import InvalidInputError
+
+    if len([s for s in (text, file, hf) if s]) != 1:
+        raise InvalidInputError("give exactly one dataset: --text (repeatable), --file or --hf")
+    return dataset_spec(text, file, text_field, txt_mode, limit) or HFSource(
+        name=hf, config=hf_config, split=split, text_field=text_field, limit=limit
+    )
+
+
 def sae_model(the_store, sae_id: str, model: str | None, device: str):
     """The model an SAE reads (its own unless ``model`` names another), loaded on ``device``."""
     from kestrel.core.models import load_model

@@ -17,9 +17,9 @@ from kestrel.cli.common import (
     StoreOpt,
     TextsOpt,
     TxtModeOpt,
+    capture_dataset,
     check_storage_dtype,
     console,
-    dataset_spec,
     friendly_errors,
     open_store,
     print_json,
@@ -116,16 +116,9 @@ def capture(
 ) -> None:
     """Capture layers over a dataset into a new activation run."""
     from kestrel.core.activations import capture as run_capture
-    from kestrel.core.datasets import HFSource
-    from kestrel.core.errors import InvalidInputError
     from kestrel.core.models import load_model
 
-    sources = [s for s in (text, file, hf) if s]
-    if len(sources) != 1:
-        raise InvalidInputError("give exactly one dataset: --text (repeatable), --file or --hf")
-    spec = dataset_spec(text, file, text_field, txt_mode, limit) or HFSource(
-        name=hf, config=hf_config, split=split, text_field=text_field, limit=limit
-    )
+    spec = capture_dataset(text, file, text_field, txt_mode, hf, hf_config, split, limit)
     the_store = open_store(store)
     lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
     manifest = run_capture(

@@ -9,10 +9,16 @@ import typer
 
 from kestrel.cli.common import (
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
+    ModelOpt,
     SaeModelOpt,
     StoreOpt,
+    TextsOpt,
+    TxtModeOpt,
+    capture_dataset,
     console,
+    err_console,
     friendly_errors,
     open_store,
     print_json,
@@ -20,6 +26,8 @@ from kestrel.cli.common import (
     warn,
 )
 from kestrel.cli.config_options import ConfigGroup, config_options
+from kestrel.core.catalog import DEFAULT_MODEL
+from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae.config import SAEConfig, TrainConfig
 
 cli = typer.Typer()
@@ -108,6 +116,93 @@ def train_command(
         f"[green]sae {summary.id}[/]: held-out FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, "
         f"dead {m['dead_fraction']:.1%}"
     )
+
+
+def _int_list(value: str | None, name: str) -> list[int | None]:
+    """A comma-separated sweep ("16,32") as ints; no value: one entry, the config's own."""
+    if not value:
+        return [None]
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes comma-separated integers, got {value!r}") from None
+
+
+#: The forward's options, renamed where TrainConfig and SAEConfig use the same field names.
+STREAM_CAPTURE_OPTIONS = ConfigGroup(
+    CaptureOptions,
+    names={"token_budget": ["--batch-tokens"], "dtype": ["--storage-dtype"]},
+    panel="Forward",
+)
+
+
+@cli.command("train-stream")
+@friendly_errors
+@config_options(sae=SAE_OPTIONS, train=TRAIN_OPTIONS, options=STREAM_CAPTURE_OPTIONS)
+def train_stream_command(
+    layer: Annotated[list[str], typer.Option("--layer", "-l", help="layer to train on (repeatable)")],
+    sae: dict[str, Any],
+    train: dict[str, Any],
+    options: dict[str, Any],
+    sweep_k: Annotated[str | None, typer.Option(help="k values to sweep, e.g. 16,32")] = None,
+    sweep_n_latents: Annotated[
+        str | None, typer.Option(help="dictionary sizes to sweep, e.g. 2304,4608")
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    text: TextsOpt = None,
+    file: Annotated[Path | None, typer.Option(help="a .txt, .jsonl, .csv or .parquet file")] = None,
+    text_field: Annotated[str, typer.Option(help="text column/field of jsonl, csv, parquet, HF")] = "text",
+    txt_mode: TxtModeOpt = "line",
+    hf: Annotated[str | None, typer.Option(help="a Hugging Face dataset name (needs network)")] = None,
+    hf_config: Annotated[str | None, typer.Option(help="the HF dataset's config")] = None,
+    split: Annotated[str, typer.Option(help="the HF dataset's split")] = "train",
+    limit: Annotated[int | None, typer.Option(help="documents at most")] = None,
+    spill_run_id: Annotated[
+        str | None, typer.Option(help="also store the pass as this activation run (for later sweeps)")
+    ] = None,
+    model_dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train SAEs on several layers (and a sweep of k / sizes per layer) from one model pass."""
+    from kestrel.core.models import load_model
+    from kestrel.core.sae.stream import train_stream
+
+    spec = capture_dataset(text, file, text_field, txt_mode, hf, hf_config, split, limit)
+    base = {"n_latents": DEFAULT_N_LATENTS, **sae}
+    saes = [
+        {
+            "layer": name,
+            "sae": {**base, **({"k": k} if k else {}), **({"n_latents": n} if n else {})},
+            "train": train,
+        }
+        for name in layer
+        for k in _int_list(sweep_k, "--sweep-k")
+        for n in _int_list(sweep_n_latents, "--sweep-n-latents")
+    ]
+    the_store = open_store(store)
+    lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
+
+    def show(sae_id: str, progress) -> None:  # on stderr: --json keeps stdout to the summaries
+        err_console.print(f"{sae_id} step {progress.step}/{progress.total_steps}: fvu {progress.fvu:.3f}")
+
+    summaries = train_stream(
+        lm,
+        spec,
+        saes,
+        the_store,
+        options=CaptureOptions(**options),
+        spill_run_id=spill_run_id,
+        on_progress=show,
+    )
+    if as_json:
+        return print_json(summaries)
+    rows = [
+        [s["id"], s.get("layer", ""), s["status"], f"{s['metrics']['fvu']:.3f}" if "metrics" in s else "-"]
+        for s in summaries
+    ]
+    print_table(["id", "layer", "status", "held-out FVU"], rows)
 
 
 @cli.command("eval")

@@ -63,12 +63,16 @@ def iter_row_batches(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     drop_last: bool = False,
+    shuffle_shards: bool = True,
+    norm_median: float | None = None,
 ) -> Iterator[RowBatch]:
     """Stream a run's rows for ``layer`` in batches, shard by shard.
 
-    With ``shuffle_buffer`` > 0, shards are visited in a seeded random order and rows pass through a
-    buffer of that many rows, so memory stays at one shard plus the buffer. The same seed gives the
-    same order, which is what lets a trainer resume mid-epoch.
+    With ``shuffle_buffer`` > 0, shards are visited in a seeded random order (in stored order when
+    ``shuffle_shards`` is False: what a stream trainer saw while spilling the run) and rows pass
+    through a buffer of that many rows, so memory stays at one shard plus the buffer. The same
+    seed gives the same order, which is what lets a trainer resume mid-epoch. ``norm_median``
+    replaces the manifest's as the reference of ``filters.max_norm_multiple``.
     """
     manifest = get_manifest(store, run_id)
     manifest.layer(layer)  # NotFoundError naming the run's layers
@@ -79,11 +83,17 @@ def iter_row_batches(
     filters = filters or RowFilter()
     generator = torch.Generator().manual_seed(seed)
     shards = [s.name for s in manifest.shards]
-    if shuffle_buffer > 0:
+    if shuffle_buffer > 0 and shuffle_shards:
         shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
     chunks = (
         _filtered(
-            _read_shard(store, run_id, layer, name, dtype), manifest, layer, filters, split, heldout_fraction
+            _read_shard(store, run_id, layer, name, dtype),
+            manifest,
+            layer,
+            filters,
+            split,
+            heldout_fraction,
+            norm_median,
         )
         for name in shards
     )
@@ -107,14 +117,34 @@ def _read_shard(store: LocalStore, run_id: str, layer: str, shard: str, dtype: t
 
 
 def _filtered(
-    rows: RowBatch, manifest: RunManifest, layer: str, filters: RowFilter, split: Split, fraction: float
+    rows: RowBatch,
+    manifest: RunManifest,
+    layer: str,
+    filters: RowFilter,
+    split: Split,
+    fraction: float,
+    norm_median: float | None = None,
 ) -> RowBatch:
+    special = manifest.special_token_ids
+    median = manifest.layers[layer].norm_median if norm_median is None else norm_median
+    return filter_rows(rows, filters, special, median, split, fraction)
+
+
+def filter_rows(
+    rows: RowBatch,
+    filters: RowFilter,
+    special_token_ids: Sequence[int],
+    median: float | None,
+    split: Split,
+    fraction: float,
+) -> RowBatch:
+    """The rows ``filters`` and ``split`` keep; ``median`` is the layer's median row norm (the
+    reference of ``max_norm_multiple``). Row by row, so chunking never changes the result."""
     keep_N = torch.ones(len(rows), dtype=torch.bool)
     if filters.skip_position_0:
         keep_N &= rows.position_N > 0
-    if filters.skip_special and manifest.special_token_ids:
-        keep_N &= ~torch.isin(rows.token_id_N, torch.tensor(manifest.special_token_ids, dtype=torch.int32))
-    median = manifest.layers[layer].norm_median
+    if filters.skip_special and special_token_ids:
+        keep_N &= ~torch.isin(rows.token_id_N, torch.tensor(list(special_token_ids), dtype=torch.int32))
     if filters.max_norm_multiple is not None and median:
         keep_N &= rows.acts_ND.norm(dim=-1) <= filters.max_norm_multiple * median
     if split != "all":
@@ -124,22 +154,51 @@ def _filtered(
 
 
 def _shuffled(chunks: Iterable[RowBatch], buffer_rows: int, generator: torch.Generator) -> Iterator[RowBatch]:
-    """Mix rows across shards: fill a buffer, emit a random half, refill."""
-    buffer: list[RowBatch] = []
-    held = 0
+    buffer = ShuffleBuffer(buffer_rows, generator)
     for chunk in chunks:
-        buffer.append(chunk)
-        held += len(chunk)
-        if held >= buffer_rows:
-            joined = RowBatch.cat(buffer)
-            order = torch.randperm(len(joined), generator=generator)
-            n_out = len(joined) - buffer_rows // 2
-            yield joined.select(order[:n_out])
-            rest = joined.select(order[n_out:])
-            buffer, held = [rest], len(rest)
-    if held:
-        joined = RowBatch.cat(buffer)
-        yield joined.select(torch.randperm(len(joined), generator=generator))
+        yield from buffer.push(chunk)
+    yield from buffer.flush()
+
+
+class ShuffleBuffer:
+    """Mixes rows across chunks: each time it holds exactly ``buffer_rows`` rows it emits a random
+    half of them and keeps the rest; ``flush`` emits what is left, shuffled.
+
+    The output depends only on the sequence of rows and the generator, never on how the rows were
+    chunked: a stream trainer pushing one forward batch at a time and a reader pushing the spilled
+    run's shards in stored order get the same rows in the same order.
+    """
+
+    def __init__(self, buffer_rows: int, generator: torch.Generator) -> None:
+        if buffer_rows <= 0:
+            raise InvalidInputError(f"shuffle buffer_rows must be > 0, got {buffer_rows}")
+        self.buffer_rows = buffer_rows
+        self.generator = generator
+        self.parts: list[RowBatch] = []
+        self.held = 0
+
+    def push(self, chunk: RowBatch) -> list[RowBatch]:
+        out: list[RowBatch] = []
+        while len(chunk):
+            take = min(self.buffer_rows - self.held, len(chunk))
+            self.parts.append(chunk.select(slice(0, take)))
+            self.held += take
+            chunk = chunk.select(slice(take, None))
+            if self.held == self.buffer_rows:
+                joined = RowBatch.cat(self.parts)
+                order = torch.randperm(len(joined), generator=self.generator)
+                n_out = len(joined) - self.buffer_rows // 2
+                out.append(joined.select(order[:n_out]))
+                rest = joined.select(order[n_out:])
+                self.parts, self.held = [rest], len(rest)
+        return out
+
+    def flush(self) -> list[RowBatch]:
+        if not self.held:
+            return []
+        joined = RowBatch.cat(self.parts)
+        self.parts, self.held = [], 0
+        return [joined.select(torch.randperm(len(joined), generator=self.generator))]
 
 
 def _rebatch(chunks: Iterable[RowBatch], batch_size: int, drop_last: bool) -> Iterator[RowBatch]:

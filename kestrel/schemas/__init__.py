@@ -94,6 +94,7 @@ from kestrel.schemas.saes import SAEImportFormat as SAEImportFormat
 from kestrel.schemas.saes import SAEManifest as SAEManifest
 from kestrel.schemas.saes import SAEPage as SAEPage
 from kestrel.schemas.saes import SAESummary as SAESummary
+from kestrel.schemas.saes import StreamSAERequest as StreamSAERequest
 from kestrel.schemas.saes import StreamToken as StreamToken
 from kestrel.schemas.saes import TokenLatents as TokenLatents
 from kestrel.schemas.saes import TrainingPoint as TrainingPoint

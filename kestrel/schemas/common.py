@@ -77,8 +77,9 @@ class JobInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="latest metrics reported")
     log: list[str] = Field(default_factory=list, description="the last lines of the job's log")
     error: ErrorBody | None = None
-    artifacts: dict[str, str] = Field(
-        default_factory=dict, description="ids of what the job makes or made, e.g. run_id, sae_id"
+    artifacts: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="ids of what the job makes or made, e.g. run_id, sae_id (sae_ids: a stream training's)",
     )
     result: dict[str, Any] | None = Field(None, description="the job's return value once finished")
     created_at: datetime | None = None

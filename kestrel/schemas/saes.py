@@ -8,12 +8,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, create_model
 from pydantic.fields import FieldInfo
 
+from kestrel.core.catalog import DEFAULT_MODEL
+from kestrel.core.catalog import DType as ModelDType
+
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
 from kestrel.core.config import StrictModel
+from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae.config import SAEConfig, TrainConfig
 from kestrel.core.sae.progress import TrainingPoint as TrainingPoint
 from kestrel.core.sae.records import SAEManifest
 from kestrel.schemas.common import Page
+from kestrel.schemas.runs import CaptureDataset
 
 # ---------------------------------------------------------------------------------------------
 # SAEs
@@ -60,9 +65,20 @@ SAEHyperparameters: type[StrictModel] = create_model(
 )
 
 
+class StreamSAERequest(StrictModel):
+    """One SAE of a stream training: the layer it reads, what it is and how it trains."""
+
+    layer: str = Field(min_length=1, description="module path from the layer table")
+    sae: SAEHyperparameters
+    train: TrainConfig | None = Field(None, description="training hyperparameters; defaults if omitted")
+
+
 class TrainRequest(StrictModel):
     """Train an SAE on one layer of a run, or resume a cancelled training with ``resume_from``.
 
+    Or, with ``dataset`` and ``saes`` instead of ``run_id``/``layer``/``sae``: one pass of
+    ``model`` over the dataset trains every SAE in ``saes`` (several layers, several configs per
+    layer) in one job; ``spill`` also stores the pass as an activation run for later sweeps.
     When resuming, omitted fields are taken from the original request.
     """
 
@@ -71,6 +87,17 @@ class TrainRequest(StrictModel):
     sae: SAEHyperparameters | None = None
     train: TrainConfig | None = Field(None, description="training hyperparameters; defaults if omitted")
     resume_from: str | None = Field(None, description="id of a cancelled SAE whose checkpoint to continue")
+    # -- stream training (instead of run_id, layer, sae)
+    dataset: CaptureDataset | None = Field(
+        None, description="stream training: the texts to run the model over"
+    )
+    saes: list[StreamSAERequest] | None = Field(
+        None, min_length=1, max_length=64, description="stream training: the SAEs one pass trains"
+    )
+    model: str = Field(DEFAULT_MODEL, description="stream training: the model to run")
+    model_dtype: ModelDType = "fp32"
+    options: CaptureOptions | None = Field(None, description="stream training: how to batch and store rows")
+    spill: bool = Field(False, description="stream training: also store the pass as an activation run")
 
 
 #: An SAE as the store holds and lists it: the engine's manifest model, returned as it is.

@@ -51,7 +51,7 @@ def submit_batch(
     *,
     kind: str,
     kwargs: dict[str, Any],
-    artifacts: dict[str, str] | None = None,
+    artifacts: dict[str, str | list[str]] | None = None,
     idempotency_key: str | None = None,
     request_body: Any = None,
 ) -> JobInfo:

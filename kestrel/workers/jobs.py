@@ -231,7 +231,7 @@ def _train(
     last_log = [0.0]
 
     def on_progress(p: TrainingPoint) -> None:
-        message = f"step {p.step}: loss {p.loss:.4g}, fvu {p.fvu:.3f}, l0 {p.l0:.1f}"
+        message = p.headline()
         ctx.update(progress=p.fraction, message=message, metrics=p.model_dump())
         if time.monotonic() - last_log[0] >= LOG_EVERY_S:
             last_log[0] = time.monotonic()

@@ -83,7 +83,7 @@ def enqueue(
     *,
     kind: str,
     kwargs: dict[str, Any],
-    artifacts: dict[str, str] | None = None,
+    artifacts: dict[str, str | list[str]] | None = None,
     timeout_s: int,
     ttl_s: int,
     job_id: str | None = None,

@@ -9,6 +9,9 @@ job function of that module.
 from __future__ import annotations
 
 JOBS_MODULE = "kestrel.workers.jobs"
+STREAM_JOBS_MODULE = "kestrel.workers.stream_jobs"
+#: Every module holding job functions (the worker imports them by path).
+JOB_MODULES = (JOBS_MODULE, STREAM_JOBS_MODULE)
 
 LOAD_MODEL = f"{JOBS_MODULE}.load_model_job"
 LAYERS = f"{JOBS_MODULE}.layers_job"
@@ -21,6 +24,7 @@ LABEL = f"{JOBS_MODULE}.label_job"
 STEERING_PREVIEW = f"{JOBS_MODULE}.steering_preview_job"
 GENERATE = f"{JOBS_MODULE}.generate_job"
 ANALYSIS = f"{JOBS_MODULE}.analysis_job"
+TRAIN_STREAM = f"{STREAM_JOBS_MODULE}.train_stream_job"
 
 ALL = (
     LOAD_MODEL,
@@ -34,4 +38,5 @@ ALL = (
     STEERING_PREVIEW,
     GENERATE,
     ANALYSIS,
+    TRAIN_STREAM,
 )

@@ -182,3 +182,35 @@ def test_edit_values_ending_in_x_count_max_activations() -> None:
     assert _parse_edit("12:add:-0.5", 0) == {"latent": 12, "op": "add", "value": -0.5, "unit": "absolute"}
     with pytest.raises(InvalidInputError, match="VALUE a number"):
         _parse_edit("12:clamp:x", 0)
+
+
+def test_train_stream_sweeps_k_on_two_layers_in_one_pass(store_root) -> None:
+    texts = [f"Sentence number {i} about rivers, mountains and weather." for i in range(40)]
+    args = [a for t in texts for a in ("--text", t)]
+    common = ["--layer", "model.layers.1", "--layer", "model.layers.2", *args, "--n-latents", "64"]
+    result = invoke(
+        "train-stream",
+        *common,
+        "--sweep-k",
+        "4,8",
+        "--batch-size",
+        "64",
+        "--spill-run-id",
+        "cli-spill",
+        "--device",
+        "cpu",
+        "--store",
+        str(store_root),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summaries = json.loads(result.stdout)
+    assert [(s["layer"], s["config"]["k"], s["status"]) for s in summaries] == [
+        ("model.layers.1", 4, "complete"),
+        ("model.layers.1", 8, "complete"),
+        ("model.layers.2", 4, "complete"),
+        ("model.layers.2", 8, "complete"),
+    ]
+    assert {s["run_id"] for s in summaries} == {"cli-spill"}
+    bad = invoke("train-stream", *common, "--sweep-k", "4,x", "--store", str(store_root))
+    assert bad.exit_code == 2 and "--sweep-k" in bad.output

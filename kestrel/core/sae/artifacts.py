@@ -17,6 +17,7 @@ import shutil
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +52,7 @@ from kestrel.core.sae.records import checkpoint_dir as _checkpoint_dir
 from kestrel.core.sae.records import delete_sae as delete_sae
 from kestrel.core.sae.records import list_saes as list_saes
 from kestrel.core.sae.records import training_history as training_history
-from kestrel.core.sae.trainer import train_sae
+from kestrel.core.sae.trainer import TrainResult, train_sae
 from kestrel.core.store import Store, new_id, validate_id
 
 HELDOUT_FRACTION = 0.1
@@ -97,15 +98,34 @@ def choose_batch_size(train_cfg: TrainConfig, train_rows: int) -> tuple[TrainCon
     ]
 
 
+@dataclass(frozen=True)
+class StreamReplay:
+    """Read a run the way the stream trainer that spilled it saw its rows (`kestrel.core.sae.
+    stream`): shards in stored order, the norm filter against the stream's calibration median
+    (an SAE's ``config.data["norm_median"]``). Same seed and configs: same weights."""
+
+    norm_median: float | None
+    shuffle_buffer: int = SHUFFLE_BUFFER_ROWS
+
+
 def _run_rows(
-    store: Store, run_id: str, layer: str, filters: RowFilter | None, split: str, seed: int | None = None
+    store: Store,
+    run_id: str,
+    layer: str,
+    filters: RowFilter | None,
+    split: str,
+    seed: int | None = None,
+    replay: StreamReplay | None = None,
 ):
     """``data(epoch)`` over one split of a run's layer, in READ_CHUNK_ROWS chunks; training and
     evaluation split off the same HELDOUT_FRACTION. With a seed (training) the rows are shuffled,
-    the same way for the same epoch."""
+    the same way for the same epoch; ``replay`` reads them as the stream that spilled the run did."""
 
     def data(epoch: int = 0) -> Iterator[torch.Tensor]:
-        order = {} if seed is None else {"shuffle_buffer": SHUFFLE_BUFFER_ROWS, "seed": seed * 1000 + epoch}
+        order: dict[str, Any] = {}
+        if seed is not None:
+            buffer = SHUFFLE_BUFFER_ROWS if replay is None else replay.shuffle_buffer
+            order = {"shuffle_buffer": buffer, "seed": seed * 1000 + epoch, "shuffle_shards": replay is None}
         return iter_batches(
             store,
             run_id,
@@ -114,6 +134,7 @@ def _run_rows(
             filters=filters,
             split=split,  # type: ignore[arg-type]
             heldout_fraction=HELDOUT_FRACTION,
+            norm_median=None if replay is None else replay.norm_median,
             **order,
         )
 
@@ -150,18 +171,24 @@ def train_from_run(
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    replay: StreamReplay | None = None,
 ) -> SAEManifest | TrainingStopped:
     """Train an SAE on ``layer`` of a stored run; publish it and return its manifest, or keep a
     checkpoint if stopped and return `TrainingStopped` (nothing is published then).
 
     An unset ``batch_size`` is chosen from the run's size (`choose_batch_size`); its warnings go
-    to ``on_warning`` before training starts and into the summary (``warnings``).
+    to ``on_warning`` before training starts and into the summary (``warnings``). ``replay``
+    reads a spilled run in the order its stream trainer saw it.
     """
     filters = filters or RowFilter.recommended()
     # every check that needs no training, the API's own (the run, the layer, d, valid configs)
     sae_cfg, train_cfg, manifest = training_configs(
         store, run_id, layer, sae_config, train_config, data=_data_record(filters)
     )
+    if replay is not None:
+        data = {**sae_cfg.data, "order": "stream", "norm_median": replay.norm_median}
+        data["shuffle_buffer"] = replay.shuffle_buffer
+        sae_cfg = sae_cfg.model_copy(update={"data": data})
     sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
@@ -184,12 +211,12 @@ def train_from_run(
     result = train_sae(
         sae_cfg,
         train_cfg,
-        _run_rows(store, run_id, layer, filters, "train", train_cfg.seed),
+        _run_rows(store, run_id, layer, filters, "train", train_cfg.seed, replay),
         on_progress=on_progress,
         should_stop=should_stop,
         checkpoint_dir=checkpoints,
         resume_from=resume_from,
-        eval_data=_run_rows(store, run_id, layer, filters, "heldout"),
+        eval_data=_run_rows(store, run_id, layer, filters, "heldout", replay=replay),
     )
     if result.stopped:
         return TrainingStopped(
@@ -224,8 +251,15 @@ def train_from_run(
         train_seconds=round(time.perf_counter() - started, 2),
         warnings=warnings,
     )
+    return publish_sae(store, sae_id, result, summary)
+
+
+def publish_sae(store: Store, sae_id: str, result: TrainResult, summary: SAEManifest) -> SAEManifest:
+    """Publish a trained SAE in one rename (weights, metrics, history, its checkpoints, the
+    summary as manifest last): it appears whole or not at all."""
+    checkpoints = _checkpoint_dir(store, sae_id)
     with store.writer(KIND, sae_id) as writer:
-        sae_io.save_sae(result.sae, writer.directory, metrics=metrics, history=result.history)
+        sae_io.save_sae(result.sae, writer.directory, metrics=summary.metrics, history=result.history)
         if checkpoints.is_dir():
             os.rename(checkpoints, writer.directory / "checkpoints")
         writer.commit(summary.to_json())

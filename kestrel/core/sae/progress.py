@@ -52,3 +52,12 @@ class TrainingPoint(BaseModel):
     def fraction(self) -> float | None:
         """How far through the run this point is (None when the plan is unknown)."""
         return self.step / self.total_steps if self.total_steps else None
+
+    def headline(self) -> str:
+        """One line for logs and job messages; a value that was not finite reads 'n/a'."""
+
+        def show(value: float | None, spec: str) -> str:
+            return "n/a" if value is None else format(value, spec)
+
+        loss, fvu, l0 = show(self.loss, ".4g"), show(self.fvu, ".3f"), show(self.l0, ".1f")
+        return f"step {self.step}: loss {loss}, fvu {fvu}, l0 {l0}"

@@ -26,6 +26,7 @@ from torch import Tensor
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.models import resolve_device
 from kestrel.core.sae.base import SAE, LossOutput, LossSettings, create
+from kestrel.core.sae.batches import check_chunk, epoch_shape, geometric_median, rebatch
 from kestrel.core.sae.checkpoint import LoadedCheckpoint, RunState, read_checkpoint, write_checkpoint
 from kestrel.core.sae.config import DEAD_TOKENS_CAP, DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig, default_lr
 from kestrel.core.sae.metrics import evaluate
@@ -89,7 +90,7 @@ def resolve_plan(sae_config: SAEConfig, train_config: TrainConfig, rows_per_epoc
     else:
         if rows_per_epoch is None:
             raise InvalidInputError("rows_per_epoch is needed to plan an epoch-based run")
-        steps_per_epoch, rows_used = _epoch_shape(rows_per_epoch, batch)
+        steps_per_epoch, rows_used = epoch_shape(rows_per_epoch, batch)
         if steps_per_epoch == 0:
             raise InvalidInputError(
                 f"the data has {rows_per_epoch} rows per epoch, fewer than half a batch ({batch // 2}); "
@@ -142,11 +143,37 @@ def train_sae(
     a directory of them) continues a run to the weights an uninterrupted one would reach.
     `init` starts from an existing SAE (say, one imported from SAELens) instead of a fresh one.
     `rows_per_epoch` plans the learning-rate schedule of an epoch-based run; without it the
-    trainer counts the rows of `data(0)` once. `eval_data()` yields held-out rows for the final
-    evaluation stored in `metrics`.
+    trainer counts the rows of `data(0)` once (after every check that needs no data).
+    `eval_data()` yields held-out rows for the final evaluation stored in `metrics`.
+    """
+    run = open_run(
+        sae_config,
+        train_config,
+        rows_per_epoch if rows_per_epoch is not None else lambda: count_rows(data(0), sae_config),
+        on_progress=on_progress,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=resume_from,
+        init=init,
+    )
+    stopped = run.train(data, should_stop)
+    return run.result(stopped, eval_data)
 
-    Every check that needs no data (configs, `init`'s shape, the checkpoint's configs) runs
-    before the first read.
+
+def open_run(
+    sae_config: SAEConfig,
+    train_config: TrainConfig,
+    rows_per_epoch: int | Callable[[], int] | None,
+    *,
+    on_progress: Callable[[TrainingPoint], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    init: SAE | None = None,
+) -> TrainingRun:
+    """A run ready to step: configs checked, plan fixed, fresh or resumed state.
+
+    `train_sae` pulls batches into it; the stream trainer (`kestrel.core.sae.stream`) pushes them
+    with `feed`. `rows_per_epoch` may be a function, called only once every check has passed
+    (and only when no token budget fixes the plan).
     """
     if train_config.batch_size is None:  # `artifacts` chooses it from the run's size first
         train_config = train_config.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE})
@@ -154,22 +181,21 @@ def train_sae(
     loaded = read_checkpoint(Path(resume_from)) if resume_from is not None else None
     if loaded is not None:
         _check_resumable(loaded, sae_config, train_config)
-    if train_config.token_budget is None and rows_per_epoch is None:
-        rows_per_epoch = count_rows(data(0), sae_config)
+    if callable(rows_per_epoch):
+        rows_per_epoch = rows_per_epoch() if train_config.token_budget is None else None
     plan = resolve_plan(sae_config, train_config, rows_per_epoch)
-    run = _Run(sae_config, train_config, plan, on_progress, checkpoint_dir)
+    run = TrainingRun(sae_config, train_config, plan, on_progress, checkpoint_dir, init)
     if loaded is not None:
         run.resume(loaded)
-    stopped = run.train(data, should_stop, init)
-    return run.result(stopped, eval_data)
+    return run
 
 
 def count_rows(chunks: Iterable[Tensor], sae_config: SAEConfig) -> int:
     """Rows in one epoch (one pass over the data; pass `rows_per_epoch` to skip it)."""
-    return sum(_check_chunk(chunk, sae_config).shape[0] for chunk in chunks)
+    return sum(check_chunk(chunk, sae_config).shape[0] for chunk in chunks)
 
 
-class _Run:
+class TrainingRun:
     """One training run's mutable state and the step that advances it."""
 
     def __init__(
@@ -179,8 +205,10 @@ class _Run:
         plan: TrainPlan,
         on_progress: Callable[[TrainingPoint], None] | None,
         checkpoint_dir: Path | None,
+        init: SAE | None = None,
     ) -> None:
         self.sae_config = sae_config
+        self.init = init
         self.train_config = train_config
         self.plan = plan
         self.on_progress = on_progress
@@ -193,6 +221,7 @@ class _Run:
         self.initialised = False
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_at = time.monotonic()
+        self.started = time.perf_counter()
         self.window = _Window(self.device)
 
     def _zeros_N(self) -> Tensor:
@@ -208,36 +237,52 @@ class _Run:
         self.initialised = True
         self.last_checkpoint = loaded.path
 
-    def train(self, data: DataFn, should_stop: Callable[[], bool] | None, init: SAE | None) -> bool:
+    def train(self, data: DataFn, should_stop: Callable[[], bool] | None) -> bool:
         """Run steps until the data or budget is spent (False) or `should_stop` says so (True)."""
         batches = self._batches(data)
-        started = time.perf_counter() - self.state.elapsed_s
-        self.last_checkpoint_at = time.monotonic()
+        self.start()
         try:
-            while not self._budget_spent():
+            while not self.budget_spent():
                 if should_stop is not None and should_stop():
-                    self.state.elapsed_s = time.perf_counter() - started
-                    self._log(force=True)
-                    self._checkpoint()
+                    self.stop()
                     return True
                 item = next(batches, None)
                 if item is None:
                     break
-                epoch, rows_in_epoch, x_BD = item
-                if not self.initialised:
-                    self._initialise(x_BD, init)
-                self._step(x_BD)
-                self.state.epoch, self.state.rows_in_epoch = epoch, rows_in_epoch
-                self.state.elapsed_s = time.perf_counter() - started
-                self._log(force=False)
-                if self._checkpoint_due():
-                    self._checkpoint()
-            self._log(force=True)
+                self.feed(*item)
+            self.finish()
             return False
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+
+    def start(self) -> None:
+        """Start the clock `elapsed_s` counts (continuing a resumed run's figure)."""
+        self.started = time.perf_counter() - self.state.elapsed_s
+        self.last_checkpoint_at = time.monotonic()
+
+    def feed(self, epoch: int, rows_in_epoch: int, x_BD: Tensor) -> None:
+        """One optimiser step on one batch (`rows_in_epoch`: rows of the epoch consumed with it),
+        then the progress report and the checkpoint when they are due."""
+        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
+        if not self.initialised:
+            self._initialise(x_BD, self.init)
+        self._step(x_BD)
+        self.state.epoch, self.state.rows_in_epoch = epoch, rows_in_epoch
+        self.state.elapsed_s = time.perf_counter() - self.started
+        self._log(force=False)
+        if self._checkpoint_due():
+            self._checkpoint()
+
+    def stop(self) -> None:
+        """End early: report and checkpoint, so a resume continues from here."""
+        self.state.elapsed_s = time.perf_counter() - self.started
+        self._log(force=True)
+        self._checkpoint()
+
+    def finish(self) -> None:
+        self._log(force=True)
 
     def result(self, stopped: bool, eval_data: Callable[[], Iterable[Tensor]] | None) -> TrainResult:
         sae = self.export_sae()
@@ -328,7 +373,7 @@ class _Run:
             return True
         return bool(every_s) and time.monotonic() - self.last_checkpoint_at >= every_s
 
-    def _budget_spent(self) -> bool:
+    def budget_spent(self) -> bool:
         budget = self.train_config.token_budget
         return budget is not None and self.state.tokens >= budget
 
@@ -343,7 +388,7 @@ class _Run:
             chunks = data(epoch)
             for rows_in_epoch, x_BD in rebatch(chunks, self.train_config.batch_size, self.sae_config, skip):
                 produced = True
-                yield epoch, rows_in_epoch, x_BD.to(self.device, torch.float32, non_blocking=True)
+                yield epoch, rows_in_epoch, x_BD
             if not produced and skip == 0:
                 raise InvalidInputError(
                     f"data({epoch}) yielded fewer than {self.train_config.batch_size // 2} rows "
@@ -447,72 +492,6 @@ class _Window:
         )
         self.reset()
         return progress
-
-
-def rebatch(
-    chunks: Iterable[Tensor], batch_size: int, sae_config: SAEConfig, skip_rows: int = 0
-) -> Iterator[tuple[int, Tensor]]:
-    """Fixed-size batches from chunks of any size, after skipping `skip_rows` rows.
-
-    Yields (rows consumed so far, batch). A final remainder of at least half a batch is yielded
-    as a smaller batch; a smaller one is dropped (its FVU denominator would be too noisy).
-    """
-    pending: list[Tensor] = []
-    pending_rows = 0
-    consumed = 0
-    for chunk in chunks:
-        chunk = _check_chunk(chunk, sae_config)
-        if skip_rows > consumed:
-            dropped = min(skip_rows - consumed, chunk.shape[0])
-            chunk = chunk[dropped:]
-            consumed += dropped
-        while chunk.shape[0] > 0:
-            take = min(batch_size - pending_rows, chunk.shape[0])
-            pending.append(chunk[:take])
-            pending_rows += take
-            consumed += take
-            chunk = chunk[take:]
-            if pending_rows == batch_size:
-                yield consumed, _join(pending)
-                pending, pending_rows = [], 0
-    if pending_rows >= max(batch_size // 2, 1):
-        yield consumed, _join(pending)
-
-
-def _join(parts: list[Tensor]) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _epoch_shape(rows: int, batch: int) -> tuple[int, int]:
-    """(steps, rows trained on) for one epoch, matching `rebatch`'s remainder rule."""
-    full, remainder = divmod(rows, batch)
-    keep_remainder = remainder >= max(batch // 2, 1)
-    return full + int(keep_remainder), full * batch + (remainder if keep_remainder else 0)
-
-
-def _check_chunk(chunk: Tensor, sae_config: SAEConfig) -> Tensor:
-    if not isinstance(chunk, Tensor) or chunk.ndim != 2:
-        shape = tuple(chunk.shape) if isinstance(chunk, Tensor) else type(chunk).__name__
-        raise InvalidInputError(f"activation batches must be [rows, d_in] tensors, got {shape}")
-    sae_config.validate_against(chunk.shape[1])
-    return chunk
-
-
-def geometric_median(points_BD: Tensor, iterations: int = 50, tolerance: float = 1e-6) -> Tensor:
-    """The point minimising the summed distance to the rows (Weiszfeld's algorithm, float64).
-
-    A more robust origin than the mean when a few activations are huge.
-    """
-    points_BD = points_BD.double()
-    guess_D = points_BD.mean(dim=0)
-    for _ in range(iterations):
-        weights_B = 1.0 / (points_BD - guess_D).norm(dim=1).clamp_min(1e-12)
-        updated_D = (weights_B[:, None] * points_BD).sum(dim=0) / weights_B.sum()
-        moved = float((updated_D - guess_D).norm())
-        guess_D = updated_D
-        if moved <= tolerance * float(guess_D.norm().clamp_min(1.0)):
-            break
-    return guess_D.float()
 
 
 def _check_compatible(sae_config: SAEConfig, train_config: TrainConfig, init: SAE | None) -> None:

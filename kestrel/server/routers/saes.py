@@ -27,7 +27,7 @@ from kestrel.schemas import (
     SAEPage,
     TrainRequest,
 )
-from kestrel.server import services
+from kestrel.server import services, stream_training
 from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive, submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
@@ -55,7 +55,23 @@ def start_training(
     store: StoreDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobInfo:
-    """Train an SAE on one layer of a run (or resume a cancelled one); ``artifacts.sae_id`` names it."""
+    """Train an SAE on one layer of a run (or resume a cancelled one); ``artifacts.sae_id`` names it.
+
+    With ``dataset`` and ``saes``: one job trains every SAE from one pass of the model
+    (``artifacts.sae_ids``, and ``artifacts.run_id`` when ``spill`` stores the pass)."""
+    if stream_training.is_stream_request(request):
+        kwargs = stream_training.prepare_stream_training(request, store, settings)
+        return submit_batch(
+            redis,
+            settings,
+            response,
+            job_names.TRAIN_STREAM,
+            kind="train",
+            kwargs=kwargs,
+            artifacts=stream_training.job_artifacts(kwargs),
+            idempotency_key=idempotency_key,
+            request_body=request.model_dump(mode="json"),
+        )
     kwargs = services.training_job_kwargs(request, redis, store, settings)
     return submit_batch(
         redis,

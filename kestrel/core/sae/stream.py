@@ -1,0 +1,450 @@
+"""Stream training: one pass of the model over a dataset feeds N SAEs at once, optionally spilling
+the activations as a standard run so later sweeps replay the store instead of the model.
+
+Each forward stops after the deepest requested layer (`use_cache=False`, no LM head). Its rows go
+through the same row filters and document-level train/held-out split as a stored run's
+(`run_reader.filter_rows`), then through one shuffle buffer per (layer, seed), then to each SAE's
+own `Rebatcher` and `TrainingRun.feed`. Rows are rounded to the storage dtype first, so the SAEs
+train on exactly what the spill stores.
+
+Same seed, same weights: replaying the spilled run with ``train_from_run(..., order="stream",
+norm_median=<the SAE's data.norm_median>)`` reads its shards in stored order through the same
+`ShuffleBuffer` (whose output never depends on chunk boundaries), so it gives the same batches.
+The reference norm of ``max_norm_multiple`` is the median row norm (position > 0) of the first
+forward batch, recorded in each SAE's ``config.data``; a stored run uses its manifest's instead.
+
+The learning-rate schedule needs the rows of the pass before the first step: unless a
+``token_budget`` fixes it, a tokenizer-only pre-pass counts the training rows (position, special
+token and split filters; rows the norm filter drops are not known before the forward, so the
+count may run a few rows over). A stream is one epoch; more epochs replay the spilled run.
+
+Faults: should_stop(sae_id) stops that SAE at once with a checkpoint (the others go on; when all
+have stopped the pass ends and the spill is not published). ``resume=True`` re-streams from the
+start and each SAE skips the rows its checkpoint consumed, reaching the uninterrupted weights. An
+exception or a kill publishes nothing beyond the SAEs already published (spill and SAEs appear
+whole or not at all: each is one rename).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from kestrel.core.activations import (
+    RunWriter,
+    _as_spec,
+    _CaptureResult,
+    _check_layers,
+    _describe_dataset,
+    _dropped_token_ids,
+    _manifest,
+)
+from kestrel.core.datasets import DatasetSpec, TokenBatch, iter_texts, token_batches
+from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
+from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
+from kestrel.core.models import TORCH_DTYPES, LoadedModel
+from kestrel.core.run_reader import RowBatch, ShuffleBuffer, filter_rows
+from kestrel.core.runs import CaptureOptions, RowFilter
+from kestrel.core.sae.artifacts import HELDOUT_FRACTION, SHUFFLE_BUFFER_ROWS, publish_sae
+from kestrel.core.sae.batches import Rebatcher
+from kestrel.core.sae.checkpoint import latest_checkpoint
+from kestrel.core.sae.config import DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig
+from kestrel.core.sae.progress import TrainingPoint
+from kestrel.core.sae.records import KIND, SAEManifest, TrainingStopped
+from kestrel.core.sae.records import checkpoint_dir as _checkpoint_dir
+from kestrel.core.sae.trainer import TrainingRun, open_run, resolve_plan
+from kestrel.core.store import Store, new_id, validate_id
+
+#: Held-out rows kept per layer for the final evaluation (the first ones the pass meets).
+EVAL_MAX_ROWS = 65_536
+
+
+class StreamSAE(BaseModel):
+    """One SAE of a stream job: which layer it reads and how it is built and trained."""
+
+    layer: str
+    sae: SAEConfig | dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig | dict[str, Any] = Field(default_factory=dict)
+    sae_id: str | None = None
+
+
+@dataclass
+class _Trainee:
+    """One SAE's place in the stream: its configs, id, run (once open) and batcher."""
+
+    layer: str
+    sae_config: SAEConfig
+    train_config: TrainConfig
+    sae_id: str
+    resume_from: Path | None
+    checkpoints: Path
+    rows: int | None = None
+    """Training rows of the pass (the plan's epoch), when no token budget fixes the plan."""
+    run: TrainingRun | None = None
+    batcher: Rebatcher | None = None
+    stopped: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def train_stream(
+    lm: LoadedModel,
+    dataset: DatasetSpec | Sequence[str],
+    saes: Sequence[StreamSAE | dict[str, Any]],
+    store: Store,
+    *,
+    options: CaptureOptions | None = None,
+    filters: RowFilter | None = None,
+    spill_run_id: str | None = None,
+    shuffle_buffer: int = SHUFFLE_BUFFER_ROWS,
+    resume: bool | Literal["auto"] = False,
+    on_progress: Callable[[str, TrainingPoint], None] | None = None,
+    should_stop: Callable[[str], bool] | None = None,
+    dataset_record: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every SAE in ``saes`` from one pass of ``lm`` over ``dataset``; one summary each
+    (``status`` "complete" and published, or "stopped" with its checkpoint).
+
+    ``resume=True`` continues each SAE from its newest checkpoint (NotFoundError without one);
+    ``"auto"`` continues those that have one and starts the others afresh (a requeued job).
+    ``shuffle_buffer`` rows are held per (layer, seed) before the first step: the stored-run
+    default mixes rows of hundreds of documents."""
+    if shuffle_buffer <= 0:
+        raise InvalidInputError(f"shuffle_buffer must be > 0, got {shuffle_buffer}")
+    options = options or CaptureOptions()
+    options.check()
+    filters = filters or RowFilter.recommended()
+    spec = _as_spec(dataset)
+    record = dataset_record if dataset_record is not None else _describe_dataset(spec)
+    if spill_run_id is not None:
+        spill_run_id = validate_id(spill_run_id, "run id")
+        if store.exists("activations", spill_run_id):
+            raise ConflictError(f"run id {spill_run_id!r} already exists", details={"id": spill_run_id})
+    trainees = _trainees(lm, saes, store, resume)
+    layers = _check_layers(lm, sorted({t.layer for t in trainees}))
+    _plan(lm, spec, trainees, options, filters)  # every check that needs no forward, first
+    stream = _Stream(lm, layers, trainees, options, filters, shuffle_buffer, spill_run_id, record)
+    stream.on_progress, stream.should_stop = on_progress, should_stop  # per-SAE callbacks
+    if spill_run_id is None:
+        stream.run(iter_texts(spec), None)
+    else:
+        with RunWriter(store, spill_run_id, layers, dtype=options.dtype, shard_mb=options.shard_mb) as spill:
+            stream.run(spill.tee_docs(iter_texts(spec)), spill)
+            if not stream.all_stopped():
+                spill.close_rows()
+                result = _CaptureResult(stream.n_docs, time.perf_counter() - stream.started)
+                spill.commit(
+                    _manifest(lm, spec, spill, options, result).model_copy(update={"dataset": record})
+                )
+    return [stream.finish(t, store) for t in trainees]
+
+
+def _trainees(
+    lm: LoadedModel, saes: Sequence[StreamSAE | dict[str, Any]], store: Store, resume: bool | Literal["auto"]
+) -> list[_Trainee]:
+    if not saes:
+        raise InvalidInputError("no SAEs given; a stream job trains at least one")
+    trainees: list[_Trainee] = []
+    for i, item in enumerate(saes):
+        entry = item if isinstance(item, StreamSAE) else StreamSAE.model_validate(item)
+        width = lm.layer(entry.layer).width
+        if width <= 0:
+            raise InvalidInputError(
+                f"saes[{i}]: layer {entry.layer!r} is not in the layer table; stream "
+                "training needs a listed layer (its width sizes the SAE before the forward)"
+            )
+        raw = entry.sae.model_dump() if isinstance(entry.sae, SAEConfig) else dict(entry.sae)
+        if raw.get("d_in") not in (None, width):
+            raise InvalidInputError(
+                f"saes[{i}]: d_in {raw['d_in']} does not match layer {entry.layer!r} (width {width})",
+                details={"index": i, "d_in": raw["d_in"], "layer_width": width},
+            )
+        sae_cfg = SAEConfig.from_dict({**raw, "d_in": width, "model": lm.name, "layer": entry.layer})
+        train = entry.train
+        train_cfg = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train))
+        if train_cfg.epochs != 1 and train_cfg.token_budget is None:
+            raise InvalidInputError(
+                f"saes[{i}]: a stream is one pass (epochs=1); spill the run and train on it for more epochs",
+                details={"index": i, "epochs": train_cfg.epochs},
+            )
+        sae_id = validate_id(entry.sae_id, "sae id") if entry.sae_id else new_id("sae")
+        resume_from = _resume_point(store, sae_id, resume)
+        trainees.append(
+            _Trainee(entry.layer, sae_cfg, train_cfg, sae_id, resume_from, _checkpoint_dir(store, sae_id))
+        )
+    ids = [t.sae_id for t in trainees]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError("sae ids repeated", details={"ids": ids})
+    return trainees
+
+
+def _resume_point(store: Store, sae_id: str, resume: bool | Literal["auto"]) -> Path | None:
+    if store.exists(KIND, sae_id):
+        raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
+    checkpoints = _checkpoint_dir(store, sae_id)
+    found = latest_checkpoint(checkpoints) if resume and checkpoints.is_dir() else None
+    if found is None and resume != True:  # noqa: E712 (False or "auto")
+        if checkpoints.exists():
+            shutil.rmtree(checkpoints)  # an abandoned earlier attempt under this id
+        return None
+    if found is None:
+        raise NotFoundError(f"no checkpoint to resume for sae {sae_id!r}", details={"id": sae_id})
+    return found
+
+
+def _plan(
+    lm: LoadedModel, spec: DatasetSpec, trainees: list[_Trainee], options: CaptureOptions, filters: RowFilter
+) -> None:
+    """Batch sizes and plans; counts the training rows with a tokenizer-only pass if needed."""
+    rows: int | None = None
+    for t in trainees:
+        if t.train_config.batch_size is None:
+            t.train_config = t.train_config.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE})
+        if t.train_config.token_budget is None and rows is None:
+            rows = count_train_rows(lm, spec, options, filters)
+        t.rows = None if t.train_config.token_budget is not None else rows
+        resolve_plan(t.sae_config, t.train_config, t.rows)  # InvalidInputError: too few rows
+
+
+def count_train_rows(lm: LoadedModel, spec: DatasetSpec, options: CaptureOptions, filters: RowFilter) -> int:
+    """Training rows of one pass, from tokens alone (the norm filter needs the forward)."""
+    drop_ids = _dropped_token_ids(lm.tokenizer, options)
+    special = sorted(int(i) for i in lm.tokenizer.all_special_ids)
+    total = 0
+    for batch in _token_batches(lm, iter_texts(spec), options):
+        meta = _batch_meta(batch, drop_ids, torch.device("cpu"))[1]
+        rows = RowBatch(
+            torch.empty(len(meta["token_id"]), 0), meta["token_id"], meta["doc_index"], meta["position"]
+        )
+        total += len(filter_rows(rows, filters, special, None, "train", HELDOUT_FRACTION))
+    return total
+
+
+def _token_batches(lm: LoadedModel, texts: Iterator[str], options: CaptureOptions) -> Iterator[TokenBatch]:
+    return token_batches(
+        texts,
+        lm.tokenizer,
+        max_length=options.max_length,
+        token_budget=options.token_budget,
+        max_batch_size=options.max_batch_size,
+    )
+
+
+def _batch_meta(
+    batch: TokenBatch, drop_ids: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The kept-token mask of a batch and its rows' int32 metadata, as capture stores them."""
+    ids_BT = batch.input_ids_BT.to(device)
+    mask_BT = batch.attention_mask_BT.to(device).bool()
+    if drop_ids is not None:
+        mask_BT &= ~torch.isin(ids_BT, drop_ids.to(device))
+    positions_BT = torch.arange(ids_BT.shape[1], device=device).expand_as(ids_BT)
+    docs_BT = batch.doc_index_B.to(device)[:, None].expand_as(ids_BT)
+    meta = {
+        "token_id": ids_BT[mask_BT].to("cpu", torch.int32),
+        "doc_index": docs_BT[mask_BT].to("cpu", torch.int32),
+        "position": positions_BT[mask_BT].to("cpu", torch.int32),
+    }
+    return mask_BT, meta
+
+
+class _Stream:
+    """The pass itself: forwards, filters, shuffles and feeds; then evaluation and publishing."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        layers: list[str],
+        trainees: list[_Trainee],
+        options: CaptureOptions,
+        filters: RowFilter,
+        shuffle_buffer: int,
+        spill_run_id: str | None,
+        dataset_record: dict[str, Any],
+    ) -> None:
+        self.lm, self.layers, self.trainees = lm, layers, trainees
+        self.options, self.filters, self.shuffle_buffer = options, filters, shuffle_buffer
+        self.on_progress: Callable[[str, TrainingPoint], None] | None = None
+        self.should_stop: Callable[[str], bool] | None = None
+        self.spill_run_id, self.dataset_record = spill_run_id, dataset_record
+        self.storage_dtype = TORCH_DTYPES[options.dtype]
+        self.special = sorted(int(i) for i in lm.tokenizer.all_special_ids)
+        self.medians: dict[str, float | None] | None = None
+        self.buffers: dict[tuple[str, int], ShuffleBuffer] = {}
+        self.heldout: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        self.heldout_rows = dict.fromkeys(layers, 0)
+        self.n_docs = 0
+        self.started = time.perf_counter()
+
+    def all_stopped(self) -> bool:
+        return all(t.stopped for t in self.trainees)
+
+    def run(self, texts: Iterator[str], spill: RunWriter | None) -> None:
+        drop_ids = _dropped_token_ids(self.lm.tokenizer, self.options)
+        rows: dict[str, torch.Tensor] = {}
+        keep: dict[str, torch.Tensor] = {}
+
+        def record(acts_BTD: torch.Tensor, ctx: HookContext) -> None:
+            rows[ctx.layer] = acts_BTD.detach()[keep["mask_BT"]].to("cpu", self.storage_dtype)
+
+        hooks = [Detector(name, record) for name in self.layers] + [stop_after(self.layers[-1])]
+        device = self.lm.device
+        with HookManager(self.lm.model, hooks):
+            for batch in _token_batches(self.lm, texts, self.options):
+                with torch.no_grad():  # not inference_mode: the rows go on into autograd
+                    keep["mask_BT"], meta = _batch_meta(batch, drop_ids, device)
+                    ids_BT, attn_BT = batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device)
+                    forward = partial(
+                        self.lm.model, input_ids=ids_BT, attention_mask=attn_BT, use_cache=False
+                    )
+                    run_until_stopped(forward)
+                if spill is not None:
+                    spill.add(dict(rows), meta)
+                self.n_docs = max(self.n_docs, int(batch.doc_index_B.max()) + 1)
+                self._feed_batch(rows, meta)
+                if self.all_stopped():
+                    return
+        if self.medians is None:
+            raise InvalidInputError("the dataset produced no tokens (empty texts, or every token dropped)")
+        self._drain()
+
+    def _feed_batch(self, rows: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
+        if self.medians is None:
+            self._open(rows, meta)
+        assert self.medians is not None
+        for layer in self.layers:
+            batch = RowBatch(rows[layer].float(), meta["token_id"], meta["doc_index"], meta["position"])
+            self._keep_heldout(layer, batch)
+            train = filter_rows(
+                batch, self.filters, self.special, self.medians[layer], "train", HELDOUT_FRACTION
+            )
+            for seed in sorted({t.train_config.seed for t in self.trainees if t.layer == layer}):
+                for chunk in self._buffer(layer, seed).push(train):
+                    self._feed_chunk(layer, seed, chunk.acts_ND)
+
+    def _open(self, rows: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
+        """Calibrate the norm filter on the first batch, then open every SAE's run."""
+        not_first_N = meta["position"] > 0
+        self.medians = {
+            name: float(rows[name][not_first_N].float().norm(dim=-1).median())
+            if bool(not_first_N.any())
+            else None
+            for name in self.layers
+        }
+        for t in self.trainees:
+            data = {
+                "source": "stream",
+                "dataset": self.dataset_record,
+                "filters": self.filters.model_dump(),
+                "split": "train",
+                "heldout_fraction": HELDOUT_FRACTION,
+                "heldout_by": "document",
+                "order": "stream",
+                "norm_median": self.medians[t.layer],
+                "shuffle_buffer": self.shuffle_buffer,
+                "storage_dtype": self.options.dtype,
+                "capture_options": self.options.model_dump(),
+            }
+            t.sae_config = t.sae_config.model_copy(update={"run_id": self.spill_run_id, "data": data})
+            on_progress = None if self.on_progress is None else partial(self.on_progress, t.sae_id)
+            t.run = open_run(
+                t.sae_config,
+                t.train_config,
+                t.rows,
+                on_progress=on_progress,
+                checkpoint_dir=t.checkpoints,
+                resume_from=t.resume_from,
+            )
+            t.batcher = Rebatcher(
+                t.train_config.batch_size or DEFAULT_BATCH_SIZE, t.sae_config, t.run.state.rows_in_epoch
+            )
+            t.run.start()
+
+    def _buffer(self, layer: str, seed: int) -> ShuffleBuffer:
+        key = (layer, seed)
+        if key not in self.buffers:  # the generator a stored run's epoch 0 would use
+            self.buffers[key] = ShuffleBuffer(self.shuffle_buffer, torch.Generator().manual_seed(seed * 1000))
+        return self.buffers[key]
+
+    def _feed_chunk(self, layer: str, seed: int, acts_ND: torch.Tensor) -> None:
+        for t in self.trainees:
+            if t.layer != layer or t.train_config.seed != seed or t.stopped:
+                continue
+            assert t.run is not None and t.batcher is not None
+            for consumed, x_BD in t.batcher.push(acts_ND):
+                self._step(t, consumed, x_BD)
+
+    def _step(self, t: _Trainee, consumed: int, x_BD: torch.Tensor) -> None:
+        assert t.run is not None
+        if t.stopped or t.run.budget_spent():
+            return
+        if self.should_stop is not None and self.should_stop(t.sae_id):
+            t.run.stop()
+            t.stopped = True
+            return
+        t.run.feed(0, consumed, x_BD)
+
+    def _drain(self) -> None:
+        """End of data: the buffers' last rows, then each batcher's remainder."""
+        for (layer, seed), buffer in self.buffers.items():
+            for chunk in buffer.flush():
+                self._feed_chunk(layer, seed, chunk.acts_ND)
+        for t in self.trainees:
+            if t.stopped or t.batcher is None:
+                continue
+            last = t.batcher.finish()
+            if last is not None:
+                self._step(t, *last)
+
+    def _keep_heldout(self, layer: str, batch: RowBatch) -> None:
+        room = EVAL_MAX_ROWS - self.heldout_rows[layer]
+        if room <= 0:
+            return
+        assert self.medians is not None
+        held = filter_rows(
+            batch, self.filters, self.special, self.medians[layer], "heldout", HELDOUT_FRACTION
+        )
+        acts_ND = held.acts_ND[:room].to(self.storage_dtype)
+        self.heldout[layer].append(acts_ND)
+        self.heldout_rows[layer] += len(acts_ND)
+
+    def finish(self, t: _Trainee, store: Store) -> SAEManifest | TrainingStopped:
+        """Publish one SAE (evaluated on the held-out documents' rows), or report it stopped."""
+        assert t.run is not None
+        if t.stopped:
+            result = t.run.result(True, None)
+            checkpoint = result.checkpoint
+            return TrainingStopped(
+                id=t.sae_id,
+                step=result.step,
+                tokens=result.tokens,
+                checkpoint=str(checkpoint.relative_to(store.local_root)) if checkpoint else None,
+                warnings=t.warnings,
+            )
+        t.run.finish()
+        heldout = self.heldout[t.layer]
+        result = t.run.result(False, (lambda: iter(heldout)) if heldout else None)
+        summary = SAEManifest(
+            id=t.sae_id,
+            status="complete",
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            model=self.lm.name,
+            run_id=self.spill_run_id,
+            layer=t.layer,
+            dataset=self.dataset_record,
+            config=result.sae.config.model_dump(mode="json"),
+            train_config=t.train_config.model_dump(mode="json"),
+            metrics=dict(result.metrics),
+            steps=result.step,
+            tokens=result.tokens,
+            train_seconds=round(time.perf_counter() - self.started, 2),
+            warnings=t.warnings,
+        )
+        return publish_sae(store, t.sae_id, result, summary)

@@ -1,0 +1,178 @@
+"""Stream training: one model pass feeds N SAEs; the spilled run replays to the same weights; a
+stop keeps every SAE's checkpoint and a resume reaches the uninterrupted weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
+from kestrel.core.runs import CaptureOptions
+from kestrel.core.sae import artifacts
+from kestrel.core.sae.stream import train_stream
+
+TOPICS = [
+    "cooking pasta with garlic and basil",
+    "a football match with two goals",
+    "stars and galaxies far away",
+]
+TEXTS = [f"{TOPICS[i % 3]} number {i}, told again and again." * 2 for i in range(90)]
+LAYERS = ["model.layers.0", "model.layers.2"]
+CONFIGS = [
+    ({"architecture": "topk", "n_latents": 64, "k": 4}, {"batch_size": 128, "seed": 3}),
+    ({"architecture": "batchtopk", "n_latents": 96, "k": 6}, {"batch_size": 192, "seed": 5}),
+]
+SAE0 = {"layer": "model.layers.0", "sae": {"n_latents": 64, "k": 4}}
+BUFFER = 512  # small enough that rows leave the buffer mid-pass, not only at the end
+OPTIONS = CaptureOptions(token_budget=1024, shard_mb=0.01)  # several forward batches and shards
+
+
+def _saes(prefix: str) -> list[dict]:
+    return [
+        {"layer": layer, "sae": sae, "train": train, "sae_id": f"{prefix}-{i}-{j}"}
+        for i, layer in enumerate(LAYERS)
+        for j, (sae, train) in enumerate(CONFIGS)
+    ]
+
+
+def _weights(store, sae_id: str) -> dict[str, torch.Tensor]:
+    sae, _ = artifacts.load_sae(store, sae_id)
+    return sae.state_dict()
+
+
+def test_stream_trains_n_saes_and_equals_training_on_the_spilled_run(tiny_lm, store) -> None:
+    progress: dict[str, int] = {}
+
+    def seen(sae_id, report) -> None:
+        progress[sae_id] = report.step
+
+    summaries = train_stream(
+        tiny_lm,
+        TEXTS,
+        _saes("s"),
+        store,
+        options=OPTIONS,
+        spill_run_id="spill",
+        shuffle_buffer=BUFFER,
+        on_progress=seen,
+    )
+    assert [s.status for s in summaries] == ["complete"] * 4
+    assert sorted(s.id for s in artifacts.list_saes(store)) == sorted(s.id for s in summaries)
+    run = store.read_json("activations", "spill")
+    assert list(run["layers"]) == LAYERS and run["n_docs"] == len(TEXTS) and len(run["shards"]) > 3
+    for summary in summaries:
+        assert summary.run_id == "spill" and summary.config["data"]["order"] == "stream"
+        assert 0 < summary.metrics["fvu"] < 1  # held-out documents' rows
+        assert summary.metrics["training"]["steps"] == summary.steps == progress[summary.id]
+        assert artifacts.training_history(store, summary.id)
+
+    for summary, (sae, train) in zip(summaries[1:3], [CONFIGS[1], CONFIGS[0]], strict=True):
+        data = summary.config["data"]
+        replay = artifacts.StreamReplay(norm_median=data["norm_median"], shuffle_buffer=BUFFER)
+        replayed = artifacts.train_from_run(
+            store, "spill", summary.layer, sae, train, sae_id=f"r-{summary.id}", replay=replay
+        )
+        assert (replayed.steps, replayed.tokens) == (summary.steps, summary.tokens)
+        mine, theirs = _weights(store, summary.id), _weights(store, replayed.id)
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], msg=name)
+
+
+def test_stop_keeps_each_checkpoint_and_resume_reaches_the_uninterrupted_weights(tiny_lm, store) -> None:
+    saes = _saes("c")[:2]
+    calls: dict[str, int] = {}
+
+    def stop_after_five_steps(sae_id: str) -> bool:
+        calls[sae_id] = calls.get(sae_id, 0) + 1
+        return calls[sae_id] > 5
+
+    stopped = train_stream(
+        tiny_lm,
+        TEXTS,
+        saes,
+        store,
+        options=OPTIONS,
+        spill_run_id="half",
+        shuffle_buffer=BUFFER,
+        should_stop=stop_after_five_steps,
+    )
+    assert [(s.status, s.step) for s in stopped] == [("stopped", 5), ("stopped", 5)]
+    assert all(s.checkpoint for s in stopped)
+    assert artifacts.list_saes(store) == [] and not store.exists("activations", "half")
+
+    resumed = train_stream(tiny_lm, TEXTS, saes, store, options=OPTIONS, shuffle_buffer=BUFFER, resume=True)
+    fresh = train_stream(tiny_lm, TEXTS, _saes("f")[:2], store, options=OPTIONS, shuffle_buffer=BUFFER)
+    assert [s.status for s in resumed] == ["complete", "complete"] and resumed[0].run_id is None
+    for a, b in zip(resumed, fresh, strict=True):
+        assert a.steps == b.steps
+        mine, theirs = _weights(store, a.id), _weights(store, b.id)
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], msg=name)
+
+
+@pytest.mark.parametrize(
+    ("saes", "kwargs", "error", "message"),
+    [
+        ([], {}, InvalidInputError, "at least one"),
+        ([{"layer": "model.layers.9"}], {}, NotFoundError, "model.layers.9"),
+        ([{**SAE0, "train": {"epochs": 2}}], {}, InvalidInputError, "one pass"),
+        ([{**SAE0, "sae": {"d_in": 7, "n_latents": 64, "k": 4}}], {}, InvalidInputError, "d_in 7"),
+        ([{**SAE0, "sae_id": "x"}, {**SAE0, "sae_id": "x"}], {}, InvalidInputError, "repeated"),
+        ([SAE0], {"resume": True}, NotFoundError, "no checkpoint"),
+        ([SAE0], {"spill_run_id": "taken"}, ConflictError, "taken"),
+        ([SAE0], {"shuffle_buffer": 0}, InvalidInputError, "shuffle_buffer"),
+    ],
+)
+def test_bad_requests_fail_before_any_forward(tiny_lm, store, saes, kwargs, error, message) -> None:
+    (store.local_root / "activations" / "taken").mkdir(parents=True)
+    (store.local_root / "activations" / "taken" / "manifest.json").write_text("{}")
+
+    def no_forward(*args, **kw):
+        raise AssertionError("the model ran")
+
+    forward, tiny_lm.model.forward = tiny_lm.model.forward, no_forward
+    try:
+        with pytest.raises(error, match=message):
+            train_stream(tiny_lm, TEXTS, saes, store, **kwargs)
+    finally:
+        tiny_lm.model.forward = forward
+
+
+def test_one_sae_stops_the_others_finish_and_auto_resume_completes_it(tiny_lm, store) -> None:
+    """A requeued job's rerun: the stopped SAE continues from its checkpoint, a missing one starts."""
+    saes = _saes("p")[:2]
+    stopped_id = saes[0]["sae_id"]
+    calls = {"n": 0}
+
+    def stop_the_first(sae_id: str) -> bool:
+        calls["n"] += sae_id == stopped_id
+        return sae_id == stopped_id and calls["n"] > 3
+
+    first = train_stream(
+        tiny_lm,
+        TEXTS,
+        saes,
+        store,
+        options=OPTIONS,
+        spill_run_id="partial",
+        shuffle_buffer=BUFFER,
+        should_stop=stop_the_first,
+    )
+    assert [s.status for s in first] == ["stopped", "complete"] and first[0].step == 3
+    assert store.exists("activations", "partial")  # the pass ran to the end for the other SAE
+    fresh_id = "p-new"
+    again = train_stream(
+        tiny_lm,
+        TEXTS,
+        [saes[0], {**saes[1], "sae_id": fresh_id}],
+        store,
+        options=OPTIONS,
+        shuffle_buffer=BUFFER,
+        resume="auto",
+    )
+    assert [s.status for s in again] == ["complete", "complete"]
+    reference = train_stream(tiny_lm, TEXTS, _saes("q")[:1], store, options=OPTIONS, shuffle_buffer=BUFFER)
+    for name, tensor in _weights(store, stopped_id).items():
+        torch.testing.assert_close(tensor, _weights(store, reference[0].id)[name], msg=name)
+    for name, tensor in _weights(store, fresh_id).items():
+        torch.testing.assert_close(tensor, _weights(store, saes[1]["sae_id"])[name], msg=name)
