@@ -362,10 +362,10 @@ def saes_import(
     )
     if as_json:
         return print_json(summary)
-    config = summary["config"]
+    config = summary.config
     shape = f"{config['architecture']}, {config['d_in']} → {config['n_latents']} latents"
     console.print(
-        f"[green]imported sae {summary['id']}[/] ({summary['imported_from']}: {shape}, "
-        f"model {summary['model']}, layer {summary['layer']})"
+        f"[green]imported sae {summary.id}[/] ({summary.imported_from}: {shape}, "
+        f"model {summary.model_name}, layer {summary.layer_name})"
     )
     return None

@@ -270,11 +270,11 @@ def plan_from_store(
 
 
 def sae_on_layer_device(
-    lm: LoadedModel, sae: SAE, summary: dict[str, Any], layer: str | None = None
-) -> tuple[SAE, dict[str, Any]]:
+    lm: LoadedModel, sae: SAE, summary: SAEManifest, layer: str | None = None
+) -> tuple[SAE, SAEManifest]:
     """The SAE moved to where ``layer`` (default: the one it was trained on) runs: on a model split
     across devices its controller then edits without copying activations between devices."""
-    where = layer or summary.get("layer") or sae.config.layer
+    where = layer or summary.layer_name
     return sae.to(layer_device(lm, where) if where else lm.device), summary
 
 

@@ -30,6 +30,7 @@ from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae import SAEConfig, create
 from kestrel.core.sae.artifacts import encode_prompt
 from kestrel.core.sae.model_eval import ce_loss_metrics
+from kestrel.core.sae.records import SAEManifest
 from kestrel.core.steering import (
     LatentEdit,
     SteeringConfig,
@@ -116,7 +117,7 @@ def test_the_split_model_captures_the_same_activations(whole, split, tmp_path: P
         store = LocalStore(tmp_path / name)
         manifest = capture(lm, TEXTS, LAYERS, store, run_id="run", options=options)
         runs[name] = (store, manifest)
-    assert runs["split"][1]["n_tokens"] == runs["whole"][1]["n_tokens"] > 10
+    assert runs["split"][1].n_tokens == runs["whole"][1].n_tokens > 10
     for layer in LAYERS:
         got = [
             torch.cat([b.acts_ND for b in iter_row_batches(store, "run", layer)])
@@ -128,10 +129,11 @@ def test_the_split_model_captures_the_same_activations(whole, split, tmp_path: P
 
 def test_steering_a_split_model_with_an_sae_gives_the_same_output(whole, split) -> None:
     sae = make_sae()
+    summary = SAEManifest(id="s", layer=sae.config.layer, config=sae.config.model_dump(mode="json"))
     config = SteeringConfig(sae_id="s", edits=[LatentEdit(latent=3, op="clamp", value=8.0)])
     outputs = []
     for lm in (whole, split):
-        plan = compile_plan(config, lm, load_sae=lambda _id, lm=lm: sae_on_layer_device(lm, sae, {}))
+        plan = compile_plan(config, lm, load_sae=lambda _id, lm=lm: sae_on_layer_device(lm, sae, summary))
         outputs.append(steered_forward(lm, TEXTS, plan).logits_BTV)
     torch.testing.assert_close(outputs[1], outputs[0])
     unsteered = forward(whole, TEXTS).logits_BTV
