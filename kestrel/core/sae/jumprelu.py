@@ -30,10 +30,10 @@ from kestrel.core.sae.base import (
     EncoderOutput,
     LossOutput,
     LossSettings,
-    batch_total_variance,
     register_builtin,
 )
 from kestrel.core.sae.config import SAEConfig, check_l0_coefficient
+from kestrel.core.sae.relu_l1 import penalised_loss
 
 #: SAELens's defaults (JumpReLUTrainingSAEConfig), in units of inputs of mean norm sqrt(d_in).
 BANDWIDTH = 0.05
@@ -119,18 +119,7 @@ class JumpReLUSAE(SAE):
         with torch.no_grad():
             self.threshold.clamp_(min=0.0)  # projected, not clamped in the graph (as SAELens)
         enc, _ = self._encode_2d(x_BD)
-        recon_BD = self._reconstruct(enc)
-        n_rows = x_BD.shape[0]
-        squared_error = (recon_BD - x_BD).pow(2).sum()
         threshold_N = self.threshold.to(enc.pre_acts.dtype)
-        l0_per_row = _StepFn.apply(enc.pre_acts, threshold_N, BANDWIDTH).sum() / n_rows
+        l0_per_row = _StepFn.apply(enc.pre_acts, threshold_N, BANDWIDTH).sum() / x_BD.shape[0]
         coefficient = float(self.config.l0_coefficient) * settings.l1_scale
-        active_BN = enc.acts > 0
-        return LossOutput(
-            loss=squared_error / n_rows + coefficient * l0_per_row,
-            fvu=(squared_error / batch_total_variance(x_BD)).detach(),
-            l0=active_BN.sum(dim=1).float().mean(),
-            fire_counts_N=active_BN.sum(dim=0).float(),
-            aux_loss=torch.zeros((), device=x_BD.device),
-            sparsity_loss=l0_per_row.detach(),
-        )
+        return penalised_loss(x_BD, enc, self._reconstruct(enc), l0_per_row, coefficient)

@@ -44,17 +44,24 @@ class ReLUL1SAE(SAE):
 
     def training_loss(self, x_BD: Tensor, settings: LossSettings) -> LossOutput:
         enc, _ = self._encode_2d(x_BD)
-        recon_BD = self._reconstruct(enc)
-        n_rows = x_BD.shape[0]
-        squared_error = (recon_BD - x_BD).pow(2).sum()
-        weighted_l1 = (enc.acts.sum(dim=0) * self.W_dec.norm(dim=1)).sum() / n_rows
+        weighted_l1 = (enc.acts.sum(dim=0) * self.W_dec.norm(dim=1)).sum() / x_BD.shape[0]
         coefficient = float(self.config.l1_coefficient) * settings.l1_scale
-        active_BN = enc.acts > 0
-        return LossOutput(
-            loss=squared_error / n_rows + coefficient * weighted_l1,
-            fvu=(squared_error / batch_total_variance(x_BD)).detach(),
-            l0=active_BN.sum(dim=1).float().mean(),
-            fire_counts_N=active_BN.sum(dim=0).float(),
-            aux_loss=torch.zeros((), device=x_BD.device),
-            sparsity_loss=weighted_l1.detach(),
-        )
+        return penalised_loss(x_BD, enc, self._reconstruct(enc), weighted_l1, coefficient)
+
+
+def penalised_loss(
+    x_BD: Tensor, enc: EncoderOutput, recon_BD: Tensor, penalty: Tensor, coefficient: float
+) -> LossOutput:
+    """Reconstruction error plus ``coefficient`` times a per-row sparsity penalty (relu_l1's
+    weighted L1, jumprelu's L0), for dense-layout activations ``[B, n_latents]``."""
+    n_rows = x_BD.shape[0]
+    squared_error = (recon_BD - x_BD).pow(2).sum()
+    active_BN = enc.acts > 0
+    return LossOutput(
+        loss=squared_error / n_rows + coefficient * penalty,
+        fvu=(squared_error / batch_total_variance(x_BD)).detach(),
+        l0=active_BN.sum(dim=1).float().mean(),
+        fire_counts_N=active_BN.sum(dim=0).float(),
+        aux_loss=torch.zeros((), device=x_BD.device),
+        sparsity_loss=penalty.detach(),
+    )
