@@ -296,7 +296,10 @@ class SAE(nn.Module):
         total_variance = batch_total_variance(x_BD)
         error_BD = recon_BD - x_BD
         fvu = error_BD.pow(2).sum() / total_variance
-        aux = self._aux_k_loss(x_centred_BD, error_BD.detach(), settings, total_variance)
+        if x_BD.device.type == "cpu":
+            aux = self._aux_k_loss(x_centred_BD, error_BD.detach(), settings, total_variance)
+        else:
+            aux = self._aux_k_loss_on_device(x_centred_BD, error_BD.detach(), settings, total_variance, enc)
         loss = fvu + settings.aux_k_coefficient * aux if settings.aux_k_coefficient > 0 else fvu
         return LossOutput(
             loss=loss,
@@ -336,6 +339,38 @@ class SAE(nn.Module):
             dead_acts_BM = dead_acts_BM * torch.zeros_like(dead_acts_BM).scatter_(1, chosen_BK, 1.0)
         predicted_BD = dead_acts_BM.to(self.W_dec.dtype) @ self.W_dec[dead_ids]
         scale = min(n_dead / settings.aux_k, 1.0)
+        return scale * (predicted_BD + error_BD).pow(2).sum() / total_variance
+
+    def _aux_k_loss_on_device(
+        self,
+        x_centred_BD: Tensor,
+        error_BD: Tensor,
+        settings: LossSettings,
+        total_variance: Tensor,
+        enc: EncoderOutput,
+    ) -> Tensor:
+        """`_aux_k_loss` without a host sync (for CUDA): the same function, reading no count back.
+
+        `_aux_k_loss` selects the dead rows with `nonzero`, whose output size the host must wait
+        for. Here the top `aux_k` latents come from the step's dense pre-activations with the live
+        ones masked to -inf; a pick that is not dead (fewer than `aux_k` are) gets weight 0, and
+        the scale min(n_dead / aux_k, 1) stays a device tensor, 0 when none is dead. The chosen
+        values take the k-sparse backward and decode through the sparse decoder.
+        """
+        zero = torch.zeros((), device=x_centred_BD.device)
+        if settings.dead_N is None or settings.aux_k_coefficient <= 0:
+            return zero
+        dead_N = settings.dead_N
+        pre_BN = enc.pre_acts.detach()
+        if pre_BN.shape[-1] != self.n_latents:  # an architecture that keeps no dense scores
+            with torch.no_grad():
+                pre_BN = linear(x_centred_BD, self.W_enc, self.b_enc)
+        masked_BN = pre_BN.masked_fill(~dead_N, float("-inf"))
+        chosen_BK = masked_BN.topk(settings.aux_k, dim=1, sorted=False).indices
+        values_BK = self._chosen_values(x_centred_BD, chosen_BK, pre_BN)
+        acts_BK = values_BK.relu() * dead_N[chosen_BK].to(values_BK.dtype)
+        predicted_BD = sparse_decode(acts_BK, chosen_BK, self.W_dec)
+        scale = (dead_N.sum() / settings.aux_k).clamp(max=1.0).to(total_variance.dtype)
         return scale * (predicted_BD + error_BD).pow(2).sum() / total_variance
 
     def on_training_step(self, enc: EncoderOutput) -> None:
@@ -378,5 +413,7 @@ def batch_total_variance(x_BD: Tensor) -> Tensor:
 
 def _fire_counts(enc: EncoderOutput, n_latents: int) -> Tensor:
     with torch.no_grad():
+        # index_add rather than bincount, whose CUDA kernel reads the largest index back to the host
         fired_BK = (enc.acts > 0).to(torch.float32)
-        return torch.bincount(enc.indices.reshape(-1), weights=fired_BK.reshape(-1), minlength=n_latents)
+        counts_N = torch.zeros(n_latents, dtype=torch.float32, device=fired_BK.device)
+        return counts_N.index_add_(0, enc.indices.reshape(-1), fired_BK.reshape(-1))

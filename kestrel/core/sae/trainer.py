@@ -557,8 +557,12 @@ def _make_optimizer(sae: SAE, plan: TrainPlan, config: TrainConfig) -> torch.opt
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on CUDA (the encoder matmul dominates); CPU runs stay in float32.
 
-    On CUDA, index_add in the sparse backward accumulates with atomics, so runs there agree to
-    float tolerance rather than bit for bit; on CPU a seed fixes every bit.
+    Under it the dense encoder matmul runs in bf16; the weights stay float32 (Adam's master copy),
+    the k-sparse decode and the sparse backward cast to the weights' float32, and the loss is a
+    float32 reduction (the reconstruction is float32). On CUDA, index_add in the sparse backward
+    accumulates with atomics, so runs there agree to float tolerance rather than bit for bit; on
+    CPU a seed fixes every bit. Nothing in a step reads a value back to the host (the figures
+    accumulate in `_Window` until a report), so the host queues steps ahead of the GPU.
     """
     on = enabled and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
