@@ -1,0 +1,78 @@
+"""A stream training job on the overview: one row per SAE under the job's row, with its live step,
+FVU and L0 from the job's metrics, a small FVU-by-step curve built from the points the page saw,
+and, once the job has published its SAEs, a link to each SAE's page (which draws the whole history).
+
+The job is submitted over HTTP to the live stack after the page is open, so the page follows it as
+a user would (the list's refresh finds it, its stream updates it). Waits poll with deadlines.
+"""
+
+from __future__ import annotations
+
+import pytest
+from browser_stack import Dashboard
+from service_stack import wait_for_job, wait_until
+
+pytestmark = pytest.mark.timeout(420)
+
+# Long enough (~200 docs, batch 8, a point every step) that the page sees several points live.
+TEXTS = [
+    f"Document {i} is about {topic}, and it keeps going about {topic} for a while. " * 6
+    for i, topic in enumerate(["rivers and lakes", "a chess match", "baking bread", "old maps"] * 50)
+]
+SAES = [
+    {"layer": "model.layers.0", "sae": {"architecture": "topk", "n_latents": 64, "k": 4}},
+    {"layer": "model.layers.1", "sae": {"architecture": "topk", "n_latents": 96, "k": 8}},
+]
+TRAIN = {"batch_size": 8, "log_every": 1}
+
+
+def number_in(cell) -> bool:
+    """A figure cell shows a number (the dashboard writes '–' for none)."""
+    text = cell.inner_text().strip()
+    return bool(text) and text != "–"
+
+
+def test_stream_job_lists_each_sae_with_live_figures_curve_and_link(page, dashboard: Dashboard) -> None:
+    page.goto(f"{dashboard.url}/ui")
+    page.wait_for_selector("body[data-ready]")
+    body = {
+        "model": "tiny-llama",
+        "dataset": {"kind": "texts", "texts": TEXTS},
+        "saes": [{**s, "train": TRAIN} for s in SAES],
+    }
+    with dashboard.client() as http:
+        accepted = http.post("/v1/saes", json=body)
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        sae_ids = accepted.json()["artifacts"]["sae_ids"]
+    assert len(sae_ids) == 2
+
+    detail = page.locator(f"tr[data-detail-of='{job_id}']")
+    detail.wait_for()  # the list's refresh finds the job and lists its SAEs under it
+    rows = {sae_id: detail.locator(f"tr[data-sae-id='{sae_id}']") for sae_id in sae_ids}
+    for row in rows.values():
+        row.wait_for()
+
+    # While it runs: each SAE shows its step and FVU, and its curve grows from the points seen.
+    def live_curves() -> bool:
+        if page.locator(f"tr[data-job-id='{job_id}']").get_attribute("data-status") == "finished":
+            raise AssertionError("the job finished before the page drew a curve of two points")
+        return all(row.locator("svg path.line").count() == 1 for row in rows.values())
+
+    wait_until(live_curves, 240, "a live FVU curve for each SAE")
+    for row in rows.values():
+        assert "/" in row.locator("td").nth(2).inner_text()  # step / total steps
+        assert number_in(row.locator("td[data-figure=fvu]")) and number_in(row.locator("td[data-figure=l0]"))
+
+    with dashboard.client() as http:
+        wait_for_job(http, job_id, timeout_s=300)
+    # Once published, each SAE links to its page, with its layer, and keeps its figures.
+    for sae_id, request in zip(sae_ids, SAES, strict=True):
+        link = rows[sae_id].locator(f"a[href$='/ui/saes/{sae_id}']")
+        link.wait_for()
+        assert request["layer"] in rows[sae_id].inner_text()
+        assert number_in(rows[sae_id].locator("td[data-figure=fvu]"))
+    rows[sae_ids[0]].locator("a").first.click()
+    page.wait_for_selector("body[data-ready]")
+    assert sae_ids[0] in page.url
+    page.locator("#curves svg path.line").first.wait_for()  # the published history's curves
