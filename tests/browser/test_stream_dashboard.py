@@ -9,7 +9,7 @@ a user would (the list's refresh finds it, its stream updates it). Waits poll wi
 from __future__ import annotations
 
 import pytest
-from browser_stack import Dashboard
+from browser_stack import OUTPUT, Dashboard
 from service_stack import wait_for_job, wait_until
 
 pytestmark = pytest.mark.timeout(420)
@@ -61,7 +61,7 @@ def test_stream_job_lists_each_sae_with_live_figures_curve_and_link(page, dashbo
 
     wait_until(live_curves, 240, "a live FVU curve for each SAE")
     for row in rows.values():
-        assert "/" in row.locator("td").nth(2).inner_text()  # step / total steps
+        assert "/" in row.locator("td[data-figure=step]").inner_text()  # step / total steps
         assert number_in(row.locator("td[data-figure=fvu]")) and number_in(row.locator("td[data-figure=l0]"))
 
     with dashboard.client() as http:
@@ -72,6 +72,9 @@ def test_stream_job_lists_each_sae_with_live_figures_curve_and_link(page, dashbo
         link.wait_for()
         assert request["layer"] in rows[sae_id].inner_text()
         assert number_in(rows[sae_id].locator("td[data-figure=fvu]"))
+        assert number_in(rows[sae_id].locator("td[data-figure=step]"))
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "stream_job_on_the_overview.png"), full_page=True)
     rows[sae_ids[0]].locator("a").first.click()
     page.wait_for_selector("body[data-ready]")
     assert sae_ids[0] in page.url

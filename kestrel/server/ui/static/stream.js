@@ -10,6 +10,7 @@ import { linePlot } from "./plot.js";
 const TINY = { width: 220, height: 110, left: 38, right: 8, top: 8, bottom: 22 };
 const MAX_POINTS = 500; // per SAE: a long training thins its oldest points rather than grow without end
 const curves = new Map(); // sae id -> Map(step -> fvu)
+const lastLive = new Map(); // sae id -> its latest training point seen (a finished job reports its evaluation instead)
 
 /** The SAE ids a job makes, when it is a stream training (artifacts.sae_ids is a list). */
 export function streamSaeIds(job) {
@@ -21,7 +22,9 @@ export function streamSaeIds(job) {
 export function recordPoints(job) {
   for (const id of streamSaeIds(job)) {
     const point = job.metrics?.saes?.[id];
-    if (!point || !Number.isInteger(point.step) || typeof point.fvu !== "number") continue;
+    if (!point || !Number.isInteger(point.step)) continue;
+    lastLive.set(id, point);
+    if (typeof point.fvu !== "number") continue; // a diverging step reports null figures
     let curve = curves.get(id);
     if (!curve) curves.set(id, (curve = new Map()));
     curve.set(point.step, point.fvu);
@@ -36,9 +39,12 @@ function summary(sae) {
   return [h("span", { class: "mono" }, sae.layer ?? c.layer ?? "–"), h("div", { class: "muted" }, shape.filter(Boolean).join(" · "))];
 }
 
-function steps(point) {
-  if (!Number.isInteger(point?.step)) return "–";
-  return point.total_steps ? `${num(point.step)} / ${num(point.total_steps)}` : num(point.step);
+/** step / total: the live point's, else (a finished job) the result's step over the last plan seen. */
+function steps(job, id) {
+  const live = Number.isInteger(job.metrics?.saes?.[id]?.step) ? job.metrics.saes[id] : lastLive.get(id);
+  const step = job.result?.saes?.[id]?.step ?? live?.step;
+  if (!Number.isInteger(step)) return "–";
+  return live?.total_steps ? `${num(step)} / ${num(live.total_steps)}` : num(step);
 }
 
 function curve(id) {
@@ -63,7 +69,7 @@ export function streamSaesTable(job, published) {
       return h("tr", { dataset: { saeId: id, published: sae ? "true" : "false" } },
         h("td", {}, name),
         h("td", {}, summary(sae)),
-        h("td", { class: "num" }, steps(point)),
+        h("td", { class: "num", dataset: { figure: "step" } }, steps(job, id)),
         h("td", { class: "num", dataset: { figure: "fvu" } }, num(point.fvu)),
         h("td", { class: "num", dataset: { figure: "l0" } }, num(point.l0)),
         h("td", { class: "num" }, percent(point.dead_fraction)),
