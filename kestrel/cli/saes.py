@@ -185,7 +185,15 @@ def train_stream_command(
     lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
 
     def show(sae_id: str, progress) -> None:  # on stderr: --json keeps stdout to the summaries
-        err_console.print(f"{sae_id} step {progress.step}/{progress.total_steps}: fvu {progress.fvu:.3f}")
+        # A diverging step reports null figures: the line says n/a rather than crash the training.
+        def fig(value: float | None, spec: str) -> str:
+            return "n/a" if value is None else format(value, spec)
+
+        of = f"/{progress.total_steps}" if progress.total_steps else ""
+        err_console.print(
+            f"{sae_id} step {progress.step}{of}: fvu {fig(progress.fvu, '.3f')}, "
+            f"l0 {fig(progress.l0, '.1f')}, dead {fig(progress.dead_fraction, '.1%')}"
+        )
 
     summaries = train_stream(
         lm,

@@ -4,10 +4,12 @@
 import { api, awaited, base, watchJob } from "./api.js";
 import { $, fill, h, num, percent, table, when } from "./dom.js";
 import { notify, start, status } from "./shell.js";
+import { recordPoints, streamSaeIds, streamSaesTable } from "./stream.js";
 
 const TERMINAL = new Set(["finished", "failed", "canceled"]);
 const JOB_REFRESH_MS = 3000;
-const rows = new Map(); // job id -> {row, stop}
+const rows = new Map(); // job id -> {row, detail, stop}: detail lists a stream training's SAEs
+const published = new Map(); // sae id -> its record in GET /v1/saes (a stream job's SAEs link to it)
 // A browser opens at most six HTTP/1.1 connections to a host: streams beyond a few would stall the
 // page's other requests, so later active jobs follow the list's refresh instead.
 const MAX_STREAMS = 3;
@@ -19,8 +21,10 @@ const LINKED = { sae_id: "saes", analysis_id: "analyses" }; // a finished job's 
 // Jobs
 
 function jobArtifacts(job) {
-  return Object.entries(job.artifacts ?? {}).map(([name, id]) =>
-    LINKED[name] && job.status === "finished" ? h("a", { href: `${base}/ui/${LINKED[name]}/${id}` }, id) : h("span", { class: "mono" }, id));
+  return Object.entries(job.artifacts ?? {}).map(([name, id]) => {
+    if (Array.isArray(id)) return h("span", {}, `${id.length} ${name === "sae_ids" ? "SAEs (below)" : name}`);
+    return LINKED[name] && job.status === "finished" ? h("a", { href: `${base}/ui/${LINKED[name]}/${id}` }, id) : h("span", { class: "mono" }, id);
+  });
 }
 
 function jobCells(job) {
@@ -40,17 +44,31 @@ function jobCells(job) {
   ];
 }
 
+/** The row under a stream training job's row that lists its SAEs (null for other jobs). */
+function renderDetail(entry, job) {
+  if (!streamSaeIds(job).length) return;
+  entry.detail ??= h("tr", { class: "job-detail", dataset: { detailOf: job.id } });
+  fill(entry.detail, h("td", { colspan: "6" }, streamSaesTable(job, published)));
+}
+
 function renderJob(job) {
   let entry = rows.get(job.id);
   if (!entry) {
-    entry = { row: h("tr", { dataset: { jobId: job.id } }), stop: null };
+    entry = { row: h("tr", { dataset: { jobId: job.id } }), detail: null, stop: null };
     rows.set(job.id, entry);
   }
+  recordPoints(job);
   const snapshot = JSON.stringify(job);
   if (snapshot !== entry.snapshot) { // redraw on change only, so keyboard focus in a row survives
+    const ended = entry.job && !TERMINAL.has(entry.job.status) && job.status === "finished";
     entry.snapshot = snapshot;
+    entry.job = job;
     entry.row.dataset.status = job.status;
     fill(entry.row, jobCells(job));
+    renderDetail(entry, job);
+    placeDetail(entry);
+    // A stream job followed by the list (not its stream) has just published its SAEs: list them.
+    if (ended && !entry.stop && streamSaeIds(job).length) loadArtifacts().catch(() => {});
   }
   if (!TERMINAL.has(job.status) && !entry.stop && streams < MAX_STREAMS) {
     streams += 1;
@@ -88,10 +106,20 @@ async function loadJobs() {
   }
   // A streamed job is updated by its stream; the list only adds jobs and refreshes the rest.
   for (const job of page.items) if (!rows.get(job.id)?.stop || TERMINAL.has(job.status)) renderJob(job);
-  const order = page.items.map((job) => job.id);
-  if (order.join() !== [...body.children].map((row) => row.dataset.jobId).join()) {
-    body.replaceChildren(...order.map((id) => rows.get(id).row));
+  const order = page.items.flatMap((job) => [rows.get(job.id).row, rows.get(job.id).detail].filter(Boolean));
+  if (order.length !== body.children.length || order.some((row, i) => body.children[i] !== row)) {
+    body.replaceChildren(...order);
   }
+}
+
+/** A detail row made after its job's row was placed goes right under it. */
+function placeDetail(entry) {
+  if (entry.detail && entry.row.parentNode && entry.row.nextSibling !== entry.detail) entry.row.after(entry.detail);
+}
+
+/** Redraw the stream jobs' SAE tables once the SAE list changed (their links and layers). */
+function refreshDetails() {
+  for (const entry of rows.values()) if (entry.detail && entry.job) renderDetail(entry, entry.job);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,6 +215,9 @@ async function loadArtifacts() {
     api("/activations", { query: { limit: 100 } }),
     api("/analyses", { query: { limit: ANALYSES_SHOWN } }),
   ]);
+  published.clear();
+  for (const sae of saes.items) published.set(sae.id, sae);
+  refreshDetails();
   renderSaes(saes.items);
   renderRuns(runs.items);
   renderAnalyses(analyses);
