@@ -206,11 +206,14 @@ def train_stream_command(
     )
     if as_json:
         return print_json(summaries)
-    rows = [
-        [s["id"], s.get("layer", ""), s["status"], f"{s['metrics']['fvu']:.3f}" if "metrics" in s else "-"]
-        for s in summaries
-    ]
-    print_table(["id", "layer", "status", "held-out FVU"], rows)
+    print_table(["id", "layer", "status", "held-out FVU"], [_stream_row(s) for s in summaries])
+
+
+def _stream_row(summary: Any) -> list[str]:
+    """A published SAE (its held-out FVU) or a stopped one (no metrics, a checkpoint)."""
+    fvu = (getattr(summary, "metrics", None) or {}).get("fvu")
+    layer = getattr(summary, "layer_name", None) or ""
+    return [summary.id, layer, summary.status, "-" if fvu is None else f"{fvu:.3f}"]
 
 
 @cli.command("eval")

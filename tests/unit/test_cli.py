@@ -212,5 +212,9 @@ def test_train_stream_sweeps_k_on_two_layers_in_one_pass(store_root) -> None:
         ("model.layers.2", 8, "complete"),
     ]
     assert {s["run_id"] for s in summaries} == {"cli-spill"}
+    cpu = ["--batch-size", "64", "--device", "cpu", "--store", str(store_root)]
+    table = invoke("train-stream", *common, *cpu)  # the table a person reads
+    assert table.exit_code == 0, table.output
+    assert "held-out FVU" in table.stdout and table.stdout.count("complete") == 2  # one SAE per layer
     bad = invoke("train-stream", *common, "--sweep-k", "4,x", "--store", str(store_root))
     assert bad.exit_code == 2 and "--sweep-k" in bad.output
