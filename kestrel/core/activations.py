@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from kestrel.core.datasets import DatasetSpec, TextsSource, iter_texts, token_batches
+from kestrel.core.datasets import DatasetSpec, TextsSource, TokenBatch, iter_texts, token_batches
 from kestrel.core.errors import CancelledError, InvalidInputError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import TORCH_DTYPES, LoadedModel
@@ -386,13 +386,7 @@ def _capture_rows(
 ) -> _CaptureResult:
     storage_dtype = TORCH_DTYPES[options.dtype]
     drop_ids = _dropped_token_ids(lm.tokenizer, options)
-    batches = token_batches(
-        texts,
-        lm.tokenizer,
-        max_length=options.max_length,
-        token_budget=options.token_budget,
-        max_batch_size=options.max_batch_size,
-    )
+    batches = capture_batches(lm, texts, options)
     keep: dict[str, torch.Tensor] = {}  # the current batch's row mask, read by the detectors
     rows: dict[str, torch.Tensor] = {}
 
@@ -408,21 +402,9 @@ def _capture_rows(
         for batch in batches:
             if should_stop is not None and should_stop():
                 raise CancelledError("capture cancelled; nothing was stored")
-            ids_BT = batch.input_ids_BT.to(lm.device)
-            attn_BT = batch.attention_mask_BT.to(lm.device)
-            mask_BT = attn_BT.bool()  # rows to keep; attention still sees every real token
-            positions_BT = torch.arange(ids_BT.shape[1], device=lm.device).expand_as(ids_BT)
-            if drop_ids is not None:
-                mask_BT &= ~torch.isin(ids_BT, drop_ids.to(lm.device))
-            keep["mask_BT"] = mask_BT
+            keep["mask_BT"], meta = rows_mask_and_meta(batch, drop_ids, lm.device)
+            ids_BT, attn_BT = batch.input_ids_BT.to(lm.device), batch.attention_mask_BT.to(lm.device)
             run_until_stopped(partial(lm.model, input_ids=ids_BT, attention_mask=attn_BT, use_cache=False))
-            meta = {
-                "token_id": ids_BT[mask_BT].to("cpu", torch.int32),
-                "doc_index": batch.doc_index_B.to(lm.device)[:, None]
-                .expand_as(ids_BT)[mask_BT]
-                .to("cpu", torch.int32),
-                "position": positions_BT[mask_BT].to("cpu", torch.int32),
-            }
             run.add(dict(rows), meta)
             n_batches += 1
             n_docs = max(n_docs, int(batch.doc_index_B.max()) + 1)
@@ -437,6 +419,36 @@ def _capture_rows(
             "the dataset produced no tokens to capture (empty texts, or every token dropped)"
         )
     return _CaptureResult(n_docs, time.perf_counter() - started)
+
+
+def capture_batches(lm: LoadedModel, texts: Iterator[str], options: CaptureOptions) -> Iterator[TokenBatch]:
+    """The token batches a capture forwards (also a stream training's: same rows, same order)."""
+    return token_batches(
+        texts,
+        lm.tokenizer,
+        max_length=options.max_length,
+        token_budget=options.token_budget,
+        max_batch_size=options.max_batch_size,
+    )
+
+
+def rows_mask_and_meta(
+    batch: TokenBatch, drop_ids: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The rows a batch keeps (its real tokens less the dropped ids; attention still sees every
+    real token) and their int32 metadata as a run stores it."""
+    ids_BT = batch.input_ids_BT.to(device)
+    mask_BT = batch.attention_mask_BT.to(device).bool()
+    if drop_ids is not None:
+        mask_BT &= ~torch.isin(ids_BT, drop_ids.to(device))
+    positions_BT = torch.arange(ids_BT.shape[1], device=device).expand_as(ids_BT)
+    docs_BT = batch.doc_index_B.to(device)[:, None].expand_as(ids_BT)
+    meta = {
+        "token_id": ids_BT[mask_BT].to("cpu", torch.int32),
+        "doc_index": docs_BT[mask_BT].to("cpu", torch.int32),
+        "position": positions_BT[mask_BT].to("cpu", torch.int32),
+    }
+    return mask_BT, meta
 
 
 def _dropped_token_ids(tokenizer: Any, options: CaptureOptions) -> torch.Tensor | None:

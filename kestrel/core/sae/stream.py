@@ -46,8 +46,10 @@ from kestrel.core.activations import (
     _describe_dataset,
     _dropped_token_ids,
     _manifest,
+    capture_batches,
+    rows_mask_and_meta,
 )
-from kestrel.core.datasets import DatasetSpec, TokenBatch, iter_texts, token_batches
+from kestrel.core.datasets import DatasetSpec, iter_texts
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import TORCH_DTYPES, LoadedModel
@@ -218,41 +220,13 @@ def count_train_rows(lm: LoadedModel, spec: DatasetSpec, options: CaptureOptions
     drop_ids = _dropped_token_ids(lm.tokenizer, options)
     special = sorted(int(i) for i in lm.tokenizer.all_special_ids)
     total = 0
-    for batch in _token_batches(lm, iter_texts(spec), options):
-        meta = _batch_meta(batch, drop_ids, torch.device("cpu"))[1]
+    for batch in capture_batches(lm, iter_texts(spec), options):
+        meta = rows_mask_and_meta(batch, drop_ids, torch.device("cpu"))[1]
         rows = RowBatch(
             torch.empty(len(meta["token_id"]), 0), meta["token_id"], meta["doc_index"], meta["position"]
         )
         total += len(filter_rows(rows, filters, special, None, "train", HELDOUT_FRACTION))
     return total
-
-
-def _token_batches(lm: LoadedModel, texts: Iterator[str], options: CaptureOptions) -> Iterator[TokenBatch]:
-    return token_batches(
-        texts,
-        lm.tokenizer,
-        max_length=options.max_length,
-        token_budget=options.token_budget,
-        max_batch_size=options.max_batch_size,
-    )
-
-
-def _batch_meta(
-    batch: TokenBatch, drop_ids: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The kept-token mask of a batch and its rows' int32 metadata, as capture stores them."""
-    ids_BT = batch.input_ids_BT.to(device)
-    mask_BT = batch.attention_mask_BT.to(device).bool()
-    if drop_ids is not None:
-        mask_BT &= ~torch.isin(ids_BT, drop_ids.to(device))
-    positions_BT = torch.arange(ids_BT.shape[1], device=device).expand_as(ids_BT)
-    docs_BT = batch.doc_index_B.to(device)[:, None].expand_as(ids_BT)
-    meta = {
-        "token_id": ids_BT[mask_BT].to("cpu", torch.int32),
-        "doc_index": docs_BT[mask_BT].to("cpu", torch.int32),
-        "position": positions_BT[mask_BT].to("cpu", torch.int32),
-    }
-    return mask_BT, meta
 
 
 class _Stream:
@@ -292,14 +266,16 @@ class _Stream:
         keep: dict[str, torch.Tensor] = {}
 
         def record(acts_BTD: torch.Tensor, ctx: HookContext) -> None:
-            rows[ctx.layer] = acts_BTD.detach()[keep["mask_BT"]].to("cpu", self.storage_dtype)
+            # A split model runs this layer on its own device; the mask was built beside the inputs.
+            acts_ND = acts_BTD.detach()[keep["mask_BT"].to(acts_BTD.device)]
+            rows[ctx.layer] = acts_ND.to("cpu", self.storage_dtype)
 
         hooks = [Detector(name, record) for name in self.layers] + [stop_after(self.layers[-1])]
         device = self.lm.device
         with HookManager(self.lm.model, hooks):
-            for batch in _token_batches(self.lm, texts, self.options):
+            for batch in capture_batches(self.lm, texts, self.options):
                 with torch.no_grad():  # not inference_mode: the rows go on into autograd
-                    keep["mask_BT"], meta = _batch_meta(batch, drop_ids, device)
+                    keep["mask_BT"], meta = rows_mask_and_meta(batch, drop_ids, device)
                     ids_BT, attn_BT = batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device)
                     forward = partial(
                         self.lm.model, input_ids=ids_BT, attention_mask=attn_BT, use_cache=False
