@@ -53,12 +53,7 @@ def prepare_stream_training(request: TrainRequest, store: Store, settings: Setti
             raise InvalidInputError(f"saes[{i}].layer must not be empty")
         train = entry.train or TrainConfig()
         limits.check_train(train.model_dump(mode="json"), caps)
-        if train.epochs != 1 and train.token_budget is None:
-            raise InvalidInputError(
-                f"saes[{i}].train.epochs is {train.epochs}: a stream is one pass; use spill and train "
-                "on the stored run for more epochs",
-                details={"index": i, "epochs": train.epochs},
-            )
+        train.check_one_pass(i)
     return {
         "request": request.model_dump(mode="json"),
         "sae_ids": [new_id("sae") for _ in request.saes],

@@ -279,3 +279,13 @@ class TrainConfig(EngineConfig):
         """Whether resuming under `other` continues this run (bookkeeping fields may differ)."""
         ignored = {"checkpoint_every", "checkpoint_every_s", "keep_checkpoints", "log_every", "device"}
         return self.model_dump(exclude=ignored) == other.model_dump(exclude=ignored)
+
+    def check_one_pass(self, index: int) -> None:
+        """A stream trains in one pass over its dataset: refuse more epochs (the API before it
+        queues the job, the engine before its first forward), naming ``saes[index]``."""
+        if self.epochs != 1 and self.token_budget is None:
+            raise InvalidInputError(
+                f"saes[{index}].train.epochs is {self.epochs}: a stream is one pass; spill the run and "
+                "train on the stored run for more epochs",
+                details={"index": index, "epochs": self.epochs},
+            )

@@ -171,11 +171,7 @@ def _trainees(
         sae_cfg = SAEConfig.from_dict({**raw, "d_in": width, "model": lm.name, "layer": entry.layer})
         train = entry.train
         train_cfg = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train))
-        if train_cfg.epochs != 1 and train_cfg.token_budget is None:
-            raise InvalidInputError(
-                f"saes[{i}]: a stream is one pass (epochs=1); spill the run and train on it for more epochs",
-                details={"index": i, "epochs": train_cfg.epochs},
-            )
+        train_cfg.check_one_pass(i)
         sae_id = validate_id(entry.sae_id, "sae id") if entry.sae_id else new_id("sae")
         resume_from = _resume_point(store, sae_id, resume)
         trainees.append(
