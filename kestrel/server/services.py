@@ -208,7 +208,7 @@ def training_job_kwargs(
     if resume:
         sae_id = validate_id(request.resume_from, "SAE id")
         request = _merge_original(request, redis, sae_id)
-        _check_resumable(store, sae_id)
+        check_resumable(store, sae_id)
     else:
         sae_id = new_id("sae")
     if request.run_id is None or request.layer is None or request.sae is None:
@@ -240,7 +240,7 @@ def _merge_original(request: TrainRequest, redis: Redis, sae_id: str) -> TrainRe
     )
 
 
-def _check_resumable(store: Store, sae_id: str) -> None:
+def check_resumable(store: Store, sae_id: str) -> None:
     if store.exists("saes", sae_id):
         raise InvalidInputError(f"SAE {sae_id!r} finished training already; nothing to resume")
     if not checkpoint_dir(store, sae_id).is_dir():

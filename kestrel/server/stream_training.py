@@ -4,10 +4,13 @@ their widths against ``d_in`` and the SAE size caps) before its first forward.""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from redis import Redis
+
 from kestrel.core import limits
-from kestrel.core.errors import InvalidInputError
+from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.limits import Caps
 from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae.config import TrainConfig
@@ -15,6 +18,10 @@ from kestrel.core.store import Store, new_id
 from kestrel.schemas import TrainRequest
 from kestrel.server import services
 from kestrel.settings import Settings
+from kestrel.workers import lifecycle
+
+#: The request of a stream job, kept (like a run training's) so one of its SAEs can resume alone.
+STREAM_REQUEST_KEY = lifecycle.PREFIX + ":stream-request:{}"
 
 
 def is_stream_request(request: TrainRequest) -> bool:
@@ -29,8 +36,13 @@ def job_artifacts(kwargs: dict[str, Any]) -> dict[str, str | list[str]]:
     return artifacts
 
 
-def prepare_stream_training(request: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:
-    """Validate a stream training request; the job's kwargs with fresh SAE ids (and run id)."""
+def prepare_stream_training(
+    request: TrainRequest, redis: Redis, store: Store, settings: Settings
+) -> dict[str, Any]:
+    """Validate a stream training request; the job's kwargs with fresh SAE ids (and run id).
+
+    The request is kept in Redis for `services.TRAIN_REQUEST_TTL_S`, once, with a pointer from
+    each SAE id, so that ``resume_from`` can continue any one of them later."""
     mixed = [name for name in ("run_id", "layer", "sae", "resume_from") if getattr(request, name) is not None]
     if mixed:
         raise InvalidInputError(
@@ -54,8 +66,58 @@ def prepare_stream_training(request: TrainRequest, store: Store, settings: Setti
         train = entry.train or TrainConfig()
         limits.check_train(train.model_dump(mode="json"), caps)
         train.check_one_pass(i)
-    return {
+    kwargs = {
         "request": request.model_dump(mode="json"),
         "sae_ids": [new_id("sae") for _ in request.saes],
         "spill_run_id": new_id("run") if request.spill else None,
     }
+    _remember_request(redis, kwargs["request"], kwargs["sae_ids"])
+    return kwargs
+
+
+def _remember_request(redis: Redis, request: dict[str, Any], sae_ids: list[str]) -> None:
+    group = sae_ids[0]
+    ttl = services.TRAIN_REQUEST_TTL_S
+    with redis.pipeline() as pipe:
+        pipe.set(STREAM_REQUEST_KEY.format(group), json.dumps(request), ex=ttl)
+        for i, sae_id in enumerate(sae_ids):
+            pointer = {"stream": group, "index": i}
+            pipe.set(lifecycle.TRAIN_REQUEST_KEY.format(sae_id), json.dumps(pointer), ex=ttl)
+        pipe.execute()
+
+
+def stream_original(redis: Redis, sae_id: str) -> dict[str, Any] | None:
+    """The stream request that trained ``sae_id``, narrowed to that SAE; None when the SAE was
+    trained from a run (or its request has expired)."""
+    raw = redis.get(lifecycle.TRAIN_REQUEST_KEY.format(sae_id))
+    pointer = json.loads(raw) if raw is not None else {}
+    if "stream" not in pointer:
+        return None
+    raw_request = redis.get(STREAM_REQUEST_KEY.format(pointer["stream"]))
+    if raw_request is None:
+        raise NotFoundError(
+            f"the stream request that trained SAE {sae_id!r} has expired; start a new training",
+            details={"id": sae_id},
+        )
+    request = json.loads(raw_request)
+    return {**request, "saes": [request["saes"][pointer["index"]]], "spill": False}
+
+
+def prepare_stream_resume(
+    request: TrainRequest, original: dict[str, Any], store: Store, settings: Settings
+) -> dict[str, Any]:
+    """The kwargs of a job that continues one stopped stream SAE from its checkpoint: one more pass
+    over the original dataset, the SAE skipping the rows its checkpoint consumed."""
+    sae_id = request.resume_from
+    assert sae_id is not None
+    given = sorted(request.model_fields_set - {"resume_from"})
+    if given:
+        raise InvalidInputError(
+            f"SAE {sae_id!r} was trained from a stream; it resumes with its original dataset and "
+            f"config, so give resume_from alone (also given: {', '.join(given)})",
+            details={"fields": given},
+        )
+    services.check_resumable(store, sae_id)
+    original_request = TrainRequest.model_validate(original)
+    services.require_allowed_model(original_request.model, settings)
+    return {"request": original, "sae_ids": [sae_id], "spill_run_id": None, "resume": True}

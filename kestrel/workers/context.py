@@ -33,7 +33,7 @@ from rq.job import Job, JobStatus, Retry
 
 from kestrel.core.errors import CancelledError, KestrelError
 from kestrel.settings import Settings, get_settings
-from kestrel.workers.lifecycle import CANCEL_KEY, LOG_LINES
+from kestrel.workers.lifecycle import CANCEL_KEY, CANCEL_PARTS_KEY, LOG_LINES
 from kestrel.workers.model_cache import ModelCache
 
 log = logging.getLogger("kestrel.jobs")
@@ -133,6 +133,8 @@ class JobContext:
         self.store = settings.open_store()
         self.models = model_cache(settings)
         self.stop_reason: str | None = None
+        self.cancelled_parts: set[str] = set()
+        """Parts of the job (SAE ids of a stream training) cancelled on their own."""
         self._meta: dict[str, Any] = job.meta if job is not None else {}
         self._log: deque[str] = deque(self._meta.get("log") or [], maxlen=LOG_LINES)
         self._last_save = 0.0
@@ -237,19 +239,26 @@ class JobContext:
                 self._check_redis(now)
         return self.stop_reason is not None
 
+    def part_cancelled(self, part: str) -> bool:
+        """True once ``part`` (an SAE id of a stream training) or the whole job was cancelled, or
+        the worker is shutting down; as cheap as `should_stop` (the same throttled round trip)."""
+        return self.should_stop() or part in self.cancelled_parts
+
     def _check_redis(self, now: float) -> None:
-        """One round trip: the cancel key, and whether the job is still this worker's."""
+        """One round trip: the cancel keys, and whether the job is still this worker's."""
         job = self.job
         assert job is not None
         try:
             with job.connection.pipeline(transaction=False) as pipe:
                 pipe.exists(CANCEL_KEY.format(job.id))
+                pipe.smembers(CANCEL_PARTS_KEY.format(job.id))
                 pipe.hmget(job.key, "status", "worker_name")
-                cancelled, (status, worker) = pipe.execute()
+                cancelled, parts, (status, worker) = pipe.execute()
         except REDIS_ERRORS as exc:
             self._redis.failed(now, exc)
             return
         self._redis.succeeded()
+        self.cancelled_parts = {p.decode() if isinstance(p, bytes) else p for p in parts}
         if cancelled:
             self.stop_reason = "cancel"
         elif status is not None and (

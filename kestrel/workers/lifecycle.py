@@ -42,6 +42,8 @@ QUEUES = (INTERACTIVE, GENERATE, BATCH)
 PREFIX = "kestrel"
 JOBS_INDEX = f"{PREFIX}:jobs"  # zset: job id → created (unix time), newest last
 CANCEL_KEY = PREFIX + ":cancel:{}"
+CANCEL_PARTS_KEY = PREFIX + ":cancel-parts:{}"  # set: the parts of a job (SAE ids) to stop alone
+SAE_JOB_KEY = PREFIX + ":sae-job:{}"  # the job training an SAE (for a cancel by SAE id)
 UNLOAD_HASH = f"{PREFIX}:unload"
 LAYERS_KEY = PREFIX + ":layers:{}"
 TRAIN_REQUEST_KEY = PREFIX + ":train-request:{}"
@@ -289,3 +291,34 @@ def cancel(redis: Redis, job_id: str) -> JobInfo:
 
 def cancel_requested(redis: Redis, job_id: str) -> bool:
     return bool(redis.exists(CANCEL_KEY.format(job_id)))
+
+
+def cancel_part(redis: Redis, job_id: str, part: str) -> JobInfo:
+    """Stop one part of a running job (an SAE of a stream training) and let the rest go on.
+
+    The job polls the set with its cancel key (`JobContext.part_cancelled`); a part cancelled
+    while the job is queued is stopped before its first step. When every part is stopped the job
+    ends as a cancel would."""
+    job = fetch(redis, job_id)
+    status = public_status(job) if job.get_status() else "failed"
+    if status in TERMINAL_STATES:
+        raise ConflictError(f"job {job_id!r} is already {status}", details={"id": job_id, "status": status})
+    key = CANCEL_PARTS_KEY.format(job_id)
+    with redis.pipeline() as pipe:
+        pipe.sadd(key, part)
+        pipe.expire(key, CANCEL_TTL_S)
+        pipe.execute()
+    return describe(job)
+
+
+def remember_sae_job(redis: Redis, sae_ids: list[str], job_id: str) -> None:
+    """Which job trains these SAEs, so ``POST /v1/saes/{id}/cancel`` can find it."""
+    with redis.pipeline() as pipe:
+        for sae_id in sae_ids:
+            pipe.set(SAE_JOB_KEY.format(sae_id), job_id, ex=CANCEL_TTL_S)
+        pipe.execute()
+
+
+def sae_job(redis: Redis, sae_id: str) -> str | None:
+    raw = redis.get(SAE_JOB_KEY.format(sae_id))
+    return raw.decode() if isinstance(raw, bytes) else raw

@@ -9,6 +9,7 @@ from its newest checkpoint (`resume="auto"`) and skipping the SAEs an earlier ru
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -23,9 +24,16 @@ from kestrel.workers.jobs import LOG_EVERY_S, _inline_summary, engine_source
 
 @job_function("train")
 def train_stream_job(
-    ctx: JobContext, request: dict[str, Any], sae_ids: list[str], spill_run_id: str | None = None
+    ctx: JobContext,
+    request: dict[str, Any],
+    sae_ids: list[str],
+    spill_run_id: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train every SAE of ``request.saes`` from one pass; each is published as its own SAE."""
+    """Train every SAE of ``request.saes`` from one pass; each is published as its own SAE.
+
+    ``resume`` continues them from their checkpoints (``POST /v1/saes`` with ``resume_from`` a
+    stopped stream SAE); a requeued job continues those that have one."""
     from kestrel.core.sae.checkpoint import writer_lock
     from kestrel.core.sae.stream import StreamSAE, train_stream
 
@@ -73,18 +81,36 @@ def train_stream_job(
             ctx.store,
             options=options,
             spill_run_id=spill_run_id if ctx.attempt == 1 or not _spilled(ctx, spill_run_id) else None,
-            resume="auto" if ctx.attempt > 1 else False,
+            resume=True if resume else ("auto" if ctx.attempt > 1 else False),
             on_progress=on_progress,
-            should_stop=lambda sae_id: ctx.should_stop(),
+            should_stop=_stopper(ctx),
             dataset_record=req.dataset.model_dump(exclude={"texts"}) | _inline_summary(req.dataset),
         )
-    results = {
-        s.id: {k: getattr(s, k, None) for k in ("status", "metrics", "step", "checkpoint")} for s in summaries
-    }
-    if any(s.status == "stopped" for s in summaries):
-        return ctx.stopped("checkpoints kept; the SAEs resume when the job reruns", {"saes": results})
-    ctx.update(metrics={"saes": {k: v["metrics"] for k, v in results.items()}}, force=True)
+    fields = ("status", "metrics", "step", "tokens", "checkpoint")
+    results = {s.id: {k: getattr(s, k, None) for k in fields} for s in summaries}
+    if ctx.stop_reason is not None or all(s.status == "stopped" for s in summaries):
+        return ctx.stopped("checkpoints kept; resume an SAE with resume_from=<its id>", {"saes": results})
+    ctx.update(metrics={"saes": {k: v["metrics"] for k, v in results.items() if v["metrics"]}}, force=True)
+    stopped = sorted(name for name, v in results.items() if v["status"] == "stopped")
+    if stopped:
+        ctx.outcome = f"{len(results) - len(stopped)} SAEs published; cancelled: {', '.join(stopped)}"
     return {"sae_ids": sae_ids, "run_id": spill_run_id, "saes": results}
+
+
+def _stopper(ctx: JobContext) -> Callable[[str], bool]:
+    """``should_stop(sae_id)`` for the engine: the job's cancel, or that SAE's own
+    (``POST /v1/saes/{id}/cancel``); says once in the job's log which SAE stopped and why."""
+    told: set[str] = set()
+
+    def should_stop(sae_id: str) -> bool:
+        if not ctx.part_cancelled(sae_id):
+            return False
+        if sae_id not in told and ctx.stop_reason is None:
+            told.add(sae_id)
+            ctx.log(f"{sae_id} cancelled: checkpoint kept; resume with resume_from={sae_id!r}", force=True)
+        return True
+
+    return should_stop
 
 
 def _spilled(ctx: JobContext, run_id: str | None) -> bool:

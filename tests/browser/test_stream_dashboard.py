@@ -5,8 +5,8 @@ and, once the job has published its SAEs, a link to each SAE's page (which draws
 The jobs are submitted over HTTP to the live stack after the page is open, so the page follows them
 as a user would (the list's refresh finds them, their streams update them). Waits poll with
 deadlines, and no assertion depends on how fast a job runs: the live figures are read from a job
-far longer than the wait (cancelled once the page has drawn them), the links from a short job that
-is awaited to the end.
+far longer than the wait (one of its SAEs stopped from its row, then the job cancelled, once the
+page has drawn them), the links from a short job that is awaited to the end.
 """
 
 from __future__ import annotations
@@ -82,7 +82,18 @@ def test_stream_job_lists_each_sae_with_live_figures_curve_and_link(page, dashbo
     for row in live_rows.values():
         assert "/" in row.locator("td[data-figure=step]").inner_text()  # step / total steps
         assert number_in(row.locator("td[data-figure=fvu]")) and number_in(row.locator("td[data-figure=l0]"))
+    # Stop one SAE from its row: the job goes on training the other, and says which one stopped.
+    stopped_id = live_ids[0]
+    live_rows[stopped_id].get_by_role("button", name=f"Stop SAE {stopped_id}").click()
+    page.locator("#jobs-status", has_text=f"Stop requested for {stopped_id}").wait_for()
     with dashboard.client() as http:
+
+        def told_stopped() -> bool:
+            job = http.get(f"/v1/jobs/{live_job}").json()
+            told = any(f"{stopped_id} cancelled" in line for line in job["log"])
+            return told and job["status"] == "started"
+
+        wait_until(told_stopped, 120, f"the job to stop {stopped_id} alone")
         assert http.post(f"/v1/jobs/{live_job}/cancel").status_code == 202  # started: stops at its next step
         wait_for_job(http, live_job, ("canceled",), timeout_s=120)
 

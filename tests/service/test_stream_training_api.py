@@ -4,8 +4,10 @@ run; malformed stream requests are refused before anything is queued."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
-from service_stack import Stack, assert_error, wait_for_job
+from service_stack import JOB_TIMEOUT_S, Stack, assert_error, wait_for_job, wait_until
 
 TEXTS = [
     f"the {w} sat on the mat number {i} and looked around the room."
@@ -53,3 +55,65 @@ def test_malformed_stream_requests_are_refused_before_queueing(client: httpx.Cli
     epochs = {"dataset": texts, "saes": [{**SAES[0], "train": {"epochs": 3}}]}
     assert "one pass" in assert_error(client.post("/v1/saes", json=epochs), 422)["message"]
     assert_error(client.post("/v1/saes", json={"dataset": texts, "saes": []}), 422)
+
+
+LONG_DOCS = 10_000  # an uploaded dataset at a point a step: many minutes for a whole pass
+
+
+def _long_dataset(client: httpx.Client) -> dict:
+    """An uploaded JSONL dataset far longer than the test waits (inline texts are capped)."""
+    lines = "".join(json.dumps({"text": TEXTS[i % len(TEXTS)]}) + "\n" for i in range(LONG_DOCS))
+    uploaded = client.post("/v1/uploads", files={"file": ("long.jsonl", lines.encode(), "text/plain")})
+    assert uploaded.status_code == 201, uploaded.text
+    return {"kind": "upload", "upload_id": uploaded.json()["id"], "text_field": "text"}
+
+
+def _point(client: httpx.Client, job_id: str, sae_id: str) -> dict | None:
+    """The SAE's latest progress point in the job's metrics, once it has taken a step."""
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    point = ((job.get("metrics") or {}).get("saes") or {}).get(sae_id)
+    return point if point and point.get("step", 0) >= 1 else None
+
+
+def test_one_sae_of_a_stream_job_is_cancelled_alone_and_resumed(client: httpx.Client) -> None:
+    """``POST /v1/saes/{id}/cancel`` stops one SAE with its checkpoint while the job trains the
+    other to the end; ``resume_from`` then continues that SAE from its checkpoint in a job of its
+    own. No wait depends on speed: the cancelled SAE reads a dataset far longer than the test (it
+    is cancelled once it has stepped), the other stops at a small token budget."""
+    train = {"batch_size": 8, "log_every": 1}
+    long_sae = {**SAES[0], "train": train}
+    short_sae = {**SAES[1], "train": {**train, "token_budget": 256}}
+    body = {"model": "tiny-llama", "dataset": _long_dataset(client), "saes": [long_sae, short_sae]}
+    accepted = client.post("/v1/saes", json=body)
+    assert accepted.status_code == 202, accepted.text
+    job_id, (long_id, short_id) = accepted.json()["id"], accepted.json()["artifacts"]["sae_ids"]
+    wait_until(lambda: _point(client, job_id, long_id), JOB_TIMEOUT_S, f"{long_id} to take a step")
+
+    cancelled = client.post(f"/v1/saes/{long_id}/cancel")
+    assert cancelled.status_code == 202, cancelled.text
+    assert cancelled.json()["id"] == job_id and not cancelled.json()["cancel_requested"]  # the job goes on
+    job = wait_for_job(client, job_id)
+    stopped, published = job["result"]["saes"][long_id], job["result"]["saes"][short_id]
+    assert stopped["status"] == "stopped" and stopped["checkpoint"] and stopped["step"] >= 1, stopped
+    assert published["status"] == "complete", published
+    assert client.get(f"/v1/saes/{short_id}").json()["status"] == "complete"
+    assert_error(client.get(f"/v1/saes/{long_id}"), 404)
+    assert long_id in job["message"]  # "finished: 1 SAEs published; cancelled: <id>"
+    assert_error(client.post(f"/v1/saes/{short_id}/cancel"), 409, "conflict")
+    assert_error(client.post("/v1/saes/sae-unknown/cancel"), 404)
+    mixed = client.post("/v1/saes", json={"resume_from": long_id, "train": {"batch_size": 16}})
+    assert "resume_from alone" in assert_error(mixed, 422, "invalid_input")["message"]
+
+    resumed = client.post("/v1/saes", json={"resume_from": long_id})
+    assert resumed.status_code == 202, resumed.text
+    resumed_id = resumed.json()["id"]
+    assert resumed.json()["artifacts"]["sae_ids"] == [long_id] and resumed_id != job_id
+    later = wait_until(
+        lambda: (p := _point(client, resumed_id, long_id)) and p["step"] > stopped["step"] and p,
+        JOB_TIMEOUT_S,
+        f"{long_id} to step on from its checkpoint",
+    )
+    assert later["tokens"] > stopped["tokens"]
+    assert client.post(f"/v1/saes/{long_id}/cancel").json()["cancel_requested"]  # its own job: all of it
+    final = wait_for_job(client, resumed_id, states=("canceled",))
+    assert final["result"]["saes"][long_id]["step"] >= later["step"]

@@ -176,3 +176,37 @@ def test_one_sae_stops_the_others_finish_and_auto_resume_completes_it(tiny_lm, s
         torch.testing.assert_close(tensor, _weights(store, reference[0].id)[name], msg=name)
     for name, tensor in _weights(store, fresh_id).items():
         torch.testing.assert_close(tensor, _weights(store, saes[1]["sae_id"])[name], msg=name)
+
+
+def test_an_unset_batch_size_is_chosen_from_the_pass_and_few_steps_are_warned(tiny_lm, store) -> None:
+    """As for a stored run: the batch shrinks toward the rows the pass has (never below the auto
+    minimum unless the pass is a toy), and an SAE that will take few steps says so."""
+    sae = {**SAE0, "sae_id": "auto-batch"}
+    [summary] = train_stream(tiny_lm, TEXTS, [sae], store, options=OPTIONS, shuffle_buffer=BUFFER)
+    chosen = summary.train_config["batch_size"]
+    assert chosen == artifacts.MIN_AUTO_BATCH_SIZE  # ~1k rows: far from 500 steps at any size
+    assert any("optimiser steps" in w for w in summary.warnings), summary.warnings
+    assert summary.steps == pytest.approx(summary.tokens / chosen, abs=1)
+
+
+def test_the_pass_ends_once_every_sae_is_through_its_budget_unless_it_spills(tiny_lm, store) -> None:
+    forwards: list[int] = []
+    handle = tiny_lm.model.model.layers[0].register_forward_pre_hook(lambda *_: forwards.append(1))
+    budget = {**SAE0, "train": {"batch_size": 32, "token_budget": 64}}
+    try:
+        train_stream(tiny_lm, TEXTS, [{**budget, "sae_id": "b1"}], store, options=OPTIONS, shuffle_buffer=64)
+        short = len(forwards)
+        forwards.clear()
+        train_stream(
+            tiny_lm,
+            TEXTS,
+            [{**budget, "sae_id": "b2"}],
+            store,
+            options=OPTIONS,
+            shuffle_buffer=64,
+            spill_run_id="whole",
+        )
+    finally:
+        handle.remove()
+    assert 0 < short < len(forwards)  # the spill needs the whole dataset; training alone did not
+    assert store.exists("saes", "b1") and store.exists("saes", "b2")

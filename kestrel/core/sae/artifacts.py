@@ -151,7 +151,7 @@ def _data_record(filters: RowFilter) -> dict[str, Any]:
     }
 
 
-def _checkpoint_batch_size(checkpoint: Path) -> int | None:
+def checkpoint_batch_size(checkpoint: Path) -> int | None:
     """The batch size a stopped run was training with (an old run's default may differ from
     what `choose_batch_size` picks now; a resume must keep it)."""
     state = json.loads((checkpoint / "state.json").read_text())
@@ -201,7 +201,7 @@ def train_from_run(
     elif checkpoints.exists():
         shutil.rmtree(checkpoints)  # an abandoned earlier attempt under this id
     if resume_from is not None and train_cfg.batch_size is None:
-        train_cfg = train_cfg.model_copy(update={"batch_size": _checkpoint_batch_size(resume_from)})
+        train_cfg = train_cfg.model_copy(update={"batch_size": checkpoint_batch_size(resume_from)})
     train_rows = int(manifest.n_tokens * (1 - HELDOUT_FRACTION))
     train_cfg, warnings = choose_batch_size(train_cfg, train_rows)
     if on_warning is not None:

@@ -19,7 +19,8 @@ token and split filters; rows the norm filter drops are not known before the for
 count may run a few rows over). A stream is one epoch; more epochs replay the spilled run.
 
 Faults: should_stop(sae_id) stops that SAE at once with a checkpoint (the others go on; when all
-have stopped the pass ends and the spill is not published). ``resume=True`` re-streams from the
+have stopped the pass ends and the spill is not published; without a spill the pass also ends
+once every SAE is stopped or through its token budget). ``resume=True`` re-streams from the
 start and each SAE skips the rows its checkpoint consumed, reaching the uninterrupted weights. An
 exception or a kill publishes nothing beyond the SAEs already published (spill and SAEs appear
 whole or not at all: each is one rename).
@@ -55,7 +56,13 @@ from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_sto
 from kestrel.core.models import TORCH_DTYPES, LoadedModel
 from kestrel.core.run_reader import RowBatch, ShuffleBuffer, filter_rows
 from kestrel.core.runs import CaptureOptions, RowFilter
-from kestrel.core.sae.artifacts import HELDOUT_FRACTION, SHUFFLE_BUFFER_ROWS, publish_sae
+from kestrel.core.sae.artifacts import (
+    HELDOUT_FRACTION,
+    SHUFFLE_BUFFER_ROWS,
+    checkpoint_batch_size,
+    choose_batch_size,
+    publish_sae,
+)
 from kestrel.core.sae.batches import Rebatcher
 from kestrel.core.sae.checkpoint import latest_checkpoint
 from kestrel.core.sae.config import DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig
@@ -200,14 +207,23 @@ def _resume_point(store: Store, sae_id: str, resume: bool | Literal["auto"]) -> 
 def _plan(
     lm: LoadedModel, spec: DatasetSpec, trainees: list[_Trainee], options: CaptureOptions, filters: RowFilter
 ) -> None:
-    """Batch sizes and plans; counts the training rows with a tokenizer-only pass if needed."""
+    """Batch sizes and plans; counts the training rows with a tokenizer-only pass if needed.
+
+    An unset batch size is chosen from the rows the SAE will see, as for a stored run
+    (`choose_batch_size`, which also warns when training will take too few steps); a resumed SAE
+    keeps the batch size its checkpoint was trained with."""
     rows: int | None = None
     for t in trainees:
-        if t.train_config.batch_size is None:
-            t.train_config = t.train_config.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE})
+        if t.train_config.batch_size is None and t.resume_from is not None:
+            kept = checkpoint_batch_size(t.resume_from)
+            t.train_config = t.train_config.model_copy(update={"batch_size": kept})
         if t.train_config.token_budget is None and rows is None:
             rows = count_train_rows(lm, spec, options, filters)
         t.rows = None if t.train_config.token_budget is not None else rows
+        seen = t.rows if t.rows is not None else t.train_config.token_budget
+        assert seen is not None
+        t.train_config, warnings = choose_batch_size(t.train_config, seen)
+        t.warnings.extend(warnings)
         resolve_plan(t.sae_config, t.train_config, t.rows)  # InvalidInputError: too few rows
 
 
@@ -256,6 +272,13 @@ class _Stream:
     def all_stopped(self) -> bool:
         return all(t.stopped for t in self.trainees)
 
+    def all_done(self, spill: RunWriter | None) -> bool:
+        """Every SAE stopped or through its token budget: the rest of the pass would feed nobody
+        (unless it is being spilled, which needs the whole dataset)."""
+        if spill is not None:
+            return self.all_stopped()
+        return all(t.stopped or (t.run is not None and t.run.budget_spent()) for t in self.trainees)
+
     def run(self, texts: Iterator[str], spill: RunWriter | None) -> None:
         drop_ids = _dropped_token_ids(self.lm.tokenizer, self.options)
         rows: dict[str, torch.Tensor] = {}
@@ -281,7 +304,7 @@ class _Stream:
                     spill.add(dict(rows), meta)
                 self.n_docs = max(self.n_docs, int(batch.doc_index_B.max()) + 1)
                 self._feed_batch(rows, meta)
-                if self.all_stopped():
+                if self.all_done(spill):
                     return
         if self.medians is None:
             raise InvalidInputError("the dataset produced no tokens (empty texts, or every token dropped)")

@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from kestrel.core import uploads
-from kestrel.core.errors import InvalidInputError, KestrelError
+from kestrel.core.errors import ConflictError, InvalidInputError, KestrelError, NotFoundError
 from kestrel.core.limits import Caps
 from kestrel.core.sae import records
 from kestrel.core.sae.filesets import LAYOUTS, files_from_zip
-from kestrel.core.store import new_id
+from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import (
     DeletedResponse,
     EncodeRequest,
@@ -32,6 +32,7 @@ from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, Settin
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive, submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
 from kestrel.settings import Settings
+from kestrel.workers import lifecycle
 from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/saes", tags=["saes"], responses=error_responses(401, 422))
@@ -59,31 +60,58 @@ def start_training(
 
     With ``dataset`` and ``saes``: one job trains every SAE from one pass of the model
     (``artifacts.sae_ids``, and ``artifacts.run_id`` when ``spill`` stores the pass)."""
-    if stream_training.is_stream_request(request):
-        kwargs = stream_training.prepare_stream_training(request, store, settings)
-        return submit_batch(
-            redis,
-            settings,
-            response,
-            job_names.TRAIN_STREAM,
-            kind="train",
-            kwargs=kwargs,
-            artifacts=stream_training.job_artifacts(kwargs),
-            idempotency_key=idempotency_key,
-            request_body=request.model_dump(mode="json"),
-        )
-    kwargs = services.training_job_kwargs(request, redis, store, settings)
-    return submit_batch(
+    original = None
+    if request.resume_from is not None:
+        original = stream_training.stream_original(redis, validate_id(request.resume_from, "SAE id"))
+    if original is not None or stream_training.is_stream_request(request):
+        if original is not None:
+            kwargs = stream_training.prepare_stream_resume(request, original, store, settings)
+        else:
+            kwargs = stream_training.prepare_stream_training(request, redis, store, settings)
+        func, artifacts = job_names.TRAIN_STREAM, stream_training.job_artifacts(kwargs)
+    else:
+        kwargs = services.training_job_kwargs(request, redis, store, settings)
+        func, artifacts = job_names.TRAIN, {"sae_id": kwargs["sae_id"], "run_id": kwargs["run_id"]}
+    info = submit_batch(
         redis,
         settings,
         response,
-        job_names.TRAIN,
+        func,
         kind="train",
         kwargs=kwargs,
-        artifacts={"sae_id": kwargs["sae_id"], "run_id": kwargs["run_id"]},
+        artifacts=artifacts,
         idempotency_key=idempotency_key,
         request_body=request.model_dump(mode="json"),
     )
+    lifecycle.remember_sae_job(redis, _trained_ids(info), info.id)
+    return info
+
+
+def _trained_ids(info: JobInfo) -> list[str]:
+    """The SAE ids a training job makes, from its artifacts (a replayed Idempotency-Key answers
+    the first job, whose ids differ from the kwargs prepared for the replay)."""
+    artifacts = info.artifacts or {}
+    many = artifacts.get("sae_ids")
+    one = artifacts.get("sae_id")
+    return list(many) if isinstance(many, list) else [one] if isinstance(one, str) else []
+
+
+@router.post("/{sae_id}/cancel", response_model=JobInfo, status_code=202, responses=error_responses(404, 409))
+def cancel_training(sae_id: SaeId, redis: RedisDep, store: StoreDep) -> JobInfo:
+    """Stop the training of one SAE, keeping its checkpoint (``resume_from`` continues it).
+
+    A stream job goes on training its other SAEs (the answer is that job, still running); the
+    job of a single SAE is cancelled as ``POST /v1/jobs/{id}/cancel`` would. 409 once the SAE's
+    job has ended."""
+    job_id = lifecycle.sae_job(redis, sae_id)
+    if job_id is None:
+        if store.exists("saes", sae_id):
+            raise ConflictError(f"SAE {sae_id!r} finished training already", details={"id": sae_id})
+        raise NotFoundError(f"no training of SAE {sae_id!r} is known", details={"id": sae_id})
+    job = lifecycle.describe(lifecycle.fetch(redis, job_id))
+    if len(_trained_ids(job)) > 1:
+        return lifecycle.cancel_part(redis, job_id, sae_id)
+    return lifecycle.cancel(redis, job_id)
 
 
 # Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is

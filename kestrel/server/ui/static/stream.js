@@ -3,14 +3,17 @@
 // reports only each SAE's latest point, so the curve holds what this page saw; once the SAE is
 // published its page draws the whole history (GET /v1/saes/{id}/history).
 
-import { base } from "./api.js";
-import { h, num, percent } from "./dom.js";
+import { api, base } from "./api.js";
+import { $, h, num, percent } from "./dom.js";
 import { linePlot } from "./plot.js";
+import { status } from "./shell.js";
 
 const TINY = { width: 220, height: 110, left: 38, right: 8, top: 8, bottom: 22 };
 const MAX_POINTS = 500; // per SAE: a long training thins its oldest points rather than grow without end
 const curves = new Map(); // sae id -> Map(step -> fvu)
 const lastLive = new Map(); // sae id -> its latest training point seen (a finished job reports its evaluation instead)
+const stopping = new Set(); // sae ids this page asked to stop (the table is redrawn at each update)
+const TERMINAL = new Set(["finished", "failed", "canceled"]);
 
 /** The SAE ids a job makes, when it is a stream training (artifacts.sae_ids is a list). */
 export function streamSaeIds(job) {
@@ -53,13 +56,35 @@ function curve(id) {
   return linePlot(`FVU of ${id}`, points, { xLabel: "step", size: TINY });
 }
 
+/** Stop one SAE of the job (POST /v1/saes/{id}/cancel): the others go on; its checkpoint is kept. */
+async function stopSae(id, button) {
+  button.disabled = true;
+  try {
+    await api(`/saes/${id}/cancel`, { method: "POST" });
+    stopping.add(id);
+    button.textContent = "Stopping…";
+    status($("#jobs-status"), `Stop requested for ${id}; its checkpoint is kept (resume with resume_from=${id}).`, "ok");
+  } catch (error) {
+    button.disabled = false;
+    status($("#jobs-status"), `Could not stop ${id}: ${error.message}`, "err");
+  }
+}
+
+function stopButton(job, id, sae) {
+  if (sae || TERMINAL.has(job.status) || job.result?.saes?.[id]) return null;
+  const attrs = { class: "btn small danger", type: "button", "aria-label": `Stop SAE ${id}` };
+  if (stopping.has(id)) return h("button", { ...attrs, disabled: true }, "Stopping…");
+  const button = h("button", { ...attrs, onclick: () => stopSae(id, button) }, "Stop");
+  return button;
+}
+
 /**
  * The table of a stream training job's SAEs. `published` maps the ids of listed SAEs (GET
  * /v1/saes) to their record: those get a link to their page and their layer and shape.
  */
 export function streamSaesTable(job, published) {
   const ids = streamSaeIds(job);
-  const head = ["SAE", "Layer · config", "Step", "FVU", "L0", "Dead", "FVU by step (this page)"];
+  const head = ["SAE", "Layer · config", "Step", "FVU", "L0", "Dead", "FVU by step (this page)", ""];
   return h("table", { class: "stream-saes", "aria-label": `SAEs of job ${job.id}` },
     h("thead", {}, h("tr", {}, head.map((label, i) => h("th", { scope: "col", class: i >= 2 && i <= 5 ? "num" : null }, label)))),
     h("tbody", {}, ids.map((id) => {
@@ -73,6 +98,7 @@ export function streamSaesTable(job, published) {
         h("td", { class: "num", dataset: { figure: "fvu" } }, num(point.fvu)),
         h("td", { class: "num", dataset: { figure: "l0" } }, num(point.l0)),
         h("td", { class: "num" }, percent(point.dead_fraction)),
-        h("td", {}, curve(id)));
+        h("td", {}, curve(id)),
+        h("td", {}, stopButton(job, id, sae)));
     })));
 }
