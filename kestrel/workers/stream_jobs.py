@@ -2,8 +2,11 @@
 pass as a run). Its own module because `kestrel.workers.jobs` is near the size limit.
 
 Faults: a cancel stops every SAE with a checkpoint and publishes nothing more (nor the spill);
-a worker shutdown requeues the job, and the rerun re-streams the dataset, each SAE continuing
-from its newest checkpoint (`resume="auto"`) and skipping the SAEs an earlier run published.
+a cancel of one SAE (`JobContext.part_cancelled`) stops that one with its checkpoint and the job
+trains the others to the end. A worker shutdown requeues the job, and the rerun re-streams the
+dataset, each SAE continuing from its newest checkpoint (`resume="auto"`) and skipping the SAEs
+an earlier run published; an SAE cancelled alone stays cancelled (the set of cancelled parts
+outlives the worker), so it stops again at its first step with its checkpoint unchanged.
 """
 
 from __future__ import annotations
