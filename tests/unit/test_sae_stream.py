@@ -160,6 +160,19 @@ def test_one_sae_stops_the_others_finish_and_auto_resume_completes_it(tiny_lm, s
     )
     assert [s.status for s in first] == ["stopped", "complete"] and first[0].step == 3
     assert store.exists("activations", "partial")  # the pass ran to the end for the other SAE
+    # A rerun while that SAE is still cancelled (a requeue after its own cancel): it stops at once,
+    # its checkpoint where it was; the completed SAE is not trained again.
+    [still] = train_stream(
+        tiny_lm,
+        TEXTS,
+        saes[:1],
+        store,
+        options=OPTIONS,
+        shuffle_buffer=BUFFER,
+        resume="auto",
+        should_stop=lambda sae_id: sae_id == stopped_id,
+    )
+    assert still.status == "stopped" and still.step == 3
     fresh_id = "p-new"
     again = train_stream(
         tiny_lm,
