@@ -23,6 +23,7 @@ from kestrel.cli.common import (
     open_store,
     print_json,
     print_table,
+    sae_model,
     warn,
 )
 from kestrel.cli.config_options import ConfigGroup, config_options
@@ -380,3 +381,53 @@ def saes_import(
         f"model {summary.model_name}, layer {summary.layer_name})"
     )
     return None
+
+
+@saes_app.command("neuronpedia")
+@friendly_errors
+def saes_neuronpedia(
+    sae_id: Annotated[str, typer.Argument(help="an SAE with discovered features (kestrel discover)")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="[default: ./<sae-id>-neuronpedia.zip]")
+    ] = None,
+    source_set: Annotated[str, typer.Option(help="Neuronpedia source set, e.g. res-topk-4k")] = "kestrel",
+    creator: Annotated[str, typer.Option(help="creator name shown on Neuronpedia")] = "kestrel",
+    model_id: Annotated[
+        str | None, typer.Option(help="Neuronpedia's model id [default: from the model]")
+    ] = None,
+    description: Annotated[str, typer.Option(help="the source set's description")] = "",
+    latent: Annotated[
+        list[int] | None, typer.Option("--latent", help="only these latents (repeatable)")
+    ] = None,
+    bins: Annotated[bool, typer.Option(help="also export each activation bin's samples")] = True,
+    force: Annotated[bool, typer.Option(help="replace what is at --out")] = False,
+    model: SaeModelOpt = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+) -> None:
+    """Write an SAE's feature pages in Neuronpedia's bulk-import layout (a zip of JSON lines): the
+    model reruns each stored context for its per-token values."""
+    from kestrel.core.concepts.config import NeuronpediaExport
+    from kestrel.core.concepts.neuronpedia import export_neuronpedia
+    from kestrel.core.errors import ConflictError
+
+    target = out if out is not None else Path(f"{sae_id}-neuronpedia.zip")
+    if target.exists() and not force:
+        raise ConflictError(
+            f"{target} already exists; pass --force to replace it", details={"path": str(target)}
+        )
+    options = NeuronpediaExport(
+        model_id=model_id,
+        source_set=source_set,
+        creator=creator,
+        description=description,
+        latents=latent,
+        bins=bins,
+    )
+    the_store = open_store(store)
+    lm = sae_model(the_store, sae_id, model, device)
+    data = export_neuronpedia(the_store, sae_id, lm, options)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(target)  # a complete zip or none
+    console.print(f"exported the feature pages of {sae_id} for Neuronpedia to {target}")

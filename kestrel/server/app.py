@@ -28,6 +28,7 @@ from kestrel.server.routers import (
     activations,
     analyses,
     concepts,
+    exports,
     features,
     health,
     jobs,
@@ -91,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(health.metrics_router, dependencies=protected)
-    for module in (models, activations, saes, features, concepts, steering, analyses, jobs, uploads):
+    routers = (models, activations, saes, exports, features, concepts, steering, analyses, jobs, uploads)
+    for module in routers:
         app.include_router(module.router, prefix="/v1", dependencies=protected)
     app.include_router(ui_router)  # the dashboard: data-free pages, a client of /v1 like any other
     # Middleware, innermost first: body limits, then the API key (checked before any body is

@@ -185,6 +185,7 @@ def _id_path(what: str):
 
 RunId = Annotated[str, _id_path("run")]
 SaeId = Annotated[str, _id_path("SAE")]
+ExportId = Annotated[str, _id_path("export")]
 JobId = Annotated[str, _id_path("job")]
 UploadId = Annotated[str, _id_path("upload")]
 AnalysisId = Annotated[str, _id_path("analysis")]

@@ -73,3 +73,28 @@ def log_bin_count(low: float, high: float, per_decade: int) -> int:
     """Bins of a log-spaced histogram from ``low`` to ``high`` (`LogBins.n_bins`, defined here once)."""
     # a difference of logs, not the log of a ratio: 1e3 / 5e-324 overflows to infinity
     return max(1, round((math.log10(high) - math.log10(low)) * per_decade))
+
+
+# ---------------------------------------------------------------------------------------------
+# Neuronpedia export (kestrel.core.concepts.neuronpedia)
+
+SOURCE_SET_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+
+
+class NeuronpediaExport(EngineConfig):
+    """What to call an SAE's feature pages on Neuronpedia, and which latents and contexts go."""
+
+    model_id: str | None = Field(
+        None,
+        max_length=100,
+        description="Neuronpedia's model id (default: the model's name, e.g. smollm2-135m-instruct)",
+    )
+    source_set: str = Field(
+        "kestrel", pattern=SOURCE_SET_PATTERN, description="source set, e.g. res-topk-4k (lowercase, dashes)"
+    )
+    creator: str = Field("kestrel", min_length=1, max_length=100, description="creator shown on Neuronpedia")
+    description: str = Field("", max_length=500, description="the source set's description")
+    latents: list[int] | None = Field(
+        None, max_length=65_536, description="latents to export (default: every latent that fired)"
+    )
+    bins: bool = Field(True, description="also export the samples of each activation bin, not only the top")
