@@ -107,3 +107,21 @@ def test_steer_side_by_side_save_list_show_delete(sae_store) -> None:
     assert len(json_out(by_direction)["items"][0]["steered"]["token_ids"]) == 3
     assert invoke("steering", "delete", out["config_id"], *store).exit_code == 0
     assert json_out(invoke("steering", "list", *store, "--json")) == []
+
+
+def test_saes_neuronpedia_writes_the_bulk_import_zip(sae_store, tmp_path) -> None:
+    import zipfile
+
+    store = ("--store", str(sae_store))
+    discovered = invoke("discover", "cli-sae", "--device", "cpu", "--top-n", "3", "--window", "3", *store)
+    assert discovered.exit_code == 0, discovered.output
+    out = tmp_path / "np.zip"
+    args = ("saes", "neuronpedia", "cli-sae", "-o", str(out), "--source-set", "res-64", "--no-bins")
+    args = (*args, "--latent")
+    result = invoke(*args, "1", "--latent", "2", "--device", "cpu", *store)
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(out) as archive:
+        names = archive.namelist()
+    assert any(n.endswith("/2-res-64/features/batch-0.jsonl.gz") for n in names), names
+    again = invoke(*args, "1", "--device", "cpu", *store)
+    assert again.exit_code == 2 and "--force" in again.output  # never overwrites without --force
