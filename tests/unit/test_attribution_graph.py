@@ -218,3 +218,22 @@ def test_unsupported_requests_are_refused(tiny_lm, transcoders) -> None:
         attribution_graph(tiny_lm, PROMPT, {})
     with pytest.raises(InvalidInputError, match="no block 9"):
         attribution_graph(tiny_lm, PROMPT, {9: transcoders[0]})
+
+
+def test_pruning_keeps_the_influential_nodes_and_the_json_names_them(tiny_lm, transcoders) -> None:
+    from kestrel.core.analysis.graph import graph_json, prune
+
+    graph = attribution_graph(tiny_lm, PROMPT, transcoders)
+    everything = prune(graph, 1.0, 1.0)[0]
+    nodes, edges = prune(graph, node_keep=0.5, edge_keep=0.9)
+    assert bool(nodes[graph.kinds("token")].all()) and bool(nodes[-1])
+    assert int(nodes.sum()) < int(everything.sum())  # something was pruned
+    assert not bool(edges[~nodes].any()) and not bool(edges[:, ~nodes].any())
+    inner = nodes & (graph.kinds("feature") | graph.kinds("error"))
+    assert bool(edges.any(0)[inner].all())  # every kept feature or error node has an edge out
+    exported = graph_json(graph, nodes, edges)
+    ids = {node["id"] for node in exported["nodes"]}
+    assert all(link["source"] in ids and link["target"] in ids for link in exported["links"])
+    assert exported["target"]["token"] == graph.nodes[-1].token and exported["links"]
+    with pytest.raises(InvalidInputError, match="node_keep"):
+        prune(graph, node_keep=1.5)

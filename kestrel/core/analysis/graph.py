@@ -387,3 +387,72 @@ def _square(adjacency: Tensor) -> Tensor:
     square = torch.zeros(n, n)
     square[:, : adjacency.shape[1]] = adjacency
     return square
+
+
+def _threshold(scores: Tensor, keep: float) -> float:
+    """The score above which the highest scores hold ``keep`` of the total."""
+    ordered = scores.flatten().sort(descending=True).values
+    total = float(ordered.sum())
+    if total <= 0:
+        return float("inf")
+    cumulative = ordered.cumsum(0) / total
+    index = min(int(torch.searchsorted(cumulative, torch.tensor(keep))), len(ordered) - 1)
+    return float(ordered[index])
+
+
+def prune(graph: AttributionGraph, node_keep: float = 0.8, edge_keep: float = 0.98) -> tuple[Tensor, Tensor]:
+    """Node and edge masks keeping the nodes that carry ``node_keep`` of the influence on the logit
+    and the edges that carry ``edge_keep`` of theirs (tokens and the logit always stay); a feature
+    or error node left without an edge out is dropped, as circuit-tracer does."""
+    for name, value in (("node_keep", node_keep), ("edge_keep", edge_keep)):
+        if not 0.0 <= value <= 1.0:
+            raise InvalidInputError(f"{name} must be within [0, 1], got {value}")
+    square = _square(graph.adjacency)
+    weights = graph.kinds("logit").float()
+    node_influence = influence(square, weights)
+    always = graph.kinds("token") | graph.kinds("logit")
+    nodes = (node_influence >= _threshold(node_influence, node_keep)) | always
+    kept = square.clone()
+    kept[~nodes] = 0
+    kept[:, ~nodes] = 0
+    edge_scores = normalized(kept) * (influence(kept, weights) + weights)[:, None]
+    edges = (edge_scores >= _threshold(edge_scores, edge_keep)) & (edge_scores > 0)
+    inner = ~always
+    while True:  # drop inner nodes left with no edge out, and the edges of dropped nodes
+        before = nodes.clone()
+        nodes[inner] &= edges[:, inner].any(0)
+        edges[~nodes] = False
+        edges[:, ~nodes] = False
+        if torch.equal(before, nodes):
+            return nodes, edges
+
+
+def graph_json(graph: AttributionGraph, nodes: Tensor, edges: Tensor) -> dict[str, Any]:
+    """The pruned graph as JSON: nodes (with their influence on the logit), weighted links, scores."""
+    square = _square(graph.adjacency)
+    node_influence = influence(square, graph.kinds("logit").float())
+    index = torch.nonzero(nodes).flatten().tolist()
+    targets, sources = torch.nonzero(edges, as_tuple=True)
+    return {
+        "prompt": graph.prompt,
+        "tokens": graph.tokens,
+        "target": {"token": graph.nodes[-1].token, "demeaned_logit": graph.target_logit},
+        "scores": graph.scores,
+        "nodes": [
+            {
+                "id": graph.nodes[i].id,
+                "kind": graph.nodes[i].kind,
+                "layer": graph.nodes[i].layer,
+                "position": graph.nodes[i].position,
+                "latent": graph.nodes[i].latent,
+                "activation": graph.nodes[i].activation,
+                "token": graph.nodes[i].token,
+                "influence": float(node_influence[i]),
+            }
+            for i in index
+        ],
+        "links": [
+            {"source": graph.nodes[s].id, "target": graph.nodes[t].id, "weight": float(square[t, s])}
+            for t, s in zip(targets.tolist(), sources.tolist(), strict=True)
+        ],
+    }
