@@ -160,3 +160,39 @@ def parse_config(data: object) -> NeuronConfig | FeatureConfig | CausalConfig | 
             f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
         )
         raise InvalidInputError(f"invalid analysis config: {problems}") from None
+
+
+MAX_TRANSCODERS = 128
+MAX_GRAPH_FEATURES = 50_000
+
+
+class GraphConfig(_AnalysisBase):
+    """An attribution graph of one prompt's next-token logit over stored transcoders."""
+
+    kind: Literal["graph"] = "graph"
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="bundled name, hub id or local model")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    target: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="the next token to explain [default: the top one]",
+    )
+    transcoders: list[str] = Field(
+        min_length=1, max_length=MAX_TRANSCODERS, description="SAE ids of transcoders, one per block's MLP"
+    )
+    node_keep: float = Field(0.8, gt=0, le=1, description="influence on the logit the kept nodes carry")
+    edge_keep: float = Field(0.98, gt=0, le=1, description="kept nodes' influence the kept edges carry")
+    max_features: int = Field(
+        20_000,
+        ge=1,
+        le=MAX_GRAPH_FEATURES,
+        description="refuse more active features (a backward each)",
+    )
+    model_dtype: DType = "fp32"
+
+    @model_validator(mode="after")
+    def _unique_transcoders(self) -> GraphConfig:
+        if len(set(self.transcoders)) != len(self.transcoders):
+            raise ValueError("transcoders must not repeat")
+        return self

@@ -33,7 +33,7 @@ over nodes of the share of their input that does not come from error nodes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,10 +201,13 @@ def attribution_graph(
     *,
     target: str | None = None,
     batch: int = BATCH,
+    max_features: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> AttributionGraph:
     """The attribution graph of ``prompt``'s next-token logit ``target`` (default: the model's top
     token) over ``transcoders`` (block index → a transcoder of that block's MLP: ``encode``,
-    ``decode``, ``pre_acts``, ``W_dec`` and, for a skip-transcoder, ``skip``)."""
+    ``decode``, ``pre_acts``, ``W_dec`` and, for a skip-transcoder, ``skip``). ``on_batch(done,
+    total)`` follows the backward passes (and may raise to stop them)."""
     mlps = {i: _mlp_of(lm, i) for i in transcoders}
     _check_supported(lm, mlps)
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(lm.device)
@@ -218,6 +221,12 @@ def attribution_graph(
     target_id = int(logits.argmax()) if target is None else _token_id(lm, target)
     features = _active_features(lm, ids, layers)
     n_feat, n_pos = len(features), ids.shape[1]
+    if max_features is not None and n_feat > max_features:
+        raise InvalidInputError(
+            f"the prompt has {n_feat} active transcoder features (one backward pass each); the limit is "
+            f"{max_features}: use a shorter prompt or fewer transcoders",
+            details={"features": n_feat, "max_features": max_features},
+        )
     sources = _source_count(n_feat, len(layers), n_pos)
     rows: list[Any] = [*range(n_feat), "logit"]
     adjacency = torch.zeros(n_feat + len(layers) * n_pos + n_pos + 1, sources)
@@ -226,6 +235,8 @@ def attribution_graph(
         edges = _edges_into(lm, ids, layers, features, chunk, target_id)
         for row, values in zip(chunk, edges, strict=True):
             adjacency[n_feat + len(layers) * n_pos + n_pos if row == "logit" else row] = values
+        if on_batch is not None:
+            on_batch(min(start + batch, len(rows)), len(rows))
     tokens = [lm.tokenizer.decode([t]) for t in ids[0].tolist()]
     nodes = _nodes(features, layers, tokens, lm.tokenizer.decode([target_id]), n_pos)
     adjacency = torch.cat([adjacency, torch.zeros(adjacency.shape[0], 1)], dim=1)  # the logit: no outputs
