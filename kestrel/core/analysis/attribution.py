@@ -96,7 +96,8 @@ class Estimates:
 
 def mean_logit_diff(logits_PTV: Tensor, pairs: Pairs) -> Tensor:
     """Mean over pairs of logit(correct) − logit(wrong) at the last position (a scalar with a graph)."""
-    last_PV = logits_PTV[:, -1].float()
+    last_PV = logits_PTV[:, -1]
+    last_PV = last_PV.to(torch.promote_types(last_PV.dtype, torch.float32))  # fp16/bf16 up, fp64 kept
     rows = torch.arange(len(last_PV), device=last_PV.device)
     correct, wrong = pairs.correct_P.to(last_PV.device), pairs.wrong_P.to(last_PV.device)
     return (last_PV[rows, correct] - last_PV[rows, wrong]).mean()
@@ -264,6 +265,7 @@ def estimate(
     # Gates first: a block's own tap then sits after its gate, so dropping a block does not cut
     # the gradient of that block's own output.
     corrupt_hooks = drop.hooks() + tap_hooks + [h for r in recorders.values() for h in r.hooks()]
+    corrupt_hooks += qk_fix.hooks() if qk_fix is not None else []
     with torch.enable_grad(), _maybe(qk_fix, "corrupt"), hooks(lm.model, *corrupt_hooks):
         logits = lm.model(input_ids=pairs.corrupt_PT, attention_mask=torch.ones_like(pairs.corrupt_PT)).logits
         metric = mean_logit_diff(logits, pairs)
@@ -274,7 +276,7 @@ def estimate(
         if grad_drop_blocks:
             result.grad_drop = _grad_drop(drop, taps, metric, clean, corrupt, resid_layers, heads, latents)
     if qk_fix is not None:
-        correction_LT = qk_fix.correction(resid_layers, extra_grads)
+        correction_LT = qk_fix.correction(resid_layers, extra_grads, clean["resid"], corrupt["resid"])
         result.qk_correction_LT = correction_LT
         result.resid_LT = result.resid_LT + correction_LT
     result.clean_metric = clean_metric

@@ -38,17 +38,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kestrel.core.hooks import Controller, HookContext
 from kestrel.core.models import LoadedModel
 
 NAME = "kestrel_qkfix"
 #: Families whose attention is the eager formula with rotary or no position terms in the logits.
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "smollm3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "smollm3")
 
 
 @dataclass
 class _Record:
     query: Tensor | None = None  # [P, Hq, T, dh], after rotary embeddings
     key: Tensor | None = None  # [P, Hkv, T, dh]
+    value: Tensor | None = None  # [P, Hkv, T, dh]
     mask: Tensor | None = None  # additive, broadcastable to [P, Hq, T, T], or None
     scaling: float = 1.0
 
@@ -100,10 +102,8 @@ def _attention(
     name = state.names.get(id(module)) if state is not None else None
     mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
     if name is not None and state is not None:
-        if state.run == "corrupt":
-            query, key = _tap(state, f"{name}.q", query), _tap(state, f"{name}.k", key)
         state.records.setdefault(state.run, {})[name] = _Record(
-            query.detach(), key.detach(), None if mask is None else mask.detach(), scaling
+            query.detach(), key.detach(), value.detach(), None if mask is None else mask.detach(), scaling
         )
     n_rep = query.shape[1] // key.shape[1]
     key_r, value_r = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
@@ -111,10 +111,11 @@ def _attention(
     if mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if name is not None and state is not None and state.run == "corrupt":
-        probs = _tap(state, f"{name}.a", probs)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value_r).transpose(1, 2).contiguous(), probs
+    out = torch.matmul(probs, value_r)
+    if name is not None and state is not None and state.run == "corrupt":
+        out = _tap(state, f"{name}.z", out)
+    return out.transpose(1, 2).contiguous(), probs
 
 
 def _tap(state: _State, key: str, x: Tensor) -> Tensor:
@@ -133,11 +134,25 @@ class QKFix:
         attention = {info.index: info.name for info in lm.layers if info.kind == "attention"}
         modules = dict(lm.model.named_modules())
         self.next_attention: dict[str, str] = {}
+        self.attention_norm: dict[str, str] = {}
         for i, info in enumerate(blocks[:-1]):
-            if info.name in resid_layers and blocks[i + 1].index in attention:
-                self.next_attention[info.name] = attention[blocks[i + 1].index]
+            following = blocks[i + 1]
+            norm = f"{following.name}.input_layernorm"  # feeds the attention, and nothing else
+            if info.name in resid_layers and following.index in attention and norm in modules:
+                self.next_attention[info.name] = attention[following.index]
+                self.attention_norm[info.name] = norm
         names = {id(modules[name]): name for name in set(self.next_attention.values())}
         self.state = _State(names=names, run="")
+
+    def hooks(self) -> list[Controller]:
+        """Taps on the next blocks' attention norms: the gradient of the attention path alone."""
+        return [Controller(norm, self._tap_norm(layer), "pre") for layer, norm in self.attention_norm.items()]
+
+    def _tap_norm(self, layer: str):
+        def tap(x: Tensor, _: HookContext) -> Tensor:
+            return _tap(self.state, f"{self.next_attention[layer]}.r", x)
+
+        return tap
 
     @contextmanager
     def recording(self, run: str) -> Iterator[None]:
@@ -157,39 +172,52 @@ class QKFix:
     def leaves(self) -> dict[str, Tensor]:
         return dict(self.state.leaves)
 
-    def correction(self, resid_layers: Sequence[str], grads: dict[str, Tensor]) -> np.ndarray:
-        """``[L, T]``: exact-softmax QK term minus its linear estimate, per residual cell (0 where n/a)."""
-        clean, corrupt = self.state.records.get("clean", {}), self.state.records.get("corrupt", {})
+    def correction(
+        self, resid_layers: Sequence[str], grads: dict[str, Tensor], clean: dict[str, Tensor], corrupt: dict[str, Tensor]
+    ) -> np.ndarray:
+        """``[L, T]``: the exact next-attention term minus that path's linear estimate (0 where n/a)."""
+        records = self.state.records
+        width = next(iter(clean.values())).shape[1] if clean else 0
         rows = []
         for layer in resid_layers:
             name = self.next_attention.get(layer)
-            if name is None or name not in clean or name not in corrupt:
-                rows.append(None)
+            if name is None or name not in records.get("clean", {}) or name not in records.get("corrupt", {}):
+                rows.append(np.zeros(width))
                 continue
-            rows.append(
-                _layer_correction(clean[name], corrupt[name], {k: grads[f"{name}.{k}"] for k in "qka"})
-            )
-        width = next((len(r) for r in rows if r is not None), 0)
-        return np.stack([np.zeros(width) if r is None else r for r in rows]) if rows else np.zeros((0, 0))
+            exact_T = _exact_term(records["clean"][name], records["corrupt"][name], grads[f"{name}.z"])
+            delta_PTD = clean[layer].float() - corrupt[layer].float()
+            linear_T = (grads[f"{name}.r"].to(delta_PTD.device) * delta_PTD).sum(dim=(0, 2)).cpu().numpy()
+            rows.append(exact_T - linear_T)
+        return np.stack(rows) if rows else np.zeros((0, width))
 
 
-def _layer_correction(clean: _Record, corrupt: _Record, grads: dict[str, Tensor]) -> np.ndarray:
-    """Per position t: patched attention (clean q and k at t) exactly, minus the linear q/k term."""
-    q_c, k_c = corrupt.query.float(), corrupt.key.float()
-    q_k, k_k = clean.query.float().to(q_c.device), clean.key.float().to(q_c.device)
-    g_q, g_k, g_a = (grads[k].to(q_c.device) for k in "qka")
-    n_rep = q_c.shape[1] // k_c.shape[1]
-    mask = None if corrupt.mask is None else corrupt.mask.float()
+def _probs(q: Tensor, k: Tensor, record: _Record) -> Tensor:
+    """The eager attention pattern of queries ``q`` against keys ``k`` under ``record``'s mask."""
+    n_rep = q.shape[1] // k.shape[1]
+    scores = torch.matmul(q, k.repeat_interleave(n_rep, dim=1).transpose(2, 3)) * record.scaling
+    if record.mask is not None:
+        scores = scores + record.mask.float().to(scores.device)
+    return torch.softmax(scores, dim=-1)
 
-    def probs(q: Tensor, k: Tensor) -> Tensor:
-        scores = torch.matmul(q, k.repeat_interleave(n_rep, dim=1).transpose(2, 3)) * corrupt.scaling
-        return torch.softmax(scores if mask is None else scores + mask, dim=-1)
 
-    a_c = probs(q_c, k_c)
-    linear_T = (g_q * (q_k - q_c)).sum(dim=(0, 1, 3)) + (g_k * (k_k - k_c)).sum(dim=(0, 1, 3))
+def _patched_probs(clean: _Record, corrupt: _Record, t: int) -> Tensor:
+    """``[P, H, T, T]``: the pattern when position t's query and key are the clean run's."""
+    q, k = corrupt.query.float().clone(), corrupt.key.float().clone()
+    q[:, :, t] = clean.query[:, :, t].float().to(q.device)
+    k[:, :, t] = clean.key[:, :, t].float().to(k.device)
+    return _probs(q, k, corrupt)
+
+
+def _exact_term(clean: _Record, corrupt: _Record, g_z: Tensor) -> np.ndarray:
+    """Per position t: ∂m/∂z · (z with t's query, key and value clean − z), z the heads' outputs."""
+    v_c, v_k = corrupt.value.float(), clean.value.float().to(corrupt.value.device)
+    n_rep = corrupt.query.shape[1] // v_c.shape[1]
+    z_c = torch.matmul(_probs(corrupt.query.float(), corrupt.key.float(), corrupt), v_c.repeat_interleave(n_rep, dim=1))
+    g_z = g_z.to(z_c.device)
     exact = []
-    for t in range(q_c.shape[2]):
-        q, k = q_c.clone(), k_c.clone()
-        q[:, :, t], k[:, :, t] = q_k[:, :, t], k_k[:, :, t]
-        exact.append(((probs(q, k) - a_c) * g_a).sum())
-    return (torch.stack(exact) - linear_T).cpu().numpy().astype(np.float64)
+    for t in range(z_c.shape[2]):
+        v = v_c.clone()
+        v[:, :, t] = v_k[:, :, t]
+        z = torch.matmul(_patched_probs(clean, corrupt, t), v.repeat_interleave(n_rep, dim=1))
+        exact.append((g_z * (z - z_c)).sum())
+    return torch.stack(exact).cpu().numpy().astype(np.float64)
