@@ -54,7 +54,9 @@ def main() -> None:
         store = LocalStore(Path(tmp) / "store")
         full = get_results(
             store,
-            run_analysis(store, {"kind": "circuit", "pairs": [PAIR], "method": "patching"}, model_loader=loader),
+            run_analysis(
+                store, {"kind": "circuit", "pairs": [PAIR], "method": "patching"}, model_loader=loader
+            ),
         )
         started = time.perf_counter()
         default_id = run_analysis(store, {"kind": "circuit", "pairs": [PAIR]}, model_loader=loader)
@@ -74,7 +76,9 @@ def main() -> None:
                 "patching_s": round(timings["patching_s"], 3),
                 "speedup": round(timings["patching_s"] / timings["atp_s"], 1),
                 "spearman": round(float(spearmanr(estimate.ravel(), measured.ravel()).statistic), 4),
-                "spearman_changed": round(float(spearmanr(estimate[changed], measured[changed]).statistic), 4),
+                "spearman_changed": round(
+                    float(spearmanr(estimate[changed], measured[changed]).statistic), 4
+                ),
                 "n_changed": int(changed.sum()),
                 "qk_fix": full["qk_fix"]["applied"],
                 "default_total_s": round(default_s, 2),

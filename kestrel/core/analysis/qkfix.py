@@ -173,7 +173,11 @@ class QKFix:
         return dict(self.state.leaves)
 
     def correction(
-        self, resid_layers: Sequence[str], grads: dict[str, Tensor], clean: dict[str, Tensor], corrupt: dict[str, Tensor]
+        self,
+        resid_layers: Sequence[str],
+        grads: dict[str, Tensor],
+        clean: dict[str, Tensor],
+        corrupt: dict[str, Tensor],
     ) -> np.ndarray:
         """``[L, T]``: the exact next-attention term minus that path's linear estimate (0 where n/a)."""
         records = self.state.records
@@ -212,7 +216,9 @@ def _exact_term(clean: _Record, corrupt: _Record, g_z: Tensor) -> np.ndarray:
     """Per position t: ∂m/∂z · (z with t's query, key and value clean − z), z the heads' outputs."""
     v_c, v_k = corrupt.value.float(), clean.value.float().to(corrupt.value.device)
     n_rep = corrupt.query.shape[1] // v_c.shape[1]
-    z_c = torch.matmul(_probs(corrupt.query.float(), corrupt.key.float(), corrupt), v_c.repeat_interleave(n_rep, dim=1))
+    z_c = torch.matmul(
+        _probs(corrupt.query.float(), corrupt.key.float(), corrupt), v_c.repeat_interleave(n_rep, dim=1)
+    )
     g_z = g_z.to(z_c.device)
     exact = []
     for t in range(z_c.shape[2]):
