@@ -12,6 +12,8 @@ runs end to end, as ``kestrel analyze circuit`` would.
 - ``spearman``: rank agreement of estimate and real patching over the ``n_cells`` layer × position
   cells; ``spearman_changed``: over the cells whose activations differ between the runs (the
   others are exactly 0 in both, which the first figure counts as agreement).
+- ``spearman_without_qk_fix``: the same agreement for plain AtP (the fix turned off), from an
+  estimate-only analysis (``confirm_top: 0``) in the same run.
 - ``default_total_s``: the default analysis's wall time (estimate + ``confirm_top`` patches +
   report), ``default_confirmed_spearman`` its agreement over the confirmed cells.
 
@@ -58,6 +60,14 @@ def main() -> None:
                 store, {"kind": "circuit", "pairs": [PAIR], "method": "patching"}, model_loader=loader
             ),
         )
+        plain = get_results(
+            store,
+            run_analysis(
+                store,
+                {"kind": "circuit", "pairs": [PAIR], "qk_fix": False, "confirm_top": 0},
+                model_loader=loader,
+            ),
+        )
         started = time.perf_counter()
         default_id = run_analysis(store, {"kind": "circuit", "pairs": [PAIR]}, model_loader=loader)
         default_s = time.perf_counter() - started
@@ -65,6 +75,7 @@ def main() -> None:
     estimate = np.array(full["components"]["resid"]["estimate"])
     measured = np.array(full["components"]["resid"]["measured"], dtype=float)
     changed = np.abs(estimate) + np.abs(measured) > 0
+    plain_estimate = np.array(plain["components"]["resid"]["estimate"])
     timings = full["timings"]
     print(
         json.dumps(
@@ -80,6 +91,10 @@ def main() -> None:
                     float(spearmanr(estimate[changed], measured[changed]).statistic), 4
                 ),
                 "n_changed": int(changed.sum()),
+                "spearman_without_qk_fix": round(
+                    float(spearmanr(plain_estimate.ravel(), measured.ravel()).statistic), 4
+                ),
+                "atp_s_without_qk_fix": round(plain["timings"]["atp_s"], 3),
                 "qk_fix": full["qk_fix"]["applied"],
                 "default_total_s": round(default_s, 2),
                 "default_confirmed_spearman": default["spearman"],

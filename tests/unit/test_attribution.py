@@ -337,3 +337,18 @@ def test_cli_circuit_runs_attribution_with_heads(store, gentle, monkeypatch) -> 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "spearman" in result.output and "atp_seconds" in result.output
+
+
+def test_a_stopped_attribution_publishes_nothing_and_restores_the_model(store, gentle) -> None:
+    """Cancelled between confirmation patches: no analysis is listed, and the attention
+    implementation the QK fix switched for its two forwards is the model's own again."""
+    from kestrel.core.analysis import list_analyses
+    from kestrel.core.errors import CancelledError
+
+    before = gentle.model.config._attn_implementation
+    calls = iter(range(100))
+    config = {"kind": "circuit", "model": "tiny", "pairs": [PAIR], "confirm_top": 5}
+    with pytest.raises(CancelledError, match="nothing was written"):
+        run_analysis(store, config, model_loader=lambda *_: gentle, should_stop=lambda: next(calls) >= 3)
+    assert list_analyses(store) == [] and gentle.model.config._attn_implementation == before
+    assert all(p.grad is None for p in gentle.model.parameters())
