@@ -98,7 +98,7 @@ def main() -> None:
                 "qk_fix": full["qk_fix"]["applied"],
                 "default_total_s": round(default_s, 2),
                 "default_confirmed_spearman": default["spearman"],
-                "default_best": f"{default['best_layer']} @ {default['best_position']} ({default['best_token']})",
+                "default_best": f"{default['best_layer']} @ {default['best_position']}",
                 "torch_threads": torch.get_num_threads(),
                 "cpu": platform.processor() or platform.machine(),
             }

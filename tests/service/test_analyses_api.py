@@ -83,7 +83,8 @@ def test_feature_causal_and_circuit_analyses_run_on_the_worker(client: httpx.Cli
 
 def test_circuit_attribution_with_heads_confirms_and_reports_agreement(client: httpx.Client) -> None:
     pair = {"clean": "The cat sat", "corrupted": "The dog sat", "correct": " down", "wrong": " up"}
-    body = {"kind": "circuit", "model": MODEL, "pairs": [pair], "components": ["resid", "heads"], "confirm_top": 3}
+    body = {"kind": "circuit", "model": MODEL, "pairs": [pair], "components": ["resid", "heads"]}
+    body["confirm_top"] = 3
     job = start(client, body)
     analysis_id = job["artifacts"]["analysis_id"]
     detail = client.get(f"/v1/analyses/{analysis_id}").json()
@@ -91,7 +92,8 @@ def test_circuit_attribution_with_heads_confirms_and_reports_agreement(client: h
     assert results["method"] == "atp" and key["method"] == "atp" and key["atp_seconds"] > 0
     assert results["timings"]["n_patched"] == 6
     for kind in ("resid", "heads"):
-        assert results["agreement"][kind]["n_cells"] == 3 and results["agreement"][kind]["over"] == "confirmed"
+        agreement = results["agreement"][kind]
+        assert agreement["n_cells"] == 3 and agreement["over"] == "confirmed"
         assert len(results["components"][kind]["confirmed"]) == 3
     assert set(detail["plots"]) == {"patching", "heads", "agreement"}
     for name in detail["plots"]:

@@ -352,3 +352,15 @@ def test_a_stopped_attribution_publishes_nothing_and_restores_the_model(store, g
         run_analysis(store, config, model_loader=lambda *_: gentle, should_stop=lambda: next(calls) >= 3)
     assert list_analyses(store) == [] and gentle.model.config._attn_implementation == before
     assert all(p.grad is None for p in gentle.model.parameters())
+
+
+def test_grad_drop_has_its_known_value_where_nothing_lies_downstream() -> None:
+    """Dropping a block's gradient cannot change a cell after every block: for the last block's
+    output each of the L dropped estimates is the plain one, so the score is L/(L−1)·|AtP|. Earlier
+    cells do change, and every score is ≥ 0."""
+    lm = _tiny()
+    est = attribution.estimate(lm, _pairs(), BLOCKS, grad_drop_blocks=BLOCKS)
+    score = est.grad_drop["resid"]
+    n = len(BLOCKS)
+    np.testing.assert_allclose(score[-1], n / (n - 1) * np.abs(est.resid_LT[-1]), rtol=1e-6, atol=1e-12)
+    assert np.all(score >= 0) and not np.allclose(score[0], n / (n - 1) * np.abs(est.resid_LT[0]))

@@ -209,7 +209,8 @@ def head_sites(lm: LoadedModel, blocks: Sequence[str]) -> list[HeadSite]:
         )
         if projection is None:
             raise InvalidInputError(
-                f"block {block!r} has no attention output projection named one of {list(OUTPUT_PROJECTIONS)}; "
+                f"block {block!r} has no attention output projection named one of "
+                f"{list(OUTPUT_PROJECTIONS)}; "
                 "heads cannot be attributed on this model",
                 details={"block": block},
             )

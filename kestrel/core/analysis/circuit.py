@@ -1,16 +1,20 @@
-"""Activation patching: which (layer, position) carries the difference between two prompts.
+"""Circuit analysis: which (layer, position), head or SAE latent carries the difference between two prompts.
 
 For each pair, the clean prompt's answer is ``correct`` and the corrupted prompt's is ``wrong``;
-the metric is the logit difference ``logit(correct) − logit(wrong)`` at the last position. One
-clean forward records every chosen layer's output; then, for each (layer, position), the
-corrupted prompts run with that one slice replaced by the clean value (a ``Controller`` from
-``kestrel.core.hooks``, removed when the forward ends), and the cell's score is
+the metric is the logit difference ``logit(correct) − logit(wrong)`` at the last position. A
+cell is one activation slice of the corrupted run replaced by its clean value (a ``Controller``
+from ``kestrel.core.hooks``, removed when the forward ends), and its score is
 
     fraction restored = (mean patched − mean corrupt) / (mean clean − mean corrupt),
 
 means over pairs (a ratio of means: one pair with a near-zero gap cannot blow it up). 1 means the
 patch alone restores the clean behaviour; 0 means that slice carries none of it. Clean and
 corrupted prompts must have the same number of tokens, so position t means the same slot in both.
+
+Two methods, one grid per component kind (``Grid``): ``atp`` (the default) estimates every cell
+from gradients (``attribution.py``, AtP*) and confirms each kind's ``confirm_top`` candidates by
+real patching; ``patching`` patches every cell (one forward each) and still reports the estimate
+and its agreement over all cells. Both timings are kept.
 """
 
 from __future__ import annotations
@@ -141,7 +145,8 @@ class Grid:
         self.measured = np.full(self.estimate.shape, np.nan)
 
     def candidates(self, method: str, top: int, live: np.ndarray | None = None) -> list[tuple[int, int]]:
-        """Every cell (patching; only ``live`` ones if given), or the top ``top`` by |estimate| or GradDrop."""
+        """Every cell (patching; only ``live`` ones if given), or the top ``top`` by |estimate|
+        (by the GradDrop score when there is one)."""
         if method == "patching":
             cells = np.argwhere(np.ones_like(self.estimate, dtype=bool) if live is None else live)
             return [(int(r), int(c)) for r, c in cells]

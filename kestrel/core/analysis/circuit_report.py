@@ -140,17 +140,17 @@ def _report(config, source, key_numbers, grids, qk, agreement, timings) -> Repor
         title=config.title
         or f"{what}: {source['model']}, {len(resid.rows)} layers × {len(labels)} positions",
         measured=(
-            "The metric is the logit difference logit(correct) − logit(wrong) at the last position; each cell "
-            "reports the **fraction of the clean − corrupt difference it restores** when that one activation of "
-            "the corrupted run is replaced by its clean value: (patched − corrupt) / (clean − corrupt), pair "
-            "means. "
+            "The metric is the logit difference logit(correct) − logit(wrong) at the last position; "
+            "each cell reports the **fraction of the clean − corrupt difference it restores** when that "
+            "one activation of the corrupted run is replaced by its clean value: (patched − corrupt) / "
+            "(clean − corrupt), pair means. "
             + (
                 "Every cell was **estimated** from one forward and one backward per run (AtP*: activation "
                 "difference × gradient at the corrupted run), and the top candidates of each component were "
                 "**confirmed** by real patching."
                 if atp
-                else "Every cell was **patched** for real (one forward each); the AtP* estimate is reported beside "
-                "it, with their agreement over all cells."
+                else "Every cell was **patched** for real (one forward each); the AtP* estimate is "
+                "reported beside it, with their agreement over all cells."
             )
         ),
         source=[
@@ -224,23 +224,25 @@ def _headers(kind: str) -> list[str]:
 
 def _notes(qk: dict[str, Any], config) -> list[str]:
     notes = [
-        "1.0: patching that one activation restores the clean answer's advantage fully; 0: it carries none of the "
-        "difference; negative: it pushes further toward the corrupted answer.",
-        "Estimates are first-order: exact for a patch the model responds to linearly, and least reliable for large "
-        "changes passing through saturated nonlinearities. The measured column is ground truth.",
+        "1.0: patching that one activation restores the clean answer's advantage fully; 0: it carries "
+        "none of the difference; negative: it pushes further toward the corrupted answer.",
+        "Estimates are first-order: exact for a patch the model responds to linearly, least reliable for "
+        "large changes through saturated nonlinearities. The measured column is ground truth; over a few "
+        "confirmed cells of similar size, the mean error says more than the rank correlation.",
         "Token labels come from the first pair; clean→corrupt marks where the prompts differ.",
     ]
     if qk["applied"]:
         notes.append(
-            "AtP* QK fix applied to residual cells: the next block's attention pattern after the patch is computed "
-            "exactly (its query and key at the patched position are the clean run's); later blocks' queries and "
-            "keys, and head and latent cells, stay linear."
+            "AtP* QK fix on residual cells: the next block's attention under the patch (pattern and "
+            "values: its query, key and value at the patched position are the clean run's) is computed "
+            "exactly; later blocks' queries and keys, and head and latent cells, stay linear."
         )
     else:
         notes.append(f"AtP* QK fix not applied: {qk['reason']}.")
     if config.grad_drop:
         notes.append(
-            "Candidates were ranked by AtP* GradDrop (mean over blocks of |estimate with that block's gradient dropped|)."
+            "Candidates were ranked by AtP* GradDrop: the mean over blocks of |estimate with that "
+            "block's gradient dropped|."
         )
     if config.sae_id:
         notes.append(

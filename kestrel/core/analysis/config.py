@@ -150,7 +150,7 @@ class CircuitConfig(_AnalysisBase):
         default_factory=lambda: ["resid"],
         min_length=1,
         max_length=3,
-        description="resid: layers × positions; heads: attention heads per block; latents: the SAE's (sae_id)",
+        description="resid: layers × positions; heads: per block; latents: the SAE's (sae_id)",
     )
     confirm_top: int = Field(
         10, ge=0, le=MAX_CONFIRM, description="atp: candidates per component confirmed by real patching"

@@ -71,7 +71,8 @@ def applies(lm: LoadedModel) -> str | None:
     config = lm.model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
-        return f"model type {model_type!r} is not one whose attention the fix reproduces ({', '.join(SUPPORTED)})"
+        families = ", ".join(SUPPORTED)
+        return f"model type {model_type!r} is not one whose attention the fix reproduces ({families})"
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not reproduced"
     return None
