@@ -168,12 +168,23 @@ def analyze_circuit(
         list[str] | None,
         typer.Option("--layer", "-l", help="a module to patch (repeatable) [default: blocks]"),
     ] = None,
+    method: Annotated[
+        str, typer.Option(help="atp: gradient estimates, top cells confirmed; patching: every cell patched")
+    ] = "atp",
+    component: Annotated[
+        list[str] | None,
+        typer.Option("--component", "-c", help="resid, heads or latents (repeatable) [default: resid]"),
+    ] = None,
+    confirm_top: Annotated[int, typer.Option(help="atp: cells per component confirmed by patching")] = 10,
+    sae: Annotated[str | None, typer.Option(help="an SAE id: attribute its latents (adds 'latents')")] = None,
+    grad_drop: Annotated[bool, typer.Option(help="AtP* GradDrop ranking (one backward per block)")] = False,
+    qk_fix: Annotated[bool, typer.Option(help="AtP* QK fix (exact softmax in the next block)")] = True,
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Activation patching per layer × position: the share of the logit difference each restores."""
+    """Which layer × position (head, SAE latent) restores the logit difference: AtP* or patching."""
     from kestrel.core.errors import InvalidInputError
 
     single = [clean, corrupted, correct, wrong]
@@ -185,7 +196,19 @@ def analyze_circuit(
         raise InvalidInputError("a single pair needs all of --clean, --corrupted, --correct and --wrong")
     else:
         items = [{"clean": clean, "corrupted": corrupted, "correct": correct, "wrong": wrong}]
-    config = {"kind": "circuit", "model": model, "pairs": items, "layers": layer or None}
+    components = list(dict.fromkeys((component or ["resid"]) + (["latents"] if sae else [])))
+    config = {
+        "kind": "circuit",
+        "model": model,
+        "pairs": items,
+        "layers": layer or None,
+        "method": method,
+        "components": components,
+        "confirm_top": confirm_top,
+        "sae_id": sae,
+        "grad_drop": grad_drop,
+        "qk_fix": qk_fix,
+    }
     _run_analysis_cli(store, config, device, as_json)
 
 

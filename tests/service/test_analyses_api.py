@@ -81,6 +81,32 @@ def test_feature_causal_and_circuit_analyses_run_on_the_worker(client: httpx.Cli
     assert "must have the same number of tokens" in failed["error"]["message"]
 
 
+def test_circuit_attribution_with_heads_confirms_and_reports_agreement(client: httpx.Client) -> None:
+    pair = {"clean": "The cat sat", "corrupted": "The dog sat", "correct": " down", "wrong": " up"}
+    body = {"kind": "circuit", "model": MODEL, "pairs": [pair], "components": ["resid", "heads"]}
+    body["confirm_top"] = 3
+    job = start(client, body)
+    analysis_id = job["artifacts"]["analysis_id"]
+    detail = client.get(f"/v1/analyses/{analysis_id}").json()
+    results, key = detail["results"], detail["key_numbers"]
+    assert results["method"] == "atp" and key["method"] == "atp" and key["atp_seconds"] > 0
+    assert results["timings"]["n_patched"] == 6
+    for kind in ("resid", "heads"):
+        agreement = results["agreement"][kind]
+        assert agreement["n_cells"] == 3 and agreement["over"] == "confirmed"
+        assert len(results["components"][kind]["confirmed"]) == 3
+    assert set(detail["plots"]) == {"patching", "heads", "agreement"}
+    for name in detail["plots"]:
+        assert client.get(f"/v1/analyses/{analysis_id}/plots/{name}").content.startswith(PNG_MAGIC)
+    assert "Spearman" in client.get(f"/v1/analyses/{analysis_id}/report").text
+    missing = client.post("/v1/analyses", json={**body, "components": ["latents"], "sae_id": "sae-nope"})
+    assert "sae-nope" in assert_error(missing, 404, "not_found")["message"]
+    no_sae = client.post("/v1/analyses", json={**body, "components": ["latents"]})
+    assert "needs sae_id" in assert_error(no_sae, 422, "invalid_input")["message"]
+    bad = client.post("/v1/analyses", json={**body, "method": "guess"})
+    assert "method" in assert_error(bad, 422, "invalid_input")["message"]
+
+
 def test_bad_requests_are_rejected_before_queueing(client: httpx.Client, run_id: str) -> None:
     missing_run = client.post("/v1/analyses", json={"kind": "neuron", "run_id": "run-nope", "layer": LAYER})
     assert "run-nope" in assert_error(missing_run, 404, "not_found")["message"]

@@ -270,6 +270,7 @@ def test_patching_the_answer_layer_at_the_last_position_restores_the_logit_diffe
         {"clean": "My pet is a cat", "corrupted": "My pet is a dog", "correct": " yes", "wrong": " no"},
     ]
     config = {"kind": "circuit", "model": "answer-llama", "pairs": pairs, "layers": MLPS}
+    config["method"] = "patching"
     analysis_id = run_analysis(store, config, model_loader=loader(answer_lm))
     results = get_results(store, analysis_id)
     fraction_LT = np.array(results["fraction_restored"])

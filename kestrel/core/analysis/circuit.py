@@ -1,26 +1,35 @@
-"""Activation patching: which (layer, position) carries the difference between two prompts.
+"""Circuit analysis: which (layer, position), head or SAE latent carries the difference between two prompts.
 
 For each pair, the clean prompt's answer is ``correct`` and the corrupted prompt's is ``wrong``;
-the metric is the logit difference ``logit(correct) − logit(wrong)`` at the last position. One
-clean forward records every chosen layer's output; then, for each (layer, position), the
-corrupted prompts run with that one slice replaced by the clean value (a ``Controller`` from
-``kestrel.core.hooks``, removed when the forward ends), and the cell's score is
+the metric is the logit difference ``logit(correct) − logit(wrong)`` at the last position. A
+cell is one activation slice of the corrupted run replaced by its clean value (a ``Controller``
+from ``kestrel.core.hooks``, removed when the forward ends), and its score is
 
     fraction restored = (mean patched − mean corrupt) / (mean clean − mean corrupt),
 
 means over pairs (a ratio of means: one pair with a near-zero gap cannot blow it up). 1 means the
 patch alone restores the clean behaviour; 0 means that slice carries none of it. Clean and
 corrupted prompts must have the same number of tokens, so position t means the same slot in both.
+
+Two methods, one grid per component kind (``Grid``): ``atp`` (the default) estimates every cell
+from gradients (``attribution.py``, AtP*) and confirms each kind's ``confirm_top`` candidates by
+real patching; ``patching`` patches every cell (one forward each) and still reports the estimate
+and its agreement over all cells. Both timings are kept.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from torch import Tensor
 
+from kestrel.core.analysis import attribution, circuit_report, qkfix
 from kestrel.core.analysis.common import (
     AnalysisOutput,
     ModelLoader,
@@ -31,14 +40,13 @@ from kestrel.core.analysis.common import (
     require_loader,
 )
 from kestrel.core.analysis.config import MAX_PATCH_FORWARDS, CircuitConfig
-from kestrel.core.analysis.report import Report, new_figure, table
+from kestrel.core.devices import layer_device
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.hooks import ActivationRecorder, Controller, HookContext, hooks
+from kestrel.core.hooks import Controller, HookContext, hooks
 from kestrel.core.models import LoadedModel
 from kestrel.core.store import Store
 
 MIN_GAP = 1e-6
-TOP_CELLS = 15
 
 
 def _token_ids(lm: LoadedModel, text: str) -> list[int]:
@@ -119,6 +127,48 @@ def _labels(lm: LoadedModel, clean_PT: Tensor, corrupt_PT: Tensor) -> list[str]:
     return [f"{x}" if x == y else f"{x}→{y}" for x, y in zip(a, b, strict=True)]
 
 
+@dataclass
+class Grid:
+    """One component kind's cells: estimates for all, real patching for some (NaN elsewhere)."""
+
+    kind: str
+    rows: list[str]
+    columns: list[str]
+    estimate: np.ndarray  # fraction restored, from AtP*
+    patch: Callable[[int, int], list[Controller]]
+    measured: np.ndarray = field(init=False)
+    grad_drop: np.ndarray | None = None
+    live: np.ndarray | None = None
+    """Cells that differ between the runs at all (latents): the others restore exactly nothing."""
+
+    def __post_init__(self) -> None:
+        self.measured = np.full(self.estimate.shape, np.nan)
+
+    def candidates(self, method: str, top: int, live: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """Every cell (patching; only ``live`` ones if given), or the top ``top`` by |estimate|
+        (by the GradDrop score when there is one)."""
+        if method == "patching":
+            cells = np.argwhere(np.ones_like(self.estimate, dtype=bool) if live is None else live)
+            return [(int(r), int(c)) for r, c in cells]
+        score = np.abs(self.estimate) if self.grad_drop is None else np.maximum(self.grad_drop, 0.0)
+        order = np.argsort(-score, axis=None, kind="stable")[:top]
+        return [tuple(int(i) for i in np.unravel_index(int(flat), score.shape)) for flat in order]  # type: ignore[misc]
+
+    def agreement(self) -> dict[str, Any]:
+        """Spearman and mean |error| of the estimate against real patching, over the patched cells.
+
+        Over a few confirmed cells of similar size, ranks are noise; the mean error says more there.
+        """
+        done = ~np.isnan(self.measured)
+        n = int(done.sum())
+        rho = None
+        if n >= 3 and np.ptp(self.estimate[done]) > 0 and np.ptp(self.measured[done]) > 0:
+            rho = float(spearmanr(self.estimate[done], self.measured[done]).statistic)
+        over = "all" if n == self.estimate.size else "confirmed"
+        error = float(np.abs(self.estimate[done] - self.measured[done]).mean()) if n else None
+        return {"spearman": rho, "mean_abs_error": error, "n_cells": n, "over": over}
+
+
 def analyze(
     store: Store,
     config: CircuitConfig,
@@ -128,18 +178,18 @@ def analyze(
     should_stop: StopFn | None = None,
     **_: object,
 ) -> AnalysisOutput:
-    lm = require_loader(model_loader, "circuit")(config.model, config.model_dtype)
+    lm = require_loader(model_loader, "circuit")(_model_name(config, store), config.model_dtype)
     layers = _layers(lm, config)
     clean_PT, corrupt_PT, correct_P, wrong_P = encode_pairs(lm, config)
+    pairs = attribution.Pairs(clean_PT, corrupt_PT, correct_P, wrong_P)
     n_positions = clean_PT.shape[1]
     if len(layers) * n_positions > MAX_PATCH_FORWARDS:
         raise InvalidInputError(
-            f"{len(layers)} layers × {n_positions} positions = {len(layers) * n_positions} patched forwards; "
+            f"{len(layers)} layers × {n_positions} positions = {len(layers) * n_positions} cells; "
             f"the limit is {MAX_PATCH_FORWARDS}: choose fewer layers or shorter prompts"
         )
-    recorder = ActivationRecorder(layers, to_cpu=False)
-    clean_P = logit_diff(lm, clean_PT, correct_P, wrong_P, recorder.hooks())
-    clean_acts = {layer: recorder.last(layer) for layer in layers}
+    latent_site = _latent_site(lm, config, store)
+    clean_P = logit_diff(lm, clean_PT, correct_P, wrong_P)
     corrupt_P = logit_diff(lm, corrupt_PT, correct_P, wrong_P)
     gap = float(clean_P.mean() - corrupt_P.mean())
     if abs(gap) < MIN_GAP:
@@ -148,110 +198,164 @@ def analyze(
             f"({float(clean_P.mean()):.4g}); "
             "there is nothing to restore: check the prompts and the answers"
         )
-    patched_LT = np.zeros((len(layers), n_positions))
-    for li, layer in enumerate(layers):
-        for t in range(n_positions):
-            check_stop(should_stop, "patching")
-            diff_P = logit_diff(
-                lm, corrupt_PT, correct_P, wrong_P, [patch_position(layer, clean_acts[layer], t)]
-            )
-            patched_LT[li, t] = float(diff_P.mean())
-        report_progress(progress, (li + 1) / len(layers), f"patched {li + 1}/{len(layers)} layers")
-    fraction_LT = (patched_LT - float(corrupt_P.mean())) / gap
+    check_stop(should_stop, "attribution")
+    report_progress(progress, 0.0, "attribution: one forward and backward")
+    started = time.perf_counter()
+    estimates, qk = _estimate(lm, config, pairs, layers, latent_site, float(clean_P.mean()))
+    atp_s = time.perf_counter() - started
+    grids = _grids(lm, config, layers, estimates, clean_PT, corrupt_PT, gap, latent_site)
+    started = time.perf_counter()
+    n_patched = _patch(lm, config, pairs, grids, float(corrupt_P.mean()), gap, progress, should_stop)
+    patching_s = time.perf_counter() - started
+    timings = {"atp_s": atp_s, "patching_s": patching_s, "n_patched": n_patched}
+    return circuit_report.output(config, lm, layers, clean_P, corrupt_P, grids, qk, timings)
+
+
+def _model_name(config: CircuitConfig, store: Store) -> str:
+    """The SAE's model when its latents are attributed; a different explicit model is a mistake."""
+    if config.sae_id is None:
+        return config.model
+    from kestrel.core.sae.artifacts import get_sae, require_loadable_model
+
+    summary = get_sae(store, config.sae_id)
+    require_loadable_model(store, summary)
+    if "model" in config.model_fields_set and summary.model_name and config.model != summary.model_name:
+        raise InvalidInputError(f"sae {config.sae_id!r} reads {summary.model_name!r}, not {config.model!r}")
+    return summary.model_name or config.model
+
+
+def _latent_site(lm: LoadedModel, config: CircuitConfig, store: Store) -> attribution.LatentSite | None:
+    if config.sae_id is None:
+        return None
+    from kestrel.core.sae.artifacts import load_sae
+
+    sae, summary = load_sae(store, config.sae_id, device=lm.device)
+    lm.layer(summary.layer_name)  # NotFoundError naming close layers
+    sae = sae.to(layer_device(lm, summary.layer_name)).eval()
+    return attribution.LatentSite(config.sae_id, summary.layer_name, sae)
+
+
+def _estimate(lm, config, pairs, layers, latent_site, clean_mean: float):
+    """AtP* estimates; the QK fix is dropped (and the reason kept) where it cannot reproduce the model."""
+    reason = qkfix.applies(lm) if config.qk_fix else "not asked for (qk_fix: false)"
+    blocks = [info.name for info in lm.layers if info.kind == "block"]
+    heads = attribution.head_sites(lm, _head_blocks(lm, layers)) if "heads" in config.components else []
+    kwargs = {"heads": heads, "latents": latent_site, "grad_drop_blocks": blocks if config.grad_drop else ()}
+    if reason is None:
+        fix = qkfix.QKFix(lm, layers)
+        estimates = attribution.estimate(lm, pairs, layers, qk_fix=fix, **kwargs)
+        if abs(estimates.clean_metric - clean_mean) <= 1e-3 * max(1.0, abs(clean_mean)):
+            return estimates, {
+                "applied": True,
+                "reason": None,
+                "blocks": sorted(set(fix.next_attention.values())),
+            }
+        reason = (
+            f"the fix's attention gave a clean logit difference of {estimates.clean_metric:.6g}, "
+            f"the model's own {clean_mean:.6g}"
+        )
+    return attribution.estimate(lm, pairs, layers, **kwargs), {
+        "applied": False,
+        "reason": reason,
+        "blocks": [],
+    }
+
+
+def _head_blocks(lm: LoadedModel, layers: list[str]) -> list[str]:
+    """The blocks whose heads are attributed: those of the chosen layers (every block by default)."""
+    indices = {lm.layer(layer).index for layer in layers} - {None}
+    return [info.name for info in lm.layers if info.kind == "block" and info.index in indices]
+
+
+def _grids(
+    lm, config, layers, est: attribution.Estimates, clean_PT, corrupt_PT, gap, latent_site
+) -> list[Grid]:
     labels = _labels(lm, clean_PT, corrupt_PT)
-    best = np.unravel_index(int(np.argmax(fraction_LT)), fraction_LT.shape)
-    source = {"model": lm.name, "layers": layers, "n_pairs": len(config.pairs), "n_tokens": n_positions}
-    key_numbers = {
-        "clean_logit_diff": float(clean_P.mean()),
-        "corrupt_logit_diff": float(corrupt_P.mean()),
-        "best_layer": layers[best[0]],
-        "best_position": int(best[1]),
-        "best_token": labels[best[1]],
-        "best_fraction_restored": float(fraction_LT[best]),
-    }
-    results = {
-        "definitions": {
-            "logit_diff": "logit(correct) - logit(wrong) at the last position",
-            "fraction_restored": "(mean patched - mean corrupt) / (mean clean - mean corrupt), pair means",
-        },
-        "layers": layers,
-        "positions": labels,
-        "clean_logit_diff": clean_P.tolist(),
-        "corrupt_logit_diff": corrupt_P.tolist(),
-        "patched_logit_diff": patched_LT.tolist(),
-        "fraction_restored": fraction_LT.tolist(),
-        "pairs": [p.model_dump() for p in config.pairs],
-    }
-    return AnalysisOutput(
-        source, key_numbers, results, _report(config, source, key_numbers, fraction_LT, layers, labels)
-    )
-
-
-def _report(config, source, key_numbers, fraction_LT, layers, labels) -> Report:
-    order = np.argsort(-fraction_LT, axis=None)[:TOP_CELLS]
-    cells: list[list[Any]] = []
-    for flat in order:
-        li, t = np.unravel_index(int(flat), fraction_LT.shape)
-        cells.append([layers[li], int(t), labels[t], float(fraction_LT[li, t])])
-    first = config.pairs[0]
-    report = Report(
-        title=config.title
-        or f"Activation patching: {source['model']}, {len(layers)} layers × {len(labels)} positions",
-        measured=(
-            "For each layer and token position, the corrupted prompts were run with that one activation "
-            "replaced by its value from the clean prompts. The metric is the logit difference "
-            "logit(correct) − logit(wrong) at the last position; each cell reports the **fraction of the "
-            "clean − corrupt difference it restores**: (patched − corrupt) / (clean − corrupt), pair means."
-        ),
-        source=[
-            ("model", source["model"]),
-            ("layers", ", ".join(layers[:8]) + (" …" if len(layers) > 8 else "")),
-            ("pairs", source["n_pairs"]),
-            ("tokens per prompt", source["n_tokens"]),
-            ("first pair", f"{first.clean!r} vs {first.corrupted!r}; {first.correct!r} vs {first.wrong!r}"),
-        ],
-        key_numbers=[
-            ("clean logit difference", key_numbers["clean_logit_diff"]),
-            ("corrupted logit difference", key_numbers["corrupt_logit_diff"]),
-            (
-                "best cell",
-                f"{key_numbers['best_layer']} @ position {key_numbers['best_position']} "
-                f"({key_numbers['best_token']})",
-            ),
-            ("fraction restored there", key_numbers["best_fraction_restored"]),
-        ],
-        sections=[
-            (
-                f"Cells that restore the most (top {len(cells)})",
-                table(["layer", "position", "token", "fraction restored"], cells),
+    clean = est.clean_resid
+    grids = [
+        Grid(
+            "resid",
+            layers,
+            labels,
+            est.resid_LT / gap,
+            lambda r, c: [patch_position(layers[r], clean[layers[r]], c)],
+            grad_drop=_scaled(est.grad_drop.get("resid"), gap),
+        )
+    ]
+    if est.heads_LH is not None:
+        sites = attribution.head_sites(lm, _head_blocks(lm, layers))
+        grids.append(
+            Grid(
+                "heads",
+                [s.block for s in sites],
+                [str(h) for h in range(est.heads_LH.shape[1])],
+                est.heads_LH / gap,
+                lambda r, c: [patch_head(sites[r], est.clean_heads[sites[r].projection], c)],
+                grad_drop=_scaled(est.grad_drop.get("heads"), gap),
             )
-        ],
-        notes=[
-            "1.0: patching that one activation restores the clean answer's advantage fully; 0: it carries "
-            "none of the difference; negative: it pushes further toward the corrupted answer.",
-            "Patching a whole block's output (the residual stream) at a position carries everything computed "
-            "there so far; positions where the prompts differ light up at early layers, and the answer moves "
-            "to the last position at the layers that read it.",
-            "Token labels come from the first pair; clean→corrupt marks where the prompts differ.",
-        ],
-    )
-    report.add_plot(
-        "patching",
-        "Fraction of the logit difference restored, layer × position",
-        _heatmap(fraction_LT, layers, labels),
-    )
-    return report
+        )
+    if est.latents_N is not None and latent_site is not None:
+        grids.append(
+            Grid(
+                "latents",
+                [latent_site.layer],
+                [str(i) for i in range(len(est.latents_N))],
+                est.latents_N[None] / gap,
+                lambda r, c: [patch_latent(latent_site, est.latent_delta_PTN, c)],
+                grad_drop=_scaled(
+                    None if "latents" not in est.grad_drop else est.grad_drop["latents"][None], gap
+                ),
+                live=(est.latent_delta_PTN != 0).any(dim=(0, 1)).cpu().numpy()[None],
+            )
+        )
+    return grids
 
 
-def _heatmap(fraction_LT, layers, labels):
-    figure = new_figure(max(6, 0.55 * len(labels) + 3), max(3, 0.35 * len(layers) + 1.5))
-    ax = figure.subplots()
-    bound = max(1.0, float(np.abs(fraction_LT).max()))
-    image = ax.imshow(fraction_LT, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-    shown = [label.replace("$", r"\$") for label in labels]  # '$' would start mathtext
-    ax.set_xticks(np.arange(len(labels)), shown, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(np.arange(len(layers)), layers, fontsize=8)
-    ax.set_xlabel("position (token)")
-    ax.set_ylabel("layer")
-    figure.colorbar(image, ax=ax, label="fraction restored")
-    return figure
+def _scaled(values: np.ndarray | None, gap: float) -> np.ndarray | None:
+    return None if values is None else values / abs(gap)
+
+
+def _patch(lm, config, pairs: attribution.Pairs, grids, corrupt_mean, gap, progress, should_stop) -> int:
+    """Real patching: every cell (patching) or each grid's top ``confirm_top`` (atp)."""
+    todo = []
+    for grid in grids:
+        todo += [(grid, r, c) for r, c in grid.candidates(config.method, config.confirm_top, grid.live)]
+    if config.method == "patching" and len(todo) > MAX_PATCH_FORWARDS:
+        raise InvalidInputError(
+            f"{len(todo)} cells to patch (resid, heads and the SAE's active latents); the limit is "
+            f"{MAX_PATCH_FORWARDS}: use method 'atp', or fewer layers or components"
+        )
+    for i, (grid, r, c) in enumerate(todo):
+        check_stop(should_stop, "patching")
+        diff_P = logit_diff(lm, pairs.corrupt_PT, pairs.correct_P, pairs.wrong_P, grid.patch(r, c))
+        grid.measured[r, c] = (float(diff_P.mean()) - corrupt_mean) / gap
+        if (i + 1) % 16 == 0 or i + 1 == len(todo):
+            report_progress(progress, 0.05 + 0.9 * (i + 1) / len(todo), f"patched {i + 1}/{len(todo)} cells")
+    for grid in grids:
+        if config.method == "patching" and grid.live is not None:
+            grid.measured[~grid.live] = 0.0  # no difference between the runs: nothing to patch
+    return len(todo)
+
+
+def patch_head(site: attribution.HeadSite, clean_PTD: Tensor, head: int) -> Controller:
+    """Replace one head's output (its slice of the output projection's input) at every position."""
+    width = clean_PTD.shape[-1] // site.n_heads
+    span = slice(head * width, (head + 1) * width)
+
+    def patch(x: Tensor, _: HookContext) -> Tensor:
+        out = x.clone()
+        out[..., span] = clean_PTD[..., span].to(device=x.device, dtype=x.dtype)
+        return out
+
+    return Controller(site.projection, patch, "pre")
+
+
+def patch_latent(site: attribution.LatentSite, delta_PTN: Tensor, latent: int) -> Controller:
+    """Set one latent to its clean value at every position, the SAE's reconstruction error kept."""
+    direction_D = site.sae.W_dec.detach()[latent]
+    add_PTD = delta_PTN[..., latent, None].to(direction_D.dtype) * direction_D
+
+    def patch(x: Tensor, _: HookContext) -> Tensor:
+        return x + add_PTD.to(device=x.device, dtype=x.dtype)
+
+    return Controller(site.layer, patch)

@@ -22,6 +22,7 @@ MAX_LATENTS = 256
 MAX_PAIRS = 64
 MAX_PROMPT_CHARS = 2000
 MAX_PATCH_FORWARDS = 8192  # layers × positions: one forward (of all pairs) each
+MAX_CONFIRM = 256  # atp: real patches per component
 
 
 class _AnalysisBase(StrictModel):
@@ -124,8 +125,16 @@ class PromptPair(StrictModel):
         return self
 
 
+CircuitComponent = Literal["resid", "heads", "latents"]
+
+
 class CircuitConfig(_AnalysisBase):
-    """Activation patching, clean into corrupted, per (layer, position)."""
+    """Clean into corrupted, per (layer, position), per head, per SAE latent: estimated or patched.
+
+    ``atp`` estimates every cell from gradients (one forward + backward) and confirms the top
+    candidates by real patching; ``patching`` patches every cell for real (and still reports how
+    well the estimate agreed, over all cells).
+    """
 
     kind: Literal["circuit"] = "circuit"
     model: str = Field(DEFAULT_MODEL, min_length=1, description="bundled name, hub id or local model")
@@ -134,11 +143,32 @@ class CircuitConfig(_AnalysisBase):
         None, max_length=MAX_LAYERS, description="module paths to patch [default: every block]"
     )
     model_dtype: DType = "fp32"
+    method: Literal["atp", "patching"] = Field(
+        "atp", description="atp: gradient estimates, top candidates confirmed; patching: every cell patched"
+    )
+    components: list[CircuitComponent] = Field(
+        default_factory=lambda: ["resid"],
+        min_length=1,
+        max_length=3,
+        description="resid: layers × positions; heads: per block; latents: the SAE's (sae_id)",
+    )
+    confirm_top: int = Field(
+        10, ge=0, le=MAX_CONFIRM, description="atp: candidates per component confirmed by real patching"
+    )
+    sae_id: str | None = Field(None, max_length=64, description="the SAE whose latents are attributed")
+    qk_fix: bool = Field(True, description="AtP*: the next block's attention softmax computed exactly")
+    grad_drop: bool = Field(
+        False, description="AtP*: rank candidates by GradDrop too (one extra backward per block)"
+    )
 
     @model_validator(mode="after")
     def _unique_layers(self) -> CircuitConfig:
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             raise ValueError("layers must name at least one module path, without repeats")
+        if len(set(self.components)) != len(self.components):
+            raise ValueError("components must not repeat")
+        if ("latents" in self.components) != (self.sae_id is not None):
+            raise ValueError("the latents component needs sae_id, and sae_id needs 'latents' in components")
         return self
 
 

@@ -84,6 +84,8 @@ def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
     elif isinstance(request, CircuitConfig):
         services.require_allowed_model(request.model, settings)
         services.check_texts([text for p in request.pairs for text in (p.clean, p.corrupted)], settings)
+        if request.sae_id is not None:  # the SAE whose latents are attributed: 404 before queueing
+            require_loadable_model(store, get_sae(store, validate_id(request.sae_id, "sae id")))
 
 
 def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> None:
