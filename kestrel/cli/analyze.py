@@ -1,4 +1,4 @@
-"""Analyses written as reports: ``kestrel analyze neuron|feature|causal|circuit``."""
+"""Analyses written as reports: ``kestrel analyze neuron|feature|causal|circuit|graph``."""
 
 from __future__ import annotations
 
@@ -208,6 +208,38 @@ def analyze_circuit(
         "sae_id": sae,
         "grad_drop": grad_drop,
         "qk_fix": qk_fix,
+    }
+    _run_analysis_cli(store, config, device, as_json)
+
+
+@analyze_app.command("graph")
+@friendly_errors
+def analyze_graph(
+    prompt: Annotated[str, typer.Argument(help="the prompt whose next token to explain")],
+    transcoder: Annotated[
+        list[str], typer.Option("--transcoder", "-t", help="SAE id of a block's MLP transcoder (repeatable)")
+    ],
+    target: Annotated[
+        str | None, typer.Option(help="the next token to explain [default: the top one]")
+    ] = None,
+    node_keep: Annotated[float, typer.Option(help="influence on the logit the kept nodes carry")] = 0.8,
+    edge_keep: Annotated[float, typer.Option(help="influence the kept edges carry")] = 0.98,
+    max_features: Annotated[int, typer.Option(help="refuse more active features (a backward each)")] = 20_000,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attribution graph of a prompt over transcoder features: direct effects, pruned, scored."""
+    config = {
+        "kind": "graph",
+        "model": model,
+        "prompt": prompt,
+        "target": target,
+        "transcoders": transcoder,
+        "node_keep": node_keep,
+        "edge_keep": edge_keep,
+        "max_features": max_features,
     }
     _run_analysis_cli(store, config, device, as_json)
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
-from kestrel.core.analysis.config import CausalConfig, CircuitConfig, FeatureConfig, NeuronConfig
+from kestrel.core.analysis.config import CausalConfig, CircuitConfig, FeatureConfig, GraphConfig, NeuronConfig
 from kestrel.core.analysis.records import AnalysisManifest
 from kestrel.schemas.common import Page
 from kestrel.schemas.runs import CaptureDataset
@@ -23,12 +23,15 @@ class CausalAnalysisRequest(CausalConfig):
 
 
 AnalysisRequest = Annotated[
-    NeuronConfig | FeatureConfig | CausalAnalysisRequest | CircuitConfig, Field(discriminator="kind")
+    NeuronConfig | FeatureConfig | CausalAnalysisRequest | CircuitConfig | GraphConfig,
+    Field(discriminator="kind"),
 ]
 _ANALYSIS_REQUEST: TypeAdapter = TypeAdapter(AnalysisRequest)
 
 
-def parse_analysis_request(data: Any) -> NeuronConfig | FeatureConfig | CausalAnalysisRequest | CircuitConfig:
+def parse_analysis_request(
+    data: Any,
+) -> NeuronConfig | FeatureConfig | CausalAnalysisRequest | CircuitConfig | GraphConfig:
     """A stored job's request parsed again by the worker (the API validated it already)."""
     return _ANALYSIS_REQUEST.validate_python(data)
 

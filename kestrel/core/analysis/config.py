@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
+from kestrel.core.analysis.records import AnalysisKind as AnalysisKind  # one definition, re-exported
 from kestrel.core.catalog import DEFAULT_MODEL, DType
 from kestrel.core.config import StrictModel
 from kestrel.core.errors import InvalidInputError
@@ -172,26 +173,6 @@ class CircuitConfig(_AnalysisBase):
         return self
 
 
-AnalysisConfig = Annotated[
-    NeuronConfig | FeatureConfig | CausalConfig | CircuitConfig, Field(discriminator="kind")
-]
-AnalysisKind = Literal["neuron", "feature", "causal", "circuit"]
-_ADAPTER: TypeAdapter = TypeAdapter(AnalysisConfig)
-
-
-def parse_config(data: object) -> NeuronConfig | FeatureConfig | CausalConfig | CircuitConfig:
-    """A config from a dict (or a config), with pydantic's errors as one readable InvalidInputError."""
-    if isinstance(data, (NeuronConfig, FeatureConfig, CausalConfig, CircuitConfig)):
-        return data
-    try:
-        return _ADAPTER.validate_python(data)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
-        )
-        raise InvalidInputError(f"invalid analysis config: {problems}") from None
-
-
 MAX_TRANSCODERS = 128
 MAX_GRAPH_FEATURES = 50_000
 
@@ -226,3 +207,22 @@ class GraphConfig(_AnalysisBase):
         if len(set(self.transcoders)) != len(self.transcoders):
             raise ValueError("transcoders must not repeat")
         return self
+
+
+AnalysisConfig = Annotated[
+    NeuronConfig | FeatureConfig | CausalConfig | CircuitConfig | GraphConfig, Field(discriminator="kind")
+]
+_ADAPTER: TypeAdapter = TypeAdapter(AnalysisConfig)
+
+
+def parse_config(data: object) -> NeuronConfig | FeatureConfig | CausalConfig | CircuitConfig | GraphConfig:
+    """A config from a dict (or a config), with pydantic's errors as one readable InvalidInputError."""
+    if isinstance(data, (NeuronConfig, FeatureConfig, CausalConfig, CircuitConfig, GraphConfig)):
+        return data
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
+        )
+        raise InvalidInputError(f"invalid analysis config: {problems}") from None

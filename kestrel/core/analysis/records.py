@@ -18,7 +18,7 @@ from kestrel.core.store import Store, StoredManifest, read_typed_manifests, vali
 KIND = "analyses"
 FORMAT_VERSION = 1
 PLOT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-AnalysisKind = Literal["neuron", "feature", "causal", "circuit"]
+AnalysisKind = Literal["neuron", "feature", "causal", "circuit", "graph"]
 
 
 class AnalysisManifest(StoredManifest):

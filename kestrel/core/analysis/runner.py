@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kestrel.core.analysis import causal, circuit, feature, neuron
+from kestrel.core.analysis import causal, circuit, feature, graph_analysis, neuron
 from kestrel.core.analysis.common import AnalysisOutput, ModelLoader, ProgressFn, StopFn, check_stop
 from kestrel.core.analysis.config import parse_config
 from kestrel.core.analysis.records import FORMAT_VERSION, KIND, AnalysisManifest
@@ -39,6 +39,7 @@ ANALYZERS = {
     "feature": feature.analyze,
     "causal": causal.analyze,
     "circuit": circuit.analyze,
+    "graph": graph_analysis.analyze,
 }
 
 

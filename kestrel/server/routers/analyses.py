@@ -5,11 +5,12 @@ and its layer, the SAE and its latent range, model names, dataset uploads and re
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from kestrel.core.analysis.config import CircuitConfig
+from kestrel.core.analysis.config import CircuitConfig, GraphConfig
+from kestrel.core.analysis.records import AnalysisKind
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.runs import get_manifest
 from kestrel.core.sae.records import get_sae, require_loadable_model
@@ -57,7 +58,7 @@ def start_analysis(
     store: StoreDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobInfo:
-    """Start a neuron, feature, causal or circuit analysis (a batch job); ``artifacts.analysis_id``
+    """Start a neuron, feature, causal, circuit or graph analysis (a batch job); ``artifacts.analysis_id``
     names the result. Its report is at ``/v1/analyses/{id}/report`` once the job finishes."""
     check_request(request, settings, store)
     analysis_id = new_id("analysis")
@@ -86,6 +87,21 @@ def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
         services.check_texts([text for p in request.pairs for text in (p.clean, p.corrupted)], settings)
         if request.sae_id is not None:  # the SAE whose latents are attributed: 404 before queueing
             require_loadable_model(store, get_sae(store, validate_id(request.sae_id, "sae id")))
+    elif isinstance(request, GraphConfig):
+        services.require_allowed_model(request.model, settings)
+        services.check_texts([request.prompt], settings)
+        for sae_id in request.transcoders:  # 404 for an unknown one, 422 for an SAE that is not one
+            _check_transcoder(get_sae(store, validate_id(sae_id, "sae id")))
+
+
+def _check_transcoder(summary) -> None:
+    target = (summary.config or {}).get("target_layer")
+    if not target:
+        raise InvalidInputError(
+            f"sae {summary.id!r} is not a transcoder (it reconstructs its own input); an attribution "
+            "graph needs transcoders trained with target_layer model.layers.<i>.mlp",
+            details={"sae_id": summary.id},
+        )
 
 
 def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> None:
@@ -110,9 +126,7 @@ def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> 
 async def list_analyses(
     store: StoreDep,
     page: PageDep,
-    kind: Annotated[
-        Literal["neuron", "feature", "causal", "circuit"] | None, Query(description="only this kind")
-    ] = None,
+    kind: Annotated[AnalysisKind | None, Query(description="only this kind")] = None,
 ) -> AnalysisPage:
     """Complete analyses, newest first (a running or cancelled one is not listed)."""
     manifests = await asyncio.to_thread(_analysis().list_analyses, store)
