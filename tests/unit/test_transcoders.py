@@ -12,7 +12,6 @@ import torch
 
 from kestrel.core.activations import capture
 from kestrel.core.errors import InvalidInputError, NotFoundError
-from kestrel.core.hooks import Detector, HookManager
 from kestrel.core.models import LoadedModel
 from kestrel.core.run_reader import RowBatch, iter_row_batches
 from kestrel.core.runs import CaptureOptions, RowFilter, RunManifest, get_manifest
@@ -27,7 +26,9 @@ TOPICS = ["cooking pasta with garlic", "a football match", "stars and galaxies",
 
 
 def corpus(n: int) -> list[str]:
-    return [f"Text {i} is about {TOPICS[i % 4]}." + " It goes on a little longer." * (i % 5) for i in range(n)]
+    return [
+        f"Text {i} is about {TOPICS[i % 4]}." + " It goes on a little longer." * (i % 5) for i in range(n)
+    ]
 
 
 def rows_of(store, run_id: str, layer: str, **kwargs) -> RowBatch:
@@ -56,9 +57,10 @@ def test_paired_capture_matches_a_manual_forward_hook(tiny_lm: LoadedModel, pair
     assert torch.equal(inputs.position_N, outputs.position_N)
     # the same rows by a plain torch hook on the module, one document at a time
     texts = corpus(160)
+    seen: dict[str, torch.Tensor] = {}
+    module = dict(tiny_lm.model.named_modules())[MLP]
     for doc in (0, 7, 93):
-        seen: dict[str, torch.Tensor] = {}
-        module = dict(tiny_lm.model.named_modules())[MLP]
+        seen.clear()
         handle = module.register_forward_hook(
             lambda _m, args, out: seen.update(x=args[0].detach(), y=out.detach())
         )
@@ -113,7 +115,9 @@ def test_transcoder_trains_against_its_target(paired_run, architecture: str, ski
     sae_config = {"architecture": architecture, "n_latents": 128, "k": 8, "skip": skip}
     train = {"batch_size": 128, "epochs": 6, "seed": 0}
     sae_id = f"tc-{architecture}-{'skip' if skip else 'plain'}"
-    summary = artifacts.train_from_run(store, "paired", MLP_IN, sae_config, train, sae_id=sae_id, target_layer=MLP)
+    summary = artifacts.train_from_run(
+        store, "paired", MLP_IN, sae_config, train, sae_id=sae_id, target_layer=MLP
+    )
     assert summary.kind == ("skip_transcoder" if skip else "transcoder")
     assert summary.target_layer == MLP and summary.layer == MLP_IN
     sae, _ = artifacts.load_sae(store, sae_id)
@@ -121,7 +125,9 @@ def test_transcoder_trains_against_its_target(paired_run, architecture: str, ski
     assert tuple(sae.W_dec.shape) == (128, manifest.layers[MLP].d)
     assert hasattr(sae, "W_skip") == skip
     # the held-out FVU is of the MLP's output, recomputed by hand from the weights as saved
-    heldout = rows_of(store, "paired", MLP_IN, target_layer=MLP, filters=RowFilter.recommended(), split="heldout")
+    heldout = rows_of(
+        store, "paired", MLP_IN, target_layer=MLP, filters=RowFilter.recommended(), split="heldout"
+    )
     d_in = sae.config.d_in
     x, y = heldout.acts_ND[:, :d_in], heldout.acts_ND[:, d_in:]
     with torch.no_grad():
@@ -176,7 +182,10 @@ def test_saelens_round_trip_of_a_skip_transcoder(paired_run, sae_id: str) -> Non
     assert cfg["d_out"] == sae.config.d_out and cfg["apply_b_dec_to_input"] is False
     assert cfg["metadata"]["hook_name"] == MLP_IN and cfg["metadata"]["hook_name_out"] == MLP
     back = artifacts.import_saelens(
-        store, files.read(saelens.SAELENS_CONFIG_FILE), files.read(saelens.SAELENS_WEIGHTS_FILE), sae_id="back"
+        store,
+        files.read(saelens.SAELENS_CONFIG_FILE),
+        files.read(saelens.SAELENS_WEIGHTS_FILE),
+        sae_id="back",
     )
     assert back.kind == "skip_transcoder" and back.target_layer == MLP
     again, _ = artifacts.load_sae(store, "back")

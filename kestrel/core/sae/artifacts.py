@@ -411,6 +411,8 @@ def import_sae_files(
         model=sae.config.model,
         run_id=sae.config.run_id,
         layer=sae.config.layer,
+        target_layer=sae.config.target_layer,
+        kind=sae.config.kind,
         config=sae.config.model_dump(mode="json"),
         metrics={},
         imported_from=layout,
