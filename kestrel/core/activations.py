@@ -439,9 +439,9 @@ def _layer_records(lm: LoadedModel, run: RunWriter) -> dict[str, RunLayer]:
     """The manifest's layers: a module's input is recorded as such (``hook``, ``module``)."""
     records = run.layer_records({name: lm.layer(parse_layer_spec(name)[0]).kind for name in run.layers})
     for name, record in records.items():
-        module, hook = parse_layer_spec(name)
-        if hook == "input":
-            record.module, record.hook = module, hook
+        module, record.hook = parse_layer_spec(name)
+        if record.hook == "input":
+            record.module = module
     return records
 
 

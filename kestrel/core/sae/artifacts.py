@@ -303,6 +303,7 @@ def evaluate_sae(
 ) -> dict[str, Any]:
     """Model-in-the-loop metrics (CE-loss recovered, KL) on held-out texts, stored with the SAE."""
     sae, summary = load_sae(store, sae_id, device=lm.device)
+    summary.require_sae("model-in-the-loop evaluation")  # it would splice the target in as `layer`
     require_loadable_model(store, summary)
     run = get_manifest(store, summary.run_id) if summary.run_id else None
     layer = summary.layer_name
@@ -429,6 +430,8 @@ def encode_prompt(
     """The strongest latents at each token of ``text``."""
     if top_k <= 0:
         raise InvalidInputError(f"top_k must be > 0, got {top_k}")
+    if sae.config.is_transcoder:
+        raise InvalidInputError(f"encoding text reads a module's output; this is a {sae.config.kind}")
     lm.layer(layer)
     encoded = lm.tokenizer([text], return_tensors="pt").to(lm.device)
     if encoded["input_ids"].shape[1] == 0:
