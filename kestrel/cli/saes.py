@@ -86,8 +86,9 @@ def train_command(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train an SAE on one layer of a capture run (attention-sink rows skipped), or a transcoder
-    from one layer to another (--target-layer)."""
+    """Train an SAE on one layer of a capture run (attention-sink rows skipped).
+
+    With --target-layer, a transcoder from --layer to that layer (--skip: a skip-transcoder)."""
     from tqdm.auto import tqdm
 
     from kestrel.core.sae import artifacts

@@ -208,3 +208,26 @@ def test_encoding_a_transcoder_as_an_sae_is_refused(paired_run) -> None:
     summary = artifacts.get_sae(store, "tc-topk-plain")
     with pytest.raises(InvalidInputError, match="transcoder"):
         summary.require_sae("steering")
+
+
+def test_sigkill_mid_paired_capture_leaves_nothing_listed(store) -> None:
+    """A paired capture is one RunWriter like any other: killed mid-pass, no run is visible."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_activations import KILL_SCRIPT
+
+    from kestrel.core.runs import list_runs
+
+    single = '["model.layers.1"]'
+    assert single in KILL_SCRIPT
+    script = KILL_SCRIPT.replace(single, f"[{MLP_IN!r}, {MLP!r}]").format(
+        tests=str(Path(__file__).parents[1]), root=str(store.root)
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    staged = [p for p in (store.root / "activations").iterdir()]
+    assert staged and all(p.name.startswith(".staging-") for p in staged)
+    assert any((p / MLP_IN).is_dir() and (p / MLP).is_dir() for p in staged)  # both were being written
+    assert list_runs(store) == [] and not store.exists("activations", "killed")
