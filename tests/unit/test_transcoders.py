@@ -231,3 +231,20 @@ def test_sigkill_mid_paired_capture_leaves_nothing_listed(store) -> None:
     assert staged and all(p.name.startswith(".staging-") for p in staged)
     assert any((p / MLP_IN).is_dir() and (p / MLP).is_dir() for p in staged)  # both were being written
     assert list_runs(store) == [] and not store.exists("activations", "killed")
+
+
+def test_cli_trains_a_skip_transcoder(paired_run) -> None:
+    import json
+
+    from cli_runner import invoke
+
+    store, _ = paired_run
+    args = ["train", "paired", "--layer", MLP_IN, "--target-layer", MLP, "--skip", "--n-latents", "32"]
+    args += ["--k", "4", "--batch-size", "128", "--sae-id", "cli-tc", "--store", str(store.root), "--json"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["kind"] == "skip_transcoder" and summary["target_layer"] == MLP
+    assert summary["config"]["d_out"] == 32 and summary["config"]["skip"] is True
+    no_target = invoke("train", "paired", "--layer", MLP, "--skip", "--store", str(store.root))
+    assert no_target.exit_code != 0 and "target_layer" in no_target.output
