@@ -248,3 +248,32 @@ def test_cli_trains_a_skip_transcoder(paired_run) -> None:
     assert summary["config"]["d_out"] == 32 and summary["config"]["skip"] is True
     no_target = invoke("train", "paired", "--layer", MLP, "--skip", "--store", str(store.root))
     assert no_target.exit_code != 0 and "target_layer" in no_target.output
+
+
+def test_a_stopped_skip_transcoder_resumes_to_the_uninterrupted_weights(paired_run) -> None:
+    """Stop (checkpoint kept, nothing published), resume: the weights an uninterrupted run
+    reaches, the target's scale restored from the checkpoint (a requeued job does the same)."""
+    store, _ = paired_run
+    config = {"n_latents": 32, "k": 4, "skip": True}
+    train = {"batch_size": 128, "epochs": 2, "seed": 1, "checkpoint_every": 100}
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    kwargs = {"target_layer": MLP}
+    stopped = artifacts.train_from_run(
+        store, "paired", MLP_IN, config, train, sae_id="tc-resumed", should_stop=stop_after_three, **kwargs
+    )
+    assert stopped.status == "stopped" and stopped.checkpoint
+    assert not store.exists("saes", "tc-resumed")
+    done = artifacts.train_from_run(
+        store, "paired", MLP_IN, config, train, sae_id="tc-resumed", resume=True, **kwargs
+    )
+    whole = artifacts.train_from_run(store, "paired", MLP_IN, config, train, sae_id="tc-whole", **kwargs)
+    a, _ = artifacts.load_sae(store, "tc-resumed")
+    b, _ = artifacts.load_sae(store, "tc-whole")
+    assert done.steps == whole.steps and a.config.output_scale == b.config.output_scale is not None
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
