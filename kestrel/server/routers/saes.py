@@ -60,6 +60,12 @@ def start_training(
     With ``dataset`` and ``saes``: one job trains every SAE from one pass of the model
     (``artifacts.sae_ids``, and ``artifacts.run_id`` when ``spill`` stores the pass)."""
     if stream_training.is_stream_request(request):
+        if request.target_layer is not None:  # a stream trains SAEs of one layer each
+            raise InvalidInputError(
+                "target_layer trains a transcoder on a stored run: capture both layers, then give run_id, "
+                "layer and target_layer (not dataset/saes)",
+                details={"fields": ["target_layer"]},
+            )
         kwargs = stream_training.prepare_stream_training(request, store, settings)
         return submit_batch(
             redis,
