@@ -3,7 +3,9 @@
 The trainer never sees a model. `data(epoch)` returns that epoch's activations as an iterable of
 [rows, d_in] tensors of any size; the trainer re-batches them to `batch_size`, so memory stays at
 one batch plus one chunk whatever the run's size. The source must return the same rows in the
-same order for the same epoch: a resumed run skips the rows its checkpoint had consumed.
+same order for the same epoch: a resumed run skips the rows its checkpoint had consumed. A
+transcoder's rows are its input and target side by side, [rows, d_in + d_out]
+(`kestrel.core.sae.transcoder`); its loss and FVU are against the target.
 
 One step: encode (dense scores, k-sparse choice), decode from the chosen rows, loss, backward
 (k-sparse for the k-sparse architectures), drop the decoder gradient parallel to its rows, clip,
@@ -328,7 +330,8 @@ class TrainingRun:
             scale = norm_scale(x_BD)
             out_scale = norm_scale(target_BD) if target_BD is not None else None
         self.state.input_scale, self.state.output_scale = scale, out_scale
-        x_BD = x_BD * scale if target_BD is None else target_BD * (out_scale or 1.0)
+        # what the decoder writes, scaled as training sees it: b_dec starts at its centre
+        written_BD = x_BD * scale if target_BD is None else target_BD * (out_scale or 1.0)
         if init is not None:
             _copy_weights(init, self.sae)
             # init reads raw inputs; training sees scaled ones
@@ -336,9 +339,9 @@ class TrainingRun:
             if self.sae.unit_norm_decoder:
                 self.sae.normalize_decoder()
         elif self.train_config.b_dec_init == "geometric_median":
-            self.sae.b_dec.copy_(geometric_median(x_BD))
+            self.sae.b_dec.copy_(geometric_median(written_BD))
         else:
-            self.sae.b_dec.copy_(x_BD.double().mean(dim=0).float())
+            self.sae.b_dec.copy_(written_BD.double().mean(dim=0).float())
         self.initialised = True
 
     def _step(self, rows_BW: Tensor) -> None:
