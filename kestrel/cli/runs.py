@@ -94,7 +94,12 @@ def layers(
 @friendly_errors
 @config_options(options=CAPTURE_OPTIONS)
 def capture(
-    layer: Annotated[list[str], typer.Option("--layer", "-l", help="layer to capture (repeatable)")],
+    layer: Annotated[
+        list[str],
+        typer.Option(
+            "--layer", "-l", help="layer to capture (repeatable); MODULE:input captures what MODULE reads"
+        ),
+    ],
     model: ModelOpt = DEFAULT_MODEL,
     text: TextsOpt = None,
     file: DatasetFileOpt = None,

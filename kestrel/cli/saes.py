@@ -41,8 +41,11 @@ DEFAULT_N_LATENTS = 4608
 
 SAE_OPTIONS = ConfigGroup(
     SAEConfig,
-    # filled from the run (d_in, model, layer, run_id, data) or by training (input_scale)
-    exclude=frozenset({"d_in", "input_scale", "model", "layer", "run_id", "data"}),
+    # filled from the run (d_in, model, layer, run_id, data, a transcoder's target_layer and
+    # d_out) or by training (input_scale, output_scale); `train --target-layer` names the target
+    exclude=frozenset(
+        {"d_in", "input_scale", "model", "layer", "run_id", "data", "target_layer", "d_out", "output_scale"}
+    ),
     defaults={"n_latents": DEFAULT_N_LATENTS},
     help={"architecture": "topk, batchtopk, relu_l1 or jumprelu", "dtype": "dtype of the SAE's weights"},
     panel="SAE",
@@ -69,6 +72,14 @@ def train_command(
     layer: Annotated[str, typer.Option("--layer", "-l", help="a layer of the run")],
     sae: dict[str, Any],
     train: dict[str, Any],
+    target_layer: Annotated[
+        str | None,
+        typer.Option(
+            "--target-layer",
+            help="train a transcoder: the layer of the run it predicts from --layer "
+            "(e.g. -l model.layers.10.mlp:input --target-layer model.layers.10.mlp); --skip adds W_skip·x",
+        ),
+    ] = None,
     sae_id: Annotated[str | None, typer.Option(help="id of the new SAE [default: generated]")] = None,
     resume: Annotated[
         bool, typer.Option(help="continue a stopped run of --sae-id from its checkpoint")
@@ -76,7 +87,9 @@ def train_command(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train an SAE on one layer of a capture run (attention-sink rows skipped)."""
+    """Train an SAE on one layer of a capture run (attention-sink rows skipped).
+
+    With --target-layer, a transcoder from --layer to that layer (--skip: a skip-transcoder)."""
     from tqdm.auto import tqdm
 
     from kestrel.core.sae import artifacts
@@ -104,6 +117,7 @@ def train_command(
             on_progress=show,
             resume=resume,
             on_warning=warn,
+            target_layer=target_layer,
         )
     finally:
         bar.close()

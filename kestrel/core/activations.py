@@ -12,7 +12,10 @@ A run is ``activations/<run_id>/`` (docs/store-format.md):
 ``RunWriter`` writes that layout for any producer of rows: ``capture`` below, and the capture during
 a user's own training (``kestrel.core.callbacks``). Capture does one forward per batch, with
 detectors on the requested layers and a stop right after the deepest of them, so layers past it
-cost nothing. Reading rows back is ``kestrel.core.run_reader`` (re-exported here).
+cost nothing. A layer spec ``<module>:input`` records what the module reads instead of what it
+returns (a transcoder's input beside its target ``<module>``): same pass, same rows, a layer of
+its own whose manifest record says ``hook: input``. Reading rows back is
+``kestrel.core.run_reader`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from kestrel.core.runs import (
     RunLayer,
     RunManifest,
     RunShard,
+    parse_layer_spec,
 )
 
 # Re-exported: defined in the torch-free module and the reader, still importable from here.
@@ -363,9 +367,12 @@ def _check_layers(lm: LoadedModel, layers: Sequence[str]) -> list[str]:
         raise InvalidInputError(
             f"layers repeated: {sorted({x for x in layers if list(layers).count(x) > 1})}"
         )
-    for name in layers:
-        lm.layer(name)  # raises NotFoundError with close matches
-    return execution_order(lm.model, layers)
+    specs = {name: parse_layer_spec(name) for name in layers}
+    for module, _ in specs.values():
+        lm.layer(module)  # raises NotFoundError with close matches
+    finish = execution_order(lm.model, list(dict.fromkeys(module for module, _ in specs.values())))
+    # by when each is seen; a module's input ("input" < "output") before its output
+    return sorted(layers, key=lambda name: (finish.index(specs[name][0]), specs[name][1]))
 
 
 @dataclass
@@ -390,12 +397,13 @@ def _capture_rows(
     keep: dict[str, torch.Tensor] = {}  # the current batch's row mask, read by the detectors
     rows: dict[str, torch.Tensor] = {}
 
-    def record(acts_BTD: torch.Tensor, ctx: HookContext) -> None:
+    def record(name: str, acts_BTD: torch.Tensor, ctx: HookContext) -> None:
         # A split model runs this layer on its own device; the mask was built beside the inputs.
         acts_ND = acts_BTD.detach()[keep["mask_BT"].to(acts_BTD.device)]
-        rows[ctx.layer] = acts_ND.to(device="cpu", dtype=storage_dtype, non_blocking=True)
+        rows[name] = acts_ND.to(device="cpu", dtype=storage_dtype, non_blocking=True)
 
-    hooks = [Detector(name, record) for name in layers] + [stop_after(layers[-1])]
+    hooks = [_detector(name, partial(record, name)) for name in layers]
+    hooks.append(stop_after(parse_layer_spec(layers[-1])[0]))
     started, n_docs, n_batches, forwarded = time.perf_counter(), 0, 0, 0
     bar = tqdm(desc="capture", unit="tok", unit_scale=True, disable=not progress_bar)
     with HookManager(lm.model, hooks), torch.inference_mode():
@@ -419,6 +427,22 @@ def _capture_rows(
             "the dataset produced no tokens to capture (empty texts, or every token dropped)"
         )
     return _CaptureResult(n_docs, time.perf_counter() - started)
+
+
+def _detector(spec: str, fn: Callable[[torch.Tensor, HookContext], None]) -> Detector:
+    """A detector on the module a layer spec names: its output, or its first input."""
+    module, hook = parse_layer_spec(spec)
+    return Detector(module, fn, when="pre" if hook == "input" else "forward")
+
+
+def _layer_records(lm: LoadedModel, run: RunWriter) -> dict[str, RunLayer]:
+    """The manifest's layers: a module's input is recorded as such (``hook``, ``module``)."""
+    records = run.layer_records({name: lm.layer(parse_layer_spec(name)[0]).kind for name in run.layers})
+    for name, record in records.items():
+        module, record.hook = parse_layer_spec(name)
+        if record.hook == "input":
+            record.module = module
+    return records
 
 
 def capture_batches(lm: LoadedModel, texts: Iterator[str], options: CaptureOptions) -> Iterator[TokenBatch]:
@@ -472,7 +496,7 @@ def _manifest(
     record = {
         **run.identity(),
         "model": lm.describe(),
-        "layers": run.layer_records({name: lm.layer(name).kind for name in run.layers}),
+        "layers": _layer_records(lm, run),
         "d_model": lm.d_model,
         "dtype": options.dtype,
         "n_tokens": run.n_tokens,

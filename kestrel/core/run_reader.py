@@ -5,6 +5,10 @@ Reading streams shard by shard through an optional shuffle buffer, so memory is 
 buffer) whatever the run's size. The filters matter: in SmolLM2 the first token is an attention
 sink whose residual norm is ~140x the others', so any statistic over all rows measures mostly
 that token. Capture (writing runs) is ``kestrel.core.activations``.
+
+With ``target_layer`` a reader pairs two layers of one run row by row (a transcoder's input and
+target: every layer of a run holds the same rows in the same shards), yielding ``[x | y]`` rows;
+the norm filter then holds each layer to its own median.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def iter_row_batches(
     drop_last: bool = False,
     shuffle_shards: bool = True,
     norm_median: float | None = None,
+    target_layer: str | None = None,
 ) -> Iterator[RowBatch]:
     """Stream a run's rows for ``layer`` in batches, shard by shard.
 
@@ -72,10 +77,16 @@ def iter_row_batches(
     ``shuffle_shards`` is False: what a stream trainer saw while spilling the run) and rows pass
     through a buffer of that many rows, so memory stays at one shard plus the buffer. The same
     seed gives the same order, which is what lets a trainer resume mid-epoch. ``norm_median``
-    replaces the manifest's as the reference of ``filters.max_norm_multiple``.
+    replaces the manifest's as the reference of ``filters.max_norm_multiple``. ``target_layer``
+    appends that layer's row to each row of ``layer`` (the same token), as a transcoder trains.
     """
     manifest = get_manifest(store, run_id)
     manifest.layer(layer)  # NotFoundError naming the run's layers
+    layers = [layer] if target_layer is None else [layer, target_layer]
+    if target_layer is not None:
+        manifest.layer(target_layer)
+        if norm_median is not None:
+            raise InvalidInputError("norm_median overrides one layer's median; a paired read has two")
     if batch_size <= 0:
         raise InvalidInputError(f"batch_size must be > 0, got {batch_size}")
     if not 0.0 < heldout_fraction < 1.0 and split != "all":
@@ -87,9 +98,9 @@ def iter_row_batches(
         shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
     chunks = (
         _filtered(
-            _read_shard(store, run_id, layer, name, dtype),
+            _read_shard(store, run_id, layers, name, dtype),
             manifest,
-            layer,
+            layers,
             filters,
             split,
             heldout_fraction,
@@ -108,9 +119,21 @@ def iter_batches(store: LocalStore, run_id: str, layer: str, **kwargs: Any) -> I
         yield batch.acts_ND
 
 
-def _read_shard(store: LocalStore, run_id: str, layer: str, shard: str, dtype: torch.dtype) -> RowBatch:
-    with safe_open(store.local_path(KIND, run_id, f"{layer}/{shard}.safetensors"), "pt") as f:
-        acts_ND = f.get_tensor("acts").to(dtype)
+def _read_shard(
+    store: LocalStore, run_id: str, layers: Sequence[str], shard: str, dtype: torch.dtype
+) -> RowBatch:
+    """One shard's rows of ``layers``, side by side, with their metadata."""
+    parts = []
+    for layer in layers:
+        with safe_open(store.local_path(KIND, run_id, f"{layer}/{shard}.safetensors"), "pt") as f:
+            parts.append(f.get_tensor("acts").to(dtype))
+    if len({len(part) for part in parts}) > 1:
+        raise InvalidInputError(
+            f"run {run_id!r} shard {shard} holds different row counts for {list(layers)}: "
+            "the layers were not captured together",
+            details={"layers": list(layers), "rows": [len(part) for part in parts]},
+        )
+    acts_ND = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     with safe_open(store.local_path(KIND, run_id, f"tokens/{shard}.safetensors"), "pt") as f:
         meta = {name: f.get_tensor(name) for name in ROW_META_FIELDS}
     return RowBatch(acts_ND, meta["token_id"], meta["doc_index"], meta["position"])
@@ -119,14 +142,17 @@ def _read_shard(store: LocalStore, run_id: str, layer: str, shard: str, dtype: t
 def _filtered(
     rows: RowBatch,
     manifest: RunManifest,
-    layer: str,
+    layers: Sequence[str],
     filters: RowFilter,
     split: Split,
     fraction: float,
     norm_median: float | None = None,
 ) -> RowBatch:
     special = manifest.special_token_ids
-    median = manifest.layers[layer].norm_median if norm_median is None else norm_median
+    if len(layers) > 1:
+        groups = [(manifest.layers[name].d, manifest.layers[name].norm_median) for name in layers]
+        return filter_rows(rows, filters, special, None, split, fraction, column_medians=groups)
+    median = manifest.layers[layers[0]].norm_median if norm_median is None else norm_median
     return filter_rows(rows, filters, special, median, split, fraction)
 
 
@@ -137,16 +163,24 @@ def filter_rows(
     median: float | None,
     split: Split,
     fraction: float,
+    *,
+    column_medians: Sequence[tuple[int, float | None]] | None = None,
 ) -> RowBatch:
     """The rows ``filters`` and ``split`` keep; ``median`` is the layer's median row norm (the
-    reference of ``max_norm_multiple``). Row by row, so chunking never changes the result."""
+    reference of ``max_norm_multiple``). Row by row, so chunking never changes the result.
+    ``column_medians`` (width, median) instead holds each group of columns (the layers of a
+    paired read) to its own median: a row is kept when every part of it passes."""
     keep_N = torch.ones(len(rows), dtype=torch.bool)
     if filters.skip_position_0:
         keep_N &= rows.position_N > 0
     if filters.skip_special and special_token_ids:
         keep_N &= ~torch.isin(rows.token_id_N, torch.tensor(list(special_token_ids), dtype=torch.int32))
-    if filters.max_norm_multiple is not None and median:
-        keep_N &= rows.acts_ND.norm(dim=-1) <= filters.max_norm_multiple * median
+    groups = [(rows.acts_ND.shape[-1], median)] if column_medians is None else column_medians
+    if filters.max_norm_multiple is not None:
+        widths = [width for width, _ in groups]
+        for part_ND, (_, part_median) in zip(rows.acts_ND.split(widths, dim=-1), groups, strict=True):
+            if part_median:
+                keep_N &= part_ND.norm(dim=-1) <= filters.max_norm_multiple * part_median
     if split != "all":
         held = heldout_mask(rows.doc_index_N, fraction)
         keep_N &= held if split == "heldout" else ~held

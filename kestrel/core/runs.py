@@ -19,6 +19,23 @@ FORMAT_VERSION = 1
 KIND = "activations"
 ROW_META_FIELDS = ("token_id", "doc_index", "position")
 RUN_FILE_NAMES = frozenset({"tokens", "manifest.json", "docs.jsonl"})  # a layer may not take these names
+#: A layer spec ``<module>:input`` captures what the module reads (its first input) rather than
+#: what it returns, in the same pass: ``model.layers.10.mlp:input`` and ``model.layers.10.mlp``
+#: are a transcoder's input and target. The run stores it as a layer of that name.
+INPUT_SUFFIX = ":input"
+HookPoint = Literal["output", "input"]
+
+
+def parse_layer_spec(spec: str) -> tuple[str, HookPoint]:
+    """(module path, which side of it) of a capture's layer spec."""
+    if spec.endswith(INPUT_SUFFIX):
+        return spec[: -len(INPUT_SUFFIX)], "input"
+    if ":" in spec:
+        raise InvalidInputError(
+            f"layer {spec!r}: a module path takes at most the suffix {INPUT_SUFFIX!r} (its input)",
+            details={"layer": spec},
+        )
+    return spec, "output"
 
 
 class CaptureOptions(BaseModel):
@@ -107,6 +124,10 @@ class RunLayer(_Record):
     kind: str = Field("other", description="block, mlp, attention, ...")
     norm_median: float | None = Field(
         None, description="median row norm, position 0 excluded, from a uniform sample of rows"
+    )
+    module: str | None = Field(None, description="the module path it was read at (None: its name)")
+    hook: HookPoint = Field(
+        "output", description="output: what the module returned; input: what it read (its first input)"
     )
 
 

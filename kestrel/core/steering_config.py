@@ -138,6 +138,7 @@ def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
     """Validate latent ranges, layers and widths from the SAEs' summaries; fill in ``layer``."""
     if config.sae_id:
         summary = get_sae(store, config.sae_id)
+        summary.require_sae("steering")  # a transcoder's decoder writes another layer
         n_latents, sae_layer = summary.n_latents, summary.layer
         if config.layer and sae_layer and config.layer != sae_layer:
             raise InvalidInputError(
@@ -153,6 +154,7 @@ def check_config(store: Store, config: SteeringConfig) -> SteeringConfig:
             continue  # a raw vector's width is checked against the model's layer when compiled
         sae_id = direction.sae_id or config.sae_id
         summary = get_sae(store, sae_id)
+        summary.require_sae("steering")
         _check_latent(f"directions[{i}]", direction.latent, summary.n_latents, sae_id)
     return config
 

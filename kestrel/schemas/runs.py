@@ -75,7 +75,12 @@ class CaptureRequest(StrictModel):
     """
 
     model: str = Field(DEFAULT_MODEL, description="bundled name, hub id or configured local model name")
-    layers: list[str] = Field(min_length=1, max_length=64, description="module paths from the layer table")
+    layers: list[str] = Field(
+        min_length=1,
+        max_length=64,
+        description="module paths from the layer table; `<module>:input` captures what the module reads "
+        "(a transcoder's input, beside `<module>`, its output, in the same pass)",
+    )
     dataset: CaptureDataset
     options: CaptureOptions = Field(default_factory=CaptureOptions)
     model_dtype: ModelDType = "fp32"

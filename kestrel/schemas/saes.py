@@ -54,6 +54,7 @@ SAEHyperparameters: type[StrictModel] = create_model(
                 "l0_coefficient",
                 "normalize_input",
                 "dtype",
+                "skip",
             ),
             k=Field(gt=0),
             l1_coefficient=Field(gt=0),
@@ -84,6 +85,12 @@ class TrainRequest(StrictModel):
 
     run_id: str | None = Field(None, description="the activation run to train on")
     layer: str | None = Field(None, description="a layer the run captured")
+    target_layer: str | None = Field(
+        None,
+        min_length=1,
+        description="train a transcoder: another layer of the run that the decoder predicts from `layer` "
+        "(say `model.layers.10.mlp:input` -> `model.layers.10.mlp`); `sae.skip` adds a linear skip term",
+    )
     sae: SAEHyperparameters | None = None
     train: TrainConfig | None = Field(None, description="training hyperparameters; defaults if omitted")
     resume_from: str | None = Field(None, description="id of a cancelled SAE whose checkpoint to continue")

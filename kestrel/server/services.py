@@ -216,11 +216,14 @@ def training_job_kwargs(
     sae = request.sae.model_dump(exclude_none=True)
     train = (request.train or TrainConfig()).model_dump(mode="json")
     # 404 for an unknown run or layer, 422 for a bad config: before anything is queued
-    sae_config, _, _ = training_configs(store, request.run_id, request.layer, sae, train)
+    target = request.target_layer
+    sae_config, _, _ = training_configs(store, request.run_id, request.layer, sae, train, target_layer=target)
     caps = Caps.of(settings)
-    limits.check_sae_size(sae_config.d_in, sae_config.n_latents, caps)
+    limits.check_sae_size(max(sae_config.d_in, sae_config.output_width), sae_config.n_latents, caps)
     limits.check_train(train, caps)
     kwargs = {"run_id": request.run_id, "layer": request.layer, "sae": sae, "train": train, "sae_id": sae_id}
+    if target is not None:  # only a transcoder's job names it (older workers take no such argument)
+        kwargs["target_layer"] = target
     original = {k: v for k, v in kwargs.items() if k != "sae_id"}
     redis.set(lifecycle.TRAIN_REQUEST_KEY.format(sae_id), json.dumps(original), ex=TRAIN_REQUEST_TTL_S)
     return {**kwargs, "resume": resume}
@@ -234,6 +237,7 @@ def _merge_original(request: TrainRequest, redis: Redis, sae_id: str) -> TrainRe
     return TrainRequest(
         run_id=request.run_id or original["run_id"],
         layer=request.layer or original["layer"],
+        target_layer=request.target_layer or original.get("target_layer"),
         sae=request.sae or SAEHyperparameters.model_validate(original["sae"]),
         train=request.train or original["train"],
         resume_from=sae_id,
@@ -254,6 +258,7 @@ def check_resumable(store: Store, sae_id: str) -> None:
 def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings, store: Store) -> dict:
     """Check the SAE, the source and the limits before a discovery is queued; the job's kwargs."""
     summary = get_sae(store, sae_id)
+    summary.require_sae("feature discovery")
     if request.run_id is not None and request.dataset is not None:
         raise InvalidInputError("give run_id or dataset, not both")
     dataset = request.dataset

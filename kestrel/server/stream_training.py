@@ -50,6 +50,12 @@ def prepare_stream_training(
             "given with dataset/saes",
             details={"fields": mixed},
         )
+    if request.target_layer is not None:  # a stream trains SAEs of one layer each
+        raise InvalidInputError(
+            "target_layer trains a transcoder on a stored run: capture both layers, then give run_id, "
+            "layer and target_layer (not dataset/saes)",
+            details={"fields": ["target_layer"]},
+        )
     if request.dataset is None or not request.saes:
         missing = "dataset" if request.dataset is None else "saes"
         raise InvalidInputError(f"stream training needs both dataset and saes; {missing} is missing")

@@ -171,8 +171,10 @@ def train_job(
     train: dict[str, Any],
     sae_id: str,
     resume: bool = False,
+    target_layer: str | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) an SAE; a cancel keeps the checkpoint and publishes nothing.
+    """Train (or resume) an SAE (a transcoder of ``layer`` -> ``target_layer``); a cancel keeps
+    the checkpoint and publishes nothing.
 
     A rerun of the same job (requeued after a worker shutdown, or by the reaper after its worker
     died) continues from the newest checkpoint, and returns the SAE a previous run had already
@@ -188,7 +190,8 @@ def train_job(
             return ctx.stopped("stopped while another run of this training let go of its checkpoint")
         if ctx.attempt > 1 and ctx.store.exists("saes", sae_id):
             return _published(ctx, sae_id)
-        return _train(ctx, run_id, layer, sae, train, sae_id, resume or _resumable(ctx, sae_id))
+        resume = resume or _resumable(ctx, sae_id)
+        return _train(ctx, run_id, layer, sae, train, sae_id, resume, target_layer)
 
 
 def _resumable(ctx: JobContext, sae_id: str) -> bool:
@@ -216,6 +219,7 @@ def _train(
     train: dict[str, Any],
     sae_id: str,
     resume: bool,
+    target_layer: str | None = None,
 ) -> dict[str, Any]:
     from kestrel.core.sae.artifacts import TrainingStopped, train_from_run
     from kestrel.core.sae.checkpoint import latest_checkpoint, read_checkpoint
@@ -227,7 +231,7 @@ def _train(
         seconds = float(state.get("elapsed_s") or 0.0)
         ctx.log(f"resuming {sae_id} on {run_id} {layer} from step {state.get('step')} ({seconds:.1f} s in)")
     else:
-        ctx.log(f"training {sae_id} on {run_id} {layer}")
+        ctx.log(f"training {sae_id} on {run_id} {layer}" + (f" -> {target_layer}" if target_layer else ""))
     last_log = [0.0]
 
     def on_progress(p: TrainingPoint) -> None:
@@ -248,6 +252,7 @@ def _train(
         should_stop=ctx.should_stop,
         resume=resume,
         on_warning=lambda warning: ctx.log(f"warning: {warning}", force=True),
+        target_layer=target_layer,
     )
     if isinstance(result, TrainingStopped):
         return ctx.stopped(

@@ -31,6 +31,7 @@ from sae_lens import SAE
 from safetensors.torch import load_file, save_file
 
 D_IN, D_SAE = 12, 40
+D_OUT = 9  # the transcoders' output width
 SCALING_FACTOR = 0.37
 
 
@@ -39,12 +40,14 @@ def _randomise(sae: SAE, seed: int) -> None:
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g) / D_IN**0.5)
         norms = 0.5 + 1.5 * torch.rand(D_SAE, 1, generator=g)  # far from unit norm
-        w_dec = torch.randn(D_SAE, D_IN, generator=g)
+        w_dec = torch.randn(*sae.W_dec.shape, generator=g)  # [d_sae, d_out] for a transcoder
         sae.W_dec.copy_(w_dec / w_dec.norm(dim=1, keepdim=True) * norms)
         sae.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.2)
-        sae.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.3)
+        sae.b_dec.copy_(torch.randn(*sae.b_dec.shape, generator=g) * 0.3)
         if hasattr(sae, "threshold"):
             sae.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.6)
+        if hasattr(sae, "W_skip"):
+            sae.W_skip.copy_(torch.randn(*sae.W_skip.shape, generator=g) * 0.2)
 
 
 def _cfg(architecture: str, **fields) -> dict:
@@ -59,6 +62,13 @@ def _cfg(architecture: str, **fields) -> dict:
         "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre", "prepend_bos": True},
         **fields,
     }
+
+
+def _transcoder_cfg(architecture: str) -> dict:
+    cfg = _cfg(architecture, apply_b_dec_to_input=False, d_out=D_OUT)
+    cfg["metadata"] = {**cfg["metadata"], "hook_name": "blocks.3.ln2.hook_normalized"}
+    cfg["metadata"]["hook_name_out"] = "blocks.3.hook_mlp_out"
+    return cfg
 
 
 #: name -> (cfg, seed, activation_scaler.json written beside it?)
@@ -80,6 +90,9 @@ BUILT = {
         7,
         False,
     ),
+    "transcoder": (_transcoder_cfg("transcoder"), 8, False),
+    "skip_transcoder": (_transcoder_cfg("skip_transcoder"), 9, False),
+    "jumprelu_skip_transcoder": (_transcoder_cfg("jumprelu_skip_transcoder"), 10, False),
 }
 
 

@@ -11,7 +11,9 @@ jumprelu, and batchtopk as a jumprelu) loaded with ``SAE.load_from_disk`` encode
 does; SAEs built and saved by sae-lens (topk with and without rescale_acts_by_decoder_norm,
 standard with and without b_dec at the input, jumprelu with per-latent thresholds, and
 expected_average_only_in with its scaling factor from activation_scaler.json or given) import
-into Kestrel and encode as SAELens defines them.
+into Kestrel and encode as SAELens defines them. Transcoders too: a Kestrel batchtopk
+skip-transcoder loads as SAELens's JumpReLUSkipTranscoder and predicts alike, and SAELens's
+transcoder, skip_transcoder and jumprelu_skip_transcoder import and predict as SAELens's do.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("saelens_worker.py")
 SAELENS_VERSION = "6.54.12"
 D_IN, D_SAE = 12, 40  # as saelens_worker.py
+D_OUT = 9  # the transcoders' output width, as saelens_worker.py
 SCALING_FACTOR = 0.37
 
 
@@ -70,6 +73,29 @@ def _kestrel_sae(architecture: str, seed: int) -> SAE:
             sae.threshold.fill_(0.3)
         if architecture == "jumprelu":
             sae.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.6)
+    return sae.eval()
+
+
+def _kestrel_skip_transcoder(seed: int) -> SAE:
+    """A batchtopk skip-transcoder with non-trivial weights (exported as jumprelu_skip_transcoder)."""
+    config = SAEConfig(
+        architecture="batchtopk",
+        d_in=D_IN,
+        n_latents=D_SAE,
+        k=5,
+        model="smollm2-135m",
+        layer="model.layers.3.mlp:input",
+        target_layer="model.layers.3.mlp",
+        d_out=D_OUT,
+        skip=True,
+    )
+    sae = create(config, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.2)
+        sae.b_dec.copy_(torch.randn(D_OUT, generator=g) * 0.3)
+        sae.W_skip.copy_(torch.randn(D_OUT, D_IN, generator=g) * 0.2)
+        sae.threshold.fill_(0.3)
     return sae.eval()
 
 
@@ -112,6 +138,14 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory, model_cache_root: Path) 
         if architecture == "topk":  # the one architecture sparsify runs
             _write(workdir / "kestrel_sparsify" / architecture, sparsify_files(sae))
         save_file({"encoded": _dense(sae, x)}, workdir / f"kestrel-{architecture}.safetensors")
+    transcoder = _kestrel_skip_transcoder(7)
+    export_saelens(transcoder, workdir / "kestrel" / "skip_transcoder")
+    with torch.no_grad():
+        predicted = transcoder(x).reconstruction
+    save_file(
+        {"encoded": _dense(transcoder, x), "decoded": predicted},
+        workdir / "kestrel-skip_transcoder.safetensors",
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # sae-lens's side stands alone
     done = subprocess.run(
         [str(python), str(WORKER), str(workdir)],
@@ -223,3 +257,40 @@ def test_sparsify_saes_import_and_encode_alike(roundtrip):
     assert layout == "sparsify" and sae.config.k == 5 and sae.config.architecture == "topk"
     encoded = load_file(workdir / "encoded.safetensors")
     _assert_encodes_alike(_dense(sae, x), encoded["sparsify/topk"], "sparsify import")
+
+
+def test_kestrel_skip_transcoder_loads_in_sae_lens_and_predicts_alike(roundtrip):
+    workdir, _ = roundtrip
+    encoded = load_file(workdir / "encoded.safetensors")
+    ours = load_file(workdir / "kestrel-skip_transcoder.safetensors")
+    _assert_encodes_alike(ours["encoded"], encoded["kestrel/skip_transcoder"], "skip-transcoder latents")
+    reference = encoded["kestrel/skip_transcoder/decoded"]
+    assert reference.shape[1] == D_OUT
+    torch.testing.assert_close(
+        ours["decoded"], reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max())
+    )
+    loaded = json.loads((workdir / "loaded.json").read_text())["skip_transcoder"]
+    assert loaded["class"] == "JumpReLUSkipTranscoder"
+    assert loaded["metadata"]["hook_name_out"] == "model.layers.3.mlp"
+
+
+@pytest.mark.parametrize(
+    ("name", "architecture", "skip"),
+    [
+        ("transcoder", "relu_l1", False),
+        ("skip_transcoder", "relu_l1", True),
+        ("jumprelu_skip_transcoder", "jumprelu", True),
+    ],
+)
+def test_sae_lens_transcoders_import_and_predict_alike(roundtrip, name: str, architecture: str, skip: bool):
+    workdir, x = roundtrip
+    sae = import_saelens(workdir / "saelens" / name)
+    assert (sae.config.architecture, sae.config.skip, sae.config.d_out) == (architecture, skip, D_OUT)
+    assert sae.config.kind == ("skip_transcoder" if skip else "transcoder")
+    assert sae.config.target_layer == "blocks.3.hook_mlp_out"
+    encoded = load_file(workdir / "encoded.safetensors")
+    _assert_encodes_alike(_dense(sae, x), encoded[f"saelens/{name}"], name)
+    with torch.no_grad():
+        predicted = sae(x).reconstruction
+    reference = encoded[f"saelens/{name}/decoded"]
+    torch.testing.assert_close(predicted, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))

@@ -116,10 +116,12 @@ def _run_rows(
     split: str,
     seed: int | None = None,
     replay: StreamReplay | None = None,
+    target_layer: str | None = None,
 ):
     """``data(epoch)`` over one split of a run's layer, in READ_CHUNK_ROWS chunks; training and
     evaluation split off the same HELDOUT_FRACTION. With a seed (training) the rows are shuffled,
-    the same way for the same epoch; ``replay`` reads them as the stream that spilled the run did."""
+    the same way for the same epoch; ``replay`` reads them as the stream that spilled the run did.
+    ``target_layer`` pairs each row with that layer's (a transcoder's ``[x | y]`` rows)."""
 
     def data(epoch: int = 0) -> Iterator[torch.Tensor]:
         order: dict[str, Any] = {}
@@ -135,6 +137,7 @@ def _run_rows(
             split=split,  # type: ignore[arg-type]
             heldout_fraction=HELDOUT_FRACTION,
             norm_median=None if replay is None else replay.norm_median,
+            target_layer=target_layer,
             **order,
         )
 
@@ -172,19 +175,24 @@ def train_from_run(
     resume: bool = False,
     on_warning: Callable[[str], None] | None = None,
     replay: StreamReplay | None = None,
+    target_layer: str | None = None,
 ) -> SAEManifest | TrainingStopped:
     """Train an SAE on ``layer`` of a stored run; publish it and return its manifest, or keep a
     checkpoint if stopped and return `TrainingStopped` (nothing is published then).
 
     An unset ``batch_size`` is chosen from the run's size (`choose_batch_size`); its warnings go
     to ``on_warning`` before training starts and into the summary (``warnings``). ``replay``
-    reads a spilled run in the order its stream trainer saw it.
+    reads a spilled run in the order its stream trainer saw it. ``target_layer`` trains a
+    transcoder: it reads ``layer`` and predicts ``target_layer`` of the same run (its FVU is the
+    target's); ``skip`` in the SAE config makes it a skip-transcoder.
     """
     filters = filters or RowFilter.recommended()
-    # every check that needs no training, the API's own (the run, the layer, d, valid configs)
+    # every check that needs no training, the API's own (the run, the layers, d, valid configs)
     sae_cfg, train_cfg, manifest = training_configs(
-        store, run_id, layer, sae_config, train_config, data=_data_record(filters)
+        store, run_id, layer, sae_config, train_config, data=_data_record(filters), target_layer=target_layer
     )
+    if replay is not None and target_layer is not None:
+        raise InvalidInputError("a stream replay reads one layer; a transcoder reads two")
     if replay is not None:
         data = {**sae_cfg.data, "order": "stream", "norm_median": replay.norm_median}
         data["shuffle_buffer"] = replay.shuffle_buffer
@@ -211,12 +219,14 @@ def train_from_run(
     result = train_sae(
         sae_cfg,
         train_cfg,
-        _run_rows(store, run_id, layer, filters, "train", train_cfg.seed, replay),
+        _run_rows(store, run_id, layer, filters, "train", train_cfg.seed, replay, target_layer),
         on_progress=on_progress,
         should_stop=should_stop,
         checkpoint_dir=checkpoints,
         resume_from=resume_from,
-        eval_data=_run_rows(store, run_id, layer, filters, "heldout", replay=replay),
+        eval_data=_run_rows(
+            store, run_id, layer, filters, "heldout", replay=replay, target_layer=target_layer
+        ),
     )
     if result.stopped:
         return TrainingStopped(
@@ -228,7 +238,9 @@ def train_from_run(
         )
     metrics = dict(result.metrics)
     metrics["all_rows"] = evaluate(
-        result.sae, _run_rows(store, run_id, layer, None, "all")(), max_rows=EVAL_MAX_ROWS
+        result.sae,
+        _run_rows(store, run_id, layer, None, "all", target_layer=target_layer)(),
+        max_rows=EVAL_MAX_ROWS,
     )
     metrics["all_rows"]["note"] = (
         "every row of the run, attention sinks included: not what the SAE was trained on"
@@ -243,6 +255,8 @@ def train_from_run(
         model=manifest.model.name,
         run_id=run_id,
         layer=layer,
+        target_layer=target_layer,
+        kind=result.sae.config.kind,
         config=result.sae.config.model_dump(mode="json"),
         train_config=train_cfg.model_dump(mode="json"),
         metrics=metrics,
@@ -289,6 +303,7 @@ def evaluate_sae(
 ) -> dict[str, Any]:
     """Model-in-the-loop metrics (CE-loss recovered, KL) on held-out texts, stored with the SAE."""
     sae, summary = load_sae(store, sae_id, device=lm.device)
+    summary.require_sae("model-in-the-loop evaluation")  # it would splice the target in as `layer`
     require_loadable_model(store, summary)
     run = get_manifest(store, summary.run_id) if summary.run_id else None
     layer = summary.layer_name
@@ -397,6 +412,8 @@ def import_sae_files(
         model=sae.config.model,
         run_id=sae.config.run_id,
         layer=sae.config.layer,
+        target_layer=sae.config.target_layer,
+        kind=sae.config.kind,
         config=sae.config.model_dump(mode="json"),
         metrics={},
         imported_from=layout,
@@ -413,6 +430,8 @@ def encode_prompt(
     """The strongest latents at each token of ``text``."""
     if top_k <= 0:
         raise InvalidInputError(f"top_k must be > 0, got {top_k}")
+    if sae.config.is_transcoder:
+        raise InvalidInputError(f"encoding text reads a module's output; this is a {sae.config.kind}")
     lm.layer(layer)
     encoded = lm.tokenizer([text], return_tensors="pt").to(lm.device)
     if encoded["input_ids"].shape[1] == 0:

@@ -9,6 +9,12 @@ Weights follow the nn.Linear layout: `W_enc` [n_latents, d_in] (row i reads late
 [n_latents, d_in] (row i is latent i's direction), `b_enc` [n_latents], `b_dec` [d_in]. The
 encoder reads `x - b_dec`, so `b_dec` is the origin of the dictionary (apply_b_dec_to_input in
 SAELens terms).
+
+A transcoder (``config.is_transcoder``) is an SAE whose decoder writes another layer: `W_dec`
+[n_latents, d_out], `b_dec` [d_out], and its encoder reads x itself (b_dec lives in the output
+space, as in SAELens's `Transcoder`); a skip-transcoder adds `W_skip` [d_out, d_in], so
+x̂_out = Σ_i f_i(x) W_dec[i] + b_dec + W_skip x. Every architecture gets this from `_centre` and
+`forward`; `decode` gives the latents' part only (it has no x for the skip term).
 """
 
 from __future__ import annotations
@@ -179,14 +185,20 @@ class SAE(nn.Module):
     def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = config
-        n_latents, d_in = config.n_latents, config.d_in
+        n_latents, d_in, d_out = config.n_latents, config.d_in, config.output_width
         directions_ND = torch.randn(n_latents, d_in, generator=generator)
         directions_ND /= directions_ND.norm(dim=1, keepdim=True)
-        # Tied initialisation (encoder = decoderᵀ) starts every latent reading its own direction.
-        self.W_dec = nn.Parameter(directions_ND * self.decoder_init_norm)
+        # Tied initialisation (encoder = decoderᵀ) starts every latent reading its own direction;
+        # a transcoder's decoder writes another space, so its rows are drawn on their own.
         self.W_enc = nn.Parameter(directions_ND.clone() * self.decoder_init_norm)
+        if config.is_transcoder:
+            directions_ND = torch.randn(n_latents, d_out, generator=generator)
+            directions_ND /= directions_ND.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(directions_ND * self.decoder_init_norm)
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if config.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))  # SAELens's start: no skip at first
 
     @classmethod
     def check_config(cls, config: SAEConfig) -> None:
@@ -206,6 +218,19 @@ class SAE(nn.Module):
     def n_latents(self) -> int:
         return self.config.n_latents
 
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction: d_in for an SAE, the target layer's for a transcoder."""
+        return self.config.output_width
+
+    def _centre(self, x_BD: Tensor) -> Tensor:
+        """What the encoder reads: x − b_dec for an SAE, x itself for a transcoder."""
+        return x_BD if self.config.is_transcoder else x_BD - self.b_dec
+
+    def _skip_term(self, x_BD: Tensor) -> Tensor | None:
+        """A skip-transcoder's W_skip·x (None otherwise)."""
+        return linear(x_BD.to(self.W_skip.dtype), self.W_skip) if self.config.skip else None
+
     def _check_width(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
             raise InvalidInputError(
@@ -218,7 +243,7 @@ class SAE(nn.Module):
     def pre_acts(self, x: Tensor) -> Tensor:
         """Dense encoder output [..., n_latents], differentiable."""
         self._check_width(x)
-        return linear(x.to(self.W_enc.dtype) - self.b_dec, self.W_enc, self.b_enc)
+        return linear(self._centre(x.to(self.W_enc.dtype)), self.W_enc, self.b_enc)
 
     def encode(self, x: Tensor) -> EncoderOutput:
         """Active latents of each row of x [..., d_in]."""
@@ -232,14 +257,14 @@ class SAE(nn.Module):
         lead = acts.shape[:-1]
         acts_BK, indices_BK = acts.reshape(-1, acts.shape[-1]), indices.reshape(-1, indices.shape[-1])
         out_BD = sparse_decode(acts_BK, indices_BK, self.W_dec) + self.b_dec
-        return out_BD.reshape(*lead, self.d_in)
+        return out_BD.reshape(*lead, self.d_out)
 
     def decode_dense(self, acts: Tensor, indices: Tensor) -> Tensor:
         """Plain twin of `decode` through a dense latent matrix (tests hold them equal)."""
         lead = acts.shape[:-1]
         acts_BK, indices_BK = acts.reshape(-1, acts.shape[-1]), indices.reshape(-1, indices.shape[-1])
         out_BD = dense_decode(acts_BK, indices_BK, self.W_dec) + self.b_dec
-        return out_BD.reshape(*lead, self.d_in)
+        return out_BD.reshape(*lead, self.d_out)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Reconstruction from a dense latent vector [..., n_latents] (after an edit, say)."""
@@ -249,10 +274,14 @@ class SAE(nn.Module):
         """Encode and decode x [..., d_in]; in train mode BatchTopK chooses across the batch."""
         self._check_width(x)
         lead = x.shape[:-1]
-        enc, _ = self._encode_2d(x.reshape(-1, self.d_in).to(self.W_enc.dtype))
+        x_BD = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        enc, _ = self._encode_2d(x_BD)
         recon_BD = self._reconstruct(enc)
+        skip_BD = self._skip_term(x_BD)
+        if skip_BD is not None:
+            recon_BD = recon_BD + skip_BD
         return ForwardOutput(
-            recon_BD.reshape(*lead, self.d_in),
+            recon_BD.reshape(*lead, self.d_out),
             enc.acts.reshape(*lead, enc.acts.shape[-1]),
             enc.indices.reshape(*lead, enc.indices.shape[-1]),
             enc.pre_acts.reshape(*lead, self.n_latents),
@@ -284,17 +313,25 @@ class SAE(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
 
-    def training_loss(self, x_BD: Tensor, settings: LossSettings) -> LossOutput:
+    def training_loss(
+        self, x_BD: Tensor, settings: LossSettings, target_BD: Tensor | None = None
+    ) -> LossOutput:
         """FVU of the reconstruction plus AuxK on dead latents (k-sparse architectures).
 
         Normalising the squared error by the batch's variance makes the loss, and so the learning
-        rate, independent of the activations' scale (sparsify does the same).
+        rate, independent of the activations' scale (sparsify does the same). A transcoder's
+        FVU is against ``target_BD`` (its target layer's rows); AuxK's dead latents then predict
+        the target's residual the same way.
         """
         enc, x_centred_BD = self._encode_2d(x_BD)
         self.on_training_step(enc)
         recon_BD = self._reconstruct(enc)
-        total_variance = batch_total_variance(x_BD)
-        error_BD = recon_BD - x_BD
+        skip_BD = self._skip_term(x_BD)
+        if skip_BD is not None:
+            recon_BD = recon_BD + skip_BD
+        target_BD = x_BD if target_BD is None else target_BD
+        total_variance = batch_total_variance(target_BD)
+        error_BD = recon_BD - target_BD
         fvu = error_BD.pow(2).sum() / total_variance
         if x_BD.device.type == "cpu":
             aux = self._aux_k_loss(x_centred_BD, error_BD.detach(), settings, total_variance)
@@ -379,15 +416,20 @@ class SAE(nn.Module):
     # -- weight transforms ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: float, output_scale: float | None = None) -> None:
         """Make an SAE trained on `scale * x` read x directly (exactly the same function).
 
         encode: (s·x − b_dec)·W_encᵀ = (x − b_dec/s)·(s·W_enc)ᵀ; decode: (z·W_dec + b_dec)/s.
-        Decoder rows then have norm 1/s instead of 1.
+        Decoder rows then have norm 1/s instead of 1. A transcoder trained to predict t·y from
+        s·x (``output_scale`` t) reads x with s·W_enc and writes y with W_dec/t, b_dec/t and
+        W_skip·s/t.
         """
+        out = scale if output_scale is None else output_scale
         self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        self.W_dec.div_(out)
+        self.b_dec.div_(out)
+        if self.config.skip:
+            self.W_skip.mul_(scale / out)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

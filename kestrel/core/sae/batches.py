@@ -78,10 +78,18 @@ def epoch_shape(rows: int, batch: int) -> tuple[int, int]:
 
 
 def check_chunk(chunk: Tensor, sae_config: SAEConfig) -> Tensor:
+    """A [rows, d_in] chunk (a transcoder's: [rows, d_in + d_out], input and target side by side)."""
     if not isinstance(chunk, Tensor) or chunk.ndim != 2:
         shape = tuple(chunk.shape) if isinstance(chunk, Tensor) else type(chunk).__name__
         raise InvalidInputError(f"activation batches must be [rows, d_in] tensors, got {shape}")
-    sae_config.validate_against(chunk.shape[1])
+    if not sae_config.is_transcoder:
+        sae_config.validate_against(chunk.shape[1])
+    elif chunk.shape[1] != sae_config.row_width:
+        raise InvalidInputError(
+            f"a transcoder trains on rows of its input and target side by side, width "
+            f"{sae_config.d_in} + {sae_config.output_width}; the data has width {chunk.shape[1]}",
+            details={"row_width": sae_config.row_width, "data_width": int(chunk.shape[1])},
+        )
     return chunk
 
 

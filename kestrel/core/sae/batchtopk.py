@@ -31,7 +31,7 @@ class BatchTopKSAE(SAE):
         self._cap_hint = 0
 
     def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
-        x_centred_BD = x_BD - self.b_dec
+        x_centred_BD = self._centre(x_BD)
         pre_BN = self._dense_pre_acts(x_centred_BD)
         if self.training:
             indices_BK, keep_BK = batch_topk_select(pre_BN, self.config.k, cap_hint=self._cap_hint)

@@ -48,6 +48,8 @@ class RunState:
     rows_in_epoch: int = 0
     """Rows of `epoch` already consumed: a resumed run skips exactly these."""
     input_scale: float = 1.0
+    output_scale: float | None = None
+    """A transcoder's target scale (None for an SAE, or when inputs are not normalised)."""
     tokens_since_fired_N: Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -134,6 +136,7 @@ def write_checkpoint(
             "epoch": state.epoch,
             "rows_in_epoch": state.rows_in_epoch,
             "input_scale": state.input_scale,
+            "output_scale": state.output_scale,
             "elapsed_s": state.elapsed_s,
             **extra,
         }
@@ -168,6 +171,7 @@ class LoadedCheckpoint:
             epoch=int(self.meta["epoch"]),
             rows_in_epoch=int(self.meta["rows_in_epoch"]),
             input_scale=float(self.meta["input_scale"]),
+            output_scale=self.meta.get("output_scale"),
             tokens_since_fired_N=None if since is None else since.to(device),
             history=list(self.history),
             elapsed_s=float(self.meta.get("elapsed_s", 0.0)),

@@ -76,6 +76,22 @@ class SAEConfig(EngineConfig):
     layer: str | None = None
     run_id: str | None = None
     data: dict[str, Any] = Field(default_factory=dict, description="which rows trained it (filters, splits)")
+    # -- transcoders: the decoder predicts another layer (an MLP's output from its input)
+    target_layer: str | None = Field(
+        default=None,
+        description="a transcoder: the layer its decoder predicts (None: an SAE reconstructs `layer`)",
+    )
+    d_out: int | None = Field(
+        default=None, gt=0, description="a transcoder: width of the target layer (None: d_in)"
+    )
+    skip: bool = Field(
+        default=False, description="a skip-transcoder: adds a linear term W_skip·x to the prediction"
+    )
+    output_scale: float | None = Field(
+        default=None,
+        gt=0,
+        description="a transcoder: the factor applied to targets during training, folded in (record)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -94,7 +110,29 @@ class SAEConfig(EngineConfig):
     @model_validator(mode="after")
     def _check_architecture(self) -> SAEConfig:
         architecture_rules(self.architecture).check(self)
+        check_transcoder_fields(self)
         return self
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the decoder predicts another layer than the one the encoder reads."""
+        return self.target_layer is not None or self.d_out is not None or self.skip
+
+    @property
+    def kind(self) -> Literal["sae", "transcoder", "skip_transcoder"]:
+        if self.skip:
+            return "skip_transcoder"
+        return "transcoder" if self.is_transcoder else "sae"
+
+    @property
+    def output_width(self) -> int:
+        """Width of what the decoder writes: the target layer's (d_out), else the input's."""
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def row_width(self) -> int:
+        """Width of a training row: a transcoder trains on input and target side by side."""
+        return self.d_in + self.output_width if self.is_transcoder else self.d_in
 
     def validate_against(self, d_in: int, *, source: str = "the data") -> None:
         """Fail early when the activations to be read have a different width from this SAE."""
@@ -103,6 +141,27 @@ class SAEConfig(EngineConfig):
                 f"d_in mismatch: the SAE reads vectors of width {self.d_in} but {source} has width {d_in}",
                 details={"sae_d_in": self.d_in, "data_d_in": d_in},
             )
+
+
+#: The architectures a transcoder trains with: the k-sparse ones, whose loss (FVU + AuxK) is the
+#: base class's and so reads a target as readily as the input. Others may be imported (SAELens's
+#: ReLU and JumpReLU transcoders) and run, not trained.
+TRANSCODER_TRAINABLE = ("topk", "batchtopk")
+
+
+def check_transcoder_fields(config: SAEConfig) -> None:
+    """A transcoder's fields agree: d_out and skip need a target, and training needs a k-sparse
+    architecture (an import records whatever its files say)."""
+    if not config.is_transcoder:
+        return
+    imported = is_imported({"data": config.data})
+    if config.target_layer is None and not imported:
+        raise ValueError("d_out and skip describe a transcoder: give target_layer, the layer it predicts")
+    if not imported and config.architecture not in TRANSCODER_TRAINABLE:
+        raise ValueError(
+            f"a transcoder trains with architecture {' or '.join(TRANSCODER_TRAINABLE)}, "
+            f"not {config.architecture!r}"
+        )
 
 
 def is_imported(values: dict[str, Any]) -> bool:

@@ -88,6 +88,12 @@ def export_files(sae: SAE, fmt: str, *, metadata: dict[str, Any] | None = None) 
     if fmt == "saelens":
         return saelens.saelens_files(sae, metadata)
     if fmt == "sparsify":
+        if sae.config.is_transcoder:
+            raise InvalidInputError(
+                f"sparsify export reads SAEs only; this is a {sae.config.kind}: "
+                "export it as 'saelens' or 'kestrel'",
+                details={"kind": sae.config.kind, "format": fmt},
+            )
         return sparsify.sparsify_files(sae)
     raise InvalidInputError(
         f"unknown export format {fmt!r}; use 'kestrel', 'saelens' or 'sparsify'",

@@ -97,7 +97,7 @@ class JumpReLUSAE(SAE):
 
     def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
         """Eval: the kept entries only, padded to the busiest row. Training: dense, for the STE."""
-        x_centred_BD = x_BD - self.b_dec
+        x_centred_BD = self._centre(x_BD)
         pre_BN = linear(x_centred_BD, self.W_enc, self.b_enc)
         threshold_N = self.threshold.to(pre_BN.dtype)
         if self.training:

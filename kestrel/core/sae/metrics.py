@@ -11,6 +11,9 @@ Definitions (shared with STYLE.md):
   (training tracks its own "silent for N tokens" version).
 * The density histogram bins log10(firing frequency) of the latents that fired at least once;
   those that never did are counted separately.
+
+A transcoder's evaluation rows are its input and target side by side (as it trains on them); its
+FVU is of the target, the layer it predicts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from torch import Tensor
 
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.sae.base import SAE
+from kestrel.core.sae.batches import check_chunk
+from kestrel.core.sae.transcoder import split_rows
 
 #: Rows encoded at once; bounds the [rows, n_latents] pre-activation matrix.
 EVAL_CHUNK_ROWS = 4096
@@ -77,15 +82,15 @@ def evaluate(sae: SAE, batches: Iterable[Tensor], *, max_rows: int | None = None
         for batch in batches:
             if batch.ndim != 2:
                 raise InvalidInputError(f"evaluation batches must be [rows, d_in], got {tuple(batch.shape)}")
-            sae.config.validate_against(batch.shape[1], source="the evaluation data")
-            for x_BD in batch.split(EVAL_CHUNK_ROWS):
+            check_chunk(batch, sae.config)
+            for rows_BW in batch.split(EVAL_CHUNK_ROWS):
                 if max_rows is not None:
-                    x_BD = x_BD[: max_rows - fvu.rows]
-                if x_BD.shape[0] == 0:
+                    rows_BW = rows_BW[: max_rows - fvu.rows]
+                if rows_BW.shape[0] == 0:
                     break
-                x_BD = x_BD.to(param.device, param.dtype)
+                x_BD, target_BD = split_rows(sae.config, rows_BW.to(param.device, param.dtype))
                 out = sae(x_BD)
-                fvu.add(x_BD, out.reconstruction)
+                fvu.add(x_BD if target_BD is None else target_BD, out.reconstruction)
                 fired_BK = out.latent_acts > 0
                 active_total += float(fired_BK.sum())
                 fire_counts_N += _count_by_latent(out.latent_indices, fired_BK, sae.n_latents)

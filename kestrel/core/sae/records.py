@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -34,6 +34,12 @@ class SAEManifest(StoredManifest):
     model: str | None = Field(None, description="the model it reads (None for an import that names none)")
     run_id: str | None = Field(None, description="the activation run it was trained on")
     layer: str | None = Field(None, description="the layer (module path) it reads")
+    target_layer: str | None = Field(
+        None, description="a transcoder: the layer its decoder predicts (None: an SAE of `layer`)"
+    )
+    kind: Literal["sae", "transcoder", "skip_transcoder"] = Field(
+        "sae", description="sae, transcoder (predicts target_layer) or skip_transcoder (plus W_skip·x)"
+    )
     config: dict[str, Any] = Field(description="its SAEConfig, as saved (SAEConfig.from_dict reads it)")
     train_config: dict[str, Any] | None = Field(None, description="its TrainConfig, as trained")
     metrics: dict[str, Any] = Field(
@@ -57,6 +63,17 @@ class SAEManifest(StoredManifest):
     def layer_name(self) -> str | None:
         """The layer it reads: the summary's own field, else its config's."""
         return self.layer or self.config.get("layer")
+
+    def require_sae(self, action: str) -> None:
+        """InvalidInputError when ``action`` would treat a transcoder as an SAE of its layer:
+        its latents read ``layer`` but its decoder writes ``target_layer``, so reconstructing
+        or steering ``layer`` with it would be wrong."""
+        if self.kind != "sae":
+            raise InvalidInputError(
+                f"sae {self.id!r} is a {self.kind} ({self.layer_name} -> {self.target_layer}): "
+                f"{action} is only defined for an SAE that reconstructs the layer it reads",
+                details={"sae_id": self.id, "kind": self.kind, "target_layer": self.target_layer},
+            )
 
     def model_and_layer(self) -> tuple[str, str]:
         """The model and layer it reads; InvalidInputError for one imported without them."""
@@ -129,28 +146,50 @@ def training_configs(
     train_config: dict[str, Any] | TrainConfig,
     *,
     data: dict[str, Any] | None = None,
+    target_layer: str | None = None,
 ) -> tuple[SAEConfig, TrainConfig, RunManifest]:
     """The configs of a training on ``layer`` of a run, checked against it (no torch, no rows).
 
     The one check the API (before queueing) and the engine (before training) share: the run and
     its layer exist (NotFoundError naming the layers), a given ``d_in`` is the layer's width, and
     both configs are valid (InvalidInputError). The SAE config gets ``d_in``, ``model``, ``layer``
-    and ``run_id`` from the run, and ``data`` (which rows train it) when given.
+    and ``run_id`` from the run, and ``data`` (which rows train it) when given. A transcoder
+    (``target_layer``) predicts another layer of the same run: it gets ``target_layer`` and
+    ``d_out`` (that layer's width, which may differ from ``d_in``) from the run.
     """
     manifest = get_manifest(store, validate_id(run_id, "run id"))
     d_in = manifest.layer_width(layer)
+    transcoder = _transcoder_fields(manifest, layer, target_layer)
     raw = sae_config.model_dump() if isinstance(sae_config, SAEConfig) else dict(sae_config)
     if raw.get("d_in") not in (None, d_in):
         raise InvalidInputError(
             f"d_in {raw['d_in']} does not match the run: layer {layer!r} of run {run_id!r} has width {d_in}",
             details={"d_in": raw["d_in"], "run_width": d_in},
         )
-    from_run = {"d_in": d_in, "model": manifest.model.name, "layer": layer, "run_id": run_id}
+    if raw.get("skip") and target_layer is None:
+        raise InvalidInputError("skip makes a skip-transcoder: give target_layer, the layer it predicts")
+    from_run = {"d_in": d_in, "model": manifest.model.name, "layer": layer, "run_id": run_id, **transcoder}
     sae_cfg = SAEConfig.from_dict({**raw, **from_run, **({"data": data} if data is not None else {})})
     train_cfg = (
         train_config if isinstance(train_config, TrainConfig) else TrainConfig.from_dict(dict(train_config))
     )
     return sae_cfg, train_cfg, manifest
+
+
+def _transcoder_fields(manifest: RunManifest, layer: str, target_layer: str | None) -> dict[str, Any]:
+    """``target_layer`` and ``d_out`` of a transcoder on ``manifest``'s run (none for an SAE).
+
+    Every layer of a run holds the same rows in the same order (one capture pass wrote them), so
+    any other layer of it can be a target; the widths may differ."""
+    if target_layer is None:
+        return {}
+    if target_layer == layer:
+        raise InvalidInputError(
+            f"target_layer is the input layer {layer!r}: a transcoder predicts another layer "
+            "(for an SAE of this layer, leave target_layer out)",
+            details={"layer": layer, "target_layer": target_layer},
+        )
+    return {"target_layer": target_layer, "d_out": manifest.layer_width(target_layer)}
 
 
 def read_history(directory: Path) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ class ReLUL1SAE(SAE):
     decoder_init_norm = 0.1  # small decoder (and tied encoder) rows start with a small reconstruction
 
     def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
-        x_centred_BD = x_BD - self.b_dec
+        x_centred_BD = self._centre(x_BD)
         pre_BN = linear(x_centred_BD, self.W_enc, self.b_enc)
         # Every latent is a candidate: an expanded (stride-0) index view costs no memory.
         indices_BN = torch.arange(self.n_latents, device=x_BD.device).expand(x_BD.shape[0], -1)

@@ -17,7 +17,8 @@ unit-norm decoder rows, the same activations SAELens's ``encode`` returns);
 SAELens's ``fold_activation_norm_scaling_factor`` does; ``apply_b_dec_to_input: false`` moves
 b_dec's share into b_enc. Anything whose meaning would be lost (another normalisation, hook_z
 reshaping, a tensor Kestrel would not read, a finetuning scaling factor) is refused by name.
-The config records only what the files say (see `SAEConfig`).
+The config records only what the files say (see `SAEConfig`). Transcoders (SAELens's
+``transcoder`` family) are `kestrel.core.sae.saelens_transcoder`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor
 from kestrel.core.clientdata import TensorInfo, loads_object, safetensors_header
 from kestrel.core.errors import ConflictError, InvalidInputError
 from kestrel.core.limits import Caps, check_sae_size
+from kestrel.core.sae import saelens_transcoder as transcoder
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.config import SAEConfig
 from kestrel.core.sae.io import (
@@ -102,6 +104,8 @@ def saelens_config(config: SAEConfig, metadata: dict[str, Any] | None = None) ->
         cfg["rescale_acts_by_decoder_norm"] = False
     if config.architecture == "batchtopk":
         meta["training_architecture_details"] = {"k": config.k}
+    if config.is_transcoder:
+        cfg = transcoder.adapt_config(cfg, config)
     cfg["kestrel"] = config.model_dump(mode="json")
     return cfg
 
@@ -121,6 +125,7 @@ def saelens_files(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str,
             weights["threshold"] = sae.threshold.detach().expand(config.n_latents).to(sae.W_dec.dtype)
         elif config.architecture == "jumprelu":
             weights["threshold"] = sae.threshold.detach()
+        weights.update(transcoder.skip_weights(sae))
     tensors = {name: tensor.cpu().contiguous() for name, tensor in weights.items()}
     return {
         SAELENS_WEIGHTS_FILE: _safetensors_bytes(tensors, None),
@@ -186,6 +191,12 @@ def saelens_from_bytes(
     """
     cfg = loads_object(cfg_json, SAELENS_CONFIG_FILE)
     cfg = _as_6x(cfg)
+    if transcoder.is_transcoder_cfg(cfg):
+        if norm_scaling_factor is not None or scaler_json is not None:
+            raise InvalidInputError(
+                "a transcoder's weights must read raw activations: no norm scaling factor"
+            )
+        return _transcoder_from_bytes(cfg, weights, device=device, d_in=d_in, caps=caps)
     architecture = _architecture(cfg)
     scale = _input_scale(cfg, norm_scaling_factor, scaler_json)
     rescale = _rescale(cfg, architecture)
@@ -202,6 +213,25 @@ def saelens_from_bytes(
     if config.architecture == "batchtopk":
         ours["threshold"] = ours["threshold"].reshape(-1)[0].to(torch.float32)
     return _build(config, ours, device, source=SAELENS_WEIGHTS_FILE)
+
+
+def _transcoder_from_bytes(
+    cfg: dict[str, Any], weights: bytes, *, device: str | torch.device, d_in: int | None, caps: Caps | None
+) -> SAE:
+    """A transcoder from SAELens files: header and config checked before the weights are read."""
+    architecture, skip, d_model, d_sae, d_out = transcoder.check_header(
+        cfg, safetensors_header(weights), caps
+    )
+    config = transcoder.transcoder_config(cfg, architecture, skip, d_model, d_sae, d_out)
+    if (config.d_in, config.n_latents, config.output_width, config.skip) != (d_model, d_sae, d_out, skip):
+        raise InvalidInputError("cfg.json's kestrel config does not describe these weights")
+    if d_in is not None:
+        config.validate_against(d_in)
+    tensors = _load_tensors(weights)
+    _check_finite(tensors)
+    return _build(
+        config, transcoder.kestrel_weights(tensors, config.architecture), device, source=SAELENS_WEIGHTS_FILE
+    )
 
 
 def _version(cfg: dict[str, Any]) -> Version | None:

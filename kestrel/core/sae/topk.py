@@ -16,7 +16,7 @@ class TopKSAE(SAE):
     """ReLU of the k largest pre-activations per row; the rest are zero."""
 
     def _encode_2d(self, x_BD: Tensor) -> tuple[EncoderOutput, Tensor]:
-        x_centred_BD = x_BD - self.b_dec
+        x_centred_BD = self._centre(x_BD)
         pre_BN = self._dense_pre_acts(x_centred_BD)
         _, top_indices_BK = pre_BN.topk(self.config.k, dim=1, sorted=False)
         top_acts_BK = self._chosen_values(x_centred_BD, top_indices_BK, pre_BN).relu()

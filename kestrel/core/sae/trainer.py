@@ -3,7 +3,9 @@
 The trainer never sees a model. `data(epoch)` returns that epoch's activations as an iterable of
 [rows, d_in] tensors of any size; the trainer re-batches them to `batch_size`, so memory stays at
 one batch plus one chunk whatever the run's size. The source must return the same rows in the
-same order for the same epoch: a resumed run skips the rows its checkpoint had consumed.
+same order for the same epoch: a resumed run skips the rows its checkpoint had consumed. A
+transcoder's rows are its input and target side by side, [rows, d_in + d_out]
+(`kestrel.core.sae.transcoder`); its loss and FVU are against the target.
 
 One step: encode (dense scores, k-sparse choice), decode from the chosen rows, loss, backward
 (k-sparse for the k-sparse architectures), drop the decoder gradient parallel to its rows, clip,
@@ -31,6 +33,7 @@ from kestrel.core.sae.checkpoint import LoadedCheckpoint, RunState, read_checkpo
 from kestrel.core.sae.config import DEAD_TOKENS_CAP, DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig, default_lr
 from kestrel.core.sae.metrics import evaluate
 from kestrel.core.sae.progress import TrainingPoint
+from kestrel.core.sae.transcoder import check_init, check_resumable, norm_scale, split_rows
 
 DataFn = Callable[[int], Iterable[Tensor]]
 
@@ -304,11 +307,12 @@ class TrainingRun:
     def export_sae(self) -> SAE:
         """A copy that reads raw activations: input scale folded in, cast to the config's dtype."""
         sae = copy.deepcopy(self.sae).eval()
-        scale = self.state.input_scale
+        scale, out_scale = self.state.input_scale, self.state.output_scale
         if self.sae_config.normalize_input:
-            sae.fold_input_scale(scale)
+            sae.fold_input_scale(scale, out_scale)
         fields = self.sae_config.model_dump()
         fields["input_scale"] = scale if self.sae_config.normalize_input else None
+        fields["output_scale"] = out_scale if self.sae_config.normalize_input else None
         sae.config = SAEConfig(**fields)
         for param in sae.parameters():
             param.requires_grad_(False)
@@ -317,28 +321,35 @@ class TrainingRun:
     # -- steps ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _initialise(self, x_BD: Tensor, init: SAE | None) -> None:
-        """Data-dependent start: input scale, then b_dec at the data's centre (fresh runs only)."""
-        scale = 1.0
+    def _initialise(self, rows_BW: Tensor, init: SAE | None) -> None:
+        """Data-dependent start: input (and a transcoder's target) scale, then b_dec at the centre
+        of what the decoder writes (fresh runs only)."""
+        x_BD, target_BD = split_rows(self.sae_config, rows_BW)
+        scale, out_scale = 1.0, None
         if self.sae_config.normalize_input:
-            mean_norm = float(x_BD.norm(dim=1).mean())
-            scale = math.sqrt(self.sae_config.d_in) / mean_norm if mean_norm > 0 else 1.0
-        self.state.input_scale = scale
-        x_BD = x_BD * scale
+            scale = norm_scale(x_BD)
+            out_scale = norm_scale(target_BD) if target_BD is not None else None
+        self.state.input_scale, self.state.output_scale = scale, out_scale
+        # what the decoder writes, scaled as training sees it: b_dec starts at its centre
+        written_BD = x_BD * scale if target_BD is None else target_BD * (out_scale or 1.0)
         if init is not None:
             _copy_weights(init, self.sae)
-            self.sae.fold_input_scale(1.0 / scale)  # init reads raw inputs; training sees scaled ones
+            # init reads raw inputs; training sees scaled ones
+            self.sae.fold_input_scale(1.0 / scale, None if out_scale is None else 1.0 / out_scale)
             if self.sae.unit_norm_decoder:
                 self.sae.normalize_decoder()
         elif self.train_config.b_dec_init == "geometric_median":
-            self.sae.b_dec.copy_(geometric_median(x_BD))
+            self.sae.b_dec.copy_(geometric_median(written_BD))
         else:
-            self.sae.b_dec.copy_(x_BD.double().mean(dim=0).float())
+            self.sae.b_dec.copy_(written_BD.double().mean(dim=0).float())
         self.initialised = True
 
-    def _step(self, x_BD: Tensor) -> None:
+    def _step(self, rows_BW: Tensor) -> None:
         plan, sae, state = self.plan, self.sae, self.state
+        x_BD, target_BD = split_rows(self.sae_config, rows_BW)
         x_BD = x_BD * state.input_scale
+        if target_BD is not None:
+            target_BD = target_BD * (state.output_scale or 1.0)
         lr = plan.lr_at(state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -350,7 +361,10 @@ class TrainingRun:
             l1_scale=plan.l1_scale_at(state.step),
         )
         with _autocast(self.device, self.train_config.autocast):
-            out = sae.training_loss(x_BD, settings)
+            if target_BD is None:  # an SAE (a custom architecture may take no target)
+                out = sae.training_loss(x_BD, settings)
+            else:
+                out = sae.training_loss(x_BD, settings, target_BD)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if sae.unit_norm_decoder:
@@ -499,15 +513,7 @@ def _check_compatible(sae_config: SAEConfig, train_config: TrainConfig, init: SA
     if not isinstance(sae_config, SAEConfig) or not isinstance(train_config, TrainConfig):
         raise InvalidInputError("train_sae needs an SAEConfig and a TrainConfig")
     if init is not None:
-        mine = (sae_config.architecture, sae_config.n_latents)
-        theirs = (init.config.architecture, init.config.n_latents)
-        sae_config.validate_against(init.config.d_in, source="the initial SAE")
-        if mine != theirs:
-            raise InvalidInputError(
-                f"the initial SAE is {theirs[0]} with {theirs[1]} latents, the run asks for "
-                f"{mine[0]} with {mine[1]}",
-                details={"initial": list(theirs), "requested": list(mine)},
-            )
+        check_init(sae_config, init.config)
     if train_config.device is not None:
         try:
             device = torch.device(train_config.device)
@@ -518,31 +524,7 @@ def _check_compatible(sae_config: SAEConfig, train_config: TrainConfig, init: SA
 
 
 def _check_resumable(loaded: LoadedCheckpoint, sae_config: SAEConfig, train_config: TrainConfig) -> None:
-    saved_sae = SAEConfig.from_dict(loaded.meta["sae_config"])
-    saved_train = TrainConfig.from_dict(loaded.meta["train_config"])
-    ignored = {"model", "layer", "run_id", "data", "input_scale"}
-    if saved_sae.model_dump(exclude=ignored) != sae_config.model_dump(exclude=ignored):
-        raise InvalidInputError(
-            f"checkpoint {loaded.path.name} belongs to a different SAE configuration",
-            details=_differences(
-                saved_sae.model_dump(exclude=ignored), sae_config.model_dump(exclude=ignored)
-            ),
-        )
-    if not saved_train.same_trajectory(train_config):
-        raise InvalidInputError(
-            f"checkpoint {loaded.path.name} was trained with different settings; resume with the same "
-            "TrainConfig (only checkpoint_every, checkpoint_every_s, keep_checkpoints, log_every and "
-            "device may change)",
-            details=_differences(saved_train.model_dump(), train_config.model_dump()),
-        )
-
-
-def _differences(saved: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: {"checkpoint": saved.get(key), "requested": requested.get(key)}
-        for key in sorted(set(saved) | set(requested))
-        if saved.get(key) != requested.get(key)
-    }
+    check_resumable(loaded.meta, loaded.path.name, sae_config, train_config)
 
 
 def _make_optimizer(sae: SAE, plan: TrainPlan, config: TrainConfig) -> torch.optim.Optimizer:

@@ -276,7 +276,7 @@ def start_evaluation(
 ) -> JobInfo:
     """Model-in-the-loop metrics (CE loss recovered, ...), stored with the SAE."""
     request = request or EvaluateRequest()
-    records.get_sae(store, sae_id)
+    records.get_sae(store, sae_id).require_sae("model-in-the-loop evaluation")
     if request.texts is not None:
         services.check_texts(request.texts, settings)
     return submit_batch(
@@ -305,6 +305,7 @@ async def encode_text(
     services.check_top_k(request.top_k, settings)
     summary = await asyncio.to_thread(records.get_sae, store, sae_id)
     summary.model_and_layer()  # an imported SAE without a model: 422 before any job
+    summary.require_sae("encoding text")  # a transcoder reads a module's input: not hooked here yet
     job_id, result = await run_interactive(
         redis,
         settings,
