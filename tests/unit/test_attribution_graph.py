@@ -17,17 +17,28 @@ PROMPT = "the cat sat on the mat and the dog"
 BLOCKS = 3  # tests/tiny_models.py; block 2 has no transcoder, so its MLP is a whole error node
 
 
-def transcoder(d_in: int, seed: int):
-    """A random TopK 'transcoder' of an MLP (input width = output width in a Llama): the graph
-    only needs encode/decode/pre_acts/W_dec; its misses become the error nodes."""
+def transcoder(d_in: int, block: int, seed: int, skip: bool = False):
+    """A random TopK transcoder of block ``block``'s MLP (input and output widths are equal in a
+    Llama); its misses become the error nodes. A skip-transcoder gets a random W_skip (it starts
+    at zero), so the skip path carries gradient in the test."""
     torch.manual_seed(seed)
-    return create(SAEConfig(d_in=d_in, n_latents=48, k=4)).eval()
+    layer, target = f"model.layers.{block}.mlp:input", f"model.layers.{block}.mlp"
+    sae = create(SAEConfig(d_in=d_in, n_latents=48, k=4, layer=layer, target_layer=target, skip=skip))
+    if skip:
+        with torch.no_grad():
+            sae.W_skip.normal_(0, 0.1)
+    return sae.eval()
 
 
 @pytest.fixture
 def transcoders(tiny_lm) -> dict:
     width = tiny_lm.model.config.hidden_size
-    return {0: transcoder(width, 1), 1: transcoder(width, 2)}
+    return {0: transcoder(width, 0, 1), 1: transcoder(width, 1, 2, skip=True)}
+
+
+def _skip(tc, x):
+    term = tc.skip_term(x) if tc is not None else None
+    return 0.0 if term is None else term
 
 
 def _replay_run(lm, ids, transcoders, clean, perturb) -> tuple[torch.Tensor, dict]:
@@ -53,7 +64,10 @@ def _replay_run(lm, ids, transcoders, clean, perturb) -> tuple[torch.Tensor, dic
     def mlp(index):
         def hook(module, args, output):
             inputs[index] = args[0]
-            return perturb(f"mlp{index}", clean[f"mlp{index}"].clone())
+            # frozen: the clean output; a skip-transcoder's linear term follows the live input
+            tc = transcoders.get(index)
+            live = clean[f"mlp{index}"] - _skip(tc, clean[f"x{index}"]) + _skip(tc, args[0])
+            return perturb(f"mlp{index}", live.clone())
 
         return hook
 
@@ -83,6 +97,8 @@ def _clean_values(lm, ids, transcoders) -> dict:
     def keep(name):
         def hook(module, args, output):
             clean[name] = output.detach()
+            if name.startswith("mlp"):
+                clean[name.replace("mlp", "x")] = args[0].detach()  # a skip term's clean input
 
         return hook
 
@@ -141,7 +157,7 @@ def test_edges_equal_finite_differences_of_the_replacement_model(tiny_lm, transc
             tc = transcoders[node.layer]
             encoded = tc.encode(x[None])
             recon = tc.decode(encoded.acts, encoded.indices)[0]
-            return f"mlp{node.layer}", node.position, (mlp_out - recon).detach()
+            return f"mlp{node.layer}", node.position, (mlp_out - recon - _skip(tc, x)).detach()
         embedding = tiny_lm.model.get_input_embeddings()(ids)[0, node.position].detach()
         return "embedding", node.position, embedding
 

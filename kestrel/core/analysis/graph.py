@@ -102,6 +102,13 @@ class _Layer:
     anchor: Tensor | None = None  # [B, T, D] zeros whose grad is ∂target/∂(MLP output)
 
 
+def _skip(transcoder: Any, x: Tensor) -> Tensor | None:
+    """A skip-transcoder's linear term W_skip·x (None for a plain transcoder or none at all)."""
+    if transcoder is None or not hasattr(transcoder, "skip_term"):
+        return None
+    return transcoder.skip_term(x)
+
+
 def _check_supported(lm: LoadedModel, mlps: Mapping[int, nn.Module]) -> None:
     attention = [m for name, m in lm.model.named_modules() if name.endswith("self_attn")]
     if not attention or not all(hasattr(m, "q_proj") and hasattr(m, "k_proj") for m in attention):
@@ -161,7 +168,8 @@ def _replacement(lm: LoadedModel, layers: list[_Layer], batch: int) -> Iterator[
                     encoded = tc.encode(flat)
                     acts, indices = encoded.acts, encoded.indices
                     recon = tc.decode(acts, indices)
-                    skip = tc.skip(flat) if hasattr(tc, "skip") else torch.zeros_like(recon)
+                    skip = _skip(tc, flat)
+                    skip = torch.zeros_like(recon) if skip is None else skip
                 error = out_ND - recon - skip
             layer.x_in = x_in
             n_pos = x_in.shape[-2]
@@ -170,8 +178,8 @@ def _replacement(lm: LoadedModel, layers: list[_Layer], batch: int) -> Iterator[
             layer.error = error.reshape(batch, n_pos, error.shape[-1])[0]
             layer.anchor = torch.zeros_like(output, requires_grad=True)
             constant = (recon + error).reshape(output.shape).to(output.dtype)
-            live_skip = tc.skip(x_in.float()).to(output.dtype) if hasattr(tc, "skip") else 0.0
-            return constant + live_skip + layer.anchor
+            live = _skip(tc, x_in.float())  # linear in the MLP input: part of the replacement's path
+            return constant + (0.0 if live is None else live.to(output.dtype)) + layer.anchor
 
         return replace
 
@@ -206,7 +214,7 @@ def attribution_graph(
 ) -> AttributionGraph:
     """The attribution graph of ``prompt``'s next-token logit ``target`` (default: the model's top
     token) over ``transcoders`` (block index → a transcoder of that block's MLP: ``encode``,
-    ``decode``, ``pre_acts``, ``W_dec`` and, for a skip-transcoder, ``skip``). ``on_batch(done,
+    ``decode``, ``pre_acts``, ``W_dec`` and, for a skip-transcoder, ``skip_term``). ``on_batch(done,
     total)`` follows the backward passes (and may raise to stop them)."""
     mlps = {i: _mlp_of(lm, i) for i in transcoders}
     _check_supported(lm, mlps)

@@ -227,7 +227,7 @@ class SAE(nn.Module):
         """What the encoder reads: x − b_dec for an SAE, x itself for a transcoder."""
         return x_BD if self.config.is_transcoder else x_BD - self.b_dec
 
-    def _skip_term(self, x_BD: Tensor) -> Tensor | None:
+    def skip_term(self, x_BD: Tensor) -> Tensor | None:
         """A skip-transcoder's W_skip·x (None otherwise)."""
         return linear(x_BD.to(self.W_skip.dtype), self.W_skip) if self.config.skip else None
 
@@ -277,7 +277,7 @@ class SAE(nn.Module):
         x_BD = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
         enc, _ = self._encode_2d(x_BD)
         recon_BD = self._reconstruct(enc)
-        skip_BD = self._skip_term(x_BD)
+        skip_BD = self.skip_term(x_BD)
         if skip_BD is not None:
             recon_BD = recon_BD + skip_BD
         return ForwardOutput(
@@ -326,7 +326,7 @@ class SAE(nn.Module):
         enc, x_centred_BD = self._encode_2d(x_BD)
         self.on_training_step(enc)
         recon_BD = self._reconstruct(enc)
-        skip_BD = self._skip_term(x_BD)
+        skip_BD = self.skip_term(x_BD)
         if skip_BD is not None:
             recon_BD = recon_BD + skip_BD
         target_BD = x_BD if target_BD is None else target_BD
