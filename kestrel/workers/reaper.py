@@ -33,8 +33,9 @@ from kestrel.workers.lifecycle import PREFIX, QUEUES, WORKER_DIED
 log = logging.getLogger("kestrel.reaper")
 LOCK_KEY = f"{PREFIX}:reaper-lock"
 
-#: Job kinds a dead worker's job is requeued for (they resume from a checkpoint).
-RESUMABLE_KINDS = frozenset({"train"})
+#: Job kinds a dead worker's job is requeued for (a training resumes from a checkpoint; a
+#: ledger, which writes nothing until it is done, computes again from the start).
+RESUMABLE_KINDS = frozenset({"train", "ledger"})
 #: How often one training is requeued after its worker died before it fails for good.
 TRAIN_REQUEUES = 3
 
@@ -67,10 +68,8 @@ def _mark_dead(redis: Redis, job_id: str) -> bool:
     stamp = time.strftime("%H:%M:%S")
     if job.meta.get("kind") in RESUMABLE_KINDS and requeues < TRAIN_REQUEUES:
         job.meta["requeues"] = requeues + 1
-        line = (
-            f"{WORKER_DIED}; requeued to resume from its last checkpoint "
-            f"(requeue {requeues + 1} of {TRAIN_REQUEUES})"
-        )
+        again = "resume from its last checkpoint" if job.meta.get("kind") == "train" else "run again"
+        line = f"{WORKER_DIED}; requeued to {again} (requeue {requeues + 1} of {TRAIN_REQUEUES})"
         job.meta["message"] = f"requeued: {line}"
         job.meta.setdefault("log", []).append(f"{stamp} {line}")
         job.save_meta()
