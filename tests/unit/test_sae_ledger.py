@@ -250,7 +250,7 @@ def test_the_ledger_is_computed_stored_and_compared(tiny_lm, store, trained) -> 
     # a random tiny model spells nothing: no letter probe passes, which the entry says
     assert entries["absorption_fraction"]["value"] is None and "reason" in entries["absorption_fraction"]
     assert 0 <= entries["synthetic_recovery"]["value"] <= 1
-    assert set(stages) == set(ledger.STAGES)
+    assert set(stages) == set(ledger.STAGES) == set(result["details"]["stage_seconds"])
     rows = ledger_records.compare_saes(store, [trained])
     assert rows[0]["has_ledger"] and rows[0]["fvu"] == entries["fvu"]["value"] and rows[0]["pareto"]
 

@@ -4,7 +4,7 @@ al.'s metric with Till's absorption fraction).
 A word token's first letter is known. The steps, as SAEBench takes them:
 
 1. Activations: single-token words (``" word"``: a leading space and letters only) each read at
-   the word's position of a fixed prompt, ``<examples> {word} has the first letter:``.
+   the word's position of a fixed prompt, ``<3 examples> {word} has the first letter:``.
 2. A ground-truth probe per letter (logistic regression, one letter against the rest) on the
    model's activations, train split; letters whose probe reaches F1 < ``min_probe_f1`` on the test
    split are not evaluated (the model does not represent them linearly there).
@@ -46,7 +46,8 @@ from kestrel.core.models import LoadedModel
 
 LETTERS = string.ascii_lowercase
 TEMPLATE = " has the first letter:"
-ICL_EXAMPLES = (" table", " orange", " music", " river", " people")
+#: Three in-context examples: SAEBench uses up to ten; three keep the prompt short on a CPU.
+ICL_EXAMPLES = (" table", " orange", " music")
 EPS = 1e-8
 
 
@@ -94,11 +95,11 @@ def first_letter_words(tokenizer: Any, n_words: int, seed: int) -> tuple[list[in
 
 
 def prompt_ids(tokenizer: Any, word_id: int) -> tuple[list[int], int]:
-    """The prompt's token ids around ``word_id`` and the word's position in them."""
+    """The prompt's token ids up to ``word_id`` and the word's position (the last). The template's
+    tail after the word is left off: a causal model's activation at the word cannot see it."""
     prefix = "".join(f"{w}{TEMPLATE} {w.strip()[0].upper()}\n" for w in ICL_EXAMPLES)
     prefix_ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
-    suffix_ids = tokenizer(TEMPLATE, add_special_tokens=False)["input_ids"]
-    return [*prefix_ids, word_id, *suffix_ids], len(prefix_ids)
+    return [*prefix_ids, word_id], len(prefix_ids)
 
 
 def word_activations(

@@ -79,9 +79,17 @@ class _Progress:
 
     def __init__(self, report: Callable[[float, str], None] | None, should_stop: Callable[[], bool] | None):
         self.report, self.should_stop, self.done = report, should_stop, 0.0
+        self.seconds: dict[str, float] = {}
+
+    def durations(self, end: float) -> dict[str, float]:
+        """Seconds each stage took (a stage runs until the next one starts)."""
+        starts = sorted(self.seconds.items(), key=lambda item: item[1])
+        ends = [t for _, t in starts[1:]] + [end]
+        return {name: round(stop - begin, 2) for (name, begin), stop in zip(starts, ends, strict=True)}
 
     def stage(self, name: str) -> Callable[[float], None]:
         self.check()
+        self.seconds[name] = time.perf_counter()  # its start; `finish` turns it into a duration
         start, width = self.done, STAGES[name]
         self.done += width
 
@@ -187,6 +195,7 @@ def compute_ledger(
         progress.check()
     except LedgerStoppedError:
         return None
+    details["stage_seconds"] = progress.durations(time.perf_counter())
     ledger = {
         "version": LEDGER_VERSION,
         "sae_id": sae_id,

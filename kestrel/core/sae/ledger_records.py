@@ -47,15 +47,15 @@ class LedgerOptions(StrictModel):
     seed: int = Field(0, ge=0, description="splits, sampling and the synthetic dictionary")
     max_length: int = Field(128, gt=0, le=2048, description="tokens kept per probing text")
     model_in_the_loop: bool = Field(True, description="CE-loss recovered and KL (model forwards)")
-    eval_texts: int = Field(32, gt=0, le=1000, description="held-out texts for CE loss and KL")
+    eval_texts: int = Field(16, gt=0, le=1000, description="held-out texts for CE loss and KL")
     absorption: bool = Field(True, description="feature absorption on the first-letter task")
     absorption_words: int = Field(
-        1500, ge=200, le=20000, description="single-token words of the first-letter task"
+        1000, ge=200, le=20000, description="single-token words of the first-letter task"
     )
     absorption_max_k: int = Field(10, ge=1, le=20, description="most main latents per letter")
     synthetic: bool = Field(True, description="ground-truth recovery on a known sparse dictionary")
     synthetic_rows: int = Field(
-        65536, ge=1024, le=2_000_000, description="rows the synthetic-data SAE is trained on"
+        32768, ge=1024, le=2_000_000, description="rows the synthetic-data SAE is trained on"
     )
     synthetic_l0: int | None = Field(
         None, gt=0, le=1024, description="active true features per row; default the SAE's k, else 16"
