@@ -9,6 +9,8 @@ few seconds, one of them at a time (a Redis lock), and first decide what becomes
 - a training is requeued (up to ``TRAIN_REQUEUES`` times, counted in its meta as ``requeues``)
   and its next run resumes from the newest checkpoint, so a dead worker costs at most the
   training since that checkpoint (``checkpoint_every_s``, a minute by default);
+- a ledger is requeued the same way and computes again from the start (it writes nothing
+  until it is done, so there is nothing half-made to resume or clean up);
 - any other job fails with code ``worker_died`` and a message saying so. Captures, analyses and
   discovery write large artifacts and are not resumable, and an interactive job's caller gave up
   long before the ttl ran out; the client resubmits if it wants to.
