@@ -30,6 +30,7 @@ from kestrel.cli.config_options import ConfigGroup, config_options
 from kestrel.core.catalog import DEFAULT_MODEL
 from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.sae.ledger_records import LedgerOptions
 
 cli = typer.Typer()
 saes_app = typer.Typer(help="Trained sparse autoencoders.", no_args_is_help=True)
@@ -445,3 +446,123 @@ def saes_neuronpedia(
     temporary.write_bytes(data)
     temporary.replace(target)  # a complete zip or none
     console.print(f"exported the feature pages of {sae_id} for Neuronpedia to {target}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation ledger and comparison (issue 14)
+
+LEDGER_OPTIONS = ConfigGroup(LedgerOptions, panel="Ledger")
+
+
+@saes_app.command("ledger")
+@friendly_errors
+@config_options(options=LEDGER_OPTIONS)
+def saes_ledger(
+    sae_id: Annotated[str, typer.Argument(help="the SAE to evaluate")],
+    options: dict[str, Any],
+    data: Annotated[
+        Path | None, typer.Option(help="labelled texts for k-sparse probing: a .jsonl or .csv file")
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="the text column/field of --data")] = "text",
+    label_field: Annotated[str, typer.Option(help="the label column/field of --data")] = "label",
+    limit: Annotated[int | None, typer.Option(help="rows of --data at most")] = None,
+    ks: Annotated[str | None, typer.Option(help="k-sparse probing's k values, e.g. 1,2,5,20")] = None,
+    show: Annotated[bool, typer.Option(help="print the stored ledger; compute nothing")] = False,
+    model: SaeModelOpt = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The SAE's evaluation ledger (each figure beside its chance baseline), computed here and
+    stored with the SAE; ``--show`` prints the stored one."""
+    from kestrel.core.sae import ledger_records
+
+    the_store = open_store(store)
+    if ks is not None:
+        options = {**options, "ks": [int(k) for k in ks.split(",") if k.strip()]}
+    if show:
+        ledger = ledger_records.read_ledger(the_store, sae_id)
+        if ledger is None:
+            raise typer.BadParameter(f"sae {sae_id!r} has no ledger yet; run `kestrel saes ledger {sae_id}`")
+    else:
+        ledger = _compute_ledger(
+            the_store, sae_id, options, data, text_field, label_field, limit, model, device
+        )
+    if as_json:
+        return print_json(ledger)
+    print_table(
+        ["metric", "value", "baseline", "kind", "better"],
+        [
+            [name, _fmt(e["value"]), _fmt(e["baseline"]), e["baseline_kind"], e["better"]]
+            for name, e in ledger["entries"].items()
+        ],
+        keep=("metric",),
+    )
+
+
+def _compute_ledger(the_store, sae_id, options, data, text_field, label_field, limit, model, device):
+    from tqdm.auto import tqdm
+
+    from kestrel.core.models import load_model
+    from kestrel.core.sae import artifacts, ledger_records
+    from kestrel.core.sae.ledger import compute_ledger
+
+    texts = labels = None
+    if data is not None:
+        texts, labels = ledger_records.read_labelled_file(
+            data, text_field=text_field, label_field=label_field, limit=limit
+        )
+        ledger_records.check_labelled(texts, labels)
+    summary = artifacts.get_sae(the_store, sae_id)
+    lm = load_model(model or summary.model_name, device=device, store_root=the_store.local_root)
+    bar = tqdm(desc="ledger", total=100, unit="%")
+
+    def on_progress(fraction: float, stage: str) -> None:
+        bar.n = round(fraction * 100)
+        bar.set_postfix(stage=stage)
+        bar.refresh()
+
+    opts = LedgerOptions.model_validate(options)
+    ledger = compute_ledger(the_store, sae_id, lm, opts, texts=texts, labels=labels, on_progress=on_progress)
+    bar.close()
+    assert ledger is not None  # nothing asks it to stop here
+    return ledger
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@saes_app.command("compare")
+@friendly_errors
+def saes_compare(
+    sae_ids: Annotated[list[str], typer.Argument(help="the SAEs to lay side by side")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Several SAEs side by side (ledger figures, else stored held-out metrics); * marks the
+    L0-vs-FVU Pareto front."""
+    from kestrel.core.sae import ledger_records
+
+    rows = ledger_records.compare_saes(open_store(store), sae_ids)
+    if as_json:
+        return print_json(rows)
+    print_table(
+        ["id", "arch", "latents", "l0", "fvu", "ce rec.", "probe k=1", "absorption", "synthetic", "pareto"],
+        [
+            [
+                r["id"],
+                str(r["architecture"]),
+                str(r["n_latents"]),
+                _fmt(r["l0"]),
+                _fmt(r["fvu"]),
+                _fmt(r["ce_loss_recovered"]),
+                _fmt(r["sparse_probing"].get("top_1")),
+                _fmt(r["absorption_fraction"]),
+                _fmt(r["synthetic_recovery"]),
+                "*" if r["pareto"] else "",
+            ]
+            for r in rows
+        ],
+        keep=("id",),
+    )

@@ -15,6 +15,7 @@ from kestrel.core.catalog import DType as ModelDType
 from kestrel.core.config import StrictModel
 from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.sae.ledger_records import LabelledDataset, LedgerOptions
 from kestrel.core.sae.progress import TrainingPoint as TrainingPoint
 from kestrel.core.sae.records import SAEManifest
 from kestrel.schemas.common import Page
@@ -171,3 +172,67 @@ class StreamToken(BaseModel):
 class SAEHistory(BaseModel):
     sae_id: str
     points: list[TrainingPoint] = Field(description="in order; empty for an imported SAE")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation ledger and comparison (issue 14): `kestrel.core.sae.ledger_records`
+
+
+class LedgerRequest(StrictModel):
+    """Compute an SAE's evaluation ledger; ``dataset`` (texts + labels) enables k-sparse probing."""
+
+    dataset: LabelledDataset | None = Field(
+        None, description="labelled texts for k-sparse probing: inline, or an uploaded jsonl/csv"
+    )
+    options: LedgerOptions = Field(default_factory=LedgerOptions)
+
+
+class LedgerEntry(BaseModel):
+    """One figure of the ledger beside its baseline."""
+
+    value: float | None = Field(description="null when it could not be measured (see reason)")
+    baseline: float | None = Field(description="what chance (or the stated control) scores")
+    baseline_kind: str = Field(description="chance, control, reference or ideal")
+    better: Literal["higher", "lower"]
+    ceiling: float | None = Field(None, description="the best attainable, where there is one")
+    settings: dict[str, Any]
+    computed_at: str
+    note: str | None = None
+    reason: str | None = None
+
+
+class SAELedger(BaseModel):
+    version: int
+    sae_id: str
+    model: str | None
+    layer: str
+    computed_at: str
+    seconds: float
+    options: dict[str, Any]
+    entries: dict[str, LedgerEntry]
+    details: dict[str, Any] = Field(description="per-class, per-letter and per-stage figures")
+
+
+class SAEComparisonRow(BaseModel):
+    id: str
+    architecture: str | None
+    n_latents: int
+    k: int | None
+    model: str | None
+    layer: str | None
+    fvu: float | None
+    l0: float | None
+    dead_fraction: float | None
+    ce_loss_recovered: float | None
+    kl_divergence: float | None
+    absorption_fraction: float | None
+    full_absorption_rate: float | None
+    synthetic_recovery: float | None
+    sparse_probing: dict[str, float | None] = Field(description="accuracy by k (and the dense probe)")
+    has_ledger: bool
+    ledger_computed_at: str | None
+    pareto: bool = Field(description="no other SAE here has both lower L0 and lower FVU")
+
+
+class SAEComparison(BaseModel):
+    rows: list[SAEComparisonRow]

@@ -11,8 +11,9 @@ from __future__ import annotations
 JOBS_MODULE = "kestrel.workers.jobs"
 STREAM_JOBS_MODULE = "kestrel.workers.stream_jobs"
 EXPORT_JOBS_MODULE = "kestrel.workers.export_jobs"
+LEDGER_JOBS_MODULE = "kestrel.workers.ledger_jobs"
 #: Every module holding job functions (the worker imports them by path).
-JOB_MODULES = (JOBS_MODULE, STREAM_JOBS_MODULE, EXPORT_JOBS_MODULE)
+JOB_MODULES = (JOBS_MODULE, STREAM_JOBS_MODULE, EXPORT_JOBS_MODULE, LEDGER_JOBS_MODULE)
 
 LOAD_MODEL = f"{JOBS_MODULE}.load_model_job"
 LAYERS = f"{JOBS_MODULE}.layers_job"
@@ -27,6 +28,7 @@ GENERATE = f"{JOBS_MODULE}.generate_job"
 ANALYSIS = f"{JOBS_MODULE}.analysis_job"
 TRAIN_STREAM = f"{STREAM_JOBS_MODULE}.train_stream_job"
 NEURONPEDIA_EXPORT = f"{EXPORT_JOBS_MODULE}.neuronpedia_job"
+LEDGER = f"{LEDGER_JOBS_MODULE}.ledger_job"
 
 ALL = (
     LOAD_MODEL,
@@ -42,4 +44,5 @@ ALL = (
     ANALYSIS,
     TRAIN_STREAM,
     NEURONPEDIA_EXPORT,
+    LEDGER,
 )

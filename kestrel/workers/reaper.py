@@ -9,6 +9,8 @@ few seconds, one of them at a time (a Redis lock), and first decide what becomes
 - a training is requeued (up to ``TRAIN_REQUEUES`` times, counted in its meta as ``requeues``)
   and its next run resumes from the newest checkpoint, so a dead worker costs at most the
   training since that checkpoint (``checkpoint_every_s``, a minute by default);
+- a ledger is requeued the same way and computes again from the start (it writes nothing
+  until it is done, so there is nothing half-made to resume or clean up);
 - any other job fails with code ``worker_died`` and a message saying so. Captures, analyses and
   discovery write large artifacts and are not resumable, and an interactive job's caller gave up
   long before the ttl ran out; the client resubmits if it wants to.
@@ -33,8 +35,9 @@ from kestrel.workers.lifecycle import PREFIX, QUEUES, WORKER_DIED
 log = logging.getLogger("kestrel.reaper")
 LOCK_KEY = f"{PREFIX}:reaper-lock"
 
-#: Job kinds a dead worker's job is requeued for (they resume from a checkpoint).
-RESUMABLE_KINDS = frozenset({"train"})
+#: Job kinds a dead worker's job is requeued for (a training resumes from a checkpoint; a
+#: ledger, which writes nothing until it is done, computes again from the start).
+RESUMABLE_KINDS = frozenset({"train", "ledger"})
 #: How often one training is requeued after its worker died before it fails for good.
 TRAIN_REQUEUES = 3
 
@@ -67,10 +70,8 @@ def _mark_dead(redis: Redis, job_id: str) -> bool:
     stamp = time.strftime("%H:%M:%S")
     if job.meta.get("kind") in RESUMABLE_KINDS and requeues < TRAIN_REQUEUES:
         job.meta["requeues"] = requeues + 1
-        line = (
-            f"{WORKER_DIED}; requeued to resume from its last checkpoint "
-            f"(requeue {requeues + 1} of {TRAIN_REQUEUES})"
-        )
+        again = "resume from its last checkpoint" if job.meta.get("kind") == "train" else "run again"
+        line = f"{WORKER_DIED}; requeued to {again} (requeue {requeues + 1} of {TRAIN_REQUEUES})"
         job.meta["message"] = f"requeued: {line}"
         job.meta.setdefault("log", []).append(f"{stamp} {line}")
         job.save_meta()

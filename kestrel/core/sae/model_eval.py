@@ -33,6 +33,7 @@ class _Sums:
     sae: float = 0.0
     zero: float = 0.0
     kl: float = 0.0
+    kl_zero: float = 0.0
     tokens: int = 0
     spliced: int = 0
     positions: int = 0
@@ -111,11 +112,12 @@ def ce_loss_metrics(
             sums.positions += int(mask["BT"].sum())
             clean_N, clean_logits_NV = _losses(lm, ids_BT, attn_BT, [])
             sae_N, sae_logits_NV = _losses(lm, ids_BT, attn_BT, with_sae)
-            zero_N, _ = _losses(lm, ids_BT, attn_BT, zeroed)
+            zero_N, zero_logits_NV = _losses(lm, ids_BT, attn_BT, zeroed)
             sums.clean += float(clean_N.sum())
             sums.sae += float(sae_N.sum())
             sums.zero += float(zero_N.sum())
             sums.kl += float(_kl(clean_logits_NV, sae_logits_NV).sum())
+            sums.kl_zero += float(_kl(clean_logits_NV, zero_logits_NV).sum())
             sums.tokens += len(clean_N)
             if on_progress is not None:
                 on_progress((i + 1) / len(batches))
@@ -145,6 +147,7 @@ def _summary(sums: _Sums, filters: RowFilter, max_norm: float | None, n_texts: i
         "ce_loss_zero_ablated": zero,
         "ce_loss_recovered": recovered,
         "kl_sae": sums.kl / n,
+        "kl_zero_ablated": sums.kl_zero / n,  # the ledger's baseline for kl_sae
         "n_texts": n_texts,
         "n_predicted_tokens": sums.tokens,
         "n_spliced_positions": sums.spliced,

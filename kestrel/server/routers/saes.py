@@ -11,8 +11,9 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from kestrel.core import uploads
 from kestrel.core.errors import ConflictError, InvalidInputError, KestrelError, NotFoundError
 from kestrel.core.limits import Caps
-from kestrel.core.sae import records
+from kestrel.core.sae import ledger_records, records
 from kestrel.core.sae.filesets import LAYOUTS, files_from_zip
+from kestrel.core.sae.ledger_records import LabelledTexts
 from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import (
     DeletedResponse,
@@ -27,6 +28,7 @@ from kestrel.schemas import (
     SAEPage,
     TrainRequest,
 )
+from kestrel.schemas.saes import LedgerRequest, SAEComparison, SAELedger
 from kestrel.server import services, stream_training
 from kestrel.server.deps import IdempotencyKey, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive, submit_batch
@@ -112,6 +114,19 @@ def cancel_training(sae_id: SaeId, redis: RedisDep, store: StoreDep) -> JobInfo:
     if len(_trained_ids(job)) > 1:
         return lifecycle.cancel_part(redis, job_id, sae_id)
     return lifecycle.cancel(redis, job_id)
+
+
+# Declared before "/{sae_id}": a path matches the first route that fits.
+@router.get("/compare", response_model=SAEComparison, responses=error_responses(404))
+async def compare_saes(
+    store: StoreDep,
+    ids: Annotated[str, Query(min_length=1, description="comma-separated SAE ids, in display order")],
+) -> SAEComparison:
+    """Several SAEs side by side: each ledger's figures (or the stored held-out metrics of an SAE
+    without one), with the L0-vs-FVU Pareto front marked."""
+    sae_ids = [part.strip() for part in ids.split(",") if part.strip()]
+    rows = await asyncio.to_thread(ledger_records.compare_saes, store, sae_ids)
+    return SAEComparison(rows=rows)
 
 
 # Manifests are answered as stored (response_model_exclude_unset): a field the file lacks is
@@ -321,3 +336,65 @@ async def get_sae_history(sae_id: SaeId, store: StoreDep) -> SAEHistory:
     """The training curves: loss, FVU, L0 and dead fraction at each log step, against tokens."""
     points = await asyncio.to_thread(records.training_history, store, sae_id)
     return SAEHistory(sae_id=sae_id, points=points)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation ledger and comparison (issue 14)
+
+
+@router.post(
+    "/{sae_id}/ledger",
+    response_model=JobInfo,
+    status_code=202,
+    responses=error_responses(404, 409, 413),
+)
+def start_ledger(
+    sae_id: SaeId,
+    response: Response,
+    settings: SettingsDep,
+    redis: RedisDep,
+    store: StoreDep,
+    request: LedgerRequest | None = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JobInfo:
+    """Compute the SAE's evaluation ledger (a batch job): core metrics, k-sparse probing on the
+    labelled ``dataset``, first-letter absorption and synthetic ground-truth recovery, each with
+    its chance baseline; ``GET .../ledger`` reads it. Everything checkable is checked first."""
+    request = request or LedgerRequest()
+    summary = records.get_sae(store, sae_id)
+    summary.model_and_layer()  # an import that names no model: 422 before any job
+    records.require_loadable_model(store, summary)
+    if request.dataset is not None:
+        if isinstance(request.dataset, LabelledTexts):
+            services.check_texts(request.dataset.texts, settings)
+        ledger_records.resolve_labelled(store, request.dataset)  # classes, sizes, columns: 422 now
+    elif not (summary.run_id and store.exists("activations", summary.run_id)):
+        raise InvalidInputError(
+            f"sae {sae_id!r} has no capture run to evaluate on: give a labelled dataset",
+            details={"sae_id": sae_id},
+        )
+    services.check_max_length(request.options.max_length, settings, "options.max_length")
+    body = request.model_dump(mode="json")
+    return submit_batch(
+        redis,
+        settings,
+        response,
+        job_names.LEDGER,
+        kind="ledger",
+        kwargs={"sae_id": sae_id, "options": body["options"], "dataset": body["dataset"]},
+        artifacts={"sae_id": sae_id},
+        idempotency_key=idempotency_key,
+        request_body={"sae_id": sae_id, **body},
+    )
+
+
+@router.get("/{sae_id}/ledger", response_model=SAELedger, responses=error_responses(404))
+async def get_ledger(sae_id: SaeId, store: StoreDep) -> SAELedger:
+    """The SAE's evaluation ledger as last computed (404 until one is)."""
+    ledger = await asyncio.to_thread(ledger_records.read_ledger, store, sae_id)
+    if ledger is None:
+        raise NotFoundError(
+            f"sae {sae_id!r} has no ledger yet; compute one with POST /v1/saes/{sae_id}/ledger",
+            details={"sae_id": sae_id},
+        )
+    return SAELedger.model_validate(ledger)

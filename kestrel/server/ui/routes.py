@@ -84,6 +84,12 @@ def analysis_page(request: Request, analysis_id: AnalysisId) -> HTMLResponse:
     return _page(request, "analysis.html", title, page="analysis", analysis_id=analysis_id)
 
 
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(request: Request) -> HTMLResponse:
+    """Several SAEs' ledgers side by side, with an L0-vs-FVU scatter marking the Pareto front."""
+    return _page(request, "compare.html", "Compare SAEs", page="compare")
+
+
 @router.get("/static/{name}")
 def static_file(name: str) -> FileResponse:
     path = STATIC_DIR / name

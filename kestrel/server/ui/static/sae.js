@@ -1,9 +1,11 @@
 // SAE page: key figures, training curves (loss, FVU, L0, dead fraction against tokens), the
-// evaluation table and the latent-density histogram.
+// evaluation table, the latent-density histogram and the evaluation ledger (each metric against
+// its baseline; computed on request).
 
-import { api } from "./api.js";
+import { api, apiOrNull } from "./api.js";
 import { $, fill, h, num, percent, when } from "./dom.js";
 import { followJob } from "./jobs.js";
+import { ledgerPlot, ledgerTable } from "./ledger.js";
 import { barPlot, linePlot, occupied, SMALL } from "./plot.js";
 import { start, status } from "./shell.js";
 
@@ -106,9 +108,56 @@ function wireEvaluate() {
   });
 }
 
+// ---- the evaluation ledger ----------------------------------------------------------------
+
+function renderLedger(ledger) {
+  if (!ledger) {
+    fill($("#ledger"), h("p", { class: "empty" }, "No ledger yet: compute one below."));
+    return;
+  }
+  fill($("#ledger"), h("p", { class: "muted" }, `Computed ${when(ledger.computed_at)} in ${num(ledger.seconds)} s.`),
+    ledgerPlot(ledger.entries), ledgerTable(ledger.entries));
+}
+
+/** "label | text" or "label<TAB>text" lines as the API's inline labelled dataset (null if empty). */
+function labelledLines(text) {
+  const rows = text.split("\n").map((line) => line.trim()).filter(Boolean).map((line) => {
+    const cut = line.includes("\t") ? line.indexOf("\t") : line.indexOf(" | ");
+    if (cut < 0) throw new Error(`no label separator (a tab or " | ") in: ${line.slice(0, 60)}`);
+    return [line.slice(0, cut).trim(), line.slice(cut + (line[cut] === "\t" ? 1 : 3)).trim()];
+  });
+  return rows.length ? { kind: "texts", labels: rows.map((r) => r[0]), texts: rows.map((r) => r[1]) } : null;
+}
+
+function wireLedger() {
+  $("#ledger-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    $("#ledger-run").disabled = true;
+    try {
+      const options = {
+        ks: $("#ledger-ks").value.split(",").map((k) => Number(k.trim())).filter((k) => k > 0),
+        absorption_words: Number($("#ledger-words").value),
+        synthetic_rows: Number($("#ledger-rows").value),
+      };
+      const body = { options, dataset: labelledLines($("#ledger-data").value) };
+      const job = await api(`/saes/${saeId}/ledger`, { method: "POST", body });
+      const done = await followJob(job, $("#ledger-status"));
+      if (done.status === "finished") renderLedger(await api(`/saes/${saeId}/ledger`));
+    } catch (error) {
+      status($("#ledger-status"), `Could not compute the ledger: ${error.message}`, "err");
+    } finally {
+      $("#ledger-run").disabled = false;
+    }
+  });
+}
+
 start(async () => {
   wireEvaluate();
-  const [sae, history] = await Promise.all([api(`/saes/${saeId}`), api(`/saes/${saeId}/history`)]);
+  wireLedger();
+  const [sae, history, ledger] = await Promise.all([
+    api(`/saes/${saeId}`), api(`/saes/${saeId}/history`), apiOrNull(`/saes/${saeId}/ledger`),
+  ]);
+  renderLedger(ledger);
   renderStats(sae);
   renderCurves(history.points);
   renderEvaluation(sae.metrics);
