@@ -10,8 +10,9 @@ from __future__ import annotations
 
 JOBS_MODULE = "kestrel.workers.jobs"
 STREAM_JOBS_MODULE = "kestrel.workers.stream_jobs"
+STEERING_JOBS_MODULE = "kestrel.workers.steering_jobs"
 #: Every module holding job functions (the worker imports them by path).
-JOB_MODULES = (JOBS_MODULE, STREAM_JOBS_MODULE)
+JOB_MODULES = (JOBS_MODULE, STREAM_JOBS_MODULE, STEERING_JOBS_MODULE)
 
 LOAD_MODEL = f"{JOBS_MODULE}.load_model_job"
 LAYERS = f"{JOBS_MODULE}.layers_job"
@@ -25,6 +26,8 @@ STEERING_PREVIEW = f"{JOBS_MODULE}.steering_preview_job"
 GENERATE = f"{JOBS_MODULE}.generate_job"
 ANALYSIS = f"{JOBS_MODULE}.analysis_job"
 TRAIN_STREAM = f"{STREAM_JOBS_MODULE}.train_stream_job"
+STEERING_SWEEP = f"{STEERING_JOBS_MODULE}.steering_sweep_job"
+LOGIT_CHECK = f"{STEERING_JOBS_MODULE}.logit_check_job"
 
 ALL = (
     LOAD_MODEL,
@@ -39,4 +42,6 @@ ALL = (
     GENERATE,
     ANALYSIS,
     TRAIN_STREAM,
+    STEERING_SWEEP,
+    LOGIT_CHECK,
 )
