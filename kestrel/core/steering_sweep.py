@@ -36,6 +36,8 @@ import torch
 from kestrel.core.hooks import Controller, HookManager
 from kestrel.core.models import LoadedModel, generate
 from kestrel.core.steering import SteeringPlan
+from kestrel.core.steering_config import LatentEdit, SteeringConfig, _latent_stats, check_config
+from kestrel.core.store import Store
 
 EFFECT_NATS = math.log(2)  # keywords at least twice as likely
 CHANGED_EFFECT = 0.25  # without keywords: a quarter of the tokens differ from the unsteered text
@@ -311,3 +313,49 @@ def summarize(points: Sequence[dict[str, Any]], fluency_ratio: float, with_keywo
         verdict = f"does not steer at all at the strengths tried: {what.replace('rose', 'never rose')}"
         verdict = verdict.replace("the text changed", "the text never changed enough") + f"; {window}"
     return {"fluent_up_to": fluent_up_to, "effect_from": effect_from, "steers": steers, "verdict": verdict}
+
+
+def sweep_latent(
+    store: Store,
+    lm: LoadedModel,
+    request: Any,
+    plan_for: Callable[[SteeringConfig], SteeringPlan],
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """A sweep of one latent as the API and the CLI ask for it: ``request`` has ``sae_id``,
+    ``latent``, ``op``, ``unit``, ``strengths``, ``prompts``, ``keywords``, ``max_new_tokens``,
+    ``seed`` and ``fluency_ratio`` (`kestrel.schemas.SteeringSweepRequest`); ``plan_for`` compiles
+    a config against ``lm`` (from the store, or from a worker's SAE cache). Edits act on all
+    positions; relative strengths resolve from the SAE's discovery result."""
+    from kestrel.core.concepts.dictionary import read_dictionary
+
+    def config_at(strength: float) -> SteeringConfig:
+        edit = LatentEdit(latent=request.latent, op=request.op, value=strength, unit=request.unit)
+        return SteeringConfig(sae_id=request.sae_id, edits=[edit], positions="all")
+
+    layer = check_config(store, config_at(1.0)).layer  # latent range; discovery stats for the unit
+    result = sweep(
+        lm,
+        request.prompts,
+        lambda s: plan_for(config_at(s).model_copy(update={"layer": layer})),
+        request.strengths,
+        keywords=request.keywords,
+        max_new_tokens=request.max_new_tokens,
+        seed=request.seed,
+        fluency_ratio=request.fluency_ratio,
+        on_step=on_step,
+    )
+    stats = _latent_stats(store, request.sae_id, [request.latent])
+    concept = read_dictionary(store, request.sae_id).get(request.latent)
+    return {
+        "model": lm.name,
+        "sae_id": request.sae_id,
+        "latent": request.latent,
+        "op": request.op,
+        "unit": request.unit,
+        "max_activation": stats[request.latent]["max_activation"] if request.latent in stats else None,
+        "name": concept.name if concept else None,
+        "keywords": list(request.keywords),
+        "fluency_ratio": request.fluency_ratio,
+        **result,
+    }

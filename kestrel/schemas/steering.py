@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from kestrel.core.config import StrictModel
+from kestrel.core.errors import InvalidInputError
 from kestrel.core.steering_config import EditUnit
 
 # Bounds of one sweep: it runs on the interactive queue, so it has to stay around a minute on a CPU.
@@ -64,6 +65,16 @@ class SteeringSweepRequest(StrictModel):
 
     def generated_tokens(self) -> int:
         return len(self.prompts) * (len(self.strengths) + 1) * self.max_new_tokens
+
+    def check_size(self) -> SteeringSweepRequest:
+        """InvalidInputError when the sweep would generate more than `SWEEP_MAX_TOKENS` tokens."""
+        if self.generated_tokens() > SWEEP_MAX_TOKENS:
+            raise InvalidInputError(
+                f"a sweep generates prompts × (strengths + 1) × max_new_tokens = {self.generated_tokens()} "
+                f"tokens, more than {SWEEP_MAX_TOKENS}: use fewer prompts or strengths, or fewer new tokens",
+                details={"generated_tokens": self.generated_tokens(), "limit": SWEEP_MAX_TOKENS},
+            )
+        return self
 
 
 class ContinuationEffect(BaseModel):

@@ -16,13 +16,6 @@ from kestrel.workers.context import JobContext, job_function
 from kestrel.workers.jobs import _steering_model, _steering_plan, sae_cache
 
 
-def _name(ctx: JobContext, sae_id: str, latent: int) -> str | None:
-    from kestrel.core.concepts import read_dictionary
-
-    concept = read_dictionary(ctx.store, sae_id).get(latent)
-    return concept.name if concept else None
-
-
 def _max_activation(ctx: JobContext, sae_id: str, latent: int) -> float | None:
     from kestrel.core.steering_config import _latent_stats
 
@@ -34,40 +27,18 @@ def _max_activation(ctx: JobContext, sae_id: str, latent: int) -> float | None:
 def steering_sweep_job(ctx: JobContext, request: dict[str, Any]) -> dict[str, Any]:
     """Continuations at each strength of ``request`` with fluency, keyword effect and a verdict."""
     from kestrel.core import steering_sweep
-    from kestrel.core.steering_config import LatentEdit, SteeringConfig, check_config
+    from kestrel.core.steering_config import SteeringConfig
 
     req = SteeringSweepRequest.model_validate(request)
-
-    def config_at(strength: float) -> SteeringConfig:
-        edit = LatentEdit(latent=req.latent, op=req.op, value=strength, unit=req.unit)
-        return SteeringConfig(sae_id=req.sae_id, edits=[edit], positions="all")
-
-    base = check_config(ctx.store, config_at(1.0))  # latent range, discovery stats for the unit
-    lm = ctx.models.get(_steering_model(ctx, base, req.model))
+    lm = ctx.models.get(_steering_model(ctx, SteeringConfig(sae_id=req.sae_id), req.model))
     ctx.log(f"sweeping latent {req.latent} of {req.sae_id} over {len(req.strengths)} strengths")
-    result = steering_sweep.sweep(
+    return steering_sweep.sweep_latent(
+        ctx.store,
         lm,
-        req.prompts,
-        lambda s: _steering_plan(ctx, config_at(s).model_copy(update={"layer": base.layer}), lm),
-        req.strengths,
-        keywords=req.keywords,
-        max_new_tokens=req.max_new_tokens,
-        seed=req.seed,
-        fluency_ratio=req.fluency_ratio,
+        req,
+        lambda config: _steering_plan(ctx, config, lm),
         on_step=lambda i, n: ctx.update(progress=i / n, message=f"strength {i + 1} of {n}"),
     )
-    return {
-        "model": lm.name,
-        "sae_id": req.sae_id,
-        "latent": req.latent,
-        "op": req.op,
-        "unit": req.unit,
-        "max_activation": _max_activation(ctx, req.sae_id, req.latent),
-        "name": _name(ctx, req.sae_id, req.latent),
-        "keywords": req.keywords,
-        "fluency_ratio": req.fluency_ratio,
-        **result,
-    }
 
 
 @job_function("logit_check")

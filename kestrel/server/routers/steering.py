@@ -22,7 +22,6 @@ from kestrel.schemas import (
     SteeringSweepRequest,
     SteeringSweepResponse,
 )
-from kestrel.schemas.steering import SWEEP_MAX_TOKENS
 from kestrel.server import services
 from kestrel.server.deps import Latent, PageDep, RedisDep, SaeId, SettingsDep, SteeringId, StoreDep
 from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive
@@ -80,12 +79,7 @@ async def sweep_steering(
     """Greedy continuations with one latent edited at several strengths (default 0, 0.5, 1, 2, 4, 8
     × its max activation), each with its perplexity under the unsteered model and the keywords'
     effect; the fluent window, where the effect appears, and whether the latent steers at all."""
-    if request.generated_tokens() > SWEEP_MAX_TOKENS:
-        raise InvalidInputError(
-            f"a sweep generates prompts × (strengths + 1) × max_new_tokens = {request.generated_tokens()} "
-            f"tokens, more than {SWEEP_MAX_TOKENS}: use fewer prompts or strengths, or fewer new tokens",
-            details={"generated_tokens": request.generated_tokens(), "limit": SWEEP_MAX_TOKENS},
-        )
+    request.check_size()
     config = SteeringConfig(
         sae_id=request.sae_id,
         edits=[{"latent": request.latent, "op": request.op, "value": 1.0, "unit": request.unit}],
