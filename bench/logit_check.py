@@ -36,10 +36,10 @@ from kestrel.core.store import LocalStore
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=600)
+    parser.add_argument("--docs", type=int, default=300)
     parser.add_argument("--layers", default="9,15,29")
-    parser.add_argument("--latents", type=int, default=6)
-    parser.add_argument("--contexts", type=int, default=16)
+    parser.add_argument("--latents", type=int, default=5)
+    parser.add_argument("--contexts", type=int, default=8)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--store-root", type=Path, default=Path("/work/main/.kestrel"))
     args = parser.parse_args()
@@ -50,15 +50,15 @@ def main() -> None:
     out: dict = {"docs": len(texts), "k": args.k, "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "store")
-        run = capture(lm, texts, layers, store, options=CaptureOptions(dtype="fp32", max_length=128))
+        run = capture(lm, texts, layers, store, options=CaptureOptions(dtype="fp32", max_length=64))
         for layer in layers:
             sae_id = "sae-" + layer.rsplit(".", 1)[1]
             artifacts.train_from_run(
                 store,
                 run.id,
                 layer,
-                {"architecture": "topk", "n_latents": 1024, "k": 32},
-                {"batch_size": 1024, "epochs": 4, "seed": 0},
+                {"architecture": "topk", "n_latents": 512, "k": 32},
+                {"batch_size": 512, "epochs": 2, "seed": 0},
                 sae_id=sae_id,
             )
             concepts.discover(store, sae_id, lm)
@@ -91,6 +91,7 @@ def main() -> None:
                 "promoted_overlap_mean": statistics.mean(r["promoted_overlap"] for r in rows),
                 "suppressed_overlap_mean": statistics.mean(r["suppressed_overlap"] for r in rows),
             }
+            print(json.dumps({layer: out["layers"][layer]}), file=sys.stderr, flush=True)
         # control: a token's unembedding row at the last block, where the direct path is exact
         unembed_VD, _ = logit_check.unembedding(lm)
         token = lm.tokenizer.encode(" function")[0]
