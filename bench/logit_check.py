@@ -83,6 +83,9 @@ def main() -> None:
                         **report["agreement"],
                         "direct_top": [t["token"] for t in report["direct"]["positive"][:6]],
                         "measured_top": [t["token"] for t in report["measured"]["positive"][:6]],
+                        "measured_prob_top": [
+                            t["token"] for t in report["measured_probability"]["positive"][:6]
+                        ],
                     }
                 )
             out["layers"][layer] = {

@@ -63,6 +63,21 @@ def measured_logit_effect(
 ) -> Tensor:
     """[V] mean over the texts' token positions of log p(·|steered) − log p(·|clean), where steered
     adds ``direction_D`` (already scaled) to ``layer``'s output at every position."""
+    return measured_effects(lm, layer, direction_D, texts, max_length=max_length)["logprob"]
+
+
+@torch.no_grad()
+def measured_effects(
+    lm: LoadedModel,
+    layer: str,
+    direction_D: Tensor,
+    texts: Sequence[str],
+    *,
+    max_length: int = 64,
+) -> dict[str, Tensor]:
+    """``logprob``: [V] the mean change in log-probability (logit units, what the direct path
+    predicts; it ranks a rare token lifted from −20 to −15 first); ``prob``: [V] the mean change in
+    probability (what the model actually says more or less often)."""
     if not texts:
         raise InvalidInputError("measuring a logit effect needs at least one context")
     vector_D = direction_D.float().to(layer_device(lm, layer))
@@ -71,21 +86,22 @@ def measured_logit_effect(
         return x + vector_D.to(dtype=x.dtype, device=x.device)
 
     total_V: Tensor | None = None
+    prob_V: Tensor | None = None
     n_positions = 0
     for start in range(0, len(texts), MEASURE_BATCH):
         batch = list(texts[start : start + MEASURE_BATCH])
         clean = forward(lm, batch, max_length=max_length)
         steered = forward(lm, batch, hooks=[Controller(layer, add)], max_length=max_length)
         mask_BT = clean.attention_mask_BT.bool()
-        delta_NV = (
-            steered.logits_BTV.float().log_softmax(-1)[mask_BT]
-            - clean.logits_BTV.float().log_softmax(-1)[mask_BT]
-        )
-        part_V = delta_NV.sum(0).cpu()
+        after_NV = steered.logits_BTV.float().log_softmax(-1)[mask_BT]
+        before_NV = clean.logits_BTV.float().log_softmax(-1)[mask_BT]
+        part_V = (after_NV - before_NV).sum(0).cpu()
+        part_prob_V = (after_NV.exp() - before_NV.exp()).sum(0).cpu()
         total_V = part_V if total_V is None else total_V + part_V
+        prob_V = part_prob_V if prob_V is None else prob_V + part_prob_V
         n_positions += int(mask_BT.sum())
-    assert total_V is not None
-    return total_V / max(n_positions, 1)
+    assert total_V is not None and prob_V is not None
+    return {"logprob": total_V / max(n_positions, 1), "prob": prob_V / max(n_positions, 1)}
 
 
 def _ranks(values_V: Tensor) -> Tensor:
@@ -161,7 +177,8 @@ def check_latent(
     if not scale > 0:
         raise InvalidInputError(f"the scale of the added direction must be > 0, got {scale}")
     direct_V = direct_logit_effect(lm, decoder_row_D).cpu()
-    measured_V = measured_logit_effect(lm, layer, scale * decoder_row_D, texts, max_length=max_length)
+    measured = measured_effects(lm, layer, scale * decoder_row_D, texts, max_length=max_length)
+    measured_V, prob_V = measured["logprob"], measured["prob"]
     k = min(k, len(direct_V))
     return {
         "layer": layer,
@@ -174,6 +191,10 @@ def check_latent(
         "measured": {
             "positive": _top(lm.tokenizer, measured_V, k, True),
             "negative": _top(lm.tokenizer, measured_V, k, False),
+        },
+        "measured_probability": {
+            "positive": _top(lm.tokenizer, prob_V, k, True),
+            "negative": _top(lm.tokenizer, prob_V, k, False),
         },
         "agreement": agreement(direct_V, measured_V, k),
     }

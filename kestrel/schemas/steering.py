@@ -193,5 +193,8 @@ class LogitCheckResponse(BaseModel):
     n_contexts: int
     direct: TokenEffects = Field(description="W_dec · diag(final-norm gain) · W_Uᵀ: the feature page's list")
     measured: TokenEffects = Field(description="mean change in log-probabilities through the model")
+    measured_probability: TokenEffects = Field(
+        description="mean change in probability: what the model says more (less) often"
+    )
     agreement: LogitAgreement
     job_id: str

@@ -53,5 +53,5 @@ def test_feature_page_measures_logit_effects_next_to_the_direct_path(page, dashb
     page.get_by_role("button", name="Measure through the model").click()
     page.wait_for_selector("#logits-agreement")
     assert "rank correlation" in page.inner_text("#logits-agreement")
-    assert page.locator("#logits-measured .chip").count() == 20
+    assert page.locator("#logits-measured .chip").count() == 40
     assert page.locator("#logits .logit-list li").count() == 20  # the direct path stays

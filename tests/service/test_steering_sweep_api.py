@@ -114,6 +114,7 @@ def test_measured_logit_effect_next_to_the_direct_path(client: httpx.Client, sae
     assert report["layer"] == LAYER and report["scale"] == pytest.approx(page["max_activation"])
     assert 0 < report["n_contexts"] <= 4
     assert len(report["direct"]["positive"]) == len(report["measured"]["negative"]) == 5
+    assert len(report["measured_probability"]["positive"]) == 5
     # the direct path is the feature page's list
     assert [t["token_id"] for t in report["direct"]["positive"]] == [
         t["token_id"] for t in page["logits"]["positive"][:5]

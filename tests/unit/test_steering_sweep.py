@@ -167,4 +167,8 @@ def test_measured_effect_of_a_token_unembedding_row_moves_that_token_up(smollm) 
     assert int(direct_V.argmax()) == token
     report = logit_check.check_latent(smollm, "model.layers.29", row_D, 8.0, texts, k=10)
     assert report["measured"]["positive"][0]["token_id"] == token
+    effects = logit_check.measured_effects(smollm, "model.layers.29", 8.0 * row_D, texts)
+    assert torch.equal(effects["logprob"], measured_V)
+    assert float(effects["prob"][token]) > 0
+    assert abs(float(effects["prob"].sum())) < 1e-4  # both distributions sum to 1
     assert report["agreement"]["spearman"] > 0.5

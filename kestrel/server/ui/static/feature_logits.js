@@ -30,7 +30,11 @@ export function wireMeasuredLogits(saeId, latent) {
         h("h3", {}, `Measured (mean change in log-probability, ${report.n_contexts} contexts, ×${num(report.scale, 3)})`),
         h("div", { class: "grid2" },
           h("div", {}, h("h4", {}, "Promotes"), tokens(report.measured.positive)),
-          h("div", {}, h("h4", {}, "Suppresses"), tokens(report.measured.negative))));
+          h("div", {}, h("h4", {}, "Suppresses"), tokens(report.measured.negative))),
+        h("h3", {}, "Said more (less) often: mean change in probability"),
+        h("div", { class: "grid2" },
+          h("div", {}, h("h4", {}, "More"), tokens(report.measured_probability.positive)),
+          h("div", {}, h("h4", {}, "Less"), tokens(report.measured_probability.negative))));
       status($("#measure-status"), "", "ok");
     } catch (error) {
       status($("#measure-status"), `Could not measure: ${error.message}`, "err");
