@@ -12,7 +12,8 @@ continuation (case-insensitive, whole words), and the mean change in their log-p
 (``log Σ_kw p(kw's first token)``, over each surface form: with and without a leading space,
 capitalised or not) when the steered model reads the *unsteered* continuation, against the
 unsteered model reading it. The second does not depend on what greedy decoding happened to pick,
-so it shows an effect before the text changes.
+so it shows an effect before the text changes. It is measured for edits on ``all`` positions
+only (one teacher-forced pass cannot act as a prompt-only or generated-only edit does).
 
 **Sweep**: one latent edited (``add``, or ``clamp``) at several strengths, in multiples of its
 max activation by default, all positions; each strength's continuations with their perplexity,
@@ -156,9 +157,11 @@ def compare_runs(
     keyword_ids = keyword_token_ids(lm.tokenizer, keywords) if keywords else []
     clean_default = score_continuations(lm, prompts, default_ids, keyword_ids=keyword_ids)
     clean_steered = score_continuations(lm, prompts, steered_ids)
+    # One teacher-forced pass is the prompt pass (call 0): it steers as generation does only for
+    # edits on all positions; for prompt- or generated-only edits the change is not measured.
     steered_on_default = (
         score_continuations(lm, prompts, default_ids, hooks=plan.hooks, keyword_ids=keyword_ids)
-        if keyword_ids
+        if keyword_ids and plan.config.positions == "all"
         else [{"keyword_logprob": None}] * len(prompts)
     )
     rows = []

@@ -87,7 +87,9 @@ class ContinuationEffect(BaseModel):
     default_keyword_hits: int | None = None
     steered_keyword_hits: int | None = None
     keyword_logprob_delta: float | None = Field(
-        None, description="mean change of the keywords' log-probability on the unsteered text (nats)"
+        None,
+        description="mean change of the keywords' log-probability on the unsteered text (nats); "
+        "None without keywords or for edits on prompt or generated positions only",
     )
     changed_fraction: float = Field(
         description="share of generated tokens that differ from the unsteered text"

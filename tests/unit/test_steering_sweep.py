@@ -172,3 +172,14 @@ def test_measured_effect_of_a_token_unembedding_row_moves_that_token_up(smollm) 
     assert float(effects["prob"][token]) > 0
     assert abs(float(effects["prob"].sum())) < 1e-4  # both distributions sum to 1
     assert report["agreement"]["spearman"] > 0.5
+
+
+def test_keyword_logprob_change_is_not_claimed_for_generated_only_edits(tiny_lm) -> None:
+    sae = make_sae(32)
+    edits = [{"latent": 3, "op": "clamp", "value": 80.0}]
+    config = SteeringConfig(sae_id="s", edits=edits, positions="generated")
+    plan = steering.compile_plan(config, tiny_lm, load_sae=loader(sae))
+    result = steering.generate_side_by_side(tiny_lm, PROMPTS[:1], plan, max_new_tokens=4)
+    reported = steering_sweep.side_by_side_effects(tiny_lm, result, plan, ["cat"])
+    assert reported["effect"]["keyword_logprob_delta"] is None
+    assert reported["effect"]["default_keyword_hits"] is not None
