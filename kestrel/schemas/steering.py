@@ -166,6 +166,17 @@ class LogitCheckRequest(StrictModel):
     k: int = Field(10, gt=0, le=50)
     model: str | None = None
 
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, texts: list[str] | None) -> list[str] | None:
+        if texts is not None:
+            if not texts:
+                raise ValueError("give at least one text, or leave texts out for the top contexts")
+            for i, text in enumerate(texts):
+                if not text.strip() or len(text) > 4000:
+                    raise ValueError(f"texts[{i}] must be non-blank text of at most 4000 characters")
+        return texts
+
 
 class TokenValue(BaseModel):
     token: str

@@ -124,6 +124,8 @@ def test_measured_logit_effect_next_to_the_direct_path(client: httpx.Client, sae
     assert texts["n_contexts"] == 2 and texts["scale"] == 2.0
     assert_error(client.post(f"/v1/saes/{sae_id}/features/64/logits/measured", json={}), 422)
     assert_error(client.post(path, json={"k": 500}), 422)
+    assert "texts[1]" in assert_error(client.post(path, json={"texts": ["ok", " "]}), 422)["message"]
+    assert_error(client.post(path, json={"texts": []}), 422)
     assert_error(client.post("/v1/saes/sae-nope/features/1/logits/measured", json={}), 404)
 
 
