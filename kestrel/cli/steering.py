@@ -24,6 +24,9 @@ from kestrel.core.catalog import DEFAULT_MODEL
 cli = typer.Typer()
 steering_app = typer.Typer(help="Saved steering configs.", no_args_is_help=True)
 cli.add_typer(steering_app, name="steering")
+# `kestrel steer -p ...` generates side by side; `kestrel steer sweep ...` sweeps strengths.
+steer_app = typer.Typer(invoke_without_command=True)
+cli.add_typer(steer_app, name="steer")
 
 
 def _parse_edit(value: str, index: int) -> dict[str, Any]:
@@ -60,10 +63,11 @@ def _parse_direction(value: str, index: int) -> dict[str, Any]:
         ) from None
 
 
-@cli.command()
+@steer_app.callback()
 @friendly_errors
 def steer(
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt (repeatable)")],
+    ctx: typer.Context,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="a prompt (repeatable)")] = None,
     sae: Annotated[str | None, typer.Option("--sae", help="the SAE whose latents --edit names")] = None,
     edit: Annotated[
         list[str] | None,
@@ -93,12 +97,16 @@ def steer(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate default and steered continuations side by side."""
+    """Generate default and steered continuations side by side (``steer sweep``: over strengths)."""
     from kestrel.core import steering
     from kestrel.core.concepts import read_dictionary
     from kestrel.core.errors import InvalidInputError
     from kestrel.core.models import load_model
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if not prompt:
+        raise InvalidInputError("give at least one --prompt")
     the_store = open_store(store)
     if config_id is not None:
         if sae or edit or direction:
@@ -152,6 +160,102 @@ def steer(
             console.print(f"    {escape(repr(token['token']))}: {escape(latents)}")
     if save:
         console.print(f"saved steering config {result['config_id']}")
+
+
+@steer_app.command("sweep")
+@friendly_errors
+def steer_sweep(
+    sae: Annotated[str, typer.Option("--sae", help="the SAE of the latent")],
+    latent: Annotated[int, typer.Option("--latent", "-l", help="the latent to steer with")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt (repeatable)")],
+    strength: Annotated[
+        list[float] | None,
+        typer.Option("--strength", "-s", help="a strength (repeatable) [default: 0 0.5 1 2 4 8]"),
+    ] = None,
+    keyword: Annotated[
+        list[str] | None,
+        typer.Option("--keyword", "-k", help="a topic word to report on (repeatable)"),
+    ] = None,
+    op: Annotated[str, typer.Option(help="add (to the latent) or clamp (it at the strength)")] = "add",
+    absolute: Annotated[bool, typer.Option(help="strengths in activation units, not × max")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per strength")] = 24,
+    fluency_ratio: Annotated[float, typer.Option(help="fluent: perplexity ≤ this × unsteered")] = 2.0,
+    seed: Annotated[int, typer.Option(help="generation seed")] = 0,
+    model: SaeModelOpt = None,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continuations at several strengths of one latent, with perplexity under the unsteered model,
+    the keywords' effect, the fluent window and whether the latent steers within it."""
+    from pydantic import ValidationError
+
+    from kestrel.core import steering
+    from kestrel.core.config import invalid_config
+    from kestrel.core.steering_sweep import sweep_latent
+    from kestrel.schemas import SteeringSweepRequest
+    from kestrel.schemas.steering import DEFAULT_STRENGTHS
+
+    try:
+        request = SteeringSweepRequest(
+            sae_id=sae,
+            latent=latent,
+            op=op,  # type: ignore[arg-type]
+            unit="absolute" if absolute else "max_activation",
+            strengths=strength or list(DEFAULT_STRENGTHS),
+            prompts=prompt,
+            keywords=keyword or [],
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            fluency_ratio=fluency_ratio,
+        ).check_size()
+    except ValidationError as error:
+        raise invalid_config(error, "sweep") from None
+    the_store = open_store(store)
+    steering.check_config(
+        the_store, steering.SteeringConfig(sae_id=sae, edits=[{"latent": latent, "op": op, "value": 1.0}])
+    )
+    lm = sae_model(the_store, sae, model, device)
+    result = sweep_latent(
+        the_store, lm, request, lambda config: steering.plan_from_store(the_store, lm, config)
+    )
+    if as_json:
+        return print_json(result)
+    print_sweep(result)
+
+
+def print_sweep(result: dict[str, Any]) -> None:
+    """The sweep as a table (first prompt's text per strength) and its verdict."""
+    from rich.markup import escape
+
+    def num(value: float | None, fmt: str = ".2f") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    base = result["baseline"]
+    hits = "-" if base["keyword_hits"] is None else str(base["keyword_hits"])
+    rows = [
+        ["unsteered", "-", num(base["perplexity"]), "1.00", "yes", hits, "-", "-", base["items"][0]["text"]]
+    ]
+    for p in result["points"]:
+        rows.append(
+            [
+                f"{p['strength']:g}",
+                num(p["absolute_value"], ".3g"),
+                num(p["steered_perplexity"]),
+                num(p["perplexity_ratio"]),
+                "yes" if p["fluent"] else "no",
+                "-" if p["steered_keyword_hits"] is None else str(p["steered_keyword_hits"]),
+                num(p["keyword_logprob_delta"], "+.2f"),
+                f"{p['changed_fraction']:.0%}",
+                p["items"][0]["text"],
+            ]
+        )
+    print_table(
+        ["strength", "value", "ppl", "ratio", "fluent", "hits", "Δlogp", "changed", "text (first prompt)"],
+        rows,
+        keep=("strength",),
+    )
+    console.print(escape(result["verdict"]))
 
 
 @steering_app.command("list")

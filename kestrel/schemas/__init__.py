@@ -100,3 +100,16 @@ from kestrel.schemas.saes import TokenLatents as TokenLatents
 from kestrel.schemas.saes import TrainingPoint as TrainingPoint
 from kestrel.schemas.saes import TrainRequest as TrainRequest
 from kestrel.schemas.saes import _fields_of as _fields_of
+from kestrel.schemas.steering import ContinuationEffect as ContinuationEffect
+from kestrel.schemas.steering import LogitAgreement as LogitAgreement
+from kestrel.schemas.steering import LogitCheckRequest as LogitCheckRequest
+from kestrel.schemas.steering import LogitCheckResponse as LogitCheckResponse
+from kestrel.schemas.steering import ResolvedEdit as ResolvedEdit
+from kestrel.schemas.steering import SteeringEffect as SteeringEffect
+from kestrel.schemas.steering import SteeringSweepRequest as SteeringSweepRequest
+from kestrel.schemas.steering import SteeringSweepResponse as SteeringSweepResponse
+from kestrel.schemas.steering import SweepBaseline as SweepBaseline
+from kestrel.schemas.steering import SweepPoint as SweepPoint
+from kestrel.schemas.steering import SweepText as SweepText
+from kestrel.schemas.steering import TokenEffects as TokenEffects
+from kestrel.schemas.steering import TokenValue as TokenValue

@@ -13,6 +13,7 @@ from kestrel.core.config import StrictModel
 from kestrel.core.steering_config import SteeringConfig
 from kestrel.schemas.common import Page
 from kestrel.schemas.runs import CaptureDataset
+from kestrel.schemas.steering import ContinuationEffect, ResolvedEdit, SteeringEffect
 
 # ---------------------------------------------------------------------------------------------
 # Features, concepts and steering
@@ -207,6 +208,11 @@ class GenerateRequest(StrictModel):
     seed: int | None = Field(0, ge=0, le=2**32 - 1, description="the same seed for both runs")
     top_latents: int = Field(0, ge=0, description="SAE latents reported per generated token")
     compare: bool = Field(True, description="with steering: also generate without it, side by side")
+    keywords: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="with steering and compare: words whose effect to report",
+    )
 
 
 class GeneratedToken(BaseModel):
@@ -225,6 +231,9 @@ class GenerationPair(BaseModel):
     prompt: str
     default: GeneratedText | None = Field(None, description="without steering (unless compare is false)")
     steered: GeneratedText | None = Field(None, description="with the steering config, if one was given")
+    effect: ContinuationEffect | None = Field(
+        None, description="fluency and keyword effect (steering, compare)"
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -235,4 +244,8 @@ class GenerateResponse(BaseModel):
     warnings: list[str] = Field(
         default_factory=list, description="the steering config's warnings (see steering preview)"
     )
+    edits: list[ResolvedEdit] = Field(
+        default_factory=list, description="latent edits as given and as applied"
+    )
+    effect: SteeringEffect | None = Field(None, description="pooled over the prompts (steering, compare)")
     job_id: str

@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (models, activations, saes, exports, features, concepts, steering, analyses, jobs, uploads)
     for module in routers:
         app.include_router(module.router, prefix="/v1", dependencies=protected)
+    app.include_router(steering.features_router, prefix="/v1", dependencies=protected)
     app.include_router(ui_router)  # the dashboard: data-free pages, a client of /v1 like any other
     # Middleware, innermost first: body limits, then the API key (checked before any body is
     # read), the JSON newline (401s and 413s end with one too), metrics (which count the 401s),

@@ -310,6 +310,7 @@ def prepare_generate(name: str, request: GenerateRequest, settings: Settings, st
         options.update(top_latents=request.top_latents, compare=request.compare)
     return {
         "model": name,
+        **({"keywords": request.keywords} if config is not None and request.keywords else {}),
         "prompts": request.prompts,
         "options": options,
         "steering_config": config.model_dump(mode="json") if config is not None else None,

@@ -456,11 +456,14 @@ def generate_job(
     options: dict[str, Any],
     steering_config: dict[str, Any] | None = None,
     steering_id: str | None = None,
+    keywords: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Default and steered continuations side by side (or only the default without a config)."""
+    """Default and steered continuations side by side (or only the default without a config);
+    with both, the steered text's fluency and keyword effect (`steering_sweep`)."""
     from kestrel.core import steering
     from kestrel.core.concepts import read_dictionary
     from kestrel.core.models import generate
+    from kestrel.core.steering_sweep import side_by_side_effects
 
     lm = ctx.models.get(model)
     if steering_config is None:
@@ -474,8 +477,13 @@ def generate_job(
     plan = _steering_plan(ctx, cfg, lm)
     names = {i: c.name for i, c in read_dictionary(ctx.store, cfg.sae_id).items()} if cfg.sae_id else {}
     result = steering.generate_side_by_side(lm, prompts, plan, names=names, **options)
+    result = side_by_side_effects(lm, result, plan, keywords or [])
     warnings = steering.edit_warnings(ctx.store, cfg)
-    return {"model": model, "steering_id": steering_id, **result, "warnings": warnings}
+    edits = [
+        {**given.model_dump(), "absolute_value": applied.value}
+        for given, applied in zip(cfg.edits, plan.config.edits, strict=True)
+    ]
+    return {"model": model, "steering_id": steering_id, **result, "warnings": warnings, "edits": edits}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ JOBS_MODULE = "kestrel.workers.jobs"
 STREAM_JOBS_MODULE = "kestrel.workers.stream_jobs"
 EXPORT_JOBS_MODULE = "kestrel.workers.export_jobs"
 LEDGER_JOBS_MODULE = "kestrel.workers.ledger_jobs"
+STEERING_JOBS_MODULE = "kestrel.workers.steering_jobs"
 #: Every module holding job functions (the worker imports them by path).
-JOB_MODULES = (JOBS_MODULE, STREAM_JOBS_MODULE, EXPORT_JOBS_MODULE, LEDGER_JOBS_MODULE)
+JOB_MODULES = (JOBS_MODULE, STREAM_JOBS_MODULE, EXPORT_JOBS_MODULE, LEDGER_JOBS_MODULE, STEERING_JOBS_MODULE)
 
 LOAD_MODEL = f"{JOBS_MODULE}.load_model_job"
 LAYERS = f"{JOBS_MODULE}.layers_job"
@@ -29,6 +30,8 @@ ANALYSIS = f"{JOBS_MODULE}.analysis_job"
 TRAIN_STREAM = f"{STREAM_JOBS_MODULE}.train_stream_job"
 NEURONPEDIA_EXPORT = f"{EXPORT_JOBS_MODULE}.neuronpedia_job"
 LEDGER = f"{LEDGER_JOBS_MODULE}.ledger_job"
+STEERING_SWEEP = f"{STEERING_JOBS_MODULE}.steering_sweep_job"
+LOGIT_CHECK = f"{STEERING_JOBS_MODULE}.logit_check_job"
 
 ALL = (
     LOAD_MODEL,
@@ -45,4 +48,6 @@ ALL = (
     TRAIN_STREAM,
     NEURONPEDIA_EXPORT,
     LEDGER,
+    STEERING_SWEEP,
+    LOGIT_CHECK,
 )

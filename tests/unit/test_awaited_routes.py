@@ -12,6 +12,8 @@ AWAITED = [
     ("post", "/v1/models/{name}/load"),
     ("post", "/v1/models/{name}/generate"),
     ("post", "/v1/steering/preview"),
+    ("post", "/v1/steering/sweep"),
+    ("post", "/v1/saes/{sae_id}/features/{latent}/logits/measured"),
 ]
 
 

@@ -125,3 +125,25 @@ def test_saes_neuronpedia_writes_the_bulk_import_zip(sae_store, tmp_path) -> Non
     assert any(n.endswith("/2-res-64/features/batch-0.jsonl.gz") for n in names), names
     again = invoke(*args, "1", "--device", "cpu", *store)
     assert again.exit_code == 2 and "--force" in again.output  # never overwrites without --force
+
+
+def test_steer_sweep_table_json_and_bounds(sae_store) -> None:
+    store = ("--store", str(sae_store))
+    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "1", *store, "--json"))
+    alive = listing["items"][0]["latent"]
+    args = ("steer", "sweep", "--sae", "cli-sae", "-l", str(alive), "-p", "The weather today",
+            "-s", "0", "-s", "4", "-k", "weather", "--max-new-tokens", "4",
+            "--device", "cpu", *store)  # fmt: skip
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    out = json_out(result)
+    zero, strong = out["points"]
+    assert zero["items"][0]["token_ids"] == out["baseline"]["items"][0]["token_ids"]
+    assert strong["absolute_value"] == pytest.approx(4 * out["max_activation"])
+    assert out["verdict"] and out["keywords"] == ["weather"]
+    table = invoke(*args)
+    assert table.exit_code == 0 and "unsteered" in table.stdout and out["verdict"][:20] in table.stdout
+    many = [a for s in range(13) for a in ("-s", str(s))]
+    bad = invoke("steer", "sweep", "--sae", "cli-sae", "-l", str(alive), "-p", "x", *many, *store)
+    assert bad.exit_code == 2 and "strengths" in bad.output
+    assert invoke("steer", *store).exit_code == 2  # no prompt and no subcommand

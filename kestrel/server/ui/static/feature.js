@@ -5,6 +5,7 @@ import { api, apiOrNull } from "./api.js";
 import { $, fill, h, num, percent, showToken } from "./dom.js";
 import { barPlot, occupied } from "./plot.js";
 import { start, status } from "./shell.js";
+import { wireMeasuredLogits } from "./feature_logits.js";
 
 const saeId = document.body.dataset.saeId;
 const latent = Number(document.body.dataset.latent);
@@ -144,6 +145,7 @@ start(async () => {
   fill($("#contexts"), contextList(feature.top_contexts, known, feature.max_activation));
   renderHistogram(feature.histogram);
   renderLogits(feature.logits);
+  wireMeasuredLogits(saeId, latent);
   fill($("#top-tokens"), h("ul", { class: "chips" }, feature.top_tokens.map((t) => h("li", { class: "chip" }, showToken(t.token), h("span", { class: "count" }, `×${t.count}`)))));
   renderBins(feature.bins, known, feature.max_activation);
 });

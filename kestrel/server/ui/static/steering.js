@@ -2,7 +2,7 @@
 // steered generations side by side (one generate call, same seed), configs saved and loaded by id.
 
 import { api, apiOrNull, awaited, base } from "./api.js";
-import { $, debounce, fill, h, num, showToken } from "./dom.js";
+import { $, debounce, fill, h, num, percent, showToken, table } from "./dom.js";
 import { start, status } from "./shell.js";
 
 const OPS = {
@@ -113,13 +113,29 @@ function showWarnings(warnings) {
   list.hidden = warnings.length === 0;
 }
 
+const keywords = () => $("#keywords").value.split(",").map((w) => w.trim()).filter(Boolean);
+
+/** Fluency (perplexity under the unsteered model) and keyword effect of the steered text. */
+function showEffect(effect) {
+  if (!effect) {
+    fill($("#gen-effect"));
+    return;
+  }
+  const parts = [`Perplexity under the unsteered model: default ${num(effect.default_perplexity)}, steered ${num(effect.steered_perplexity)} (${num(effect.perplexity_ratio, 2)}× ${effect.perplexity_ratio > 2 ? "— no longer fluent" : "— fluent"})`];
+  if (effect.steered_keyword_hits !== null) parts.push(`keywords: ${effect.default_keyword_hits} → ${effect.steered_keyword_hits} hits, log-prob ${effect.keyword_logprob_delta >= 0 ? "+" : ""}${num(effect.keyword_logprob_delta, 2)} nats`);
+  status($("#gen-effect"), `${parts.join("; ")}.`, effect.perplexity_ratio > 2 ? "err" : "ok");
+}
+
 async function generate() {
   const sae = currentSae();
   const prompt = $("#prompt").value;
   if (!sae || !prompt.trim()) return;
   const mine = ++generation;
   const body = { prompts: [prompt], max_new_tokens: Number($("#max-tokens").value) || 20 };
-  if (picked.size) body.steering = { sae_id: sae.id, edits: edits() };
+  if (picked.size) {
+    body.steering = { sae_id: sae.id, edits: edits() };
+    if (keywords().length) body.keywords = keywords();
+  }
   status($("#gen-status"), "Generating…");
   document.querySelectorAll(".gen").forEach((el) => el.classList.add("busy"));
   try {
@@ -135,10 +151,12 @@ async function generate() {
     const seconds = Object.entries(answer.seconds).map(([k, v]) => `${k} ${num(v, 2)} s`).join(", ");
     status($("#gen-status"), `Generated with ${answer.model} (${seconds}).`, "ok");
     showWarnings(answer.warnings ?? []);
+    showEffect(answer.effect);
   } catch (error) {
     if (mine === generation) {
       status($("#gen-status"), `Could not generate: ${error.message}`, "err");
       showWarnings([]);
+      showEffect(null);
     }
   } finally {
     if (mine === generation) document.querySelectorAll(".gen").forEach((el) => el.classList.remove("busy"));
@@ -146,6 +164,59 @@ async function generate() {
 }
 
 const regenerate = debounce(generate, 250);
+
+// ---------------------------------------------------------------------------------------------
+// Sweep: one latent at several strengths, side by side
+
+const SWEEP_COLUMNS = [
+  { label: "Strength", value: (p) => p.strength === null ? "unsteered" : `${num(p.strength)}×`, num: true },
+  { label: "Value", value: (p) => num(p.absolute_value), num: true },
+  { label: "Perplexity", value: (p) => num(p.steered_perplexity), num: true },
+  { label: "× unsteered", value: (p) => num(p.perplexity_ratio, 2), num: true },
+  { label: "Fluent", value: (p) => (p.fluent ? "yes" : "no") },
+  { label: "Keyword hits", value: (p) => num(p.steered_keyword_hits), num: true },
+  { label: "Δ keyword log-p", value: (p) => num(p.keyword_logprob_delta, 2), num: true },
+  { label: "Changed", value: (p) => percent(p.changed_fraction) },
+  { label: "Continuation", value: (p) => h("span", { class: p.effect ? "cont effect" : "cont" }, p.items[0].text) },
+];
+
+function showSweep(answer) {
+  const base = answer.baseline;
+  const unsteered = {
+    strength: null, absolute_value: null, steered_perplexity: base.perplexity, perplexity_ratio: 1, fluent: true,
+    steered_keyword_hits: base.keyword_hits, keyword_logprob_delta: null, changed_fraction: 0, effect: false, items: base.items,
+  };
+  const verdict = $("#sweep-verdict");
+  verdict.hidden = false;
+  verdict.className = `verdict ${answer.steers ? "ok" : "err"}`;
+  verdict.textContent = `Latent ${answer.latent}${answer.name ? ` (${answer.name})` : ""}: ${answer.verdict}.`;
+  fill($("#sweep-table"), table(SWEEP_COLUMNS, [unsteered, ...answer.points], { caption: "Continuations by strength" }));
+}
+
+async function sweep() {
+  const sae = currentSae();
+  const prompt = $("#prompt").value;
+  const latentText = $("#sweep-latent").value || String([...picked.keys()][0] ?? "");
+  if (!sae || !prompt.trim() || latentText === "") {
+    status($("#sweep-status"), "Give a prompt and a latent (or add a slider) to sweep.", "err");
+    return;
+  }
+  const strengths = $("#sweep-strengths").value.split(",").map((s) => s.trim()).filter(Boolean).map(Number);
+  const body = {
+    sae_id: sae.id, latent: Number(latentText), op: $("#sweep-op").value, strengths, prompts: [prompt],
+    keywords: keywords(), max_new_tokens: Math.min(Number($("#max-tokens").value) || 20, 64),
+  };
+  status($("#sweep-status"), "Sweeping…");
+  try {
+    const answer = await awaited("/steering/sweep", { method: "POST", body }, (job) => {
+      status($("#sweep-status"), `Still sweeping (job ${job.id}: ${job.message || job.status})…`);
+    });
+    showSweep(answer);
+    status($("#sweep-status"), `Swept ${answer.points.length} strengths with ${answer.model}.`, "ok");
+  } catch (error) {
+    status($("#sweep-status"), `Could not sweep: ${error.message}`, "err");
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Saved configs
@@ -196,6 +267,10 @@ async function loadConfig(id) {
 
 function wire() {
   $("#generate").addEventListener("click", generate);
+  $("#sweep-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sweep();
+  });
   $("#sae").addEventListener("change", () => {
     picked.clear();
     renderSliders();

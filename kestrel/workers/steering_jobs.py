@@ -1,0 +1,71 @@
+"""Steering sweeps and measured logit effects (issue #14): interactive jobs, awaited by the API.
+Their own module because `kestrel.workers.jobs` is near the size limit.
+
+Faults: both only read (the model, the SAE, its discovery result) and write nothing, so a worker
+killed mid-sweep leaves nothing behind; the awaiting call sees the job fail (its waiter answers
+the job's error) or, past ``interactive_timeout_s``, a 202 with the job, which then reads failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kestrel.core.errors import InvalidInputError
+from kestrel.schemas import LogitCheckRequest, SteeringSweepRequest
+from kestrel.workers.context import JobContext, job_function
+from kestrel.workers.jobs import _steering_model, _steering_plan, sae_cache
+
+
+def _max_activation(ctx: JobContext, sae_id: str, latent: int) -> float | None:
+    from kestrel.core.steering_config import _latent_stats
+
+    stats = _latent_stats(ctx.store, sae_id, [latent])
+    return stats[latent]["max_activation"] if latent in stats else None
+
+
+@job_function("steering_sweep")
+def steering_sweep_job(ctx: JobContext, request: dict[str, Any]) -> dict[str, Any]:
+    """Continuations at each strength of ``request`` with fluency, keyword effect and a verdict."""
+    from kestrel.core import steering_sweep
+    from kestrel.core.steering_config import SteeringConfig
+
+    req = SteeringSweepRequest.model_validate(request)
+    lm = ctx.models.get(_steering_model(ctx, SteeringConfig(sae_id=req.sae_id), req.model))
+    ctx.log(f"sweeping latent {req.latent} of {req.sae_id} over {len(req.strengths)} strengths")
+    return steering_sweep.sweep_latent(
+        ctx.store,
+        lm,
+        req,
+        lambda config: _steering_plan(ctx, config, lm),
+        on_step=lambda i, n: ctx.update(progress=i / n, message=f"strength {i + 1} of {n}"),
+    )
+
+
+@job_function("logit_check")
+def logit_check_job(ctx: JobContext, sae_id: str, latent: int, request: dict[str, Any]) -> dict[str, Any]:
+    """The latent's direct-path logit effect next to the measured one, and their agreement."""
+    from kestrel.core import logit_check
+    from kestrel.core.sae.artifacts import get_sae
+    from kestrel.core.steering_config import _check_latent, check_steered_model
+    from kestrel.workers.jobs import _sae_model_name
+
+    req = LogitCheckRequest.model_validate(request)
+    summary = get_sae(ctx.store, sae_id)
+    _check_latent("latent", latent, summary.n_latents, sae_id)
+    model = _sae_model_name(ctx, summary)
+    check_steered_model(sae_id, model, req.model)
+    scale = req.scale or _max_activation(ctx, sae_id, latent)
+    if not scale:
+        raise InvalidInputError(
+            f"latent {latent} of sae {sae_id!r} has no observed max activation (no discovery result, or "
+            "it never fired): run discovery first, or give scale",
+            details={"latent": latent, "sae_id": sae_id},
+        )
+    texts = req.texts or logit_check.latent_contexts(ctx.store, sae_id, latent, req.n_contexts)
+    if not texts:
+        raise InvalidInputError(f"latent {latent} has no top contexts to measure on: give texts")
+    lm = ctx.models.get(model)
+    sae, _ = sae_cache.get(ctx, sae_id)
+    layer = summary.layer_name or summary.layer
+    report = logit_check.check_latent(lm, layer, sae.W_dec.detach()[latent], scale, texts, k=req.k)
+    return {"model": lm.name, "sae_id": sae_id, "latent": latent, **report}
