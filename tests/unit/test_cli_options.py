@@ -277,9 +277,10 @@ def parse_kestrel(argv: list[str]) -> None:
     ctx = typer.Context(command, info_name="kestrel")
     args = argv[1:]
     while hasattr(command, "commands"):  # a group: its own flags (--version), then a subcommand
-        while args and args[0].startswith("-"):
-            assert any(args[0] in param.opts for param in command.params), f"no option {args[0]} in {argv}"
-            args = args[1:]
+        while args and args[0].startswith("-"):  # a group's own options (``steer -p ...`` runs it)
+            param = next((p for p in command.params if args[0] in p.opts + p.secondary_opts), None)
+            assert param is not None, f"no option {args[0]} in {argv}"
+            args = args[1:] if getattr(param, "is_flag", False) else args[2:]
         if not args:
             return
         sub = command.get_command(ctx, args[0])
