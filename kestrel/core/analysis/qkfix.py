@@ -30,6 +30,7 @@ is used for the families whose attention is exactly that and whose attention inp
 ``input_layernorm`` (``SUPPORTED``); the caller checks that the clean metric it produces matches
 the model's own, and drops the fix (saying why) when it does not.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
