@@ -18,9 +18,9 @@ forward and one backward give every cell of every component kind at once:
 * ``latents``: each latent of an SAE on its layer, at every position, through the SAE with its
   reconstruction error kept: the decoder is linear, so ∂metric/∂f = W_dec · ∂metric/∂x.
 
-The AtP* fixes live next door: ``qkfix.py`` (the exact softmax for the query/key changes a
-residual patch makes in the next block's attention) and ``GradDrop`` here (gradients with each
-block's contribution dropped in turn, against cancellation between paths).
+The AtP* fixes: ``qkfix.py`` (the next block's attention under a residual patch computed exactly,
+softmax and values) and ``GradDrop`` here (gradients with each block's contribution dropped in
+turn, against cancellation between paths; a ranking score, one extra backward per block).
 
 Gradients come from zero tensors added to the activations by ordinary hook-manager controllers
 (``GradientTaps``): the forward values are bit-identical, the same mechanism serves forward

@@ -44,6 +44,7 @@ def output(config, lm, layers, clean_P, corrupt_P, grids, qk: dict[str, Any], ti
         ),
         "method": config.method,
         "spearman": agreement["resid"]["spearman"],
+        "mean_abs_error": agreement["resid"]["mean_abs_error"],
         "atp_seconds": round(timings["atp_s"], 3),
         "patching_seconds": round(timings["patching_s"], 3),
     }
@@ -176,8 +177,9 @@ def _report(config, source, key_numbers, grids, qk, agreement, timings) -> Repor
             ("fraction restored there", key_numbers["best_fraction_restored"]),
             *[
                 (
-                    f"Spearman, estimate vs patching ({kind}, {a['n_cells']} {a['over']} cells)",
-                    "–" if a["spearman"] is None else a["spearman"],
+                    f"estimate vs patching ({kind}, {a['n_cells']} {a['over']} cells): "
+                    "Spearman, mean |error|",
+                    "–" if a["n_cells"] == 0 else f"{_fmt(a['spearman'])}, {_fmt(a['mean_abs_error'])}",
                 )
                 for kind, a in agreement.items()
             ],
@@ -216,6 +218,10 @@ def _report(config, source, key_numbers, grids, qk, agreement, timings) -> Repor
             "agreement", "Estimated vs measured fraction restored, patched cells", _scatter(grids)
         )
     return report
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
 
 
 def _headers(kind: str) -> list[str]:

@@ -1,30 +1,34 @@
-"""AtP*'s QK fix for residual cells: the next block's attention softmax computed exactly.
+"""AtP*'s QK fix for residual cells: the next block's attention under the patch computed exactly.
 
 AtP's worst failure (Kramár et al. 2024, §3.1) is attention saturation: when a patch moves a
 query or key far, the softmax's gradient at the corrupted point says little about the change in
 the attention pattern (a logit that goes from −10 to +10 has ~0 gradient and a large effect). The
-fix computes the attention probabilities that the patch produces exactly, and uses the gradient
-only from the probabilities onward:
+paper computes the patched attention probabilities exactly and uses the gradient only from there
+on. Here the same idea is applied to the block right after a residual cell, one step further:
 
-    c*(n) = c_AtP(n) − Σ_head [∂m/∂q · Δq + ∂m/∂k · Δk]  +  Σ_head (A_patched − A_corrupt) · ∂m/∂A
+    c*(n) = c_AtP(n) − ∂m/∂r_attn · Δr  +  ∂m/∂z · (z_patched − z_corrupt)
 
-Patching a block's output at position t hands the next block exactly the clean run's input at t,
-so that block's query and key at t *are* the clean run's (the input norm acts per position and
-rotary embeddings depend only on t): row t of the patched attention logits is the clean query
-against the corrupted keys with key t clean, and column t of every later row is the corrupted
-query against the clean key. Both runs' queries and keys are recorded, so the patched pattern is
-exact and costs O(T²) per cell, no forward.
+where ``∂m/∂r_attn`` is the gradient reaching the block's input through its attention input norm
+only (a tap on that norm's input), i.e. the AtP estimate's own share for that path, and z the
+heads' outputs (the output projection's input). Patching a block's output at position t hands
+the next block exactly the clean run's input at t, so that block's query, key and value at t
+*are* the clean run's (the input norm acts per position, rotary embeddings depend only on t):
+the patched pattern (row t: the clean query against the corrupted keys with key t clean; column
+t of every later row: the corrupted query against the clean key) and the patched values give
+z_patched exactly, at O(T²) per cell and no forward. Including the values also catches the
+pattern × value cross term that a softmax-only fix would leave out.
 
 What is left linear: the patch's effect on the queries and keys of blocks after the next one
-(they see it only through intermediate layers, so their query/key change is not recorded in
-any run), and head or latent cells, whose patches write into the residual stream through a
-projection whose effect on downstream queries and keys is not in either run either.
+(they see it only through intermediate layers, so their change is not recorded in any run), the
+next block's MLP, and head or latent cells, whose patches write into the residual stream through
+a projection whose effect on downstream queries and keys is in neither run.
 
-Queries and keys are read with an attention function of Kestrel's own registered in
-transformers' ``AttentionInterface`` and selected for the two forwards only: the eager formula
-(scaled dot product, additive mask, float32 softmax) with the recording added. It is used for the
-families whose attention is exactly that (``SUPPORTED``); the caller checks that the clean metric
-it produces matches the model's own, and drops the fix (saying so) when it does not.
+Queries, keys and values are read with an attention function of Kestrel's own registered in
+transformers' ``AttentionInterface`` and selected for the two attribution forwards only: the
+eager formula (scaled dot product, additive mask, float32 softmax) with the recording added. It
+is used for the families whose attention is exactly that and whose attention input norm is
+``input_layernorm`` (``SUPPORTED``); the caller checks that the clean metric it produces matches
+the model's own, and drops the fix (saying why) when it does not.
 """
 
 from __future__ import annotations
