@@ -48,6 +48,8 @@ class Examples:
 
     tokens_NC: Tensor
     acts_NC: Tensor
+    index_N: Tensor
+    """Which blocks of the rows read they are (so splits can be shown disjoint)."""
     quantile: list[int] = field(default_factory=list)
     """Test/calibration examples: the quantile each came from (0: the top); else empty."""
 
@@ -194,10 +196,11 @@ def split_quantiles(
 ) -> tuple[list[int], list[int]]:
     """delphi's ``split_quantiles`` over indices ``0..n_examples-1`` (sorted, top first): equal
     slices, ``n_samples // n_quantiles`` drawn at random from each (all of a smaller slice).
-    Returns the chosen indices and the quantile of each."""
+    Returns the chosen indices and the quantile of each. Unlike delphi, fewer examples than
+    quantiles make one quantile per example (delphi's slices would all be empty)."""
     n_quantiles = max(1, min(n_quantiles, n_examples))
     size = n_examples // n_quantiles
-    per = max(1, n_samples // n_quantiles)
+    per = n_samples // n_quantiles
     chosen: list[int] = []
     quantiles: list[int] = []
     for q in range(n_quantiles):
@@ -220,12 +223,14 @@ def latent_examples(blocks: Blocks, slot: int, config: ScoringConfig) -> LatentE
     activating = activating[torch.argsort(max_B[activating], descending=True, stable=True)]
     train_idx = activating[: config.n_train]
     rest = activating[config.n_train :]
-    test_pos, test_q = split_quantiles(len(rest), config.n_quantiles, config.n_test, generator)
+    # at most one quantile per test example (delphi's split would draw none from each)
+    n_quantiles = min(config.n_quantiles, config.n_test)
+    test_pos, test_q = split_quantiles(len(rest), n_quantiles, config.n_test, generator)
     left = torch.ones(len(rest), dtype=torch.bool)
     left[test_pos] = False
     remaining = rest[left]
     calib_pos, calib_q = split_quantiles(
-        len(remaining), min(config.n_quantiles, config.n_calibration), config.n_calibration, generator
+        len(remaining), min(n_quantiles, config.n_calibration), config.n_calibration, generator
     )
     silent = torch.nonzero(max_B == 0).flatten()
     silent = silent[torch.randperm(len(silent), generator=generator)]
@@ -235,7 +240,7 @@ def latent_examples(blocks: Blocks, slot: int, config: ScoringConfig) -> LatentE
     calib_non = silent[config.n_contrast + n_non : config.n_contrast + n_non + n_cal]
 
     def take(index: Tensor, quantile: list[int] | None = None) -> Examples:
-        return Examples(blocks.tokens_BC[index], acts_BC[index], quantile or [])
+        return Examples(blocks.tokens_BC[index], acts_BC[index], index, quantile or [])
 
     return LatentExamples(
         latent=latent,

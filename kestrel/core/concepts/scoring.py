@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -117,16 +118,18 @@ class Scorer:
                 if len(label) > 1:
                     given_BL = torch.tensor(list(label[:-1]), device=device).expand(len(chunk), -1)
                     target_BL = torch.tensor(list(label[1:]), device=device).expand(len(chunk), -1)
-                    step = body(
-                        input_ids=given_BL,
-                        attention_mask=torch.cat([mask_BT, torch.ones_like(given_BL)], dim=1),
-                        position_ids=lengths_B1 + torch.arange(len(label) - 1, device=device),
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
+                    with warnings.catch_warnings():  # transformers 5 renames past_key_values
+                        warnings.filterwarnings("ignore", ".*past_key_values.*", FutureWarning)
+                        step = body(
+                            input_ids=given_BL,
+                            attention_mask=torch.cat([mask_BT, torch.ones_like(given_BL)], dim=1),
+                            position_ids=lengths_B1 + torch.arange(len(label) - 1, device=device),
+                            past_key_values=cache,
+                            use_cache=True,
+                        )
                     logp_BLV = head(step.last_hidden_state).float().log_softmax(-1)
                     logp_B = logp_B + logp_BLV.gather(2, target_BL[..., None])[..., 0].sum(dim=1)
-                    cache.crop(width)
+                    cache.crop(-(len(label) - 1))  # back to the context (negative: 4.x and 5.x)
                 out_LN[j, start : start + len(chunk)] = logp_B.cpu()
         return out_LN, (torch.cat(pooled) if pooled else None)
 
