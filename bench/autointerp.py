@@ -44,11 +44,12 @@ from kestrel.core.store import LocalStore
 
 LAYER = "model.layers.15"
 RUN_ID = "bench-autointerp-l15"
-SAE_ID = "bench-autointerp-sae"
 MAX_LENGTH = 256
 
 
-def ensure_features(store: LocalStore, lm, n_docs: int, n_latents: int, k: int) -> dict:
+def ensure_features(
+    store: LocalStore, lm, sae_id: str, n_docs: int, n_latents: int, k: int, epochs: int
+) -> dict:
     """Capture, train and discover once (kept in the bench store between runs); their timings."""
     timings = {}
     if not store.exists("activations", RUN_ID):
@@ -56,16 +57,18 @@ def ensure_features(store: LocalStore, lm, n_docs: int, n_latents: int, k: int) 
         texts = docstring_corpus(max_docs=n_docs)
         capture(lm, texts, [LAYER], store, run_id=RUN_ID, options=CaptureOptions(max_length=MAX_LENGTH))
         timings["capture_s"] = round(time.perf_counter() - started, 1)
-    if not store.exists("saes", SAE_ID):
+    if not store.exists("saes", sae_id):
         started = time.perf_counter()
         sae = {"architecture": "topk", "n_latents": n_latents, "k": k}
-        artifacts.train_from_run(store, RUN_ID, LAYER, sae, {"batch_size": 4096, "epochs": 4}, sae_id=SAE_ID)
+        artifacts.train_from_run(
+            store, RUN_ID, LAYER, sae, {"batch_size": 2048, "epochs": epochs}, sae_id=sae_id
+        )
         timings["train_s"] = round(time.perf_counter() - started, 1)
     try:
-        FeatureReader(store, SAE_ID)
+        FeatureReader(store, sae_id)
     except Exception:
         started = time.perf_counter()
-        discover(store, SAE_ID, lm, config=DiscoveryConfig(max_length=MAX_LENGTH))
+        discover(store, sae_id, lm, config=DiscoveryConfig(max_length=MAX_LENGTH))
         timings["discover_s"] = round(time.perf_counter() - started, 1)
     return timings
 
@@ -89,8 +92,9 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=600, help="documents (docstring paragraphs)")
     parser.add_argument("--latents", type=int, default=100, help="latents to label and score")
     parser.add_argument("--labels", choices=("model", "heuristic"), default="model")
-    parser.add_argument("--n-latents", type=int, default=4608)
+    parser.add_argument("--n-latents", type=int, default=1152)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--dtype", default="fp32", help="the scorer's and labeller's dtype")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled control")
@@ -99,13 +103,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = LocalStore(args.store)
     lm = load_model("smollm2-135m", device="cpu", dtype=args.dtype, store_root=default_store_root())
-    timings = ensure_features(store, lm, args.docs, args.n_latents, args.k)
+    sae_id = f"bench-autointerp-{args.n_latents}-k{args.k}-e{args.epochs}"
+    timings = ensure_features(store, lm, sae_id, args.docs, args.n_latents, args.k, args.epochs)
     config = ScoringConfig()
 
     started = time.perf_counter()
-    alive = torch.nonzero(FeatureReader(store, SAE_ID).full("fire_count")["fire_count"] > 0).flatten()
+    alive = torch.nonzero(FeatureReader(store, sae_id).full("fire_count")["fire_count"] > 0).flatten()
     candidates = alive[: 3 * args.latents].tolist()
-    blocks = examples.read_blocks(store, SAE_ID, candidates, config)
+    blocks = examples.read_blocks(store, sae_id, candidates, config)
     items = [examples.latent_examples(blocks, i, config) for i in range(len(candidates))]
     chosen = [item for item in items if item.scorable][: args.latents]
     timings["examples_s"] = round(time.perf_counter() - started, 1)
@@ -114,8 +119,8 @@ def main() -> None:
     if args.labels == "model":
         concepts = labels.model_labels_from_examples(lm, chosen)
     else:
-        concepts = labels.heuristic_labels(FeatureReader(store, SAE_ID), [item.latent for item in chosen])
-    update_concepts(store, SAE_ID, concepts, replace=True)
+        concepts = labels.heuristic_labels(FeatureReader(store, sae_id), [item.latent for item in chosen])
+    update_concepts(store, sae_id, concepts, replace=True)
     named = {c.latent: c.name for c in concepts}
     timings["labelling_s"] = round(time.perf_counter() - started, 1)
 
@@ -126,7 +131,7 @@ def main() -> None:
     key = scoring.scoring_key(lm.name, config, blocks.run_id)
     scorer = scoring.Scorer(lm, config)
     results = scoring.score_latents(scorer, chosen, named, key=key, controls=controls)
-    set_scores(store, SAE_ID, [r[0] for r in results.values()], list(results))
+    set_scores(store, sae_id, [r[0] for r in results.values()], list(results))
     timings["scoring_s"] = round(time.perf_counter() - started, 1)
 
     scores = [r[0] for r in results.values()]
@@ -137,7 +142,7 @@ def main() -> None:
         "torch": torch.__version__,
         "layer": LAYER,
         "sae": {
-            "id": SAE_ID,
+            "id": sae_id,
             "n_latents": args.n_latents,
             "k": args.k,
             "run_tokens": int(blocks.tokens_BC.numel()),

@@ -314,16 +314,13 @@ def label_prompt(active: Sequence[str], silent: Sequence[str] = ()) -> str:
     """The question put to the labeller: numbered snippets with the firing tokens in [[ ]], and
     (when there are some) snippets where the latent is silent, to contrast them with."""
     lines = "\n".join(f"{i + 1}. {text}" for i, text in enumerate(active))
-    question = (
-        "Here are text snippets where one feature is active; the words where it is most active "
-        f"are marked like [[this]].\n{lines}\n"
-    )
+    question = f"Group A snippets, with words marked [[like this]]:\n{lines}\n"
     if silent:
         others = "\n".join(f"- {text}" for text in silent)
-        question += f"The feature is not active in these snippets:\n{others}\n"
-        ask = "What do the marked words and their snippets have in common that the others lack?"
+        question += f"Group B snippets:\n{others}\n"
+        ask = "What do the marked words of group A have in common, unlike group B?"
     else:
-        ask = "What do these snippets and marked words have in common?"
+        ask = "What do the marked words have in common?"
     return f"{question}{ask} Answer with a short name of one to three words."
 
 
@@ -428,10 +425,9 @@ def _ask(
             cut_off = len(generation.token_ids) >= MODEL_NEW_TOKENS
             name = clean_model_answer(generation.text, cut_off=cut_off)
             note = ""
-            if fallback and (name == "?" or copies_one_snippet(name, active)):
-                note = f"; the model's answer {name!r} " + (
-                    "was empty" if name == "?" else "only copies one snippet"
-                )
+            problem = answer_problem(name, active)
+            if fallback and problem:
+                note = f"; the model's answer {name!r} {problem}, so its peak word is used"
                 name = fallback
             description = f"named by {lm.name} {described}{note}"
             out.append(Concept(latent=latent, name=name, description=description, source="model"))
@@ -480,6 +476,25 @@ def clean_model_answer(text: str, *, cut_off: bool = False) -> str:
         words = words[:-1]
     name = " ".join(words).strip(" '`*.,;:-")
     return name[:MAX_NAME_CHARS] or "?"
+
+
+#: Words of the question itself: an answer made of them describes the prompt, not the latent.
+PROMPT_WORDS = frozenset(
+    ["group", "snippet", "snippets", "marked", "words", "word", "feature", "active", "common", "unlike"]
+)
+
+
+def answer_problem(name: str, snippets: Sequence[str]) -> str:
+    """Why a model's answer is no name ('' when it is one): empty, made of the question's own
+    words ("The feature is not active"), or copied from a single snippet."""
+    if name == "?":
+        return "was empty"
+    words = {w.lower() for w in re.findall(r"\w+", name)}
+    if words & PROMPT_WORDS:
+        return "repeats the question"
+    if copies_one_snippet(name, snippets):
+        return "only copies one snippet"
+    return ""
 
 
 def copies_one_snippet(name: str, snippets: Sequence[str]) -> bool:

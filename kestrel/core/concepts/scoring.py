@@ -10,10 +10,12 @@ The definitions are EleutherAI delphi's (`kestrel.core.concepts.examples` builds
   (activation ≥ ``fuzz_threshold`` × the example's max, delphi's threshold 0.3) and once with as
   many random other tokens marked (delphi's ``n_incorrect``: the ceiling of the mean count of
   active tokens; delphi's fuzz type ``active``); balanced accuracy of "the marks are right";
-* **embedding**: no generation: the AUROC of cos(label, example) separating the activating test
-  blocks from the non-activating ones, each embedded as the scorer's mean hidden state at its
-  middle layer (centred on the examples' mean, which removes the direction all of a small LM's
-  states share), chance 0.5.
+* **embedding**: no generation, no forward: the AUROC of cos(label, example) separating the
+  activating test blocks from the non-activating ones, each embedded as the mean of the scorer's
+  input token embeddings (centred on the test examples' mean, which takes out the direction all
+  of them share; no truth is used). A contextual state would be richer, but a 3-token label and
+  a 16-token example sit at different positions and lengths, and that difference, not their
+  meaning, dominated their cosine (AUROC below chance on the bench).
 
 A 135M scorer cannot be trusted to write "yes"/"no" in a format, so it answers by
 log-probabilities instead of generation: the score of an example is the pointwise mutual
@@ -134,11 +136,10 @@ class Scorer:
         return out_LN, (torch.cat(pooled) if pooled else None)
 
     @torch.inference_mode()
-    def embed_text(self, ids: Sequence[int]) -> Tensor:
-        """The mean middle-layer state over ``ids`` read after the detection prefix."""
-        full = torch.tensor([self.prefix + list(ids)], device=self.lm.device)
-        out = self.lm.model.base_model(input_ids=full, output_hidden_states=True)
-        return out.hidden_states[self.embed_layer][0, len(self.prefix) :].float().mean(dim=0).cpu()
+    def embed(self, ids_NT: Tensor) -> Tensor:
+        """``[N, d]`` mean input embedding of each row of token ids."""
+        table = self.lm.model.get_input_embeddings()
+        return table(ids_NT.to(self.lm.device)).float().mean(dim=1).cpu()
 
     def marked(self, tokens: Sequence[int], marks: Sequence[bool]) -> list[int]:
         """Token ids with each run of marked tokens wrapped in [[ ]] (delphi's ``_highlight``)."""
@@ -221,7 +222,7 @@ def score_one(
         **base,
         detection=detection.accuracy,
         fuzz=_fuzz(scorer, item, own),
-        embedding=_embedding(scorer, item, own, detection.pooled_ND),
+        embedding=_embedding(scorer, item, own),
         threshold=detection.threshold,
         n_activating=len(item.test_activating),
         n_non_activating=len(item.test_non_activating),
@@ -236,8 +237,6 @@ class _Detection:
     control: float | None
     threshold: float
     examples: list[ScoredExample]
-    pooled_ND: Tensor
-    """The test examples' mean middle-layer states (activating first): the embedding score's input."""
 
 
 def _detection(scorer: Scorer, item: LatentExamples, labels: list[list[int]]) -> _Detection:
@@ -248,8 +247,7 @@ def _detection(scorer: Scorer, item: LatentExamples, labels: list[list[int]]) ->
         item.calibration_non_activating,
     )
     contexts = [scorer.prefix + row + scorer.suffix for s in sets for row in s.tokens_NC.tolist()]
-    block = slice(len(scorer.prefix), len(scorer.prefix) + scorer.config.example_ctx_len)
-    logp_LN, pooled_ND = scorer.label_logprobs(contexts, labels, pool=block)
+    logp_LN, _ = scorer.label_logprobs(contexts, labels)
     prior_L, _ = scorer.label_logprobs([scorer.prefix + scorer.suffix], labels)
     pmi_LN = logp_LN - prior_L
     sizes = [len(s) for s in sets]
@@ -260,13 +258,11 @@ def _detection(scorer: Scorer, item: LatentExamples, labels: list[list[int]]) ->
         split = _Split(pmi_N[n_test:], truth[n_test:], pmi_N[:n_test], truth[:n_test])
         results.append(split.balanced_accuracy())
     accuracy, threshold, predicted = results[0]
-    assert pooled_ND is not None
     return _Detection(
         accuracy=accuracy,
         control=results[1][0] if len(results) > 1 else None,
         threshold=threshold,
         examples=_stored_examples(scorer, (sets[0], sets[1]), pmi_LN[0], predicted),
-        pooled_ND=pooled_ND[:n_test],
     )
 
 
@@ -302,10 +298,13 @@ def _random_marks(scorer: Scorer, acts_C: Tensor, n: int, generator: torch.Gener
     return marks.tolist()
 
 
-def _embedding(scorer: Scorer, item: LatentExamples, label: list[int], pooled_ND: Tensor) -> float:
-    centre_D = pooled_ND.mean(dim=0)  # of all test examples: no truth used
-    label_D = scorer.embed_text(label) - centre_D
-    cos_N = torch.nn.functional.cosine_similarity(pooled_ND - centre_D, label_D[None], dim=1)
+def _embedding(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
+    examples_ND = scorer.embed(
+        torch.cat([item.test_activating.tokens_NC, item.test_non_activating.tokens_NC])
+    )
+    centre_D = examples_ND.mean(dim=0)  # of all test examples: no truth used
+    label_D = scorer.embed(torch.tensor([label]))[0] - centre_D
+    cos_N = torch.nn.functional.cosine_similarity(examples_ND - centre_D, label_D[None], dim=1)
     truth = [1] * len(item.test_activating) + [0] * len(item.test_non_activating)
     return float(roc_auc_score(truth, cos_N.numpy()))
 
