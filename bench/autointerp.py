@@ -45,6 +45,7 @@ from kestrel.core.store import LocalStore
 LAYER = "model.layers.15"
 RUN_ID = "bench-autointerp-l15"
 MAX_LENGTH = 256
+PROGRESS_EVERY = 10
 
 
 def ensure_features(
@@ -122,6 +123,7 @@ def main() -> None:
         concepts = labels.heuristic_labels(FeatureReader(store, sae_id), [item.latent for item in chosen])
     update_concepts(store, sae_id, concepts, replace=True)
     named = {c.latent: c.name for c in concepts}
+    print(json.dumps({"labels": named}), file=sys.stderr, flush=True)
     timings["labelling_s"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
@@ -130,8 +132,21 @@ def main() -> None:
     controls = {latent: named[order[j]] for latent, j in zip(order, shuffled, strict=True)}
     key = scoring.scoring_key(lm.name, config, blocks.run_id)
     scorer = scoring.Scorer(lm, config)
-    results = scoring.score_latents(scorer, chosen, named, key=key, controls=controls)
-    set_scores(store, sae_id, [r[0] for r in results.values()], list(results))
+    results: dict = {}
+    for start in range(0, len(chosen), PROGRESS_EVERY):  # a line per chunk: figures survive a kill
+        chunk = chosen[start : start + PROGRESS_EVERY]
+        part = scoring.score_latents(scorer, chunk, named, key=key, controls=controls)
+        set_scores(store, sae_id, [r[0] for r in part.values()], list(part))
+        results.update(part)
+        progress = {
+            "scored": len(results),
+            "seconds": round(time.perf_counter() - started, 1),
+            "detection_mean": mean([r[0].detection for r in results.values()]),
+            "fuzz_mean": mean([r[0].fuzz for r in results.values()]),
+            "embedding_mean": mean([r[0].embedding for r in results.values()]),
+            "random_label_detection_mean": mean([r[1] for r in results.values()]),
+        }
+        print(json.dumps(progress), file=sys.stderr, flush=True)
     timings["scoring_s"] = round(time.perf_counter() - started, 1)
 
     scores = [r[0] for r in results.values()]
