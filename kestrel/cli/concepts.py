@@ -29,11 +29,15 @@ from kestrel.cli.common import (
 )
 from kestrel.cli.config_options import ConfigGroup, config_options
 from kestrel.core.concepts import DiscoveryConfig
+from kestrel.core.concepts.config import ScoringConfig
 
 #: --top-n, --window, --n-bins...: one per field; its row filters come from --keep-sinks or --config
 DISCOVERY_OPTIONS = ConfigGroup(
     DiscoveryConfig, help={"seed": "seed of the binned samples"}, panel="Discovery"
 )
+
+#: --example-ctx-len, --n-test, --n-calibration...: how --score draws and scores examples
+SCORING_OPTIONS = ConfigGroup(ScoringConfig, help={"seed": "seed of the example draws"}, panel="Scoring")
 
 cli = typer.Typer()
 concepts_app = typer.Typer(help="The concept dictionary of an SAE: names per latent.", no_args_is_help=True)
@@ -156,6 +160,7 @@ def _print_feature_page(page: dict[str, Any]) -> None:
 
 @cli.command()
 @friendly_errors
+@config_options(scoring=SCORING_OPTIONS)
 def label(
     sae_id: Annotated[str, typer.Argument(help="an SAE with discovered features")],
     method: Annotated[
@@ -177,6 +182,8 @@ def label(
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,
+    *,
+    scoring: dict[str, Any],
 ) -> None:
     """Name latents automatically; each name records its source (heuristic or model), and with
     --score how well it predicts the latent's activations."""
@@ -201,6 +208,7 @@ def label(
         overwrite=overwrite,
         score=score,
         scorer=scorer_lm,
+        scoring=ScoringConfig(**scoring),
         run_id=run,
     )
     if as_json:

@@ -233,7 +233,7 @@ def test_label_and_score_on_smollm_and_resume_after_a_stop(smollm, topic_sae, mo
     """Heuristic names scored by SmolLM2; a job stopped after its first chunk keeps that chunk's
     scores, and the rerun scores only the rest."""
     store, _ = topic_sae
-    items = concepts.list_features(store, "topics", sort="density", limit=3)["items"]
+    items = concepts.list_features(store, "topics", sort="density", offset=40, limit=3)["items"]
     latents = [item["latent"] for item in items]
     config = ScoringConfig(n_train=4, n_contrast=2, n_test=4, n_non_activating=4, n_calibration=2)
     monkeypatch.setattr(labels, "SCORE_CHUNK_LATENTS", 1)
@@ -256,15 +256,21 @@ def test_label_and_score_on_smollm_and_resume_after_a_stop(smollm, topic_sae, mo
     )
     assert result["scoring"]["already_scored"] == 1 and result["scoring"]["scored"] == 2
     stored = concepts.read_dictionary(store, "topics")
+    complete = []
     for latent in latents:
         scores = stored[latent].scores
         assert scores is not None and scores.label == stored[latent].name and scores.scorer == smollm.name
+        if scores.note:  # a latent firing almost everywhere has too few silent blocks to score
+            assert "too few" in scores.note and scores.detection is None and not scores.examples
+            continue
+        complete.append(latent)
         for value in (scores.detection, scores.fuzz, scores.embedding):
             assert value is not None and 0.0 <= value <= 1.0
         assert len(scores.examples) == 8 and sum(e.activating for e in scores.examples) == 4
         assert all(len(e.tokens) == config.example_ctx_len for e in scores.examples)
-    top = concepts.list_features(store, "topics", sort="detection", limit=3)["items"]
+    assert complete, "at least one of the three latents is scored"
+    top = concepts.list_features(store, "topics", sort="detection", limit=len(complete))["items"]
     assert [t["concept"]["scores"]["detection"] for t in top] == sorted(
-        (stored[i].scores.detection for i in latents), reverse=True
+        (stored[i].scores.detection for i in complete), reverse=True
     )
     assert top[0]["concept"]["scores"]["examples"] == []  # the list leaves examples out
