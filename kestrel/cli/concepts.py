@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -236,7 +236,7 @@ def concepts_list(
     from kestrel.core.concepts import read_dictionary
     from kestrel.core.concepts.features import SCORE_SORTS, score_of
 
-    check_choice(sort, "--sort", ("latent", *SCORE_SORTS))
+    check_choice(sort, "--sort", Literal["latent", "detection", "fuzz", "embedding"])
     concepts = read_dictionary(open_store(store), sae_id)
     rows = [c for _, c in sorted(concepts.items())]
     if min_detection is not None:
