@@ -116,7 +116,7 @@ def test_cached_left_padded_logprobs_equal_plain_forwards(smollm) -> None:
     contexts = [scorer.encode(t) for t in ("Text: the cat sat", "Text: a", "Text: SQL databases store rows")]
     contexts.append(scorer.encode("Text: x y z w v"))
     labels = [scorer.label_ids("animals"), scorer.label_ids("database tables"), scorer.label_ids("x")]
-    got_LN, _ = scorer.label_logprobs(contexts, labels)
+    got_LN = scorer.label_logprobs(contexts, labels)
     for n, context in enumerate(contexts):
         for j, label in enumerate(labels):
             ids = torch.tensor([context + label])

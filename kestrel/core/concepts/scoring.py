@@ -73,8 +73,6 @@ class Scorer:
         self.fuzz_suffix = self.encode(FUZZ_SUFFIX)
         self.mark_open, self.mark_close = self.encode(MARK_OPEN), self.encode(MARK_CLOSE)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        n_layers = getattr(lm.model.config, "num_hidden_layers", None) or 2
-        self.embed_layer = max(1, n_layers // 2)
 
     def encode(self, text: str) -> list[int]:
         return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
@@ -83,17 +81,14 @@ class Scorer:
         return self.encode(" " + label.strip())[:MAX_LABEL_TOKENS] or self.encode(" ?")
 
     @torch.inference_mode()
-    def label_logprobs(
-        self, contexts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pool: slice | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """``[len(labels), len(contexts)]`` log p(label | context), summed over the label's tokens,
-        and (with ``pool``, for contexts of one length) each context's mean hidden state over
-        ``pool`` at the middle layer, ``[len(contexts), d]``."""
+    def label_logprobs(self, contexts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Tensor:
+        """``[len(labels), len(contexts)]`` log p(label | context), summed over the label's tokens:
+        each batch of contexts (left-padded) is read once, and every label is continued from its
+        cached keys and values, cropped back after each."""
         body = self.lm.model.base_model
         head = self.lm.model.get_output_embeddings()
         device = self.lm.device
         out_LN = torch.zeros(len(labels), len(contexts))
-        pooled: list[Tensor] = []
         for start in range(0, len(contexts), self.config.batch_size):
             chunk = contexts[start : start + self.config.batch_size]
             width = max(len(c) for c in chunk)
@@ -108,10 +103,7 @@ class Scorer:
                 attention_mask=mask_BT,
                 position_ids=(mask_BT.cumsum(1) - 1).clamp_min(0),
                 use_cache=True,
-                output_hidden_states=pool is not None,
             )
-            if pool is not None:
-                pooled.append(out.hidden_states[self.embed_layer][:, pool].float().mean(dim=1).cpu())
             cache = out.past_key_values
             first_BV = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
             lengths_B1 = mask_BT.sum(dim=1, keepdim=True)
@@ -133,7 +125,7 @@ class Scorer:
                     logp_B = logp_B + logp_BLV.gather(2, target_BL[..., None])[..., 0].sum(dim=1)
                     cache.crop(-(len(label) - 1))  # back to the context (negative: 4.x and 5.x)
                 out_LN[j, start : start + len(chunk)] = logp_B.cpu()
-        return out_LN, (torch.cat(pooled) if pooled else None)
+        return out_LN
 
     @torch.inference_mode()
     def embed(self, ids_NT: Tensor) -> Tensor:
@@ -247,8 +239,8 @@ def _detection(scorer: Scorer, item: LatentExamples, labels: list[list[int]]) ->
         item.calibration_non_activating,
     )
     contexts = [scorer.prefix + row + scorer.suffix for s in sets for row in s.tokens_NC.tolist()]
-    logp_LN, _ = scorer.label_logprobs(contexts, labels)
-    prior_L, _ = scorer.label_logprobs([scorer.prefix + scorer.suffix], labels)
+    logp_LN = scorer.label_logprobs(contexts, labels)
+    prior_L = scorer.label_logprobs([scorer.prefix + scorer.suffix], labels)
     pmi_LN = logp_LN - prior_L
     sizes = [len(s) for s in sets]
     n_test = sizes[0] + sizes[1]
@@ -276,7 +268,7 @@ def _fuzz(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
         for marks in (right, wrong):
             for tokens, m in zip(examples.tokens_NC.tolist(), marks, strict=True):
                 contexts.append(scorer.prefix + scorer.marked(tokens, m) + scorer.fuzz_suffix)
-    logp_LN, _ = scorer.label_logprobs(contexts, [label])
+    logp_LN = scorer.label_logprobs(contexts, [label])
     n_test, n_cal = len(item.test_activating), len(item.calibration_activating)
     test_truth = torch.tensor([True] * n_test + [False] * n_test)
     cal_truth = torch.tensor([True] * n_cal + [False] * n_cal)
