@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -29,11 +29,15 @@ from kestrel.cli.common import (
 )
 from kestrel.cli.config_options import ConfigGroup, config_options
 from kestrel.core.concepts import DiscoveryConfig
+from kestrel.core.concepts.config import ScoringConfig
 
 #: --top-n, --window, --n-bins...: one per field; its row filters come from --keep-sinks or --config
 DISCOVERY_OPTIONS = ConfigGroup(
     DiscoveryConfig, help={"seed": "seed of the binned samples"}, panel="Discovery"
 )
+
+#: --example-ctx-len, --n-test, --n-calibration...: how --score draws and scores examples
+SCORING_OPTIONS = ConfigGroup(ScoringConfig, help={"seed": "seed of the example draws"}, panel="Scoring")
 
 cli = typer.Typer()
 concepts_app = typer.Typer(help="The concept dictionary of an SAE: names per latent.", no_args_is_help=True)
@@ -156,6 +160,7 @@ def _print_feature_page(page: dict[str, Any]) -> None:
 
 @cli.command()
 @friendly_errors
+@config_options(scoring=SCORING_OPTIONS)
 def label(
     sae_id: Annotated[str, typer.Argument(help="an SAE with discovered features")],
     method: Annotated[
@@ -165,22 +170,101 @@ def label(
         list[int] | None, typer.Option("--latent", help="only these latents (repeatable)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace manual names too")] = False,
+    score: Annotated[
+        bool, typer.Option(help="then score each name: detection, fuzzing, embedding (on held-out examples)")
+    ] = False,
+    scorer: Annotated[
+        str | None,
+        typer.Option(help="scoring model: bundled name, local path or cached hub id [default: --model]"),
+    ] = None,
+    run: Annotated[str | None, typer.Option(help="run the examples come from [default: the SAE's]")] = None,
     model: SaeModelOpt = None,
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,
+    *,
+    scoring: dict[str, Any],
 ) -> None:
-    """Name latents automatically; each name records its source (heuristic or model)."""
+    """Name latents automatically; each name records its source (heuristic or model), and with
+    --score how well it predicts the latent's activations."""
     from kestrel.core.concepts import label_features
     from kestrel.core.concepts.dictionary import LabelMethod
+    from kestrel.core.models import load_model
 
     check_choice(method, "--method", LabelMethod)
     the_store = open_store(store)
-    lm = sae_model(the_store, sae_id, model, device) if method == "model" else None
-    result = label_features(the_store, sae_id, method, lm=lm, latents=latent, overwrite=overwrite)  # type: ignore[arg-type]
+    lm = sae_model(the_store, sae_id, model, device) if method == "model" or (score and not scorer) else None
+    scorer_lm = (
+        (load_model(scorer, device=device, store_root=the_store.local_root) if scorer else lm)
+        if score
+        else None
+    )
+    result = label_features(
+        the_store,
+        sae_id,
+        method,  # type: ignore[arg-type]
+        lm=lm,
+        latents=latent,
+        overwrite=overwrite,
+        score=score,
+        scorer=scorer_lm,
+        scoring=ScoringConfig(**scoring),
+        run_id=run,
+    )
     if as_json:
         return print_json(result)
     console.print(f"labelled {result['labelled']} latent(s) of {sae_id} ({method})")
+    if "scoring" in result:
+        scored = result["scoring"]
+        console.print(
+            f"scored {scored['scored']} name(s) with {scored['scorer']} "
+            f"({scored['already_scored']} already scored): `kestrel concepts list {sae_id} --sort detection`"
+        )
+
+
+@concepts_app.command("list")
+@friendly_errors
+def concepts_list(
+    sae_id: Annotated[str, typer.Argument(help="the SAE")],
+    sort: Annotated[str, typer.Option(help="latent, detection, fuzz or embedding (best first)")] = "latent",
+    min_detection: Annotated[float | None, typer.Option(help="detection score at least")] = None,
+    limit: Annotated[int, typer.Option(help="rows to show")] = 50,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The named latents with their labels' scores (balanced accuracy / AUROC; chance 0.5)."""
+    from kestrel.core.concepts import read_dictionary
+    from kestrel.core.concepts.features import SCORE_SORTS, score_of
+
+    check_choice(sort, "--sort", Literal["latent", "detection", "fuzz", "embedding"])
+    concepts = read_dictionary(open_store(store), sae_id)
+    rows = [c for _, c in sorted(concepts.items())]
+    if min_detection is not None:
+        rows = [c for c in rows if (score_of(c, "detection") or -1.0) >= min_detection]
+    if sort != "latent":
+        rows.sort(key=lambda c: score_of(c, sort) or -1.0, reverse=True)
+    rows = rows[:limit]
+    if as_json:
+        return print_json([c.model_dump(mode="json") for c in rows])
+
+    def cell(c: Any, name: str) -> str:
+        value = score_of(c, name)
+        return "" if value is None else f"{value:.2f}"
+
+    print_table(
+        ["latent", "name", "source", "detection", "fuzz", "embedding", "scorer"],
+        [
+            [
+                str(c.latent),
+                c.name,
+                c.source,
+                *(cell(c, n) for n in SCORE_SORTS),
+                c.scores.scorer if c.scores else "",
+            ]
+            for c in rows
+        ],
+        keep=("latent",),
+    )
 
 
 def _dictionary_format(value: str | None, path: Path | None):

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
-from kestrel.core.concepts.config import DiscoveryConfig
-from kestrel.core.concepts.dictionary import LabelMethod
+from kestrel.core.concepts.config import DiscoveryConfig, ScoringConfig
+from kestrel.core.concepts.dictionary import LabelMethod, LabelScores
 from kestrel.core.config import StrictModel
 from kestrel.core.steering_config import SteeringConfig
 from kestrel.schemas.common import Page
@@ -38,6 +38,9 @@ class FeatureConcept(BaseModel):
     tags: list[str] = Field(default_factory=list)
     source: Literal["manual", "heuristic", "model"]
     updated: str | None = None
+    scores: LabelScores | None = Field(
+        None, description="how well the name predicts activations (detection, fuzzing, embedding)"
+    )
 
 
 class FeatureSummary(BaseModel):
@@ -48,7 +51,9 @@ class FeatureSummary(BaseModel):
     mean_activation: float = Field(description="mean over the rows it fires on")
     top_tokens: list[str] = Field(description="most frequent tokens at its top contexts")
     promoted_tokens: list[str] = Field(description="tokens its decoder direction most promotes")
-    concept: FeatureConcept | None = None
+    concept: FeatureConcept | None = Field(
+        None, description="its name; the scores' examples are left out here (see the feature's page)"
+    )
 
 
 class FeaturePage(Page[FeatureSummary]):
@@ -133,8 +138,21 @@ class LabelRequest(StrictModel):
     """Automatic names: ``heuristic`` from tokens and logit effects, ``model`` by the SAE's model."""
 
     method: LabelMethod = "heuristic"
-    latents: list[int] | None = Field(None, max_length=4096, description="default: every latent that fired")
+    latents: list[int] | None = Field(
+        None, max_length=4096, description="default: every latent that fired (model or score: the first 512)"
+    )
     overwrite: bool = Field(False, description="replace manual names too")
+    score: bool = Field(
+        False,
+        description="then score each latent's name (detection, fuzzing, embedding) on held-out examples",
+    )
+    scorer: str | None = Field(
+        None,
+        max_length=400,
+        description="the scoring model: a name the service may load [default: the SAE's]",
+    )
+    run_id: str | None = Field(None, description="the run examples come from [default: the SAE's own]")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
 
 
 class SteeringRecord(BaseModel):

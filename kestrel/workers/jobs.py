@@ -393,13 +393,26 @@ def discover_job(ctx: JobContext, sae_id: str, request: dict[str, Any]) -> dict[
 
 @job_function("label")
 def label_job(
-    ctx: JobContext, sae_id: str, method: str, latents: list[int] | None = None, overwrite: bool = False
+    ctx: JobContext,
+    sae_id: str,
+    method: str,
+    latents: list[int] | None = None,
+    overwrite: bool = False,
+    score: bool = False,
+    scorer: str | None = None,
+    run_id: str | None = None,
+    scoring: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Automatic names for latents: heuristic (tokens) or model (the SAE's model names them)."""
+    """Automatic names for latents: heuristic (tokens) or model (the SAE's model names them); with
+    ``score``, each name is then scored by ``scorer`` (default: the SAE's model). A requeued job
+    rewrites the same names and scores only the latents not scored yet (`labels` docstring)."""
     from kestrel.core.concepts import label_features
+    from kestrel.core.concepts.config import ScoringConfig
     from kestrel.core.sae.artifacts import get_sae
 
-    lm = ctx.models.get(_sae_model_name(ctx, get_sae(ctx.store, sae_id))) if method == "model" else None
+    summary = get_sae(ctx.store, sae_id)
+    lm = ctx.models.get(_sae_model_name(ctx, summary)) if method == "model" else None
+    scorer_lm = ctx.models.get(scorer or _sae_model_name(ctx, summary)) if score else None
     result = label_features(
         ctx.store,
         sae_id,
@@ -407,9 +420,14 @@ def label_job(
         lm=lm,
         latents=latents,
         overwrite=overwrite,
-        on_progress=lambda f: ctx.update(progress=min(f, 0.99), message="labelling"),
+        on_progress=lambda f: ctx.update(progress=min(f, 0.99), message="labelling and scoring"),
+        score=score,
+        scorer=scorer_lm,
+        scoring=ScoringConfig.from_dict(scoring or {}),
+        run_id=run_id,
+        should_stop=ctx.should_stop,
     )
-    return {key: result[key] for key in ("sae_id", "method", "labelled")}
+    return {key: result[key] for key in ("sae_id", "method", "labelled", "scoring") if key in result}
 
 
 def _steering_plan(ctx: JobContext, config: Any, lm: Any):

@@ -437,6 +437,48 @@ def test_a_refused_evaluation_is_reported(page, dashboard: Dashboard) -> None:
     assert page.get_by_role("button", name="Evaluate with the model").is_enabled()
 
 
+def test_label_scores_sort_the_browser_and_show_on_the_feature_page(page, dashboard: Dashboard) -> None:
+    """Names scored through the API: the browser sorts and filters by detection score, and the
+    feature page shows the three scores and the examples the scorer saw."""
+    with dashboard.client() as http:
+        listing = http.get(f"/v1/saes/{dashboard.sae_id}/features", params={"sort": "density", "limit": 4})
+        latents = [item["latent"] for item in listing.json()["items"]]
+        scoring = {"example_ctx_len": 4, "n_train": 1, "n_contrast": 1, "n_test": 2, "n_non_activating": 2}
+        scoring.update(n_calibration=1, n_quantiles=2, batch_size=8)
+        body = {
+            "method": "heuristic",
+            "latents": latents,
+            "score": True,
+            "scoring": scoring,
+            "overwrite": True,
+        }
+        job = wait_for_job(
+            http, http.post(f"/v1/saes/{dashboard.sae_id}/concepts/label", json=body).json()["id"]
+        )
+        assert job["result"]["scoring"]["scored"] == len(latents), job
+        scored = http.get(f"/v1/saes/{dashboard.sae_id}/concepts", params={"sort": "detection"}).json()[
+            "items"
+        ]
+    best = next(c for c in scored if c["scores"] and c["scores"]["detection"] is not None)
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features")
+    page.get_by_label("Sort by").select_option("detection")
+    page.get_by_label("Detection score at least").fill("0")
+    page.get_by_label("Detection score at least").press("Enter")
+    page.wait_for_selector(f"#results-table tbody tr:first-child[data-latent='{best['latent']}']")
+    cells = page.locator("#results-table tbody td[data-score]:nth-child(5)")
+    values = [float(v) for v in cells.evaluate_all("els => els.map(e => e.dataset.score)")]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(best["scores"]["detection"])
+    assert "min_detection=0" in page.url and "sort=detection" in page.url
+    open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features/{best['latent']}")
+    panel = page.locator("#scores-panel")
+    assert panel.is_visible()
+    assert panel.locator("[data-score]").count() == 3
+    assert f"{best['scores']['detection']:.2f}" in panel.locator("[data-score=detection]").inner_text()
+    page.get_by_text("Examples the scorer saw").click()
+    assert page.locator("#scored-examples li").count() == len(best["scores"]["examples"]) > 0
+    page.screenshot(path=str(OUTPUT / "label-scores.png"), full_page=True)
+
+
 def test_feature_search_for_a_long_number_or_a_failing_search_says_so(page, dashboard: Dashboard) -> None:
     open_page(page, dashboard, f"/ui/saes/{dashboard.sae_id}/features")
     search = page.get_by_label("Search by name, label or index")

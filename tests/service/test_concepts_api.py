@@ -89,6 +89,55 @@ def test_dictionary_read_write_import_export_label(client: httpx.Client, sae_id:
     assert_error(client.get(f"{base}/5"), 404)
 
 
+def test_label_scores_are_stored_and_sort_and_filter(client: httpx.Client, sae_id: str) -> None:
+    """Label and score through the batch worker; the scores come back on the concepts (sortable,
+    filterable), on the feature list (without examples) and on the feature's page (with them)."""
+    base = f"/v1/saes/{sae_id}/concepts"
+    bad_scorer = client.post(f"{base}/label", json={"score": True, "scorer": "no-such/model-anywhere"})
+    assert bad_scorer.status_code == 422, bad_scorer.text
+    assert (
+        "run-nope"
+        in assert_error(client.post(f"{base}/label", json={"score": True, "run_id": "run-nope"}), 422)[
+            "message"
+        ]
+    )
+    bad_config = client.post(f"{base}/label", json={"score": True, "scoring": {"n_test": 0}})
+    assert_error(bad_config, 422)
+    latents = [
+        item["latent"]
+        for item in client.get(f"/v1/saes/{sae_id}/features", params={"sort": "density", "limit": 6}).json()[
+            "items"
+        ]
+    ]
+    scoring = {"example_ctx_len": 4, "n_train": 1, "n_contrast": 1, "n_test": 2, "n_non_activating": 2}
+    scoring.update(n_calibration=1, n_quantiles=2, batch_size=8)
+    body = {"method": "heuristic", "latents": latents, "score": True, "scoring": scoring, "overwrite": True}
+    job = wait_for_job(client, client.post(f"{base}/label", json=body).json()["id"])
+    assert job["result"]["scoring"]["scorer"] == MODEL
+    assert job["result"]["scoring"]["scored"] == len(latents)
+    listed = client.get(base, params={"sort": "detection", "limit": 500}).json()["items"]
+    scored = [c for c in listed if c["scores"] and c["scores"]["detection"] is not None]
+    assert scored, listed
+    values = [c["scores"]["detection"] for c in scored]
+    assert values == sorted(values, reverse=True) and all(0.0 <= v <= 1.0 for v in values)
+    assert all(c["scores"]["label"] == c["name"] and c["scores"]["scorer"] == MODEL for c in scored)
+    best = values[0]
+    kept = client.get(base, params={"min_detection": best}).json()["items"]
+    assert kept and all(c["scores"]["detection"] >= best for c in kept)
+    features = client.get(
+        f"/v1/saes/{sae_id}/features", params={"sort": "detection", "min_detection": 0.0, "limit": 100}
+    ).json()
+    assert features["total"] == len(scored)
+    assert [f["concept"]["scores"]["detection"] for f in features["items"]] == values
+    assert all(f["concept"]["scores"]["examples"] == [] for f in features["items"])
+    page = client.get(f"/v1/saes/{sae_id}/features/{scored[0]['latent']}").json()
+    examples = page["concept"]["scores"]["examples"]
+    assert len(examples) == 4 and {e["activating"] for e in examples} == {True, False}
+    assert all(len(e["tokens"]) == len(e["activations"]) == 4 for e in examples)
+    assert_error(client.get(base, params={"sort": "nonsense"}), 422)
+    assert_error(client.get(base, params={"min_fuzz": 2}), 422)
+
+
 def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str) -> None:
     bad = {
         "sae_id": sae_id,

@@ -68,6 +68,31 @@ def test_discover_features_label_and_dictionary(sae_store, tmp_path) -> None:
     assert [c["latent"] for c in exported["concepts"]] == [1]
 
 
+def test_label_with_scores_and_list_them_by_score(sae_store) -> None:
+    store = ("--store", str(sae_store))
+    if invoke("features", "cli-sae", *store, "--json").exit_code != 0:  # run alone: discover first
+        assert invoke("discover", "cli-sae", "--device", "cpu", *store).exit_code == 0
+    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "4", *store, "--json"))
+    latents = [a for item in listing["items"] for a in ("--latent", str(item["latent"]))]
+    small = ["--example-ctx-len", "4", "--n-train", "1", "--n-contrast", "1", "--n-test", "2"]
+    small += ["--n-non-activating", "2", "--n-calibration", "1", "--n-quantiles", "2"]
+    result = invoke(
+        "label", "cli-sae", *latents, "--score", "--overwrite", "--device", "cpu", *small, *store, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    scoring = json_out(result)["scoring"]
+    assert scoring["scored"] == 4 and scoring["scorer"] == "smollm2-135m"
+    listed = json_out(invoke("concepts", "list", "cli-sae", "--sort", "detection", *store, "--json"))
+    values = [
+        c["scores"]["detection"] for c in listed if c["scores"] and c["scores"]["detection"] is not None
+    ]
+    assert values and values == sorted(values, reverse=True)
+    table = invoke("concepts", "list", "cli-sae", "--sort", "detection", *store)
+    assert table.exit_code == 0 and "detection" in table.stdout and "smollm2-135m" in table.stdout
+    bad = invoke("concepts", "list", "cli-sae", "--sort", "nonsense", *store)
+    assert bad.exit_code != 0 and "--sort" in bad.output
+
+
 def test_steer_side_by_side_save_list_show_delete(sae_store) -> None:
     store = ("--store", str(sae_store))
     listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "1", *store, "--json"))

@@ -98,3 +98,30 @@ class NeuronpediaExport(EngineConfig):
         None, max_length=65_536, description="latents to export (default: every latent that fired)"
     )
     bins: bool = Field(True, description="also export the samples of each activation bin, not only the top")
+
+
+class ScoringConfig(EngineConfig):
+    """How labels are scored (`kestrel.core.concepts.scoring`), after EleutherAI's delphi.
+
+    Examples are fixed blocks of ``example_ctx_len`` tokens of the run's documents (delphi's
+    ``example_ctx_len``; 16 rather than delphi's 32 by default: a 135M scorer reads a short
+    snippet better, and a CPU scores half the tokens). The labeller sees the ``n_train`` top blocks
+    and ``n_contrast`` non-activating ones; the scorer sees others only: ``n_test`` activating
+    blocks sampled evenly from ``n_quantiles`` activation quantiles, as many non-activating ones
+    drawn at random, and a separate calibration split of ``n_calibration`` of each that sets the
+    decision threshold (never fitted on the examples scored).
+    """
+
+    example_ctx_len: int = Field(16, ge=4, le=64, description="tokens per example block")
+    n_train: int = Field(8, ge=1, le=40, description="top examples shown to the labeller")
+    n_contrast: int = Field(4, ge=0, le=20, description="non-activating examples shown to the labeller")
+    n_test: int = Field(10, ge=2, le=100, description="activating examples scored (quantile-sampled)")
+    n_non_activating: int = Field(10, ge=2, le=100, description="non-activating examples scored")
+    n_calibration: int = Field(4, ge=1, le=50, description="examples of each class that set the threshold")
+    n_quantiles: int = Field(10, ge=1, le=20, description="activation quantiles the test examples span")
+    fuzz_threshold: float = Field(
+        0.3, gt=0, le=1, description="fuzzing marks tokens at or above this fraction of the example's max"
+    )
+    max_tokens: int = Field(2_000_000, gt=0, description="run rows read to find examples")
+    batch_size: int = Field(32, ge=1, le=512, description="sequences per scorer forward")
+    seed: int = 22

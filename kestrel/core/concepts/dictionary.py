@@ -43,8 +43,40 @@ MAX_NAME_CHARS = 200
 MAX_DESCRIPTION_CHARS = 4000
 
 
+class ScoredExample(EngineConfig):
+    """One test example of a label's detection score, as the scorer saw it."""
+
+    tokens: list[str] = Field(max_length=256, description="the example's tokens, as text")
+    activations: list[float] = Field(max_length=256, description="the latent's activation at each token")
+    activating: bool = Field(description="the latent fires in it (the truth)")
+    quantile: int | None = Field(None, description="activation quantile it was sampled from (0: the top)")
+    score: float = Field(description="the scorer's value: PMI of the label with the example (nats)")
+    predicted: bool = Field(description="the scorer's answer: score above the calibrated threshold")
+
+
+class LabelScores(EngineConfig):
+    """How well a name predicts its latent's activations (`kestrel.core.concepts.scoring`).
+
+    Balanced accuracies and the AUROC are 0.5 by chance, 1.0 at best; a score is None when the
+    latent had too few examples to score (``note`` says why).
+    """
+
+    label: str = Field(max_length=MAX_NAME_CHARS, description="the name these scores are for")
+    scorer: str = Field(max_length=400, description="the model that scored it")
+    detection: float | None = Field(None, description="balanced accuracy: activating vs random contexts")
+    fuzz: float | None = Field(None, description="balanced accuracy: right vs random tokens marked")
+    embedding: float | None = Field(None, description="AUROC of cos(label, context): no generation")
+    threshold: float | None = Field(None, description="detection threshold, fitted on a calibration split")
+    n_activating: int = Field(0, ge=0, description="activating test examples")
+    n_non_activating: int = Field(0, ge=0, description="non-activating test examples")
+    examples: list[ScoredExample] = Field(default_factory=list, max_length=64)
+    key: str = Field("", max_length=64, description="scorer, settings and run these scores depend on")
+    scored: str | None = Field(None, description="when (UTC)")
+    note: str = Field("", max_length=400)
+
+
 class Concept(EngineConfig):
-    """What one latent means, and who said so."""
+    """What one latent means, and who said so (and, once scored, how well the name predicts it)."""
 
     latent: int = Field(ge=0, description="latent index")
     name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="a short name")
@@ -52,6 +84,7 @@ class Concept(EngineConfig):
     tags: list[str] = Field(default_factory=list, max_length=32)
     source: LabelSource = Field("manual", description="manual, heuristic (top tokens) or model (the LM)")
     updated: str | None = Field(None, description="when it was last written (UTC)")
+    scores: LabelScores | None = Field(None, description="how well the name predicts activations")
 
     @field_validator("name")
     @classmethod
@@ -134,7 +167,9 @@ def update_concepts(
     """Write ``concepts`` (validated against the SAE first); return the whole dictionary.
 
     ``replace`` drops every entry not in ``concepts``; ``keep_manual`` leaves manual entries as
-    they are (what automatic labelling uses, so it never overwrites a person's name).
+    they are (what automatic labelling uses, so it never overwrites a person's name). Scores
+    belong to a name: an entry rewritten with the same name and no scores of its own keeps the
+    stored ones (so a requeued label job resumes its scoring); a new name drops them.
     """
     n_latents = sae_latent_count(store, sae_id)
     check_concepts(concepts, n_latents)
@@ -145,9 +180,27 @@ def update_concepts(
             existing = current.get(concept.latent)
             if keep_manual and existing is not None and existing.source == "manual":
                 continue
-            current[concept.latent] = concept.model_copy(update={"updated": stamp})
+            update: dict[str, Any] = {"updated": stamp}
+            if concept.scores is None and existing is not None and existing.name == concept.name:
+                update["scores"] = existing.scores
+            current[concept.latent] = concept.model_copy(update=update)
         _write(store, sae_id, n_latents, current)
     return current
+
+
+def set_scores(store: Store, sae_id: str, scores: Sequence[LabelScores], latents: Sequence[int]) -> int:
+    """Attach scores to the concepts they were computed for, in one atomic write; a concept
+    renamed meanwhile (its name is not the scored label) is left alone. Returns how many landed."""
+    written = 0
+    with _locked(store, sae_id):
+        current = read_dictionary(store, sae_id)
+        for latent, score in zip(latents, scores, strict=True):
+            concept = current.get(latent)
+            if concept is not None and concept.name == score.label:
+                current[latent] = concept.model_copy(update={"scores": score})
+                written += 1
+        _write(store, sae_id, sae_latent_count(store, sae_id), current)
+    return written
 
 
 def delete_concept(store: Store, sae_id: str, latent: int) -> None:

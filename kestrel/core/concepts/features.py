@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -12,7 +12,9 @@ from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.store import LocalStore
 
-FeatureSort = Literal["latent", "density", "max_activation"]
+FeatureSort = Literal["latent", "density", "max_activation", "detection", "fuzz", "embedding"]
+#: Sorts by a label score (highest first; unscored latents last).
+SCORE_SORTS = ("detection", "fuzz", "embedding")
 LIST_TENSORS = (
     "fire_count",
     "density",
@@ -32,6 +34,7 @@ def list_features(
     source: str | None = None,
     include_dead: bool = True,
     sort: FeatureSort = "latent",
+    min_score: dict[str, float] | None = None,
     offset: int = 0,
     limit: int = 50,
 ) -> dict[str, Any]:
@@ -39,16 +42,21 @@ def list_features(
 
     ``search`` matches (case-insensitively) the name, description and tags, and the top tokens and
     promoted tokens, so "bake" finds a latent named "baking" and one that fires on " bake".
-    ``source`` keeps latents whose concept came from there (manual, heuristic, model).
+    ``source`` keeps latents whose concept came from there (manual, heuristic, model);
+    ``min_score`` ({"detection": 0.7, ...}) keeps latents whose label scored at least that.
+    A list item's scores leave out their examples (the feature page has them).
     """
     if offset < 0 or limit <= 0:
         raise InvalidInputError(f"offset must be >= 0 and limit > 0, got offset={offset}, limit={limit}")
-    if sort not in ("latent", "density", "max_activation"):
-        raise InvalidInputError(f"unknown sort {sort!r}; use latent, density or max_activation")
+    if sort not in get_args(FeatureSort):
+        raise InvalidInputError(f"unknown sort {sort!r}; use one of {', '.join(get_args(FeatureSort))}")
+    unknown = sorted(set(min_score or {}) - set(SCORE_SORTS))
+    if unknown:
+        raise InvalidInputError(f"unknown score(s) {unknown}; use {', '.join(SCORE_SORTS)}")
     reader = FeatureReader(store, sae_id)
     stats = reader.full(*LIST_TENSORS)
     concepts = read_dictionary(store, sae_id)
-    order = _order(stats, sort)
+    order = _order(stats, sort, concepts)
     needle = search.strip().lower() if search else None
     matches: list[dict[str, Any]] = []
     total = 0
@@ -57,6 +65,8 @@ def list_features(
             continue
         concept = concepts.get(latent)
         if source is not None and (concept is None or concept.source != source):
+            continue
+        if min_score and not _scores_at_least(concept, min_score):
             continue
         item = None
         if needle is not None:
@@ -77,10 +87,38 @@ def list_features(
     }
 
 
-def _order(stats: dict[str, torch.Tensor], sort: FeatureSort) -> torch.Tensor:
+def _order(stats: dict[str, torch.Tensor], sort: FeatureSort, concepts: dict[int, Concept]) -> torch.Tensor:
     if sort == "latent":
         return torch.arange(len(stats["density"]))
+    if sort in SCORE_SORTS:
+        values = torch.full((len(stats["density"]),), -1.0, dtype=torch.float64)
+        for latent, concept in concepts.items():
+            value = score_of(concept, sort)
+            if value is not None and latent < len(values):
+                values[latent] = value
+        return torch.argsort(values, descending=True, stable=True)
     return torch.argsort(stats[sort], descending=True, stable=True)
+
+
+def score_of(concept: Concept | None, name: str) -> float | None:
+    """One of a concept's label scores (None: not scored, or no score of that kind)."""
+    if concept is None or concept.scores is None:
+        return None
+    return getattr(concept.scores, name)
+
+
+def _scores_at_least(concept: Concept | None, minimum: dict[str, float]) -> bool:
+    return all((score_of(concept, name) or -1.0) >= value for name, value in minimum.items())
+
+
+def concept_json(concept: Concept | None, *, examples: bool = True) -> dict[str, Any] | None:
+    """A concept as JSON; without ``examples``, its scores leave their examples out."""
+    if concept is None:
+        return None
+    data = concept.model_dump(mode="json")
+    if not examples and data.get("scores"):
+        data["scores"]["examples"] = []
+    return data
 
 
 def _list_item(
@@ -94,7 +132,7 @@ def _list_item(
         "mean_activation": float(stats["mean_activation"][latent]),
         "top_tokens": [reader.token(t) for t in stats["top_token_ids"][latent].tolist() if t != PAD_TOKEN],
         "promoted_tokens": [reader.token(t) for t in stats["logit_pos_ids"][latent][:LIST_LOGITS].tolist()],
-        "concept": concept.model_dump(mode="json") if concept is not None else None,
+        "concept": concept_json(concept, examples=False),
     }
 
 

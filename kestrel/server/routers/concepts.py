@@ -4,7 +4,7 @@ automatic labels (a batch job)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, get_args
+from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
@@ -35,14 +35,41 @@ def _dictionary():
     return dictionary
 
 
+ScoreName = Literal["detection", "fuzz", "embedding"]
+
+
 @router.get("/{sae_id}/concepts", response_model=ConceptPage, responses=error_responses(404))
-async def list_concepts(sae_id: SaeId, store: StoreDep, page: PageDep) -> ConceptPage:
-    """Every named latent, by index."""
+async def list_concepts(
+    sae_id: SaeId,
+    store: StoreDep,
+    page: PageDep,
+    sort: Annotated[
+        Literal["latent"] | ScoreName, Query(description="by index, or by a label score (best first)")
+    ] = "latent",
+    min_detection: Annotated[float | None, Query(ge=0, le=1, description="detection score at least")] = None,
+    min_fuzz: Annotated[float | None, Query(ge=0, le=1, description="fuzzing score at least")] = None,
+    min_embedding: Annotated[float | None, Query(ge=0, le=1, description="embedding score at least")] = None,
+) -> ConceptPage:
+    """Every named latent, by index or by score; filtered by minimum scores (unscored: left out)."""
     d = _dictionary()
     concepts = await asyncio.to_thread(d.read_dictionary, store, sae_id)
     n_latents = await asyncio.to_thread(d.sae_latent_count, store, sae_id)
-    rows = [FeatureConcept(**concepts[i].model_dump()) for i in sorted(concepts)]
-    return ConceptPage(**page.page(rows), sae_id=sae_id, n_latents=n_latents)
+    minimum = {"detection": min_detection, "fuzz": min_fuzz, "embedding": min_embedding}
+    rows = [
+        concepts[i]
+        for i in sorted(concepts)
+        if all(_score(concepts[i], name) >= value for name, value in minimum.items() if value is not None)
+    ]
+    if sort != "latent":
+        rows.sort(key=lambda c: _score(c, sort), reverse=True)
+    items = [FeatureConcept(**c.model_dump()) for c in rows]
+    return ConceptPage(**page.page(items), sae_id=sae_id, n_latents=n_latents)
+
+
+def _score(concept, name: str) -> float:
+    """A label score of a concept; -1 when it has none (sorts last, fails every minimum)."""
+    value = getattr(concept.scores, name) if concept.scores is not None else None
+    return -1.0 if value is None else value
 
 
 @router.get(
@@ -114,11 +141,19 @@ def start_labelling(
     idempotency_key: IdempotencyKey = None,
 ) -> JobInfo:
     """Automatic names (a batch job): heuristic from tokens and logit effects, or by the model itself.
-    Manual names are kept unless ``overwrite``."""
+    Manual names are kept unless ``overwrite``. With ``score``, each name (manual ones too) is then
+    scored by ``scorer`` on examples from the run that the labeller never saw."""
     from kestrel.core.concepts.store import read_manifest
+    from kestrel.server import services
 
     request = request or LabelRequest()
     read_manifest(store, sae_id)  # 404 naming discovery when there is nothing to label from
+    if request.scorer is not None:
+        services.require_allowed_model(request.scorer, settings)  # 422 before any job
+    if request.run_id is not None and not store.exists("activations", request.run_id):
+        raise InvalidInputError(
+            f"no run {request.run_id!r} to draw examples from", details={"run_id": request.run_id}
+        )
     return submit_batch(
         redis,
         settings,

@@ -70,10 +70,18 @@ async def list_features(
     source: Annotated[
         Literal["manual", "heuristic", "model"] | None, Query(description="label source")
     ] = None,
-    sort: Annotated[Literal["latent", "density", "max_activation"], Query()] = "latent",
+    sort: Annotated[
+        Literal["latent", "density", "max_activation", "detection", "fuzz", "embedding"],
+        Query(description="a statistic, or a label score (best first, unscored last)"),
+    ] = "latent",
     include_dead: Annotated[bool, Query(description="list latents that never fired")] = True,
+    min_detection: Annotated[float | None, Query(ge=0, le=1, description="detection score at least")] = None,
+    min_fuzz: Annotated[float | None, Query(ge=0, le=1, description="fuzzing score at least")] = None,
+    min_embedding: Annotated[float | None, Query(ge=0, le=1, description="embedding score at least")] = None,
 ) -> FeaturePage:
-    """Latents with their statistics, top tokens and names; searchable by name or label."""
+    """Latents with their statistics, top tokens and names; searchable by name or label, sortable
+    and filterable by their labels' scores."""
+    minimum = {"detection": min_detection, "fuzz": min_fuzz, "embedding": min_embedding}
     listing = await asyncio.to_thread(
         _concepts().list_features,
         store,
@@ -82,6 +90,7 @@ async def list_features(
         source=source,
         include_dead=include_dead,
         sort=sort,
+        min_score={name: value for name, value in minimum.items() if value is not None},
         offset=page.offset,
         limit=page.limit,
     )

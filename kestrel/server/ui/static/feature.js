@@ -91,6 +91,38 @@ function renderBins(bins, known, max) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Label scores: detection, fuzzing (balanced accuracy) and embedding (AUROC), and the examples
+
+const SCORES = [
+  ["detection", "Detection", "balanced accuracy picking contexts where it fires among random ones (chance 0.5)"],
+  ["fuzz", "Fuzzing", "balanced accuracy telling the tokens it fires on from random ones (chance 0.5)"],
+  ["embedding", "Embedding", "AUROC of cos(name, context), no generation (chance 0.5)"],
+];
+
+function scoredExample(e) {
+  const max = Math.max(1e-9, ...e.activations);
+  const verdict = e.predicted === e.activating ? "right" : "wrong";
+  return h("li", { dataset: { activating: String(e.activating), verdict } },
+    h("span", { class: "act" }, e.activating ? "fires" : "silent"),
+    h("span", { class: "muted" }, ` scorer: ${e.predicted ? "yes" : "no"} (${verdict}, ${num(e.score)}) `),
+    h("span", { class: "ctx" }, e.tokens.map((t, i) => tokenSpan(t, e.activations[i], max, false))));
+}
+
+function renderScores(c) {
+  const scores = c?.scores;
+  $("#scores-panel").hidden = !scores;
+  if (!scores) return;
+  fill($("#label-scores"), SCORES.map(([key, label, help]) => h("li", { title: help, dataset: { score: key } },
+    h("span", { class: "label" }, label),
+    h("span", { class: "value" }, scores[key] == null ? "—" : scores[key].toFixed(2)))));
+  const stale = scores.label !== c.name ? ` for the earlier name “${scores.label}”` : "";
+  fill($("#scores-note"), scores.note || `scored by ${scores.scorer} on ${scores.n_activating} + ${scores.n_non_activating} held-out examples${stale}`);
+  fill($("#scored-examples"), scores.examples.length
+    ? h("ul", { class: "contexts" }, scores.examples.map(scoredExample))
+    : h("p", { class: "empty" }, "No examples stored."));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Name and description, edited in place (PUT /v1/saes/{id}/concepts/{latent})
 
 function renderName() {
@@ -123,6 +155,7 @@ function wireEditor() {
     try {
       concept = await api(`/saes/${saeId}/concepts/${latent}`, { method: "PUT", body });
       renderName();
+      renderScores(concept);
       openEditor(false);
       status($("#status-line"), `Saved “${concept.name}”.`, "ok");
     } catch (error) {
@@ -140,6 +173,7 @@ start(async () => {
   }
   concept = feature.concept;
   renderName();
+  renderScores(concept);
   const known = knownActivations(feature);
   renderStats(feature);
   fill($("#contexts"), contextList(feature.top_contexts, known, feature.max_activation));

@@ -15,6 +15,7 @@ function readForm() {
     sort: $("#sort").value,
     source: $("#source").value,
     alive: $("#alive").checked,
+    min_detection: $("#min-detection").value,
   };
 }
 
@@ -23,20 +24,29 @@ function writeForm(params) {
   $("#sort").value = params.get("sort") ?? "latent";
   $("#source").value = params.get("source") ?? "";
   $("#alive").checked = params.get("alive") === "1";
+  $("#min-detection").value = params.get("min_detection") ?? "";
 }
+
+/** A label score (balanced accuracy or AUROC, chance 0.5) as a cell; blank when unscored. */
+const scoreCell = (concept, name) => {
+  const value = concept?.scores?.[name];
+  return h("td", { class: "num", dataset: { score: value ?? "" } }, value == null ? "" : value.toFixed(2));
+};
 
 const featureLink = (latent) => `${base}/ui/saes/${saeId}/features/${latent}`;
 const tokens = (list) => h("ul", { class: "chips" }, list.slice(0, 6).map((t) => h("li", { class: "chip" }, showToken(t))));
 
 function resultsTable(items) {
   return h("div", { class: "table-scroll" }, h("table", { id: "results-table" },
-    h("thead", {}, h("tr", {}, ["Latent", "Name", "Density", "Max act.", "Top tokens", "Promotes"].map((label, i) =>
-      h("th", { scope: "col", class: i === 2 || i === 3 ? "num" : null }, label)))),
+    h("thead", {}, h("tr", {}, ["Latent", "Name", "Density", "Max act.", "Detection", "Fuzzing", "Top tokens", "Promotes"].map((label, i) =>
+      h("th", { scope: "col", class: i >= 2 && i <= 5 ? "num" : null }, label)))),
     h("tbody", {}, items.map((f) => h("tr", { dataset: { latent: f.latent } },
       h("td", {}, h("a", { href: featureLink(f.latent), class: "mono" }, `#${f.latent}`)),
       h("td", {}, f.concept ? [h("a", { href: featureLink(f.latent) }, f.concept.name), h("div", { class: "muted" }, f.concept.source)] : h("span", { class: "muted" }, "unnamed")),
       h("td", { class: "num" }, num(f.density)),
       h("td", { class: "num" }, num(f.max_activation)),
+      scoreCell(f.concept, "detection"),
+      scoreCell(f.concept, "fuzz"),
       h("td", {}, tokens(f.top_tokens)),
       h("td", {}, tokens(f.promoted_tokens)))))));
 }
@@ -49,10 +59,11 @@ async function byIndex(q, query) {
 }
 
 async function search(params) {
-  const { q, sort, source, alive } = readForm();
+  const { q, sort, source, alive, min_detection } = readForm();
   const offset = Number(params.get("offset") ?? 0);
   const query = { sort, limit: PAGE, offset, include_dead: !alive };
   if (source) query.source = source;
+  if (min_detection !== "") query.min_detection = min_detection;
   const [exact, page] = await Promise.all([
     offset === 0 ? byIndex(q, source ? { source } : {}) : null,
     api(`/saes/${saeId}/features`, { query: q ? { ...query, search: q } : query }),
@@ -84,8 +95,8 @@ start(async () => {
   writeForm(params);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    const { q, sort, source, alive } = readForm();
-    navigate({ q, sort, source, alive, offset: null });
+    const { q, sort, source, alive, min_detection } = readForm();
+    navigate({ q, sort, source, alive, min_detection, offset: null });
   });
   $("#prev").addEventListener("click", () => navigate({ offset: Math.max(0, Number(new URLSearchParams(location.search).get("offset") ?? 0) - PAGE) }));
   $("#next").addEventListener("click", () => navigate({ offset: Number(new URLSearchParams(location.search).get("offset") ?? 0) + PAGE }));

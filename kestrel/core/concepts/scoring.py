@@ -1,0 +1,327 @@
+"""How well a latent's label predicts its activations: detection, fuzzing and an embedding score.
+
+The definitions are EleutherAI delphi's (`kestrel.core.concepts.examples` builds the examples):
+
+* **detection**: the scorer is given the label and one example at a time and says whether the
+  latent is active in it; the examples are ``n_test`` activating blocks (quantile-sampled) and
+  as many random non-activating ones; the score is the **balanced accuracy** of its yes/no
+  answers, ``(TPR + TNR) / 2`` (delphi's ``compute_classification_metrics``), chance 0.5;
+* **fuzzing**: the same activating test blocks, once with the tokens the latent fires on marked
+  (activation ≥ ``fuzz_threshold`` × the example's max, delphi's threshold 0.3) and once with as
+  many random other tokens marked (delphi's ``n_incorrect``: the ceiling of the mean count of
+  active tokens; delphi's fuzz type ``active``); balanced accuracy of "the marks are right";
+* **embedding**: no generation, no forward: the AUROC of cos(label, example) separating the
+  activating test blocks from the non-activating ones, each embedded as the mean of the scorer's
+  input token embeddings (centred on the test examples' mean, which takes out the direction all
+  of them share; no truth is used). A contextual state would be richer, but a 3-token label and
+  a 16-token example sit at different positions and lengths, and that difference, not their
+  meaning, dominated their cosine (AUROC below chance on the bench).
+
+A 135M scorer cannot be trusted to write "yes"/"no" in a format, so it answers by
+log-probabilities instead of generation: the score of an example is the pointwise mutual
+information of the label with it, ``log p(label | "Text:" + example + "\\nThis text is about")
+− log p(label | "Text:\\nThis text is about")``, read in one forward of the example with the
+label's tokens continued from its cached keys and values (so the chance control's shuffled
+label costs the label's tokens only). The yes/no answer is "score > threshold", the threshold
+being the one that best separates a separate **calibration** split of the latent (its own
+activating and non-activating blocks, never scored); ties go to the middle of the best range.
+Nothing is fitted on the examples scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from torch import Tensor
+
+from kestrel.core.concepts.config import ScoringConfig
+from kestrel.core.concepts.dictionary import LabelScores, ScoredExample
+from kestrel.core.concepts.examples import Examples, LatentExamples, mean_active_tokens
+from kestrel.core.errors import CancelledError
+from kestrel.core.models import LoadedModel
+
+DETECT_PREFIX = "Text:"
+DETECT_SUFFIX = "\nThis text is about"
+FUZZ_SUFFIX = "\nThe words marked [[like this]] are about"
+MARK_OPEN, MARK_CLOSE = "[[", "]]"
+MAX_LABEL_TOKENS = 16
+MAX_EXAMPLES_STORED = 24
+
+
+def scoring_key(scorer: str, config: ScoringConfig, run_id: str) -> str:
+    """What a label's scores depend on besides the label: a rerun with the same key can skip it."""
+    blob = json.dumps({"scorer": scorer, "run": run_id, **config.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Scorer:
+    """A language model answering by log-probabilities (see the module docstring)."""
+
+    def __init__(self, lm: LoadedModel, config: ScoringConfig) -> None:
+        self.lm = lm
+        self.config = config
+        tok = lm.tokenizer
+        self.prefix = self.encode(DETECT_PREFIX)
+        self.suffix = self.encode(DETECT_SUFFIX)
+        self.fuzz_suffix = self.encode(FUZZ_SUFFIX)
+        self.mark_open, self.mark_close = self.encode(MARK_OPEN), self.encode(MARK_CLOSE)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
+
+    def label_ids(self, label: str) -> list[int]:
+        return self.encode(" " + label.strip())[:MAX_LABEL_TOKENS] or self.encode(" ?")
+
+    @torch.inference_mode()
+    def label_logprobs(self, contexts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Tensor:
+        """``[len(labels), len(contexts)]`` log p(label | context), summed over the label's tokens:
+        each batch of contexts (left-padded) is read once, and every label is continued from its
+        cached keys and values, cropped back after each."""
+        body = self.lm.model.base_model
+        head = self.lm.model.get_output_embeddings()
+        device = self.lm.device
+        out_LN = torch.zeros(len(labels), len(contexts))
+        for start in range(0, len(contexts), self.config.batch_size):
+            chunk = contexts[start : start + self.config.batch_size]
+            width = max(len(c) for c in chunk)
+            ids_BT = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask_BT = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, context in enumerate(chunk):  # left-padded: every context ends where labels begin
+                ids_BT[i, width - len(context) :] = torch.tensor(list(context))
+                mask_BT[i, width - len(context) :] = 1
+            ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+            out = body(
+                input_ids=ids_BT,
+                attention_mask=mask_BT,
+                position_ids=(mask_BT.cumsum(1) - 1).clamp_min(0),
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            first_BV = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
+            lengths_B1 = mask_BT.sum(dim=1, keepdim=True)
+            for j, label in enumerate(labels):
+                logp_B = first_BV[:, label[0]]
+                if len(label) > 1:
+                    given_BL = torch.tensor(list(label[:-1]), device=device).expand(len(chunk), -1)
+                    target_BL = torch.tensor(list(label[1:]), device=device).expand(len(chunk), -1)
+                    with warnings.catch_warnings():  # transformers 5 renames past_key_values
+                        warnings.filterwarnings("ignore", ".*past_key_values.*", FutureWarning)
+                        step = body(
+                            input_ids=given_BL,
+                            attention_mask=torch.cat([mask_BT, torch.ones_like(given_BL)], dim=1),
+                            position_ids=lengths_B1 + torch.arange(len(label) - 1, device=device),
+                            past_key_values=cache,
+                            use_cache=True,
+                        )
+                    logp_BLV = head(step.last_hidden_state).float().log_softmax(-1)
+                    logp_B = logp_B + logp_BLV.gather(2, target_BL[..., None])[..., 0].sum(dim=1)
+                    cache.crop(-(len(label) - 1))  # back to the context (negative: 4.x and 5.x)
+                out_LN[j, start : start + len(chunk)] = logp_B.cpu()
+        return out_LN
+
+    @torch.inference_mode()
+    def embed(self, ids_NT: Tensor) -> Tensor:
+        """``[N, d]`` mean input embedding of each row of token ids."""
+        table = self.lm.model.get_input_embeddings()
+        return table(ids_NT.to(self.lm.device)).float().mean(dim=1).cpu()
+
+    def marked(self, tokens: Sequence[int], marks: Sequence[bool]) -> list[int]:
+        """Token ids with each run of marked tokens wrapped in [[ ]] (delphi's ``_highlight``)."""
+        out: list[int] = []
+        for i, (token, mark) in enumerate(zip(tokens, marks, strict=True)):
+            if mark and (i == 0 or not marks[i - 1]):
+                out += self.mark_open
+            out.append(int(token))
+            if mark and (i == len(marks) - 1 or not marks[i + 1]):
+                out += self.mark_close
+        return out
+
+
+@dataclass
+class _Split:
+    """Scores of one classification: calibration and test, each with its truth."""
+
+    calibration: Tensor
+    calibration_truth: Tensor
+    test: Tensor
+    test_truth: Tensor
+
+    def balanced_accuracy(self) -> tuple[float, float, Tensor]:
+        threshold = fit_threshold(
+            self.calibration[self.calibration_truth], self.calibration[~self.calibration_truth]
+        )
+        predicted = self.test > threshold
+        value = balanced_accuracy_score(self.test_truth.numpy(), predicted.numpy())
+        return float(value), threshold, predicted
+
+
+def fit_threshold(positive: Tensor, negative: Tensor) -> float:
+    """The cut (between two sorted calibration scores) with the best balanced accuracy on them;
+    of equally good cuts, the middle one."""
+    values = torch.cat([positive, negative]).sort().values
+    cuts = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0])
+    tpr = (positive[None, :] > cuts[:, None]).float().mean(dim=1)
+    tnr = (negative[None, :] <= cuts[:, None]).float().mean(dim=1)
+    accuracy = (tpr + tnr) / 2
+    best = torch.nonzero(accuracy >= accuracy.max() - 1e-9).flatten()
+    return float(cuts[best[len(best) // 2]])
+
+
+def score_latents(
+    scorer: Scorer,
+    examples: Sequence[LatentExamples],
+    labels: dict[int, str],
+    *,
+    key: str,
+    controls: dict[int, str] | None = None,
+    on_progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[int, tuple[LabelScores, float | None]]:
+    """Scores of each latent's label (and, with ``controls``, the detection balanced accuracy of
+    the control label on the same examples: the chance control)."""
+    out: dict[int, tuple[LabelScores, float | None]] = {}
+    for done, item in enumerate(examples, start=1):
+        if should_stop is not None and should_stop():
+            raise CancelledError("scoring cancelled; the latents scored so far are kept")
+        control = controls.get(item.latent) if controls else None
+        out[item.latent] = score_one(scorer, item, labels[item.latent], key=key, control=control)
+        if on_progress is not None:
+            on_progress(done / len(examples))
+    return out
+
+
+def score_one(
+    scorer: Scorer, item: LatentExamples, label: str, *, key: str, control: str | None = None
+) -> tuple[LabelScores, float | None]:
+    """Detection, fuzzing and embedding scores of ``label`` on one latent's examples."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    base = {"label": label, "scorer": scorer.lm.name, "key": key, "scored": stamp}
+    if not item.scorable:
+        note = f"too few examples: {item.n_activating} activating blocks in the rows read"
+        return LabelScores(**base, note=note), None
+    own = scorer.label_ids(label)
+    labels = [own] + ([scorer.label_ids(control)] if control is not None else [])
+    detection = _detection(scorer, item, labels)
+    scores = LabelScores(
+        **base,
+        detection=detection.accuracy,
+        fuzz=_fuzz(scorer, item, own),
+        embedding=_embedding(scorer, item, own),
+        threshold=detection.threshold,
+        n_activating=len(item.test_activating),
+        n_non_activating=len(item.test_non_activating),
+        examples=detection.examples,
+    )
+    return scores, detection.control
+
+
+@dataclass
+class _Detection:
+    accuracy: float
+    control: float | None
+    threshold: float
+    examples: list[ScoredExample]
+
+
+def _detection(scorer: Scorer, item: LatentExamples, labels: list[list[int]]) -> _Detection:
+    sets = (
+        item.test_activating,
+        item.test_non_activating,
+        item.calibration_activating,
+        item.calibration_non_activating,
+    )
+    contexts = [scorer.prefix + row + scorer.suffix for s in sets for row in s.tokens_NC.tolist()]
+    logp_LN = scorer.label_logprobs(contexts, labels)
+    prior_L = scorer.label_logprobs([scorer.prefix + scorer.suffix], labels)
+    pmi_LN = logp_LN - prior_L
+    sizes = [len(s) for s in sets]
+    n_test = sizes[0] + sizes[1]
+    truth = torch.tensor([True] * sizes[0] + [False] * sizes[1] + [True] * sizes[2] + [False] * sizes[3])
+    results = []
+    for pmi_N in pmi_LN:
+        split = _Split(pmi_N[n_test:], truth[n_test:], pmi_N[:n_test], truth[:n_test])
+        results.append(split.balanced_accuracy())
+    accuracy, threshold, predicted = results[0]
+    return _Detection(
+        accuracy=accuracy,
+        control=results[1][0] if len(results) > 1 else None,
+        threshold=threshold,
+        examples=_stored_examples(scorer, (sets[0], sets[1]), pmi_LN[0], predicted),
+    )
+
+
+def _fuzz(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
+    n_incorrect = mean_active_tokens(item.test_activating)
+    generator = torch.Generator().manual_seed(scorer.config.seed)
+    contexts: list[list[int]] = []
+    for examples in (item.test_activating, item.calibration_activating):
+        right = [_correct_marks(scorer, row) for row in examples.acts_NC]
+        wrong = [_random_marks(scorer, row, n_incorrect, generator) for row in examples.acts_NC]
+        for marks in (right, wrong):
+            for tokens, m in zip(examples.tokens_NC.tolist(), marks, strict=True):
+                contexts.append(scorer.prefix + scorer.marked(tokens, m) + scorer.fuzz_suffix)
+    logp_LN = scorer.label_logprobs(contexts, [label])
+    n_test, n_cal = len(item.test_activating), len(item.calibration_activating)
+    test_truth = torch.tensor([True] * n_test + [False] * n_test)
+    cal_truth = torch.tensor([True] * n_cal + [False] * n_cal)
+    scores = logp_LN[0]
+    split = _Split(scores[2 * n_test :], cal_truth, scores[: 2 * n_test], test_truth)
+    return split.balanced_accuracy()[0]
+
+
+def _correct_marks(scorer: Scorer, acts_C: Tensor) -> list[bool]:
+    return (acts_C >= scorer.config.fuzz_threshold * acts_C.max()).tolist()
+
+
+def _random_marks(scorer: Scorer, acts_C: Tensor, n: int, generator: torch.Generator) -> list[bool]:
+    """``n`` random tokens at or below the threshold (delphi's false-positive highlighting)."""
+    below = torch.nonzero(acts_C <= scorer.config.fuzz_threshold * acts_C.max()).flatten()
+    chosen = below[torch.randperm(len(below), generator=generator)[:n]]
+    marks = torch.zeros(len(acts_C), dtype=torch.bool)
+    marks[chosen] = True
+    return marks.tolist()
+
+
+def _embedding(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
+    examples_ND = scorer.embed(
+        torch.cat([item.test_activating.tokens_NC, item.test_non_activating.tokens_NC])
+    )
+    centre_D = examples_ND.mean(dim=0)  # of all test examples: no truth used
+    label_D = scorer.embed(torch.tensor([label]))[0] - centre_D
+    cos_N = torch.nn.functional.cosine_similarity(examples_ND - centre_D, label_D[None], dim=1)
+    truth = [1] * len(item.test_activating) + [0] * len(item.test_non_activating)
+    return float(roc_auc_score(truth, cos_N.numpy()))
+
+
+def _stored_examples(
+    scorer: Scorer, sets: tuple[Examples, Examples], pmi_N: Tensor, predicted: Tensor
+) -> list[ScoredExample]:
+    """The scored test examples as text, with the scorer's value and answer (kept with the label)."""
+    out: list[ScoredExample] = []
+    texts = scorer.lm.tokenizer.batch_decode
+    i = 0
+    for activating, examples in zip((True, False), sets, strict=True):
+        for row, (tokens, acts) in enumerate(
+            zip(examples.tokens_NC.tolist(), examples.acts_NC.tolist(), strict=True)
+        ):
+            if len(out) < MAX_EXAMPLES_STORED:
+                out.append(
+                    ScoredExample(
+                        tokens=texts([[t] for t in tokens], clean_up_tokenization_spaces=False),
+                        activations=[round(a, 4) for a in acts],
+                        activating=activating,
+                        quantile=examples.quantile[row] if examples.quantile else None,
+                        score=round(float(pmi_N[i]), 4),
+                        predicted=bool(predicted[i]),
+                    )
+                )
+            i += 1
+    return out
