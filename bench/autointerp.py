@@ -160,7 +160,7 @@ def main() -> None:
             "id": sae_id,
             "n_latents": args.n_latents,
             "k": args.k,
-            "run_tokens": int(blocks.tokens_BC.numel()),
+            "tokens_in_full_blocks": int(blocks.tokens_BC.numel()),
         },
         "labeller_and_scorer": f"{lm.name} ({args.dtype})",
         "labels": args.labels,

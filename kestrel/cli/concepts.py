@@ -185,8 +185,10 @@ def label(
     *,
     scoring: dict[str, Any],
 ) -> None:
-    """Name latents automatically; each name records its source (heuristic or model), and with
-    --score how well it predicts the latent's activations."""
+    """Name latents automatically; each name records its source (heuristic or model).
+
+    With --score, each name is then scored (detection, fuzzing, embedding) on held-out examples.
+    """
     from kestrel.core.concepts import label_features
     from kestrel.core.concepts.dictionary import LabelMethod
     from kestrel.core.models import load_model
