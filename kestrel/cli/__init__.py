@@ -61,8 +61,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "label": (
         "kestrel.cli.concepts",
-        "Name latents automatically; each name records its source (heuristic or model), and with "
-        "--score how well it predicts the latent's activations.",
+        "Name latents automatically; each name records its source (heuristic or model).",
     ),
     "concepts": ("kestrel.cli.concepts", "The concept dictionary of an SAE: names per latent."),
 }
