@@ -209,6 +209,16 @@ def capture_run(http: httpx.Client, layer: str = "model.layers.3", texts: list[s
     return job["artifacts"]["run_id"]
 
 
+def tiny_sae(http: httpx.Client, layer: str = "model.layers.1") -> str:
+    """A run of the tiny Llama over the sample texts (twice) and a 64-latent SAE on ``layer``,
+    made through the API; the SAE's id."""
+    body = {"model": "tiny-llama", "layers": [layer], "dataset": {"kind": "texts", "texts": TEXTS * 2}}
+    run_id = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])["artifacts"]["run_id"]
+    train = {"run_id": run_id, "layer": layer, "sae": {"n_latents": 64, "k": 4}}
+    train["train"] = {"batch_size": 64, "token_budget": 4_000}
+    return wait_for_job(http, http.post("/v1/saes", json=train).json()["id"])["artifacts"]["sae_id"]
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
     """The response has this status and the one error shape; its ``error`` object."""
     assert response.status_code == status, response.text

@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from service_stack import TEXTS, assert_error, wait_for_job
+from service_stack import assert_error, tiny_sae, wait_for_job
 
 from kestrel.core.models import DEFAULT_MODEL
 
@@ -19,13 +19,7 @@ LAYER = "model.layers.1"
 def sae_id(service) -> str:
     """A run and a 64-latent SAE on the tiny model, made through the API."""
     with service.client() as http:
-        body = {"model": MODEL, "layers": [LAYER], "dataset": {"kind": "texts", "texts": TEXTS * 2}}
-        run_id = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])["artifacts"][
-            "run_id"
-        ]
-        train = {"run_id": run_id, "layer": LAYER, "sae": {"n_latents": 64, "k": 4}}
-        train["train"] = {"batch_size": 64, "token_budget": 4_000}
-        return wait_for_job(http, http.post("/v1/saes", json=train).json()["id"])["artifacts"]["sae_id"]
+        return tiny_sae(http, LAYER)
 
 
 def test_discover_list_search_and_feature_page(client: httpx.Client, sae_id: str) -> None:

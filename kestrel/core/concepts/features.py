@@ -148,29 +148,32 @@ def _matches(item: dict[str, Any], needle: str) -> bool:
     return any(needle in text.lower() for text in haystack)
 
 
+#: What one latent's page reads (a slice of each per-latent tensor).
+PAGE_TENSORS = (
+    "fire_count",
+    "density",
+    "max_activation",
+    "mean_activation",
+    "hist_counts",
+    "top_values",
+    "top_rows",
+    "top_windows",
+    "bin_values",
+    "bin_rows",
+    "bin_windows",
+    "top_token_ids",
+    "top_token_counts",
+    "logit_pos_ids",
+    "logit_pos_values",
+    "logit_neg_ids",
+    "logit_neg_values",
+)
+
+
 def feature_page(store: LocalStore, sae_id: str, latent: int) -> dict[str, Any]:
     """Everything a feature's page shows: statistics, histogram, contexts, bins, logit effects, name."""
     reader = FeatureReader(store, sae_id)
-    t = reader.latent(
-        latent,
-        "fire_count",
-        "density",
-        "max_activation",
-        "mean_activation",
-        "hist_counts",
-        "top_values",
-        "top_rows",
-        "top_windows",
-        "bin_values",
-        "bin_rows",
-        "bin_windows",
-        "top_token_ids",
-        "top_token_counts",
-        "logit_pos_ids",
-        "logit_pos_values",
-        "logit_neg_ids",
-        "logit_neg_values",
-    )
+    t = reader.latent(latent, *PAGE_TENSORS)
     edges = reader.full("hist_edges")["hist_edges"]
     center = int(reader.manifest["window_center"])
     max_activation = float(t["max_activation"])

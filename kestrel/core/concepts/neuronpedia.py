@@ -39,6 +39,7 @@ import torch
 from kestrel.core.concepts.config import NeuronpediaExport
 from kestrel.core.concepts.contexts import PAD_TOKEN
 from kestrel.core.concepts.dictionary import Concept, read_dictionary
+from kestrel.core.concepts.features import PAGE_TENSORS
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import Detector, HookManager, run_until_stopped, stop_after
@@ -138,22 +139,7 @@ def _hook_point(lm: LoadedModel, layer: str) -> tuple[int, str]:
 
 
 def _latent_tensors(reader: FeatureReader, latent: int) -> dict[str, torch.Tensor]:
-    return reader.latent(
-        latent,
-        "density",
-        "max_activation",
-        "hist_counts",
-        "top_values",
-        "top_rows",
-        "top_windows",
-        "bin_values",
-        "bin_rows",
-        "bin_windows",
-        "logit_pos_ids",
-        "logit_pos_values",
-        "logit_neg_ids",
-        "logit_neg_values",
-    ) | {"hist_edges": reader.full("hist_edges")["hist_edges"]}
+    return reader.latent(latent, *PAGE_TENSORS) | {"hist_edges": reader.full("hist_edges")["hist_edges"]}
 
 
 def _contexts(reader: FeatureReader, t: dict[str, torch.Tensor], with_bins: bool) -> list[dict[str, Any]]:
