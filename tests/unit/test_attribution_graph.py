@@ -247,9 +247,34 @@ def test_pruning_keeps_the_influential_nodes_and_the_json_names_them(tiny_lm, tr
     assert not bool(edges[~nodes].any()) and not bool(edges[:, ~nodes].any())
     inner = nodes & (graph.kinds("feature") | graph.kinds("error"))
     assert bool(edges.any(0)[inner].all())  # every kept feature or error node has an edge out
+    kept_features = nodes & graph.kinds("feature")
+    assert bool(edges.any(1)[kept_features].all())  # and every kept feature an edge in
     exported = graph_json(graph, nodes, edges)
     ids = {node["id"] for node in exported["nodes"]}
     assert all(link["source"] in ids and link["target"] in ids for link in exported["links"])
     assert exported["target"]["token"] == graph.nodes[-1].token and exported["links"]
     with pytest.raises(InvalidInputError, match="node_keep"):
         prune(graph, node_keep=1.5)
+
+
+def test_transcoders_are_checked_to_replace_one_mlp_each() -> None:
+    from kestrel.core.sae.records import SAEManifest, transcoder_blocks
+
+    def manifest(sae_id, layer, target, kind="transcoder", model="m"):
+        return SAEManifest(id=sae_id, model=model, layer=layer, target_layer=target, kind=kind, config={})
+
+    norm = "model.layers.4.post_attention_layernorm"  # what the MLP reads, as a module output
+    good = [
+        manifest("a", "model.layers.1.mlp:input", "model.layers.1.mlp"),
+        manifest("b", norm, "model.layers.4.mlp", "skip_transcoder"),
+    ]
+    assert transcoder_blocks(good, "m") == {1: "a", 4: "b"}
+    wrong = {
+        "not a transcoder": manifest("c", "model.layers.2", None, kind="sae"),
+        "reads 'model.layers.4'": manifest("d", "model.layers.4", "model.layers.5.mlp"),
+        "both replace block 1": manifest("e", "model.layers.1.mlp:input", "model.layers.1.mlp"),
+        "not 'm'": manifest("f", "model.layers.7.mlp:input", "model.layers.7.mlp", model="other"),
+    }
+    for message, bad in wrong.items():
+        with pytest.raises(InvalidInputError, match=message):
+            transcoder_blocks([*good, bad], "m")

@@ -422,7 +422,8 @@ def _threshold(scores: Tensor, keep: float) -> float:
 def prune(graph: AttributionGraph, node_keep: float = 0.8, edge_keep: float = 0.98) -> tuple[Tensor, Tensor]:
     """Node and edge masks keeping the nodes that carry ``node_keep`` of the influence on the logit
     and the edges that carry ``edge_keep`` of theirs (tokens and the logit always stay); a feature
-    or error node left without an edge out is dropped, as circuit-tracer does."""
+    or error node left without an edge out, and a feature without an edge in, is dropped, as
+    circuit-tracer does."""
     for name, value in (("node_keep", node_keep), ("edge_keep", edge_keep)):
         if not 0.0 <= value <= 1.0:
             raise InvalidInputError(f"{name} must be within [0, 1], got {value}")
@@ -436,10 +437,11 @@ def prune(graph: AttributionGraph, node_keep: float = 0.8, edge_keep: float = 0.
     kept[:, ~nodes] = 0
     edge_scores = normalized(kept) * (influence(kept, weights) + weights)[:, None]
     edges = (edge_scores >= _threshold(edge_scores, edge_keep)) & (edge_scores > 0)
-    inner = ~always
-    while True:  # drop inner nodes left with no edge out, and the edges of dropped nodes
+    inner, features = ~always, graph.kinds("feature")
+    while True:  # drop inner nodes with no edge out, features with no edge in, and their edges
         before = nodes.clone()
         nodes[inner] &= edges[:, inner].any(0)
+        nodes[features] &= edges[features].any(1)
         edges[~nodes] = False
         edges[:, ~nodes] = False
         if torch.equal(before, nodes):

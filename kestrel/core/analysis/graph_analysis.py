@@ -8,7 +8,6 @@ completeness says how much of the answer the chosen transcoders explain.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from kestrel.core.analysis.common import (
@@ -23,39 +22,20 @@ from kestrel.core.analysis.common import (
 from kestrel.core.analysis.config import GraphConfig
 from kestrel.core.analysis.graph import attribution_graph, graph_json, prune
 from kestrel.core.analysis.report import Report, new_figure, table
-from kestrel.core.errors import InvalidInputError
+from kestrel.core.sae.records import transcoder_blocks
 from kestrel.core.store import Store
 
 TOP_NODES = 20
-MLP_TARGET = re.compile(r"^model\.layers\.(\d+)\.mlp$")
 
 
 def load_transcoders(store: Store, sae_ids: list[str], model: str) -> dict[int, Any]:
-    """Block index → transcoder, each checked to be a transcoder of that block's MLP and of ``model``."""
+    """Block index → loaded transcoder, checked by `transcoder_blocks`."""
     from kestrel.core.sae.artifacts import load_sae
 
-    found: dict[int, Any] = {}
-    for sae_id in sae_ids:
-        sae, summary = load_sae(store, sae_id)
-        target = getattr(sae.config, "target_layer", None)
-        match = MLP_TARGET.match(target or "")
-        if match is None:
-            raise InvalidInputError(
-                f"sae {sae_id!r} is not a transcoder of a block's MLP (its target_layer is {target!r}; "
-                "an attribution graph needs transcoders trained from model.layers.<i>.mlp:input to "
-                "model.layers.<i>.mlp)",
-                details={"sae_id": sae_id, "target_layer": target},
-            )
-        block = int(match.group(1))
-        if block in found:
-            raise InvalidInputError(f"two transcoders for block {block}; give one per MLP")
-        if summary.model_name not in (None, model):
-            raise InvalidInputError(
-                f"sae {sae_id!r} reads {summary.model_name!r}, not {model!r}",
-                details={"sae_id": sae_id, "model": summary.model_name},
-            )
-        found[block] = sae.eval()
-    return found
+    loaded = [load_sae(store, sae_id) for sae_id in sae_ids]
+    blocks = transcoder_blocks([summary for _, summary in loaded], model)
+    by_id = {summary.id: sae for sae, summary in loaded}
+    return {block: by_id[sae_id].eval() for block, sae_id in blocks.items()}
 
 
 def analyze(

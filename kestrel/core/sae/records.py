@@ -9,6 +9,7 @@ the API process lists, reads and deletes SAEs and checks a request against them 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +75,28 @@ class SAEManifest(StoredManifest):
                 f"{action} is only defined for an SAE that reconstructs the layer it reads",
                 details={"sae_id": self.id, "kind": self.kind, "target_layer": self.target_layer},
             )
+
+    def mlp_block(self) -> int:
+        """The block whose MLP this transcoder replaces (an attribution graph's node layer):
+        it must read that MLP's input (``model.layers.<i>.mlp:input``, or the norm output that
+        feeds it) and predict its output (``model.layers.<i>.mlp``); InvalidInputError otherwise."""
+        target = re.fullmatch(r"model\.layers\.(\d+)\.mlp", self.target_layer or "")
+        if self.kind == "sae" or target is None:
+            raise InvalidInputError(
+                f"sae {self.id!r} is not a transcoder of a block's MLP (target_layer "
+                f"{self.target_layer!r}); attribution graphs need transcoders trained from "
+                "model.layers.<i>.mlp:input to model.layers.<i>.mlp",
+                details={"sae_id": self.id, "target_layer": self.target_layer},
+            )
+        block = target.group(1)
+        inputs = (f"model.layers.{block}.mlp:input", f"model.layers.{block}.post_attention_layernorm")
+        if self.layer_name not in inputs:
+            raise InvalidInputError(
+                f"transcoder {self.id!r} reads {self.layer_name!r}, not the input of the MLP it predicts "
+                f"({inputs[0]!r}); its features would encode other activations",
+                details={"sae_id": self.id, "layer": self.layer_name, "target_layer": self.target_layer},
+            )
+        return int(block)
 
     def model_and_layer(self) -> tuple[str, str]:
         """The model and layer it reads; InvalidInputError for one imported without them."""
@@ -198,3 +221,25 @@ def read_history(directory: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def transcoder_blocks(summaries: list[SAEManifest], model: str | None) -> dict[int, str]:
+    """Block index → transcoder id, each checked to be a transcoder of that block's MLP (see
+    `SAEManifest.mlp_block`), one per block, of ``model`` when given. Torch-free: the API checks
+    a request with it before queueing, the worker again before the graph."""
+    blocks: dict[int, str] = {}
+    for summary in summaries:
+        block = summary.mlp_block()
+        if block in blocks:
+            raise InvalidInputError(
+                f"transcoders {blocks[block]!r} and {summary.id!r} both replace block {block}'s MLP: "
+                "give one",
+                details={"block": block},
+            )
+        if model is not None and summary.model_name not in (None, model):
+            raise InvalidInputError(
+                f"sae {summary.id!r} reads {summary.model_name!r}, not {model!r}",
+                details={"sae_id": summary.id, "model": summary.model_name},
+            )
+        blocks[block] = summary.id
+    return blocks

@@ -13,7 +13,7 @@ from kestrel.core.analysis.config import CircuitConfig, GraphConfig
 from kestrel.core.analysis.records import AnalysisKind
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.runs import get_manifest
-from kestrel.core.sae.records import get_sae, require_loadable_model
+from kestrel.core.sae.records import get_sae, require_loadable_model, transcoder_blocks
 from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import (
     AnalysisDetail,
@@ -90,18 +90,10 @@ def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
     elif isinstance(request, GraphConfig):
         services.require_allowed_model(request.model, settings)
         services.check_texts([request.prompt], settings)
-        for sae_id in request.transcoders:  # 404 for an unknown one, 422 for an SAE that is not one
-            _check_transcoder(get_sae(store, validate_id(sae_id, "sae id")))
-
-
-def _check_transcoder(summary) -> None:
-    target = (summary.config or {}).get("target_layer")
-    if not target:
-        raise InvalidInputError(
-            f"sae {summary.id!r} is not a transcoder (it reconstructs its own input); an attribution "
-            "graph needs transcoders trained with target_layer model.layers.<i>.mlp",
-            details={"sae_id": summary.id},
-        )
+        # 404 for an unknown id; 422 for an SAE that is not a transcoder of a block's MLP, two for
+        # one block, or another model's: the worker's own check (`transcoder_blocks`), up front
+        summaries = [get_sae(store, validate_id(sae_id, "sae id")) for sae_id in request.transcoders]
+        transcoder_blocks(summaries, request.model)
 
 
 def _check_causal(request: CausalAnalysisRequest, settings: Settings, store) -> None:
