@@ -36,13 +36,8 @@ def job_artifacts(kwargs: dict[str, Any]) -> dict[str, str | list[str]]:
     return artifacts
 
 
-def prepare_stream_training(
-    request: TrainRequest, redis: Redis, store: Store, settings: Settings
-) -> dict[str, Any]:
-    """Validate a stream training request; the job's kwargs with fresh SAE ids (and run id).
-
-    The request is kept in Redis for `services.TRAIN_REQUEST_TTL_S`, once, with a pointer from
-    each SAE id, so that ``resume_from`` can continue any one of them later."""
+def prepare_stream_training(request: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:
+    """Validate a stream training request; the job's kwargs with fresh SAE ids (and run id)."""
     mixed = [name for name in ("run_id", "layer", "sae", "resume_from") if getattr(request, name) is not None]
     if mixed:
         raise InvalidInputError(
@@ -72,16 +67,16 @@ def prepare_stream_training(
         train = entry.train or TrainConfig()
         limits.check_train(train.model_dump(mode="json"), caps)
         train.check_one_pass(i)
-    kwargs = {
+    return {
         "request": request.model_dump(mode="json"),
         "sae_ids": [new_id("sae") for _ in request.saes],
         "spill_run_id": new_id("run") if request.spill else None,
     }
-    _remember_request(redis, kwargs["request"], kwargs["sae_ids"])
-    return kwargs
 
 
-def _remember_request(redis: Redis, request: dict[str, Any], sae_ids: list[str]) -> None:
+def remember_request(redis: Redis, request: dict[str, Any], sae_ids: list[str]) -> None:
+    """Keep a submitted stream job's request (once) and a pointer from each of its SAE ids, for
+    `TRAIN_REQUEST_TTL_S`, so that ``resume_from`` can continue any one of them later."""
     group = sae_ids[0]
     ttl = services.TRAIN_REQUEST_TTL_S
     with redis.pipeline() as pipe:

@@ -3,8 +3,9 @@ stored context, so it is a batch job). Its own module because `kestrel.workers.j
 size limit.
 
 Faults: a cancel stops between batches of 128 latents and stores nothing; a kill leaves at most a
-hidden ``exports/.staging-<id>`` directory (never listed or served); a requeued job starts over
-under the same export id. The export appears whole (one rename) or not at all.
+hidden ``exports/.staging-<id>`` directory (never listed or served); the reaper requeues the job,
+which starts over under the same export id (or answers at once if the first run had published).
+The export appears whole (one rename) or not at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def neuronpedia_job(ctx: JobContext, sae_id: str, request: dict[str, Any], expor
     from kestrel.core.sae.artifacts import get_sae
 
     options = NeuronpediaExport.from_dict(request)
+    if _exists(ctx, sae_id, export_id):  # a requeued job whose first run published it already
+        return ctx.store.read_json("saes", sae_id, f"exports/{export_id}/export.json")
     summary = get_sae(ctx.store, sae_id)
     lm = ctx.models.get(_sae_model_name(ctx, summary))
     ctx.log(f"exporting the feature pages of {sae_id} for Neuronpedia ({options.source_set})")
@@ -43,8 +46,6 @@ def neuronpedia_job(ctx: JobContext, sae_id: str, request: dict[str, Any], expor
         "bytes": len(data),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if _exists(ctx, sae_id, export_id):
-        return record  # a requeued job whose first run stored it already
     publish_export(ctx.store, sae_id, export_id, data, record)
     ctx.outcome = f"{len(data):,} bytes in export {export_id} ({EXPORT_FILE})"
     return record

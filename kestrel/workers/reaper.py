@@ -36,8 +36,9 @@ log = logging.getLogger("kestrel.reaper")
 LOCK_KEY = f"{PREFIX}:reaper-lock"
 
 #: Job kinds a dead worker's job is requeued for (a training resumes from a checkpoint; a
-#: ledger, which writes nothing until it is done, computes again from the start).
-RESUMABLE_KINDS = frozenset({"train", "ledger"})
+#: ledger and a Neuronpedia export, which publish in one step at the end, compute again from the
+#: start; a label job rewrites the same names and scores only the latents not yet scored).
+RESUMABLE_KINDS = frozenset({"train", "ledger", "export", "label"})
 #: How often one training is requeued after its worker died before it fails for good.
 TRAIN_REQUEUES = 3
 

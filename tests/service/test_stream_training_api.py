@@ -114,6 +114,8 @@ def test_one_sae_of_a_stream_job_is_cancelled_alone_and_resumed(client: httpx.Cl
         f"{long_id} to step on from its checkpoint",
     )
     assert later["tokens"] > stopped["tokens"]
+    again = client.post("/v1/saes", json={"resume_from": long_id})  # its job still holds it
+    assert "still held by its training job" in assert_error(again, 409, "conflict")["message"]
     assert client.post(f"/v1/saes/{long_id}/cancel").json()["cancel_requested"]  # its own job: all of it
     final = wait_for_job(client, resumed_id, states=("canceled",))
     assert final["result"]["saes"][long_id]["step"] >= later["step"]

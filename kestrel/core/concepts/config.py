@@ -7,6 +7,7 @@ module alone; running discovery is `kestrel.core.concepts.discovery`.
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -79,6 +80,17 @@ def log_bin_count(low: float, high: float, per_decade: int) -> int:
 # Neuronpedia export (kestrel.core.concepts.neuronpedia)
 
 SOURCE_SET_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+
+
+def neuronpedia_layer_number(layer: str) -> int:
+    """The block number Neuronpedia names a source by (``model.layers.15`` → 15)."""
+    numbers = re.findall(r"\.(\d+)(?:\.|:|$)", layer)
+    if not numbers:
+        raise InvalidInputError(
+            f"layer {layer!r} has no block number; Neuronpedia names sources by layer number",
+            details={"layer": layer},
+        )
+    return int(numbers[0])
 
 
 class NeuronpediaExport(EngineConfig):

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kestrel.core.concepts.config import NeuronpediaExport
+from kestrel.core.concepts.config import NeuronpediaExport, neuronpedia_layer_number
 from kestrel.core.concepts.contexts import PAD_TOKEN
 from kestrel.core.concepts.dictionary import Concept, read_dictionary
 from kestrel.core.concepts.features import PAGE_TENSORS
@@ -128,14 +128,8 @@ def _slug(name: str) -> str:
 
 def _hook_point(lm: LoadedModel, layer: str) -> tuple[int, str]:
     """The layer's number and Neuronpedia's hook name for it (``model.layers.15`` → 15, resid_post)."""
-    numbers = re.findall(r"\.(\d+)(?:\.|$)", layer)
-    if not numbers:
-        raise InvalidInputError(
-            f"layer {layer!r} has no block number; Neuronpedia names sources by layer number",
-            details={"layer": layer},
-        )
     kind = lm.layer(layer).kind
-    return int(numbers[0]), HOOK_POINTS.get(kind, "hook_resid_post")
+    return neuronpedia_layer_number(layer), HOOK_POINTS.get(kind, "hook_resid_post")
 
 
 def _latent_tensors(reader: FeatureReader, latent: int) -> dict[str, torch.Tensor]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
-from kestrel.core.concepts.config import NeuronpediaExport
+from kestrel.core.concepts.config import NeuronpediaExport, neuronpedia_layer_number
 from kestrel.core.concepts.store import read_manifest
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.sae.records import get_sae
+from kestrel.core.sae.records import get_sae, require_loadable_model
 from kestrel.core.store import new_id
 from kestrel.schemas import JobInfo
 from kestrel.server.deps import ExportId, IdempotencyKey, RedisDep, SaeId, SettingsDep, StoreDep
@@ -43,8 +43,11 @@ def start_neuronpedia_export(
     Needs discovered features (404 naming the fix otherwise). The model reruns each stored context
     for the latent's value at every token."""
     request = request or NeuronpediaExport()
-    n_latents = get_sae(store, sae_id).n_latents
-    read_manifest(store, sae_id)
+    summary = get_sae(store, sae_id)
+    n_latents = summary.n_latents
+    read_manifest(store, sae_id)  # 404 naming the fix when nothing is discovered
+    require_loadable_model(store, summary)  # the job runs the model: refuse what it cannot load
+    neuronpedia_layer_number(summary.model_and_layer()[1])
     outside = sorted({i for i in request.latents or () if not 0 <= i < n_latents})
     if outside:
         raise InvalidInputError(

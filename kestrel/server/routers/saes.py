@@ -4,9 +4,11 @@ encode."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from redis import Redis
 
 from kestrel.core import uploads
 from kestrel.core.errors import ConflictError, InvalidInputError, KestrelError, NotFoundError
@@ -16,6 +18,7 @@ from kestrel.core.sae.filesets import LAYOUTS, files_from_zip
 from kestrel.core.sae.ledger_records import LabelledTexts
 from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import (
+    TERMINAL_STATES,
     DeletedResponse,
     EncodeRequest,
     EncodeResponse,
@@ -64,12 +67,14 @@ def start_training(
     (``artifacts.sae_ids``, and ``artifacts.run_id`` when ``spill`` stores the pass)."""
     original = None
     if request.resume_from is not None:
-        original = stream_training.stream_original(redis, validate_id(request.resume_from, "SAE id"))
+        resumed = validate_id(request.resume_from, "SAE id")
+        _refuse_while_training(redis, resumed)
+        original = stream_training.stream_original(redis, resumed)
     if original is not None or stream_training.is_stream_request(request):
         if original is not None:
             kwargs = stream_training.prepare_stream_resume(request, original, store, settings)
         else:
-            kwargs = stream_training.prepare_stream_training(request, redis, store, settings)
+            kwargs = stream_training.prepare_stream_training(request, store, settings)
         func, artifacts = job_names.TRAIN_STREAM, stream_training.job_artifacts(kwargs)
     else:
         kwargs = services.training_job_kwargs(request, redis, store, settings)
@@ -86,7 +91,25 @@ def start_training(
         request_body=request.model_dump(mode="json"),
     )
     lifecycle.remember_sae_job(redis, _trained_ids(info), info.id)
+    if original is None and stream_training.is_stream_request(request):  # after the job exists
+        stream_training.remember_request(redis, kwargs["request"], _trained_ids(info))
     return info
+
+
+def _refuse_while_training(redis: Redis, sae_id: str) -> None:
+    """409 while the job that trains ``sae_id`` runs: its checkpoint is still being written (a
+    stream job stops one SAE but trains the others on, holding every SAE's checkpoints)."""
+    job_id = lifecycle.sae_job(redis, sae_id)
+    if job_id is None:
+        return
+    with contextlib.suppress(NotFoundError):  # the job has expired: nothing is training it
+        job = lifecycle.describe(lifecycle.fetch(redis, job_id))
+        if job.status not in TERMINAL_STATES:
+            raise ConflictError(
+                f"SAE {sae_id!r} is still held by its training job {job_id!r} ({job.status}); "
+                "resume it once that job has ended",
+                details={"id": sae_id, "job_id": job_id, "status": job.status},
+            )
 
 
 def _trained_ids(info: JobInfo) -> list[str]:
@@ -105,10 +128,10 @@ def cancel_training(sae_id: SaeId, redis: RedisDep, store: StoreDep) -> JobInfo:
     A stream job goes on training its other SAEs (the answer is that job, still running); the
     job of a single SAE is cancelled as ``POST /v1/jobs/{id}/cancel`` would. 409 once the SAE's
     job has ended."""
+    if store.exists("saes", sae_id):  # published (a stream job may still train its others)
+        raise ConflictError(f"SAE {sae_id!r} finished training already", details={"id": sae_id})
     job_id = lifecycle.sae_job(redis, sae_id)
     if job_id is None:
-        if store.exists("saes", sae_id):
-            raise ConflictError(f"SAE {sae_id!r} finished training already", details={"id": sae_id})
         raise NotFoundError(f"no training of SAE {sae_id!r} is known", details={"id": sae_id})
     job = lifecycle.describe(lifecycle.fetch(redis, job_id))
     if len(_trained_ids(job)) > 1:
