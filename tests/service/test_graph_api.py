@@ -62,8 +62,21 @@ def test_graph_results_report_and_drawing(client: httpx.Client, trained: tuple[s
     plot = client.get(f"/v1/analyses/{analysis_id}/plots/graph")
     assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
     assert plot.content.startswith(PNG_MAGIC)
+    kept_features = numbers["features_kept"]
+    assert kept_features == kinds.count("feature") <= numbers["features"]
+    assert ("No feature carries enough influence" in report.text) == (kept_features == 0)
     listed = client.get("/v1/analyses", params={"kind": "graph"}).json()["items"]
     assert analysis_id in [item["id"] for item in listed]
+
+    # unpruned, the same graph keeps every active feature of both transcoders
+    whole = client.post("/v1/analyses", json=graph_request(transcoders, target=" Paris", node_keep=1.0))
+    assert whole.status_code == 202, whole.text
+    unpruned_id = wait_for_job(client, whole.json()["id"])["artifacts"]["analysis_id"]
+    unpruned_results = client.get(f"/v1/analyses/{unpruned_id}").json()["results"]
+    assert unpruned_results["scores"] == pytest.approx(scores)  # pruning changes what is shown, not the graph
+    features = [node for node in unpruned_results["nodes"] if node["kind"] == "feature"]
+    assert {node["layer"] for node in features} == {0, 1}, features
+    assert len(unpruned_results["nodes"]) > len(results["nodes"])
 
 
 def test_graph_bad_requests(client: httpx.Client, trained: tuple[str, list[str]]) -> None:

@@ -147,8 +147,11 @@ def _report(
         ],
         sections=[
             (
-                f"Most influential features (top {len(rows)})",
-                table(["layer", "position", "token", "latent", "activation", "influence"], rows),
+                f"Most influential features (top {len(rows)})" if rows else "Most influential features",
+                table(["layer", "position", "token", "latent", "activation", "influence"], rows)
+                if rows
+                else f"No feature carries enough influence to be kept at node_keep {config.node_keep}: "
+                "the tokens and error nodes explain the logit (raise node_keep to see more).",
             )
         ],
         notes=[
@@ -194,6 +197,9 @@ def _drawing(graph: dict[str, Any]):
             ax.scatter(*zip(*points, strict=True), marker=marker, color=colour, s=28, label=kind, zorder=3)
     shown = [t.replace("$", r"\$") for t in graph["tokens"]]
     ax.set_xticks(range(n_pos), shown, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("layer (tokens below, the logit on top)")
+    rows = [-1, *range(top), top]  # whole rows, named: not a fractional axis when no feature is kept
+    ax.set_yticks(rows, ["tokens", *(str(layer) for layer in range(top)), "logit"], fontsize=8)
+    ax.set_ylim(-1.6, top + 0.6)
+    ax.set_ylabel("layer")
     ax.legend(loc="upper left", fontsize=8)
     return figure
