@@ -174,9 +174,13 @@ def _drawing(graph: dict[str, Any]):
     figure = new_figure(max(6.0, 0.9 * n_pos + 2), max(4.0, 0.28 * top + 2.5))
     ax = figure.subplots()
     place: dict[str, tuple[float, float]] = {}
+    cell: dict[tuple[int, int], int] = {}  # features drawn so far at (position, layer)
     for node in graph["nodes"]:
         y = -1.0 if node["kind"] == "token" else (top if node["kind"] == "logit" else node["layer"])
         offset = 0.18 if node["kind"] == "error" else 0.0
+        if node["kind"] == "feature":  # side by side to the left, not one dot hiding the others
+            seen = cell[node["position"], node["layer"]] = cell.get((node["position"], node["layer"]), 0) + 1
+            offset = -0.4 * (1 - 0.6 ** (seen - 1))
         place[node["id"]] = (node["position"] + offset, y)
     biggest = max((abs(link["weight"]) for link in graph["links"]), default=1.0) or 1.0
     for link in graph["links"]:
