@@ -219,6 +219,24 @@ def tiny_sae(http: httpx.Client, layer: str = "model.layers.1") -> str:
     return wait_for_job(http, http.post("/v1/saes", json=train).json()["id"])["artifacts"]["sae_id"]
 
 
+def tiny_transcoders(http: httpx.Client, blocks: tuple[int, ...] = (0, 1)) -> tuple[str, list[str]]:
+    """One run of the tiny Llama capturing each block's MLP input and output, and a small
+    transcoder per block trained through the API (seconds each); the run's id and the
+    transcoders' SAE ids, in block order."""
+    layers = [f"model.layers.{b}.mlp{hook}" for b in blocks for hook in (":input", "")]
+    body = {"model": "tiny-llama", "layers": layers, "dataset": {"kind": "texts", "texts": TEXTS * 2}}
+    run_id = wait_for_job(http, http.post("/v1/activations", json=body).json()["id"])["artifacts"]["run_id"]
+    sae_ids = []
+    for block in blocks:
+        mlp = f"model.layers.{block}.mlp"
+        train = {"run_id": run_id, "layer": f"{mlp}:input", "target_layer": mlp}
+        train |= {"sae": {"n_latents": 32, "k": 4}, "train": {"batch_size": 64, "token_budget": 2_000}}
+        submitted = http.post("/v1/saes", json=train)
+        assert submitted.status_code == 202, submitted.text
+        sae_ids.append(wait_for_job(http, submitted.json()["id"])["artifacts"]["sae_id"])
+    return run_id, sae_ids
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
     """The response has this status and the one error shape; its ``error`` object."""
     assert response.status_code == status, response.text

@@ -127,8 +127,11 @@ def _report(
         ],
         sections=[
             (
-                f"Most influential features (top {len(rows)})",
-                table(["layer", "position", "token", "latent", "activation", "influence"], rows),
+                f"Most influential features (top {len(rows)})" if rows else "Most influential features",
+                table(["layer", "position", "token", "latent", "activation", "influence"], rows)
+                if rows
+                else f"No feature carries enough influence to be kept at node_keep {config.node_keep}: "
+                "the tokens and error nodes explain the logit (raise node_keep to see more).",
             )
         ],
         notes=[
@@ -151,9 +154,13 @@ def _drawing(graph: dict[str, Any]):
     figure = new_figure(max(6.0, 0.9 * n_pos + 2), max(4.0, 0.28 * top + 2.5))
     ax = figure.subplots()
     place: dict[str, tuple[float, float]] = {}
+    cell: dict[tuple[int, int], int] = {}  # features drawn so far at (position, layer)
     for node in graph["nodes"]:
         y = -1.0 if node["kind"] == "token" else (top if node["kind"] == "logit" else node["layer"])
         offset = 0.18 if node["kind"] == "error" else 0.0
+        if node["kind"] == "feature":  # side by side to the left, not one dot hiding the others
+            seen = cell[node["position"], node["layer"]] = cell.get((node["position"], node["layer"]), 0) + 1
+            offset = -0.4 * (1 - 0.6 ** (seen - 1))
         place[node["id"]] = (node["position"] + offset, y)
     biggest = max((abs(link["weight"]) for link in graph["links"]), default=1.0) or 1.0
     for link in graph["links"]:
@@ -174,6 +181,9 @@ def _drawing(graph: dict[str, Any]):
             ax.scatter(*zip(*points, strict=True), marker=marker, color=colour, s=28, label=kind, zorder=3)
     shown = [t.replace("$", r"\$") for t in graph["tokens"]]
     ax.set_xticks(range(n_pos), shown, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("layer (tokens below, the logit on top)")
+    rows = [-1, *range(top), top]  # whole rows, named: not a fractional axis when no feature is kept
+    ax.set_yticks(rows, ["tokens", *(str(layer) for layer in range(top)), "logit"], fontsize=8)
+    ax.set_ylim(-1.6, top + 0.6)
+    ax.set_ylabel("layer")
     ax.legend(loc="upper left", fontsize=8)
     return figure
