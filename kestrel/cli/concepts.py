@@ -236,15 +236,16 @@ def concepts_list(
 ) -> None:
     """The named latents with their labels' scores (balanced accuracy / AUROC; chance 0.5)."""
     from kestrel.core.concepts import read_dictionary
-    from kestrel.core.concepts.features import SCORE_SORTS, score_of
+    from kestrel.core.concepts.dictionary import score_key, score_of, scores_at_least
+    from kestrel.core.concepts.features import SCORE_SORTS
 
     check_choice(sort, "--sort", Literal["latent", "detection", "fuzz", "embedding"])
     concepts = read_dictionary(open_store(store), sae_id)
     rows = [c for _, c in sorted(concepts.items())]
     if min_detection is not None:
-        rows = [c for c in rows if (score_of(c, "detection") or -1.0) >= min_detection]
+        rows = [c for c in rows if scores_at_least(c, {"detection": min_detection})]
     if sort != "latent":
-        rows.sort(key=lambda c: score_of(c, sort) or -1.0, reverse=True)
+        rows.sort(key=lambda c: score_key(c, sort), reverse=True)
     rows = rows[:limit]
     if as_json:
         return print_json([c.model_dump(mode="json") for c in rows])

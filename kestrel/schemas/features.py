@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 # Torch-free modules only: the API process imports this one (tests/unit/test_torch_free.py).
 from kestrel.core.concepts.config import DiscoveryConfig, ScoringConfig
@@ -153,6 +153,19 @@ class LabelRequest(StrictModel):
     )
     run_id: str | None = Field(None, description="the run examples come from [default: the SAE's own]")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+
+    @model_validator(mode="after")
+    def _scoring_fields_need_score(self) -> LabelRequest:
+        """``run_id``, ``scorer`` and ``scoring`` only say how to score: given without ``score``
+        they would be silently ignored, so they are refused (by value, so a dumped request reloads)."""
+        unused = [
+            name
+            for name, value in (("run_id", self.run_id), ("scorer", self.scorer), ("scoring", self.scoring))
+            if not self.score and value not in (None, ScoringConfig())
+        ]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} only apply with score: true (nothing would be scored)")
+        return self
 
 
 class SteeringRecord(BaseModel):

@@ -289,22 +289,38 @@ def checked_steering(store: Store, config_id: str | None, config: SteeringConfig
     return steering.check_config(store, config)
 
 
+def check_steered_generation(
+    model: str | None,
+    prompts: list[str],
+    keywords: list[str],
+    config: SteeringConfig | None,
+    settings: Settings,
+    store: Store,
+) -> None:
+    """What every steered generation checks before queueing (generate, the steering sweep): the
+    model is one the service may load, prompts and keywords are within the text limits, and the
+    config's SAE reads that model (``model`` None: the SAE's own, so no mismatch)."""
+    if model is not None:
+        require_allowed_model(model, settings)
+    check_texts(prompts, settings)
+    check_texts(keywords, settings)
+    if config is not None and config.sae_id is not None:
+        check_steered_model(config.sae_id, get_sae(store, config.sae_id).model_name, model)
+
+
 def prepare_generate(name: str, request: GenerateRequest, settings: Settings, store: Store) -> dict:
     """Limits, the model name and the steering config, checked before the job is queued."""
-    require_allowed_model(name, settings)
-    check_texts(request.prompts, settings)
+    config = None
+    if request.steering_id is not None or request.steering is not None:
+        config = checked_steering(store, request.steering_id, request.steering)
+    elif request.top_latents:
+        raise InvalidInputError("top_latents needs a steering config with an SAE")
+    check_steered_generation(name, request.prompts, request.keywords, config, settings, store)
     if request.max_new_tokens > settings.max_new_tokens:
         raise limit_exceeded(
             "max_new_tokens", settings.max_new_tokens, request.max_new_tokens, "max_new_tokens too large", 422
         )
     check_top_k(request.top_latents, settings)
-    config = None
-    if request.steering_id is not None or request.steering is not None:
-        config = checked_steering(store, request.steering_id, request.steering)
-        if config.sae_id is not None:
-            check_steered_model(config.sae_id, get_sae(store, config.sae_id).model_name, name)
-    elif request.top_latents:
-        raise InvalidInputError("top_latents needs a steering config with an SAE")
     options = request.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_p", "seed"})
     if config is not None:
         options.update(top_latents=request.top_latents, compare=request.compare)

@@ -132,6 +132,41 @@ def test_label_scores_are_stored_and_sort_and_filter(client: httpx.Client, sae_i
     assert_error(client.get(base, params={"min_fuzz": 2}), 422)
 
 
+def test_label_requests_that_can_only_fail_in_the_worker_are_refused_before_queueing(
+    client: httpx.Client, sae_id: str
+) -> None:
+    """Scoring on a run without the SAE's layer, and scoring fields without ``score``, are 422s
+    naming the problem; no label job is queued for either."""
+    base = f"/v1/saes/{sae_id}/concepts"
+    body = {"model": MODEL, "layers": ["model.layers.0"], "dataset": {"kind": "texts", "texts": ["a b c d"]}}
+    captured = wait_for_job(client, client.post("/v1/activations", json=body).json()["id"])
+    other_run = captured["artifacts"]["run_id"]
+    queued = client.get("/v1/jobs", params={"limit": 1}).json()["total"]
+    wrong_layer = client.post(f"{base}/label", json={"score": True, "run_id": other_run})
+    error = assert_error(wrong_layer, 422, "invalid_input")
+    assert f"run {other_run!r} has no layer {LAYER!r}" in error["message"]
+    unused = client.post(f"{base}/label", json={"run_id": other_run, "scorer": MODEL})
+    assert "run_id, scorer only apply with score: true" in assert_error(unused, 422)["message"]
+    assert client.get("/v1/jobs", params={"limit": 1}).json()["total"] == queued
+
+
+def test_a_zero_score_is_a_score_on_concepts_and_features(client: httpx.Client, sae_id: str) -> None:
+    """min_detection=0 keeps a latent whose detection scored exactly 0.0 on both lists."""
+    base = f"/v1/saes/{sae_id}/concepts"
+    zero = {"label": "Nothing", "scorer": MODEL, "detection": 0.0}
+    names = {"concepts": [{"latent": 61, "name": "Nothing", "source": "manual", "scores": zero}]}
+    imported = client.post(f"{base}/import", files={"file": ("n.json", json.dumps(names).encode())})
+    assert imported.status_code == 200, imported.text
+
+    def listed(minimum: float) -> list[int]:
+        items = client.get(base, params={"min_detection": minimum, "limit": 500}).json()["items"]
+        return [c["latent"] for c in items]
+
+    assert 61 in listed(0) and 61 not in listed(0.01)
+    features = client.get(f"/v1/saes/{sae_id}/features", params={"min_detection": 0, "limit": 100}).json()
+    assert 61 in [f["latent"] for f in features["items"]]
+
+
 def test_steering_configs_preview_and_generate(client: httpx.Client, sae_id: str) -> None:
     bad = {
         "sae_id": sae_id,

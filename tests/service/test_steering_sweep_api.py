@@ -11,6 +11,8 @@ import httpx
 import pytest
 from service_stack import TEXTS, Stack, assert_error, wait_for_job
 
+from kestrel.core.models import DEFAULT_MODEL
+
 MODEL = "tiny-llama"
 LAYER = "model.layers.1"
 
@@ -80,6 +82,32 @@ def test_sweep_refuses_bad_requests_before_any_job(
 ) -> None:
     body = {"sae_id": sae_id, "latent": 3, "prompts": ["x"], **change}
     assert says in assert_error(client.post("/v1/steering/sweep", json=body), status)["message"]
+
+
+def test_sweep_checks_texts_and_model_as_generate_does_before_any_job(
+    make_client, service: Stack, sae_id: str, local_models: Path
+) -> None:
+    """The sweep shares generate's checks (`services.check_steered_generation`): prompts and
+    keywords within the text limits, and a model other than the SAE's refused. This app has no
+    workers, so anything queued would answer 202, not the 4xx."""
+    http = make_client(max_text_chars=10, model_dirs=[local_models])
+    root = Path(http.app.state.settings.store_root)
+    for kind in ("saes", "activations"):  # the shared stack's SAE, its run and discovery
+        shutil.copytree(service.store_root / kind, root / kind, dirs_exist_ok=True)
+    body = {"sae_id": sae_id, "latent": 3, "prompts": ["short"]}
+    long_prompt = http.post("/v1/steering/sweep", json={**body, "prompts": ["ok", "a prompt too long"]})
+    assert "max_text_chars" in assert_error(long_prompt, 413)["message"]
+    long_keyword = http.post("/v1/steering/sweep", json={**body, "keywords": ["a keyword too long"]})
+    assert "max_text_chars" in assert_error(long_keyword, 413)["message"]
+    other_model = http.post("/v1/steering/sweep", json={**body, "model": DEFAULT_MODEL})
+    assert f"it cannot steer {DEFAULT_MODEL!r}" in assert_error(other_model, 422, "invalid_input")["message"]
+    steering = {"sae_id": sae_id, "edits": [{"latent": 3, "op": "add", "value": 1.0}]}
+    generate = {"prompts": ["short"], "steering": steering, "keywords": ["a keyword too long"]}
+    assert (
+        "max_text_chars"
+        in assert_error(http.post(f"/v1/models/{MODEL}/generate", json=generate), 413)["message"]
+    )
+    assert http.get("/v1/jobs").json()["total"] == 0
 
 
 def test_generate_reports_fluency_keyword_effect_and_resolved_edits(

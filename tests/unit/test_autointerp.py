@@ -17,6 +17,7 @@ from topic_corpus import topic_corpus
 
 from kestrel.core import concepts
 from kestrel.core.activations import capture
+from kestrel.core.catalog import DEFAULT_MODEL
 from kestrel.core.concepts import examples, labels, scoring
 from kestrel.core.concepts.config import ScoringConfig
 from kestrel.core.concepts.dictionary import LabelScores
@@ -226,6 +227,60 @@ def test_scoring_needs_a_run(store) -> None:
         writer.commit({"id": "no-run", "config": sae.config.model_dump(mode="json"), "layer": LAYER})
     with pytest.raises(InvalidInputError, match="no stored run"):
         examples.read_blocks(store, "no-run", [1], ScoringConfig())
+
+
+def _write_sae(store, sae_id: str, run_id: str | None, *, d_in: int, layer: str, model: str | None) -> None:
+    """An SAE's manifest only (the label checks read no weights)."""
+    config = {"d_in": d_in, "n_latents": 10, "k": 2, "layer": layer}
+    with store.writer("saes", sae_id) as writer:
+        writer.commit({"id": sae_id, "config": config, "layer": layer, "run_id": run_id, "model": model})
+
+
+def test_scoring_run_is_checked_from_manifests(store, trained) -> None:
+    """The rule the API applies before queueing and the engine before reading: the SAE's layer,
+    at the SAE's width, in the run (the SAE's own, or the one given)."""
+    from kestrel.core.concepts.config import scoring_run
+
+    width = artifacts.get_sae(store, "sae-s").config["d_in"]
+    assert scoring_run(store, artifacts.get_sae(store, "sae-s"))[:2] == (trained, LAYER)
+    _write_sae(store, "other-layer", trained, d_in=width, layer="model.layers.0", model=None)
+    _write_sae(store, "other-width", None, d_in=width + 1, layer=LAYER, model=None)
+    with pytest.raises(InvalidInputError, match=r"has no layer 'model\.layers\.0'"):
+        scoring_run(store, artifacts.get_sae(store, "other-layer"))
+    with pytest.raises(InvalidInputError, match=f"of width {width + 1}"):
+        scoring_run(store, artifacts.get_sae(store, "other-width"), trained)
+    with pytest.raises(InvalidInputError, match="no stored run"):
+        scoring_run(store, artifacts.get_sae(store, "other-width"))
+    with pytest.raises(InvalidInputError, match="no run 'run-nope'"):
+        scoring_run(store, artifacts.get_sae(store, "sae-s"), "run-nope")
+
+
+def test_label_requests_that_can_only_fail_in_the_worker_are_refused(store, trained) -> None:
+    """The label route's check (`check_label_sources`, torch-free): scoring with the SAE's model
+    when it records none, or on a run without its layer, is a 422 before a job is queued;
+    scoring fields without ``score`` are refused by the request itself."""
+    from pydantic import ValidationError
+
+    from kestrel.schemas import LabelRequest
+    from kestrel.server.routers.concepts import check_label_sources
+    from kestrel.settings import Settings
+
+    settings = Settings(store_root=store.local_root)
+    width = artifacts.get_sae(store, "sae-s").config["d_in"]
+    _write_sae(store, "no-model", trained, d_in=width, layer=LAYER, model=None)
+    check_label_sources(store, settings, "sae-s", LabelRequest(score=True))  # the SAE's model and run
+    check_label_sources(store, settings, "no-model", LabelRequest())  # heuristic, unscored: no model
+    with pytest.raises(InvalidInputError, match="give a scorer"):
+        check_label_sources(store, settings, "no-model", LabelRequest(score=True))
+    with pytest.raises(InvalidInputError, match="cannot name its latents"):
+        check_label_sources(store, settings, "no-model", LabelRequest(method="model"))
+    _write_sae(store, "other-layer", trained, d_in=width, layer="model.layers.0", model=None)
+    with pytest.raises(InvalidInputError, match=r"has no layer 'model\.layers\.0'"):
+        check_label_sources(store, settings, "other-layer", LabelRequest(score=True, scorer=DEFAULT_MODEL))
+    with pytest.raises(ValidationError, match="run_id, scorer, scoring only apply with score: true"):
+        LabelRequest(run_id=trained, scorer="m", scoring={"n_test": 4})
+    dumped = LabelRequest(score=False).model_dump(mode="json")
+    assert LabelRequest.model_validate(dumped).score is False  # a stored request reloads
 
 
 @pytest.mark.slow

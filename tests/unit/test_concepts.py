@@ -375,6 +375,21 @@ def test_dictionary_rejects_non_utf8(store, small_sae) -> None:
         concepts.import_dictionary(store, small_sae, b"latent,name\n1,\xff\xfe\n", "csv")
 
 
+def test_dictionary_score_filter_counts_zero_as_a_score() -> None:
+    """One filter for /concepts, /features and the CLI: a score of exactly 0.0 is a score (it
+    passes a minimum of 0), a missing one passes no minimum and sorts below every score."""
+    from kestrel.core.concepts.dictionary import LabelScores, score_key, scores_at_least
+
+    zero = concepts.Concept(latent=1, name="z", scores=LabelScores(label="z", scorer="m", detection=0.0))
+    unscored = concepts.Concept(latent=2, name="u")
+    no_fuzz = concepts.Concept(latent=3, name="f", scores=LabelScores(label="f", scorer="m", detection=0.9))
+    assert scores_at_least(zero, {"detection": 0.0}) and not scores_at_least(zero, {"detection": 0.1})
+    assert not scores_at_least(unscored, {"detection": 0.0}) and not scores_at_least(None, {"fuzz": 0.0})
+    assert not scores_at_least(no_fuzz, {"detection": 0.5, "fuzz": 0.0})
+    assert scores_at_least(unscored, {})  # no minimum: everything passes
+    assert score_key(zero, "detection") == 0.0 and score_key(unscored, "detection") == -1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Acceptance: a corpus of four topics through SmolLM2
 

@@ -14,10 +14,12 @@ from pydantic import Field
 
 from kestrel.core.config import EngineConfig
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.runs import RowFilter
+from kestrel.core.runs import RowFilter, RunManifest, get_manifest
 
 if TYPE_CHECKING:
     from kestrel.core.concepts.accumulate import LogBins
+    from kestrel.core.sae.records import SAEManifest
+    from kestrel.core.store import Store
 
 MAX_HIST_BINS = 240
 MAX_STATE_ENTRIES = 200_000_000  # about 3 GiB at 16 bytes an entry
@@ -137,3 +139,30 @@ class ScoringConfig(EngineConfig):
     max_tokens: int = Field(2_000_000, gt=0, description="run rows read to find examples")
     batch_size: int = Field(32, ge=1, le=512, description="sequences per scorer forward")
     seed: int = 22
+
+
+def scoring_run(
+    store: Store, summary: SAEManifest, run_id: str | None = None
+) -> tuple[str, str, RunManifest]:
+    """The run a label's examples come from (``run_id``, else the SAE's own), the SAE's layer and
+    the run's manifest: checked from manifests alone, so the API refuses a request before a job
+    loads any model, and the engine (`examples.read_blocks`) applies the very same rule."""
+    layer = summary.layer_name
+    chosen = run_id or summary.run_id
+    if not chosen or not store.exists("activations", chosen):
+        if run_id is not None:
+            raise InvalidInputError(f"no run {run_id!r} to draw examples from", details={"run_id": run_id})
+        raise InvalidInputError(
+            f"sae {summary.id!r} has no stored run of its own to draw examples from; give a run_id "
+            "(a run with the SAE's layer)",
+            details={"sae_id": summary.id, "run_id": chosen},
+        )
+    manifest = get_manifest(store, chosen)
+    d_in = int(summary.config["d_in"])
+    if layer is None or layer not in manifest.layers or manifest.layers[layer].d != d_in:
+        raise InvalidInputError(
+            f"run {chosen!r} has no layer {layer!r} of width {d_in} (the SAE's input); "
+            f"it captured {', '.join(f'{name} (width {rec.d})' for name, rec in manifest.layers.items())}",
+            details={"run_id": chosen, "layer": layer, "d_in": d_in},
+        )
+    return chosen, layer, manifest

@@ -101,6 +101,31 @@ class Concept(EngineConfig):
 
 
 DICTIONARY_REL = f"{FEATURES_DIR}/{DICTIONARY_FILE}"
+#: The label scores a concept can carry (`LabelScores`), by which lists sort and filter.
+ScoreName = Literal["detection", "fuzz", "embedding"]
+
+
+def score_of(concept: Concept | None, name: ScoreName | str) -> float | None:
+    """One of a concept's label scores (None: not scored, or no score of that kind)."""
+    if concept is None or concept.scores is None:
+        return None
+    return getattr(concept.scores, name)
+
+
+def score_key(concept: Concept | None, name: ScoreName | str) -> float:
+    """A score to sort by, best first: an unscored concept gets -1 (below every score; 0.0 is a score)."""
+    value = score_of(concept, name)
+    return -1.0 if value is None else value
+
+
+def scores_at_least(concept: Concept | None, minimum: dict[str, float]) -> bool:
+    """Every score named in ``minimum`` is present and at least its value (0.0 passes a minimum of
+    0; an unscored concept passes none). The one filter of /concepts, /features and the CLI."""
+    for name, value in minimum.items():
+        score = score_of(concept, name)
+        if score is None or score < value:
+            return False
+    return True
 
 
 def sae_latent_count(store: Store, sae_id: str) -> int:

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from kestrel.core.concepts.accumulate import POSITION_BITS, POSITION_MASK, pack_rows
-from kestrel.core.concepts.config import ScoringConfig
+from kestrel.core.concepts.config import ScoringConfig, scoring_run
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.run_reader import iter_row_batches
-from kestrel.core.runs import RowFilter, get_manifest
+from kestrel.core.runs import RowFilter
 from kestrel.core.sae.artifacts import load_sae
 from kestrel.core.store import Store
 
@@ -106,20 +106,7 @@ def read_blocks(
 ) -> Blocks:
     """Read the run once: token blocks, and where each chosen latent fires in them."""
     sae, summary = load_sae(store, sae_id)
-    layer = summary.layer or sae.config.layer
-    run_id = run_id or summary.run_id
-    if not run_id or not store.exists("activations", run_id):
-        raise InvalidInputError(
-            f"sae {sae_id!r} has no stored run of its own to draw examples from; give a run_id "
-            "(a run with the SAE's layer)",
-            details={"sae_id": sae_id, "run_id": run_id},
-        )
-    manifest = get_manifest(store, run_id)
-    if layer not in manifest.layers or manifest.layers[layer].d != sae.d_in:
-        raise InvalidInputError(
-            f"run {run_id!r} has no layer {layer!r} of width {sae.d_in} (the SAE's input)",
-            details={"run_id": run_id, "layer": layer},
-        )
+    run_id, layer, manifest = scoring_run(store, summary, run_id)
     sinks = RowFilter.recommended()
     special = torch.tensor(sorted(manifest.special_token_ids), dtype=torch.int32)
     median = manifest.layers[layer].norm_median

@@ -7,14 +7,20 @@ from typing import Any, Literal, get_args
 import torch
 
 from kestrel.core.concepts.contexts import PAD_TOKEN
-from kestrel.core.concepts.dictionary import Concept, read_dictionary
+from kestrel.core.concepts.dictionary import (
+    Concept,
+    ScoreName,
+    read_dictionary,
+    score_of,
+    scores_at_least,
+)
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.store import LocalStore
 
 FeatureSort = Literal["latent", "density", "max_activation", "detection", "fuzz", "embedding"]
 #: Sorts by a label score (highest first; unscored latents last).
-SCORE_SORTS = ("detection", "fuzz", "embedding")
+SCORE_SORTS: tuple[str, ...] = get_args(ScoreName)
 LIST_TENSORS = (
     "fire_count",
     "density",
@@ -66,7 +72,7 @@ def list_features(
         concept = concepts.get(latent)
         if source is not None and (concept is None or concept.source != source):
             continue
-        if min_score and not _scores_at_least(concept, min_score):
+        if min_score and not scores_at_least(concept, min_score):
             continue
         item = None
         if needle is not None:
@@ -98,17 +104,6 @@ def _order(stats: dict[str, torch.Tensor], sort: FeatureSort, concepts: dict[int
                 values[latent] = value
         return torch.argsort(values, descending=True, stable=True)
     return torch.argsort(stats[sort], descending=True, stable=True)
-
-
-def score_of(concept: Concept | None, name: str) -> float | None:
-    """One of a concept's label scores (None: not scored, or no score of that kind)."""
-    if concept is None or concept.scores is None:
-        return None
-    return getattr(concept.scores, name)
-
-
-def _scores_at_least(concept: Concept | None, minimum: dict[str, float]) -> bool:
-    return all((score_of(concept, name) or -1.0) >= value for name, value in minimum.items())
 
 
 def concept_json(concept: Concept | None, *, examples: bool = True) -> dict[str, Any] | None:

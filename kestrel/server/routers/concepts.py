@@ -8,8 +8,9 @@ from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from kestrel.core.concepts.dictionary import DictionaryFormat
+from kestrel.core.concepts.dictionary import DictionaryFormat, ScoreName, score_key, scores_at_least
 from kestrel.core.errors import InvalidInputError
+from kestrel.core.store import Store
 from kestrel.schemas import (
     ConceptImportResult,
     ConceptInput,
@@ -22,6 +23,7 @@ from kestrel.schemas import (
 from kestrel.server.deps import IdempotencyKey, Latent, PageDep, RedisDep, SaeId, SettingsDep, StoreDep
 from kestrel.server.dispatch import submit_batch
 from kestrel.server.errors import error_responses, limit_exceeded
+from kestrel.settings import Settings
 from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/saes", tags=["concepts"], responses=error_responses(401, 422))
@@ -33,9 +35,6 @@ def _dictionary():
     from kestrel.core.concepts import dictionary
 
     return dictionary
-
-
-ScoreName = Literal["detection", "fuzz", "embedding"]
 
 
 @router.get("/{sae_id}/concepts", response_model=ConceptPage, responses=error_responses(404))
@@ -54,22 +53,13 @@ async def list_concepts(
     d = _dictionary()
     concepts = await asyncio.to_thread(d.read_dictionary, store, sae_id)
     n_latents = await asyncio.to_thread(d.sae_latent_count, store, sae_id)
-    minimum = {"detection": min_detection, "fuzz": min_fuzz, "embedding": min_embedding}
-    rows = [
-        concepts[i]
-        for i in sorted(concepts)
-        if all(_score(concepts[i], name) >= value for name, value in minimum.items() if value is not None)
-    ]
+    given = {"detection": min_detection, "fuzz": min_fuzz, "embedding": min_embedding}
+    minimum = {name: value for name, value in given.items() if value is not None}
+    rows = [concepts[i] for i in sorted(concepts) if scores_at_least(concepts[i], minimum)]
     if sort != "latent":
-        rows.sort(key=lambda c: _score(c, sort), reverse=True)
+        rows.sort(key=lambda c: score_key(c, sort), reverse=True)
     items = [FeatureConcept(**c.model_dump()) for c in rows]
     return ConceptPage(**page.page(items), sae_id=sae_id, n_latents=n_latents)
-
-
-def _score(concept, name: str) -> float:
-    """A label score of a concept; -1 when it has none (sorts last, fails every minimum)."""
-    value = getattr(concept.scores, name) if concept.scores is not None else None
-    return -1.0 if value is None else value
 
 
 @router.get(
@@ -144,16 +134,10 @@ def start_labelling(
     Manual names are kept unless ``overwrite``. With ``score``, each name (manual ones too) is then
     scored by ``scorer`` on examples from the run that the labeller never saw."""
     from kestrel.core.concepts.store import read_manifest
-    from kestrel.server import services
 
     request = request or LabelRequest()
     read_manifest(store, sae_id)  # 404 naming discovery when there is nothing to label from
-    if request.scorer is not None:
-        services.require_allowed_model(request.scorer, settings)  # 422 before any job
-    if request.run_id is not None and not store.exists("activations", request.run_id):
-        raise InvalidInputError(
-            f"no run {request.run_id!r} to draw examples from", details={"run_id": request.run_id}
-        )
+    check_label_sources(store, settings, sae_id, request)
     return submit_batch(
         redis,
         settings,
@@ -165,6 +149,32 @@ def start_labelling(
         idempotency_key=idempotency_key,
         request_body={"sae_id": sae_id, **request.model_dump(mode="json")},
     )
+
+
+def check_label_sources(store: Store, settings: Settings, sae_id: str, request: LabelRequest) -> None:
+    """What the label job would load, checked from manifests (no torch) so a request that can only
+    fail is a 4xx now, not a failed job after a model load: the labelling and scoring models
+    (named, allowed, loadable) and the run the scoring examples come from (the SAE's layer, its width)."""
+    from kestrel.core.concepts.config import scoring_run
+    from kestrel.core.sae.records import get_sae, require_loadable_model
+    from kestrel.server import services
+
+    summary = get_sae(store, sae_id)
+    if request.scorer is not None:
+        services.require_allowed_model(request.scorer, settings)
+    needs_sae_model = request.method == "model" or (request.score and request.scorer is None)
+    if needs_sae_model:
+        if not summary.model_name:
+            raise InvalidInputError(
+                f"sae {sae_id!r} does not record the model it reads: give a scorer to score with"
+                if request.method != "model"
+                else f"sae {sae_id!r} does not record the model it reads, so it cannot name its latents "
+                "(use method: heuristic)",
+                details={"sae_id": sae_id, "method": request.method, "scorer": request.scorer},
+            )
+        require_loadable_model(store, summary)
+    if request.score:
+        scoring_run(store, summary, request.run_id)
 
 
 @router.get("/{sae_id}/concepts/{latent}", response_model=FeatureConcept, responses=error_responses(404))

@@ -84,9 +84,16 @@ async def sweep_steering(
         sae_id=request.sae_id,
         edits=[{"latent": request.latent, "op": request.op, "value": 1.0, "unit": request.unit}],
     )
-    await asyncio.to_thread(services.checked_steering, store, None, config)  # range, discovery: 4xx now
-    if request.model is not None:
-        services.require_allowed_model(request.model, settings)
+    config = await asyncio.to_thread(services.checked_steering, store, None, config)  # range, discovery
+    await asyncio.to_thread(
+        services.check_steered_generation,
+        request.model,
+        request.prompts,
+        request.keywords,
+        config,
+        settings,
+        store,
+    )
     job_id, result = await run_interactive(
         redis,
         settings,
