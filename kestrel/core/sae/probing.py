@@ -204,6 +204,8 @@ def sparse_probing(
     tasks = binary_tasks(labels, test_fraction, seed)
     per_task = []
     for task in tasks:
+        if len(task.test_idx) == 0 or len(set(task.train_y.tolist())) < 2:
+            continue  # the split left this class nothing to test (or train) on: no accuracy to report
         tr_lat, te_lat = latents[task.train_idx], latents[task.test_idx]
         row: dict[str, Any] = {
             "class": task.name,
