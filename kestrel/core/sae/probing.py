@@ -43,8 +43,7 @@ PROBE_MAX_ITER = 1000  # SAEBench's: sklearn's default of 100 warns of non-conve
 def dense_latents(sae: SAE, x_ND: torch.Tensor) -> torch.Tensor:
     """The SAE's latents of each row as a dense [rows, n_latents] float32 matrix."""
     enc = sae.encode(x_ND.to(sae.W_enc.device))
-    out_NF = torch.zeros(x_ND.shape[0], sae.n_latents, device=enc.acts.device)
-    return out_NF.scatter_(1, enc.indices, enc.acts.float())
+    return sae.dense(enc.acts, enc.indices).float()
 
 
 @dataclass
