@@ -17,7 +17,6 @@ one latent of an SAE and is what the API serves (``POST /v1/saes/{id}/features/{
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,8 +94,10 @@ def measured_effects(
 def spearman(a_V: Tensor, b_V: Tensor) -> float:
     """Spearman rank correlation (tied values share their average rank); 0 when either side is
     constant, where scipy answers nan (no ordering to agree with)."""
-    rho = float(spearmanr(a_V.double().cpu().numpy(), b_V.double().cpu().numpy()).statistic)
-    return 0.0 if math.isnan(rho) else rho
+    a, b = a_V.double().cpu().numpy(), b_V.double().cpu().numpy()
+    if a.min() == a.max() or b.min() == b.max():
+        return 0.0
+    return float(spearmanr(a, b).statistic)
 
 
 def agreement(direct_V: Tensor, measured_V: Tensor, k: int) -> dict[str, float]:
