@@ -96,7 +96,7 @@ def main() -> None:
             }
             print(json.dumps({layer: out["layers"][layer]}), file=sys.stderr, flush=True)
         # control: a token's unembedding row at the last block, where the direct path is exact
-        unembed_VD, _ = logit_check.unembedding(lm)
+        unembed_VD, _ = contexts.unembedding(lm)
         token = lm.tokenizer.encode(" function")[0]
         row = unembed_VD[token] / unembed_VD[token].norm()
         control = logit_check.check_latent(lm, layers[-1], row, 20.0, texts[:16], k=args.k)

@@ -512,7 +512,7 @@ def _compute_ledger(the_store, sae_id, options, data, text_field, label_field, l
         texts, labels = ledger_records.read_labelled_file(
             data, text_field=text_field, label_field=label_field, limit=limit
         )
-        ledger_records.check_labelled(texts, labels)
+        ledger_records.check_labelled(texts, labels, LedgerOptions.model_validate(options).test_fraction)
     summary = artifacts.get_sae(the_store, sae_id)
     lm = load_model(model or summary.model_name, device=device, store_root=the_store.local_root)
     bar = tqdm(desc="ledger", total=100, unit="%")

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from scipy.stats import spearmanr
 from torch import Tensor
 
-from kestrel.core.concepts.contexts import PAD_TOKEN, final_norm_scale
-from kestrel.core.devices import layer_device, onloaded
+from kestrel.core.concepts.contexts import PAD_TOKEN, direct_logits, unembedding
+from kestrel.core.devices import layer_device
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import Controller, HookContext
 from kestrel.core.models import LoadedModel, forward
@@ -32,24 +33,10 @@ from kestrel.core.models import LoadedModel, forward
 MEASURE_BATCH = 8
 
 
-def unembedding(lm: LoadedModel) -> tuple[Tensor, Tensor | None]:
-    """``(W_U [V, D], final norm gain [D] or None)`` in float32 on the head's device."""
-    head = lm.model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise InvalidInputError(f"model {lm.name!r} has no output embedding to read logit effects through")
-    with onloaded(head):  # a split model may have offloaded the head (weights on meta)
-        unembed_VD = head.weight.detach().float().clone()
-    return unembed_VD, final_norm_scale(lm.model, unembed_VD.shape[1])
-
-
 @torch.no_grad()
 def direct_logit_effect(lm: LoadedModel, direction_D: Tensor) -> Tensor:
     """[V] ``direction · diag(gain) · W_Uᵀ``: the feature page's promotes/suppresses, whole."""
-    unembed_VD, gain_D = unembedding(lm)
-    direction_D = direction_D.float().to(unembed_VD.device)
-    if gain_D is not None:
-        direction_D = direction_D * gain_D.to(unembed_VD.device)
-    return unembed_VD @ direction_D
+    return direct_logits(direction_D[None], *unembedding(lm))[0]
 
 
 @torch.no_grad()
@@ -104,17 +91,13 @@ def measured_effects(
     return {"logprob": total_V / max(n_positions, 1), "prob": prob_V / max(n_positions, 1)}
 
 
-def _ranks(values_V: Tensor) -> Tensor:
-    ranks = torch.empty_like(values_V, dtype=torch.float64)
-    ranks[values_V.argsort()] = torch.arange(len(values_V), dtype=torch.float64)
-    return ranks
-
-
 def spearman(a_V: Tensor, b_V: Tensor) -> float:
-    """Spearman rank correlation (ties broken by position: the vocabulary has few exact ties)."""
-    ra, rb = _ranks(a_V.double()), _ranks(b_V.double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+    """Spearman rank correlation (tied values share their average rank); 0 when either side is
+    constant, where scipy answers nan (no ordering to agree with)."""
+    a, b = a_V.double().cpu().numpy(), b_V.double().cpu().numpy()
+    if a.min() == a.max() or b.min() == b.max():
+        return 0.0
+    return float(spearmanr(a, b).statistic)
 
 
 def agreement(direct_V: Tensor, measured_V: Tensor, k: int) -> dict[str, float]:

@@ -127,8 +127,7 @@ def sae_edit_controller(
 def reference_edit(sae: SAE, h: Tensor, edits: Sequence[LatentEdit], keep_error: bool = True) -> Tensor:
     """The formula written out: dense latents, edited, decoded, plus the reconstruction error."""
     encoded = sae.encode(h)
-    latents = torch.zeros(*h.shape[:-1], sae.n_latents, dtype=sae.W_dec.dtype)
-    latents.scatter_add_(-1, encoded.indices, encoded.acts)
+    latents = sae.dense(encoded.acts, encoded.indices)
     edited = latents.clone()
     for e in edits:
         f = edited[..., e.latent]

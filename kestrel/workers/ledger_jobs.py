@@ -29,7 +29,8 @@ def ledger_job(
     opts = LedgerOptions.model_validate(options or {})
     texts = labels = None
     if dataset is not None:  # the API checked it; read again, as the worker sees the store now
-        texts, labels = resolve_labelled(ctx.store, TypeAdapter(LabelledDataset).validate_python(dataset))
+        spec = TypeAdapter(LabelledDataset).validate_python(dataset)
+        texts, labels = resolve_labelled(ctx.store, spec, opts.test_fraction)
     summary = get_sae(ctx.store, sae_id)
     require_loadable_model(ctx.store, summary)
     model, _ = summary.model_and_layer()

@@ -51,6 +51,7 @@ def logit_check_job(ctx: JobContext, sae_id: str, latent: int, request: dict[str
 
     req = LogitCheckRequest.model_validate(request)
     summary = get_sae(ctx.store, sae_id)
+    summary.require_sae("the logit check")  # it adds the decoder row at the layer the SAE reads
     _check_latent("latent", latent, summary.n_latents, sae_id)
     model = _sae_model_name(ctx, summary)
     check_steered_model(sae_id, model, req.model)

@@ -59,6 +59,24 @@ def test_bad_ledger_requests_are_refused_before_any_job(client: httpx.Client, sa
     assert_error(
         client.post(f"/v1/saes/{sae}/ledger", json={"dataset": {"kind": "upload", "upload_id": "nope"}}), 404
     )
+    many_small = {
+        "kind": "texts",
+        "texts": [f"t{i}" for i in range(256)],
+        "labels": [i // 4 for i in range(256)],
+    }
+    refused = assert_error(client.post(f"/v1/saes/{sae}/ledger", json={"dataset": many_small}), 422)
+    assert "at least 5 texts" in refused["message"] and "test_fraction 0.2" in refused["message"]
+    rows = [json.dumps(row) for row in LABELLED]
+    too_long = [*rows, json.dumps({"text": "x" * 20_001, "topic": "cooking"})]
+    long_id = upload(client, "long.jsonl", "\n".join(too_long).encode())
+    long_set = {"kind": "upload", "upload_id": long_id, "label_field": "topic"}
+    refused = assert_error(client.post(f"/v1/saes/{sae}/ledger", json={"dataset": long_set}), 413)
+    assert "max_text_chars" in json.dumps(refused)
+    late_bad = ("\n".join(rows * 800) + "\n").encode() + b'{"text": "bad \xff", "topic": "a"}\n'
+    assert len(late_bad) > 2**20  # past what the upload itself checked
+    bad_set = {"kind": "upload", "upload_id": upload(client, "late.jsonl", late_bad), "label_field": "topic"}
+    refused = assert_error(client.post(f"/v1/saes/{sae}/ledger", json={"dataset": bad_set}), 422)
+    assert "not valid UTF-8" in refused["message"]
     assert client.get("/v1/jobs", params={"kind": "ledger"}).json()["total"] == jobs_before
     missing = assert_error(client.get(f"/v1/saes/{sae}/ledger"), 404, "not_found")
     assert "POST /v1/saes" in missing["message"]

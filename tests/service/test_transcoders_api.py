@@ -58,6 +58,13 @@ def test_transcoder_capture_train_export(client: httpx.Client) -> None:
     assert "skip_transcoder" in assert_error(encoded, 422, "invalid_input")["message"]
     evaluated = client.post(f"/v1/saes/{sae_id}/evaluate", json={})
     assert "skip_transcoder" in assert_error(evaluated, 422, "invalid_input")["message"]
+    for what, path, body in (
+        ("the evaluation ledger", f"/v1/saes/{sae_id}/ledger", {}),
+        ("the logit check", f"/v1/saes/{sae_id}/features/0/logits/measured", {}),
+        ("circuit latent attribution", "/v1/analyses", _circuit_on(sae_id)),
+    ):
+        message = assert_error(client.post(path, json=body), 422, "invalid_input")["message"]
+        assert "skip_transcoder" in message and what in message, (path, message)
 
     download = client.get(f"/v1/saes/{sae_id}/download", params={"format": "saelens"})
     assert download.status_code == 200, download.text
@@ -66,3 +73,8 @@ def test_transcoder_capture_train_export(client: httpx.Client) -> None:
     assert cfg["architecture"] == "jumprelu_skip_transcoder" and cfg["metadata"]["hook_name_out"] == MLP
     refused = client.get(f"/v1/saes/{sae_id}/download", params={"format": "sparsify"})
     assert "sparsify" in assert_error(refused, 422, "invalid_input")["message"]
+
+
+def _circuit_on(sae_id: str) -> dict:
+    pair = {"clean": "the cat", "corrupted": "the dog", "correct": " sat", "wrong": " ran"}
+    return {"kind": "circuit", "model": MODEL, "pairs": [pair], "components": ["latents"], "sae_id": sae_id}

@@ -3,6 +3,7 @@ tiny model: k-sparse probing, first-letter absorption, ground-truth recovery, st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -181,16 +182,78 @@ def test_labelled_files_and_their_checks(tmp_path) -> None:
     jsonl.write_text("\n".join(json.dumps({"text": f"t{i}", "topic": i % 2}) for i in range(8)) + "\n")
     texts, labels = ledger_records.read_labelled_file(jsonl, label_field="topic")
     assert texts[:2] == ["t0", "t1"] and labels[:2] == ["0", "1"]
-    ledger_records.check_labelled(texts, labels)
+    ledger_records.check_labelled(texts, labels, 0.25)
     csv_path = tmp_path / "d.csv"
     csv_path.write_text("text,label\nhello,pos\nworld,neg\n")
     assert ledger_records.read_labelled_file(csv_path) == (["hello", "world"], ["pos", "neg"])
     with pytest.raises(InvalidInputError, match="no field 'topic'"):
         ledger_records.read_labelled_file(csv_path, label_field="topic")
     with pytest.raises(InvalidInputError, match="at least two classes"):
-        ledger_records.check_labelled(["x"] * 8, ["a"] * 8)
+        ledger_records.check_labelled(["x"] * 8, ["a"] * 8, 0.25)
     with pytest.raises(InvalidInputError, match="at least 4 texts"):
-        ledger_records.check_labelled(["x"] * 8, ["a"] * 6 + ["b"] * 2)
+        ledger_records.check_labelled(["x"] * 8, ["a"] * 6 + ["b"] * 2, 0.25)
+
+
+def test_many_small_classes_are_refused_before_the_split_would_fail() -> None:
+    labels = [f"c{i}" for i in range(64) for _ in range(4)]  # 256 texts, 52 held out at 0.2
+    with pytest.raises(InvalidInputError, match="at least 5 texts") as err:
+        ledger_records.check_labelled(["x"] * len(labels), labels, 0.2)
+    assert err.value.details["n_test"] == 52
+    labels = [f"c{i}" for i in range(64) for _ in range(5)]
+    ledger_records.check_labelled(["x"] * len(labels), labels, 0.2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_accepted_dataset_splits_with_each_class_on_both_sides(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    fraction = float(rng.choice([0.1, 0.15, 0.2, 0.3, 0.5]))
+    counts = rng.integers(ledger_records.MIN_PER_CLASS, 40, size=int(rng.integers(2, 65)))
+    labels = [f"c{i}" for i, n in enumerate(counts) for _ in range(n)]
+    try:
+        ledger_records.check_labelled(["x"] * len(labels), labels, fraction)
+    except InvalidInputError:
+        return  # refused with a 422: fine; what is accepted must split
+    for task in probing.binary_tasks(labels, fraction, seed):
+        assert task.test_y.sum() >= 1 and (task.test_y == 0).sum() >= 1
+        assert task.train_y.sum() >= 1 and (task.train_y == 0).sum() >= 1
+
+
+def test_a_task_with_an_empty_test_side_is_skipped(monkeypatch) -> None:
+    labels = ["a", "b", "c"] * 8
+    real = probing.binary_tasks
+
+    def one_empty(*args, **kwargs):
+        tasks = real(*args, **kwargs)
+        empty = np.array([], dtype=int)
+        return [dataclasses.replace(tasks[0], test_idx=empty, test_y=empty), *tasks[1:]]
+
+    monkeypatch.setattr(probing, "binary_tasks", one_empty)
+    result = probing.sparse_probing(torch.randn(24, 4), torch.rand(24, 6), labels, [1], test_fraction=0.25)
+    assert [t["class"] for t in result["tasks"]] == ["b", "c"]
+
+
+def test_labelled_files_are_read_as_utf8_with_a_bom_and_long_fields(tmp_path) -> None:
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbftext,label\nhello,pos\n")
+    assert ledger_records.read_labelled_file(bom) == (["hello"], ["pos"])
+    bom_jsonl = tmp_path / "bom.jsonl"
+    bom_jsonl.write_bytes(b'\xef\xbb\xbf{"text": "hi", "label": 1}\n')
+    assert ledger_records.read_labelled_file(bom_jsonl) == (["hi"], ["1"])
+    long = tmp_path / "long.csv"
+    long.write_text(f"text,label\n{'w' * 200_000},pos\n")  # over csv's default 131072-char field
+    assert ledger_records.read_labelled_file(long)[0] == ["w" * 200_000]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_bad_byte_past_the_first_mib_names_its_line(tmp_path, fmt: str) -> None:
+    rows = [json.dumps({"text": "x" * 100, "label": "a"}) if fmt == "jsonl" else "x" * 100 + ",a"]
+    good = rows * 20_000  # ~2 MiB of valid rows, the upload check read only the first
+    path = tmp_path / f"d.{fmt}"
+    head = "" if fmt == "jsonl" else "text,label\n"
+    path.write_bytes((head + "\n".join(good) + "\n").encode() + b"bad \xff byte,a\n")
+    with pytest.raises(InvalidInputError, match="not valid UTF-8") as err:
+        ledger_records.read_labelled_file(path)
+    assert err.value.details["line"] > 15_000  # the neighbourhood of the bad line, not line 1
 
 
 def test_pareto_front_marks_the_undominated() -> None:

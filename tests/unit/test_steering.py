@@ -450,3 +450,22 @@ def test_preview_warns_about_edits_far_beyond_the_observed_max(store, saved_sae)
     assert len(warnings) == 3, warnings
     assert warnings[0].startswith("edits[0]: clamp 40 on latent 7 drives it to 12× its largest observed")
     assert warnings[1].startswith("edits[2]: scale 20") and warnings[2].startswith("edits[3]: add 30 ×")
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu_l1", "jumprelu"])
+def test_dense_latents_decode_as_the_sparse_pairs_do(architecture: str) -> None:
+    config = SAEConfig(d_in=16, n_latents=64, architecture=architecture, layer=LAYER)
+    sae = create(config, generator=torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.1)
+        x_BTD = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+        enc = sae.encode(x_BTD)
+        dense_BTN = sae.dense(enc.acts, enc.indices)
+        assert dense_BTN.shape == (3, 5, 64) and int((dense_BTN > 0).sum()) == int((enc.acts > 0).sum())
+        torch.testing.assert_close(sae.decode_latents(dense_BTN), sae.decode(enc.acts, enc.indices))
+
+
+def test_dense_sums_a_repeated_index_rather_than_overwriting_it() -> None:
+    sae = make_sae(d_in=8, n_latents=16)
+    dense = sae.dense(torch.tensor([[2.0, 0.0]]), torch.tensor([[3, 3]]))  # a zero pad naming 3 again
+    assert dense[0, 3] == 2.0 and float(dense.sum()) == 2.0

@@ -10,6 +10,7 @@ import torch
 from test_steering import LAYER, loader, make_sae, publish_max_activations
 
 from kestrel.core import logit_check, steering, steering_sweep
+from kestrel.core.concepts import contexts
 from kestrel.core.sae import io as sae_io
 from kestrel.core.steering import SteeringConfig
 
@@ -150,11 +151,16 @@ def test_agreement_and_spearman() -> None:
     same = logit_check.agreement(values, values * 2, k=2)
     assert same == {"promoted_overlap": 1.0, "suppressed_overlap": 1.0, "spearman": pytest.approx(1.0)}
     assert logit_check.spearman(values, -values) == pytest.approx(-1.0)
+    # tied values share their average rank: [1, 1, 2] ranks (1.5, 1.5, 3) against (1, 2, 3)
+    assert logit_check.spearman(
+        torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])
+    ) == pytest.approx(0.8660254, abs=1e-6)
+    assert logit_check.spearman(torch.ones(4), torch.arange(4.0)) == 0.0  # no ordering on one side
 
 
 def test_measured_effect_of_a_token_unembedding_row_moves_that_token_up(smollm) -> None:
     """At the last block, a token's own unembedding row is what the direct path and the model agree on."""
-    unembed_VD, _ = logit_check.unembedding(smollm)
+    unembed_VD, gain_D = contexts.unembedding(smollm)
     token = smollm.tokenizer.encode(" ocean", add_special_tokens=False)[0]
     row_D = unembed_VD[token] / unembed_VD[token].norm()
     texts = ["The weather today is", "She opened the door and"]
@@ -165,6 +171,8 @@ def test_measured_effect_of_a_token_unembedding_row_moves_that_token_up(smollm) 
     assert torch.equal(zero_V, torch.zeros_like(zero_V))
     direct_V = logit_check.direct_logit_effect(smollm, row_D)
     assert int(direct_V.argmax()) == token
+    page = contexts.logit_effects(row_D[None], unembed_VD, gain_D, k=5)  # the feature page's view
+    assert torch.equal(page["logit_pos_ids"][0], direct_V.topk(5).indices.cpu())
     report = logit_check.check_latent(smollm, "model.layers.29", row_D, 8.0, texts, k=10)
     assert report["measured"]["positive"][0]["token_id"] == token
     effects = logit_check.measured_effects(smollm, "model.layers.29", 8.0 * row_D, texts)

@@ -222,8 +222,7 @@ def dense_latents(sae: Any, x: Tensor) -> Tensor:
     """``[..., n_latents]`` latent values of ``x`` (zeros where the SAE left a latent off)."""
     x_f = x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     encoded = sae.encode(x_f)
-    dense = torch.zeros(*x_f.shape[:-1], sae.n_latents, dtype=encoded.acts.dtype, device=x_f.device)
-    return dense.scatter_add_(-1, encoded.indices, encoded.acts)
+    return sae.dense(encoded.acts, encoded.indices)
 
 
 def estimate(

@@ -218,6 +218,7 @@ def _model_name(config: CircuitConfig, store: Store) -> str:
     from kestrel.core.sae.artifacts import get_sae, require_loadable_model
 
     summary = get_sae(store, config.sae_id)
+    summary.require_sae("circuit latent attribution")  # its latents would be patched into `layer`
     require_loadable_model(store, summary)
     if "model" in config.model_fields_set and summary.model_name and config.model != summary.model_name:
         raise InvalidInputError(f"sae {config.sae_id!r} reads {summary.model_name!r}, not {config.model!r}")

@@ -21,6 +21,7 @@ from kestrel.core.concepts.accumulate import unpack_rows
 from kestrel.core.datasets import encode_texts
 from kestrel.core.devices import onloaded
 from kestrel.core.errors import InvalidInputError
+from kestrel.core.models import LoadedModel
 
 PAD_TOKEN = -1
 DOCS_PER_CHUNK = 256
@@ -123,6 +124,26 @@ def final_norm_scale(model: torch.nn.Module, d_model: int) -> Tensor | None:
     return None
 
 
+def unembedding(lm: LoadedModel) -> tuple[Tensor, Tensor | None]:
+    """``(W_U [V, D] in float32 on the head's device, final norm gain [D] or None)``: what a
+    direction's logit effect goes through (`direct_logits`)."""
+    head = lm.model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise InvalidInputError(f"model {lm.name!r} has no output embedding to read logit effects through")
+    with onloaded(head):  # a split model may have offloaded the head (weights on meta)
+        unembed_VD = head.weight.detach().float()
+    return unembed_VD, final_norm_scale(lm.model, unembed_VD.shape[1])
+
+
+def direct_logits(directions_LD: Tensor, unembed_VD: Tensor, norm_scale_D: Tensor | None) -> Tensor:
+    """``[L, V]`` = ``directions · diag(gain) · W_Uᵀ`` in float32 on the unembedding's device: the
+    direct path from a residual direction to the logits, skipping the layers in between."""
+    directions_LD = directions_LD.float().to(unembed_VD.device)
+    if norm_scale_D is not None:
+        directions_LD = directions_LD * norm_scale_D.to(directions_LD.device)
+    return directions_LD @ unembed_VD.float().T
+
+
 @torch.no_grad()
 def logit_effects(
     decoder_LD: Tensor, unembed_VD: Tensor, norm_scale_D: Tensor | None, k: int
@@ -133,14 +154,11 @@ def logit_effects(
     exists whole. The final norm's gain is included, its division by the norm is not (a direction
     has no norm of its own), the usual convention of logit-lens views of SAE latents.
     """
-    directions_LD = decoder_LD.float()
-    if norm_scale_D is not None:
-        directions_LD = directions_LD * norm_scale_D.to(directions_LD.device)
-    unembed_VD = unembed_VD.float().to(directions_LD.device)
+    unembed_VD = unembed_VD.float().to(decoder_LD.device)
     k = min(k, unembed_VD.shape[0])
     parts: dict[str, list[Tensor]] = {name: [] for name in ("pos_ids", "pos_values", "neg_ids", "neg_values")}
-    for start in range(0, len(directions_LD), LOGIT_CHUNK_LATENTS):
-        logits_CV = directions_LD[start : start + LOGIT_CHUNK_LATENTS] @ unembed_VD.T
+    for start in range(0, len(decoder_LD), LOGIT_CHUNK_LATENTS):
+        logits_CV = direct_logits(decoder_LD[start : start + LOGIT_CHUNK_LATENTS], unembed_VD, norm_scale_D)
         top = logits_CV.topk(k, dim=1)
         bottom = logits_CV.topk(k, dim=1, largest=False)
         parts["pos_ids"].append(top.indices.cpu())

@@ -37,7 +37,7 @@ from kestrel.core.concepts.config import MAX_HIST_BINS as MAX_HIST_BINS
 from kestrel.core.concepts.config import MAX_STATE_ENTRIES as MAX_STATE_ENTRIES
 from kestrel.core.concepts.config import DiscoveryConfig
 from kestrel.core.datasets import DatasetSpec, iter_texts, token_batches
-from kestrel.core.devices import layer_device, onloaded
+from kestrel.core.devices import layer_device
 from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
 from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import LoadedModel
@@ -489,13 +489,8 @@ def _logit_effects(store: Store, sae_id: str, sae: SAE, lm: LoadedModel, k: int)
             return reader.full("logit_pos_ids", "logit_pos_values", "logit_neg_ids", "logit_neg_values")
     except (KeyError, OSError, NotFoundError):
         pass
-    unembed = lm.model.get_output_embeddings()
-    if unembed is None or not hasattr(unembed, "weight"):
-        raise InvalidInputError(f"model {lm.name!r} has no output embedding to read logit effects through")
     with torch.inference_mode():
-        with onloaded(unembed):  # a split model may have offloaded the head (weights on meta)
-            unembed_VD = unembed.weight.detach()
-        norm_scale_D = contexts.final_norm_scale(lm.model, sae.d_in)
+        unembed_VD, norm_scale_D = contexts.unembedding(lm)
         return contexts.logit_effects(sae.W_dec.detach(), unembed_VD, norm_scale_D, k)
 
 

@@ -266,6 +266,13 @@ class SAE(nn.Module):
         out_BD = dense_decode(acts_BK, indices_BK, self.W_dec) + self.b_dec
         return out_BD.reshape(*lead, self.d_out)
 
+    def dense(self, acts: Tensor, indices: Tensor) -> Tensor:
+        """[..., n_latents] latent values from (value, index) pairs, zero elsewhere, in ``acts``'s
+        dtype and device. Summed, not overwritten: a row using fewer than K latents pads with
+        zero-valued pairs whose index may repeat a real one (TopK's never repeat)."""
+        dense = acts.new_zeros(*acts.shape[:-1], self.n_latents)
+        return dense.scatter_add_(-1, indices, acts)
+
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Reconstruction from a dense latent vector [..., n_latents] (after an edit, say)."""
         return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec

@@ -118,6 +118,7 @@ def compute_ledger(
 ) -> dict[str, Any] | None:
     """Compute the ledger and store it (atomically); None when stopped (nothing stored)."""
     sae, summary = load_sae(store, sae_id, device="cpu")
+    summary.require_sae("the evaluation ledger")  # reconstruction metrics splice it in at `layer`
     sae.eval()
     require_loadable_model(store, summary)
     _, layer = summary.model_and_layer()

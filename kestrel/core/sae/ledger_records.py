@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from kestrel.core.store import Store, validate_id
 
 LEDGER_FILE = "ledger.json"
 LEDGER_VERSION = 1
-#: A class needs this many texts so a stratified split leaves it at least two on each side.
+#: The fewest texts a class may have; the held-out split may ask for more (`split_sizes`).
 MIN_PER_CLASS = 4
 MAX_CLASSES = 64
 MAX_LABEL_CHARS = 200
@@ -135,24 +137,51 @@ def read_labelled_file(
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError(
-                    f"line {line} is not JSON: {exc.msg}", details={"line": line}
-                ) from None
-            if not isinstance(row, dict):
-                raise InvalidInputError(f"line {line} is not a JSON object", details={"line": line})
-            yield line, row
+    # An upload's first MiB only was checked as UTF-8: a bad byte later is the caller's error too.
+    # utf-8-sig drops a leading BOM (files saved by Excel or Notepad).
+    line = 0
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            for line, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    yield line, _json_object(raw, line)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(line + 1, exc) from None
+
+
+def _json_object(raw: str, line: int) -> dict[str, Any]:
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"line {line} is not JSON: {exc.msg}", details={"line": line}) from None
+    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of 4,300+ digits
+        raise InvalidInputError(f"line {line} is not usable JSON: {exc}", details={"line": line}) from None
+    if not isinstance(row, dict):
+        raise InvalidInputError(f"line {line} is not a JSON object", details={"line": line})
+    return row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        yield from enumerate(csv.DictReader(handle), start=2)
+    # Texts may be longer than csv's default 128 KiB field limit; the limit is process-wide, and
+    # raising it only ever admits more input (as `kestrel.core.datasets` does).
+    csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))
+    reader = None
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                yield reader.line_num, row
+    except UnicodeDecodeError as exc:
+        raise _not_utf8((reader.line_num if reader else 0) + 1, exc) from None
+    except csv.Error as exc:
+        line = reader.line_num if reader else 1
+        raise InvalidInputError(f"line {line} is not valid csv: {exc}", details={"line": line}) from None
+
+
+def _not_utf8(line: int, exc: UnicodeDecodeError) -> InvalidInputError:
+    return InvalidInputError(
+        f"the file is not valid UTF-8 text at or after line {line} ({exc.reason})", details={"line": line}
+    )
 
 
 def labelled_upload_texts(store: Store, spec: LabelledUpload) -> tuple[list[str], list[str]]:
@@ -175,18 +204,31 @@ def labelled_upload_texts(store: Store, spec: LabelledUpload) -> tuple[list[str]
     )
 
 
-def resolve_labelled(store: Store, dataset: LabelledTexts | LabelledUpload) -> tuple[list[str], list[str]]:
+def resolve_labelled(
+    store: Store, dataset: LabelledTexts | LabelledUpload, test_fraction: float
+) -> tuple[list[str], list[str]]:
     """The texts and string labels a request names, checked (`check_labelled`)."""
     if isinstance(dataset, LabelledTexts):
         texts, labels = list(dataset.texts), [str(label) for label in dataset.labels]
     else:
         texts, labels = labelled_upload_texts(store, dataset)
-    check_labelled(texts, labels)
+    check_labelled(texts, labels, test_fraction)
     return texts, labels
 
 
-def check_labelled(texts: list[str], labels: list[str]) -> None:
-    """Probing needs two or more classes, each with `MIN_PER_CLASS` texts, and no blank text."""
+def split_sizes(n: int, test_fraction: float) -> tuple[int, int]:
+    """(train, test) rows of scikit-learn's split of ``n`` rows: the test side is ⌈n·f⌉."""
+    n_test = math.ceil(test_fraction * n)  # the same float expression as train_test_split
+    return n - n_test, n_test
+
+
+def check_labelled(texts: list[str], labels: list[str], test_fraction: float) -> None:
+    """Probing needs two or more classes, each with `MIN_PER_CLASS` texts and enough that the
+    stratified split leaves it a text on each side, and no blank text.
+
+    scikit-learn gives a class of ``c`` texts at least ⌊c·n_train/n⌋ train and ⌊c·n_test/n⌋ test
+    rows, so ``c·n_train ≥ n`` and ``c·n_test ≥ n`` make both at least one; summed over the
+    classes they also give its own rule (each side at least as many rows as classes)."""
     if len(texts) != len(labels):
         raise InvalidInputError(f"{len(texts)} texts but {len(labels)} labels")
     blank = [i for i, text in enumerate(texts) if not text.strip()]
@@ -208,11 +250,16 @@ def check_labelled(texts: list[str], labels: list[str]) -> None:
             f"{len(counts)} classes; at most {MAX_CLASSES} (is the label column right?)",
             details={"classes": len(counts)},
         )
-    small = {label: n for label, n in counts.items() if n < MIN_PER_CLASS}
+    n_train, n_test = split_sizes(len(labels), test_fraction)
+    need = max(MIN_PER_CLASS, -(-len(labels) // max(n_test, 1)), -(-len(labels) // max(n_train, 1)))
+    small = {label: n for label, n in counts.items() if n < need}
     if small:
         raise InvalidInputError(
-            f"every class needs at least {MIN_PER_CLASS} texts; too few for {sorted(small)[:10]}",
-            details={"too_small": small, "min_per_class": MIN_PER_CLASS},
+            f"every class needs at least {need} texts; too few for {sorted(small)[:10]} "
+            f"(test_fraction {test_fraction} holds out {n_test} of {len(labels)} texts, and each "
+            "class needs a text on each side of the stratified split: at least "
+            f"{MIN_PER_CLASS}, ⌈texts / held out⌉ and ⌈texts / kept⌉)",
+            details={"too_small": small, "min_per_class": need, "n_train": n_train, "n_test": n_test},
         )
 
 

@@ -43,8 +43,7 @@ PROBE_MAX_ITER = 1000  # SAEBench's: sklearn's default of 100 warns of non-conve
 def dense_latents(sae: SAE, x_ND: torch.Tensor) -> torch.Tensor:
     """The SAE's latents of each row as a dense [rows, n_latents] float32 matrix."""
     enc = sae.encode(x_ND.to(sae.W_enc.device))
-    out_NF = torch.zeros(x_ND.shape[0], sae.n_latents, device=enc.acts.device)
-    return out_NF.scatter_(1, enc.indices, enc.acts.float())
+    return sae.dense(enc.acts, enc.indices).float()
 
 
 @dataclass
@@ -204,6 +203,8 @@ def sparse_probing(
     tasks = binary_tasks(labels, test_fraction, seed)
     per_task = []
     for task in tasks:
+        if len(task.test_idx) == 0 or len(set(task.train_y.tolist())) < 2:
+            continue  # the split left this class nothing to test (or train) on: no accuracy to report
         tr_lat, te_lat = latents[task.train_idx], latents[task.test_idx]
         row: dict[str, Any] = {
             "class": task.name,

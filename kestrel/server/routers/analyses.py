@@ -86,7 +86,9 @@ def check_request(request: AnalysisRequest, settings: Settings, store) -> None:
         services.require_allowed_model(request.model, settings)
         services.check_texts([text for p in request.pairs for text in (p.clean, p.corrupted)], settings)
         if request.sae_id is not None:  # the SAE whose latents are attributed: 404 before queueing
-            require_loadable_model(store, get_sae(store, validate_id(request.sae_id, "sae id")))
+            summary = get_sae(store, validate_id(request.sae_id, "sae id"))
+            summary.require_sae("circuit latent attribution")
+            require_loadable_model(store, summary)
     elif isinstance(request, GraphConfig):
         services.require_allowed_model(request.model, settings)
         services.check_texts([request.prompt], settings)

@@ -15,7 +15,6 @@ from kestrel.core.errors import ConflictError, InvalidInputError, KestrelError, 
 from kestrel.core.limits import Caps
 from kestrel.core.sae import ledger_records, records
 from kestrel.core.sae.filesets import LAYOUTS, files_from_zip
-from kestrel.core.sae.ledger_records import LabelledTexts
 from kestrel.core.store import new_id, validate_id
 from kestrel.schemas import (
     TERMINAL_STATES,
@@ -385,12 +384,12 @@ def start_ledger(
     its chance baseline; ``GET .../ledger`` reads it. Everything checkable is checked first."""
     request = request or LedgerRequest()
     summary = records.get_sae(store, sae_id)
+    summary.require_sae("the evaluation ledger")  # its metrics splice it in at the layer it reads
     summary.model_and_layer()  # an import that names no model: 422 before any job
     records.require_loadable_model(store, summary)
-    if request.dataset is not None:
-        if isinstance(request.dataset, LabelledTexts):
-            services.check_texts(request.dataset.texts, settings)
-        ledger_records.resolve_labelled(store, request.dataset)  # classes, sizes, columns: 422 now
+    if request.dataset is not None:  # classes, sizes, columns, the texts' limits: 422 now
+        texts, _ = ledger_records.resolve_labelled(store, request.dataset, request.options.test_fraction)
+        services.check_texts(texts, settings)
     elif not (summary.run_id and store.exists("activations", summary.run_id)):
         raise InvalidInputError(
             f"sae {sae_id!r} has no capture run to evaluate on: give a labelled dataset",

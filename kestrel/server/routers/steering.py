@@ -123,6 +123,7 @@ async def measure_logits(
     from kestrel.core.sae.records import get_sae
 
     summary = await asyncio.to_thread(get_sae, store, sae_id)
+    summary.require_sae("the logit check")  # it adds the decoder row at the layer the SAE reads
     if latent >= summary.n_latents:
         raise InvalidInputError(
             f"latent {latent} is out of range: sae {sae_id!r} has {summary.n_latents} latents",
