@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kestrel.core.concepts.config import NeuronpediaExport
+from kestrel.core.concepts.config import EXPORT_FILE, EXPORT_RECORD, NeuronpediaExport, export_rel
 from kestrel.core.errors import CancelledError
 from kestrel.workers.context import JobContext, job_function
 from kestrel.workers.jobs import _sae_model_name
@@ -22,12 +22,12 @@ from kestrel.workers.jobs import _sae_model_name
 @job_function("export")
 def neuronpedia_job(ctx: JobContext, sae_id: str, request: dict[str, Any], export_id: str) -> dict[str, Any]:
     """Write the SAE's feature pages for Neuronpedia and store the zip with the SAE."""
-    from kestrel.core.concepts.neuronpedia import EXPORT_FILE, export_neuronpedia, publish_export
+    from kestrel.core.concepts.neuronpedia import export_neuronpedia, publish_export
     from kestrel.core.sae.artifacts import get_sae
 
     options = NeuronpediaExport.from_dict(request)
     if _exists(ctx, sae_id, export_id):  # a requeued job whose first run published it already
-        return ctx.store.read_json("saes", sae_id, f"exports/{export_id}/export.json")
+        return ctx.store.read_json("saes", sae_id, export_rel(export_id, EXPORT_RECORD))
     summary = get_sae(ctx.store, sae_id)
     lm = ctx.models.get(_sae_model_name(ctx, summary))
     ctx.log(f"exporting the feature pages of {sae_id} for Neuronpedia ({options.source_set})")
@@ -52,4 +52,4 @@ def neuronpedia_job(ctx: JobContext, sae_id: str, request: dict[str, Any], expor
 
 
 def _exists(ctx: JobContext, sae_id: str, export_id: str) -> bool:
-    return bool(ctx.store.list_files("saes", sae_id, f"exports/{export_id}/"))
+    return bool(ctx.store.list_files("saes", sae_id, export_rel(export_id) + "/"))

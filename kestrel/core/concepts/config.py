@@ -84,6 +84,17 @@ def log_bin_count(low: float, high: float, per_decade: int) -> int:
 SOURCE_SET_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 
 
+#: Where an SAE's exports live: ``saes/<sae_id>/exports/<export_id>/`` holds the zip and its record.
+EXPORTS_DIR = "exports"
+EXPORT_FILE = "neuronpedia.zip"
+EXPORT_RECORD = "export.json"
+
+
+def export_rel(export_id: str, name: str = "") -> str:
+    """The path of an export (or of ``name`` in it) inside its SAE's artifact."""
+    return f"{EXPORTS_DIR}/{export_id}/{name}" if name else f"{EXPORTS_DIR}/{export_id}"
+
+
 def neuronpedia_layer_number(layer: str) -> int:
     """The block number Neuronpedia names a source by (``model.layers.15`` → 15)."""
     numbers = re.findall(r"\.(\d+)(?:\.|:|$)", layer)

@@ -36,7 +36,14 @@ from typing import Any
 
 import torch
 
-from kestrel.core.concepts.config import NeuronpediaExport, neuronpedia_layer_number
+from kestrel.core.concepts.config import (
+    EXPORT_FILE,
+    EXPORT_RECORD,
+    EXPORTS_DIR,
+    NeuronpediaExport,
+    export_rel,
+    neuronpedia_layer_number,
+)
 from kestrel.core.concepts.contexts import PAD_TOKEN
 from kestrel.core.concepts.dictionary import Concept, read_dictionary
 from kestrel.core.concepts.features import PAGE_TENSORS
@@ -345,15 +352,11 @@ def _zip(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-EXPORTS_DIR = "exports"
-EXPORT_FILE = "neuronpedia.zip"
-
-
 def publish_export(store: Store, sae_id: str, export_id: str, data: bytes, record: dict[str, Any]) -> None:
     """Store an export under ``saes/<sae_id>/exports/<export_id>/``: staged out of sight, then one
     rename (an upload on S3), so a reader finds the whole zip or no export."""
     export_id = validate_id(export_id, "export id")
     staging = store.scratch_dir("saes", sae_id, f"{EXPORTS_DIR}/.staging-{export_id}")
     (staging / EXPORT_FILE).write_bytes(data)
-    (staging / "export.json").write_text(json.dumps(record, ensure_ascii=False))
-    store.put_tree("saes", sae_id, f"{EXPORTS_DIR}/{export_id}", staging)
+    (staging / EXPORT_RECORD).write_text(json.dumps(record, ensure_ascii=False))
+    store.put_tree("saes", sae_id, export_rel(export_id), staging)

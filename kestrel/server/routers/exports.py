@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
-from kestrel.core.concepts.config import NeuronpediaExport, neuronpedia_layer_number
+from kestrel.core.concepts.config import EXPORT_FILE, NeuronpediaExport, export_rel, neuronpedia_layer_number
 from kestrel.core.concepts.store import read_manifest
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.sae.records import get_sae, require_loadable_model
@@ -18,7 +18,6 @@ from kestrel.server.errors import error_responses
 from kestrel.workers import names as job_names
 
 router = APIRouter(prefix="/saes", tags=["saes"], responses=error_responses(401, 422))
-EXPORT_FILE = "neuronpedia.zip"  # kestrel.core.concepts.neuronpedia.EXPORT_FILE (torch-free here)
 
 
 @router.post(
@@ -79,6 +78,6 @@ def start_neuronpedia_export(
 def download_export(sae_id: SaeId, export_id: ExportId, store: StoreDep) -> FileResponse:
     """A finished export's zip (404 while its job runs, or for an unknown id)."""
     get_sae(store, sae_id)
-    path = store.local_path("saes", sae_id, f"exports/{export_id}/{EXPORT_FILE}")
+    path = store.local_path("saes", sae_id, export_rel(export_id, EXPORT_FILE))
     filename = f"{sae_id}-{export_id}-neuronpedia.zip"
     return FileResponse(path, media_type="application/zip", filename=filename)
