@@ -277,16 +277,22 @@ def cancel(redis: Redis, job_id: str) -> JobInfo:
     ``started``, with ``cancel_requested`` true, until it stops and reads ``canceled`` (or
     ``finished``, if it completed before its next check).
     """
-    job = fetch(redis, job_id)
-    status = public_status(job) if job.get_status() else "failed"
-    if status in TERMINAL_STATES:
-        raise ConflictError(f"job {job_id!r} is already {status}", details={"id": job_id, "status": status})
+    job, status = _live_job(redis, job_id)
     redis.set(CANCEL_KEY.format(job_id), "1", ex=CANCEL_TTL_S)
     if status == "queued":
         with contextlib.suppress(InvalidJobOperation):  # picked up meanwhile: the key stops it
             job.cancel()
     job.get_status()
     return describe(job)
+
+
+def _live_job(redis: Redis, job_id: str) -> tuple[Job, str]:
+    """The job and its public status; ConflictError once it has ended (nothing left to cancel)."""
+    job = fetch(redis, job_id)
+    status = public_status(job) if job.get_status() else "failed"
+    if status in TERMINAL_STATES:
+        raise ConflictError(f"job {job_id!r} is already {status}", details={"id": job_id, "status": status})
+    return job, status
 
 
 def cancel_requested(redis: Redis, job_id: str) -> bool:
@@ -299,10 +305,7 @@ def cancel_part(redis: Redis, job_id: str, part: str) -> JobInfo:
     The job polls the set with its cancel key (`JobContext.part_cancelled`); a part cancelled
     while the job is queued is stopped before its first step. When every part is stopped the job
     ends as a cancel would."""
-    job = fetch(redis, job_id)
-    status = public_status(job) if job.get_status() else "failed"
-    if status in TERMINAL_STATES:
-        raise ConflictError(f"job {job_id!r} is already {status}", details={"id": job_id, "status": status})
+    job, _ = _live_job(redis, job_id)
     key = CANCEL_PARTS_KEY.format(job_id)
     with redis.pipeline() as pipe:
         pipe.sadd(key, part)
