@@ -44,7 +44,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train-stream": (
         "kestrel.cli.saes",
-        "Train SAEs on several layers (and a sweep of k / sizes per layer) from one model pass.",
+        "Train SAEs on several layers (a sweep of k / sizes per layer) and MLP transcoders in one pass.",
     ),
     "eval": (
         "kestrel.cli.saes",

@@ -28,6 +28,7 @@ from kestrel.cli.common import (
 )
 from kestrel.cli.config_options import ConfigGroup, config_options
 from kestrel.core.catalog import DEFAULT_MODEL
+from kestrel.core.errors import InvalidInputError
 from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae.config import SAEConfig, TrainConfig
 from kestrel.core.sae.ledger_records import LedgerOptions
@@ -156,10 +157,19 @@ STREAM_CAPTURE_OPTIONS = ConfigGroup(
 @friendly_errors
 @config_options(sae=SAE_OPTIONS, train=TRAIN_OPTIONS, options=STREAM_CAPTURE_OPTIONS)
 def train_stream_command(
-    layer: Annotated[list[str], typer.Option("--layer", "-l", help="layer to train on (repeatable)")],
     sae: dict[str, Any],
     train: dict[str, Any],
     options: dict[str, Any],
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", "-l", help="layer to train an SAE on (repeatable)")
+    ] = None,
+    mlp_transcoders: Annotated[
+        str | None,
+        typer.Option(
+            help="also train a transcoder of each listed block's MLP (its input -> its output), "
+            "e.g. 0,5,10 or 0-29 or all"
+        ),
+    ] = None,
     sweep_k: Annotated[str | None, typer.Option(help="k values to sweep, e.g. 16,32")] = None,
     sweep_n_latents: Annotated[
         str | None, typer.Option(help="dictionary sizes to sweep, e.g. 2304,4608")
@@ -181,24 +191,31 @@ def train_stream_command(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train SAEs on several layers (and a sweep of k / sizes per layer) from one model pass."""
+    """Train SAEs on several layers (a sweep of k / sizes per layer) and MLP transcoders in one pass.
+
+    ``--mlp-transcoders`` adds a transcoder per listed block's MLP (its input -> its output)."""
     from kestrel.core.models import load_model
     from kestrel.core.sae.stream import train_stream
 
+    if not layer and not mlp_transcoders:
+        raise InvalidInputError("give --layer (SAEs) or --mlp-transcoders (transcoders), or both")
     spec = capture_dataset(text, file, text_field, txt_mode, hf, hf_config, split, limit)
+    the_store = open_store(store)
+    lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
+    sources = [(name, None) for name in layer or []]
+    sources += [(f"{mlp}:input", mlp) for mlp in _mlp_layers(lm, mlp_transcoders)] if mlp_transcoders else []
     base = {"n_latents": DEFAULT_N_LATENTS, **sae}
     saes = [
         {
             "layer": name,
+            "target_layer": target,
             "sae": {**base, **({"k": k} if k else {}), **({"n_latents": n} if n else {})},
             "train": train,
         }
-        for name in layer
+        for name, target in sources
         for k in _int_list(sweep_k, "--sweep-k")
         for n in _int_list(sweep_n_latents, "--sweep-n-latents")
     ]
-    the_store = open_store(store)
-    lm = load_model(model, device=device, dtype=model_dtype, store_root=the_store.local_root)
 
     def show(sae_id: str, progress) -> None:  # on stderr: --json keeps stdout to the summaries
         # A diverging step reports null figures: the line says n/a rather than crash the training.
@@ -225,11 +242,42 @@ def train_stream_command(
     print_table(["id", "layer", "status", "held-out FVU"], [_stream_row(s) for s in summaries])
 
 
+def _mlp_layers(lm: Any, blocks: str) -> list[str]:
+    """The MLP modules of the blocks ``blocks`` names ("all", "0,5,10", "0-29"), in block order."""
+    mlps = {info.index: info.name for info in lm.layers if info.kind == "mlp" and info.index is not None}
+    if blocks.strip() == "all":
+        return [mlps[i] for i in sorted(mlps)]
+    wanted: list[int] = []
+    for part in blocks.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            wanted += list(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise InvalidInputError(
+                f"--mlp-transcoders: {part.strip()!r} is not a block or a range a-b"
+            ) from None
+    missing = sorted(set(wanted) - set(mlps))
+    if missing:
+        raise InvalidInputError(
+            f"--mlp-transcoders: the model has no MLP in block(s) {missing}; its MLP blocks are "
+            f"{min(mlps)}-{max(mlps)}"
+            if mlps
+            else "--mlp-transcoders: the model's layer table lists no MLP"
+        )
+    return [mlps[i] for i in dict.fromkeys(wanted)]
+
+
 def _stream_row(summary: Any) -> list[str]:
     """A published SAE (its held-out FVU) or a stopped one (no metrics, a checkpoint)."""
     fvu = (getattr(summary, "metrics", None) or {}).get("fvu")
     layer = getattr(summary, "layer_name", None) or ""
-    return [summary.id, layer, summary.status, "-" if fvu is None else f"{fvu:.3f}"]
+    target = getattr(summary, "target_layer", None)
+    return [
+        summary.id,
+        f"{layer} -> {target}" if target else layer,
+        summary.status,
+        "-" if fvu is None else f"{fvu:.3f}",
+    ]
 
 
 @cli.command("eval")

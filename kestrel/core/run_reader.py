@@ -70,6 +70,7 @@ def iter_row_batches(
     shuffle_shards: bool = True,
     norm_median: float | None = None,
     target_layer: str | None = None,
+    target_norm_median: float | None = None,
 ) -> Iterator[RowBatch]:
     """Stream a run's rows for ``layer`` in batches, shard by shard.
 
@@ -78,15 +79,19 @@ def iter_row_batches(
     through a buffer of that many rows, so memory stays at one shard plus the buffer. The same
     seed gives the same order, which is what lets a trainer resume mid-epoch. ``norm_median``
     replaces the manifest's as the reference of ``filters.max_norm_multiple``. ``target_layer``
-    appends that layer's row to each row of ``layer`` (the same token), as a transcoder trains.
+    appends that layer's row to each row of ``layer`` (the same token), as a transcoder trains;
+    ``target_norm_median`` then replaces that layer's median (a stream's replay gives both).
     """
     manifest = get_manifest(store, run_id)
     manifest.layer(layer)  # NotFoundError naming the run's layers
     layers = [layer] if target_layer is None else [layer, target_layer]
     if target_layer is not None:
         manifest.layer(target_layer)
-        if norm_median is not None:
-            raise InvalidInputError("norm_median overrides one layer's median; a paired read has two")
+        if (norm_median is None) != (target_norm_median is None):
+            raise InvalidInputError("a paired read overrides both layers' norm medians or neither")
+    elif target_norm_median is not None:
+        raise InvalidInputError("target_norm_median needs target_layer")
+    medians = [norm_median] if target_layer is None else [norm_median, target_norm_median]
     if batch_size <= 0:
         raise InvalidInputError(f"batch_size must be > 0, got {batch_size}")
     if not 0.0 < heldout_fraction < 1.0 and split != "all":
@@ -104,7 +109,7 @@ def iter_row_batches(
             filters,
             split,
             heldout_fraction,
-            norm_median,
+            medians if norm_median is not None else None,
         )
         for name in shards
     )
@@ -146,14 +151,15 @@ def _filtered(
     filters: RowFilter,
     split: Split,
     fraction: float,
-    norm_median: float | None = None,
+    norm_medians: Sequence[float | None] | None = None,
 ) -> RowBatch:
+    """``norm_medians`` (one per layer) replace the manifest's medians when given."""
     special = manifest.special_token_ids
+    medians = norm_medians if norm_medians is not None else [manifest.layers[n].norm_median for n in layers]
     if len(layers) > 1:
-        groups = [(manifest.layers[name].d, manifest.layers[name].norm_median) for name in layers]
+        groups = [(manifest.layers[name].d, m) for name, m in zip(layers, medians, strict=True)]
         return filter_rows(rows, filters, special, None, split, fraction, column_medians=groups)
-    median = manifest.layers[layers[0]].norm_median if norm_median is None else norm_median
-    return filter_rows(rows, filters, special, median, split, fraction)
+    return filter_rows(rows, filters, special, medians[0], split, fraction)
 
 
 def filter_rows(

@@ -70,9 +70,17 @@ SAEHyperparameters: type[StrictModel] = create_model(
 class StreamSAERequest(StrictModel):
     """One SAE of a stream training: the layer it reads, what it is and how it trains."""
 
-    layer: str = Field(min_length=1, description="module path from the layer table")
+    layer: str = Field(
+        min_length=1, description="module path from the layer table (MODULE:input: what it reads)"
+    )
     sae: SAEHyperparameters
     train: TrainConfig | None = Field(None, description="training hyperparameters; defaults if omitted")
+    target_layer: str | None = Field(
+        None,
+        min_length=1,
+        description="train a transcoder predicting this layer from `layer` (e.g. model.layers.10.mlp:input "
+        "-> model.layers.10.mlp); both are captured in the same pass",
+    )
 
 
 class TrainRequest(StrictModel):

@@ -45,10 +45,10 @@ def prepare_stream_training(request: TrainRequest, store: Store, settings: Setti
             "given with dataset/saes",
             details={"fields": mixed},
         )
-    if request.target_layer is not None:  # a stream trains SAEs of one layer each
+    if request.target_layer is not None:  # a stream's transcoders name theirs per entry
         raise InvalidInputError(
-            "target_layer trains a transcoder on a stored run: capture both layers, then give run_id, "
-            "layer and target_layer (not dataset/saes)",
+            "stream training takes target_layer per SAE: give saes[i].target_layer (a top-level "
+            "target_layer goes with run_id and layer)",
             details={"fields": ["target_layer"]},
         )
     if request.dataset is None or not request.saes:
@@ -64,6 +64,16 @@ def prepare_stream_training(request: TrainRequest, store: Store, settings: Setti
     for i, entry in enumerate(request.saes):
         if not entry.layer.strip():
             raise InvalidInputError(f"saes[{i}].layer must not be empty")
+        if entry.target_layer == entry.layer:
+            raise InvalidInputError(
+                f"saes[{i}]: target_layer is the input layer {entry.layer!r}: a transcoder predicts "
+                "another layer (for an SAE of this layer, leave target_layer out)",
+                details={"index": i, "layer": entry.layer},
+            )
+        if entry.sae.skip and entry.target_layer is None:
+            raise InvalidInputError(
+                f"saes[{i}]: skip makes a skip-transcoder: give saes[{i}].target_layer, the layer it predicts"
+            )
         train = entry.train or TrainConfig()
         limits.check_train(train.model_dump(mode="json"), caps)
         train.check_one_pass(i)

@@ -38,7 +38,7 @@ def train_stream_job(
     ``resume`` continues them from their checkpoints (``POST /v1/saes`` with ``resume_from`` a
     stopped stream SAE); a requeued job continues those that have one."""
     from kestrel.core.sae.checkpoint import writer_lock
-    from kestrel.core.sae.stream import StreamSAE, train_stream
+    from kestrel.core.sae.stream import StreamSAE, stream_width, train_stream
 
     req = TrainRequest.model_validate(request)
     assert req.dataset is not None and req.saes is not None
@@ -48,13 +48,18 @@ def train_stream_job(
     ctx.log(f"loading {req.model}")
     lm = ctx.models.get(req.model, dtype=req.model_dtype)
     for i in pending:
-        limits.check_sae_size(lm.layer(req.saes[i].layer).width, req.saes[i].sae.n_latents, caps)
+        entry = req.saes[i]
+        widths = [stream_width(lm, entry.layer, i)]
+        if entry.target_layer is not None:
+            widths.append(stream_width(lm, entry.target_layer, i))
+        limits.check_sae_size(max(widths), entry.sae.n_latents, caps)
     saes = [
         StreamSAE(
             layer=req.saes[i].layer,
             sae=req.saes[i].sae.model_dump(exclude_none=True),
             train=(req.saes[i].train or {}),
             sae_id=sae_ids[i],
+            target_layer=req.saes[i].target_layer,
         )
         for i in pending
     ]

@@ -119,3 +119,48 @@ def test_one_sae_of_a_stream_job_is_cancelled_alone_and_resumed(client: httpx.Cl
     assert client.post(f"/v1/saes/{long_id}/cancel").json()["cancel_requested"]  # its own job: all of it
     final = wait_for_job(client, resumed_id, states=("canceled",))
     assert final["result"]["saes"][long_id]["step"] >= later["step"]
+
+
+def _transcoder_entry(block: int) -> dict:
+    mlp = f"model.layers.{block}.mlp"
+    sae = {"architecture": "topk", "n_latents": 32, "k": 4}
+    return {"layer": f"{mlp}:input", "target_layer": mlp, "sae": sae, "train": {"batch_size": 64}}
+
+
+def test_one_pass_trains_a_transcoder_per_block_and_a_graph_uses_them(client: httpx.Client) -> None:
+    """Both sides of two blocks' MLPs in one stream job: each transcoder is published as such (its
+    target layer, d_out, FVU against the MLP's output) and an attribution graph accepts them."""
+    body = {
+        "model": "tiny-llama",
+        "dataset": {"kind": "texts", "texts": TEXTS},
+        "saes": [_transcoder_entry(0), _transcoder_entry(1)],
+    }
+    accepted = client.post("/v1/saes", json=body)
+    assert accepted.status_code == 202, accepted.text
+    sae_ids = wait_for_job(client, accepted.json()["id"])["artifacts"]["sae_ids"]
+    for block, sae_id in enumerate(sae_ids):
+        sae = client.get(f"/v1/saes/{sae_id}").json()
+        assert sae["kind"] == "transcoder" and sae["target_layer"] == f"model.layers.{block}.mlp"
+        assert (
+            sae["layer"] == f"model.layers.{block}.mlp:input"
+            and sae["config"]["d_out"] == sae["config"]["d_in"]
+        )
+        assert 0 < sae["metrics"]["fvu"] < 1
+    graph = {"kind": "graph", "model": "tiny-llama", "prompt": "The cat sat on the", "transcoders": sae_ids}
+    submitted = client.post("/v1/analyses", json={**graph, "node_keep": 1.0})
+    assert submitted.status_code == 202, submitted.text
+    analysis_id = wait_for_job(client, submitted.json()["id"])["artifacts"]["analysis_id"]
+    scores = client.get(f"/v1/analyses/{analysis_id}").json()["key_numbers"]
+    assert 0 <= scores["completeness"] <= 1 and 0 <= scores["replacement"] <= 1
+
+
+def test_malformed_stream_transcoders_are_refused_before_queueing(client: httpx.Client) -> None:
+    texts = {"kind": "texts", "texts": TEXTS[:4]}
+    same = {**_transcoder_entry(0), "target_layer": "model.layers.0.mlp:input"}
+    refused = assert_error(client.post("/v1/saes", json={"dataset": texts, "saes": [same]}), 422)
+    assert "target_layer is the input layer" in refused["message"]
+    skip = {**SAES[0], "sae": {**SAES[0]["sae"], "skip": True}}
+    refused = assert_error(client.post("/v1/saes", json={"dataset": texts, "saes": [skip]}), 422)
+    assert "saes[0].target_layer" in refused["message"]
+    top = {"dataset": texts, "saes": SAES[:1], "target_layer": "model.layers.0.mlp"}
+    assert "per SAE" in assert_error(client.post("/v1/saes", json=top), 422)["message"]

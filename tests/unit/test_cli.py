@@ -218,3 +218,20 @@ def test_train_stream_sweeps_k_on_two_layers_in_one_pass(store_root) -> None:
     assert "held-out FVU" in table.stdout and table.stdout.count("complete") == 2  # one SAE per layer
     bad = invoke("train-stream", *common, "--sweep-k", "4,x", "--store", str(store_root))
     assert bad.exit_code == 2 and "--sweep-k" in bad.output
+
+
+def test_train_stream_trains_mlp_transcoders_of_listed_blocks(store_root) -> None:
+    texts = [f"Sentence number {i} about rivers, mountains and weather." for i in range(40)]
+    args = [a for t in texts for a in ("--text", t)]
+    common = [*args, "--n-latents", "32", "--k", "4", "--batch-size", "64", "--device", "cpu"]
+    result = invoke("train-stream", "--mlp-transcoders", "0-1", *common, "--store", str(store_root), "--json")
+    assert result.exit_code == 0, result.output
+    summaries = json.loads(result.stdout)
+    assert [(s["layer"], s["target_layer"], s["kind"]) for s in summaries] == [
+        (f"model.layers.{b}.mlp:input", f"model.layers.{b}.mlp", "transcoder") for b in (0, 1)
+    ]
+    for bad, message in [("99", "no MLP in block(s) [99]"), ("a-b", "'a-b' is not a block")]:
+        refused = invoke("train-stream", "--mlp-transcoders", bad, *common, "--store", str(store_root))
+        assert refused.exit_code != 0 and message in refused.output, refused.output
+    neither = invoke("train-stream", *common, "--store", str(store_root))
+    assert neither.exit_code != 0 and "--mlp-transcoders" in neither.output

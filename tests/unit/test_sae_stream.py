@@ -223,3 +223,79 @@ def test_the_pass_ends_once_every_sae_is_through_its_budget_unless_it_spills(tin
         handle.remove()
     assert 0 < short < len(forwards)  # the spill needs the whole dataset; training alone did not
     assert store.exists("saes", "b1") and store.exists("saes", "b2")
+
+
+TRANSCODER = {
+    "layer": "model.layers.1.mlp:input",
+    "target_layer": "model.layers.1.mlp",
+    "sae": {"architecture": "topk", "n_latents": 64, "k": 4},
+    "train": {"batch_size": 128, "seed": 7},
+}
+
+
+def test_one_pass_trains_a_transcoder_beside_an_sae_and_its_spill_replays_to_the_same_weights(
+    tiny_lm, store
+) -> None:
+    """Both sides of block 1's MLP are captured in the SAE's forward; the transcoder trains on them
+    paired, and a stored-run training on the spilled pair (replayed as the stream saw it) gives
+    the same weights, so the pairing, the filters and the order are a stored run's."""
+    saes = [
+        {**TRANSCODER, "sae_id": "tc"},
+        {**TRANSCODER, "sae": {**TRANSCODER["sae"], "skip": True}, "sae_id": "skip"},
+        {**SAE0, "train": {"batch_size": 128, "seed": 3}, "sae_id": "plain"},
+    ]
+    summaries = train_stream(
+        tiny_lm, TEXTS, saes, store, options=OPTIONS, spill_run_id="pair", shuffle_buffer=BUFFER
+    )
+    assert [s.status for s in summaries] == ["complete"] * 3
+    run = store.read_json("activations", "pair")
+    assert set(run["layers"]) == {"model.layers.0", "model.layers.1.mlp:input", "model.layers.1.mlp"}
+    d_model = tiny_lm.d_model
+    for summary, kind in zip(summaries[:2], ["transcoder", "skip_transcoder"], strict=True):
+        assert summary.kind == kind and summary.target_layer == "model.layers.1.mlp"
+        assert summary.config["d_in"] == summary.config["d_out"] == d_model
+        assert 0 < summary.metrics["fvu"] < 1  # against the MLP's output on held-out documents
+        data = summary.config["data"]
+        assert data["target_norm_median"] > 0 and data["norm_median"] > 0
+        replay = artifacts.StreamReplay(
+            norm_median=data["norm_median"],
+            target_norm_median=data["target_norm_median"],
+            shuffle_buffer=BUFFER,
+        )
+        sae_config = next(s["sae"] for s in saes if s["sae_id"] == summary.id)
+        replayed = artifacts.train_from_run(
+            store,
+            "pair",
+            summary.layer,
+            sae_config,
+            TRANSCODER["train"],
+            sae_id=f"r-{summary.id}",
+            replay=replay,
+            target_layer=summary.target_layer,
+        )
+        assert (replayed.steps, replayed.tokens) == (summary.steps, summary.tokens)
+        mine, theirs = _weights(store, summary.id), _weights(store, replayed.id)
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], msg=name)
+    assert summaries[2].kind == "sae" and summaries[2].target_layer is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({**TRANSCODER, "target_layer": TRANSCODER["layer"]}, "target_layer is the input layer"),
+        ({**SAE0, "sae": {"n_latents": 64, "k": 4, "skip": True}}, "skip makes a skip-transcoder"),
+        ({**TRANSCODER, "target_layer": "model.layers.1.mlp.nope"}, "model.layers.1.mlp.nope"),
+        ({**TRANSCODER, "layer": "model.embed_tokens:input"}, "no known width"),
+    ],
+)
+def test_bad_transcoder_entries_fail_before_any_forward(tiny_lm, store, entry, message) -> None:
+    def no_forward(*args, **kw):
+        raise AssertionError("the model ran")
+
+    forward, tiny_lm.model.forward = tiny_lm.model.forward, no_forward
+    try:
+        with pytest.raises((InvalidInputError, NotFoundError), match=message):
+            train_stream(tiny_lm, TEXTS, [entry], store)
+    finally:
+        tiny_lm.model.forward = forward

@@ -106,6 +106,8 @@ class StreamReplay:
 
     norm_median: float | None
     shuffle_buffer: int = SHUFFLE_BUFFER_ROWS
+    target_norm_median: float | None = None
+    """A transcoder's: its target layer's calibration median (``config.data["target_norm_median"]``)."""
 
 
 def _run_rows(
@@ -138,6 +140,7 @@ def _run_rows(
             heldout_fraction=HELDOUT_FRACTION,
             norm_median=None if replay is None else replay.norm_median,
             target_layer=target_layer,
+            target_norm_median=None if replay is None else replay.target_norm_median,
             **order,
         )
 
@@ -191,10 +194,12 @@ def train_from_run(
     sae_cfg, train_cfg, manifest = training_configs(
         store, run_id, layer, sae_config, train_config, data=_data_record(filters), target_layer=target_layer
     )
-    if replay is not None and target_layer is not None:
-        raise InvalidInputError("a stream replay reads one layer; a transcoder reads two")
+    if replay is not None and (target_layer is None) != (replay.target_norm_median is None):
+        raise InvalidInputError("a transcoder's stream replay gives target_norm_median; an SAE's does not")
     if replay is not None:
         data = {**sae_cfg.data, "order": "stream", "norm_median": replay.norm_median}
+        if target_layer is not None:
+            data["target_norm_median"] = replay.target_norm_median
         data["shuffle_buffer"] = replay.shuffle_buffer
         sae_cfg = sae_cfg.model_copy(update={"data": data})
     sae_id = validate_id(sae_id, "sae id") if sae_id else new_id("sae")

@@ -18,6 +18,12 @@ The learning-rate schedule needs the rows of the pass before the first step: unl
 token and split filters; rows the norm filter drops are not known before the forward, so the
 count may run a few rows over). A stream is one epoch; more epochs replay the spilled run.
 
+A transcoder (``target_layer`` on its entry) reads one layer and predicts another of the same pass,
+e.g. ``model.layers.10.mlp:input`` → ``model.layers.10.mlp``: both are captured in the one forward,
+and its rows are the two layers' rows side by side (``[x | y]``, as a stored run's paired read
+gives them), each half held to its own layer's norm median. So one pass can train a transcoder for
+every block's MLP; ``StreamReplay(norm_median, target_norm_median)`` replays its spill the same way.
+
 Faults: should_stop(sae_id) stops that SAE at once with a checkpoint (the others go on; when all
 have stopped the pass ends and the spill is not published; without a spill the pass also ends
 once every SAE is stopped or through its token budget). ``resume=True`` re-streams from the
@@ -45,6 +51,7 @@ from kestrel.core.activations import (
     _CaptureResult,
     _check_layers,
     _describe_dataset,
+    _detector,
     _dropped_token_ids,
     _manifest,
     capture_batches,
@@ -52,10 +59,10 @@ from kestrel.core.activations import (
 )
 from kestrel.core.datasets import DatasetSpec, iter_texts
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
-from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
+from kestrel.core.hooks import HookContext, HookManager, run_until_stopped, stop_after
 from kestrel.core.models import TORCH_DTYPES, LoadedModel
 from kestrel.core.run_reader import RowBatch, ShuffleBuffer, filter_rows
-from kestrel.core.runs import CaptureOptions, RowFilter
+from kestrel.core.runs import CaptureOptions, RowFilter, parse_layer_spec
 from kestrel.core.sae.artifacts import (
     HELDOUT_FRACTION,
     SHUFFLE_BUFFER_ROWS,
@@ -83,6 +90,12 @@ class StreamSAE(BaseModel):
     sae: SAEConfig | dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig | dict[str, Any] = Field(default_factory=dict)
     sae_id: str | None = None
+    target_layer: str | None = None
+    """A transcoder's: the layer it predicts from ``layer`` (None: an SAE of ``layer``)."""
+
+
+#: The rows one trainee reads: (layer, target layer or None). A transcoder's are paired.
+Source = tuple[str, str | None]
 
 
 @dataclass
@@ -90,6 +103,7 @@ class _Trainee:
     """One SAE's place in the stream: its configs, id, run (once open) and batcher."""
 
     layer: str
+    target_layer: str | None
     sae_config: SAEConfig
     train_config: TrainConfig
     sae_id: str
@@ -101,6 +115,10 @@ class _Trainee:
     batcher: Rebatcher | None = None
     stopped: bool = False
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def source(self) -> Source:
+        return (self.layer, self.target_layer)
 
 
 def train_stream(
@@ -137,7 +155,8 @@ def train_stream(
         if store.exists("activations", spill_run_id):
             raise ConflictError(f"run id {spill_run_id!r} already exists", details={"id": spill_run_id})
     trainees = _trainees(lm, saes, store, resume)
-    layers = _check_layers(lm, sorted({t.layer for t in trainees}))
+    read = {t.layer for t in trainees} | {t.target_layer for t in trainees if t.target_layer is not None}
+    layers = _check_layers(lm, sorted(read))
     _plan(lm, spec, trainees, options, filters)  # every check that needs no forward, first
     stream = _Stream(lm, layers, trainees, options, filters, shuffle_buffer, spill_run_id, record)
     stream.on_progress, stream.should_stop = on_progress, should_stop  # per-SAE callbacks
@@ -163,31 +182,61 @@ def _trainees(
     trainees: list[_Trainee] = []
     for i, item in enumerate(saes):
         entry = item if isinstance(item, StreamSAE) else StreamSAE.model_validate(item)
-        width = lm.layer(entry.layer).width
-        if width <= 0:
-            raise InvalidInputError(
-                f"saes[{i}]: layer {entry.layer!r} is not in the layer table; stream "
-                "training needs a listed layer (its width sizes the SAE before the forward)"
-            )
+        width = stream_width(lm, entry.layer, i)
         raw = entry.sae.model_dump() if isinstance(entry.sae, SAEConfig) else dict(entry.sae)
         if raw.get("d_in") not in (None, width):
             raise InvalidInputError(
                 f"saes[{i}]: d_in {raw['d_in']} does not match layer {entry.layer!r} (width {width})",
                 details={"index": i, "d_in": raw["d_in"], "layer_width": width},
             )
-        sae_cfg = SAEConfig.from_dict({**raw, "d_in": width, "model": lm.name, "layer": entry.layer})
+        from_model = {"d_in": width, "model": lm.name, "layer": entry.layer, **_target_fields(lm, entry, i)}
+        if raw.get("skip") and entry.target_layer is None:
+            raise InvalidInputError(
+                f"saes[{i}]: skip makes a skip-transcoder: give target_layer, the layer it predicts"
+            )
+        sae_cfg = SAEConfig.from_dict({**raw, **from_model})
         train = entry.train
         train_cfg = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train))
         train_cfg.check_one_pass(i)
         sae_id = validate_id(entry.sae_id, "sae id") if entry.sae_id else new_id("sae")
         resume_from = _resume_point(store, sae_id, resume)
+        checkpoints = _checkpoint_dir(store, sae_id)
         trainees.append(
-            _Trainee(entry.layer, sae_cfg, train_cfg, sae_id, resume_from, _checkpoint_dir(store, sae_id))
+            _Trainee(entry.layer, entry.target_layer, sae_cfg, train_cfg, sae_id, resume_from, checkpoints)
         )
     ids = [t.sae_id for t in trainees]
     if len(set(ids)) != len(ids):
         raise InvalidInputError("sae ids repeated", details={"ids": ids})
     return trainees
+
+
+def stream_width(lm: LoadedModel, spec: str, index: int = 0) -> int:
+    """A stream layer's width before any forward (it sizes the SAE): the layer table's, and for a
+    module's input (``MODULE:input``) the residual stream's, which is what every listed layer but
+    the embedding reads."""
+    module, side = parse_layer_spec(spec)
+    info = lm.layer(module)  # NotFoundError with close names
+    width = info.width if side == "output" else (lm.d_model if info.kind != "embedding" else -1)
+    if width <= 0:
+        raise InvalidInputError(
+            f"saes[{index}]: layer {spec!r} has no known width before the forward; stream training "
+            "needs a listed layer (or a listed layer's :input) since its width sizes the SAE",
+            details={"index": index, "layer": spec},
+        )
+    return width
+
+
+def _target_fields(lm: LoadedModel, entry: StreamSAE, index: int) -> dict[str, Any]:
+    """``target_layer`` and ``d_out`` of a transcoder entry (none for an SAE)."""
+    if entry.target_layer is None:
+        return {}
+    if entry.target_layer == entry.layer:
+        raise InvalidInputError(
+            f"saes[{index}]: target_layer is the input layer {entry.layer!r}: a transcoder predicts "
+            "another layer (for an SAE of this layer, leave target_layer out)",
+            details={"index": index, "layer": entry.layer},
+        )
+    return {"target_layer": entry.target_layer, "d_out": stream_width(lm, entry.target_layer, index)}
 
 
 def _resume_point(store: Store, sae_id: str, resume: bool | Literal["auto"]) -> Path | None:
@@ -263,9 +312,11 @@ class _Stream:
         self.storage_dtype = TORCH_DTYPES[options.dtype]
         self.special = sorted(int(i) for i in lm.tokenizer.all_special_ids)
         self.medians: dict[str, float | None] | None = None
-        self.buffers: dict[tuple[str, int], ShuffleBuffer] = {}
-        self.heldout: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-        self.heldout_rows = dict.fromkeys(layers, 0)
+        self.widths: dict[str, int] = {}
+        self.sources: list[Source] = list(dict.fromkeys(t.source for t in trainees))
+        self.buffers: dict[tuple[Source, int], ShuffleBuffer] = {}
+        self.heldout: dict[Source, list[torch.Tensor]] = {source: [] for source in self.sources}
+        self.heldout_rows = dict.fromkeys(self.sources, 0)
         self.n_docs = 0
         self.started = time.perf_counter()
 
@@ -284,12 +335,13 @@ class _Stream:
         rows: dict[str, torch.Tensor] = {}
         keep: dict[str, torch.Tensor] = {}
 
-        def record(acts_BTD: torch.Tensor, ctx: HookContext) -> None:
+        def record(name: str, acts_BTD: torch.Tensor, ctx: HookContext) -> None:
             # A split model runs this layer on its own device; the mask was built beside the inputs.
             acts_ND = acts_BTD.detach()[keep["mask_BT"].to(acts_BTD.device)]
-            rows[ctx.layer] = acts_ND.to("cpu", self.storage_dtype)
+            rows[name] = acts_ND.to("cpu", self.storage_dtype)
 
-        hooks = [Detector(name, record) for name in self.layers] + [stop_after(self.layers[-1])]
+        hooks = [_detector(name, partial(record, name)) for name in self.layers]
+        hooks.append(stop_after(parse_layer_spec(self.layers[-1])[0]))
         device = self.lm.device
         with HookManager(self.lm.model, hooks):
             for batch in capture_batches(self.lm, texts, self.options):
@@ -313,20 +365,43 @@ class _Stream:
     def _feed_batch(self, rows: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
         if self.medians is None:
             self._open(rows, meta)
+        for source in self.sources:
+            batch = self._source_rows(source, rows, meta)
+            self._keep_heldout(source, batch)
+            train = self._filter(source, batch, "train")
+            for seed in sorted({t.train_config.seed for t in self.trainees if t.source == source}):
+                for chunk in self._buffer(source, seed).push(train):
+                    self._feed_chunk(source, seed, chunk.acts_ND)
+
+    @staticmethod
+    def _source_rows(
+        source: Source, rows: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]
+    ) -> RowBatch:
+        """One source's rows: a layer's, or a transcoder's input and target side by side."""
+        layer, target = source
+        acts_ND = rows[layer] if target is None else torch.cat([rows[layer], rows[target]], dim=1)
+        return RowBatch(acts_ND.float(), meta["token_id"], meta["doc_index"], meta["position"])
+
+    def _filter(self, source: Source, batch: RowBatch, split: Literal["train", "heldout"]) -> RowBatch:
+        """The rows a stored run's read keeps: a paired row is kept when each half passes the norm
+        filter against its own layer's median (`run_reader.filter_rows`'s ``column_medians``)."""
         assert self.medians is not None
-        for layer in self.layers:
-            batch = RowBatch(rows[layer].float(), meta["token_id"], meta["doc_index"], meta["position"])
-            self._keep_heldout(layer, batch)
-            train = filter_rows(
-                batch, self.filters, self.special, self.medians[layer], "train", HELDOUT_FRACTION
+        layer, target = source
+        if target is None:
+            return filter_rows(
+                batch, self.filters, self.special, self.medians[layer], split, HELDOUT_FRACTION
             )
-            for seed in sorted({t.train_config.seed for t in self.trainees if t.layer == layer}):
-                for chunk in self._buffer(layer, seed).push(train):
-                    self._feed_chunk(layer, seed, chunk.acts_ND)
+        d_in = batch.acts_ND.shape[1] - self.widths[target]
+        groups = [(d_in, self.medians[layer]), (self.widths[target], self.medians[target])]
+        return filter_rows(
+            batch, self.filters, self.special, None, split, HELDOUT_FRACTION, column_medians=groups
+        )
 
     def _open(self, rows: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
         """Calibrate the norm filter on the first batch, then open every SAE's run."""
         not_first_N = meta["position"] > 0
+        self.widths = {name: int(rows[name].shape[1]) for name in self.layers}
+        self._check_widths()
         self.medians = {
             name: float(rows[name][not_first_N].float().norm(dim=-1).median())
             if bool(not_first_N.any())
@@ -343,6 +418,7 @@ class _Stream:
                 "heldout_by": "document",
                 "order": "stream",
                 "norm_median": self.medians[t.layer],
+                **({"target_norm_median": self.medians[t.target_layer]} if t.target_layer else {}),
                 "shuffle_buffer": self.shuffle_buffer,
                 "storage_dtype": self.options.dtype,
                 "capture_options": self.options.model_dump(),
@@ -362,15 +438,29 @@ class _Stream:
             )
             t.run.start()
 
-    def _buffer(self, layer: str, seed: int) -> ShuffleBuffer:
-        key = (layer, seed)
+    def _check_widths(self) -> None:
+        """The first forward's widths against the SAEs' (an ``:input`` width was inferred)."""
+        for t in self.trainees:
+            expected = {t.layer: t.sae_config.d_in}
+            if t.target_layer is not None:
+                expected[t.target_layer] = t.sae_config.output_width
+            for name, width in expected.items():
+                if self.widths[name] != width:
+                    raise InvalidInputError(
+                        f"layer {name!r} gives rows of width {self.widths[name]}, but SAE {t.sae_id!r} "
+                        f"was sized for {width}",
+                        details={"layer": name, "width": self.widths[name], "expected": width},
+                    )
+
+    def _buffer(self, source: Source, seed: int) -> ShuffleBuffer:
+        key = (source, seed)
         if key not in self.buffers:  # the generator a stored run's epoch 0 would use
             self.buffers[key] = ShuffleBuffer(self.shuffle_buffer, torch.Generator().manual_seed(seed * 1000))
         return self.buffers[key]
 
-    def _feed_chunk(self, layer: str, seed: int, acts_ND: torch.Tensor) -> None:
+    def _feed_chunk(self, source: Source, seed: int, acts_ND: torch.Tensor) -> None:
         for t in self.trainees:
-            if t.layer != layer or t.train_config.seed != seed or t.stopped:
+            if t.source != source or t.train_config.seed != seed or t.stopped:
                 continue
             assert t.run is not None and t.batcher is not None
             for consumed, x_BD in t.batcher.push(acts_ND):
@@ -388,9 +478,9 @@ class _Stream:
 
     def _drain(self) -> None:
         """End of data: the buffers' last rows, then each batcher's remainder."""
-        for (layer, seed), buffer in self.buffers.items():
+        for (source, seed), buffer in self.buffers.items():
             for chunk in buffer.flush():
-                self._feed_chunk(layer, seed, chunk.acts_ND)
+                self._feed_chunk(source, seed, chunk.acts_ND)
         for t in self.trainees:
             if t.stopped or t.batcher is None:
                 continue
@@ -398,17 +488,14 @@ class _Stream:
             if last is not None:
                 self._step(t, *last)
 
-    def _keep_heldout(self, layer: str, batch: RowBatch) -> None:
-        room = EVAL_MAX_ROWS - self.heldout_rows[layer]
+    def _keep_heldout(self, source: Source, batch: RowBatch) -> None:
+        room = EVAL_MAX_ROWS - self.heldout_rows[source]
         if room <= 0:
             return
-        assert self.medians is not None
-        held = filter_rows(
-            batch, self.filters, self.special, self.medians[layer], "heldout", HELDOUT_FRACTION
-        )
+        held = self._filter(source, batch, "heldout")
         acts_ND = held.acts_ND[:room].to(self.storage_dtype)
-        self.heldout[layer].append(acts_ND)
-        self.heldout_rows[layer] += len(acts_ND)
+        self.heldout[source].append(acts_ND)
+        self.heldout_rows[source] += len(acts_ND)
 
     def finish(self, t: _Trainee, store: Store) -> SAEManifest | TrainingStopped:
         """Publish one SAE (evaluated on the held-out documents' rows), or report it stopped."""
@@ -424,7 +511,7 @@ class _Stream:
                 warnings=t.warnings,
             )
         t.run.finish()
-        heldout = self.heldout[t.layer]
+        heldout = self.heldout[t.source]
         result = t.run.result(False, (lambda: iter(heldout)) if heldout else None)
         summary = SAEManifest(
             id=t.sae_id,
@@ -433,6 +520,8 @@ class _Stream:
             model=self.lm.name,
             run_id=self.spill_run_id,
             layer=t.layer,
+            target_layer=t.target_layer,
+            kind=result.sae.config.kind,
             dataset=self.dataset_record,
             config=result.sae.config.model_dump(mode="json"),
             train_config=t.train_config.model_dump(mode="json"),
