@@ -30,6 +30,7 @@ from kestrel.cli.common import (
 from kestrel.cli.config_options import ConfigGroup, config_options
 from kestrel.core.concepts import DiscoveryConfig
 from kestrel.core.concepts.config import ScoringConfig
+from kestrel.core.errors import InvalidInputError
 
 #: --top-n, --window, --n-bins...: one per field; its row filters come from --keep-sinks or --config
 DISCOVERY_OPTIONS = ConfigGroup(
@@ -158,6 +159,21 @@ def _print_feature_page(page: dict[str, Any]) -> None:
     console.print(f"promotes: {escape(promoted)}\nsuppresses: {escape(suppressed)}")
 
 
+def _require_score_for_scoring_options(
+    score: bool, scorer: str | None, run: str | None, scoring: ScoringConfig
+) -> None:
+    """A scoring flag without --score would be silently ignored: refuse it instead."""
+    if score:
+        return
+    given = [name for name, value in (("--scorer", scorer), ("--run", run)) if value is not None]
+    given += [f"--{name.replace('_', '-')}" for name in sorted(scoring.model_fields_set)]
+    if given:
+        raise InvalidInputError(
+            f"{', '.join(given)} only apply to scoring: add --score (or leave them out)",
+            details={"options": given},
+        )
+
+
 @cli.command()
 @friendly_errors
 @config_options(scoring=SCORING_OPTIONS)
@@ -194,6 +210,7 @@ def label(
     from kestrel.core.models import load_model
 
     check_choice(method, "--method", LabelMethod)
+    _require_score_for_scoring_options(score, scorer, run, ScoringConfig(**scoring))
     the_store = open_store(store)
     lm = sae_model(the_store, sae_id, model, device) if method == "model" or (score and not scorer) else None
     scorer_lm = (

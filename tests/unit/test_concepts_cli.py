@@ -172,3 +172,14 @@ def test_steer_sweep_table_json_and_bounds(sae_store) -> None:
     bad = invoke("steer", "sweep", "--sae", "cli-sae", "-l", str(alive), "-p", "x", *many, *store)
     assert bad.exit_code == 2 and "strengths" in bad.output
     assert invoke("steer", *store).exit_code == 2  # no prompt and no subcommand
+
+
+def test_scoring_flags_without_score_are_refused_not_ignored(sae_store) -> None:
+    store = ("--store", str(sae_store))
+    for flags, named in [
+        (["--scorer", "smollm2-135m"], "--scorer"),
+        (["--run", "r"], "--run"),
+        (["--n-test", "4"], "--n-test"),
+    ]:
+        result = invoke("label", "cli-sae", *flags, *store)
+        assert result.exit_code != 0 and named in result.output and "--score" in result.output, result.output
