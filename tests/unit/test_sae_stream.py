@@ -299,3 +299,19 @@ def test_bad_transcoder_entries_fail_before_any_forward(tiny_lm, store, entry, m
             train_stream(tiny_lm, TEXTS, [entry], store)
     finally:
         tiny_lm.model.forward = forward
+
+
+def test_many_buffers_share_a_memory_budget_and_say_so(tiny_lm, store, monkeypatch) -> None:
+    """Thirty transcoders of a big model would hold 30 full-size shuffle buffers: past the budget
+    each gets fewer rows (never under MIN_STREAM_ROWS), recorded where a replay reads it, and warned."""
+    from kestrel.core.sae import stream
+
+    monkeypatch.setattr(stream, "BUFFER_BYTES", 1)
+    saes = [
+        {**TRANSCODER, "sae_id": "budget-tc"},
+        {**SAE0, "train": {"batch_size": 128}, "sae_id": "budget-sae"},
+    ]
+    summaries = train_stream(tiny_lm, TEXTS, saes, store, options=OPTIONS)
+    for summary in summaries:
+        assert summary.config["data"]["shuffle_buffer"] == stream.MIN_STREAM_ROWS
+        assert any("2 buffers of this stream" in warning for warning in summary.warnings), summary.warnings

@@ -81,6 +81,12 @@ from kestrel.core.store import Store, new_id, validate_id
 
 #: Held-out rows kept per layer for the final evaluation (the first ones the pass meets).
 EVAL_MAX_ROWS = 65_536
+#: What the shuffle buffers (float32 rows) and the held-out rows may hold together: a stream of
+#: thirty transcoders would otherwise keep 30 × 64k rows of [x | y] in each (~13 GB at d 576).
+BUFFER_BYTES = 2 << 30
+HELDOUT_BYTES = 1 << 30
+#: Fewer rows than this per buffer, or per source held out, would mix or measure too little.
+MIN_STREAM_ROWS = 4096
 
 
 class StreamSAE(BaseModel):
@@ -158,6 +164,7 @@ def train_stream(
     read = {t.layer for t in trainees} | {t.target_layer for t in trainees if t.target_layer is not None}
     layers = _check_layers(lm, sorted(read))
     _plan(lm, spec, trainees, options, filters)  # every check that needs no forward, first
+    shuffle_buffer = _fit_buffers(trainees, shuffle_buffer)
     stream = _Stream(lm, layers, trainees, options, filters, shuffle_buffer, spill_run_id, record)
     stream.on_progress, stream.should_stop = on_progress, should_stop  # per-SAE callbacks
     if spill_run_id is None:
@@ -239,6 +246,22 @@ def _target_fields(lm: LoadedModel, entry: StreamSAE, index: int) -> dict[str, A
     return {"target_layer": entry.target_layer, "d_out": stream_width(lm, entry.target_layer, index)}
 
 
+def _fit_buffers(trainees: list[_Trainee], shuffle_buffer: int) -> int:
+    """Rows per (source, seed) shuffle buffer: ``shuffle_buffer``, or fewer (each trainee warned)
+    when the buffers together would hold more than `BUFFER_BYTES`. The size is recorded in each
+    SAE's ``config.data``, which is what a replay of the spill reads."""
+    widths = {(t.source, t.train_config.seed): t.sae_config.row_width for t in trainees}
+    fitted = max(MIN_STREAM_ROWS, BUFFER_BYTES // (4 * sum(widths.values())))
+    if fitted >= shuffle_buffer:
+        return shuffle_buffer
+    for t in trainees:
+        t.warnings.append(
+            f"shuffle buffer {fitted} rows, not {shuffle_buffer}: {len(widths)} buffers of this stream "
+            f"share {BUFFER_BYTES >> 20} MiB; rows mix across fewer documents"
+        )
+    return fitted
+
+
 def _resume_point(store: Store, sae_id: str, resume: bool | Literal["auto"]) -> Path | None:
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
@@ -317,8 +340,13 @@ class _Stream:
         self.buffers: dict[tuple[Source, int], ShuffleBuffer] = {}
         self.heldout: dict[Source, list[torch.Tensor]] = {source: [] for source in self.sources}
         self.heldout_rows = dict.fromkeys(self.sources, 0)
+        row_bytes = self.storage_dtype.itemsize * sum(t.sae_config.row_width for t in self._one_per_source())
+        self.heldout_max = min(EVAL_MAX_ROWS, max(MIN_STREAM_ROWS, HELDOUT_BYTES // row_bytes))
         self.n_docs = 0
         self.started = time.perf_counter()
+
+    def _one_per_source(self) -> list[_Trainee]:
+        return list({t.source: t for t in self.trainees}.values())
 
     def all_stopped(self) -> bool:
         return all(t.stopped for t in self.trainees)
@@ -489,7 +517,7 @@ class _Stream:
                 self._step(t, *last)
 
     def _keep_heldout(self, source: Source, batch: RowBatch) -> None:
-        room = EVAL_MAX_ROWS - self.heldout_rows[source]
+        room = self.heldout_max - self.heldout_rows[source]
         if room <= 0:
             return
         held = self._filter(source, batch, "heldout")
