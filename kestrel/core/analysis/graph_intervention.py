@@ -95,7 +95,8 @@ class BlockEdits:
             return None
         delta_BED = (new_BE - current_BE)[..., None] * self.directions_ED
         positions = self.positions_E.to(out.device)
-        return out.float().index_add(1, positions, delta_BED.to(device=out.device, dtype=torch.float32))
+        # in the MLP's own dtype: a float32 output would promote a half-precision residual stream
+        return out.index_add(1, positions, delta_BED.to(device=out.device, dtype=out.dtype))
 
 
 def block_edits(
