@@ -11,7 +11,6 @@ import { interventionPanel } from "./graph_test.js";
 const SVG = "http://www.w3.org/2000/svg";
 const MARGIN = { top: 14, right: 14, bottom: 50, left: 58 };
 const MIN_CELL = 64; // narrower cells scroll sideways rather than stack their nodes unreadably
-const NODE_GAP = 11; // centre-to-centre spacing of the nodes that share a cell, at most
 const EDGES_LISTED = 8;
 
 function svg(tag, attrs = {}, text) {
@@ -73,21 +72,23 @@ export function layout(graph, width) {
     cells.get(key).push(node);
   }
   const place = new Map();
+  const radius = rowH >= 40 ? 5.5 : 4.5; // short graphs get room to draw their nodes larger
+  const nodeGap = 2.5 * radius; // centre-to-centre spacing of the nodes that share a cell, at most
   const order = (a, b) => (a.kind === "error") - (b.kind === "error") || (b.influence ?? 0) - (a.influence ?? 0);
   for (const members of cells.values()) {
     members.sort(order);
     const room = cellW - 12;
-    const perLineAtEase = Math.max(1, Math.floor(room / NODE_GAP) + 1);
+    const perLineAtEase = Math.max(1, Math.floor(room / nodeGap) + 1);
     const lines = Math.min(3, Math.ceil(members.length / perLineAtEase));
     const perLine = Math.ceil(members.length / lines);
-    const gap = perLine > 1 ? Math.min(NODE_GAP, room / (perLine - 1)) : 0;
+    const gap = perLine > 1 ? Math.min(nodeGap, room / (perLine - 1)) : 0;
     const lineGap = Math.min(8, (rowH - 8) / 3);
     members.forEach((node, i) => {
       const line = Math.floor(i / perLine);
       const inLine = Math.min(perLine, members.length - line * perLine);
       const x = xOf(node.position) + (i - line * perLine - (inLine - 1) / 2) * gap;
       const y = yOf(rowOf(node)) + (line - (lines - 1) / 2) * lineGap;
-      place.set(node.id, { x, y, r: lines > 1 || gap < 9 ? 3.5 : 4.5 });
+      place.set(node.id, { x, y, r: lines > 1 || gap < 2 * radius ? 3.5 : radius });
     });
   }
   return { place, size, rowH, cellW, logitRow, yOf, xOf, nPos };
