@@ -144,7 +144,7 @@ export function interventionPanel({ analysisId, graph, nodes, pins, label, featu
       h("td", { class: `num ${after > before ? "up" : after < before ? "down" : ""}` }, change(after - before)));
     return h("div", { class: "table-scroll" }, h("table", { class: "gv-target" },
       h("caption", { class: "sr-only" }, "The target token before and after the edits"),
-      h("thead", {}, h("tr", {}, h("th", { scope: "col" }, quoted(target.token)), h("th", { scope: "col", class: "num" }, "before"),
+      h("thead", {}, h("tr", {}, h("th", { scope: "col", class: "gv-target-token" }, quoted(target.token)), h("th", { scope: "col", class: "num" }, "before"),
         h("th", { scope: "col", class: "num" }, "after"), h("th", { scope: "col", class: "num" }, "change"))),
       h("tbody", {},
         row("logit", "logit", target.logit_before, target.logit_after, (x) => num(x, 4), (d) => signed(d, 3)),
