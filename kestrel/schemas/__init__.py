@@ -21,6 +21,12 @@ from kestrel.schemas.analyses import AnalysisPage as AnalysisPage
 from kestrel.schemas.analyses import AnalysisRequest as AnalysisRequest
 from kestrel.schemas.analyses import AnalysisSummary as AnalysisSummary
 from kestrel.schemas.analyses import CausalAnalysisRequest as CausalAnalysisRequest
+from kestrel.schemas.analyses import EditedFeature as EditedFeature
+from kestrel.schemas.analyses import GraphInterventionRequest as GraphInterventionRequest
+from kestrel.schemas.analyses import GraphInterventionResponse as GraphInterventionResponse
+from kestrel.schemas.analyses import InterventionTarget as InterventionTarget
+from kestrel.schemas.analyses import NodeEdit as NodeEdit
+from kestrel.schemas.analyses import TokenLogit as TokenLogit
 from kestrel.schemas.analyses import parse_analysis_request as parse_analysis_request
 from kestrel.schemas.common import PACKAGED_BUILDERS as PACKAGED_BUILDERS
 from kestrel.schemas.common import TERMINAL_STATES as TERMINAL_STATES

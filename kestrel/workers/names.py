@@ -32,6 +32,7 @@ NEURONPEDIA_EXPORT = f"{EXPORT_JOBS_MODULE}.neuronpedia_job"
 LEDGER = f"{LEDGER_JOBS_MODULE}.ledger_job"
 STEERING_SWEEP = f"{STEERING_JOBS_MODULE}.steering_sweep_job"
 LOGIT_CHECK = f"{STEERING_JOBS_MODULE}.logit_check_job"
+GRAPH_INTERVENTION = f"{STEERING_JOBS_MODULE}.graph_intervention_job"
 
 ALL = (
     LOAD_MODEL,
@@ -50,4 +51,5 @@ ALL = (
     LEDGER,
     STEERING_SWEEP,
     LOGIT_CHECK,
+    GRAPH_INTERVENTION,
 )

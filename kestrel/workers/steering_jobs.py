@@ -70,3 +70,30 @@ def logit_check_job(ctx: JobContext, sae_id: str, latent: int, request: dict[str
     layer = summary.layer_name or summary.layer
     report = logit_check.check_latent(lm, layer, sae.W_dec.detach()[latent], scale, texts, k=req.k)
     return {"model": lm.name, "sae_id": sae_id, "latent": latent, **report}
+
+
+@job_function("graph_intervention")
+def graph_intervention_job(ctx: JobContext, analysis_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Edits of a graph analysis's feature nodes run on the real model (issue #15): the target's
+    logit and the top tokens before and after, continuations, each feature's activation.
+
+    Checked again here as the API checked it (the graph may have changed since it was queued),
+    then the graph's model and the edited blocks' transcoders (this worker's caches) are loaded.
+    Faults: it only reads, and its hooks are removed when each pass ends, also on error, so a
+    cached model is never left edited; a worker killed mid-call leaves nothing behind and the
+    call is answered like any interactive one (the job's error, a 202 with the job past
+    ``interactive_timeout_s``, or 503 while no interactive worker is up).
+    """
+    from kestrel.core.analysis.graph_edits import GraphInterventionRequest, check_intervention
+    from kestrel.core.analysis.graph_intervention import intervene
+
+    req = GraphInterventionRequest.model_validate(request)
+    checked = check_intervention(ctx.store, analysis_id, req)
+    lm = ctx.models.get(checked.model, dtype=checked.model_dtype)
+    blocks = sorted({edit.layer for edit in checked.edits})
+    transcoders = {block: sae_cache.get(ctx, checked.transcoders[block])[0] for block in blocks}
+    ctx.log(f"graph {analysis_id}: {len(checked.edits)} edits in blocks {blocks}")
+    result = intervene(
+        lm, checked.results, transcoders, checked.edits, top_k=req.top_k, max_new_tokens=req.max_new_tokens
+    )
+    return {"analysis_id": analysis_id, **result}

@@ -10,7 +10,7 @@ import pytest
 from kestrel.server import openapi
 
 VERBS = {"list", "get", "start", "create", "delete", "cancel", "load", "unload", "import", "download"}
-VERBS |= {"encode", "stream", "update", "preview", "generate", "sweep", "measure", "compare"}
+VERBS |= {"encode", "stream", "update", "preview", "generate", "sweep", "measure", "compare", "intervene"}
 
 
 @pytest.fixture(scope="module")

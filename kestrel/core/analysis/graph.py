@@ -79,6 +79,7 @@ class AttributionGraph:
     adjacency: Tensor
     target_logit: float
     scores: dict[str, float] = field(default_factory=dict)
+    target_id: int | None = None  # the target token's id (its text may not re-tokenize to one token)
 
     def kinds(self, kind: str) -> Tensor:
         return torch.tensor([n.kind == kind for n in self.nodes])
@@ -249,7 +250,7 @@ def attribution_graph(
     nodes = _nodes(features, layers, tokens, lm.tokenizer.decode([target_id]), n_pos)
     adjacency = torch.cat([adjacency, torch.zeros(adjacency.shape[0], 1)], dim=1)  # the logit: no outputs
     demeaned = float(logits[target_id] - logits.mean())
-    graph = AttributionGraph(prompt, tokens, nodes, adjacency, demeaned)
+    graph = AttributionGraph(prompt, tokens, nodes, adjacency, demeaned, target_id=target_id)
     graph.scores = graph_scores(graph)
     return graph
 
@@ -448,32 +449,46 @@ def prune(graph: AttributionGraph, node_keep: float = 0.8, edge_keep: float = 0.
             return nodes, edges
 
 
-def graph_json(graph: AttributionGraph, nodes: Tensor, edges: Tensor) -> dict[str, Any]:
-    """The pruned graph as JSON: nodes (with their influence on the logit), weighted links, scores."""
+def graph_json(
+    graph: AttributionGraph, nodes: Tensor, edges: Tensor, sae_ids: Mapping[int, str] | None = None
+) -> dict[str, Any]:
+    """The pruned graph as JSON: nodes (with their influence on the logit), weighted links, scores.
+    With ``sae_ids`` (block → the transcoder's SAE id), each feature node names its transcoder
+    (``sae_id``) and ``transcoders`` maps each block (a string key) to its SAE id: what a client
+    needs to open a feature's page or edit the feature (graph_intervention)."""
     square = _square(graph.adjacency)
     node_influence = influence(square, graph.kinds("logit").float())
     index = torch.nonzero(nodes).flatten().tolist()
     targets, sources = torch.nonzero(edges, as_tuple=True)
+    sae_ids = dict(sae_ids or {})
+    target = {"token": graph.nodes[-1].token, "demeaned_logit": graph.target_logit}
+    if graph.target_id is not None:
+        target["token_id"] = graph.target_id
     return {
         "prompt": graph.prompt,
         "tokens": graph.tokens,
-        "target": {"token": graph.nodes[-1].token, "demeaned_logit": graph.target_logit},
+        "target": target,
         "scores": graph.scores,
-        "nodes": [
-            {
-                "id": graph.nodes[i].id,
-                "kind": graph.nodes[i].kind,
-                "layer": graph.nodes[i].layer,
-                "position": graph.nodes[i].position,
-                "latent": graph.nodes[i].latent,
-                "activation": graph.nodes[i].activation,
-                "token": graph.nodes[i].token,
-                "influence": float(node_influence[i]),
-            }
-            for i in index
-        ],
+        "transcoders": {str(block): sae_id for block, sae_id in sorted(sae_ids.items())},
+        "nodes": [_node_json(graph.nodes[i], float(node_influence[i]), sae_ids) for i in index],
         "links": [
             {"source": graph.nodes[s].id, "target": graph.nodes[t].id, "weight": float(square[t, s])}
             for t, s in zip(targets.tolist(), sources.tolist(), strict=True)
         ],
     }
+
+
+def _node_json(node: Node, node_influence: float, sae_ids: Mapping[int, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": node.id,
+        "kind": node.kind,
+        "layer": node.layer,
+        "position": node.position,
+        "latent": node.latent,
+        "activation": node.activation,
+        "token": node.token,
+        "influence": node_influence,
+    }
+    if node.kind == "feature" and node.layer in sae_ids:
+        out["sae_id"] = sae_ids[node.layer]
+    return out

@@ -21,6 +21,7 @@ from kestrel.core.analysis.common import (
 )
 from kestrel.core.analysis.config import GraphConfig
 from kestrel.core.analysis.graph import attribution_graph, graph_json, prune
+from kestrel.core.analysis.graph_edits import transcoder_ids
 from kestrel.core.analysis.report import Report, new_figure, table
 from kestrel.core.sae.records import transcoder_blocks
 from kestrel.core.store import Store
@@ -65,7 +66,7 @@ def analyze(
         on_batch=on_batch,
     )
     nodes, edges = prune(graph, config.node_keep, config.edge_keep)
-    exported = graph_json(graph, nodes, edges)
+    exported = graph_json(graph, nodes, edges, transcoder_ids(store, config.transcoders, lm.name))
     n_features = int(graph.kinds("feature").sum())
     kept_features = int((nodes & graph.kinds("feature")).sum())
     source = {

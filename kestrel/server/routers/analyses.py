@@ -1,6 +1,7 @@
 """Analyses: start one (202 + job), list, read (manifest + results), the report as Markdown, a plot
-as PNG, delete. What can be checked without a model is checked before the job is queued: the run
-and its layer, the SAE and its latent range, model names, dataset uploads and request limits."""
+as PNG, delete; edit a graph's feature nodes on the real model (interactive). What can be checked
+without a model is checked before the job is queued: the run and its layer, the SAE and its latent
+range, model names, dataset uploads, request limits, and a graph's nodes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from kestrel.core.analysis.config import CircuitConfig, GraphConfig
+from kestrel.core.analysis.graph_edits import check_intervention
 from kestrel.core.analysis.records import AnalysisKind
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.runs import get_manifest
@@ -21,11 +23,13 @@ from kestrel.schemas import (
     AnalysisRequest,
     CausalAnalysisRequest,
     DeletedResponse,
+    GraphInterventionRequest,
+    GraphInterventionResponse,
     JobInfo,
 )
 from kestrel.server import services
 from kestrel.server.deps import AnalysisId, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
-from kestrel.server.dispatch import submit_batch
+from kestrel.server.dispatch import STILL_RUNNING_RESPONSE, run_interactive, submit_batch
 from kestrel.server.errors import error_responses
 from kestrel.settings import Settings
 from kestrel.workers import names as job_names
@@ -164,6 +168,35 @@ async def get_analysis_plot(analysis_id: AnalysisId, name: PlotName, store: Stor
     """One plot as PNG; a name the analysis does not have is a 404 listing the ones it has."""
     path = await asyncio.to_thread(_analysis().plot_path, store, analysis_id, name)
     return Response(await asyncio.to_thread(path.read_bytes), media_type="image/png")
+
+
+@router.post(
+    "/{analysis_id}/graph/interventions",
+    response_model=GraphInterventionResponse,
+    responses={**error_responses(404, 409, 424, 503), **STILL_RUNNING_RESPONSE},
+)
+async def intervene_graph(
+    analysis_id: AnalysisId,
+    request: GraphInterventionRequest,
+    settings: SettingsDep,
+    redis: RedisDep,
+    store: StoreDep,
+) -> GraphInterventionResponse:
+    """Scale or set feature nodes of a graph analysis at their positions and run the real model
+    (the transcoder's error term kept, every later layer live): the target token's logit and
+    probability and the top next tokens before and after, greedy continuations if asked, and each
+    feature's activation before and after. 404 for an unknown analysis; 422 for one that is not a
+    graph, or a node that is not one of its feature nodes; 409 when its transcoder was deleted."""
+    checked = await asyncio.to_thread(check_intervention, store, analysis_id, request)
+    services.require_allowed_model(checked.model, settings)
+    job_id, result = await run_interactive(
+        redis,
+        settings,
+        job_names.GRAPH_INTERVENTION,
+        kind="graph_intervention",
+        kwargs={"analysis_id": analysis_id, "request": request.model_dump(mode="json")},
+    )
+    return GraphInterventionResponse(**result, job_id=job_id)
 
 
 @router.delete("/{analysis_id}", response_model=DeletedResponse, responses=error_responses(404))
