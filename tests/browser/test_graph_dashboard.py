@@ -102,6 +102,9 @@ def test_graph_view_draws_every_node_and_shows_a_feature(
     assert labels == [t.replace("\n", "↵") for t in graph["tokens"]]  # along the bottom, in order
 
     feature = strongest_feature(graph)
+    touching = [link for link in graph["links"] if feature["id"] in (link["source"], link["target"])]
+    node(page, feature["id"]).hover()  # lights the node's own edges, no others
+    assert page.locator("#graph-view svg line.gv-edge.hot").count() == len(touching) > 0
     node(page, feature["id"]).click()
     details = page.locator(".gv-details")
     assert f"#{feature['latent']}" in details.locator("h2").inner_text()
@@ -126,6 +129,31 @@ def test_graph_view_draws_every_node_and_shows_a_feature(
     assert page.locator(".gv-details h2").inner_text() == page.evaluate(
         "document.activeElement.getAttribute('aria-label')"
     )
+
+
+def test_graph_view_links_a_graph_without_sae_ids(page, dashboard: Dashboard, graph_analysis: dict) -> None:
+    """A graph stored before its nodes named their transcoder (no sae_id, no transcoders map) still
+    links each feature to its page: the analysis's transcoders are matched to blocks by the target
+    layer the API reports for each."""
+
+    def without_sae_ids(route) -> None:
+        response = route.fetch()
+        body = response.json()
+        body["results"].pop("transcoders", None)
+        for graph_node in body["results"]["nodes"]:
+            graph_node.pop("sae_id", None)
+        route.fulfill(response=response, json=body)
+
+    page.route(f"**/v1/analyses/{graph_analysis['id']}", without_sae_ids)
+    open_graph(page, dashboard, graph_analysis["id"])
+    for layer in (0, 1):
+        feature = max(
+            (n for n in graph_analysis["results"]["nodes"] if n["kind"] == "feature" and n["layer"] == layer),
+            key=lambda n: n["influence"],
+        )
+        node(page, feature["id"]).click()
+        expected = f"/ui/saes/{graph_analysis['block_transcoders'][layer]}/features/{feature['latent']}"
+        assert page.get_attribute("#gv-feature-link", "href") == expected
 
 
 def test_graph_view_pins_survive_a_reload(page, dashboard: Dashboard, graph_analysis: dict) -> None:

@@ -276,6 +276,11 @@ export function graphView(root, { analysisId, graph, saeOf }) {
       if (id) select(id, true);
     });
     drawing.addEventListener("keydown", onKey);
+    drawing.addEventListener("focusout", (event) => {
+      if (drawing.contains(event.relatedTarget)) return; // focus moved to another node
+      hovered = null;
+      highlight();
+    });
     fill(holder, drawing);
     highlight();
   }
