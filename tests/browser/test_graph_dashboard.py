@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from browser_stack import OUTPUT, Dashboard
 from service_stack import tiny_transcoders, wait_for_job
+from test_dashboard import UNLABELLED_CONTROLS
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -251,6 +252,7 @@ def test_graph_view_ablation_matches_the_api(page, dashboard: Dashboard, graph_a
     assert shown("activation_after") == pytest.approx([0.0], abs=1e-6)  # ablated
     conts = result.locator(".gv-conts .cont").all_inner_texts()
     assert conts == [expected["continuation_before"], expected["continuation_after"]]
+    assert page.evaluate(UNLABELLED_CONTROLS) == []  # every control of the view and its panels is named
     result.scroll_into_view_if_needed()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(OUTPUT / "test_graph_view-ablation.png"), full_page=True)
