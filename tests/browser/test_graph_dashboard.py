@@ -157,6 +157,37 @@ def test_graph_view_links_a_graph_without_sae_ids(page, dashboard: Dashboard, gr
         assert page.get_attribute("#gv-feature-link", "href") == expected
 
 
+def test_graph_view_draws_the_strongest_links_of_a_dense_graph(
+    page, dashboard: Dashboard, graph_analysis: dict
+) -> None:
+    """A real model's pruned graph keeps tens of thousands of links: the drawing shows the
+    strongest (a choice of how many), and a hovered node still shows every link of its own. The
+    stored graph's links are repeated here, weights spread, to make one past the first choice."""
+    links = graph_analysis["results"]["links"]
+    dense = [{**link, "weight": link["weight"] * (1 + i)} for i in range(8) for link in links]
+    assert len(dense) > 500
+
+    def densified(route) -> None:
+        response = route.fetch()
+        body = response.json()
+        body["results"]["links"] = dense
+        route.fulfill(response=response, json=body)
+
+    page.route(f"**/v1/analyses/{graph_analysis['id']}", densified)
+    open_graph(page, dashboard, graph_analysis["id"])
+    drawn = page.locator("#graph-view svg .gv-edges line")
+    assert drawn.count() == len(dense)  # fewer than the default 1,000: all of them
+    page.select_option("#gv-edges-shown", "250")
+    assert drawn.count() == 250
+    weights = sorted((abs(link["weight"]) for link in dense), reverse=True)
+    widths = drawn.evaluate_all("els => els.map(e => Number(e.getAttribute('stroke-width')))")
+    assert min(widths) == pytest.approx(0.4 + 2.8 * weights[249] / weights[0], abs=0.01)  # the strongest
+    feature = strongest_feature(graph_analysis["results"])
+    node(page, feature["id"]).hover()
+    own = [link for link in dense if feature["id"] in (link["source"], link["target"])]
+    assert page.locator("#graph-view svg line.gv-edge.hot").count() == len(own)
+
+
 def test_graph_view_pins_survive_a_reload(page, dashboard: Dashboard, graph_analysis: dict) -> None:
     feature = strongest_feature(graph_analysis["results"])
     open_graph(page, dashboard, graph_analysis["id"])

@@ -12,6 +12,8 @@ const SVG = "http://www.w3.org/2000/svg";
 const MARGIN = { top: 14, right: 14, bottom: 50, left: 58 };
 const MIN_CELL = 64; // narrower cells scroll sideways rather than stack their nodes unreadably
 const EDGES_LISTED = 8;
+const EDGES_SHOWN = 1000; // links drawn by default, strongest first; a focused node shows all of its own
+const EDGE_CHOICES = [250, 1000, 4000];
 
 function svg(tag, attrs = {}, text) {
   const el = document.createElementNS(SVG, tag);
@@ -144,25 +146,28 @@ function drawNode(node, spot, graph, maxInfluence) {
   return g;
 }
 
-function drawEdges(root, graph, place) {
-  const biggest = Math.max(1e-12, ...graph.links.map((l) => Math.abs(l.weight)));
-  const byNode = new Map(graph.nodes.map((n) => [n.id, []]));
-  const sorted = [...graph.links].sort((a, b) => Math.abs(a.weight) - Math.abs(b.weight)); // strongest on top
-  for (const link of sorted) {
-    const from = place.get(link.source);
-    const to = place.get(link.target);
-    if (!from || !to) continue;
-    const share = Math.abs(link.weight) / biggest;
-    const line = svg("line", {
-      class: `gv-edge ${link.weight >= 0 ? "pos" : "neg"}`,
-      x1: from.x.toFixed(1), y1: from.y.toFixed(1), x2: to.x.toFixed(1), y2: to.y.toFixed(1),
-      "stroke-width": (0.4 + 2.8 * share).toFixed(2), "stroke-opacity": (0.1 + 0.55 * share).toFixed(2),
-    });
-    root.append(line);
-    byNode.get(link.source)?.push([line, link.target]);
-    byNode.get(link.target)?.push([line, link.source]);
+/** One link as a line: blue or red by sign, width and opacity by its share of the largest |weight|. */
+function edgeLine(link, place, biggest, hot = false) {
+  const from = place.get(link.source);
+  const to = place.get(link.target);
+  if (!from || !to) return null;
+  const share = Math.abs(link.weight) / biggest;
+  return svg("line", {
+    class: `gv-edge ${link.weight >= 0 ? "pos" : "neg"}${hot ? " hot" : ""}`,
+    x1: from.x.toFixed(1), y1: from.y.toFixed(1), x2: to.x.toFixed(1), y2: to.y.toFixed(1),
+    "stroke-width": (hot ? Math.max(1.2, 0.6 + 2.8 * share) : 0.4 + 2.8 * share).toFixed(2),
+    "stroke-opacity": hot ? null : (0.08 + 0.6 * share).toFixed(2),
+  });
+}
+
+/** The `shown` strongest links (a pruned graph of a real model keeps tens of thousands), the
+ * strongest drawn last, on top. */
+function drawEdges(root, links, place, biggest, shown) {
+  const strongest = [...links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, shown).reverse();
+  for (const link of strongest) {
+    const line = edgeLine(link, place, biggest);
+    if (line) root.append(line);
   }
-  return byNode;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -205,6 +210,7 @@ export function graphView(root, { analysisId, graph, saeOf }) {
     incoming.get(link.target)?.push(link);
     outgoing.get(link.source)?.push(link);
   }
+  const biggest = graph.links.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
   const maxInfluence = Math.max(1e-12, ...graph.nodes.filter((n) => n.kind === "feature").map((n) => n.influence ?? 0));
   const label = (node) => nodeLabel(node, graph.tokens);
   const featureHref = (node) => {
@@ -215,8 +221,9 @@ export function graphView(root, { analysisId, graph, saeOf }) {
   let selected = null;
   let hovered = null;
   let elements = new Map(); // node id -> <g>
-  let edgesOf = new Map();
   let placeOf = new Map();
+  let hotLayer = null; // the focused node's links, all of them, drawn over the rest
+  let edgesShown = Math.min(graph.links.length, EDGES_SHOWN);
   const holder = h("div", { class: "gv-canvas" });
   const details = h("section", { class: "gv-details", "aria-labelledby": "gv-details-title" });
   const pinnedList = h("section", { class: "gv-pinned", "aria-labelledby": "gv-pinned-title" });
@@ -226,15 +233,19 @@ export function graphView(root, { analysisId, graph, saeOf }) {
     const focus = hovered ?? selected;
     const svgEl = holder.querySelector("svg");
     if (!svgEl) return;
-    for (const el of svgEl.querySelectorAll(".hot, .near")) el.classList.remove("hot", "near");
+    for (const el of svgEl.querySelectorAll(".gv-node.hot, .gv-node.near")) el.classList.remove("hot", "near");
+    hotLayer.replaceChildren();
     // A hovered node fades the rest hard; a selected one (no hover) only softly.
     svgEl.classList.toggle("focusing", hovered !== null);
     svgEl.classList.toggle("selecting", hovered === null && focus !== null);
     if (focus === null) return;
     elements.get(focus)?.classList.add("hot");
-    for (const [line, other] of edgesOf.get(focus) ?? []) {
-      line.classList.add("hot");
-      elements.get(other)?.classList.add("near");
+    for (const [links, end] of [[incoming.get(focus) ?? [], "source"], [outgoing.get(focus) ?? [], "target"]]) {
+      for (const link of links) {
+        const line = edgeLine(link, placeOf, biggest, true);
+        if (line) hotLayer.append(line);
+        elements.get(link[end])?.classList.add("near");
+      }
     }
   }
 
@@ -248,8 +259,9 @@ export function graphView(root, { analysisId, graph, saeOf }) {
     drawFrame(drawing, graph, geo);
     const edgeLayer = svg("g", { class: "gv-edges" });
     const nodeLayer = svg("g", { class: "gv-nodes" });
-    drawing.append(edgeLayer, nodeLayer);
-    edgesOf = drawEdges(edgeLayer, graph, geo.place);
+    hotLayer = svg("g", { class: "gv-hot-edges" });
+    drawing.append(edgeLayer, hotLayer, nodeLayer);
+    drawEdges(edgeLayer, graph.links, geo.place, biggest, edgesShown);
     elements = new Map();
     for (const node of graph.nodes) {
       const g = drawNode(node, geo.place.get(node.id), graph, maxInfluence);
@@ -410,10 +422,17 @@ export function graphView(root, { analysisId, graph, saeOf }) {
     h("li", {}, h("span", { class: "gv-key edge pos" }), "positive edge"),
     h("li", {}, h("span", { class: "gv-key edge neg" }), "negative edge"),
     h("li", {}, h("span", { class: "gv-key pinned" }), "pinned"));
+  const total = graph.links.length;
+  const edgeChoice = total > EDGE_CHOICES[0] ? h("label", { class: "gv-edge-choice" }, "Links drawn ",
+    h("select", { id: "gv-edges-shown", onchange: (event) => {
+      edgesShown = Number(event.target.value);
+      draw();
+    } }, [...EDGE_CHOICES.filter((n) => n < total), total].map((n) => h("option", { value: String(n), selected: n === edgesShown },
+      n === total ? `all ${num(total)}` : `strongest ${num(n)}`)))) : null;
   fill(root,
     h("section", { class: "panel gv", "aria-labelledby": "gv-title" },
       h("div", { class: "panel-head" }, h("h2", { id: "gv-title" }, "Attribution graph"),
-        h("span", { class: "muted" }, `${graph.nodes.length} nodes · ${graph.links.length} links · target ${JSON.stringify(graph.target?.token ?? "")}`)),
+        h("div", { class: "row" }, h("span", { class: "muted" }, `${graph.nodes.length} nodes · ${num(total)} links · target ${JSON.stringify(graph.target?.token ?? "")}`), edgeChoice)),
       legend,
       h("div", { class: "gv-layout" }, holder, h("div", { class: "gv-side" }, details, pinnedList))),
     tester.element);
