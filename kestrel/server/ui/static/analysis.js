@@ -4,7 +4,6 @@
 
 import { ApiError, api, apiBlob, apiKey, apiOrNull, apiText } from "./api.js";
 import { $, fill, h, num, when } from "./dom.js";
-import { graphOf, graphView, transcoderOf } from "./graph_view.js";
 import { renderMarkdown } from "./markdown.js";
 import { start, status } from "./shell.js";
 
@@ -117,13 +116,15 @@ function sections(nodes) {
 /** A graph analysis's interactive drawing; a failure here is said in its place, the report still shows. */
 async function showGraph(manifest) {
   const root = $("#graph-view");
-  const graph = graphOf(manifest.results);
   root.hidden = false;
-  if (!graph) {
-    fill(root, h("p", { class: "status err" }, "This graph analysis's results hold no graph (nodes, links, tokens) to draw."));
-    return;
-  }
   try {
+    // Loaded only for a graph: the other analyses' pages do not fetch it.
+    const { graphOf, graphView, transcoderOf } = await import("./graph_view.js");
+    const graph = graphOf(manifest.results);
+    if (!graph) {
+      fill(root, h("p", { class: "status err" }, "This graph analysis's results hold no graph (nodes, links, tokens) to draw."));
+      return;
+    }
     const saeOf = await transcoderOf(graph, manifest, (id) => apiOrNull(`/saes/${encodeURIComponent(id)}`));
     graphView(root, { analysisId, graph, saeOf });
   } catch (error) {

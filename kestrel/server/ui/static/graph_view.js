@@ -1,6 +1,7 @@
 // An attribution graph drawn as SVG (issue #15): position across, layer up (token embeddings at
 // the bottom, the target logit on top), features as circles, error nodes as squares, edges
-// coloured by sign and weighted by |weight|. Hovering a node lights its edges; clicking (or Enter)
+// coloured by sign and weighted by |weight| (the strongest thousand by default: a real model's
+// pruned graph keeps tens of thousands). Hovering a node lights all its edges; clicking (or Enter)
 // selects it and shows its details; pins are kept per analysis in localStorage and feed the
 // "Test pinned features" panel (graph_test.js).
 
@@ -227,7 +228,7 @@ export function graphView(root, { analysisId, graph, saeOf }) {
   const holder = h("div", { class: "gv-canvas" });
   const details = h("section", { class: "gv-details", "aria-labelledby": "gv-details-title" });
   const pinnedList = h("section", { class: "gv-pinned", "aria-labelledby": "gv-pinned-title" });
-  const tester = interventionPanel({ analysisId, graph, nodes, pins, label, featureHref, select: (id) => select(id, true) });
+  const tester = interventionPanel({ analysisId, graph, nodes, pins, label, featureHref, select: (id) => select(id, true, true) });
 
   function highlight() {
     const focus = hovered ?? selected;
@@ -339,15 +340,19 @@ export function graphView(root, { analysisId, graph, saeOf }) {
     highlight();
   }
 
-  function select(id, fromPointer) {
+  /** Show a node's details (null: none). From a click, it becomes the drawing's tab stop; from a
+   * list (reveal), the drawing scrolls to it when it is out of sight. */
+  function select(id, fromPointer, reveal = false) {
     elements.get(selected)?.classList.remove("selected");
     selected = id && nodes.has(id) ? id : null;
     if (selected) {
-      elements.get(selected).classList.add("selected");
+      const el = elements.get(selected);
+      el.classList.add("selected");
       if (fromPointer) {
-        for (const el of holder.querySelectorAll('[data-node][tabindex="0"]')) el.setAttribute("tabindex", "-1");
-        elements.get(selected).setAttribute("tabindex", "0");
+        for (const other of holder.querySelectorAll('[data-node][tabindex="0"]')) other.setAttribute("tabindex", "-1");
+        el.setAttribute("tabindex", "0");
       }
+      if (reveal) el.scrollIntoView?.({ block: "nearest", inline: "nearest" });
     }
     hovered = null;
     renderDetails();
@@ -371,7 +376,7 @@ export function graphView(root, { analysisId, graph, saeOf }) {
       strongest.length ? h("ul", { class: "gv-edge-list" }, strongest.map((link) => {
         const other = nodes.get(link[end]);
         return h("li", {},
-          h("button", { type: "button", class: "linkish", onclick: () => select(other.id, true) }, label(other)),
+          h("button", { type: "button", class: "linkish", onclick: () => select(other.id, true, true) }, label(other)),
           h("span", { class: `gv-weight ${link.weight >= 0 ? "pos" : "neg"}` }, `${link.weight >= 0 ? "+" : ""}${num(link.weight)}`));
       })) : h("p", { class: "empty" }, "None kept."),
     ];
@@ -409,7 +414,7 @@ export function graphView(root, { analysisId, graph, saeOf }) {
     fill(pinnedList, h("div", { class: "panel-head" }, h("h2", { id: "gv-pinned-title" }, `Pinned (${list.length})`),
       list.length ? h("button", { type: "button", class: "btn small", onclick: () => [...pins].forEach(togglePin) }, "Unpin all") : null),
     list.length ? h("ul", { class: "gv-pin-list" }, list.map((node) => h("li", { dataset: { node: node.id } },
-      h("button", { type: "button", class: "linkish", onclick: () => select(node.id, true) }, label(node)),
+      h("button", { type: "button", class: "linkish", onclick: () => select(node.id, true, true) }, label(node)),
       h("button", { type: "button", class: "btn small", "aria-label": `Unpin ${label(node)}`, onclick: () => togglePin(node.id) }, "Unpin"))))
       : h("p", { class: "empty" }, "No pinned nodes: select a node and press Pin (or P)."));
   }
