@@ -1,4 +1,5 @@
-"""Analyses written as reports: ``kestrel analyze neuron|feature|causal|circuit|graph``."""
+"""Analyses written as reports: ``kestrel analyze neuron|feature|causal|circuit|graph``; and
+``kestrel analyze intervene``, which tests a graph's feature nodes on the real model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from kestrel.cli.common import (
     friendly_errors,
     open_store,
     print_json,
+    print_table,
 )
 from kestrel.core.catalog import DEFAULT_MODEL
 
@@ -242,6 +244,97 @@ def analyze_graph(
         "max_features": max_features,
     }
     _run_analysis_cli(store, config, device, as_json)
+
+
+EditOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--edit", "-e", help="NODE=SCALE: multiply a feature node's activation (0 ablates; repeatable)"
+    ),
+]
+ValueEditOpt = Annotated[
+    list[str] | None,
+    typer.Option("--value-edit", help="NODE=VALUE: set a feature node's activation (repeatable)"),
+]
+
+
+@analyze_app.command("intervene")
+@friendly_errors
+def analyze_intervene(
+    analysis_id: Annotated[str, typer.Argument(help="a graph analysis")],
+    edit: EditOpt = None,
+    value_edit: ValueEditOpt = None,
+    top_k: Annotated[int, typer.Option(help="next tokens listed before and after")] = 10,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy tokens generated both ways (0: none)")] = 0,
+    device: DeviceOpt = "auto",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scale or set feature nodes of a graph at their positions and run the real model: the
+    target's logit and the top next tokens before and after (the same as
+    POST /v1/analyses/{id}/graph/interventions, run here)."""
+    from pydantic import ValidationError
+
+    from kestrel.core.analysis.graph_edits import GraphInterventionRequest, check_intervention
+    from kestrel.core.analysis.graph_intervention import intervene
+    from kestrel.core.config import invalid_config
+    from kestrel.core.models import load_model
+    from kestrel.core.sae.artifacts import load_sae
+
+    edits = [_node_edit(text, "scale", "--edit") for text in edit or []]
+    edits += [_node_edit(text, "value", "--value-edit") for text in value_edit or []]
+    try:
+        request = GraphInterventionRequest(edits=edits, top_k=top_k, max_new_tokens=max_new_tokens)
+    except ValidationError as exc:
+        raise invalid_config(exc, "intervention") from None
+    the_store = open_store(store)
+    checked = check_intervention(the_store, analysis_id, request)
+    lm = load_model(
+        checked.model,
+        device=device,
+        dtype=checked.model_dtype or "fp32",
+        store_root=the_store.models_dir.parent,
+    )
+    blocks = sorted({e.layer for e in checked.edits})
+    transcoders = {block: load_sae(the_store, checked.transcoders[block])[0] for block in blocks}
+    result = intervene(
+        lm, checked.results, transcoders, checked.edits, top_k=top_k, max_new_tokens=max_new_tokens
+    )
+    if as_json:
+        return print_json({"analysis_id": analysis_id, **result})
+    _print_intervention(result)
+
+
+def _node_edit(text: str, field: str, option: str) -> dict[str, Any]:
+    from kestrel.core.errors import InvalidInputError
+
+    node, sep, amount = text.rpartition("=")
+    try:
+        number = float(amount)
+    except ValueError:
+        number = None
+    if not sep or not node or number is None:
+        raise InvalidInputError(f"{option} {text!r}: expected NODE={field.upper()}, e.g. {option} 10_123_5=0")
+    return {"node": node, field: number}
+
+
+def _print_intervention(result: dict[str, Any]) -> None:
+    target = result["target"]
+    console.print(
+        f"target {target['token']!r}: logit {target['logit_before']:.4g} -> {target['logit_after']:.4g}, "
+        f"prob {target['prob_before']:.4g} -> {target['prob_after']:.4g}",
+        highlight=False,
+    )
+    rows = [
+        [e["node"], f"{e['activation_before']:.4g}", f"{e['activation_after']:.4g}"] for e in result["edits"]
+    ]
+    print_table(["node", "before", "after"], rows, keep=("node",))
+    pairs = zip(result["top_before"], result["top_after"], strict=True)
+    tops = [[repr(b["token"]), f"{b['prob']:.3g}", repr(a["token"]), f"{a['prob']:.3g}"] for b, a in pairs]
+    print_table(["top before", "p before", "top after", "p after"], tops)
+    if result["continuation_before"] is not None:
+        console.print(f"continuation before: {result['continuation_before']!r}", highlight=False)
+        console.print(f"continuation after:  {result['continuation_after']!r}", highlight=False)
 
 
 def _read_pairs(path: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""Steering sweeps and measured logit effects (issue #14): interactive jobs, awaited by the API.
-Their own module because `kestrel.workers.jobs` is near the size limit.
+"""Steering sweeps and measured logit effects (issue #14), and edits of an attribution graph's
+feature nodes (issue #15): interactive jobs, awaited by the API. Their own module because
+`kestrel.workers.jobs` is near the size limit.
 
-Faults: both only read (the model, the SAE, its discovery result) and write nothing, so a worker
+Faults: all only read (the model, the SAE, its discovery result, a graph) and write nothing, so a worker
 killed mid-sweep leaves nothing behind; the awaiting call sees the job fail (its waiter answers
 the job's error) or, past ``interactive_timeout_s``, a 202 with the job, which then reads failed.
 """

@@ -6,6 +6,7 @@ page, keeps pins across a reload, and tests pinned features through the interven
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -260,8 +261,18 @@ def test_graph_view_ablation_matches_the_api(page, dashboard: Dashboard, graph_a
     page.click("#gv-pin")
     page.fill("#gv-top-k", "5")
     page.fill("#gv-new-tokens", "3")
+    held: list[Any] = []  # the page's request, held until the form is seen disabled, then sent on
+    page.route("**/graph/interventions", lambda route: held.append(route))
     page.click("#gv-run")
+    deadline = time.monotonic() + 60
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the page sent no intervention request"
+    assert page.locator("#gv-run").is_disabled() and page.locator("#gv-top-k").is_disabled()
+    assert page.locator(f'[id="gv-strength-{feature["id"]}"]').is_disabled()
+    held[0].continue_()
     page.wait_for_selector("#gv-test-status.ok, #gv-test-status.err")
+    assert page.locator("#gv-run").is_enabled()
     assert "Ran 1 edit" in page.inner_text("#gv-test-status"), page.inner_text("#gv-test-status")
 
     result = page.locator("#gv-result")

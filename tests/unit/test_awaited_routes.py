@@ -14,6 +14,7 @@ AWAITED = [
     ("post", "/v1/steering/preview"),
     ("post", "/v1/steering/sweep"),
     ("post", "/v1/saes/{sae_id}/features/{latent}/logits/measured"),
+    ("post", "/v1/analyses/{analysis_id}/graph/interventions"),
 ]
 
 

@@ -1,6 +1,6 @@
 """`kestrel analyze graph` end to end on a tiny local Llama: capture an MLP's input and output with
-the CLI, train a transcoder with `train --target-layer`, draw the graph; and a transcoder that is
-not one, refused in one line."""
+the CLI, train a transcoder with `train --target-layer`, draw the graph, test a node with
+`analyze intervene`; and a transcoder that is not one, refused in one line."""
 
 from __future__ import annotations
 
@@ -50,6 +50,25 @@ def test_analyze_graph_over_a_cli_trained_transcoder(store_root: Path, tiny_llam
     assert numbers["features_kept"] > 0  # unpruned: block 0's active features are shown
     report = Path(graph["report"]).read_text(encoding="utf-8")
     assert "replacement score" in report and (Path(graph["report"]).parent / "plots" / "graph.png").exists()
+
+    # test its strongest feature on the real model: ablated, and set to twice its activation
+    results = json.loads((Path(graph["report"]).parent / "results.json").read_text(encoding="utf-8"))
+    node = max((n for n in results["nodes"] if n["kind"] == "feature"), key=lambda n: n["activation"])
+    tested = cli_json(
+        "analyze", "intervene", graph["id"], "--edit", f"{node['id']}=0", "--top-k", "3",
+        "--max-new-tokens", "2", "--device", "cpu", *store,
+    )  # fmt: skip
+    assert tested["target"]["token"] == results["target"]["token"] and len(tested["top_after"]) == 3
+    assert tested["edits"][0]["activation_after"] == 0.0 and tested["continuation_after"] is not None
+    shown = invoke(
+        "analyze", "intervene", graph["id"], "--value-edit", f"{node['id']}={2 * node['activation']}",
+        "--device", "cpu", *store,
+    )  # fmt: skip
+    assert shown.exit_code == 0 and node["id"] in shown.output and "target" in shown.output, shown.output
+    malformed = invoke("analyze", "intervene", graph["id"], "--edit", node["id"], *store)
+    assert malformed.exit_code == 2 and "expected NODE=SCALE" in malformed.output
+    not_a_node = invoke("analyze", "intervene", graph["id"], "--edit", "T_0=0", *store)
+    assert not_a_node.exit_code == 2 and "is a token node" in not_a_node.output
 
     plain = invoke(
         "train", run_id, "--layer", MLP, "--n-latents", "32", "--k", "4", "--sae-id", "plain", *store

@@ -182,3 +182,55 @@ def test_requests_the_graph_cannot_serve_are_refused(graph: dict) -> None:
             GraphInterventionRequest.model_validate(body)
     with pytest.raises(ValidationError):
         GraphInterventionRequest.model_validate({"edits": [{"node": "x", "scale": 1}], "max_new_tokens": 65})
+
+
+def _publish(store, kind: str, artifact_id: str, manifest: dict, files: dict | None = None) -> None:
+    import json
+
+    with store.writer(kind, artifact_id) as writer:
+        for name, obj in (files or {}).items():
+            (writer.directory / name).write_text(json.dumps(obj), encoding="utf-8")
+        writer.commit(manifest)
+
+
+def test_a_request_is_checked_against_the_stored_graph(tmp_path, graph: dict) -> None:
+    """The API's check before queueing: the analysis is a graph, its nodes are features, and the
+    transcoders are stored; a graph written before the transcoder map gets it from the SAEs."""
+    from kestrel.core.analysis.graph_edits import check_intervention
+    from kestrel.core.errors import ConflictError, NotFoundError
+    from kestrel.core.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    for block, sae_id in SAE_IDS.items():
+        mlp = f"model.layers.{block}.mlp"
+        summary = {"id": sae_id, "model": "tiny-llama", "layer": f"{mlp}:input", "target_layer": mlp}
+        _publish(store, "saes", sae_id, {**summary, "kind": "transcoder", "config": {}})
+    common = {"title": "t", "created": "2026-01-01T00:00:00Z", "key_numbers": {}, "plots": []}
+    config = {"kind": "graph", "model": "tiny-llama", "prompt": PROMPT, "transcoders": list(SAE_IDS.values())}
+    old = {key: value for key, value in graph.items() if key != "transcoders"}
+    old["nodes"] = [{k: v for k, v in node.items() if k != "sae_id"} for node in graph["nodes"]]
+    for analysis_id, results in (("old-graph", old), ("new-graph", graph)):
+        manifest = {"id": analysis_id, "kind": "graph", "source": {}, "config": config, **common}
+        _publish(store, "analyses", analysis_id, manifest, {"results.json": results})
+    neuron = {"id": "neurons", "kind": "neuron", "source": {}, "config": {"kind": "neuron"}, **common}
+    _publish(store, "analyses", "neurons", neuron, {"results.json": {}})
+
+    node = strongest(graph, 1)
+    request = GraphInterventionRequest(edits=[NodeEdit(node=node["id"], scale=0.0)])
+    checked = check_intervention(store, "old-graph", request)
+    assert checked.transcoders == {0: "tc-block0", 1: "tc-block1"} and checked.model == "tiny-llama"
+    assert [(e.sae_id, e.layer, e.latent, e.position) for e in checked.edits] == [
+        ("tc-block1", 1, node["latent"], node["position"])
+    ]
+    with pytest.raises(InvalidInputError, match="is a neuron analysis"):
+        check_intervention(store, "neurons", request)
+    with pytest.raises(NotFoundError):
+        check_intervention(store, "no-such-graph", request)
+    assert check_intervention(store, "new-graph", request).edits == checked.edits
+    store.delete("saes", "tc-block1")
+    with pytest.raises(ConflictError, match="predates the transcoder map"):
+        check_intervention(store, "old-graph", request)
+    with pytest.raises(ConflictError, match="transcoder 'tc-block1' \\(block 1\\) of graph 'new-graph'"):
+        check_intervention(store, "new-graph", request)
+    block0 = GraphInterventionRequest(edits=[NodeEdit(node=strongest(graph, 0)["id"], value=1.0)])
+    assert check_intervention(store, "new-graph", block0).transcoders[1] == "tc-block1"  # only edited ones

@@ -49,7 +49,13 @@ class BlockEdits:
     apply: bool = True
     before_E: Tensor | None = None  # each latent's activation at its position in the last prompt pass
     after_E: Tensor | None = None  # what the edit set it to
-    _input: Tensor | None = field(default=None, repr=False)
+    _input: Tensor | None = field(default=None, repr=False)  # the MLP's input in the current pass
+    # per edit, built from the edits: positions (CPU), latents, op codes, amounts, decoder rows
+    positions_E: Tensor = field(init=False, repr=False)
+    latents_E: Tensor = field(init=False, repr=False)
+    ops_E: Tensor = field(init=False, repr=False)
+    amounts_E: Tensor = field(init=False, repr=False)
+    directions_ED: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         W_dec = self.transcoder.W_dec
