@@ -1,7 +1,8 @@
 // Analysis page: the manifest's key numbers, the raw JSON and the Markdown to download, and the
 // report (report.md) rendered by markdown.js as DOM nodes, its plots fetched with the API key.
+// A `graph` analysis is drawn above its report by graph_view.js (select, pin, test by ablation).
 
-import { ApiError, api, apiBlob, apiKey, apiText } from "./api.js";
+import { ApiError, api, apiBlob, apiKey, apiOrNull, apiText } from "./api.js";
 import { $, fill, h, num, when } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 import { start, status } from "./shell.js";
@@ -112,6 +113,26 @@ function sections(nodes) {
   return out;
 }
 
+/** A graph analysis's interactive drawing; a failure here is said in its place, the report still shows. */
+async function showGraph(manifest) {
+  const root = $("#graph-view");
+  root.hidden = false;
+  try {
+    // Loaded only for a graph: the other analyses' pages do not fetch it.
+    const { graphOf, graphView, transcoderOf } = await import("./graph_view.js");
+    const graph = graphOf(manifest.results);
+    if (!graph) {
+      fill(root, h("p", { class: "status err" }, "This graph analysis's results hold no graph (nodes, links, tokens) to draw."));
+      return;
+    }
+    const saeOf = await transcoderOf(graph, manifest, (id) => apiOrNull(`/saes/${encodeURIComponent(id)}`));
+    graphView(root, { analysisId, graph, saeOf });
+  } catch (error) {
+    fill(root, h("p", { class: "status err" }, `Could not draw the graph: ${error.message}`));
+    console.error(error);
+  }
+}
+
 start(async () => {
   wireDownloads();
   let manifest;
@@ -123,6 +144,7 @@ start(async () => {
     throw error;
   }
   renderHeader(manifest);
+  if (manifest.kind === "graph") await showGraph(manifest);
   let markdown;
   try {
     markdown = await apiText(`${path}/report`);
