@@ -126,11 +126,13 @@ def test_logit_effects_are_the_decoder_rows_through_the_unembedding(tiny_lm, dis
     assert reader.manifest["logit_effects"].startswith("direct")
 
 
-def test_a_decoder_off_the_residual_stream_has_no_logit_effects(discovered) -> None:
+def test_a_decoder_off_the_residual_stream_has_no_logit_effects(tiny_lm, discovered) -> None:
     store, _ = discovered
     manifest = concepts.read_manifest(store, "tc-up")
     assert manifest["target_layer"] == UP and manifest["logit_effects"].startswith("none")
     assert "width 64" in manifest["logit_effects"]
+    again = concepts.discover(store, "tc-up", tiny_lm, config={"top_n": 4, "window": WINDOW})
+    assert again["logit_effects"] == manifest["logit_effects"]  # reused with the note that says why
     latent = concepts.list_features(store, "tc-up", sort="max_activation", limit=1)["items"][0]
     assert latent["max_activation"] > 0 and latent["promoted_tokens"] == []
     page = concepts.feature_page(store, "tc-up", latent["latent"])
@@ -152,6 +154,7 @@ def test_discovery_over_a_dataset_hooks_the_mlp_input(tiny_lm, texts, discovered
     by_hand = encode_by_hand(sae, torch.cat(kept)).max(dim=0).values.float()
     manifest = concepts.discover(store, "tc", tiny_lm, dataset=texts, config={"top_n": 4})
     assert manifest["source"]["kind"] == "dataset" and manifest["n_rows"] == sum(len(x) for x in kept)
+    assert manifest["logit_effects"].startswith("direct")  # the previous version's, reused
     discovered_max = FeatureReader(store, "tc").full("max_activation")["max_activation"]
     torch.testing.assert_close(discovered_max, by_hand, rtol=1e-3, atol=1e-4)
 

@@ -10,8 +10,9 @@ A transcoder is discovered the same way: its latents are a function of the layer
 (``layer``, e.g. ``model.layers.10.mlp:input``, hooked as capture hooks it), and nothing here
 decodes back into that layer. Its decoder rows write ``target_layer`` (the MLP's output, added to
 the residual stream), so its logit effects are those rows through the unembedding, as an SAE's
-at a residual layer. A decoder that writes a space of another width than the unembedding reads
-has no direct path to the logits: its logit effects are left empty (the manifest says why).
+at a residual layer (a skip-transcoder's linear term W_skip·x belongs to no latent: not shown).
+A decoder that writes a space of another width than the unembedding reads has no direct path to
+the logits: its logit effects are left empty (the manifest's ``logit_effects`` says why).
 
 Attention-sink rows are left out by default (``RowFilter.recommended()``: position 0, special
 tokens, rows with a norm over 10x the layer's median), or every latent's top context would be the
