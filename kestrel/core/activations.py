@@ -402,7 +402,7 @@ def _capture_rows(
         acts_ND = acts_BTD.detach()[keep["mask_BT"].to(acts_BTD.device)]
         rows[name] = acts_ND.to(device="cpu", dtype=storage_dtype, non_blocking=True)
 
-    hooks = [_detector(name, partial(record, name)) for name in layers]
+    hooks = [spec_detector(name, partial(record, name)) for name in layers]
     hooks.append(stop_after(parse_layer_spec(layers[-1])[0]))
     started, n_docs, n_batches, forwarded = time.perf_counter(), 0, 0, 0
     bar = tqdm(desc="capture", unit="tok", unit_scale=True, disable=not progress_bar)
@@ -429,10 +429,21 @@ def _capture_rows(
     return _CaptureResult(n_docs, time.perf_counter() - started)
 
 
-def _detector(spec: str, fn: Callable[[torch.Tensor, HookContext], None]) -> Detector:
+def spec_detector(spec: str, fn: Callable[[torch.Tensor, HookContext], None]) -> Detector:
     """A detector on the module a layer spec names: its output, or its first input."""
     module, hook = parse_layer_spec(spec)
     return Detector(module, fn, when="pre" if hook == "input" else "forward")
+
+
+def record_spec(spec: str, seen: dict[str, torch.Tensor], key: str = "h") -> list[Detector]:
+    """Hooks that put ``spec``'s value (a module's output, or its input for ``MODULE:input``) of
+    each forward in ``seen[key]`` and end the forward at that module: what reading one layer of a
+    text needs, the same hook points capture records (encode, discovery over a dataset, exports)."""
+
+    def record(value: torch.Tensor, _: HookContext) -> None:
+        seen[key] = value.detach()
+
+    return [spec_detector(spec, record), stop_after(parse_layer_spec(spec)[0])]
 
 
 def _layer_records(lm: LoadedModel, run: RunWriter) -> dict[str, RunLayer]:

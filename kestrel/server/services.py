@@ -256,9 +256,11 @@ def check_resumable(store: Store, sae_id: str) -> None:
 
 
 def prepare_discovery(sae_id: str, request: DiscoverRequest, settings: Settings, store: Store) -> dict:
-    """Check the SAE, the source and the limits before a discovery is queued; the job's kwargs."""
+    """Check the SAE, the source and the limits before a discovery is queued; the job's kwargs.
+
+    A transcoder is discovered like an SAE: its latents encode the layer it reads (``layer``,
+    an MLP's input), which its run captured; nothing of discovery decodes back into it."""
     summary = get_sae(store, sae_id)
-    summary.require_sae("feature discovery")
     if request.run_id is not None and request.dataset is not None:
         raise InvalidInputError("give run_id or dataset, not both")
     dataset = request.dataset

@@ -6,6 +6,14 @@ into a `FeatureAccumulator` (top-N rows, per-bin samples, counts, histogram), ve
 latents and rows. Contexts are rebuilt from the documents at the end, logit effects come from the
 decoder and the unembedding, and the result is published under ``saes/<sae_id>/features/``.
 
+A transcoder is discovered the same way: its latents are a function of the layer it reads
+(``layer``, e.g. ``model.layers.10.mlp:input``, hooked as capture hooks it), and nothing here
+decodes back into that layer. Its decoder rows write ``target_layer`` (the MLP's output, added to
+the residual stream), so its logit effects are those rows through the unembedding, as an SAE's
+at a residual layer (a skip-transcoder's linear term W_skip·x belongs to no latent: not shown).
+A decoder that writes a space of another width than the unembedding reads has no direct path to
+the logits: its logit effects are left empty (the manifest's ``logit_effects`` says why).
+
 Attention-sink rows are left out by default (``RowFilter.recommended()``: position 0, special
 tokens, rows with a norm over 10x the layer's median), or every latent's top context would be the
 first token. Memory is bounded by the SAE's size (n_latents × (top_n + log bins × samples)) and
@@ -28,6 +36,7 @@ import torch
 from torch import Tensor
 
 from kestrel.core.activations import _as_spec as as_dataset_spec
+from kestrel.core.activations import record_spec
 from kestrel.core.concepts import contexts
 from kestrel.core.concepts import store as features_store
 from kestrel.core.concepts.accumulate import FeatureAccumulator, FeatureTables, pack_rows
@@ -39,10 +48,10 @@ from kestrel.core.concepts.config import DiscoveryConfig
 from kestrel.core.datasets import DatasetSpec, iter_texts, token_batches
 from kestrel.core.devices import layer_device
 from kestrel.core.errors import CancelledError, InvalidInputError, NotFoundError
-from kestrel.core.hooks import Detector, HookContext, HookManager, run_until_stopped, stop_after
+from kestrel.core.hooks import HookManager, run_until_stopped
 from kestrel.core.models import LoadedModel
 from kestrel.core.run_reader import iter_row_batches
-from kestrel.core.runs import RowFilter, RunManifest, get_manifest
+from kestrel.core.runs import RowFilter, RunManifest, get_manifest, parse_layer_spec
 from kestrel.core.sae.artifacts import load_sae
 from kestrel.core.sae.base import SAE
 from kestrel.core.sae.records import SAEManifest
@@ -51,6 +60,7 @@ from kestrel.core.store import Store
 ENCODE_CHUNK_ROWS = 4096
 TOP_TOKENS = 3
 STREAMING_SHARE = 0.9  # of a discovery's time: the rest is contexts and logit effects
+LOGITS_DIRECT = "direct: decoder rows · final norm gain · unembedding"
 
 
 @dataclass
@@ -123,7 +133,7 @@ def discover(
     layer = summary.layer or sae.config.layer
     if not layer:
         raise InvalidInputError(f"sae {sae_id!r} does not record the layer it reads")
-    sae = sae.to(layer_device(lm, layer))  # a split model: where the layer's activations are
+    sae = sae.to(layer_device(lm, parse_layer_spec(layer)[0]))  # a split model: where the layer runs
     if dataset is not None and run_id is not None:
         raise InvalidInputError("give a dataset or a run, not both")
     source = _source(store, summary, lm, layer, sae, run_id, dataset, config.filters)
@@ -156,12 +166,14 @@ def discover(
         tensors = _tables_with_contexts(
             tables, docs_path, lm, source["max_length"] or config.max_length, config.window
         )
-        tensors.update(_logit_effects(store, sae_id, sae, lm, config.logit_k))
+        logits, logit_note = _logit_effects(store, sae_id, sae, lm, config.logit_k)
+        tensors.update(logits)
         if source["docs_path"] is None:
             docs_path.unlink(missing_ok=True)
         total_s = time.perf_counter() - started
         timings = {"streaming_seconds": round(streaming_s, 3), "seconds": round(total_s, 3)}
         summary_out = _summary(store, sae_id, sae, lm, layer, source, config, tables, n_tokens, timings)
+        summary_out.update(kind=summary.kind, target_layer=summary.target_layer, logit_effects=logit_note)
         manifest = features_store.publish(store, sae_id, staging, tensors, _vocab(lm, tensors), summary_out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -228,8 +240,10 @@ def _source(
 ) -> dict[str, Any]:
     """Check the source against the SAE and the model before any work; describe it."""
     if dataset is not None:
-        info = lm.layer(layer)
-        if info.width not in (-1, sae.d_in):
+        module, hook = parse_layer_spec(layer)
+        info = lm.layer(module)  # NotFoundError naming close matches
+        # a module's output width is known up front; its input's is checked by the encoder
+        if hook == "output" and info.width not in (-1, sae.d_in):
             raise InvalidInputError(
                 f"layer {layer!r} of {lm.name!r} has width {info.width}, the SAE reads {sae.d_in}"
             )
@@ -342,10 +356,6 @@ def _dataset_batches(
     the end without holding the dataset in memory.
     """
     seen: dict[str, Tensor] = {}
-
-    def record(acts_BTD: Tensor, _: HookContext) -> None:
-        seen["acts_BTD"] = acts_BTD.detach()
-
     special_ids = torch.tensor(sorted(lm.tokenizer.all_special_ids), dtype=torch.long, device=lm.device)
     norm_median = source["norm_median"]
     docs_done = 0
@@ -356,8 +366,7 @@ def _dataset_batches(
             max_length=config.max_length,
             token_budget=config.token_budget,
         )
-        hooks = [Detector(layer, record), stop_after(layer)]
-        with HookManager(lm.model, hooks), torch.inference_mode():
+        with HookManager(lm.model, record_spec(layer, seen, "acts_BTD")), torch.inference_mode():
             for batch in batches:
                 ids_BT = batch.input_ids_BT.to(lm.device)
                 attn_BT = batch.attention_mask_BT.to(lm.device)
@@ -480,18 +489,42 @@ def _logit_key(store: Store, sae_id: str, lm: LoadedModel) -> str:
     return f"{lm.name}:{weights.size}:{weights.version}"
 
 
-def _logit_effects(store: Store, sae_id: str, sae: SAE, lm: LoadedModel, k: int) -> dict[str, Tensor]:
-    """Reuse the current version's logit effects when they were made for the same SAE, model and k."""
+def _logit_effects(
+    store: Store, sae_id: str, sae: SAE, lm: LoadedModel, k: int
+) -> tuple[dict[str, Tensor], str]:
+    """The decoder rows' direct effects on the logits, and a note of what they are.
+
+    Reused from the current version when it was made for the same SAE, model and k. Empty
+    (``[L, 0]``) when the decoder writes a space of another width than the unembedding reads (an
+    SAE of an MLP's hidden layer, say): such a row has no direct path to the logits.
+    """
     key = _logit_key(store, sae_id, lm)
     try:
         reader = features_store.FeatureReader(store, sae_id)
         if reader.manifest.get("logit_effects_key") == key and reader.manifest["config"]["logit_k"] == k:
-            return reader.full("logit_pos_ids", "logit_pos_values", "logit_neg_ids", "logit_neg_values")
+            names = ("logit_pos_ids", "logit_pos_values", "logit_neg_ids", "logit_neg_values")
+            return reader.full(*names), reader.manifest.get("logit_effects", LOGITS_DIRECT)
     except (KeyError, OSError, NotFoundError):
         pass
     with torch.inference_mode():
         unembed_VD, norm_scale_D = contexts.unembedding(lm)
-        return contexts.logit_effects(sae.W_dec.detach(), unembed_VD, norm_scale_D, k)
+        if sae.d_out != unembed_VD.shape[1]:
+            return _no_logit_effects(sae.n_latents), (
+                f"none: the decoder writes width {sae.d_out}, the unembedding reads "
+                f"{unembed_VD.shape[1]}; no direct path to the logits"
+            )
+        return contexts.logit_effects(sae.W_dec.detach(), unembed_VD, norm_scale_D, k), LOGITS_DIRECT
+
+
+def _no_logit_effects(n_latents: int) -> dict[str, Tensor]:
+    """Logit effect tensors with no entries (each its own: safetensors refuses shared memory)."""
+    return {
+        f"logit_{sign}_{part}": torch.zeros(
+            (n_latents, 0), dtype=torch.int64 if part == "ids" else torch.float32
+        )
+        for sign in ("pos", "neg")
+        for part in ("ids", "values")
+    }
 
 
 def _vocab(lm: LoadedModel, tensors: dict[str, Tensor]) -> dict[str, str]:

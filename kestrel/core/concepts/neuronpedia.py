@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from kestrel.core.activations import record_spec
 from kestrel.core.concepts.config import (
     EXPORT_FILE,
     EXPORT_RECORD,
@@ -49,8 +50,9 @@ from kestrel.core.concepts.dictionary import Concept, read_dictionary
 from kestrel.core.concepts.features import PAGE_TENSORS
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.errors import InvalidInputError
-from kestrel.core.hooks import Detector, HookManager, run_until_stopped, stop_after
+from kestrel.core.hooks import HookManager, run_until_stopped
 from kestrel.core.models import LoadedModel
+from kestrel.core.runs import parse_layer_spec
 from kestrel.core.sae.artifacts import load_sae
 from kestrel.core.sae.base import SAE
 from kestrel.core.store import Store, validate_id
@@ -61,6 +63,12 @@ BATCH_LATENTS = 128
 FORWARD_WINDOWS = 64
 #: Neuronpedia's hook point for a layer of each kind (TransformerLens names).
 HOOK_POINTS = {"block": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "hook_attn_out"}
+#: ... and for the input of a module of each kind (``MODULE:input``: what a transcoder reads).
+INPUT_HOOK_POINTS = {
+    "block": "hook_resid_pre",
+    "mlp": "ln2.hook_normalized",
+    "attention": "ln1.hook_normalized",
+}
 
 
 def export_neuronpedia(
@@ -134,9 +142,12 @@ def _slug(name: str) -> str:
 
 
 def _hook_point(lm: LoadedModel, layer: str) -> tuple[int, str]:
-    """The layer's number and Neuronpedia's hook name for it (``model.layers.15`` → 15, resid_post)."""
-    kind = lm.layer(layer).kind
-    return neuronpedia_layer_number(layer), HOOK_POINTS.get(kind, "hook_resid_post")
+    """The layer's number and Neuronpedia's hook name for it (``model.layers.15`` → 15, resid_post;
+    a transcoder's ``model.layers.15.mlp:input`` → 15, ln2.hook_normalized)."""
+    module, hook = parse_layer_spec(layer)
+    kind = lm.layer(module).kind
+    points = INPUT_HOOK_POINTS if hook == "input" else HOOK_POINTS
+    return neuronpedia_layer_number(layer), points.get(kind, "hook_resid_post")
 
 
 def _latent_tensors(reader: FeatureReader, latent: int) -> dict[str, torch.Tensor]:
@@ -187,14 +198,13 @@ class _WindowValues:
         ids_BT = torch.tensor([x + [self.pad] * (width - len(x)) for x in ids], device=self.lm.device)
         mask_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.lm.device)
         seen: dict[str, torch.Tensor] = {}
-        record = Detector(self.layer, lambda h, ctx: seen.__setitem__("h", h.detach()))
         forward = partial(self.lm.model, input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
-        with HookManager(self.lm.model, [record, stop_after(self.layer)]), torch.inference_mode():
+        with HookManager(self.lm.model, record_spec(self.layer, seen)), torch.inference_mode():
             run_until_stopped(forward)
             h_BTD = seen["h"].float()
-            out = self.sae.to(h_BTD.device)(h_BTD.reshape(-1, h_BTD.shape[-1]))
-            hit_NK = out.latent_indices == latent
-            value_N = (out.latent_acts * hit_NK).sum(-1).reshape(h_BTD.shape[:2])
+            out = self.sae.to(h_BTD.device).encode(h_BTD.reshape(-1, h_BTD.shape[-1]))
+            hit_NK = out.indices == latent
+            value_N = (out.acts * hit_NK).sum(-1).reshape(h_BTD.shape[:2])
         for b, window in enumerate(windows):
             start = len(ids[b]) - len(window)
             yield [round(float(v), 4) for v in value_N[b, start : start + len(window)].tolist()]
@@ -277,7 +287,8 @@ class _Rows:
             "creatorId": self.creator,
             "createdAt": self.created,
             "maxActApprox": top,
-            "hasVector": True,
+            # a steering vector at hookName: a transcoder's decoder row writes another layer
+            "hasVector": not sae.config.is_transcoder,
             "vector": [round(float(x), 6) for x in sae.W_dec[latent].tolist()],
             "vectorLabel": None,
             "vectorDefaultSteerStrength": top,

@@ -23,13 +23,14 @@ from typing import Any, Literal
 
 import torch
 
+from kestrel.core.activations import record_spec
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
-from kestrel.core.hooks import Detector, HookManager, run_until_stopped, stop_after
+from kestrel.core.hooks import HookManager, run_until_stopped
 from kestrel.core.limits import Caps
 from kestrel.core.models import LoadedModel
 from kestrel.core.run_reader import heldout_mask as _heldout_mask
 from kestrel.core.run_reader import iter_batches, read_docs
-from kestrel.core.runs import RowFilter, get_manifest
+from kestrel.core.runs import RowFilter, get_manifest, parse_layer_spec
 from kestrel.core.sae import exchange
 from kestrel.core.sae import io as sae_io
 from kestrel.core.sae.base import SAE
@@ -432,23 +433,26 @@ def import_sae_files(
 def encode_prompt(
     lm: LoadedModel, sae: SAE, layer: str, text: str, *, top_k: int = 8
 ) -> list[dict[str, Any]]:
-    """The strongest latents at each token of ``text``."""
+    """The strongest latents at each token of ``text``.
+
+    ``layer`` is the layer spec the SAE reads: a module's output, or its input
+    (``MODULE:input``, a transcoder's), hooked as capture hooks it, so the values are those
+    discovery computed from the run's rows. Only the encoder runs: a transcoder's latents are
+    defined by its input alone (its decoder writes another layer, which is not read here).
+    """
     if top_k <= 0:
         raise InvalidInputError(f"top_k must be > 0, got {top_k}")
-    if sae.config.is_transcoder:
-        raise InvalidInputError(f"encoding text reads a module's output; this is a {sae.config.kind}")
-    lm.layer(layer)
+    lm.layer(parse_layer_spec(layer)[0])  # NotFoundError naming close matches
     encoded = lm.tokenizer([text], return_tensors="pt").to(lm.device)
     if encoded["input_ids"].shape[1] == 0:
         raise InvalidInputError("the text has no tokens")
     seen: dict[str, torch.Tensor] = {}
-    hooks = [Detector(layer, lambda h, ctx: seen.__setitem__("h", h.detach())), stop_after(layer)]
-    with HookManager(lm.model, hooks), torch.inference_mode():
+    with HookManager(lm.model, record_spec(layer, seen)), torch.inference_mode():
         run_until_stopped(lambda: lm.model(**encoded, use_cache=False))
         h_TD = seen["h"][0].float()
-        out = sae.to(h_TD.device)(h_TD)  # where the layer ran (a split model's own device)
-    values_TK, order_TK = out.latent_acts.topk(min(top_k, out.latent_acts.shape[-1]), dim=-1)
-    indices_TK = out.latent_indices.gather(-1, order_TK)
+        out = sae.to(h_TD.device).encode(h_TD)  # where the layer ran (a split model's own device)
+    values_TK, order_TK = out.acts.topk(min(top_k, out.acts.shape[-1]), dim=-1)
+    indices_TK = out.indices.gather(-1, order_TK)
     ids = encoded["input_ids"][0].tolist()
     tokens = lm.tokenizer.convert_ids_to_tokens(ids)
     return [

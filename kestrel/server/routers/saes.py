@@ -341,8 +341,9 @@ async def encode_text(
     services.check_texts([request.text], settings)
     services.check_top_k(request.top_k, settings)
     summary = await asyncio.to_thread(records.get_sae, store, sae_id)
-    summary.model_and_layer()  # an imported SAE without a model: 422 before any job
-    summary.require_sae("encoding text")  # a transcoder reads a module's input: not hooked here yet
+    # an imported SAE without a model: 422 before any job; a transcoder's input (MODULE:input) is
+    # hooked as capture hooks it, and only its encoder runs
+    summary.model_and_layer()
     job_id, result = await run_interactive(
         redis,
         settings,

@@ -1,0 +1,37 @@
+"""A transcoder's feature page in the dashboard (what an attribution graph's node links to): a
+transcoder of the tiny Llama's block-1 MLP trained and discovered through the API, its strongest
+latent's page opened in chromium, with its contexts shaded, its histogram and its logit effects."""
+
+from __future__ import annotations
+
+import pytest
+from browser_stack import Dashboard
+from service_stack import tiny_transcoders, wait_for_job
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def transcoder_latent(dashboard: Dashboard) -> tuple[str, dict]:
+    """A discovered transcoder's id and the list item of its strongest latent."""
+    with dashboard.client() as http:
+        _, [transcoder] = tiny_transcoders(http, (1,))
+        submitted = http.post(f"/v1/saes/{transcoder}/features/discover", json={"config": {"top_n": 8}})
+        assert submitted.status_code == 202, submitted.text
+        wait_for_job(http, submitted.json()["id"])
+        listing = http.get(f"/v1/saes/{transcoder}/features", params={"sort": "max_activation", "limit": 1})
+        return transcoder, listing.json()["items"][0]
+
+
+def test_a_transcoders_feature_page_renders(page, dashboard: Dashboard, transcoder_latent) -> None:
+    transcoder, item = transcoder_latent
+    page.goto(f"{dashboard.url}/ui/saes/{transcoder}/features/{item['latent']}")
+    page.wait_for_selector("body[data-ready]")
+    shaded = page.locator("#contexts .tok:not([data-activation='0'])")
+    assert shaded.count() > 0
+    assert page.locator("#histogram svg rect.bar").count() > 0
+    assert page.locator("#logits .logit-list li").count() == 20  # its decoder rows' direct path
+
+    page.goto(f"{dashboard.url}/ui/saes/{transcoder}/features")
+    page.wait_for_selector("body[data-ready]")
+    assert page.locator("#results-table tbody tr").count() > 0
