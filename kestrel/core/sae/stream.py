@@ -51,11 +51,11 @@ from kestrel.core.activations import (
     _CaptureResult,
     _check_layers,
     _describe_dataset,
-    _detector,
     _dropped_token_ids,
     _manifest,
     capture_batches,
     rows_mask_and_meta,
+    spec_detector,
 )
 from kestrel.core.datasets import DatasetSpec, iter_texts
 from kestrel.core.errors import ConflictError, InvalidInputError, NotFoundError
@@ -368,7 +368,7 @@ class _Stream:
             acts_ND = acts_BTD.detach()[keep["mask_BT"].to(acts_BTD.device)]
             rows[name] = acts_ND.to("cpu", self.storage_dtype)
 
-        hooks = [_detector(name, partial(record, name)) for name in self.layers]
+        hooks = [spec_detector(name, partial(record, name)) for name in self.layers]
         hooks.append(stop_after(parse_layer_spec(self.layers[-1])[0]))
         device = self.lm.device
         with HookManager(self.lm.model, hooks):
