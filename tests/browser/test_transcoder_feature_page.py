@@ -31,6 +31,10 @@ def test_a_transcoders_feature_page_renders(page, dashboard: Dashboard, transcod
     assert shaded.count() > 0
     assert page.locator("#histogram svg rect.bar").count() > 0
     assert page.locator("#logits .logit-list li").count() == 20  # its decoder rows' direct path
+    # steering its input layer and measuring its row there are refused: the page offers neither
+    assert page.locator("#steer-link").count() == 0 and page.locator("#measure-logits").count() == 0
+    note = page.inner_text("#transcoder-note")
+    assert "model.layers.1.mlp:input" in note and "attribution graph" in note
 
     page.goto(f"{dashboard.url}/ui/saes/{transcoder}/features")
     page.wait_for_selector("body[data-ready]")

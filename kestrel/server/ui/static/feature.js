@@ -164,9 +164,22 @@ function wireEditor() {
   });
 }
 
+/** A transcoder's latents read one layer and write another: steering that layer or measuring the
+ * decoder row added there is undefined (the API refuses both), so the page offers neither and says
+ * where such a latent is tested instead. */
+function adaptToKind(sae) {
+  if (!sae || sae.kind === "sae") return;
+  $("#steer-link")?.remove();
+  $("#measure-row")?.remove();
+  $("#feature-description").after(h("p", { class: "muted", id: "transcoder-note" },
+    `A ${sae.kind.replace("_", "-")} latent: it reads ${sae.layer} and writes ${sae.target_layer}. `,
+    "Test it by ablating or scaling it from an attribution graph's page (pin the node, then Run)."));
+}
+
 start(async () => {
   wireEditor();
-  const feature = await apiOrNull(`/saes/${saeId}/features/${latent}`);
+  const [feature, sae] = await Promise.all([apiOrNull(`/saes/${saeId}/features/${latent}`), apiOrNull(`/saes/${saeId}`)]);
+  adaptToKind(sae);
   if (!feature) {
     fill($("#contexts"), h("p", { class: "empty" }, "No such latent, or no features discovered for this SAE yet."));
     return;
