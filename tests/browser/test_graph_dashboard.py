@@ -298,3 +298,32 @@ def test_graph_view_ablation_matches_the_api(page, dashboard: Dashboard, graph_a
     result.scroll_into_view_if_needed()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(OUTPUT / "test_graph_view-ablation.png"), full_page=True)
+
+
+def test_graph_view_keeps_every_node_of_a_crowded_cell_clickable(
+    page, dashboard: Dashboard, graph_analysis: dict
+) -> None:
+    """A real graph puts dozens of features on one (layer, position) of a 30-layer model, whose rows
+    are a few pixels apart: each must still be the node a click on it selects (its column widens
+    and scrolls instead). Here 40 features share block 1's first position, and the graph is given
+    30 layers (an error node at layer 29) so its rows are as short as SmolLM2's."""
+    base_node = strongest_feature(graph_analysis["results"])
+    crowd = [
+        {**base_node, "id": f"1_{900 + i}_0", "layer": 1, "position": 0, "latent": 900 + i, "influence": 0.01}
+        for i in range(40)
+    ]
+    top_error = {**base_node, "id": "E29_0", "kind": "error", "layer": 29, "latent": None, "position": 0}
+
+    def crowded(route) -> None:
+        response = route.fetch()
+        body = response.json()
+        body["results"]["nodes"] = [*body["results"]["nodes"], *crowd, top_error]
+        route.fulfill(response=response, json=body)
+
+    page.route(f"**/v1/analyses/{graph_analysis['id']}", crowded)
+    open_graph(page, dashboard, graph_analysis["id"])
+    for member in crowd:
+        node(page, member["id"]).click()
+        assert page.locator(".gv-details h2").inner_text().startswith(f"L1 #{member['latent']} "), member[
+            "id"
+        ]

@@ -12,6 +12,8 @@ import { interventionPanel } from "./graph_test.js";
 const SVG = "http://www.w3.org/2000/svg";
 const MARGIN = { top: 14, right: 14, bottom: 50, left: 58 };
 const MIN_CELL = 64; // narrower cells scroll sideways rather than stack their nodes unreadably
+const HIT_GAP = 12; // centre-to-centre at least the hit circles' diameter: a click lands on its node
+const MAX_LINES = 3;
 const EDGES_LISTED = 8;
 const EDGES_SHOWN = 1000; // links drawn by default, strongest first; a focused node shows all of its own
 const EDGE_CHOICES = [250, 1000, 4000];
@@ -62,11 +64,8 @@ export function layout(graph, width) {
   const logitRow = layers.length ? Math.max(...layers) + 1 : 1;
   const rows = logitRow + 2; // tokens (-1), layers 0..logitRow-1, the logit
   const rowH = Math.max(24, Math.min(56, Math.round(420 / rows)));
-  const cellW = Math.max(MIN_CELL, (width - MARGIN.left - MARGIN.right) / nPos);
-  const size = { width: MARGIN.left + cellW * nPos + MARGIN.right, height: MARGIN.top + rows * rowH + MARGIN.bottom };
   const rowOf = (n) => (n.kind === "token" ? -1 : n.kind === "logit" ? logitRow : n.layer);
   const yOf = (row) => MARGIN.top + (logitRow - row + 0.5) * rowH;
-  const xOf = (position) => MARGIN.left + (position + 0.5) * cellW;
 
   const cells = new Map();
   for (const node of graph.nodes) {
@@ -74,34 +73,55 @@ export function layout(graph, width) {
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(node);
   }
+  const widths = columnWidths(cells, nPos, width);
+  const lefts = widths.map((_, p) => MARGIN.left + widths.slice(0, p).reduce((a, b) => a + b, 0));
+  const size = { width: lefts[nPos - 1] + widths[nPos - 1] + MARGIN.right, height: MARGIN.top + rows * rowH + MARGIN.bottom };
+  const xOf = (position) => lefts[position] + widths[position] / 2;
   const place = new Map();
   const radius = rowH >= 40 ? 5.5 : 4.5; // short graphs get room to draw their nodes larger
-  const nodeGap = 2.5 * radius; // centre-to-centre spacing of the nodes that share a cell, at most
+  const nodeGap = Math.max(2.5 * radius, HIT_GAP); // centre-to-centre spacing in a cell, at most
   const order = (a, b) => (a.kind === "error") - (b.kind === "error") || (b.influence ?? 0) - (a.influence ?? 0);
   for (const members of cells.values()) {
     members.sort(order);
-    const room = cellW - 12;
+    const room = widths[members[0].position] - 12;
     const perLineAtEase = Math.max(1, Math.floor(room / nodeGap) + 1);
-    const lines = Math.min(3, Math.ceil(members.length / perLineAtEase));
+    const lines = Math.min(MAX_LINES, Math.ceil(members.length / perLineAtEase));
     const perLine = Math.ceil(members.length / lines);
     const gap = perLine > 1 ? Math.min(nodeGap, room / (perLine - 1)) : 0;
     const lineGap = Math.min(8, (rowH - 8) / 3);
     members.forEach((node, i) => {
       const line = Math.floor(i / perLine);
       const inLine = Math.min(perLine, members.length - line * perLine);
-      const x = xOf(node.position) + (i - line * perLine - (inLine - 1) / 2) * gap;
+      // adjacent lines sit half a gap apart sideways: rows of a short graph are only ~5 px apart
+      const stagger = lines > 1 ? (line % 2 ? 0.25 : -0.25) * gap : 0;
+      const x = xOf(node.position) + (i - line * perLine - (inLine - 1) / 2) * gap + stagger;
       const y = yOf(rowOf(node)) + (line - (lines - 1) / 2) * lineGap;
       place.set(node.id, { x, y, r: lines > 1 || gap < 2 * radius ? 3.5 : radius });
     });
   }
-  return { place, size, rowH, cellW, logitRow, yOf, xOf, nPos };
+  return { place, size, rowH, widths, lefts, logitRow, yOf, xOf, nPos };
+}
+
+/** Each position's column width: an equal share of ``width``, at least MIN_CELL, and wide enough
+ * that its most crowded cell fits on MAX_LINES lines with HIT_GAP between nodes (a prompt whose
+ * first token holds a hundred features widens that column and scrolls, instead of stacking them
+ * where no click can tell them apart). */
+function columnWidths(cells, nPos, width) {
+  const crowd = new Array(nPos).fill(1);
+  for (const [key, members] of cells) {
+    const position = Number(key.split(":")[1]);
+    crowd[position] = Math.max(crowd[position], members.length);
+  }
+  const needed = crowd.map((n) => Math.max(MIN_CELL, 12 + (Math.ceil(n / MAX_LINES) - 1) * HIT_GAP));
+  const spare = width - MARGIN.left - MARGIN.right - needed.reduce((a, b) => a + b, 0);
+  return spare > 0 ? needed.map((w) => w + spare / nPos) : needed;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Drawing
 
 function drawFrame(root, graph, geo) {
-  const { size, logitRow, yOf, xOf, cellW, nPos } = geo;
+  const { size, logitRow, yOf, xOf, widths, lefts, nPos } = geo;
   const right = size.width - MARGIN.right;
   for (let row = -1; row <= logitRow; row += 1) {
     const y = yOf(row);
@@ -110,11 +130,11 @@ function drawFrame(root, graph, geo) {
     root.append(svg("text", { class: "gv-axis", x: MARGIN.left - 8, y: y + 4, "text-anchor": "end" }, name));
   }
   for (let p = 0; p <= nPos; p += 1) {
-    const x = MARGIN.left + p * cellW;
+    const x = p < nPos ? lefts[p] : lefts[nPos - 1] + widths[nPos - 1];
     root.append(svg("line", { class: "gv-sep", x1: x, x2: x, y1: MARGIN.top, y2: size.height - MARGIN.bottom }));
   }
-  const chars = Math.max(3, Math.floor((cellW - 6) / 7));
   graph.tokens.forEach((token, p) => {
+    const chars = Math.max(3, Math.floor((widths[p] - 6) / 7));
     const shown = showToken(token);
     const label = svg("text", { class: "gv-token", x: xOf(p), y: size.height - MARGIN.bottom + 18, "text-anchor": "middle" },
       shown.length > chars ? `${shown.slice(0, chars - 1)}…` : shown);
