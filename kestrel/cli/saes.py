@@ -251,7 +251,10 @@ def _mlp_layers(lm: Any, blocks: str) -> list[str]:
     for part in blocks.split(","):
         first, _, last = part.strip().partition("-")
         try:
-            wanted += list(range(int(first), int(last or first) + 1))
+            start, end = int(first), int(last or first)
+            if end < start:
+                raise ValueError
+            wanted += list(range(start, end + 1))
         except ValueError:
             raise InvalidInputError(
                 f"--mlp-transcoders: {part.strip()!r} is not a block or a range a-b"

@@ -13,7 +13,7 @@ from kestrel.core import limits
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.limits import Caps
 from kestrel.core.runs import CaptureOptions
-from kestrel.core.sae.config import TrainConfig
+from kestrel.core.sae.config import TRANSCODER_TRAINABLE, TrainConfig
 from kestrel.core.store import Store, new_id
 from kestrel.schemas import TrainRequest
 from kestrel.server import services
@@ -69,6 +69,12 @@ def prepare_stream_training(request: TrainRequest, store: Store, settings: Setti
                 f"saes[{i}]: target_layer is the input layer {entry.layer!r}: a transcoder predicts "
                 "another layer (for an SAE of this layer, leave target_layer out)",
                 details={"index": i, "layer": entry.layer},
+            )
+        if entry.target_layer is not None and entry.sae.architecture not in TRANSCODER_TRAINABLE:
+            raise InvalidInputError(
+                f"saes[{i}]: a transcoder trains with architecture {' or '.join(TRANSCODER_TRAINABLE)}, "
+                f"not {entry.sae.architecture!r}",
+                details={"index": i, "architecture": entry.sae.architecture},
             )
         if entry.sae.skip and entry.target_layer is None:
             raise InvalidInputError(

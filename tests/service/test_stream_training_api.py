@@ -162,5 +162,8 @@ def test_malformed_stream_transcoders_are_refused_before_queueing(client: httpx.
     skip = {**SAES[0], "sae": {**SAES[0]["sae"], "skip": True}}
     refused = assert_error(client.post("/v1/saes", json={"dataset": texts, "saes": [skip]}), 422)
     assert "saes[0].target_layer" in refused["message"]
+    relu = {**_transcoder_entry(0), "sae": {"architecture": "relu_l1", "n_latents": 32}}
+    refused = assert_error(client.post("/v1/saes", json={"dataset": texts, "saes": [relu]}), 422)
+    assert "a transcoder trains with architecture topk or batchtopk" in refused["message"]
     top = {"dataset": texts, "saes": SAES[:1], "target_layer": "model.layers.0.mlp"}
     assert "per SAE" in assert_error(client.post("/v1/saes", json=top), 422)["message"]

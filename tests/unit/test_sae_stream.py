@@ -130,6 +130,7 @@ def test_bad_requests_fail_before_any_forward(tiny_lm, store, saes, kwargs, erro
     def no_forward(*args, **kw):
         raise AssertionError("the model ran")
 
+    assert tiny_lm.layers  # the layer table's own probe forward, before the model may not run
     forward, tiny_lm.model.forward = tiny_lm.model.forward, no_forward
     try:
         with pytest.raises(error, match=message):
@@ -287,12 +288,14 @@ def test_one_pass_trains_a_transcoder_beside_an_sae_and_its_spill_replays_to_the
         ({**SAE0, "sae": {"n_latents": 64, "k": 4, "skip": True}}, "skip makes a skip-transcoder"),
         ({**TRANSCODER, "target_layer": "model.layers.1.mlp.nope"}, "model.layers.1.mlp.nope"),
         ({**TRANSCODER, "layer": "model.embed_tokens:input"}, "no known width"),
+        ({**TRANSCODER, "layer": "model.layers.1.mlp.down_proj:input"}, "no known width"),  # d_mlp wide
     ],
 )
 def test_bad_transcoder_entries_fail_before_any_forward(tiny_lm, store, entry, message) -> None:
     def no_forward(*args, **kw):
         raise AssertionError("the model ran")
 
+    assert tiny_lm.layers  # the layer table's own probe forward, before the model may not run
     forward, tiny_lm.model.forward = tiny_lm.model.forward, no_forward
     try:
         with pytest.raises((InvalidInputError, NotFoundError), match=message):
@@ -315,3 +318,39 @@ def test_many_buffers_share_a_memory_budget_and_say_so(tiny_lm, store, monkeypat
     for summary in summaries:
         assert summary.config["data"]["shuffle_buffer"] == stream.MIN_STREAM_ROWS
         assert any("2 buffers of this stream" in warning for warning in summary.warnings), summary.warnings
+
+
+def test_an_sae_resumed_alone_keeps_the_buffer_its_shared_pass_fitted(tiny_lm, store, monkeypatch) -> None:
+    """Buffers shrunk to fit two SAEs: one stopped and resumed alone (the API's resume_from) would
+    get a bigger buffer, read its rows in another order and end with other weights; it keeps the
+    size its checkpoint recorded and reaches the uninterrupted weights."""
+    from kestrel.core.sae import stream
+
+    monkeypatch.setattr(stream, "BUFFER_BYTES", 32 * 1024)
+    monkeypatch.setattr(stream, "MIN_STREAM_ROWS", 16)
+
+    def pair(prefix: str) -> list[dict]:
+        train = [{"batch_size": 128, "seed": 3}, {"batch_size": 128, "seed": 5}]
+        return [{**SAE0, "train": t, "sae_id": f"{prefix}-{i}"} for i, t in enumerate(train)]
+
+    whole = train_stream(tiny_lm, TEXTS, pair("whole"), store, options=OPTIONS, shuffle_buffer=BUFFER)
+    fitted = whole[0].config["data"]["shuffle_buffer"]
+    assert fitted < BUFFER  # the budget shrank them
+    calls = {"n": 0}
+
+    def stop_first(sae_id: str) -> bool:
+        calls["n"] += sae_id == "part-0"
+        return sae_id == "part-0" and calls["n"] > 3
+
+    first = train_stream(
+        tiny_lm, TEXTS, pair("part"), store, options=OPTIONS, shuffle_buffer=BUFFER, should_stop=stop_first
+    )
+    assert [s.status for s in first] == ["stopped", "complete"]
+    [resumed] = train_stream(
+        tiny_lm, TEXTS, pair("part")[:1], store, options=OPTIONS, shuffle_buffer=BUFFER, resume=True
+    )
+    assert resumed.config["data"]["shuffle_buffer"] == fitted
+    assert resumed.config["data"]["heldout_max_rows"] == whole[0].config["data"]["heldout_max_rows"]
+    mine, theirs = _weights(store, "part-0"), _weights(store, "whole-0")
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], msg=name)

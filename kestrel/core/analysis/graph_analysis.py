@@ -21,7 +21,6 @@ from kestrel.core.analysis.common import (
 )
 from kestrel.core.analysis.config import GraphConfig
 from kestrel.core.analysis.graph import attribution_graph, graph_json, prune
-from kestrel.core.analysis.graph_edits import transcoder_ids
 from kestrel.core.analysis.report import Report, new_figure, table
 from kestrel.core.sae.records import transcoder_blocks
 from kestrel.core.store import Store
@@ -29,14 +28,16 @@ from kestrel.core.store import Store
 TOP_NODES = 20
 
 
-def load_transcoders(store: Store, sae_ids: list[str], model: str) -> dict[int, Any]:
-    """Block index → loaded transcoder, checked by `transcoder_blocks`."""
+def load_transcoders(store: Store, sae_ids: list[str], model: str) -> tuple[dict[int, Any], dict[int, str]]:
+    """Block index → loaded transcoder, and block index → its SAE id, checked by
+    `transcoder_blocks` (read once: the graph's JSON names the transcoders it was built with,
+    even if one is deleted while the backward passes run)."""
     from kestrel.core.sae.artifacts import load_sae
 
     loaded = [load_sae(store, sae_id) for sae_id in sae_ids]
     blocks = transcoder_blocks([summary for _, summary in loaded], model)
     by_id = {summary.id: sae for sae, summary in loaded}
-    return {block: by_id[sae_id].eval() for block, sae_id in blocks.items()}
+    return {block: by_id[sae_id].eval() for block, sae_id in blocks.items()}, blocks
 
 
 def analyze(
@@ -49,7 +50,7 @@ def analyze(
     **_: object,
 ) -> AnalysisOutput:
     lm = require_loader(model_loader, "graph")(config.model, config.model_dtype)
-    transcoders = load_transcoders(store, config.transcoders, lm.name)
+    transcoders, transcoder_ids = load_transcoders(store, config.transcoders, lm.name)
     for sae in transcoders.values():
         sae.to(lm.device)
 
@@ -66,7 +67,7 @@ def analyze(
         on_batch=on_batch,
     )
     nodes, edges = prune(graph, config.node_keep, config.edge_keep)
-    exported = graph_json(graph, nodes, edges, transcoder_ids(store, config.transcoders, lm.name))
+    exported = graph_json(graph, nodes, edges, transcoder_ids)
     n_features = int(graph.kinds("feature").sum())
     kept_features = int((nodes & graph.kinds("feature")).sum())
     source = {

@@ -122,6 +122,7 @@ def check_intervention(
     results = get_results(store, analysis_id)
     transcoders = graph_transcoders(store, manifest, results)
     edits = feature_edits(results, request.edits, transcoders)
+    transcoders = {**transcoders, **{edit.layer: edit.sae_id for edit in edits}}  # what the nodes name
     for block in sorted({edit.layer for edit in edits}):
         _require_stored(store, analysis_id, transcoders[block], block)
     return CheckedIntervention(manifest, results, transcoders, edits)

@@ -34,6 +34,7 @@ whole or not at all: each is one rename).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -85,6 +86,8 @@ EVAL_MAX_ROWS = 65_536
 #: thirty transcoders would otherwise keep 30 × 64k rows of [x | y] in each (~13 GB at d 576).
 BUFFER_BYTES = 2 << 30
 HELDOUT_BYTES = 1 << 30
+#: Listed layer kinds whose input is the residual stream (or its normalised copy): d_model wide.
+RESIDUAL_READERS = frozenset({"block", "attention", "mlp", "norm", "head"})
 #: Fewer rows than this per buffer, or per source held out, would mix or measure too little.
 MIN_STREAM_ROWS = 4096
 
@@ -164,8 +167,10 @@ def train_stream(
     read = {t.layer for t in trainees} | {t.target_layer for t in trainees if t.target_layer is not None}
     layers = _check_layers(lm, sorted(read))
     _plan(lm, spec, trainees, options, filters)  # every check that needs no forward, first
-    shuffle_buffer = _fit_buffers(trainees, shuffle_buffer)
+    recorded = _recorded_sizes(trainees)  # a resume reads its rows as its checkpoint did
+    shuffle_buffer = recorded.get("shuffle_buffer") or _fit_buffers(trainees, shuffle_buffer)
     stream = _Stream(lm, layers, trainees, options, filters, shuffle_buffer, spill_run_id, record)
+    stream.heldout_max = recorded.get("heldout_max_rows") or stream.heldout_max
     stream.on_progress, stream.should_stop = on_progress, should_stop  # per-SAE callbacks
     if spill_run_id is None:
         stream.run(iter_texts(spec), None)
@@ -219,11 +224,12 @@ def _trainees(
 
 def stream_width(lm: LoadedModel, spec: str, index: int = 0) -> int:
     """A stream layer's width before any forward (it sizes the SAE): the layer table's, and for a
-    module's input (``MODULE:input``) the residual stream's, which is what every listed layer but
-    the embedding reads."""
+    module's input (``MODULE:input``) the residual stream's, for the listed kinds that read it
+    (`RESIDUAL_READERS`); any other input's width is only known at the forward: refused here."""
     module, side = parse_layer_spec(spec)
     info = lm.layer(module)  # NotFoundError with close names
-    width = info.width if side == "output" else (lm.d_model if info.kind != "embedding" else -1)
+    reads_residual = info.kind in RESIDUAL_READERS  # an unlisted module ("other") may read anything
+    width = info.width if side == "output" else (lm.d_model if reads_residual else -1)
     if width <= 0:
         raise InvalidInputError(
             f"saes[{index}]: layer {spec!r} has no known width before the forward; stream training "
@@ -244,6 +250,29 @@ def _target_fields(lm: LoadedModel, entry: StreamSAE, index: int) -> dict[str, A
             details={"index": index, "layer": entry.layer},
         )
     return {"target_layer": entry.target_layer, "d_out": stream_width(lm, entry.target_layer, index)}
+
+
+def _recorded_sizes(trainees: list[_Trainee]) -> dict[str, int]:
+    """The shuffle buffer and held-out sizes the resuming trainees' checkpoints were trained with
+    (their ``config.data``). The budget fit depends on which SAEs share the pass, and one resumed
+    alone must see its rows in the order it was stopped in, or its weights would differ."""
+    seen: dict[str, set[int]] = {}
+    for t in trainees:
+        if t.resume_from is None:
+            continue
+        state = json.loads((t.resume_from / "state.json").read_text())
+        data = (state.get("sae_config") or {}).get("data") or {}
+        for key in ("shuffle_buffer", "heldout_max_rows"):
+            if data.get(key):
+                seen.setdefault(key, set()).add(int(data[key]))
+    mixed = {key: sorted(values) for key, values in seen.items() if len(values) > 1}
+    if mixed:
+        raise InvalidInputError(
+            f"the SAEs to resume were trained with different stream sizes {mixed}: resume them in "
+            "separate jobs",
+            details=mixed,
+        )
+    return {key: values.pop() for key, values in seen.items()}
 
 
 def _fit_buffers(trainees: list[_Trainee], shuffle_buffer: int) -> int:
@@ -448,6 +477,7 @@ class _Stream:
                 "norm_median": self.medians[t.layer],
                 **({"target_norm_median": self.medians[t.target_layer]} if t.target_layer else {}),
                 "shuffle_buffer": self.shuffle_buffer,
+                "heldout_max_rows": self.heldout_max,
                 "storage_dtype": self.options.dtype,
                 "capture_options": self.options.model_dump(),
             }

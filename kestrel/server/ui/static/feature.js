@@ -172,7 +172,7 @@ function adaptToKind(sae) {
   $("#steer-link")?.remove();
   $("#measure-row")?.remove();
   $("#feature-description").after(h("p", { class: "muted", id: "transcoder-note" },
-    `A ${sae.kind.replace("_", "-")} latent: it reads ${sae.layer} and writes ${sae.target_layer}. `,
+    `A ${sae.kind.replace("_", "-")} latent: it reads ${sae.layer ?? sae.config?.layer ?? "its input layer"} and writes ${sae.target_layer ?? sae.config?.target_layer ?? "another layer"}. `,
     "Test it by ablating or scaling it from an attribution graph's page (pin the node, then Run)."));
 }
 
