@@ -230,7 +230,11 @@ def test_train_stream_trains_mlp_transcoders_of_listed_blocks(store_root) -> Non
     assert [(s["layer"], s["target_layer"], s["kind"]) for s in summaries] == [
         (f"model.layers.{b}.mlp:input", f"model.layers.{b}.mlp", "transcoder") for b in (0, 1)
     ]
-    for bad, message in [("99", "no MLP in block(s) [99]"), ("a-b", "'a-b' is not a block"), ("3-1", "'3-1' is not a block")]:
+    for bad, message in [
+        ("99", "no MLP in block(s) [99]"),
+        ("a-b", "'a-b' is not a block"),
+        ("3-1", "'3-1' is not a block"),
+    ]:
         refused = invoke("train-stream", "--mlp-transcoders", bad, *common, "--store", str(store_root))
         assert refused.exit_code != 0 and message in refused.output, refused.output
     neither = invoke("train-stream", *common, "--store", str(store_root))

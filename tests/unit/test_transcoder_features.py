@@ -32,6 +32,7 @@ from kestrel.core.sae.base import SAE
 MLP = "model.layers.1.mlp"
 MLP_IN = f"{MLP}:input"
 UP = f"{MLP}.up_proj"  # the MLP's hidden layer: 64 wide, not the residual stream's 32
+NORM = "model.layers.2.input_layernorm"  # 32 wide like the residual stream, but not added to it
 WINDOW = 48  # wider than the texts: every context reaches back to its text's first token
 K = 4
 
@@ -48,9 +49,10 @@ def discovered(tiny_lm, texts, tmp_path_factory):
     from kestrel.core.store import LocalStore
 
     store = LocalStore(tmp_path_factory.mktemp("tcfeat") / "store")
-    run = capture(tiny_lm, texts, [MLP_IN, MLP, UP], store, options=CaptureOptions(dtype="fp32"))
+    layers = [MLP_IN, MLP, UP, NORM]
+    run = capture(tiny_lm, texts, layers, store, options=CaptureOptions(dtype="fp32"))
     train = {"batch_size": 128, "epochs": 3, "seed": 0}
-    for sae_id, target in (("tc", MLP), ("tc-up", UP)):
+    for sae_id, target in (("tc", MLP), ("tc-up", UP), ("tc-norm", NORM)):
         sae = {"architecture": "topk", "n_latents": 64, "k": K}
         artifacts.train_from_run(store, run.id, MLP_IN, sae, train, sae_id=sae_id, target_layer=target)
         concepts.discover(store, sae_id, tiny_lm, config={"top_n": 4, "window": WINDOW, "samples_per_bin": 2})
@@ -139,6 +141,12 @@ def test_a_decoder_off_the_residual_stream_has_no_logit_effects(tiny_lm, discove
     assert page["logits"] == {"positive": [], "negative": []} and page["top_contexts"]
 
 
+def test_a_decoder_writing_a_norm_output_has_no_logit_effects_even_at_d_model(discovered) -> None:
+    store, _ = discovered
+    note = concepts.read_manifest(store, "tc-norm")["logit_effects"]
+    assert note.startswith("none") and "not added to the residual stream" in note, note
+
+
 def test_discovery_over_a_dataset_hooks_the_mlp_input(tiny_lm, texts, discovered) -> None:
     """A dataset discovery forwards the texts and reads the MLP's input: equal, within float32,
     to a plain pre-hook on each text alone, encoded by hand (sink rows left out the same way)."""
@@ -224,3 +232,19 @@ def test_neuronpedia_export_of_a_transcoder(tiny_lm, discovered) -> None:
         stored = stats[int(row["index"])]
         value = row["values"][row["qualifyingTokenIndex"]]
         assert any(abs(value - float(s)) <= 1e-3 * max(1.0, float(s)) for s in stored), (row["index"], value)
+
+
+@pytest.mark.parametrize(
+    ("layer", "hook"),
+    [
+        ("model.layers.1.mlp:input", "ln2.hook_normalized"),
+        ("model.layers.1.post_attention_layernorm", "ln2.hook_normalized"),  # the same vector
+        ("model.layers.1.input_layernorm", "ln1.hook_normalized"),
+        ("model.layers.1", "hook_resid_post"),
+        ("model.layers.1.mlp", "hook_mlp_out"),
+    ],
+)
+def test_neuronpedia_hook_names_follow_what_the_layer_holds(tiny_lm, layer: str, hook: str) -> None:
+    from kestrel.core.concepts.neuronpedia import _hook_point
+
+    assert _hook_point(tiny_lm, layer) == (1, hook)

@@ -513,7 +513,29 @@ def _logit_effects(
                 f"none: the decoder writes width {sae.d_out}, the unembedding reads "
                 f"{unembed_VD.shape[1]}; no direct path to the logits"
             )
+        off_stream = _off_residual_stream(lm, sae)
+        if off_stream is not None:
+            return _no_logit_effects(sae.n_latents), off_stream
         return contexts.logit_effects(sae.W_dec.detach(), unembed_VD, norm_scale_D, k), LOGITS_DIRECT
+
+
+#: Layer kinds whose output is added to the residual stream (or is it): a decoder writing one of
+#: them has a direct path to the logits.
+RESIDUAL_WRITERS = frozenset({"mlp", "attention", "block"})
+
+
+def _off_residual_stream(lm: LoadedModel, sae: SAE) -> str | None:
+    """Why a transcoder's decoder rows have no direct path to the logits, or None: it writes a
+    layer that is not added to the residual stream (a norm's output, a projection's input), even
+    when that layer is d_model wide, so the unembedding would read its rows as if it were."""
+    target = getattr(sae.config, "target_layer", None)
+    if target is None:
+        return None
+    module, side = parse_layer_spec(target)
+    kind = lm.layer(module).kind
+    if (side == "output" and kind in RESIDUAL_WRITERS) or (side == "input" and kind == "block"):
+        return None
+    return f"none: the decoder writes {target} ({kind}), which is not added to the residual stream"
 
 
 def _no_logit_effects(n_latents: int) -> dict[str, Tensor]:

@@ -69,6 +69,11 @@ INPUT_HOOK_POINTS = {
     "mlp": "ln2.hook_normalized",
     "attention": "ln1.hook_normalized",
 }
+#: ... and for a block's norm outputs (Llama-family names), the same points as their readers' inputs.
+NORM_HOOK_POINTS = {
+    ".post_attention_layernorm": "ln2.hook_normalized",
+    ".input_layernorm": "ln1.hook_normalized",
+}
 
 
 def export_neuronpedia(
@@ -146,6 +151,10 @@ def _hook_point(lm: LoadedModel, layer: str) -> tuple[int, str]:
     a transcoder's ``model.layers.15.mlp:input`` → 15, ln2.hook_normalized)."""
     module, hook = parse_layer_spec(layer)
     kind = lm.layer(module).kind
+    if kind == "norm" and hook == "output":  # a block's norm output is what its MLP or attention reads
+        for suffix, point in NORM_HOOK_POINTS.items():
+            if module.endswith(suffix):
+                return neuronpedia_layer_number(layer), point
     points = INPUT_HOOK_POINTS if hook == "input" else HOOK_POINTS
     return neuronpedia_layer_number(layer), points.get(kind, "hook_resid_post")
 
