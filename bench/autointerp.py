@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=100, help="latents to label and score")
     parser.add_argument("--labels", choices=("model", "heuristic"), default="model")
     parser.add_argument("--n-latents", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1024, help="SAE training batch")
     parser.add_argument("--form", choices=("direct", "channel"), default=ScoringConfig().form)

@@ -138,7 +138,10 @@ class ScoringConfig(EngineConfig):
     and ``n_contrast`` non-activating ones; the scorer sees others only: ``n_test`` activating
     blocks sampled evenly from ``n_quantiles`` activation quantiles, as many non-activating ones
     drawn at random, and a separate calibration split of ``n_calibration`` of each that sets the
-    decision threshold (never fitted on the examples scored).
+    decision threshold (never fitted on the examples scored). ``form`` is how the scorer
+    answers (`kestrel.core.concepts.scoring`): ``direct`` reads log p(label | example),
+    ``channel`` log p(example | label) − log p(example), its per-token terms combined by
+    ``reduce``.
     """
 
     example_ctx_len: int = Field(16, ge=4, le=64, description="tokens per example block")

@@ -18,12 +18,22 @@ The definitions are EleutherAI delphi's (`kestrel.core.concepts.examples` builds
   meaning, dominated their cosine (AUROC below chance on the bench).
 
 A 135M scorer cannot be trusted to write "yes"/"no" in a format, so it answers by
-log-probabilities instead of generation: the score of an example is the pointwise mutual
-information of the label with it, ``log p(label | "Text:" + example + "\\nThis text is about")
-− log p(label | "Text:\\nThis text is about")``, read in one forward of the example with the
-label's tokens continued from its cached keys and values (so the chance control's shuffled
-label costs the label's tokens only). The yes/no answer is "score > threshold", the threshold
-being the one that best separates a separate **calibration** split of the latent (its own
+log-probabilities instead of generation, in one of two forms (``ScoringConfig.form``):
+
+* ``direct`` (the default): the pointwise mutual information of the label with the example,
+  ``log p(label | "Text:" + example + "\\nThis text is about") − log p(label | "Text:\\nThis text
+  is about")``, read in one forward of the example with the label's tokens continued from its
+  cached keys and values (so the chance control's shuffled label costs the label's tokens only);
+* ``channel``: how much likelier the example is once the label is named,
+  ``log p(example | "A text about <label>:\\n") − log p(example | "A text:\\n")``, per token,
+  combined by ``reduce`` (sum, mean or max over the example's tokens): a small LM copies, so a
+  label naming the example's words raises exactly those tokens. Fuzzing's channel form reads the
+  marked example after "Words marked [[like this]] are about <label>:" against the same without
+  the label. On the bench neither form beat the other beyond noise (bench/README.md), so the
+  default stays ``direct``.
+
+The chance control is scored in the same form. The yes/no answer is "score > threshold", the
+threshold being the one that best separates a separate **calibration** split of the latent (its own
 activating and non-activating blocks, never scored); ties go to the middle of the best range.
 Nothing is fitted on the examples scored.
 """
@@ -307,20 +317,20 @@ def _detection(scorer: Scorer, item: LatentExamples, labels: list[str]) -> _Dete
         item.calibration_activating,
         item.calibration_non_activating,
     )
-    pmi_LN = scorer.detection_scores([row for s in sets for row in s.tokens_NC.tolist()], labels)
+    values_LN = scorer.detection_scores([row for s in sets for row in s.tokens_NC.tolist()], labels)
     sizes = [len(s) for s in sets]
     n_test = sizes[0] + sizes[1]
     truth = torch.tensor([True] * sizes[0] + [False] * sizes[1] + [True] * sizes[2] + [False] * sizes[3])
     results = []
-    for pmi_N in pmi_LN:
-        split = _Split(pmi_N[n_test:], truth[n_test:], pmi_N[:n_test], truth[:n_test])
+    for values_N in values_LN:
+        split = _Split(values_N[n_test:], truth[n_test:], values_N[:n_test], truth[:n_test])
         results.append(split.balanced_accuracy())
     accuracy, threshold, predicted = results[0]
     return _Detection(
         accuracy=accuracy,
         control=results[1][0] if len(results) > 1 else None,
         threshold=threshold,
-        examples=_stored_examples(scorer, (sets[0], sets[1]), pmi_LN[0], predicted),
+        examples=_stored_examples(scorer, (sets[0], sets[1]), values_LN[0], predicted),
     )
 
 
@@ -367,7 +377,7 @@ def _embedding(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
 
 
 def _stored_examples(
-    scorer: Scorer, sets: tuple[Examples, Examples], pmi_N: Tensor, predicted: Tensor
+    scorer: Scorer, sets: tuple[Examples, Examples], values_N: Tensor, predicted: Tensor
 ) -> list[ScoredExample]:
     """The scored test examples as text, with the scorer's value and answer (kept with the label)."""
     out: list[ScoredExample] = []
@@ -384,7 +394,7 @@ def _stored_examples(
                         activations=[round(a, 4) for a in acts],
                         activating=activating,
                         quantile=examples.quantile[row] if examples.quantile else None,
-                        score=round(float(pmi_N[i]), 4),
+                        score=round(float(values_N[i]), 4),
                         predicted=bool(predicted[i]),
                     )
                 )
