@@ -1,8 +1,9 @@
 """Scored automatic interpretation of SmolLM2 `model.layers.15` latents, with a chance control.
 
-1. Capture `model.layers.15` over the docstring corpus (bench/corpus.py, max 256 tokens each)
-   into the bench store and train a TopK SAE on it (4,608 latents, k = 32), once; discover its
-   features over that run.
+1. Capture `model.layers.15` over the first ``--docs`` paragraphs of the docstring corpus
+   (bench/corpus.py, max 256 tokens each) into the bench store and train a TopK SAE on it
+   (default 4,608 latents, k = 8: sparser latents are more nameable, bench/README.md), once;
+   discover its features over that run.
 2. Examples (`kestrel.core.concepts.examples`, delphi's construction): blocks of the run's
    documents; the first ``--latents`` latents (by index) with enough examples to score.
 3. Labels: the model (SmolLM2-135M-Instruct, the served model) names each latent from its top
@@ -11,7 +12,8 @@
 4. Scores (`kestrel.core.concepts.scoring`): detection and fuzzing balanced accuracy and the
    embedding AUROC, by the same model, on examples the labeller never saw; and the chance
    control: detection with the labels shuffled among the latents (a seeded derangement), on the
-   same examples, the same calibration and the same scorer.
+   same examples, the same calibration and the same scorer (``--form``: direct or channel).
+   Two controls without a model: what a word-list label could reach (`word_match_detection`).
 
     python bench/autointerp.py                 # prints JSON; figures in bench/README.md
 """
