@@ -166,6 +166,47 @@ def test_detection_and_its_control_share_the_configured_form(smollm) -> None:
     assert not torch.allclose(direct, channel)
 
 
+def _examples(lm, texts: list[str], word: str | None) -> examples.Examples:
+    """8-token blocks of ``texts``, active (1.0) at the tokens that spell ``word``."""
+    rows = [lm.tokenizer.encode(t, add_special_tokens=False)[:8] for t in texts]
+    assert all(len(r) == 8 for r in rows)
+    tokens_NC = torch.tensor(rows)
+    acts_NC = torch.zeros(tokens_NC.shape)
+    if word is not None:
+        pieces = torch.tensor(lm.tokenizer.encode(" " + word, add_special_tokens=False))
+        acts_NC[torch.isin(tokens_NC, pieces)] = 1.0
+    return examples.Examples(tokens_NC, acts_NC, torch.arange(len(rows)))
+
+
+def test_channel_form_scores_a_latent_and_its_control_the_same_way(smollm) -> None:
+    """Detection, fuzzing and embedding in the channel form, end to end on one latent; the chance
+    control's value is exactly what its label would score as the latent's own."""
+    cats = [f"the cat {v} on the mat and then" for v in ("sat", "slept", "ran", "ate", "purred", "hid")]
+    other = [f"the {n} table has rows and a key" for n in ("first", "second", "third", "big", "small", "old")]
+    active, silent = _examples(smollm, cats, "cat"), _examples(smollm, other, None)
+
+    def part(e: examples.Examples, rows: slice) -> examples.Examples:
+        return examples.Examples(e.tokens_NC[rows], e.acts_NC[rows], e.index_N[rows])
+
+    item = examples.LatentExamples(
+        latent=0,
+        n_activating=6,
+        train=part(active, slice(0, 0)),
+        contrast=part(silent, slice(0, 0)),
+        test_activating=part(active, slice(0, 4)),
+        test_non_activating=part(silent, slice(0, 4)),
+        calibration_activating=part(active, slice(4, 6)),
+        calibration_non_activating=part(silent, slice(4, 6)),
+    )
+    scorer = scoring.Scorer(smollm, ScoringConfig(form="channel", reduce="max"))
+    scores, control = scoring.score_one(scorer, item, "cats", key="k", control="database tables")
+    as_own, _ = scoring.score_one(scorer, item, "database tables", key="k")
+    assert control == as_own.detection
+    for value in (scores.detection, scores.fuzz, scores.embedding):
+        assert value is not None and 0.0 <= value <= 1.0
+    assert len(scores.examples) == 8 and scores.threshold is not None
+
+
 def test_threshold_is_fitted_on_calibration_and_balanced_accuracy_is_delphis() -> None:
     positive, negative = torch.tensor([2.0, 3.0, 5.0]), torch.tensor([-1.0, 0.0, 1.0])
     threshold = scoring.fit_threshold(positive, negative)
