@@ -1,8 +1,9 @@
 """Scored automatic interpretation of SmolLM2 `model.layers.15` latents, with a chance control.
 
-1. Capture `model.layers.15` over the docstring corpus (bench/corpus.py, max 256 tokens each)
-   into the bench store and train a TopK SAE on it (4,608 latents, k = 32), once; discover its
-   features over that run.
+1. Capture `model.layers.15` over the first ``--docs`` paragraphs of the docstring corpus
+   (bench/corpus.py, max 256 tokens each) into the bench store and train a TopK SAE on it
+   (default 4,608 latents, k = 8: sparser latents are more nameable, bench/README.md), once;
+   discover its features over that run.
 2. Examples (`kestrel.core.concepts.examples`, delphi's construction): blocks of the run's
    documents; the first ``--latents`` latents (by index) with enough examples to score.
 3. Labels: the model (SmolLM2-135M-Instruct, the served model) names each latent from its top
@@ -11,7 +12,8 @@
 4. Scores (`kestrel.core.concepts.scoring`): detection and fuzzing balanced accuracy and the
    embedding AUROC, by the same model, on examples the labeller never saw; and the chance
    control: detection with the labels shuffled among the latents (a seeded derangement), on the
-   same examples, the same calibration and the same scorer.
+   same examples, the same calibration and the same scorer (``--form``: direct or channel).
+   Two controls without a model: what a word-list label could reach (`word_match_detection`).
 
     python bench/autointerp.py                 # prints JSON; figures in bench/README.md
 """
@@ -24,9 +26,11 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,27 +47,26 @@ from kestrel.core.sae import artifacts
 from kestrel.core.store import LocalStore
 
 LAYER = "model.layers.15"
-RUN_ID = "bench-autointerp-l15"
 MAX_LENGTH = 256
 PROGRESS_EVERY = 10
 
 
-def ensure_features(
-    store: LocalStore, lm, sae_id: str, n_docs: int, n_latents: int, k: int, epochs: int
-) -> dict:
+def run_id(n_docs: int) -> str:
+    return f"bench-autointerp-l15-{n_docs}d"
+
+
+def ensure_features(store: LocalStore, lm, sae_id: str, n_docs: int, sae: dict, train: dict) -> dict:
     """Capture, train and discover once (kept in the bench store between runs); their timings."""
     timings = {}
-    if not store.exists("activations", RUN_ID):
+    run = run_id(n_docs)
+    if not store.exists("activations", run):
         started = time.perf_counter()
         texts = docstring_corpus(max_docs=n_docs)
-        capture(lm, texts, [LAYER], store, run_id=RUN_ID, options=CaptureOptions(max_length=MAX_LENGTH))
+        capture(lm, texts, [LAYER], store, run_id=run, options=CaptureOptions(max_length=MAX_LENGTH))
         timings["capture_s"] = round(time.perf_counter() - started, 1)
     if not store.exists("saes", sae_id):
         started = time.perf_counter()
-        sae = {"architecture": "topk", "n_latents": n_latents, "k": k}
-        artifacts.train_from_run(
-            store, RUN_ID, LAYER, sae, {"batch_size": 2048, "epochs": epochs}, sae_id=sae_id
-        )
+        artifacts.train_from_run(store, run, LAYER, sae, train, sae_id=sae_id)
         timings["train_s"] = round(time.perf_counter() - started, 1)
     try:
         FeatureReader(store, sae_id)
@@ -83,6 +86,25 @@ def derangement(n: int, seed: int) -> list[int]:
             return perm
 
 
+def word_match_detection(item: examples.LatentExamples, source: examples.Examples, n_words: int = 5) -> float:
+    """What a word list could reach: an example's score is how many of ``source``'s ``n_words``
+    commonest peak tokens it contains, thresholded on the calibration split like a label's score.
+    With ``source`` the labeller's examples this is a perfect reader of a perfect lexical label;
+    with the test examples themselves it is fitted on what is scored (an upper bound, not a score)."""
+    peaks = Counter(int(t[int(a.argmax())]) for t, a in zip(source.tokens_NC, source.acts_NC, strict=True))
+    ids = torch.tensor([token for token, _ in peaks.most_common(n_words)])
+
+    def hits(split: examples.Examples) -> torch.Tensor:
+        return torch.isin(split.tokens_NC, ids).sum(dim=1).float()
+
+    threshold = scoring.fit_threshold(
+        hits(item.calibration_activating), hits(item.calibration_non_activating)
+    )
+    test = torch.cat([hits(item.test_activating), hits(item.test_non_activating)])
+    truth = [True] * len(item.test_activating) + [False] * len(item.test_non_activating)
+    return float(balanced_accuracy_score(truth, (test > threshold).numpy()))
+
+
 def mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return round(statistics.fmean(kept), 4) if kept else None
@@ -90,12 +112,15 @@ def mean(values: list[float | None]) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=600, help="documents (docstring paragraphs)")
+    parser.add_argument("--docs", type=int, default=1200, help="documents (docstring paragraphs)")
     parser.add_argument("--latents", type=int, default=100, help="latents to label and score")
     parser.add_argument("--labels", choices=("model", "heuristic"), default="model")
-    parser.add_argument("--n-latents", type=int, default=1152)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--n-latents", type=int, default=4608)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=1024, help="SAE training batch")
+    parser.add_argument("--form", choices=("direct", "channel"), default=ScoringConfig().form)
+    parser.add_argument("--reduce", choices=("sum", "mean", "max"), default=ScoringConfig().reduce)
     parser.add_argument("--dtype", default="fp32", help="the scorer's and labeller's dtype")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled control")
@@ -104,9 +129,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = LocalStore(args.store)
     lm = load_model("smollm2-135m", device="cpu", dtype=args.dtype, store_root=default_store_root())
-    sae_id = f"bench-autointerp-{args.n_latents}-k{args.k}-e{args.epochs}"
-    timings = ensure_features(store, lm, sae_id, args.docs, args.n_latents, args.k, args.epochs)
-    config = ScoringConfig()
+    sae_id = f"bench-autointerp-{args.docs}d-{args.n_latents}-k{args.k}-e{args.epochs}-b{args.batch_size}"
+    sae = {"architecture": "topk", "n_latents": args.n_latents, "k": args.k}
+    train = {"batch_size": args.batch_size, "epochs": args.epochs}
+    timings = ensure_features(store, lm, sae_id, args.docs, sae, train)
+    config = ScoringConfig(form=args.form, reduce=args.reduce)
 
     started = time.perf_counter()
     alive = torch.nonzero(FeatureReader(store, sae_id).full("fire_count")["fire_count"] > 0).flatten()
@@ -160,6 +187,8 @@ def main() -> None:
             "id": sae_id,
             "n_latents": args.n_latents,
             "k": args.k,
+            "run": run_id(args.docs),
+            "training": train,
             "tokens_in_full_blocks": int(blocks.tokens_BC.numel()),
         },
         "labeller_and_scorer": f"{lm.name} ({args.dtype})",
@@ -174,6 +203,10 @@ def main() -> None:
         "embedding_auroc_mean": mean([s.embedding for s in scores]),
         "random_label_detection_mean": control,
         "detection_minus_control": round(detection - control, 4) if detection and control else None,
+        "word_match_detection_mean": mean([word_match_detection(item, item.train) for item in chosen]),
+        "word_match_oracle_detection_mean": mean(
+            [word_match_detection(item, item.test_activating) for item in chosen]
+        ),
         "detection_at_least_0.75": sum((s.detection or 0) >= 0.75 for s in scores),
         "timings_s": timings,
         "seconds_per_latent": {

@@ -127,6 +127,86 @@ def test_cached_left_padded_logprobs_equal_plain_forwards(smollm) -> None:
             assert got_LN[j, n].item() == pytest.approx(expected, abs=2e-3), (n, j)
 
 
+def _plain_logprobs(lm, prefix: list[int], body: list[int]) -> torch.Tensor:
+    """log p(body_t | prefix, body_<t) from one unpadded forward of the whole sequence."""
+    with torch.no_grad():
+        logp = lm.model(input_ids=torch.tensor([prefix + body])).logits[0].float().log_softmax(-1)
+    return torch.stack([logp[len(prefix) - 1 + t, token] for t, token in enumerate(body)])
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max"])
+def test_channel_scores_are_two_independent_log_probabilities(smollm, reduce: str) -> None:
+    """log p(example | label's prefix) − log p(example | neutral prefix), per token, combined:
+    the batched, left-padded forwards against one plain forward per sequence."""
+    scorer = scoring.Scorer(smollm, ScoringConfig(form="channel", reduce=reduce, batch_size=2))
+    bodies = [scorer.encode(t) for t in (" the cat sat on the mat", " SQL", " rows of a table in a database")]
+    names = ["animals", "databases"]
+    got_LN = scorer.channel_scores(bodies, names, "About {}:\n", "Text:\n")
+    combine = {"sum": torch.sum, "mean": torch.mean, "max": torch.max}[reduce]
+    for j, name in enumerate(names):
+        for n, body in enumerate(bodies):
+            given = _plain_logprobs(smollm, scorer.encode(f"About {name}:\n"), body)
+            neutral = _plain_logprobs(smollm, scorer.encode("Text:\n"), body)
+            expected = float(combine(given - neutral))
+            assert got_LN[j, n].item() == pytest.approx(expected, abs=2e-3), (j, n)
+    # the label's prefix makes its own words likelier: the score ranks the matching body first
+    assert got_LN[0, 0] > got_LN[1, 0] and got_LN[1, 2] > got_LN[0, 2]
+
+
+def test_detection_and_its_control_share_the_configured_form(smollm) -> None:
+    rows = [smollm.tokenizer.encode(t, add_special_tokens=False) for t in (" a red apple", " the SQL query")]
+    for form in ("direct", "channel"):
+        scorer = scoring.Scorer(smollm, ScoringConfig(form=form))
+        both_LN = scorer.detection_scores(rows, ["fruit", "databases"])
+        for j, name in enumerate(["fruit", "databases"]):
+            alone_N = scorer.detection_scores(rows, [name])[0]
+            assert torch.allclose(both_LN[j], alone_N, atol=2e-3), form
+    direct = scoring.Scorer(smollm, ScoringConfig(form="direct")).detection_scores(rows, ["fruit"])
+    channel = scoring.Scorer(smollm, ScoringConfig(form="channel")).detection_scores(rows, ["fruit"])
+    assert not torch.allclose(direct, channel)
+
+
+def _examples(lm, texts: list[str], word: str | None) -> examples.Examples:
+    """8-token blocks of ``texts``, active (1.0) at the tokens that spell ``word``."""
+    rows = [lm.tokenizer.encode(t, add_special_tokens=False)[:8] for t in texts]
+    assert all(len(r) == 8 for r in rows)
+    tokens_NC = torch.tensor(rows)
+    acts_NC = torch.zeros(tokens_NC.shape)
+    if word is not None:
+        pieces = torch.tensor(lm.tokenizer.encode(" " + word, add_special_tokens=False))
+        acts_NC[torch.isin(tokens_NC, pieces)] = 1.0
+    return examples.Examples(tokens_NC, acts_NC, torch.arange(len(rows)))
+
+
+def test_channel_form_scores_a_latent_and_its_control_the_same_way(smollm) -> None:
+    """Detection, fuzzing and embedding in the channel form, end to end on one latent; the chance
+    control's value is exactly what its label would score as the latent's own."""
+    cats = [f"the cat {v} on the mat and then" for v in ("sat", "slept", "ran", "ate", "purred", "hid")]
+    other = [f"the {n} table has rows and a key" for n in ("first", "second", "third", "big", "small", "old")]
+    active, silent = _examples(smollm, cats, "cat"), _examples(smollm, other, None)
+
+    def part(e: examples.Examples, rows: slice) -> examples.Examples:
+        return examples.Examples(e.tokens_NC[rows], e.acts_NC[rows], e.index_N[rows])
+
+    item = examples.LatentExamples(
+        latent=0,
+        n_activating=6,
+        train=part(active, slice(0, 0)),
+        contrast=part(silent, slice(0, 0)),
+        test_activating=part(active, slice(0, 4)),
+        test_non_activating=part(silent, slice(0, 4)),
+        calibration_activating=part(active, slice(4, 6)),
+        calibration_non_activating=part(silent, slice(4, 6)),
+    )
+    scorer = scoring.Scorer(smollm, ScoringConfig(form="channel", reduce="max"))
+    scores, control = scoring.score_one(scorer, item, "cats", key="k", control="database tables")
+    as_own, _ = scoring.score_one(scorer, item, "database tables", key="k")
+    assert control == as_own.detection
+    for value in (scores.detection, scores.fuzz, scores.embedding):
+        assert value is not None and 0.0 <= value <= 1.0
+    assert len(scores.examples) == 8 and scores.threshold is not None
+
+
 def test_threshold_is_fitted_on_calibration_and_balanced_accuracy_is_delphis() -> None:
     positive, negative = torch.tensor([2.0, 3.0, 5.0]), torch.tensor([-1.0, 0.0, 1.0])
     threshold = scoring.fit_threshold(positive, negative)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -125,6 +125,10 @@ class NeuronpediaExport(EngineConfig):
     bins: bool = Field(True, description="also export the samples of each activation bin, not only the top")
 
 
+ScoringForm = Literal["direct", "channel"]
+ChannelReduce = Literal["sum", "mean", "max"]
+
+
 class ScoringConfig(EngineConfig):
     """How labels are scored (`kestrel.core.concepts.scoring`), after EleutherAI's delphi.
 
@@ -134,7 +138,10 @@ class ScoringConfig(EngineConfig):
     and ``n_contrast`` non-activating ones; the scorer sees others only: ``n_test`` activating
     blocks sampled evenly from ``n_quantiles`` activation quantiles, as many non-activating ones
     drawn at random, and a separate calibration split of ``n_calibration`` of each that sets the
-    decision threshold (never fitted on the examples scored).
+    decision threshold (never fitted on the examples scored). ``form`` is how the scorer
+    answers (`kestrel.core.concepts.scoring`): ``direct`` reads log p(label | example),
+    ``channel`` log p(example | label) − log p(example), its per-token terms combined by
+    ``reduce``.
     """
 
     example_ctx_len: int = Field(16, ge=4, le=64, description="tokens per example block")
@@ -146,6 +153,13 @@ class ScoringConfig(EngineConfig):
     n_quantiles: int = Field(10, ge=1, le=20, description="activation quantiles the test examples span")
     fuzz_threshold: float = Field(
         0.3, gt=0, le=1, description="fuzzing marks tokens at or above this fraction of the example's max"
+    )
+    form: ScoringForm = Field(
+        "direct",
+        description="direct: log p(label | example); channel: log p(example | label) - log p(example)",
+    )
+    reduce: ChannelReduce = Field(
+        "sum", description="channel form: how an example's per-token log-ratios are combined"
     )
     max_tokens: int = Field(2_000_000, gt=0, description="run rows read to find examples")
     batch_size: int = Field(32, ge=1, le=512, description="sequences per scorer forward")

@@ -50,7 +50,10 @@ class ScoredExample(EngineConfig):
     activations: list[float] = Field(max_length=256, description="the latent's activation at each token")
     activating: bool = Field(description="the latent fires in it (the truth)")
     quantile: int | None = Field(None, description="activation quantile it was sampled from (0: the top)")
-    score: float = Field(description="the scorer's value: PMI of the label with the example (nats)")
+    score: float = Field(
+        description="the scorer's value (nats): the label's PMI with the example, or in the channel form "
+        "the log-likelihood ratio of the example with and without the label"
+    )
     predicted: bool = Field(description="the scorer's answer: score above the calibrated threshold")
 
 

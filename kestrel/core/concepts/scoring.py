@@ -18,12 +18,22 @@ The definitions are EleutherAI delphi's (`kestrel.core.concepts.examples` builds
   meaning, dominated their cosine (AUROC below chance on the bench).
 
 A 135M scorer cannot be trusted to write "yes"/"no" in a format, so it answers by
-log-probabilities instead of generation: the score of an example is the pointwise mutual
-information of the label with it, ``log p(label | "Text:" + example + "\\nThis text is about")
-− log p(label | "Text:\\nThis text is about")``, read in one forward of the example with the
-label's tokens continued from its cached keys and values (so the chance control's shuffled
-label costs the label's tokens only). The yes/no answer is "score > threshold", the threshold
-being the one that best separates a separate **calibration** split of the latent (its own
+log-probabilities instead of generation, in one of two forms (``ScoringConfig.form``):
+
+* ``direct`` (the default): the pointwise mutual information of the label with the example,
+  ``log p(label | "Text:" + example + "\\nThis text is about") − log p(label | "Text:\\nThis text
+  is about")``, read in one forward of the example with the label's tokens continued from its
+  cached keys and values (so the chance control's shuffled label costs the label's tokens only);
+* ``channel``: how much likelier the example is once the label is named,
+  ``log p(example | "A text about <label>:\\n") − log p(example | "A text:\\n")``, per token,
+  combined by ``reduce`` (sum, mean or max over the example's tokens): a small LM copies, so a
+  label naming the example's words raises exactly those tokens. Fuzzing's channel form reads the
+  marked example after "Words marked [[like this]] are about <label>:" against the same without
+  the label. On the bench neither form beat the other beyond noise (bench/README.md), so the
+  default stays ``direct``.
+
+The chance control is scored in the same form. The yes/no answer is "score > threshold", the
+threshold being the one that best separates a separate **calibration** split of the latent (its own
 activating and non-activating blocks, never scored); ties go to the middle of the best range.
 Nothing is fitted on the examples scored.
 """
@@ -51,6 +61,9 @@ DETECT_PREFIX = "Text:"
 DETECT_SUFFIX = "\nThis text is about"
 FUZZ_SUFFIX = "\nThe words marked [[like this]] are about"
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
+CHANNEL_PREFIX, CHANNEL_NEUTRAL = "A text about {}:\n", "A text:\n"
+FUZZ_CHANNEL_PREFIX = "Words marked [[like this]] are about {}:\n"
+FUZZ_CHANNEL_NEUTRAL = "Words marked [[like this]]:\n"
 MAX_LABEL_TOKENS = 16
 MAX_EXAMPLES_STORED = 24
 
@@ -128,6 +141,67 @@ class Scorer:
         return out_LN
 
     @torch.inference_mode()
+    def body_logprobs(self, prefix: Sequence[int], bodies: Sequence[Sequence[int]]) -> list[Tensor]:
+        """``log p(token | prefix, the body's tokens before it)`` of every token of each body:
+        ``prefix + body`` left-padded, ``batch_size`` sequences a forward."""
+        body_model = self.lm.model.base_model
+        head = self.lm.model.get_output_embeddings()
+        out: list[Tensor] = []
+        for start in range(0, len(bodies), self.config.batch_size):
+            chunk = [list(b) for b in bodies[start : start + self.config.batch_size]]
+            width = len(prefix) + max(len(b) for b in chunk)
+            ids_BT = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask_BT = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, b in enumerate(chunk):  # left-padded: every body ends at the last position
+                ids_BT[i, width - len(prefix) - len(b) :] = torch.tensor(list(prefix) + b)
+                mask_BT[i, width - len(prefix) - len(b) :] = 1
+            ids_BT, mask_BT = ids_BT.to(self.lm.device), mask_BT.to(self.lm.device)
+            hidden = body_model(
+                input_ids=ids_BT, attention_mask=mask_BT, position_ids=(mask_BT.cumsum(1) - 1).clamp_min(0)
+            ).last_hidden_state
+            longest = max(len(b) for b in chunk)  # positions that predict a body token
+            logp_BLV = head(hidden[:, width - longest - 1 : width - 1]).float().log_softmax(-1)
+            target_BL = ids_BT[:, width - longest :]
+            logp_BL = logp_BLV.gather(2, target_BL[..., None])[..., 0].cpu()
+            out += [logp_BL[i, longest - len(b) :] for i, b in enumerate(chunk)]
+        return out
+
+    def channel_scores(
+        self, bodies: Sequence[Sequence[int]], labels: Sequence[str], template: str, neutral: str
+    ) -> Tensor:
+        """``[len(labels), len(bodies)]``: how much more likely each body is after the label's
+        prefix than after the neutral one, its per-token log-ratios combined by ``reduce``."""
+        base = self.body_logprobs(self.encode(neutral), bodies)
+        out_LN = torch.zeros(len(labels), len(bodies))
+        for j, label in enumerate(labels):
+            given = self.body_logprobs(self.channel_prefix(template, label), bodies)
+            out_LN[j] = torch.stack(
+                [_reduce(g - b, self.config.reduce) for g, b in zip(given, base, strict=True)]
+            )
+        return out_LN
+
+    def channel_prefix(self, template: str, label: str) -> list[int]:
+        """The prefix naming ``label``, its name cut to ``MAX_LABEL_TOKENS`` tokens."""
+        name = self.lm.tokenizer.decode(self.label_ids(label)).strip()
+        return self.encode(template.format(name))
+
+    def detection_scores(self, rows: Sequence[Sequence[int]], labels: Sequence[str]) -> Tensor:
+        """``[len(labels), len(rows)]`` detection score of each example under each label (its
+        form is the config's: higher means "the latent is active here")."""
+        if self.config.form == "channel":
+            return self.channel_scores(rows, labels, CHANNEL_PREFIX, CHANNEL_NEUTRAL)
+        ids = [self.label_ids(label) for label in labels]
+        logp_LN = self.label_logprobs([self.prefix + list(row) + self.suffix for row in rows], ids)
+        return logp_LN - self.label_logprobs([self.prefix + self.suffix], ids)
+
+    def fuzz_scores(self, marked_rows: Sequence[Sequence[int]], label: str) -> Tensor:
+        """``[len(marked_rows)]`` score of "the marked tokens are what ``label`` names"."""
+        if self.config.form == "channel":
+            return self.channel_scores(marked_rows, [label], FUZZ_CHANNEL_PREFIX, FUZZ_CHANNEL_NEUTRAL)[0]
+        contexts = [self.prefix + list(row) + self.fuzz_suffix for row in marked_rows]
+        return self.label_logprobs(contexts, [self.label_ids(label)])[0]
+
+    @torch.inference_mode()
     def embed(self, ids_NT: Tensor) -> Tensor:
         """``[N, d]`` mean input embedding of each row of token ids."""
         table = self.lm.model.get_input_embeddings()
@@ -143,6 +217,12 @@ class Scorer:
             if mark and (i == len(marks) - 1 or not marks[i + 1]):
                 out += self.mark_close
         return out
+
+
+def _reduce(values: Tensor, how: str) -> Tensor:
+    if how == "max":
+        return values.max()
+    return values.mean() if how == "mean" else values.sum()
 
 
 @dataclass
@@ -207,14 +287,13 @@ def score_one(
     if not item.scorable:
         note = f"too few examples: {item.n_activating} activating blocks in the rows read"
         return LabelScores(**base, note=note), None
-    own = scorer.label_ids(label)
-    labels = [own] + ([scorer.label_ids(control)] if control is not None else [])
+    labels = [label] + ([control] if control is not None else [])
     detection = _detection(scorer, item, labels)
     scores = LabelScores(
         **base,
         detection=detection.accuracy,
-        fuzz=_fuzz(scorer, item, own),
-        embedding=_embedding(scorer, item, own),
+        fuzz=_fuzz(scorer, item, label),
+        embedding=_embedding(scorer, item, scorer.label_ids(label)),
         threshold=detection.threshold,
         n_activating=len(item.test_activating),
         n_non_activating=len(item.test_non_activating),
@@ -231,48 +310,44 @@ class _Detection:
     examples: list[ScoredExample]
 
 
-def _detection(scorer: Scorer, item: LatentExamples, labels: list[list[int]]) -> _Detection:
+def _detection(scorer: Scorer, item: LatentExamples, labels: list[str]) -> _Detection:
     sets = (
         item.test_activating,
         item.test_non_activating,
         item.calibration_activating,
         item.calibration_non_activating,
     )
-    contexts = [scorer.prefix + row + scorer.suffix for s in sets for row in s.tokens_NC.tolist()]
-    logp_LN = scorer.label_logprobs(contexts, labels)
-    prior_L = scorer.label_logprobs([scorer.prefix + scorer.suffix], labels)
-    pmi_LN = logp_LN - prior_L
+    values_LN = scorer.detection_scores([row for s in sets for row in s.tokens_NC.tolist()], labels)
     sizes = [len(s) for s in sets]
     n_test = sizes[0] + sizes[1]
     truth = torch.tensor([True] * sizes[0] + [False] * sizes[1] + [True] * sizes[2] + [False] * sizes[3])
     results = []
-    for pmi_N in pmi_LN:
-        split = _Split(pmi_N[n_test:], truth[n_test:], pmi_N[:n_test], truth[:n_test])
+    for values_N in values_LN:
+        split = _Split(values_N[n_test:], truth[n_test:], values_N[:n_test], truth[:n_test])
         results.append(split.balanced_accuracy())
     accuracy, threshold, predicted = results[0]
     return _Detection(
         accuracy=accuracy,
         control=results[1][0] if len(results) > 1 else None,
         threshold=threshold,
-        examples=_stored_examples(scorer, (sets[0], sets[1]), pmi_LN[0], predicted),
+        examples=_stored_examples(scorer, (sets[0], sets[1]), values_LN[0], predicted),
     )
 
 
-def _fuzz(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
+def _fuzz(scorer: Scorer, item: LatentExamples, label: str) -> float:
     n_incorrect = mean_active_tokens(item.test_activating)
     generator = torch.Generator().manual_seed(scorer.config.seed)
-    contexts: list[list[int]] = []
+    bodies: list[list[int]] = []
     for examples in (item.test_activating, item.calibration_activating):
         right = [_correct_marks(scorer, row) for row in examples.acts_NC]
         wrong = [_random_marks(scorer, row, n_incorrect, generator) for row in examples.acts_NC]
         for marks in (right, wrong):
             for tokens, m in zip(examples.tokens_NC.tolist(), marks, strict=True):
-                contexts.append(scorer.prefix + scorer.marked(tokens, m) + scorer.fuzz_suffix)
-    logp_LN = scorer.label_logprobs(contexts, [label])
+                bodies.append(scorer.marked(tokens, m))
+    scores = scorer.fuzz_scores(bodies, label)
     n_test, n_cal = len(item.test_activating), len(item.calibration_activating)
     test_truth = torch.tensor([True] * n_test + [False] * n_test)
     cal_truth = torch.tensor([True] * n_cal + [False] * n_cal)
-    scores = logp_LN[0]
     split = _Split(scores[2 * n_test :], cal_truth, scores[: 2 * n_test], test_truth)
     return split.balanced_accuracy()[0]
 
@@ -302,7 +377,7 @@ def _embedding(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
 
 
 def _stored_examples(
-    scorer: Scorer, sets: tuple[Examples, Examples], pmi_N: Tensor, predicted: Tensor
+    scorer: Scorer, sets: tuple[Examples, Examples], values_N: Tensor, predicted: Tensor
 ) -> list[ScoredExample]:
     """The scored test examples as text, with the scorer's value and answer (kept with the label)."""
     out: list[ScoredExample] = []
@@ -319,7 +394,7 @@ def _stored_examples(
                         activations=[round(a, 4) for a in acts],
                         activating=activating,
                         quantile=examples.quantile[row] if examples.quantile else None,
-                        score=round(float(pmi_N[i]), 4),
+                        score=round(float(values_N[i]), 4),
                         predicted=bool(predicted[i]),
                     )
                 )
