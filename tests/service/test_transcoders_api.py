@@ -42,7 +42,10 @@ def test_transcoder_capture_train_export(client: httpx.Client) -> None:
     assert "topk or batchtopk" in assert_error(client.post("/v1/saes", json=relu), 422)["message"]
     stream = {"model": MODEL, "dataset": {"kind": "texts", "texts": TEXTS}, "target_layer": MLP}
     stream["saes"] = [{"layer": MLP_IN, "sae": {"n_latents": 64, "k": 4}}]
-    assert "stored run" in assert_error(client.post("/v1/saes", json=stream), 422, "invalid_input")["message"]
+    assert (
+        "saes[i].target_layer"
+        in assert_error(client.post("/v1/saes", json=stream), 422, "invalid_input")["message"]
+    )
 
     started = client.post("/v1/saes", json={**base, "target_layer": MLP})
     assert started.status_code == 202, started.text
