@@ -13,7 +13,8 @@ from kestrel.core import limits
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.limits import Caps
 from kestrel.core.runs import CaptureOptions
-from kestrel.core.sae.config import TRANSCODER_TRAINABLE, TrainConfig
+from kestrel.core.sae.config import TrainConfig
+from kestrel.core.sae.records import check_transcoder_request
 from kestrel.core.store import Store, new_id
 from kestrel.schemas import TrainRequest
 from kestrel.server import services
@@ -64,22 +65,7 @@ def prepare_stream_training(request: TrainRequest, store: Store, settings: Setti
     for i, entry in enumerate(request.saes):
         if not entry.layer.strip():
             raise InvalidInputError(f"saes[{i}].layer must not be empty")
-        if entry.target_layer == entry.layer:
-            raise InvalidInputError(
-                f"saes[{i}]: target_layer is the input layer {entry.layer!r}: a transcoder predicts "
-                "another layer (for an SAE of this layer, leave target_layer out)",
-                details={"index": i, "layer": entry.layer},
-            )
-        if entry.target_layer is not None and entry.sae.architecture not in TRANSCODER_TRAINABLE:
-            raise InvalidInputError(
-                f"saes[{i}]: a transcoder trains with architecture {' or '.join(TRANSCODER_TRAINABLE)}, "
-                f"not {entry.sae.architecture!r}",
-                details={"index": i, "architecture": entry.sae.architecture},
-            )
-        if entry.sae.skip and entry.target_layer is None:
-            raise InvalidInputError(
-                f"saes[{i}]: skip makes a skip-transcoder: give saes[{i}].target_layer, the layer it predicts"
-            )
+        check_transcoder_request(entry.layer, entry.target_layer, entry.sae.model_dump(), f"saes[{i}]")
         train = entry.train or TrainConfig()
         limits.check_train(train.model_dump(mode="json"), caps)
         train.check_one_pass(i)

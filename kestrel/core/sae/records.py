@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from kestrel.core.errors import InvalidInputError, NotFoundError
 from kestrel.core.runs import RunManifest, get_manifest
-from kestrel.core.sae.config import SAEConfig, TrainConfig
+from kestrel.core.sae.config import TRANSCODER_TRAINABLE, SAEConfig, TrainConfig
 from kestrel.core.store import Store, StoredManifest, read_typed_manifests, validate_id
 
 KIND = "saes"
@@ -182,15 +183,14 @@ def training_configs(
     """
     manifest = get_manifest(store, validate_id(run_id, "run id"))
     d_in = manifest.layer_width(layer)
-    transcoder = _transcoder_fields(manifest, layer, target_layer)
     raw = sae_config.model_dump() if isinstance(sae_config, SAEConfig) else dict(sae_config)
+    check_transcoder_request(layer, target_layer, raw)
+    transcoder = _transcoder_fields(manifest, layer, target_layer)
     if raw.get("d_in") not in (None, d_in):
         raise InvalidInputError(
             f"d_in {raw['d_in']} does not match the run: layer {layer!r} of run {run_id!r} has width {d_in}",
             details={"d_in": raw["d_in"], "run_width": d_in},
         )
-    if raw.get("skip") and target_layer is None:
-        raise InvalidInputError("skip makes a skip-transcoder: give target_layer, the layer it predicts")
     from_run = {"d_in": d_in, "model": manifest.model.name, "layer": layer, "run_id": run_id, **transcoder}
     sae_cfg = SAEConfig.from_dict({**raw, **from_run, **({"data": data} if data is not None else {})})
     train_cfg = (
@@ -206,13 +206,33 @@ def _transcoder_fields(manifest: RunManifest, layer: str, target_layer: str | No
     any other layer of it can be a target; the widths may differ."""
     if target_layer is None:
         return {}
-    if target_layer == layer:
-        raise InvalidInputError(
-            f"target_layer is the input layer {layer!r}: a transcoder predicts another layer "
-            "(for an SAE of this layer, leave target_layer out)",
-            details={"layer": layer, "target_layer": target_layer},
-        )
     return {"target_layer": target_layer, "d_out": manifest.layer_width(target_layer)}
+
+
+def check_transcoder_request(
+    layer: str, target_layer: str | None, sae: Mapping[str, Any], where: str = ""
+) -> None:
+    """What a training request says of a transcoder, checked before any run or model is read: its
+    target is another layer, ``skip`` comes with a target, and it names a trainable architecture.
+    One check for stored-run training (`training_configs`), stream training's API check and its
+    engine; ``where`` (``saes[2]``) names the entry of a stream request."""
+    prefix, field = (f"{where}: ", f"{where}.target_layer") if where else ("", "target_layer")
+    details = {"layer": layer, "target_layer": target_layer, **({"where": where} if where else {})}
+    if target_layer is not None and target_layer == layer:
+        raise InvalidInputError(
+            f"{prefix}target_layer is the input layer {layer!r}: a transcoder predicts another layer "
+            "(for an SAE of this layer, leave target_layer out)",
+            details=details,
+        )
+    if sae.get("skip") and target_layer is None:
+        raise InvalidInputError(f"{prefix}skip makes a skip-transcoder: give {field}, the layer it predicts")
+    architecture = sae.get("architecture")
+    if target_layer is not None and architecture is not None and architecture not in TRANSCODER_TRAINABLE:
+        raise InvalidInputError(
+            f"{prefix}a transcoder trains with architecture {' or '.join(TRANSCODER_TRAINABLE)}, "
+            f"not {architecture!r}",
+            details={**details, "architecture": architecture},
+        )
 
 
 def read_history(directory: Path) -> list[dict[str, Any]]:

@@ -75,7 +75,7 @@ from kestrel.core.sae.batches import Rebatcher
 from kestrel.core.sae.checkpoint import latest_checkpoint
 from kestrel.core.sae.config import DEFAULT_BATCH_SIZE, SAEConfig, TrainConfig
 from kestrel.core.sae.progress import TrainingPoint
-from kestrel.core.sae.records import KIND, SAEManifest, TrainingStopped
+from kestrel.core.sae.records import KIND, SAEManifest, TrainingStopped, check_transcoder_request
 from kestrel.core.sae.records import checkpoint_dir as _checkpoint_dir
 from kestrel.core.sae.trainer import TrainingRun, open_run, resolve_plan
 from kestrel.core.store import Store, new_id, validate_id
@@ -201,11 +201,8 @@ def _trainees(
                 f"saes[{i}]: d_in {raw['d_in']} does not match layer {entry.layer!r} (width {width})",
                 details={"index": i, "d_in": raw["d_in"], "layer_width": width},
             )
+        check_transcoder_request(entry.layer, entry.target_layer, raw, f"saes[{i}]")
         from_model = {"d_in": width, "model": lm.name, "layer": entry.layer, **_target_fields(lm, entry, i)}
-        if raw.get("skip") and entry.target_layer is None:
-            raise InvalidInputError(
-                f"saes[{i}]: skip makes a skip-transcoder: give target_layer, the layer it predicts"
-            )
         sae_cfg = SAEConfig.from_dict({**raw, **from_model})
         train = entry.train
         train_cfg = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train))
@@ -243,12 +240,6 @@ def _target_fields(lm: LoadedModel, entry: StreamSAE, index: int) -> dict[str, A
     """``target_layer`` and ``d_out`` of a transcoder entry (none for an SAE)."""
     if entry.target_layer is None:
         return {}
-    if entry.target_layer == entry.layer:
-        raise InvalidInputError(
-            f"saes[{index}]: target_layer is the input layer {entry.layer!r}: a transcoder predicts "
-            "another layer (for an SAE of this layer, leave target_layer out)",
-            details={"index": index, "layer": entry.layer},
-        )
     return {"target_layer": entry.target_layer, "d_out": stream_width(lm, entry.target_layer, index)}
 
 
