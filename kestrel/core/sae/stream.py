@@ -169,8 +169,9 @@ def train_stream(
     _plan(lm, spec, trainees, options, filters)  # every check that needs no forward, first
     recorded = _recorded_sizes(trainees)  # a resume reads its rows as its checkpoint did
     shuffle_buffer = recorded.get("shuffle_buffer") or _fit_buffers(trainees, shuffle_buffer)
+    heldout_max = recorded.get("heldout_max_rows") or _fit_heldout(trainees, TORCH_DTYPES[options.dtype])
     stream = _Stream(lm, layers, trainees, options, filters, shuffle_buffer, spill_run_id, record)
-    stream.heldout_max = recorded.get("heldout_max_rows") or stream.heldout_max
+    stream.heldout_max = heldout_max
     stream.on_progress, stream.should_stop = on_progress, should_stop  # per-SAE callbacks
     if spill_run_id is None:
         stream.run(iter_texts(spec), None)
@@ -282,6 +283,14 @@ def _fit_buffers(trainees: list[_Trainee], shuffle_buffer: int) -> int:
     return fitted
 
 
+def _fit_heldout(trainees: list[_Trainee], storage_dtype: torch.dtype) -> int:
+    """Held-out rows kept per source for the final evaluation: `EVAL_MAX_ROWS`, or fewer when the
+    sources together would hold more than `HELDOUT_BYTES` (never under `MIN_STREAM_ROWS`)."""
+    widths = {t.source: t.sae_config.row_width for t in trainees}
+    row_bytes = storage_dtype.itemsize * sum(widths.values())
+    return min(EVAL_MAX_ROWS, max(MIN_STREAM_ROWS, HELDOUT_BYTES // row_bytes))
+
+
 def _resume_point(store: Store, sae_id: str, resume: bool | Literal["auto"]) -> Path | None:
     if store.exists(KIND, sae_id):
         raise ConflictError(f"sae id {sae_id!r} already exists", details={"id": sae_id})
@@ -360,13 +369,9 @@ class _Stream:
         self.buffers: dict[tuple[Source, int], ShuffleBuffer] = {}
         self.heldout: dict[Source, list[torch.Tensor]] = {source: [] for source in self.sources}
         self.heldout_rows = dict.fromkeys(self.sources, 0)
-        row_bytes = self.storage_dtype.itemsize * sum(t.sae_config.row_width for t in self._one_per_source())
-        self.heldout_max = min(EVAL_MAX_ROWS, max(MIN_STREAM_ROWS, HELDOUT_BYTES // row_bytes))
+        self.heldout_max = EVAL_MAX_ROWS  # held-out rows kept per source (`_fit_heldout`)
         self.n_docs = 0
         self.started = time.perf_counter()
-
-    def _one_per_source(self) -> list[_Trainee]:
-        return list({t.source: t for t in self.trainees}.values())
 
     def all_stopped(self) -> bool:
         return all(t.stopped for t in self.trainees)
