@@ -1,16 +1,17 @@
 """Scored automatic interpretation of SmolLM2 `model.layers.15` latents, with a chance control.
 
 1. Capture `model.layers.15` over the first ``--docs`` paragraphs of the docstring corpus
-   (bench/corpus.py, max 256 tokens each) into the bench store and train a TopK SAE on it
-   (default 4,608 latents, k = 8: sparser latents are more nameable, bench/README.md), once;
-   discover its features over that run.
+   (bench/corpus.py, max 256 tokens each; by default all of it) into the bench store and train a
+   TopK SAE on it (default 4,608 latents, k = 8, 8 epochs: sparser latents are more nameable,
+   bench/README.md), once; discover its features over that run.
 2. Examples (`kestrel.core.concepts.examples`, delphi's construction): blocks of the run's
    documents; the first ``--latents`` latents (by index) with enough examples to score.
 3. Labels: the model (SmolLM2-135M-Instruct, the served model) names each latent from its top
    examples contrasted with silent ones (`labels.model_labels_from_examples`); ``--labels
    heuristic`` uses the token heuristic instead.
 4. Scores (`kestrel.core.concepts.scoring`): detection and fuzzing balanced accuracy and the
-   embedding AUROC, by the same model, on examples the labeller never saw; and the chance
+   embedding AUROC, by the same model (or ``--scorer``: any local model, any tokenizer), on
+   examples the labeller never saw; and the chance
    control: detection with the labels shuffled among the latents (a seeded derangement), on the
    same examples, the same calibration and the same scorer (``--form``: direct or channel).
    Two controls without a model: what a word-list label could reach (`word_match_detection`).
@@ -112,16 +113,24 @@ def mean(values: list[float | None]) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=1200, help="documents (docstring paragraphs)")
+    parser.add_argument(
+        "--docs", type=int, default=5000, help="documents (docstring paragraphs; the corpus has about 4,600)"
+    )
     parser.add_argument("--latents", type=int, default=100, help="latents to label and score")
     parser.add_argument("--labels", choices=("model", "heuristic"), default="model")
     parser.add_argument("--n-latents", type=int, default=4608)
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1024, help="SAE training batch")
     parser.add_argument("--form", choices=("direct", "channel"), default=ScoringConfig().form)
     parser.add_argument("--reduce", choices=("sum", "mean", "max"), default=ScoringConfig().reduce)
     parser.add_argument("--dtype", default="fp32", help="the scorer's and labeller's dtype")
+    parser.add_argument(
+        "--scorer",
+        default=None,
+        help="the scoring model (a local directory or a model name; default: SmolLM2 itself); "
+        "bench/README.md says how to make Gemma 3 270M's directory from its PyPI GGUF",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled control")
     parser.add_argument("--store", type=Path, default=default_store_root() / "bench")
@@ -157,8 +166,9 @@ def main() -> None:
     order = [item.latent for item in chosen]
     shuffled = derangement(len(order), args.seed)
     controls = {latent: named[order[j]] for latent, j in zip(order, shuffled, strict=True)}
-    key = scoring.scoring_key(lm.name, config, blocks.run_id)
-    scorer = scoring.Scorer(lm, config)
+    scorer_lm = lm if args.scorer is None else load_model(args.scorer, device="cpu", dtype=args.dtype)
+    key = scoring.scoring_key(scorer_lm.name, config, blocks.run_id)
+    scorer = scoring.Scorer(scorer_lm, config, source_tokenizer=lm.tokenizer)
     results: dict = {}
     for start in range(0, len(chosen), PROGRESS_EVERY):  # a line per chunk: figures survive a kill
         chunk = chosen[start : start + PROGRESS_EVERY]
@@ -191,7 +201,8 @@ def main() -> None:
             "training": train,
             "tokens_in_full_blocks": int(blocks.tokens_BC.numel()),
         },
-        "labeller_and_scorer": f"{lm.name} ({args.dtype})",
+        "labeller": f"{lm.name} ({args.dtype})",
+        "scorer": f"{scorer_lm.name} ({args.dtype})",
         "labels": args.labels,
         "scoring_config": config.model_dump(),
         "n_latents_scored": len(scores),

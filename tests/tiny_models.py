@@ -62,3 +62,15 @@ FAMILIES = {
 def build(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return FAMILIES[family]().eval()
+
+
+def other_vocab_llama(texts: list[str], vocab_size: int = 300) -> tuple[torch.nn.Module, Any]:
+    """The tiny Llama with a byte-level BPE vocabulary of its own, trained here on ``texts``: a
+    model whose token ids mean nothing to SmolLM2's tokenizer (a label scorer of another family)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<pad>"])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>")
+    torch.manual_seed(5)
+    return tf.LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).eval(), tokenizer

@@ -154,6 +154,10 @@ def _print_feature_page(page: dict[str, Any]) -> None:
         tokens = [escape(t) for t in ctx["tokens"]]
         tokens[ctx["target"]] = f"[bold reverse]{tokens[ctx['target']]}[/]"
         console.print(f"{ctx['activation']:8.3f}  {''.join(tokens)}".replace("\n", " "))
+    note = page["logits"].get("note") or ""
+    if note.startswith("none"):  # no direct path: say why rather than print two empty lists
+        console.print(f"logit effects: {escape(note)}")
+        return
     promoted = ", ".join(repr(x["token"]) for x in page["logits"]["positive"])
     suppressed = ", ".join(repr(x["token"]) for x in page["logits"]["negative"])
     console.print(f"promotes: {escape(promoted)}\nsuppresses: {escape(suppressed)}")

@@ -217,6 +217,30 @@ def load_model(
     )
 
 
+def load_tokenizer(
+    name: str, *, store_root: Path | None = None, hub_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+) -> Any:
+    """Only a model's tokenizer, resolved as `load_model` resolves the model: what reads another
+    model's token ids as text (a label scorer that is not the SAE's model) without its weights."""
+    from transformers import AutoTokenizer
+
+    if name in BUNDLED:
+        return AutoTokenizer.from_pretrained(ensure_bundled_cache(BUNDLED[name], store_root or default_store_root()))
+    if Path(name).expanduser().is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(Path(name).expanduser())
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"could not load a tokenizer from {name!r}: {exc}") from exc
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        hub.require_reachable(name, "model", hub_timeout_s)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise NotFoundError(f"unknown model {name!r}: no tokenizer by that name ({exc})") from exc
+
+
 def _from_pretrained(
     name: str,
     directory: Path | None,

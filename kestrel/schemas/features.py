@@ -95,6 +95,12 @@ class LogitEffect(BaseModel):
 class LogitEffects(BaseModel):
     positive: list[LogitEffect]
     negative: list[LogitEffect]
+    note: str | None = Field(
+        None,
+        description="what the lists are (`direct: ...`, the decoder rows' direct path), or why they are "
+        "empty (`none: ...`: the decoder writes no part of the residual stream); null for results "
+        "discovered before the note existed",
+    )
 
 
 class FeatureDetail(BaseModel):

@@ -426,7 +426,10 @@ def label_job(
         scoring=ScoringConfig.from_dict(scoring or {}),
         run_id=run_id,
         should_stop=ctx.should_stop,
+        tokenizer_loader=ctx.models.tokenizer,  # a scorer of another model reads the examples' text
     )
+    if "note" in result.get("scoring", {}):
+        ctx.log(result["scoring"]["note"], force=True)
     return {key: result[key] for key in ("sae_id", "method", "labelled", "scoring") if key in result}
 
 

@@ -23,7 +23,7 @@ from kestrel.core import hub
 from kestrel.core.catalog import validate_model_name
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.loading import DeviceMap, LoadConfig, Quantization
-from kestrel.core.models import BUNDLED, LoadedModel, load_model, resolve_device
+from kestrel.core.models import BUNDLED, LoadedModel, load_model, load_tokenizer, resolve_device
 
 
 def load_target(name: str, local_models: dict[str, Path], allowed: Sequence[str] = ()) -> str:
@@ -100,6 +100,15 @@ class ModelCache:
                         self._models.move_to_end((cached_name, cached_device, cached_dtype))
                         return cached.lm
         return self._load(name, device, dtype or self.default_dtype)
+
+    def tokenizer(self, name: str) -> Any:
+        """The model's tokenizer: a loaded copy's, else the tokenizer alone (no weights)."""
+        with self._lock:
+            for (cached_name, _, _), cached in reversed(self._models.items()):
+                if cached_name == name:
+                    return cached.lm.tokenizer
+        target = load_target(name, self.local_models(), self.allowed_models)
+        return load_tokenizer(target, store_root=self.store_root, hub_timeout_s=self.hub_timeout_s)
 
     def placement(self, device: str | None, dtype: str) -> LoadConfig:
         """How a load asked for with ``device`` (None: the worker's default) is placed."""

@@ -62,7 +62,8 @@ def make_stack(
 @pytest.fixture(scope="session")
 def local_models(warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory the operator would list in KESTREL_MODEL_DIRS, holding a tiny random Llama
-    (SmolLM2's tokenizer): the fast model of the service tests, and a local model by name."""
+    (SmolLM2's tokenizer): the fast model of the service tests, and a local model by name; and
+    ``other-vocab``, the same shape with a 300-token vocabulary of its own (a label scorer)."""
     import shutil
 
     import torch
@@ -77,6 +78,11 @@ def local_models(warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactor
     tf.LlamaForCausalLM(tiny_llama_config(vocab_size=49152)).save_pretrained(target)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(warm_model_cache / "models" / DEFAULT_MODEL / name, target / name)
+    from tiny_models import other_vocab_llama  # a scorer of another vocabulary than the SAEs' models
+
+    model, tokenizer = other_vocab_llama([f"Text {i}: pasta, goals and stars are about food." for i in range(9)])
+    model.save_pretrained(root / "other-vocab")
+    tokenizer.save_pretrained(root / "other-vocab")
     return root
 
 

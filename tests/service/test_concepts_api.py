@@ -128,6 +128,16 @@ def test_label_scores_are_stored_and_sort_and_filter(client: httpx.Client, sae_i
     examples = page["concept"]["scores"]["examples"]
     assert len(examples) == 4 and {e["activating"] for e in examples} == {True, False}
     assert all(len(e["tokens"]) == len(e["activations"]) == 4 for e in examples)
+
+    # a scorer with another vocabulary reads the examples' text (the SAE model's ids would index
+    # past its 300 tokens); the examples kept are still the SAE model's tokens
+    other = body | {"latents": latents[:2], "scorer": "other-vocab"}
+    job = wait_for_job(client, client.post(f"{base}/label", json=other).json()["id"])
+    assert job["result"]["scoring"] == job["result"]["scoring"] | {"scorer": "other-vocab", "scored": 2}
+    page = client.get(f"/v1/saes/{sae_id}/features/{latents[0]}").json()
+    assert page["concept"]["scores"]["scorer"] == "other-vocab"
+    again = page["concept"]["scores"]["examples"]
+    assert all(len(e["tokens"]) == len(e["activations"]) == 4 for e in again)
     assert_error(client.get(base, params={"sort": "nonsense"}), 422)
     assert_error(client.get(base, params={"min_fuzz": 2}), 422)
 

@@ -22,6 +22,7 @@ from kestrel.core.concepts import examples, labels, scoring
 from kestrel.core.concepts.config import ScoringConfig
 from kestrel.core.concepts.dictionary import LabelScores
 from kestrel.core.errors import CancelledError, InvalidInputError
+from kestrel.core.models import load_tokenizer
 from kestrel.core.run_reader import RowBatch, iter_row_batches
 from kestrel.core.runs import CaptureOptions
 from kestrel.core.sae import artifacts
@@ -229,6 +230,115 @@ def test_marks_wrap_each_run_of_tokens(smollm) -> None:
     tokens = scorer.encode(" one two three four")
     marked = scorer.marked(tokens, [False, True, True, False])
     assert smollm.tokenizer.decode(marked) == " one[[ two three]] four"
+
+
+@pytest.fixture(scope="module")
+def other_vocab_lm():
+    """A tiny random Llama whose vocabulary (300 byte-level BPE tokens) is not SmolLM2's."""
+    from tiny_models import other_vocab_llama
+
+    from kestrel.core.models import LoadedModel
+
+    texts = ["the cat sat on the mat", "SQL databases store rows", "Text: This text is about [[ ]]"]
+    model, tokenizer = other_vocab_llama(texts * 4)
+    return LoadedModel("other-vocab", model, tokenizer, torch.device("cpu"), torch.float32, "local")
+
+
+def test_a_scorer_with_another_vocabulary_reads_the_examples_text(smollm, other_vocab_lm, model_cache_root) -> None:
+    """Examples hold the SAE model's token ids; a scorer with another tokenizer must score the
+    same text it would score tokenized its own way (ids of one vocabulary mean nothing in another)."""
+    texts = [" the cat sat on the mat", " SQL databases store rows", " a cat and a database"]
+    source_rows = [smollm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    own_rows = [other_vocab_lm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    assert source_rows != own_rows
+    assert not scoring.same_vocabulary(smollm.tokenizer, other_vocab_lm.tokenizer)
+    config = ScoringConfig(batch_size=2)
+    reading = scoring.Scorer(other_vocab_lm, config, source_tokenizer=smollm.tokenizer)
+    native = scoring.Scorer(other_vocab_lm, config)
+    for form in ("direct", "channel"):
+        reading.config = native.config = ScoringConfig(batch_size=2, form=form)
+        got = reading.detection_scores(source_rows, ["cats", "databases"])
+        want = native.detection_scores(own_rows, ["cats", "databases"])
+        assert torch.allclose(got, want, atol=1e-5), form
+    marks = [False, True, True, False, False, False]
+    assert len(source_rows[0]) == len(marks)
+    marked = reading.marked(source_rows[0], marks)
+    assert other_vocab_lm.tokenizer.decode(marked) == " the[[ cat sat]] on the mat"
+    assert torch.allclose(reading.embed([reading.row_ids(source_rows[1])]), native.embed([own_rows[1]]))
+    special = smollm.tokenizer.all_special_ids[0]  # a document's BOS: not read as the words of its name
+    assert reading.row_ids([special, *source_rows[1]]) == own_rows[1]
+    # the served model as its own scorer, or one of the same vocabulary, passes ids through as they are
+    assert scoring.Scorer(smollm, config, source_tokenizer=smollm.tokenizer).source is None
+    copy = load_tokenizer(DEFAULT_MODEL, store_root=model_cache_root)  # another object, same vocabulary
+    assert copy is not smollm.tokenizer and scoring.Scorer(smollm, config, source_tokenizer=copy).source is None
+
+
+def test_the_examples_tokenizer_is_the_runs_models(store, trained, tiny_lm, other_vocab_lm) -> None:
+    """A scorer of another model gets the run's model's tokenizer (from the loaded model when it
+    is that one, else from the loader); when none can be loaded, the ids are read as the
+    scorer's own and a note says so, rather than failing a job the scorer alone could do."""
+    asked: list[str] = []
+
+    def loader(name: str):
+        asked.append(name)
+        return tiny_lm.tokenizer
+
+    assert labels.examples_tokenizer(store, trained, tiny_lm) == (None, None)  # the run's own model
+    assert labels.examples_tokenizer(store, trained, other_vocab_lm, tiny_lm) == (tiny_lm.tokenizer, None)
+    assert labels.examples_tokenizer(store, trained, other_vocab_lm, loader=loader) == (tiny_lm.tokenizer, None)
+    assert asked == [tiny_lm.name]
+
+    def missing(name: str):
+        raise InvalidInputError(f"no model {name!r} here")
+
+    tokenizer, note = labels.examples_tokenizer(store, trained, other_vocab_lm, loader=missing)
+    assert tokenizer is None and "no model 'tiny-llama' here" in note and "'other-vocab'" in note
+
+
+def test_marks_keep_the_text_of_a_tokenizer_that_strips_a_leading_space(other_vocab_lm) -> None:
+    """A sentencepiece-style source (Metaspace: "▁cat", the first token's space dropped when
+    decoded) marks the same characters as its text decoded whole; a run on a special token alone
+    is not marked (an empty [[]] would give a random marking away)."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = SentencePieceBPETokenizer()
+    bpe.train_from_iterator(["the cat sat on the mat"] * 8, vocab_size=60, special_tokens=["<s>"])
+    source = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>")
+    ids = source.encode("the cat sat on the mat", add_special_tokens=False)
+    # decoded alone, every token loses its space: runs decoded apart would read "the[[cat sat]]on"
+    assert [source.decode([i]) for i in ids] == ["the", "cat", "sat", "on", "the", "mat"]
+    scorer = scoring.Scorer(other_vocab_lm, ScoringConfig(), source_tokenizer=source)
+    marked = scorer.marked(ids, [False, True, True, False, False, False])
+    assert other_vocab_lm.tokenizer.decode(marked) == "the[[ cat sat]] on the mat"
+    bos = source.bos_token_id
+    marked = scorer.marked([bos, *ids], [True, False, False, False, False, False, True])
+    assert other_vocab_lm.tokenizer.decode(marked) == "the cat sat on the[[ mat]]"
+
+
+def test_scores_from_another_vocabulary_store_the_examples_text(smollm, other_vocab_lm) -> None:
+    cats = [f"the cat {v} on the mat and then" for v in ("sat", "slept", "ran", "ate", "purred", "hid")]
+    other = [f"the {n} table has rows and a key" for n in ("first", "second", "third", "big", "small", "old")]
+    active, silent = _examples(smollm, cats, "cat"), _examples(smollm, other, None)
+
+    def part(e: examples.Examples, rows: slice) -> examples.Examples:
+        return examples.Examples(e.tokens_NC[rows], e.acts_NC[rows], e.index_N[rows])
+
+    item = examples.LatentExamples(
+        latent=0,
+        n_activating=6,
+        train=part(active, slice(0, 0)),
+        contrast=part(silent, slice(0, 0)),
+        test_activating=part(active, slice(0, 4)),
+        test_non_activating=part(silent, slice(0, 4)),
+        calibration_activating=part(active, slice(4, 6)),
+        calibration_non_activating=part(silent, slice(4, 6)),
+    )
+    scorer = scoring.Scorer(other_vocab_lm, ScoringConfig(), source_tokenizer=smollm.tokenizer)
+    scores, _ = scoring.score_one(scorer, item, "cats", key="k")
+    shown = ["".join(example.tokens) for example in scores.examples]
+    assert shown[:4] == [smollm.tokenizer.decode(row) for row in item.test_activating.tokens_NC.tolist()]
+    assert shown[0].startswith("the cat sat") and scores.fuzz is not None and scores.embedding is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,33 @@ def test_label_with_scores_and_list_them_by_score(sae_store) -> None:
     assert bad.exit_code != 0 and "--sort" in bad.output
 
 
+def test_a_scorer_of_another_vocabulary_reads_the_examples_text(sae_store, tmp_path) -> None:
+    """--scorer names a local model whose tokenizer is not SmolLM2's: it reads each example's text
+    (SmolLM2's ids would index past its 300-token vocabulary), and the scores keep that text."""
+    from tiny_models import other_vocab_llama
+
+    model, tokenizer = other_vocab_llama([f"Sentence {i} is about pasta and goals and stars." for i in range(9)])
+    scorer_dir = tmp_path / "other-vocab"
+    model.save_pretrained(scorer_dir)
+    tokenizer.save_pretrained(scorer_dir)
+    store = ("--store", str(sae_store))
+    if invoke("features", "cli-sae", *store, "--json").exit_code != 0:  # run alone: discover first
+        assert invoke("discover", "cli-sae", "--device", "cpu", *store).exit_code == 0
+    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "2", *store, "--json"))
+    latents = [a for item in listing["items"] for a in ("--latent", str(item["latent"]))]
+    small = ["--example-ctx-len", "4", "--n-train", "1", "--n-contrast", "1", "--n-test", "2"]
+    small += ["--n-non-activating", "2", "--n-calibration", "1", "--n-quantiles", "2"]
+    scorer = ("--scorer", str(scorer_dir))
+    result = invoke("label", "cli-sae", *latents, "--score", *scorer, "--device", "cpu", *small, *store, "--json")
+    assert result.exit_code == 0, result.output
+    assert json_out(result)["scoring"]["scored"] == 2
+    listed = json_out(invoke("concepts", "list", "cli-sae", *store, "--json"))
+    ours = [c for c in listed if c["scores"] and c["scores"]["scorer"] == str(scorer_dir)]
+    assert len(ours) == 2
+    shown = ["".join(e["tokens"]) for c in ours for e in c["scores"]["examples"]]
+    assert shown and any(word in text for text in shown for word in ("Sentence", "about", "pasta"))
+
+
 def test_steer_side_by_side_save_list_show_delete(sae_store) -> None:
     store = ("--store", str(sae_store))
     listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "1", *store, "--json"))

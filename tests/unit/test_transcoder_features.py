@@ -49,12 +49,17 @@ def discovered(tiny_lm, texts, tmp_path_factory):
     from kestrel.core.store import LocalStore
 
     store = LocalStore(tmp_path_factory.mktemp("tcfeat") / "store")
-    layers = [MLP_IN, MLP, UP, NORM]
+    layers = [MLP_IN, MLP, UP, NORM, f"{NORM}:input"]
     run = capture(tiny_lm, texts, layers, store, options=CaptureOptions(dtype="fp32"))
     train = {"batch_size": 128, "epochs": 3, "seed": 0}
     for sae_id, target in (("tc", MLP), ("tc-up", UP), ("tc-norm", NORM)):
         sae = {"architecture": "topk", "n_latents": 64, "k": K}
         artifacts.train_from_run(store, run.id, MLP_IN, sae, train, sae_id=sae_id, target_layer=target)
+        concepts.discover(store, sae_id, tiny_lm, config={"top_n": 4, "window": WINDOW, "samples_per_bin": 2})
+    plain = (("sae-mlp-in", MLP_IN), ("sae-mlp-out", MLP), ("sae-norm-in", f"{NORM}:input"))
+    for sae_id, layer in plain:  # plain SAEs, for their logit effects notes
+        sae = {"architecture": "topk", "n_latents": 64, "k": K}
+        artifacts.train_from_run(store, run.id, layer, sae, train, sae_id=sae_id)
         concepts.discover(store, sae_id, tiny_lm, config={"top_n": 4, "window": WINDOW, "samples_per_bin": 2})
     return store, run.id
 
@@ -138,13 +143,32 @@ def test_a_decoder_off_the_residual_stream_has_no_logit_effects(tiny_lm, discove
     latent = concepts.list_features(store, "tc-up", sort="max_activation", limit=1)["items"][0]
     assert latent["max_activation"] > 0 and latent["promoted_tokens"] == []
     page = concepts.feature_page(store, "tc-up", latent["latent"])
-    assert page["logits"] == {"positive": [], "negative": []} and page["top_contexts"]
+    assert page["logits"] == {"positive": [], "negative": [], "note": manifest["logit_effects"]}
+    assert page["top_contexts"]
 
 
 def test_a_decoder_writing_a_norm_output_has_no_logit_effects_even_at_d_model(discovered) -> None:
     store, _ = discovered
     note = concepts.read_manifest(store, "tc-norm")["logit_effects"]
     assert note.startswith("none") and "not added to the residual stream" in note, note
+
+
+def test_an_sae_of_a_normed_input_has_no_logit_effects_and_one_of_the_mlp_output_has(discovered) -> None:
+    """An SAE reconstructs the layer it reads: the MLP's input is the block's normed residual, not
+    added to the stream (its rows through the unembedding would mean nothing); the MLP's output is."""
+    store, _ = discovered
+    note = concepts.read_manifest(store, "sae-mlp-in")["logit_effects"]
+    assert note.startswith("none") and MLP_IN in note and "not added to the residual stream" in note, note
+    latent = concepts.list_features(store, "sae-mlp-in", sort="max_activation", limit=1)["items"][0]
+    assert latent["promoted_tokens"] == []
+    assert concepts.read_manifest(store, "sae-mlp-out")["logit_effects"].startswith("direct")
+    # a norm's input is the residual stream itself (block 2's input): its rows keep the direct path
+    assert concepts.read_manifest(store, "sae-norm-in")["logit_effects"].startswith("direct")
+    from cli_runner import invoke
+
+    shown = invoke("features", "sae-mlp-in", "--latent", str(latent["latent"]), "--store", str(store.root))
+    assert shown.exit_code == 0, shown.output
+    assert "logit effects: none" in " ".join(shown.stdout.split()) and "promotes:" not in shown.stdout
 
 
 def test_discovery_over_a_dataset_hooks_the_mlp_input(tiny_lm, texts, discovered) -> None:

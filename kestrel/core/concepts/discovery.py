@@ -11,8 +11,10 @@ A transcoder is discovered the same way: its latents are a function of the layer
 decodes back into that layer. Its decoder rows write ``target_layer`` (the MLP's output, added to
 the residual stream), so its logit effects are those rows through the unembedding, as an SAE's
 at a residual layer (a skip-transcoder's linear term W_skip·x belongs to no latent: not shown).
-A decoder that writes a space of another width than the unembedding reads has no direct path to
-the logits: its logit effects are left empty (the manifest's ``logit_effects`` says why).
+A decoder that writes a space of another width than the unembedding reads, or a layer that is not
+added to the residual stream (what an SAE of ``model.layers.3.mlp:input`` reconstructs, what a
+transcoder writing a norm's output writes: `_off_residual_stream`), has no direct path to the
+logits: its logit effects are left empty (the manifest's ``logit_effects`` says why).
 
 Attention-sink rows are left out by default (``RowFilter.recommended()``: position 0, special
 tokens, rows with a norm over 10x the layer's median), or every latent's top context would be the
@@ -498,6 +500,17 @@ def _logit_effects(
     (``[L, 0]``) when the decoder writes a space of another width than the unembedding reads (an
     SAE of an MLP's hidden layer, say): such a row has no direct path to the logits.
     """
+    with torch.inference_mode():
+        unembed_VD, norm_scale_D = contexts.unembedding(lm)
+    # whether there is a direct path is decided first, so a result of an older rule is not reused
+    if sae.d_out != unembed_VD.shape[1]:
+        return _no_logit_effects(sae.n_latents), (
+            f"none: the decoder writes width {sae.d_out}, the unembedding reads "
+            f"{unembed_VD.shape[1]}; no direct path to the logits"
+        )
+    off_stream = _off_residual_stream(lm, sae)
+    if off_stream is not None:
+        return _no_logit_effects(sae.n_latents), off_stream
     key = _logit_key(store, sae_id, lm)
     try:
         reader = features_store.FeatureReader(store, sae_id)
@@ -507,15 +520,6 @@ def _logit_effects(
     except (KeyError, OSError, NotFoundError):
         pass
     with torch.inference_mode():
-        unembed_VD, norm_scale_D = contexts.unembedding(lm)
-        if sae.d_out != unembed_VD.shape[1]:
-            return _no_logit_effects(sae.n_latents), (
-                f"none: the decoder writes width {sae.d_out}, the unembedding reads "
-                f"{unembed_VD.shape[1]}; no direct path to the logits"
-            )
-        off_stream = _off_residual_stream(lm, sae)
-        if off_stream is not None:
-            return _no_logit_effects(sae.n_latents), off_stream
         return contexts.logit_effects(sae.W_dec.detach(), unembed_VD, norm_scale_D, k), LOGITS_DIRECT
 
 
@@ -525,17 +529,33 @@ RESIDUAL_WRITERS = frozenset({"mlp", "attention", "block"})
 
 
 def _off_residual_stream(lm: LoadedModel, sae: SAE) -> str | None:
-    """Why a transcoder's decoder rows have no direct path to the logits, or None: it writes a
-    layer that is not added to the residual stream (a norm's output, a projection's input), even
-    when that layer is d_model wide, so the unembedding would read its rows as if it were."""
+    """Why the decoder rows have no direct path to the logits, or None: the decoder writes a layer
+    that is not added to the residual stream, even when that layer is d_model wide, so the
+    unembedding would read its rows as if it were.
+
+    A transcoder writes its target layer: only a block's, an MLP's or attention's output (or a
+    block's input) is on the stream. An SAE reconstructs the layer it reads, and only the clear
+    case is taken off: the input of an MLP or attention (the block's normed residual). A norm's
+    input is the residual stream itself, and a norm's output is either off it (a pre-norm), added
+    to it (Gemma's post-norms) or what the head reads (the final norm), so an SAE there, or at a
+    module the layer table does not know, keeps the direct reading."""
     target = getattr(sae.config, "target_layer", None)
+    written = target or getattr(sae.config, "layer", None)
+    if written is None:
+        return None
+    try:
+        module, side = parse_layer_spec(written)
+        kind = lm.layer(module).kind
+    except (InvalidInputError, NotFoundError):
+        return None  # an imported name this model does not have: nothing to say about its stream
     if target is None:
+        off = side == "input" and kind in {"mlp", "attention"}
+    else:
+        off = not ((side == "output" and kind in RESIDUAL_WRITERS) or (side == "input" and kind == "block"))
+    if not off:
         return None
-    module, side = parse_layer_spec(target)
-    kind = lm.layer(module).kind
-    if (side == "output" and kind in RESIDUAL_WRITERS) or (side == "input" and kind == "block"):
-        return None
-    return f"none: the decoder writes {target} ({kind}), which is not added to the residual stream"
+    what = "decoder writes" if target is not None else "SAE reconstructs"
+    return f"none: the {what} {written} ({kind}), which is not added to the residual stream"
 
 
 def _no_logit_effects(n_latents: int) -> dict[str, Tensor]:

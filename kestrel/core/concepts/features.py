@@ -202,6 +202,7 @@ def feature_page(store: LocalStore, sae_id: str, latent: int) -> dict[str, Any]:
         "logits": {
             "positive": _logits(reader, t["logit_pos_ids"], t["logit_pos_values"]),
             "negative": _logits(reader, t["logit_neg_ids"], t["logit_neg_values"]),
+            "note": reader.manifest.get("logit_effects"),
         },
         "concept": concept.model_dump(mode="json") if concept is not None else None,
     }

@@ -35,7 +35,7 @@ from kestrel.core.concepts.config import ScoringConfig
 from kestrel.core.concepts.contexts import PAD_TOKEN
 from kestrel.core.concepts.dictionary import Concept, LabelMethod, read_dictionary, update_concepts
 from kestrel.core.concepts.store import FeatureReader
-from kestrel.core.errors import InvalidInputError
+from kestrel.core.errors import InvalidInputError, KestrelError
 from kestrel.core.models import LoadedModel, generate
 from kestrel.core.store import Store
 
@@ -64,9 +64,15 @@ def label_features(
     scoring: ScoringConfig | None = None,
     run_id: str | None = None,
     should_stop: Callable[[], bool] | None = None,
+    tokenizer_loader: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Label ``latents`` (default: every latent that fired; for ``model`` or ``score``, at most
-    512 of them); with ``score``, then score their names with ``scorer`` (default ``lm``)."""
+    512 of them); with ``score``, then score their names with ``scorer`` (default ``lm``).
+
+    A scorer of another model reads the examples as text (`scoring.Scorer`), which needs the
+    tokenizer of the model the run's token ids are from: ``lm``'s when it is that model, else
+    loaded by ``tokenizer_loader`` (a worker resolves names its own way; default
+    `models.load_tokenizer`)."""
     from kestrel.core.concepts import examples as ex
 
     reader = FeatureReader(store, sae_id)
@@ -105,17 +111,53 @@ def label_features(
         "labels": {str(c.latent): c.name for c in concepts},
     }
     if score and examples is not None and blocks is not None:
+        scorer_lm: LoadedModel = scorer or lm  # type: ignore[assignment]
+        source, note = examples_tokenizer(store, blocks.run_id, scorer_lm, lm, tokenizer_loader)
         result["scoring"] = score_dictionary(
             store,
             sae_id,
-            scorer or lm,  # type: ignore[arg-type]
+            scorer_lm,
             examples,
             config,
             blocks.run_id,
             on_progress=_scaled(on_progress, share, 1.0),
             should_stop=should_stop,
+            source_tokenizer=source,
         )
+        if note is not None:
+            result["scoring"]["note"] = note
     return result
+
+
+def examples_tokenizer(
+    store: Store,
+    run_id: str,
+    scorer: LoadedModel,
+    lm: LoadedModel | None = None,
+    loader: Callable[[str], Any] | None = None,
+) -> tuple[Any | None, str | None]:
+    """The tokenizer of the model whose token ids the run holds, when the scorer is another model
+    (None when it is that model); and a note when it cannot be had (a user's own model of a
+    training capture, a hub id offline): the ids are then read as the scorer's own, as before
+    scorers could be of another vocabulary, and the note says so."""
+    from kestrel.core.runs import get_manifest
+
+    name = get_manifest(store, run_id).model.name
+    if not name or name == scorer.name:
+        return None, None
+    if lm is not None and lm.name == name:
+        return lm.tokenizer, None
+    try:
+        if loader is not None:
+            return loader(name), None
+        from kestrel.core.models import load_tokenizer
+
+        return load_tokenizer(name, store_root=getattr(store, "local_root", None)), None
+    except (KestrelError, OSError, ValueError) as exc:
+        return None, (
+            f"the run's model {name!r} has no tokenizer here ({exc}); its token ids were read as "
+            f"{scorer.name!r}'s own, which is right only if the two share a vocabulary"
+        )
 
 
 def score_dictionary(
@@ -128,6 +170,7 @@ def score_dictionary(
     *,
     on_progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    source_tokenizer: Any | None = None,
 ) -> dict[str, Any]:
     """Score the current name of each latent in ``examples``, a chunk of latents at a time, each
     chunk's scores written at once; latents already scored with this key are skipped."""
@@ -146,7 +189,7 @@ def score_dictionary(
             and current[item.latent].scores.label == current[item.latent].name  # type: ignore[union-attr]
         )
     ]
-    scorer = scoring.Scorer(scorer_lm, config)
+    scorer = scoring.Scorer(scorer_lm, config, source_tokenizer=source_tokenizer)
     done = 0
     for start in range(0, len(todo), SCORE_CHUNK_LATENTS):
         chunk = todo[start : start + SCORE_CHUNK_LATENTS]

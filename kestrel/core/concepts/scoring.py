@@ -32,6 +32,11 @@ log-probabilities instead of generation, in one of two forms (``ScoringConfig.fo
   the label. On the bench neither form beat the other beyond noise (bench/README.md), so the
   default stays ``direct``.
 
+The scorer may be another model than the SAE's, with another tokenizer: the examples are token
+ids of the SAE's model, so such a scorer reads each example's text, decoded with that model's
+tokenizer and encoded with its own (marked runs decoded whole and wrapped); a scorer of the same
+vocabulary reads the ids as they are.
+
 The chance control is scored in the same form. The yes/no answer is "score > threshold", the
 threshold being the one that best separates a separate **calibration** split of the latent (its own
 activating and non-activating blocks, never scored); ties go to the middle of the best range.
@@ -46,6 +51,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -66,22 +72,35 @@ FUZZ_CHANNEL_PREFIX = "Words marked [[like this]] are about {}:\n"
 FUZZ_CHANNEL_NEUTRAL = "Words marked [[like this]]:\n"
 MAX_LABEL_TOKENS = 16
 MAX_EXAMPLES_STORED = 24
+#: How a scorer reads examples, in the scoring key: 2 reads another vocabulary's examples as text
+#: and starts with the scorer's BOS, so scores stored by version 1 (raw ids) are scored again.
+READING_VERSION = 2
 
 
 def scoring_key(scorer: str, config: ScoringConfig, run_id: str) -> str:
     """What a label's scores depend on besides the label: a rerun with the same key can skip it."""
-    blob = json.dumps({"scorer": scorer, "run": run_id, **config.model_dump(mode="json")}, sort_keys=True)
+    blob = {"scorer": scorer, "run": run_id, "reading": READING_VERSION, **config.model_dump(mode="json")}
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class Scorer:
     """A language model answering by log-probabilities (see the module docstring)."""
 
-    def __init__(self, lm: LoadedModel, config: ScoringConfig) -> None:
+    def __init__(self, lm: LoadedModel, config: ScoringConfig, source_tokenizer: Any | None = None) -> None:
+        """``source_tokenizer``: the tokenizer of the model whose token ids the examples are (the
+        SAE's model), when it may not be the scorer's: then each example is decoded to text with
+        it and read in the scorer's own tokens (ids of one vocabulary mean nothing in another)."""
         self.lm = lm
         self.config = config
         tok = lm.tokenizer
-        self.prefix = self.encode(DETECT_PREFIX)
+        self.source = None if source_tokenizer is None or same_vocabulary(source_tokenizer, tok) else source_tokenizer
+        self.text_tokenizer = self.source or tok
+        """Turns the examples' token ids into text (what is stored with the scores)."""
+        self.bos = _bos(tok)
+        """What the scorer's tokenizer puts first (Gemma's, Llama's BOS; none for SmolLM2): every
+        sequence read starts with it, as the model was trained (without, Gemma 3's loss doubles)."""
+        self.prefix = self.bos + self.encode(DETECT_PREFIX)
         self.suffix = self.encode(DETECT_SUFFIX)
         self.fuzz_suffix = self.encode(FUZZ_SUFFIX)
         self.mark_open, self.mark_close = self.encode(MARK_OPEN), self.encode(MARK_CLOSE)
@@ -89,6 +108,19 @@ class Scorer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
+
+    def row_ids(self, tokens: Sequence[int]) -> list[int]:
+        """An example's token ids in the scorer's vocabulary."""
+        if self.source is None:
+            return [int(t) for t in tokens]
+        return self.encode(self._text(tokens)) or [self.pad_id]  # never empty (an all-special block)
+
+    def _text(self, tokens: Sequence[int]) -> str:
+        """The source tokens as text, its special tokens (a document's BOS) left out: the scorer
+        would read their names as words."""
+        return self.source.decode(
+            [int(t) for t in tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
 
     def label_ids(self, label: str) -> list[int]:
         return self.encode(" " + label.strip())[:MAX_LABEL_TOKENS] or self.encode(" ?")
@@ -171,7 +203,7 @@ class Scorer:
     ) -> Tensor:
         """``[len(labels), len(bodies)]``: how much more likely each body is after the label's
         prefix than after the neutral one, its per-token log-ratios combined by ``reduce``."""
-        base = self.body_logprobs(self.encode(neutral), bodies)
+        base = self.body_logprobs(self.bos + self.encode(neutral), bodies)
         out_LN = torch.zeros(len(labels), len(bodies))
         for j, label in enumerate(labels):
             given = self.body_logprobs(self.channel_prefix(template, label), bodies)
@@ -183,11 +215,12 @@ class Scorer:
     def channel_prefix(self, template: str, label: str) -> list[int]:
         """The prefix naming ``label``, its name cut to ``MAX_LABEL_TOKENS`` tokens."""
         name = self.lm.tokenizer.decode(self.label_ids(label)).strip()
-        return self.encode(template.format(name))
+        return self.bos + self.encode(template.format(name))
 
     def detection_scores(self, rows: Sequence[Sequence[int]], labels: Sequence[str]) -> Tensor:
         """``[len(labels), len(rows)]`` detection score of each example under each label (its
         form is the config's: higher means "the latent is active here")."""
+        rows = [self.row_ids(row) for row in rows]
         if self.config.form == "channel":
             return self.channel_scores(rows, labels, CHANNEL_PREFIX, CHANNEL_NEUTRAL)
         ids = [self.label_ids(label) for label in labels]
@@ -202,13 +235,16 @@ class Scorer:
         return self.label_logprobs(contexts, [self.label_ids(label)])[0]
 
     @torch.inference_mode()
-    def embed(self, ids_NT: Tensor) -> Tensor:
-        """``[N, d]`` mean input embedding of each row of token ids."""
+    def embed(self, rows: Sequence[Sequence[int]]) -> Tensor:
+        """``[N, d]`` mean input embedding of each row of the scorer's token ids."""
         table = self.lm.model.get_input_embeddings()
-        return table(ids_NT.to(self.lm.device)).float().mean(dim=1).cpu()
+        device = self.lm.device
+        return torch.stack([table(torch.tensor(list(r), device=device)).float().mean(dim=0).cpu() for r in rows])
 
     def marked(self, tokens: Sequence[int], marks: Sequence[bool]) -> list[int]:
         """Token ids with each run of marked tokens wrapped in [[ ]] (delphi's ``_highlight``)."""
+        if self.source is not None:
+            return self.encode(self._marked_text(tokens, marks))
         out: list[int] = []
         for i, (token, mark) in enumerate(zip(tokens, marks, strict=True)):
             if mark and (i == 0 or not marks[i - 1]):
@@ -217,6 +253,63 @@ class Scorer:
             if mark and (i == len(marks) - 1 or not marks[i + 1]):
                 out += self.mark_close
         return out
+
+
+    def _marked_text(self, tokens: Sequence[int], marks: Sequence[bool]) -> str:
+        """The example as text with each run of marked tokens wrapped in [[ ]], placed by each
+        token's characters in the decoded text (decoding growing prefixes), so a tokenizer that
+        strips a leading space or splits a character across tokens keeps the text as decoded
+        whole. A run of no characters (special tokens) is not marked."""
+        ids = [int(t) for t in tokens]
+        text = self._text(ids)
+        prefixes = [self._text(ids[:i]) for i in range(len(ids) + 1)]
+        if not all(text.startswith(prefix) for prefix in prefixes):
+            return self._marked_runs(ids, marks)  # a decoder whose prefixes are not the text's
+        cuts = [len(prefix) for prefix in prefixes]
+        parts: list[str] = []
+        done = 0
+        for start, end in _marked_spans(marks):
+            lo, hi = cuts[start], cuts[end]
+            if hi > lo:
+                parts += [text[done:lo], MARK_OPEN, text[lo:hi], MARK_CLOSE]
+                done = hi
+        return "".join(parts) + text[done:]
+
+    def _marked_runs(self, ids: list[int], marks: Sequence[bool]) -> str:
+        """The fallback: each run of marked or unmarked tokens decoded on its own."""
+        parts: list[str] = []
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or marks[i] != marks[start]:
+                text = self._text(ids[start:i])
+                parts.append(MARK_OPEN + text + MARK_CLOSE if marks[start] and text else text)
+                start = i
+        return "".join(parts)
+
+
+def _marked_spans(marks: Sequence[bool]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of marked tokens."""
+    spans: list[tuple[int, int]] = []
+    start = None
+    for i, mark in enumerate([*marks, False]):
+        if mark and start is None:
+            start = i
+        elif not mark and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer starts every encoded text with it, else ``[]``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    first = tokenizer("x")["input_ids"][:1]
+    return [int(bos)] if bos is not None and first == [bos] else []
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers give every token the same id (then ids pass between them as they are)."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
 
 
 def _reduce(values: Tensor, how: str) -> Tensor:
@@ -340,7 +433,10 @@ def _fuzz(scorer: Scorer, item: LatentExamples, label: str) -> float:
     bodies: list[list[int]] = []
     for examples in (item.test_activating, item.calibration_activating):
         right = [_correct_marks(scorer, row) for row in examples.acts_NC]
-        wrong = [_random_marks(scorer, row, n_incorrect, generator) for row in examples.acts_NC]
+        wrong = [
+            _random_marks(scorer, acts, tokens, n_incorrect, generator)
+            for acts, tokens in zip(examples.acts_NC, examples.tokens_NC, strict=True)
+        ]
         for marks in (right, wrong):
             for tokens, m in zip(examples.tokens_NC.tolist(), marks, strict=True):
                 bodies.append(scorer.marked(tokens, m))
@@ -356,9 +452,15 @@ def _correct_marks(scorer: Scorer, acts_C: Tensor) -> list[bool]:
     return (acts_C >= scorer.config.fuzz_threshold * acts_C.max()).tolist()
 
 
-def _random_marks(scorer: Scorer, acts_C: Tensor, n: int, generator: torch.Generator) -> list[bool]:
-    """``n`` random tokens at or below the threshold (delphi's false-positive highlighting)."""
-    below = torch.nonzero(acts_C <= scorer.config.fuzz_threshold * acts_C.max()).flatten()
+def _random_marks(
+    scorer: Scorer, acts_C: Tensor, tokens_C: Tensor, n: int, generator: torch.Generator
+) -> list[bool]:
+    """``n`` random tokens at or below the threshold (delphi's false-positive highlighting); never
+    a special token (a document's BOS): the latent never fires there, so a mark on one would tell
+    a random marking from the right one by itself."""
+    special = torch.tensor(scorer.text_tokenizer.all_special_ids, dtype=tokens_C.dtype)
+    eligible = (acts_C <= scorer.config.fuzz_threshold * acts_C.max()) & ~torch.isin(tokens_C, special)
+    below = torch.nonzero(eligible).flatten()
     chosen = below[torch.randperm(len(below), generator=generator)[:n]]
     marks = torch.zeros(len(acts_C), dtype=torch.bool)
     marks[chosen] = True
@@ -366,11 +468,10 @@ def _random_marks(scorer: Scorer, acts_C: Tensor, n: int, generator: torch.Gener
 
 
 def _embedding(scorer: Scorer, item: LatentExamples, label: list[int]) -> float:
-    examples_ND = scorer.embed(
-        torch.cat([item.test_activating.tokens_NC, item.test_non_activating.tokens_NC])
-    )
+    rows = item.test_activating.tokens_NC.tolist() + item.test_non_activating.tokens_NC.tolist()
+    examples_ND = scorer.embed([scorer.row_ids(row) for row in rows])
     centre_D = examples_ND.mean(dim=0)  # of all test examples: no truth used
-    label_D = scorer.embed(torch.tensor([label]))[0] - centre_D
+    label_D = scorer.embed([label])[0] - centre_D
     cos_N = torch.nn.functional.cosine_similarity(examples_ND - centre_D, label_D[None], dim=1)
     truth = [1] * len(item.test_activating) + [0] * len(item.test_non_activating)
     return float(roc_auc_score(truth, cos_N.numpy()))
@@ -381,7 +482,7 @@ def _stored_examples(
 ) -> list[ScoredExample]:
     """The scored test examples as text, with the scorer's value and answer (kept with the label)."""
     out: list[ScoredExample] = []
-    texts = scorer.lm.tokenizer.batch_decode
+    texts = scorer.text_tokenizer.batch_decode
     i = 0
     for activating, examples in zip((True, False), sets, strict=True):
         for row, (tokens, acts) in enumerate(

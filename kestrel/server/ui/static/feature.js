@@ -74,6 +74,12 @@ function logitList(effects, kind) {
 }
 
 function renderLogits(logits) {
+  const note = logits.note || "";
+  if (note.startsWith("none")) {  // no direct path: say why instead of two empty lists
+    $("#logits-note").textContent = `No direct path to the logits: ${note.replace(/^none:\s*/, "")}.`;
+    fill($("#logits"));
+    return;
+  }
   fill($("#logits"),
     h("div", {}, h("h3", {}, "Promotes"), logitList(logits.positive, "pos")),
     h("div", {}, h("h3", {}, "Suppresses"), logitList(logits.negative, "neg")));
