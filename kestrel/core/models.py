@@ -225,7 +225,9 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     if name in BUNDLED:
-        return AutoTokenizer.from_pretrained(ensure_bundled_cache(BUNDLED[name], store_root or default_store_root()))
+        return AutoTokenizer.from_pretrained(
+            ensure_bundled_cache(BUNDLED[name], store_root or default_store_root())
+        )
     if Path(name).expanduser().is_dir():
         try:
             return AutoTokenizer.from_pretrained(Path(name).expanduser())

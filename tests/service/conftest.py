@@ -80,7 +80,9 @@ def local_models(warm_model_cache: Path, tmp_path_factory: pytest.TempPathFactor
         shutil.copy(warm_model_cache / "models" / DEFAULT_MODEL / name, target / name)
     from tiny_models import other_vocab_llama  # a scorer of another vocabulary than the SAEs' models
 
-    model, tokenizer = other_vocab_llama([f"Text {i}: pasta, goals and stars are about food." for i in range(9)])
+    model, tokenizer = other_vocab_llama(
+        [f"Text {i}: pasta, goals and stars are about food." for i in range(9)]
+    )
     model.save_pretrained(root / "other-vocab")
     tokenizer.save_pretrained(root / "other-vocab")
     return root

@@ -179,17 +179,16 @@ def _examples(lm, texts: list[str], word: str | None) -> examples.Examples:
     return examples.Examples(tokens_NC, acts_NC, torch.arange(len(rows)))
 
 
-def test_channel_form_scores_a_latent_and_its_control_the_same_way(smollm) -> None:
-    """Detection, fuzzing and embedding in the channel form, end to end on one latent; the chance
-    control's value is exactly what its label would score as the latent's own."""
+def _cat_latent(lm) -> examples.LatentExamples:
+    """A latent firing on "cat": 4 + 2 cat sentences (test, calibration) against table sentences."""
     cats = [f"the cat {v} on the mat and then" for v in ("sat", "slept", "ran", "ate", "purred", "hid")]
     other = [f"the {n} table has rows and a key" for n in ("first", "second", "third", "big", "small", "old")]
-    active, silent = _examples(smollm, cats, "cat"), _examples(smollm, other, None)
+    active, silent = _examples(lm, cats, "cat"), _examples(lm, other, None)
 
     def part(e: examples.Examples, rows: slice) -> examples.Examples:
         return examples.Examples(e.tokens_NC[rows], e.acts_NC[rows], e.index_N[rows])
 
-    item = examples.LatentExamples(
+    return examples.LatentExamples(
         latent=0,
         n_activating=6,
         train=part(active, slice(0, 0)),
@@ -199,6 +198,12 @@ def test_channel_form_scores_a_latent_and_its_control_the_same_way(smollm) -> No
         calibration_activating=part(active, slice(4, 6)),
         calibration_non_activating=part(silent, slice(4, 6)),
     )
+
+
+def test_channel_form_scores_a_latent_and_its_control_the_same_way(smollm) -> None:
+    """Detection, fuzzing and embedding in the channel form, end to end on one latent; the chance
+    control's value is exactly what its label would score as the latent's own."""
+    item = _cat_latent(smollm)
     scorer = scoring.Scorer(smollm, ScoringConfig(form="channel", reduce="max"))
     scores, control = scoring.score_one(scorer, item, "cats", key="k", control="database tables")
     as_own, _ = scoring.score_one(scorer, item, "database tables", key="k")
@@ -244,7 +249,9 @@ def other_vocab_lm():
     return LoadedModel("other-vocab", model, tokenizer, torch.device("cpu"), torch.float32, "local")
 
 
-def test_a_scorer_with_another_vocabulary_reads_the_examples_text(smollm, other_vocab_lm, model_cache_root) -> None:
+def test_a_scorer_with_another_vocabulary_reads_the_examples_text(
+    smollm, other_vocab_lm, model_cache_root
+) -> None:
     """Examples hold the SAE model's token ids; a scorer with another tokenizer must score the
     same text it would score tokenized its own way (ids of one vocabulary mean nothing in another)."""
     texts = [" the cat sat on the mat", " SQL databases store rows", " a cat and a database"]
@@ -270,7 +277,9 @@ def test_a_scorer_with_another_vocabulary_reads_the_examples_text(smollm, other_
     # the served model as its own scorer, or one of the same vocabulary, passes ids through as they are
     assert scoring.Scorer(smollm, config, source_tokenizer=smollm.tokenizer).source is None
     copy = load_tokenizer(DEFAULT_MODEL, store_root=model_cache_root)  # another object, same vocabulary
-    assert copy is not smollm.tokenizer and scoring.Scorer(smollm, config, source_tokenizer=copy).source is None
+    assert (
+        copy is not smollm.tokenizer and scoring.Scorer(smollm, config, source_tokenizer=copy).source is None
+    )
 
 
 def test_the_examples_tokenizer_is_the_runs_models(store, trained, tiny_lm, other_vocab_lm) -> None:
@@ -285,7 +294,10 @@ def test_the_examples_tokenizer_is_the_runs_models(store, trained, tiny_lm, othe
 
     assert labels.examples_tokenizer(store, trained, tiny_lm) == (None, None)  # the run's own model
     assert labels.examples_tokenizer(store, trained, other_vocab_lm, tiny_lm) == (tiny_lm.tokenizer, None)
-    assert labels.examples_tokenizer(store, trained, other_vocab_lm, loader=loader) == (tiny_lm.tokenizer, None)
+    assert labels.examples_tokenizer(store, trained, other_vocab_lm, loader=loader) == (
+        tiny_lm.tokenizer,
+        None,
+    )
     assert asked == [tiny_lm.name]
 
     def missing(name: str):
@@ -317,23 +329,7 @@ def test_marks_keep_the_text_of_a_tokenizer_that_strips_a_leading_space(other_vo
 
 
 def test_scores_from_another_vocabulary_store_the_examples_text(smollm, other_vocab_lm) -> None:
-    cats = [f"the cat {v} on the mat and then" for v in ("sat", "slept", "ran", "ate", "purred", "hid")]
-    other = [f"the {n} table has rows and a key" for n in ("first", "second", "third", "big", "small", "old")]
-    active, silent = _examples(smollm, cats, "cat"), _examples(smollm, other, None)
-
-    def part(e: examples.Examples, rows: slice) -> examples.Examples:
-        return examples.Examples(e.tokens_NC[rows], e.acts_NC[rows], e.index_N[rows])
-
-    item = examples.LatentExamples(
-        latent=0,
-        n_activating=6,
-        train=part(active, slice(0, 0)),
-        contrast=part(silent, slice(0, 0)),
-        test_activating=part(active, slice(0, 4)),
-        test_non_activating=part(silent, slice(0, 4)),
-        calibration_activating=part(active, slice(4, 6)),
-        calibration_non_activating=part(silent, slice(4, 6)),
-    )
+    item = _cat_latent(smollm)
     scorer = scoring.Scorer(other_vocab_lm, ScoringConfig(), source_tokenizer=smollm.tokenizer)
     scores, _ = scoring.score_one(scorer, item, "cats", key="k")
     shown = ["".join(example.tokens) for example in scores.examples]

@@ -68,14 +68,24 @@ def test_discover_features_label_and_dictionary(sae_store, tmp_path) -> None:
     assert [c["latent"] for c in exported["concepts"]] == [1]
 
 
-def test_label_with_scores_and_list_them_by_score(sae_store) -> None:
+def _scoring_args(sae_store, n: int) -> tuple[list[str], list[str]]:
+    """``--latent`` options for the ``n`` densest latents (discovered first when a test runs
+    alone) and scoring options small enough for the tiny store."""
     store = ("--store", str(sae_store))
-    if invoke("features", "cli-sae", *store, "--json").exit_code != 0:  # run alone: discover first
+    if invoke("features", "cli-sae", *store, "--json").exit_code != 0:
         assert invoke("discover", "cli-sae", "--device", "cpu", *store).exit_code == 0
-    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "4", *store, "--json"))
+    listing = json_out(
+        invoke("features", "cli-sae", "--sort", "density", "--limit", str(n), *store, "--json")
+    )
     latents = [a for item in listing["items"] for a in ("--latent", str(item["latent"]))]
     small = ["--example-ctx-len", "4", "--n-train", "1", "--n-contrast", "1", "--n-test", "2"]
     small += ["--n-non-activating", "2", "--n-calibration", "1", "--n-quantiles", "2"]
+    return latents, small
+
+
+def test_label_with_scores_and_list_them_by_score(sae_store) -> None:
+    store = ("--store", str(sae_store))
+    latents, small = _scoring_args(sae_store, 4)
     result = invoke(
         "label", "cli-sae", *latents, "--score", "--overwrite", "--device", "cpu", *small, *store, "--json"
     )
@@ -98,19 +108,18 @@ def test_a_scorer_of_another_vocabulary_reads_the_examples_text(sae_store, tmp_p
     (SmolLM2's ids would index past its 300-token vocabulary), and the scores keep that text."""
     from tiny_models import other_vocab_llama
 
-    model, tokenizer = other_vocab_llama([f"Sentence {i} is about pasta and goals and stars." for i in range(9)])
+    model, tokenizer = other_vocab_llama(
+        [f"Sentence {i} is about pasta and goals and stars." for i in range(9)]
+    )
     scorer_dir = tmp_path / "other-vocab"
     model.save_pretrained(scorer_dir)
     tokenizer.save_pretrained(scorer_dir)
     store = ("--store", str(sae_store))
-    if invoke("features", "cli-sae", *store, "--json").exit_code != 0:  # run alone: discover first
-        assert invoke("discover", "cli-sae", "--device", "cpu", *store).exit_code == 0
-    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "2", *store, "--json"))
-    latents = [a for item in listing["items"] for a in ("--latent", str(item["latent"]))]
-    small = ["--example-ctx-len", "4", "--n-train", "1", "--n-contrast", "1", "--n-test", "2"]
-    small += ["--n-non-activating", "2", "--n-calibration", "1", "--n-quantiles", "2"]
+    latents, small = _scoring_args(sae_store, 2)
     scorer = ("--scorer", str(scorer_dir))
-    result = invoke("label", "cli-sae", *latents, "--score", *scorer, "--device", "cpu", *small, *store, "--json")
+    result = invoke(
+        "label", "cli-sae", *latents, "--score", *scorer, "--device", "cpu", *small, *store, "--json"
+    )
     assert result.exit_code == 0, result.output
     assert json_out(result)["scoring"]["scored"] == 2
     listed = json_out(invoke("concepts", "list", "cli-sae", *store, "--json"))

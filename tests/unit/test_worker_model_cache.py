@@ -52,12 +52,16 @@ def test_a_long_load_does_not_block_describe_and_loads_once(monkeypatch, tmp_pat
     assert [m["name"] for m in cache.describe()] == [DEFAULT_MODEL]
 
 
-def test_tokenizer_is_a_loaded_copys_else_loaded_alone(monkeypatch, tmp_path, smollm, model_cache_root) -> None:
+def test_tokenizer_is_a_loaded_copys_else_loaded_alone(
+    monkeypatch, tmp_path, smollm, model_cache_root
+) -> None:
     """A scorer of another model needs the SAE model's tokenizer: the worker reads it from a copy
     it holds, else loads the tokenizer alone (never the weights)."""
     monkeypatch.setattr(model_cache_module, "load_model", lambda *a, **k: smollm)
     alone = ModelCache(model_cache_root, default_device="cpu")
-    monkeypatch.setattr(model_cache_module, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(
+        model_cache_module, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
+    )
     tokenizer = alone.tokenizer(DEFAULT_MODEL)
     assert tokenizer is not smollm.tokenizer and tokenizer.get_vocab() == smollm.tokenizer.get_vocab()
     assert alone.describe() == []  # no model was loaded for it

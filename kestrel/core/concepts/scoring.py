@@ -94,7 +94,9 @@ class Scorer:
         self.lm = lm
         self.config = config
         tok = lm.tokenizer
-        self.source = None if source_tokenizer is None or same_vocabulary(source_tokenizer, tok) else source_tokenizer
+        self.source = (
+            None if source_tokenizer is None or same_vocabulary(source_tokenizer, tok) else source_tokenizer
+        )
         self.text_tokenizer = self.source or tok
         """Turns the examples' token ids into text (what is stored with the scores)."""
         self.bos = _bos(tok)
@@ -239,7 +241,9 @@ class Scorer:
         """``[N, d]`` mean input embedding of each row of the scorer's token ids."""
         table = self.lm.model.get_input_embeddings()
         device = self.lm.device
-        return torch.stack([table(torch.tensor(list(r), device=device)).float().mean(dim=0).cpu() for r in rows])
+        return torch.stack(
+            [table(torch.tensor(list(r), device=device)).float().mean(dim=0).cpu() for r in rows]
+        )
 
     def marked(self, tokens: Sequence[int], marks: Sequence[bool]) -> list[int]:
         """Token ids with each run of marked tokens wrapped in [[ ]] (delphi's ``_highlight``)."""
@@ -253,7 +257,6 @@ class Scorer:
             if mark and (i == len(marks) - 1 or not marks[i + 1]):
                 out += self.mark_close
         return out
-
 
     def _marked_text(self, tokens: Sequence[int], marks: Sequence[bool]) -> str:
         """The example as text with each run of marked tokens wrapped in [[ ]], placed by each
