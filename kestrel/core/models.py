@@ -462,6 +462,14 @@ class ForwardResult:
         ]
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer starts every encoded text with its BOS (Llama, Gemma),
+    else ``[]`` (SmolLM2, GPT-2): what a sequence built from token ids must start with to be read
+    as the model reads text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [int(bos)] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def tokenize(lm: LoadedModel, texts: Sequence[str], *, max_length: int = 512, padding_side: str = "right"):
     """Tokenize a batch with an explicit padding side.
 

@@ -51,7 +51,7 @@ from kestrel.core.concepts.features import PAGE_TENSORS
 from kestrel.core.concepts.store import FeatureReader
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import HookManager, run_until_stopped
-from kestrel.core.models import LoadedModel
+from kestrel.core.models import LoadedModel, bos_prefix
 from kestrel.core.runs import parse_layer_spec
 from kestrel.core.sae.artifacts import load_sae
 from kestrel.core.sae.base import SAE
@@ -190,8 +190,7 @@ class _WindowValues:
         self.lm, self.layer = lm, layer
         self.sae = sae.to(lm.device).eval()
         tok = lm.tokenizer
-        bos = tok.bos_token_id
-        self.bos = [bos] if bos is not None and tok("a")["input_ids"][:1] == [bos] else []
+        self.bos = bos_prefix(tok)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     def __call__(self, windows: list[list[int]], latent: int) -> list[list[float]]:

@@ -61,7 +61,7 @@ from kestrel.core.concepts.config import ScoringConfig
 from kestrel.core.concepts.dictionary import LabelScores, ScoredExample
 from kestrel.core.concepts.examples import Examples, LatentExamples, mean_active_tokens
 from kestrel.core.errors import CancelledError
-from kestrel.core.models import LoadedModel
+from kestrel.core.models import LoadedModel, bos_prefix
 
 DETECT_PREFIX = "Text:"
 DETECT_SUFFIX = "\nThis text is about"
@@ -99,7 +99,7 @@ class Scorer:
         )
         self.text_tokenizer = self.source or tok
         """Turns the examples' token ids into text (what is stored with the scores)."""
-        self.bos = _bos(tok)
+        self.bos = bos_prefix(tok)
         """What the scorer's tokenizer puts first (Gemma's, Llama's BOS; none for SmolLM2): every
         sequence read starts with it, as the model was trained (without, Gemma 3's loss doubles)."""
         self.prefix = self.bos + self.encode(DETECT_PREFIX)
@@ -301,13 +301,6 @@ def _marked_spans(marks: Sequence[bool]) -> list[tuple[int, int]]:
             spans.append((start, i))
             start = None
     return spans
-
-
-def _bos(tokenizer: Any) -> list[int]:
-    """``[bos_token_id]`` when the tokenizer starts every encoded text with it, else ``[]``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    first = tokenizer("x")["input_ids"][:1]
-    return [int(bos)] if bos is not None and first == [bos] else []
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:

@@ -18,6 +18,7 @@ from kestrel.core import catalog, hub
 from kestrel.core.clientdata import loads_object, safetensors_header
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.limits import Caps, check_sae_size
+from kestrel.core.models import bos_prefix
 from kestrel.core.sae import io as sae_io
 from kestrel.core.sae import saelens, sparsify
 from kestrel.core.sae.base import SAE
@@ -160,8 +161,6 @@ def _probe_bos(model: str, store_root: Path) -> bool | None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-        ids = tokenizer("a")["input_ids"]
+        return bool(bos_prefix(tokenizer))
     except Exception:  # any failure to load means "unknown", which is reported as such
         return None
-    bos = tokenizer.bos_token_id
-    return bool(ids) and bos is not None and ids[0] == bos
