@@ -69,7 +69,7 @@ from kestrel.core.steering_config import load_config as load_config
 from kestrel.core.steering_config import save_config as save_config
 from kestrel.core.store import Store
 
-_OP_CODES = {"scale": 0, "clamp": 1, "add": 2}
+OP_CODES = {"scale": 0, "clamp": 1, "add": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def _latent_values(acts: Tensor, indices: Tensor, latents_E: Tensor) -> Tensor:
     return (acts.unsqueeze(-2) * hits).sum(-1)
 
 
-def _apply_ops(current_E: Tensor, ops_E: Tensor, values_E: Tensor) -> Tensor:
+def apply_ops(current_E: Tensor, ops_E: Tensor, values_E: Tensor) -> Tensor:
     scaled = current_E * values_E
     added = current_E + values_E
     clamped = values_E.expand_as(current_E)
@@ -105,7 +105,7 @@ def sae_edit_controller(
     """The SAE path as a controller: h' = h + Σ_e (f'_e − f_e)·W_dec[e] (see module docstring)."""
     device = sae.W_dec.device
     latents_E = torch.tensor([e.latent for e in edits], dtype=torch.int64, device=device)
-    ops_E = torch.tensor([_OP_CODES[e.op] for e in edits], dtype=torch.int64, device=device)
+    ops_E = torch.tensor([OP_CODES[e.op] for e in edits], dtype=torch.int64, device=device)
     values_E = torch.tensor([e.value for e in edits], dtype=sae.W_dec.dtype, device=device)
     directions_ED = sae.W_dec.detach()[latents_E]
 
@@ -117,7 +117,7 @@ def sae_edit_controller(
         x_f = x.to(device=device, dtype=sae.W_dec.dtype)
         encoded = sae.encode(x_f)
         current_E = _latent_values(encoded.acts, encoded.indices, latents_E)
-        delta_D = (_apply_ops(current_E, ops_E, values_E) - current_E) @ directions_ED
+        delta_D = (apply_ops(current_E, ops_E, values_E) - current_E) @ directions_ED
         base = x_f if keep_error else sae.decode(encoded.acts, encoded.indices)
         return base + delta_D
 

@@ -227,7 +227,7 @@ def attribution_graph(
     layers = [_Layer(i, mlps.get(i) or _mlp_of(lm, i), transcoders.get(i)) for i in range(blocks)]
     with torch.no_grad():
         logits = lm.model(input_ids=ids, use_cache=False).logits[0, -1].float()
-    target_id = int(logits.argmax()) if target is None else _token_id(lm, target)
+    target_id = int(logits.argmax()) if target is None else target_token_id(lm, target)
     features = _active_features(lm, ids, layers)
     n_feat, n_pos = len(features), ids.shape[1]
     if max_features is not None and n_feat > max_features:
@@ -262,7 +262,7 @@ def _mlp_of(lm: LoadedModel, index: int) -> nn.Module:
         raise InvalidInputError(f"the model has no block {index} with an mlp") from None
 
 
-def _token_id(lm: LoadedModel, target: str) -> int:
+def target_token_id(lm: LoadedModel, target: str) -> int:
     ids = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise InvalidInputError(f"target {target!r} is {len(ids)} tokens; give one token (e.g. ' Paris')")

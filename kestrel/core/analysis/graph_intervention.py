@@ -8,7 +8,7 @@ MLP its own), and at each edited block a forward hook on the MLP encodes the MLP
 block's transcoder, changes the named latents at their positions, and adds the change of the
 transcoder's output, Σ_e (z'_e − z_e)·W_dec[e], to the MLP's actual output. The transcoder's error
 term is kept, as steering keeps an SAE's (`kestrel.core.steering`, same ``scale`` / ``clamp``
-semantics through `_apply_ops`): an edit that changes nothing leaves the logits exactly as they
+semantics through `apply_ops`): an edit that changes nothing leaves the logits exactly as they
 were, and every later layer, including later edited blocks, responds to the edit for real (a scale
 multiplies the activation the feature has *in the edited run*).
 
@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kestrel.core.analysis.graph import _token_id
+from kestrel.core.analysis.graph import target_token_id
 from kestrel.core.analysis.graph_edits import FeatureEdit
 from kestrel.core.devices import layer_device
 from kestrel.core.errors import InvalidInputError
 from kestrel.core.hooks import Controller, Detector, HookContext, HookManager
 from kestrel.core.models import LoadedModel
-from kestrel.core.steering import _OP_CODES, _apply_ops
+from kestrel.core.steering import OP_CODES, apply_ops
 
 
 @dataclass
@@ -62,7 +62,7 @@ class BlockEdits:
         device = W_dec.device
         self.positions_E = torch.tensor([e.position for e in self.edits], dtype=torch.long)
         self.latents_E = torch.tensor([e.latent for e in self.edits], dtype=torch.long, device=device)
-        ops = [_OP_CODES["scale" if e.scale is not None else "clamp"] for e in self.edits]
+        ops = [OP_CODES["scale" if e.scale is not None else "clamp"] for e in self.edits]
         amounts = [e.scale if e.scale is not None else e.value for e in self.edits]
         self.ops_E = torch.tensor(ops, dtype=torch.long, device=device)
         self.amounts_E = torch.tensor(amounts, dtype=W_dec.dtype, device=device)
@@ -89,7 +89,7 @@ class BlockEdits:
         encoded = self.transcoder.encode(x_BED)
         hits_BEK = encoded.indices == self.latents_E[:, None]
         current_BE = (encoded.acts * hits_BEK).sum(-1)
-        new_BE = _apply_ops(current_BE, self.ops_E, self.amounts_E)
+        new_BE = apply_ops(current_BE, self.ops_E, self.amounts_E)
         self.before_E, self.after_E = current_BE[0].detach().cpu(), new_BE[0].detach().cpu()
         if not self.apply:
             return None
@@ -161,9 +161,8 @@ def intervene(
     ids_BT = prompt_ids(lm, graph)
     n_prompt = ids_BT.shape[1]
     target = graph["target"]
-    target_id = (
-        int(target["token_id"]) if target.get("token_id") is not None else _token_id(lm, target["token"])
-    )
+    known = target.get("token_id")  # graphs made before it was recorded name the token only
+    target_id = int(known) if known is not None else target_token_id(lm, target["token"])
     observed = block_edits(transcoders, edits, n_prompt, apply=False)
     edited = block_edits(transcoders, edits, n_prompt)
     before_V = edited_logits(lm, ids_BT, observed)[-1]
