@@ -68,16 +68,21 @@ def test_discover_features_label_and_dictionary(sae_store, tmp_path) -> None:
     assert [c["latent"] for c in exported["concepts"]] == [1]
 
 
-def _scoring_args(sae_store, n: int) -> tuple[list[str], list[str]]:
-    """``--latent`` options for the ``n`` densest latents (discovered first when a test runs
-    alone) and scoring options small enough for the tiny store."""
+def _densest(sae_store, n: int) -> list[int]:
+    """The ``n`` densest latents of ``cli-sae`` (discovered first when a test runs alone)."""
     store = ("--store", str(sae_store))
     if invoke("features", "cli-sae", *store, "--json").exit_code != 0:
         assert invoke("discover", "cli-sae", "--device", "cpu", *store).exit_code == 0
     listing = json_out(
         invoke("features", "cli-sae", "--sort", "density", "--limit", str(n), *store, "--json")
     )
-    latents = [a for item in listing["items"] for a in ("--latent", str(item["latent"]))]
+    return [item["latent"] for item in listing["items"]]
+
+
+def _scoring_args(sae_store, n: int) -> tuple[list[str], list[str]]:
+    """``--latent`` options for the ``n`` densest latents and scoring options small enough for
+    the tiny store."""
+    latents = [a for latent in _densest(sae_store, n) for a in ("--latent", str(latent))]
     small = ["--example-ctx-len", "4", "--n-train", "1", "--n-contrast", "1", "--n-test", "2"]
     small += ["--n-non-activating", "2", "--n-calibration", "1", "--n-quantiles", "2"]
     return latents, small
@@ -131,8 +136,7 @@ def test_a_scorer_of_another_vocabulary_reads_the_examples_text(sae_store, tmp_p
 
 def test_steer_side_by_side_save_list_show_delete(sae_store) -> None:
     store = ("--store", str(sae_store))
-    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "1", *store, "--json"))
-    alive = listing["items"][0]["latent"]  # a relative edit needs a latent that fired in discovery
+    [alive] = _densest(sae_store, 1)  # a relative edit needs a latent that fired in discovery
     other = 5 if alive != 5 else 6
     result = invoke(
         "steer", "-p", "The weather today", "--sae", "cli-sae",
@@ -190,8 +194,7 @@ def test_saes_neuronpedia_writes_the_bulk_import_zip(sae_store, tmp_path) -> Non
 
 def test_steer_sweep_table_json_and_bounds(sae_store) -> None:
     store = ("--store", str(sae_store))
-    listing = json_out(invoke("features", "cli-sae", "--sort", "density", "--limit", "1", *store, "--json"))
-    alive = listing["items"][0]["latent"]
+    [alive] = _densest(sae_store, 1)
     args = ("steer", "sweep", "--sae", "cli-sae", "-l", str(alive), "-p", "The weather today",
             "-s", "0", "-s", "4", "-k", "weather", "--max-new-tokens", "4",
             "--device", "cpu", *store)  # fmt: skip
